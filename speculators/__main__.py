@@ -1,0 +1,5 @@
+import sys
+
+from speculators.cli import main
+
+sys.exit(main())

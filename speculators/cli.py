@@ -1,0 +1,77 @@
+"""The `speculators` command line.
+
+Each subcommand lives in its own module under `speculators.commands`; a module
+exposes `register(subparsers)` which adds its parser and sets `func`.  Heavy
+imports (torch, transformers) happen inside the handlers so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from speculators.errors import UserError
+
+# Module names under speculators.commands, in the order `--help` lists them.
+COMMAND_MODULES = (
+    "prepare_data",
+    "build_vocab_mapping",
+    "datagen",
+    "convert_data",
+    "train",
+    "launch_vllm",
+    "serve",
+    "evaluate",
+    "make_tiny_model",
+    "demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speculators",
+        description="Train EAGLE-3 draft models (speculators) and serve them in vLLM.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="Python logging level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"speculators.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"speculators.commands.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after a bare `--` is passed through untouched (vLLM args).
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.passthrough = passthrough
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        rc = args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""On-disk hidden-state layouts and the sample stores that read them.
+
+Two layouts live behind one protocol (`SampleStore`: `__len__`, `load(i)`):
+
+* ``pt`` (data format version 1): one ``data_<i>.pt`` per sample holding
+  ``{"input_ids": LongTensor[L], "hidden_states": [Tensor[L,H], ...],
+  "loss_mask": LongTensor[L]}``; ``i`` is the sample's row in the prepared dataset.
+* ``safetensors``: shards ``shards/shard_<k>.safetensors`` written by
+  ``speculators convert-data``. Each shard concatenates its samples' tokens:
+  ``input_ids [N] int64``, ``loss_mask [N] uint8``, ``hidden_states [N, K, H]``
+  (K layers, in ``layer_ids`` order), ``offsets [n+1] int64`` and
+  ``sample_index [n] int64``. Reading a sample is a memory-mapped slice instead of
+  unpickling a whole file.
+
+Both directories carry ``data_config.json``; `open_sample_store` reads it and
+returns the right store, so callers never look at the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+from speculators.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DATA_FORMAT_VERSION = 1
+DATA_CONFIG_NAME = "data_config.json"
+SHARD_DIR = "shards"
+_PT_NAME = re.compile(r"^data_(\d+)\.pt$")
+
+OnCorrupt = Literal["skip", "raise"]
+
+
+@runtime_checkable
+class SampleStore(Protocol):
+    """Anything the training `Dataset` can read samples from (disk or online)."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, i: int) -> dict[str, Any]:
+        """Return ``{"input_ids": [L] long, "hidden_states": [[L,H], ...], "loss_mask": [L] long}``."""
+        ...
+
+
+class CorruptSampleError(UserError):
+    """A sample file cannot be read or does not match the dataset's schema."""
+
+
+def pt_file_name(index: int) -> str:
+    return f"data_{index}.pt"
+
+
+def atomic_write_bytes(path: Path, writer) -> None:
+    """Call ``writer(tmp_path)`` then rename onto ``path`` so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    def _write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+
+    atomic_write_bytes(Path(path), _write)
+
+
+def read_data_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / DATA_CONFIG_NAME
+    if not path.is_file():
+        raise UserError(
+            f"{path} not found: --data-path must be a directory written by "
+            "`speculators datagen` (or `speculators convert-data`)"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); regenerate it with `speculators datagen`")
+    version = config.get("version")
+    if version != DATA_FORMAT_VERSION:
+        raise UserError(
+            f"{path}: data format version {version!r} is not supported (expected {DATA_FORMAT_VERSION})"
+        )
+    for key in ("layer_ids", "hidden_size"):
+        if key not in config:
+            raise UserError(f"{path} lacks {key!r}; regenerate the data with `speculators datagen`")
+    return config
+
+
+@dataclass(frozen=True)
+class SampleSchema:
+    """What every sample of a dataset must look like."""
+
+    num_layers: int
+    hidden_size: int
+
+    def check(self, sample: dict[str, Any], where: str) -> None:
+        """Raise `CorruptSampleError` naming ``where`` when ``sample`` breaks the schema."""
+        for key in ("input_ids", "hidden_states", "loss_mask"):
+            if key not in sample:
+                raise CorruptSampleError(f"{where}: missing key {key!r}")
+        ids, mask, hs = sample["input_ids"], sample["loss_mask"], sample["hidden_states"]
+        if not isinstance(ids, torch.Tensor) or ids.ndim != 1:
+            raise CorruptSampleError(f"{where}: input_ids must be a 1-D tensor")
+        length = ids.shape[0]
+        if length < 2:
+            raise CorruptSampleError(f"{where}: needs at least 2 tokens, has {length}")
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (length,):
+            raise CorruptSampleError(f"{where}: loss_mask shape must be [{length}]")
+        if len(hs) != self.num_layers:
+            raise CorruptSampleError(
+                f"{where}: has {len(hs)} hidden-state layers, data_config.json says {self.num_layers}"
+            )
+        for k, h in enumerate(hs):
+            if tuple(h.shape) != (length, self.hidden_size):
+                raise CorruptSampleError(
+                    f"{where}: hidden_states[{k}] has shape {tuple(h.shape)}, "
+                    f"expected ({length}, {self.hidden_size})"
+                )
+
+
+class _CorruptPolicy:
+    """Shared skip-or-raise behaviour: a skipped sample is replaced by the next good one."""
+
+    def __init__(self, on_corrupt: OnCorrupt):
+        if on_corrupt not in ("skip", "raise"):
+            raise UserError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
+        self.on_corrupt = on_corrupt
+        self.bad: set[int] = set()
+
+    def load_with_policy(self, i: int, n: int, read) -> dict[str, Any]:
+        if n == 0:
+            raise IndexError("empty sample store")
+        for step in range(n):
+            j = (i + step) % n
+            if j in self.bad:
+                continue
+            try:
+                return read(j)
+            except CorruptSampleError as exc:
+                if self.on_corrupt == "raise":
+                    raise
+                self.bad.add(j)
+                warnings.warn(f"skipping corrupt sample: {exc}", stacklevel=3)
+                logger.warning("skipping corrupt sample: %s", exc)
+        raise CorruptSampleError(f"every sample in the store is corrupt (last asked for index {i})")
+
+
+class PtSampleStore:
+    """Reads ``data_<i>.pt`` files (data format version 1).
+
+    ``on_corrupt="skip"`` warns naming the bad file and serves the next good sample
+    instead, so one broken file does not end a long run; ``"raise"`` stops.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        on_corrupt: OnCorrupt = "skip",
+        config: dict[str, Any] | None = None,
+    ):
+        self.directory = Path(directory)
+        self.config = config if config is not None else read_data_config(self.directory)
+        self.schema = SampleSchema(len(self.config["layer_ids"]), int(self.config["hidden_size"]))
+        found = []
+        for name in os.listdir(self.directory):
+            m = _PT_NAME.match(name)
+            if m:
+                found.append(int(m.group(1)))
+        self.sample_indices: list[int] = sorted(found)
+        self._policy = _CorruptPolicy(on_corrupt)
+        self._lengths: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.sample_indices)
+
+    def path(self, i: int) -> Path:
+        return self.directory / pt_file_name(self.sample_indices[i])
+
+    def _read(self, i: int) -> dict[str, Any]:
+        path = self.path(i)
+        try:
+            sample = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # any unpickling/zip error means the file is unusable
+            raise CorruptSampleError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(sample, dict):
+            raise CorruptSampleError(f"{path}: expected a dict, found {type(sample).__name__}")
+        self.schema.check(sample, str(path))
+        return {
+            "input_ids": sample["input_ids"].long(),
+            "hidden_states": list(sample["hidden_states"]),
+            "loss_mask": sample["loss_mask"].long(),
+        }
+
+    def load(self, i: int) -> dict[str, Any]:
+        return self._policy.load_with_policy(i, len(self), self._read)
+
+    def lengths(self) -> list[int]:
+        """Token count per sample (from data_config.json when recorded, else read lazily)."""
+        if self._lengths is None:
+            recorded = {int(k): int(v) for k, v in (self.config.get("lengths") or {}).items()}
+            out = []
+            for idx in self.sample_indices:
+                if idx in recorded:
+                    out.append(recorded[idx])
+                    continue
+                path = self.directory / pt_file_name(idx)
+                try:
+                    sample = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                    out.append(int(sample["input_ids"].shape[0]))
+                except Exception:
+                    out.append(0)  # corrupt; load() deals with it
+            self._lengths = out
+        return self._lengths
+
+
+class SafetensorsSampleStore:
+    """Reads the sharded safetensors layout written by `convert_pt_to_safetensors`."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        on_corrupt: OnCorrupt = "skip",
+        config: dict[str, Any] | None = None,
+    ):
+        self.directory = Path(directory)
+        self.config = config if config is not None else read_data_config(self.directory)
+        self.schema = SampleSchema(len(self.config["layer_ids"]), int(self.config["hidden_size"]))
+        shards = self.config.get("shards")
+        if not shards:
+            raise UserError(f"{self.directory / DATA_CONFIG_NAME}: format is safetensors but lists no shards")
+        self._shards: list[dict[str, Any]] = shards
+        # Flat index -> (shard number, row within shard).
+        self._where: list[tuple[int, int]] = []
+        self._lengths: list[int] = []
+        self.sample_indices: list[int] = []
+        for k, shard in enumerate(shards):
+            for row, (idx, length) in enumerate(zip(shard["sample_index"], shard["lengths"])):
+                self._where.append((k, row))
+                self.sample_indices.append(int(idx))
+                self._lengths.append(int(length))
+        self._handles: dict[int, Any] = {}
+        self._offsets: dict[int, torch.Tensor] = {}
+        self._pid = os.getpid()
+        self._policy = _CorruptPolicy(on_corrupt)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def lengths(self) -> list[int]:
+        return self._lengths
+
+    def _handle(self, k: int):
+        from safetensors import safe_open
+
+        if self._pid != os.getpid():  # DataLoader worker after fork: reopen
+            self._handles, self._offsets, self._pid = {}, {}, os.getpid()
+        if k not in self._handles:
+            path = self.directory / self._shards[k]["file"]
+            try:
+                handle = safe_open(str(path), framework="pt")
+                self._offsets[k] = handle.get_tensor("offsets")
+            except Exception as exc:
+                raise CorruptSampleError(f"{path}: cannot be opened ({type(exc).__name__}: {exc})") from exc
+            self._handles[k] = handle
+        return self._handles[k]
+
+    def _read(self, i: int) -> dict[str, Any]:
+        k, row = self._where[i]
+        path = self.directory / self._shards[k]["file"]
+        handle = self._handle(k)
+        offsets = self._offsets[k]
+        a, b = int(offsets[row]), int(offsets[row + 1])
+        try:
+            hidden = handle.get_slice("hidden_states")[a:b]
+            ids = handle.get_slice("input_ids")[a:b]
+            mask = handle.get_slice("loss_mask")[a:b]
+        except Exception as exc:
+            raise CorruptSampleError(f"{path}: sample row {row} unreadable ({exc})") from exc
+        sample = {
+            "input_ids": ids.long(),
+            "hidden_states": list(hidden.unbind(1)),
+            "loss_mask": mask.long(),
+        }
+        self.schema.check(sample, f"{path} row {row}")
+        return sample
+
+    def load(self, i: int) -> dict[str, Any]:
+        return self._policy.load_with_policy(i, len(self), self._read)
+
+    def load_stacked(self, i: int) -> dict[str, Any]:
+        """Like `load` but ``hidden_states`` stays one ``[L, K, H]`` tensor (saves a copy)."""
+        sample = self.load(i)
+        sample["hidden_states"] = torch.stack(sample["hidden_states"], dim=1)
+        return sample
+
+
+def open_sample_store(
+    directory: str | os.PathLike,
+    on_corrupt: OnCorrupt = "skip",
+    expected_hidden_size: int | None = None,
+    expected_num_layers: int | None = None,
+) -> PtSampleStore | SafetensorsSampleStore:
+    """Open a datagen output directory whatever its layout.
+
+    ``expected_hidden_size``/``expected_num_layers`` (the verifier's, when known) are
+    checked against data_config.json so a mismatch fails before training starts.
+    ``expected_num_layers`` counts all stored layers, the final one included.
+    """
+    directory = Path(directory)
+    config = read_data_config(directory)
+    where = directory / DATA_CONFIG_NAME
+    if expected_hidden_size is not None and int(config["hidden_size"]) != int(expected_hidden_size):
+        raise UserError(
+            f"{where}: hidden_size {config['hidden_size']} does not match the verifier's "
+            f"{expected_hidden_size}; regenerate the data for this verifier"
+        )
+    if expected_num_layers is not None and len(config["layer_ids"]) != int(expected_num_layers):
+        raise UserError(
+            f"{where}: stores {len(config['layer_ids'])} layers {config['layer_ids']}, "
+            f"the draft model expects {expected_num_layers}"
+        )
+    fmt = config.get("format", "pt")
+    if fmt == "pt":
+        store: PtSampleStore | SafetensorsSampleStore = PtSampleStore(directory, on_corrupt, config)
+    elif fmt == "safetensors":
+        store = SafetensorsSampleStore(directory, on_corrupt, config)
+    else:
+        raise UserError(f"{where}: unknown format {fmt!r} (expected 'pt' or 'safetensors')")
+    if len(store) == 0:
+        raise UserError(f"{directory}: no samples found; run `speculators datagen` first")
+    return store

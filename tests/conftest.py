@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny verifiers built once per test session (CPU, no network)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """Random-weight 8-layer Llama (hidden 64) with a Llama-3-style chat template."""
+    from speculators.testing.tiny import build_tiny_verifier
+
+    return build_tiny_verifier(tmp_path_factory.mktemp("tiny_llama"), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    """Random-weight 8-layer Qwen3 (hidden 64) with a ChatML chat template."""
+    from speculators.testing.tiny import build_tiny_verifier
+
+    return build_tiny_verifier(tmp_path_factory.mktemp("tiny_qwen3"), arch="qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_trained(tmp_path_factory):
+    """The tiny Llama after 200 steps on ShareGPT chat text: peaked, learnable outputs."""
+    from speculators.testing.tiny import build_tiny_verifier
+
+    return build_tiny_verifier(
+        tmp_path_factory.mktemp("tiny_llama_trained"), arch="llama", pretrain_steps=200
+    )

@@ -1,0 +1,38 @@
+"""The tiny fixtures behave like real verifiers: templates render, models load."""
+
+import io
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from speculators.data.sharegpt import iter_json_array, iter_sharegpt
+
+
+def test_iter_json_array_handles_every_chunk_edge():
+    data = [{"a": i, "b": "xé中" * i} for i in range(30)] + [1, 2.5, "s", [1, 2], True, None, -1.5e3]
+    raw = json.dumps(data, ensure_ascii=False).encode()
+    for chunk in (1, 2, 3, 7, 64, 1 << 20):
+        assert list(iter_json_array(io.BytesIO(raw), chunk)) == data
+    assert list(iter_json_array(io.BytesIO(b" [ ] "))) == []
+
+
+def test_sharegpt_streams_real_records():
+    records = list(iter_sharegpt(limit=5))
+    assert len(records) == 5
+    assert all("conversations" in r for r in records)
+    assert records[0]["conversations"][0]["from"] == "human"
+
+
+def test_tiny_verifiers_load_and_render(tiny_llama, tiny_qwen3):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    for path, marker in ((tiny_llama, "<|eot_id|>"), (tiny_qwen3, "<|im_end|>")):
+        tok = AutoTokenizer.from_pretrained(path)
+        text = tok.apply_chat_template(msgs, tokenize=False)
+        assert marker in text and "Hello!" in text
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert model.config.num_hidden_layers == 8
+        ids = torch.tensor([tok.apply_chat_template(msgs, tokenize=True, return_dict=False)])
+        out = model(input_ids=ids, output_hidden_states=True)
+        assert out.logits.shape == (1, ids.shape[1], len(tok))
+        assert len(out.hidden_states) == 9
