@@ -351,3 +351,108 @@ def open_sample_store(
     if len(store) == 0:
         raise UserError(f"{directory}: no samples found; run `speculators datagen` first")
     return store
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_pt_sample(directory: str | os.PathLike, index: int, sample: dict[str, Any]) -> Path:
+    """Write one version-1 sample atomically (temp name, then rename)."""
+    path = Path(directory) / pt_file_name(index)
+    payload = {
+        "input_ids": sample["input_ids"].long().contiguous(),
+        "hidden_states": [h.contiguous() for h in sample["hidden_states"]],
+        "loss_mask": sample["loss_mask"].long().contiguous(),
+    }
+    atomic_write_bytes(path, lambda tmp: torch.save(payload, tmp))
+    return path
+
+
+def finished_pt_indices(directory: str | os.PathLike) -> set[int]:
+    """Sample indices that already have a complete ``data_<i>.pt`` (temp files never match)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return set()
+    out = set()
+    for name in os.listdir(directory):
+        m = _PT_NAME.match(name)
+        if m:
+            out.add(int(m.group(1)))
+    return out
+
+
+def convert_pt_to_safetensors(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    shard_tokens: int = 1 << 20,
+    on_corrupt: OnCorrupt = "skip",
+) -> dict[str, Any]:
+    """Copy a ``pt`` dataset into the sharded safetensors layout; returns the new data_config.
+
+    A shard closes once it holds at least ``shard_tokens`` tokens. Corrupt source
+    files are skipped with a warning (or raise, per ``on_corrupt``); either way the
+    converted dataset only holds good samples.
+    """
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise UserError("--output-dir must differ from --data-path (convert-data writes a new directory)")
+    config = read_data_config(src)
+    if config.get("format", "pt") != "pt":
+        raise UserError(f"{src / DATA_CONFIG_NAME}: format is {config.get('format')!r}, expected 'pt'")
+    store = PtSampleStore(src, on_corrupt="raise", config=config)
+    if len(store) == 0:
+        raise UserError(f"{src}: no data_<i>.pt files to convert")
+    (dst / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+
+    shards: list[dict[str, Any]] = []
+    buf: list[tuple[int, dict[str, Any]]] = []
+    buf_tokens = 0
+
+    def flush() -> None:
+        nonlocal buf, buf_tokens
+        if not buf:
+            return
+        name = f"{SHARD_DIR}/shard_{len(shards):05d}.safetensors"
+        lengths = [int(s["input_ids"].shape[0]) for _, s in buf]
+        offsets = torch.zeros(len(buf) + 1, dtype=torch.long)
+        offsets[1:] = torch.tensor(lengths).cumsum(0)
+        tensors = {
+            "input_ids": torch.cat([s["input_ids"] for _, s in buf]).long(),
+            "loss_mask": torch.cat([s["loss_mask"] for _, s in buf]).to(torch.uint8),
+            "hidden_states": torch.cat([torch.stack(s["hidden_states"], dim=1) for _, s in buf]),
+            "offsets": offsets,
+            "sample_index": torch.tensor([idx for idx, _ in buf], dtype=torch.long),
+        }
+        atomic_write_bytes(dst / name, lambda tmp: save_file(tensors, tmp))
+        shards.append({"file": name, "sample_index": [idx for idx, _ in buf], "lengths": lengths})
+        buf, buf_tokens = [], 0
+
+    skipped = []
+    for i in range(len(store)):
+        try:
+            sample = store._read(i)
+        except CorruptSampleError as exc:
+            if on_corrupt == "raise":
+                raise
+            warnings.warn(f"skipping corrupt sample: {exc}", stacklevel=2)
+            logger.warning("skipping corrupt sample: %s", exc)
+            skipped.append(store.sample_indices[i])
+            continue
+        buf.append((store.sample_indices[i], sample))
+        buf_tokens += int(sample["input_ids"].shape[0])
+        if buf_tokens >= shard_tokens:
+            flush()
+    flush()
+    if not shards:
+        raise UserError(f"{src}: every sample was corrupt; nothing converted")
+
+    new_config = dict(config)
+    new_config.pop("lengths", None)
+    new_config["format"] = "safetensors"
+    new_config["converted_from"] = str(src)
+    new_config["skipped_corrupt"] = skipped
+    new_config["shards"] = shards
+    atomic_write_json(dst / DATA_CONFIG_NAME, new_config)
+    return new_config

@@ -1,0 +1,11 @@
+"""Run store: the SQLite database behind the dashboard and the workers.
+
+`open_store()` returns a session factory on a migrated database (Alembic
+`upgrade head` runs at startup, so an upgrade keeps old runs). `repo` holds the
+functions that read and change runs; callers never write SQL themselves.
+"""
+
+from runstore.db import open_store, upgrade_database
+from runstore.settings import Settings
+
+__all__ = ["open_store", "upgrade_database", "Settings"]
