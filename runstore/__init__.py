@@ -8,4 +8,4 @@ functions that read and change runs; callers never write SQL themselves.
 from runstore.db import open_store, upgrade_database
 from runstore.settings import Settings
 
-__all__ = ["open_store", "upgrade_database", "Settings"]
+__all__ = ["Settings", "open_store", "upgrade_database"]

@@ -29,13 +29,14 @@ class Settings:
     default_model: str
     max_gpus: int  # the form offers 0..max_gpus; 0 means CPU
     vllm_host: str  # host name the dashboard uses to reach servers the controller starts
+    vllm_public_host: str  # host name shown to the user for the served endpoint
     vllm_port: int  # port of the served draft (checkpoint_best)
     verifier_port: int  # port of the verifier that online/hybrid training reads hidden states from
     auto_resume: bool  # a restarted worker resumes runs it was killed in
     train_threads: int  # OMP_NUM_THREADS for stage subprocesses
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         home = Path(_env("SPEC_HOME", str(Path.home() / ".speculators-app"))).expanduser()
         broker = _env("SPEC_BROKER_URL", "redis://127.0.0.1:6379/0")
         return cls(
@@ -49,6 +50,7 @@ class Settings:
             default_model=_env("SPEC_DEFAULT_MODEL", str(home / "models" / "tiny-llama")),
             max_gpus=int(_env("SPEC_MAX_GPUS", "0")),
             vllm_host=_env("SPEC_VLLM_HOST", "127.0.0.1"),
+            vllm_public_host=_env("SPEC_VLLM_PUBLIC_HOST", _env("SPEC_VLLM_HOST", "127.0.0.1")),
             vllm_port=int(_env("SPEC_VLLM_PORT", "8000")),
             verifier_port=int(_env("SPEC_VERIFIER_PORT", "8001")),
             auto_resume=_env("SPEC_AUTO_RESUME", "1") not in ("0", "false", "no"),

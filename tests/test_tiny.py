@@ -36,3 +36,14 @@ def test_tiny_verifiers_load_and_render(tiny_llama, tiny_qwen3):
         out = model(input_ids=ids, output_hidden_states=True)
         assert out.logits.shape == (1, ids.shape[1], len(tok))
         assert len(out.hidden_states) == 9
+
+
+def test_sharegpt_stream_stops_cleanly_at_truncated_end(monkeypatch, caplog):
+    import speculators.data.sharegpt as sg
+
+    raw = b'[{"id": "a", "conversations": []}, {"id": "b", "conversations": [{"from": "hu'
+    monkeypatch.setattr(sg, "_open_sharegpt", lambda: io.BytesIO(raw))
+    with caplog.at_level("WARNING"):
+        records = list(sg.iter_sharegpt())
+    assert [r["id"] for r in records] == ["a"]
+    assert "stopped after 1 complete records" in caplog.text

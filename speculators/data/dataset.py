@@ -46,23 +46,15 @@ def shift_sample(sample: dict[str, Any], max_len: int | None = None) -> dict[str
     length = int(ids.shape[0])
     if length < 2:
         raise UserError(f"a sample has {length} token(s); at least 2 are needed for the shift")
-    if isinstance(layers, torch.Tensor):  # [L, K, H] stacked
-        aux = layers[:-1, :-1, :].reshape(length - 1, -1)
-        last = layers[1:, -1, :]
-    else:
-        aux = torch.cat([h[:-1] for h in layers[:-1]], dim=-1)
-        last = layers[-1][1:]
-    out = {
-        "input_ids": ids[1:].long(),
-        "hidden_states": aux,
-        "verifier_last_hidden_states": last,
-        "loss_mask": sample["loss_mask"][1:].long(),
-        "position_ids": torch.arange(1, length, dtype=torch.long),
+    n = length - 1 if max_len is None else min(length - 1, max_len)  # slice before copying
+    return {
+        "input_ids": ids[1 : n + 1].long(),
+        "hidden_states": torch.cat([h[:n] for h in layers[:-1]], dim=-1),
+        "verifier_last_hidden_states": layers[-1][1 : n + 1],
+        "loss_mask": sample["loss_mask"][1 : n + 1].long(),
+        "position_ids": torch.arange(1, n + 1, dtype=torch.long),
+        "length": n,
     }
-    if max_len is not None and length - 1 > max_len:
-        out = {k: v[:max_len] for k, v in out.items()}
-    out["length"] = int(out["input_ids"].shape[0])
-    return out
 
 
 class Eagle3Dataset(Dataset):
@@ -90,9 +82,7 @@ class Eagle3Dataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         store_i = self.indices[i]
-        load_stacked = getattr(self.store, "load_stacked", None)
-        raw = load_stacked(store_i) if load_stacked is not None else self.store.load(store_i)
-        out = shift_sample(raw, self.max_len)
+        out = shift_sample(self.store.load(store_i), self.max_len)
         if self.dtype is not None:
             out["hidden_states"] = out["hidden_states"].to(self.dtype)
             out["verifier_last_hidden_states"] = out["verifier_last_hidden_states"].to(self.dtype)

@@ -7,10 +7,11 @@ Two layouts live behind one protocol (`SampleStore`: `__len__`, `load(i)`):
   "loss_mask": LongTensor[L]}``; ``i`` is the sample's row in the prepared dataset.
 * ``safetensors``: shards ``shards/shard_<k>.safetensors`` written by
   ``speculators convert-data``. Each shard concatenates its samples' tokens:
-  ``input_ids [N] int64``, ``loss_mask [N] uint8``, ``hidden_states [N, K, H]``
-  (K layers, in ``layer_ids`` order), ``offsets [n+1] int64`` and
-  ``sample_index [n] int64``. Reading a sample is a memory-mapped slice instead of
-  unpickling a whole file.
+  ``input_ids [N] int64``, ``loss_mask [N] uint8``, ``hidden_states [K, N, H]``
+  (K layers, in ``layer_ids`` order; each layer's tokens contiguous, like K
+  per-sample tensors), ``offsets [n+1] int64`` and ``sample_index [n] int64``.
+  Reading a sample is a zero-copy view of a memory-mapped shard instead of
+  opening and unpickling a file.
 
 Both directories carry ``data_config.json``; `open_sample_store` reads it and
 returns the right store, so callers never look at the layout.
@@ -55,6 +56,11 @@ class SampleStore(Protocol):
 
 class CorruptSampleError(UserError):
     """A sample file cannot be read or does not match the dataset's schema."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines() or [""])[0][:200]
 
 
 def pt_file_name(index: int) -> str:
@@ -201,9 +207,10 @@ class PtSampleStore:
     def _read(self, i: int) -> dict[str, Any]:
         path = self.path(i)
         try:
-            sample = torch.load(path, map_location="cpu", weights_only=True)
+            # mmap: tensors are views of the page cache; the Dataset's shift copies them once.
+            sample = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # any unpickling/zip error means the file is unusable
-            raise CorruptSampleError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from exc
+            raise CorruptSampleError(f"{path}: cannot be read ({type(exc).__name__}: {_first_line(exc)})") from exc
         if not isinstance(sample, dict):
             raise CorruptSampleError(f"{path}: expected a dict, found {type(sample).__name__}")
         self.schema.check(sample, str(path))
@@ -260,60 +267,98 @@ class SafetensorsSampleStore:
                 self._where.append((k, row))
                 self.sample_indices.append(int(idx))
                 self._lengths.append(int(length))
-        self._handles: dict[int, Any] = {}
-        self._offsets: dict[int, torch.Tensor] = {}
+        self._handles: dict[int, _MappedSafetensors] = {}
         self._pid = os.getpid()
         self._policy = _CorruptPolicy(on_corrupt)
 
     def __len__(self) -> int:
         return len(self._where)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # memory maps do not pickle; workers map the shards again
+        return state
+
     def lengths(self) -> list[int]:
         return self._lengths
 
-    def _handle(self, k: int):
-        from safetensors import safe_open
-
-        if self._pid != os.getpid():  # DataLoader worker after fork: reopen
-            self._handles, self._offsets, self._pid = {}, {}, os.getpid()
+    def _shard(self, k: int) -> "_MappedSafetensors":
+        if self._pid != os.getpid():  # DataLoader worker after fork: map again
+            self._handles, self._pid = {}, os.getpid()
         if k not in self._handles:
             path = self.directory / self._shards[k]["file"]
             try:
-                handle = safe_open(str(path), framework="pt")
-                self._offsets[k] = handle.get_tensor("offsets")
+                self._handles[k] = _MappedSafetensors(path)
             except Exception as exc:
-                raise CorruptSampleError(f"{path}: cannot be opened ({type(exc).__name__}: {exc})") from exc
-            self._handles[k] = handle
+                raise CorruptSampleError(f"{path}: cannot be opened ({type(exc).__name__}: {_first_line(exc)})") from exc
         return self._handles[k]
 
     def _read(self, i: int) -> dict[str, Any]:
         k, row = self._where[i]
-        path = self.directory / self._shards[k]["file"]
-        handle = self._handle(k)
-        offsets = self._offsets[k]
-        a, b = int(offsets[row]), int(offsets[row + 1])
+        shard = self._shard(k)
+        where = f"{shard.path} row {row}"
         try:
-            hidden = handle.get_slice("hidden_states")[a:b]
-            ids = handle.get_slice("input_ids")[a:b]
-            mask = handle.get_slice("loss_mask")[a:b]
+            offsets = shard.tensor("offsets")
+            a, b = int(offsets[row]), int(offsets[row + 1])
+            hidden = shard.tensor("hidden_states")[:, a:b]
+            ids = shard.tensor("input_ids")[a:b]
+            mask = shard.tensor("loss_mask")[a:b]
         except Exception as exc:
-            raise CorruptSampleError(f"{path}: sample row {row} unreadable ({exc})") from exc
-        sample = {
-            "input_ids": ids.long(),
-            "hidden_states": list(hidden.unbind(1)),
-            "loss_mask": mask.long(),
-        }
-        self.schema.check(sample, f"{path} row {row}")
-        return sample
+            raise CorruptSampleError(f"{where}: unreadable ({type(exc).__name__}: {_first_line(exc)})") from exc
+        if hidden.ndim != 3 or (hidden.shape[0], hidden.shape[2]) != (self.schema.num_layers, self.schema.hidden_size):
+            raise CorruptSampleError(
+                f"{where}: hidden_states has shape {tuple(hidden.shape)}, expected "
+                f"({self.schema.num_layers}, tokens, {self.schema.hidden_size})"
+            )
+        if ids.shape[0] != b - a or mask.shape[0] != b - a or b - a < 2:
+            raise CorruptSampleError(f"{where}: token range {a}:{b} does not fit the shard")
+        return {"input_ids": ids.long(), "hidden_states": list(hidden.unbind(0)), "loss_mask": mask.long()}
 
     def load(self, i: int) -> dict[str, Any]:
         return self._policy.load_with_policy(i, len(self), self._read)
 
-    def load_stacked(self, i: int) -> dict[str, Any]:
-        """Like `load` but ``hidden_states`` stays one ``[L, K, H]`` tensor (saves a copy)."""
-        sample = self.load(i)
-        sample["hidden_states"] = torch.stack(sample["hidden_states"], dim=1)
-        return sample
+
+_ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _MappedSafetensors:
+    """A safetensors file memory-mapped once; tensors are zero-copy views into the map.
+
+    safetensors' own ``get_slice`` copies every slice; a training sample is read
+    once and immediately copied into the batch, so a view saves one full copy.
+    """
+
+    def __init__(self, path: Path):
+        import mmap
+        import struct
+
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            # Private (copy-on-write) map: writable for torch.frombuffer, never written back.
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._base = 8 + n
+        self._meta = {k: v for k, v in header.items() if k != "__metadata__"}
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self._cache:
+            meta = self._meta[name]
+            begin, end = meta["data_offsets"]
+            dtype = _ST_DTYPES[meta["dtype"]]
+            count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+            flat = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._base + begin) if count else torch.empty(0, dtype=dtype)
+            self._cache[name] = flat.view(meta["shape"])
+        return self._cache[name]
 
 
 def open_sample_store(
@@ -421,7 +466,9 @@ def convert_pt_to_safetensors(
         tensors = {
             "input_ids": torch.cat([s["input_ids"] for _, s in buf]).long(),
             "loss_mask": torch.cat([s["loss_mask"] for _, s in buf]).to(torch.uint8),
-            "hidden_states": torch.cat([torch.stack(s["hidden_states"], dim=1) for _, s in buf]),
+            "hidden_states": torch.stack(
+                [torch.cat([s["hidden_states"][k] for _, s in buf]) for k in range(store.schema.num_layers)]
+            ),
             "offsets": offsets,
             "sample_index": torch.tensor([idx for idx, _ in buf], dtype=torch.long),
         }

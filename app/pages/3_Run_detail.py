@@ -1,0 +1,173 @@
+"""One run: stages and timings, live metric charts, progress and ETA, logs, checkpoints,
+and serving the best checkpoint in vLLM with its acceptance metrics."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import altair as alt
+import pandas as pd
+import requests
+import streamlit as st
+
+from app import common, views
+from runstore import repo
+from worker.procs import log_tail
+
+st.set_page_config(page_title="Run detail", page_icon="📈", layout="wide")
+common.ensure_dispatcher()
+s = common.settings()
+factory = common.store()
+
+with factory() as session:
+    runs = repo.list_runs(session)
+if not runs:
+    st.info("No runs yet.")
+    common.page_link("pages/1_New_run.py", "Launch a run", "🚀")
+    st.stop()
+ids = [r.id for r in runs]
+wanted = st.query_params.get("run")
+labels = {r.id: f"{r.name} ({r.id})" for r in runs}
+run_id = st.selectbox("Run", ids, index=ids.index(wanted) if wanted in ids else 0, format_func=labels.get)
+st.query_params["run"] = run_id
+
+
+def chart(title: str, df: pd.DataFrame) -> alt.Chart:
+    # losses fall by orders of magnitude: a log axis keeps the late curve readable
+    log = title == "Loss" and bool((df["value"] > 0).all())
+    scale = alt.Scale(type="log") if log else alt.Scale(zero=False)
+    return (alt.Chart(df, title=title + (" (log)" if log else "")).mark_line(point=len(df) < 60)
+            .encode(x=alt.X("step:Q", title="step"), y=alt.Y("value:Q", title=None, scale=scale),
+                    color=alt.Color("series:N", title=None), tooltip=["series", "step", "epoch", "value"])
+            .properties(height=220))
+
+
+@st.fragment(run_every=2)
+def live() -> None:
+    with factory() as session:
+        run = repo.get_run(session, run_id)
+        if run is None:
+            st.warning("This run was deleted.")
+            return
+        session.refresh(run)
+        stages = list(run.stages)
+        train = repo.metrics(session, run_id, "train")
+        all_metrics = repo.metrics(session, run_id)
+        ckpts = repo.checkpoints(session, run_id)
+    st.title(run.name)
+    st.caption(f"run {run.id} · {run.spec.get('mode')} · {run.spec.get('model')} · created {views.age(run.created_at)} ago")
+    badge = {"succeeded": st.success, "failed": st.error, "cancelled": st.warning,
+             "interrupted": st.warning}.get(run.status, st.info)
+    badge(f"Status: **{run.status}**" + (f" · stage {run.current_stage}" if run.current_stage and run.status == "running" else "")
+          + (f"\n\n{run.error}" if run.error else ""))
+
+    train_stage = next((x for x in stages if x.name == "train"), None)
+    frac, eta = views.train_eta(train, train_stage.total_steps if train_stage else None)
+    overall = views.run_progress(run)
+    label = f"overall {overall:.0%}"
+    if train:
+        label += f" · training {frac:.0%}" + (f" · ETA {views.fmt_duration(eta)}" if eta is not None and run.status == "running" else "")
+    st.progress(overall, text=label)
+
+    st.subheader("Stages")
+    st.dataframe(pd.DataFrame(views.stage_rows(stages)), hide_index=True, width="stretch")
+
+    st.subheader("Training metrics")
+    df = views.metrics_long(all_metrics)
+    frames = views.chart_frames(df)
+    if not frames:
+        st.info("Metrics appear here as soon as training logs its first step.")
+    else:
+        cols = st.columns(2)
+        for i, (title, part) in enumerate(frames):
+            cols[i % 2].altair_chart(chart(title, part), width="stretch")
+
+    st.subheader("Checkpoints")
+    if ckpts:
+        st.dataframe(pd.DataFrame([{"epoch": c.epoch, "step": c.step, "val loss": c.val_loss,
+                                    "best": "★" if c.is_best else "", "path": c.path} for c in ckpts]),
+                     hide_index=True, width="stretch")
+    else:
+        st.caption("No checkpoint yet.")
+
+    st.subheader("Logs")
+    for x in stages:
+        if x.log_path:
+            with st.expander(f"{x.name} ({x.status})", expanded=x.status in ("running", "failed")):
+                st.code(log_tail(x.log_path, lines=30) or "(empty)", language=None)
+
+
+live()
+
+
+def acceptance(endpoint: str) -> dict | None:
+    try:
+        from speculators.vllm.metrics import report_from_metrics, scrape
+
+        return report_from_metrics(scrape(endpoint, timeout_s=3))
+    except Exception as exc:  # no traffic yet, or the server is gone
+        return {"error": str(exc)}
+
+
+@st.fragment(run_every=5)
+def serving() -> None:
+    st.subheader("Serve in vLLM")
+    with factory() as session:
+        best = repo.best_checkpoint(session, run_id)
+        dep = repo.latest_deployment(session, run_id, kind="draft")
+        run = repo.get_run(session, run_id)
+    if run is None:
+        return
+    live_dep = dep is not None and dep.status in ("requested", "starting", "up", "stopping")
+    c1, c2 = st.columns([1, 3])
+    if c1.button("Serve best checkpoint", type="primary", disabled=best is None or live_dep, key="btn_serve",
+                 help=None if best else "available once training has saved a checkpoint"):
+        with factory() as session:
+            repo.request_deployment(session, kind="draft", model_path=best.path, run_id=run_id,
+                                    port=s.vllm_port, endpoint=f"http://{s.vllm_host}:{s.vllm_port}")
+        err = common.flush()
+        if err:
+            st.warning(common.broker_message(err))
+        st.rerun()
+    if dep is None:
+        c2.caption("Not served." if best else "No checkpoint yet.")
+        return
+    public = f"http://{s.vllm_public_host}:{dep.port}/v1"
+    up = False
+    if dep.status == "up":
+        try:
+            up = requests.get(f"{dep.endpoint}/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            up = False
+    state = dep.status if dep.status != "up" else ("up, healthy" if up else "up, not answering /health")
+    c2.markdown(f"**{state}** · endpoint `{public}` · checkpoint `{dep.model_path}`")
+    if dep.error:
+        st.error(dep.error)
+    if live_dep and st.button("Stop server", key="btn_stop"):
+        with factory() as session:
+            repo.request_stop(session, dep.id)
+        common.flush()
+        st.rerun()
+    if up:
+        report = acceptance(dep.endpoint)
+        if report and "error" not in report:
+            m1, m2, m3 = st.columns(3)
+            m1.metric("Drafted tokens", report["num_draft_tokens"])
+            m2.metric("Accepted tokens", report["num_accepted_tokens"])
+            m3.metric("Mean acceptance length", f"{report['mean_acceptance_length']:.2f}")
+            rows = views.acceptance_rows(report)
+            if rows:
+                st.bar_chart(pd.DataFrame(rows), x="position", y="acceptance rate")
+            with factory() as session:
+                repo.update_deployment(session, dep.id, acceptance=report)
+        elif report:
+            st.caption(f"Acceptance metrics: {report['error']}")
+    if dep.log_path:
+        with st.expander("Server log"):
+            st.code(log_tail(dep.log_path, lines=30) or "(empty)", language=None)
+
+
+serving()

@@ -1,0 +1,136 @@
+"""Pure functions that turn run-store rows into what the pages show (tables, chart data,
+progress, ETA), kept free of Streamlit so they test alone."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+
+from runstore.models import Metric, Run, Stage, utcnow
+
+# Chart groups on the run page: a title and a test for the metric keys it plots.
+CHART_GROUPS: list[tuple[str, re.Pattern[str]]] = [
+    ("Loss", re.compile(r"^loss(_\d+)?$")),
+    ("Full accuracy", re.compile(r"^full_acc_\d+$")),
+    ("Conditional accuracy", re.compile(r"^cond_acc_\d+$")),
+    ("Learning rate", re.compile(r"^lr$")),
+    ("Throughput (tokens/s)", re.compile(r"^tokens_per_s$")),
+]
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    if h:
+        return f"{h}h {m:02d}m"
+    if m:
+        return f"{m}m {s:02d}s"
+    return f"{s}s"
+
+
+def age(ts: datetime | None, now: datetime | None = None) -> str:
+    if ts is None:
+        return ""
+    return fmt_duration(((now or utcnow()) - ts).total_seconds())
+
+
+def stage_fraction(stage: Stage) -> float:
+    if stage.status == "succeeded":
+        return 1.0
+    if stage.status == "running" and stage.total_steps and stage.current_step:
+        return min(0.99, stage.current_step / stage.total_steps)  # 100% only once it has finished
+    return 0.0
+
+
+def run_progress(run: Run) -> float:
+    """Share of the run done: each stage counts equally, training by its step."""
+    if not run.stages:
+        return 0.0
+    return sum(stage_fraction(s) for s in run.stages) / len(run.stages)
+
+
+def runs_rows(runs: list[Run], now: datetime | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for r in runs:
+        spec = r.spec or {}
+        rows.append({
+            "run": r.id,
+            "name": r.name,
+            "status": r.status,
+            "stage": r.current_stage or "",
+            "progress": round(run_progress(r), 4),
+            "age": age(r.created_at, now),
+            "mode": spec.get("mode", ""),
+            "model": spec.get("model", ""),
+            "error": r.error or "",
+            "detail": f"/Run_detail?run={r.id}",
+        })
+    return rows
+
+
+def stage_rows(stages: list[Stage], now: datetime | None = None) -> list[dict[str, Any]]:
+    now = now or utcnow()
+    rows = []
+    for s in stages:
+        end = s.finished_at or (now if s.status == "running" else None)
+        rows.append({
+            "stage": s.name,
+            "state": s.status,
+            "started": s.started_at.strftime("%Y-%m-%d %H:%M:%S") if s.started_at else "",
+            "duration": fmt_duration((end - s.started_at).total_seconds()) if s.started_at and end else "",
+            "attempts": s.attempts,
+            "step": f"{s.current_step}/{s.total_steps}" if s.total_steps else "",
+            "error": s.error or "",
+        })
+    return rows
+
+
+def metrics_long(metrics: list[Metric]) -> pd.DataFrame:
+    """One row per (type, step, metric) for Altair; `series` is e.g. `train loss_0`."""
+    rows = []
+    for m in metrics:
+        for key, value in (m.values or {}).items():
+            if isinstance(value, (int, float)):
+                rows.append({"type": m.type, "step": m.step, "epoch": m.epoch, "metric": key,
+                             "value": float(value), "series": f"{m.type} {key}"})
+    return pd.DataFrame(rows, columns=["type", "step", "epoch", "metric", "value", "series"])
+
+
+def chart_frames(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    out = []
+    for title, pattern in CHART_GROUPS:
+        part = df[df["metric"].map(lambda k, p=pattern: bool(p.match(k)))] if not df.empty else df
+        if not part.empty:
+            out.append((title, part))
+    return out
+
+
+def train_eta(train: list[Metric], total_steps: int | None) -> tuple[float, float | None]:
+    """(fraction done, seconds left) from the train records' steps and timestamps. The rate
+    uses the records since the last resume (a gap in time would skew it otherwise)."""
+    if not train or not total_steps:
+        return 0.0, None
+    pts = sorted((m.step, m.ts) for m in train)
+    step, ts = pts[-1]
+    frac = min(1.0, step / total_steps)
+    # the newest contiguous stretch: stop at a backwards jump in time (a resume re-emits steps)
+    first_step, first_ts = pts[-1]
+    for s_, t_ in reversed(pts[:-1]):
+        if t_ > first_ts:
+            break
+        first_step, first_ts = s_, t_
+    if step == first_step or ts <= first_ts:
+        return frac, None
+    rate = (step - first_step) / (ts - first_ts)
+    return frac, max(0.0, (total_steps - step) / rate)
+
+
+def acceptance_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"position": i + 1, "acceptance rate": r}
+            for i, r in enumerate(report.get("acceptance_rate_per_position") or [])]

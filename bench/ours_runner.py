@@ -1,0 +1,217 @@
+"""Train our EAGLE-3 draft with our `Trainer.train_step` on a hidden-state directory.
+
+The counterpart of `bench/public_runner.py`: same draft shape, same starting weights
+(`bench/shared_init.py`), same data, same number of steps, constant LR, no weight decay,
+grad-norm clip 1.0, AdamW. The trainer is built with `Trainer.__init__` and the draft,
+verifier head, optimizer and data are attached the way `Trainer.build` does it, minus
+reading a verifier checkpoint (the shapes here are synthetic); every step is the real
+`Trainer.train_step` (collate, loss, backward, clip, optimizer, scheduler).
+
+    python bench/ours_runner.py --data DIR --shape tiny --seq-len 256 --steps 20 --out r.json
+
+`--precision bf16` runs the step under CPU bf16 autocast (our trainer autocasts only on
+CUDA; this is the experiment behind the "bf16 autocast on CPU" proposal in
+docs/benchmarks.md). `--profile N` profiles N extra steps with torch.profiler and adds a
+breakdown (bench/breakdown.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+from common import RssSampler, log, machine_info, peak_rss_mib  # noqa: E402
+from configs import get_shape  # noqa: E402
+from shared_init import apply_shared_init, init_tensor, vocab_mapping  # noqa: E402
+
+
+def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: str, precision: str, device: str, epochs: int,
+                  freeze_lm_head: bool = False):
+    from speculators.data.formats import open_sample_store
+    from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
+    from speculators.train.config import TrainConfig
+    from speculators.train.objective import TTTObjective
+    from speculators.train.schedule import build_scheduler
+    from speculators.train.trainer import Trainer
+    from speculators.train.verifier import VerifierHead
+
+    cfg = TrainConfig(
+        verifier_name_or_path="synthetic",
+        data_path=data,
+        total_seq_len=seq_len,
+        lr=lr,
+        weight_decay=0.0,
+        scheduler="none",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        ttt_steps=shape.ttt_steps,
+        ttt_step_loss_decay=1.0,
+        train_data_ratio=0.95,
+        seed=seed,
+        epochs=epochs,
+        device=device,
+        attn_impl=attn,
+        norm_before_residual=True,
+    )
+    tr = Trainer(cfg)
+    tr._seed()
+    if precision == "bf16" and tr.device.type == "cpu":
+        tr.data_dtype = torch.bfloat16
+        tr._forward = _cpu_autocast_forward(tr)
+    tr.store = open_sample_store(data)
+    config = Eagle3Config(
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        vocab_size=shape.target_vocab,
+        draft_vocab_size=shape.draft_vocab,
+        num_layers=shape.num_layers,
+        rms_norm_eps=shape.rms_norm_eps,
+        max_position_embeddings=shape.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
+        norm_before_residual=True,
+        speculative_tokens=shape.ttt_steps,
+    )
+    draft = Eagle3DraftModel(config)
+    init_stats = apply_shared_init(draft, seed=seed, rename=lambda n: None if n.startswith("rotary.") else n)
+    d2t, t2d = vocab_mapping(shape.target_vocab, shape.draft_vocab)
+    draft.set_vocab_mapping(d2t, t2d)
+    draft.attn_impl = attn
+    if freeze_lm_head:  # what the public package does; ours trains it by default
+        draft.lm_head.weight.requires_grad_(False)
+    head = VerifierHead(
+        torch.ones(shape.hidden_size),
+        init_tensor("verifier_lm_head.weight", (shape.draft_vocab, shape.hidden_size), seed),
+        shape.rms_norm_eps,
+    )
+    tr.draft = draft
+    tr.objective = TTTObjective(draft, head).to(tr.device)
+    tr.params = [p for p in tr.objective.parameters() if p.requires_grad]
+    tr.optimizer = torch.optim.AdamW(tr.params, lr=lr, weight_decay=0.0)
+    tr._build_data()
+    tr.scheduler = build_scheduler(tr.optimizer, tr.total_steps, 0, "none")
+    return tr, init_stats
+
+
+def _cpu_autocast_forward(tr):
+    def forward(batch, denominators):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return tr.objective(batch, tr.cfg.ttt_steps, tr.cfg.ttt_step_loss_decay, denominators)
+
+    return forward
+
+
+def iter_steps(tr, steps: int):
+    """Yield `steps` training batches the way `Trainer.fit` produces them (epoch plans, its
+    DataLoader over packed steps); the time to fetch each one is part of the step."""
+    from speculators.train.trainer import plan_epoch
+
+    done, epoch = 0, 0
+    while done < steps:
+        plan = plan_epoch(tr._train_sampler, epoch, tr.batches_per_step)
+        if not plan:
+            raise SystemExit("the training split packs into no batches; add samples")
+        if hasattr(tr, "_epoch_loader"):
+            source = iter(tr._epoch_loader(plan))
+        else:  # older trainer: train_step takes the step's index lists
+            source = iter(plan)
+        for item in source:
+            yield item
+            done += 1
+            if done >= steps:
+                return
+        epoch += 1
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="hidden-state directory (format version 1 or safetensors)")
+    ap.add_argument("--shape", default="tiny")
+    ap.add_argument("--seq-len", type=int, required=True)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--attn", default="auto", help="our attn_impl: auto | sdpa | flex | flex_eager")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32: what our trainer does on the CPU; bf16: CPU autocast experiment")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--attn-proposal", action="store_true",
+                    help="CPU attention via bench/proposals/ttt_attention_concat.py (one fused SDPA per step)")
+    ap.add_argument("--freeze-lm-head", action="store_true", help="freeze lm_head like the public package does")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many extra steps")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    shape = get_shape(a.shape, a.seq_len)
+    if a.attn_proposal:
+        from proposals.ttt_attention_concat import install_into_model_module
+
+        install_into_model_module()
+    log(f"ours: shape={shape.name} seq={a.seq_len} steps={a.steps} attn={a.attn} precision={a.precision}")
+    t0 = time.perf_counter()
+    tr, init_stats = build_trainer(shape, a.data, a.seq_len, a.lr, a.seed, a.attn, a.precision, a.device, epochs=1,
+                                   freeze_lm_head=a.freeze_lm_head)
+    build_s = time.perf_counter() - t0
+    from speculators.train.losses import summarize
+
+    dev = tr.device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    steps = []
+    with RssSampler() as rss:
+        stream = iter_steps(tr, a.steps)
+        for i in range(a.steps):
+            sync(dev)
+            start = time.perf_counter()
+            batch = next(stream)  # data loading + collate is part of the step, as in fit()
+            stats, tokens = tr.train_step(batch)
+            metrics = summarize(stats, tr.cfg.ttt_step_loss_decay)  # .cpu() syncs
+            dt = time.perf_counter() - start
+            steps.append({"step": i + 1, "loss": metrics["loss"], "metrics": metrics, "tokens": tokens,
+                          "step_s": dt, "tokens_per_s": tokens / dt})
+    out = {
+        "impl": "ours",
+        "shape": shape.to_dict(),
+        "seq_len": a.seq_len,
+        "steps": steps,
+        "build_s": build_s,
+        "trainable_params": sum(p.numel() for p in tr.params),
+        "peak_rss_mib": peak_rss_mib(),
+        "train_peak_rss_mib": rss.peak,
+        "init": init_stats,
+        "options": {"attn": tr.draft.attn_impl, "attn_proposal": a.attn_proposal, "precision": a.precision, "device": str(dev), "optimizer": "adamw",
+                    "weight_decay": 0.0, "scheduler": "none", "lm_head_trainable": tr.draft.lm_head.weight.requires_grad},
+        "machine": machine_info(),
+    }
+    if dev.type == "cuda":
+        out["cuda_max_memory_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if a.profile:
+        from breakdown import profile_steps
+
+        out["profile"] = profile_steps(tr, iter_steps(tr, a.profile), a.profile, dev)
+    Path(a.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    log(f"ours: {len(steps)} steps written to {a.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Run the benchmarks and print one table (also written to bench/results/summary.md).
+#
+#   bench/run.sh            # CPU set, sized for a 2-core machine (~15-25 min)
+#   bench/run.sh --full     # adds the Llama-3.1-8B-shaped draft on the CPU (~10 GB RAM, slow)
+#   bench/run.sh --gpu      # GPU set: Llama-3.1-8B shape at seq 2048 and 8192, MFU, CUDA memory
+#   bench/run.sh --only train,dataload   # any of: dataload datagen train sbs lmhead attn
+#
+# Results: bench/results/<name>.json (machine facts, load average, versions, git commit
+# in each) and summary.md. Timings on a shared machine are noisy: each JSON keeps every
+# repeat, and the summary says which machine and load they came from.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(dirname "$HERE")"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+[[ -x "$PY" ]] || PY=python3
+MODE=cpu
+ONLY="dataload,datagen,train,sbs,lmhead,attn"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --full) MODE=full ;;
+    --gpu) MODE=gpu ;;
+    --only) ONLY="$2"; shift ;;
+    -h|--help) sed -n 2,12p "$0"; exit 0 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+export PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+cd "$ROOT"
+echo "machine: nproc=$(nproc) load=$(cut -d' ' -f1-3 /proc/loadavg) mode=$MODE python=$PY"
+
+if want dataload; then
+  # Realistic per-sample size (H=4096 x 4 layers bf16, 2048 tokens = 64 MiB/sample), few samples,
+  # and a smaller hidden size with more samples.
+  "$PY" bench/bench_dataload.py --hidden 4096 --seq-len 2048 --samples 4 --repeats 3 --name dataload_h4096_l2048
+  "$PY" bench/bench_dataload.py --hidden 1024 --seq-len 2048 --samples 24 --repeats 3 --name dataload_h1024_l2048
+fi
+if want datagen; then
+  if [[ $MODE == gpu ]] && "$PY" -c "import vllm" 2>/dev/null; then
+    "$PY" bench/bench_datagen.py --models small --samples 64 --seq-len 2048 --batch-size 16 --dtypes bfloat16 --backend vllm --name datagen_vllm
+  fi
+  if [[ $MODE == gpu ]]; then
+    "$PY" bench/bench_datagen.py --models small --samples 64 --seq-len 2048 --batch-size 16 --dtypes bfloat16 --name datagen_gpu
+  else
+    "$PY" bench/bench_datagen.py --models tiny,small --samples 8 --seq-len 512 --batch-size 4 --repeats 2 --name datagen
+  fi
+fi
+if want train; then
+  case $MODE in
+    cpu)  "$PY" bench/bench_train.py --shapes tiny,small --steps 3 --warmup 1 --profile 2 --name train_cpu
+          "$PY" bench/bench_train.py --shapes small --steps 3 --warmup 1 --profile 2 --precision bf16 --name train_cpu_bf16 ;;
+    full) "$PY" bench/bench_train.py --shapes tiny,small,llama8b --steps 3 --warmup 1 --profile 2 --name train_cpu
+          "$PY" bench/bench_train.py --shapes small,llama8b --steps 3 --warmup 1 --profile 2 --precision bf16 --name train_cpu_bf16 ;;
+    gpu)  "$PY" bench/bench_train.py --shapes llama8b --seq-len 2048 --steps 20 --warmup 3 --profile 4 --name train_gpu_2048
+          "$PY" bench/bench_train.py --shapes llama8b --seq-len 8192 --steps 10 --warmup 3 --profile 4 --name train_gpu_8192 ;;
+  esac
+fi
+if want sbs; then
+  case $MODE in
+    cpu|full)
+      "$PY" bench/side_by_side.py --shape tiny --steps 20 --repeats 2 --variants ours,ours-bf16-attn,public,public-fp32
+      "$PY" bench/side_by_side.py --shape small --steps 4 --warmup 1 --repeats 1 \
+        --variants ours,ours-attn,ours-bf16,ours-bf16-attn,public,public-fp32 ;;&
+    full)
+      "$PY" bench/side_by_side.py --shape llama8b --steps 3 --warmup 1 --repeats 1 --variants ours,ours-bf16-attn,public ;;
+    gpu)
+      # needs a CUDA build of torch in bench/.venv-public (see bench/setup_public_venv.sh)
+      "$PY" bench/side_by_side.py --shape llama8b --seq-len 2048 --steps 20 --warmup 3 --repeats 2 --variants ours,public --name side_by_side_llama8b_gpu ;;
+  esac
+fi
+if want lmhead; then
+  if [[ $MODE == gpu ]]; then
+    "$PY" bench/bench_lmhead_kl.py --cases llama8b:2048,llama8b:8192 --chunk 1024 --name lmhead_kl_gpu
+  else
+    "$PY" bench/bench_lmhead_kl.py --cases small:2048,llama8b:512 --chunk 256
+  fi
+fi
+if want attn; then
+  if [[ $MODE == gpu ]]; then
+    : # the proposal targets the CPU path; the GPU path uses flex attention
+  else
+    "$PY" bench/bench_attention.py --cases small:512,llama8b:256 --dtypes float32,bfloat16
+  fi
+fi
+"$PY" bench/table.py

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create bench/.venv-public with the public `speculators` package from PyPI, for the
+# side-by-side benchmark. Nothing from it is vendored: the runner imports it at run time.
+#
+# torch is pinned to the version the machine has as a local CPU wheel (2.13.0) so no GPU
+# build is downloaded. The public package declares torchvision/torchaudio as requirements
+# but never imports them (checked for 0.9.0: `grep -r torchvision` finds nothing), so we
+# install it with --no-deps and then its import-time requirements explicitly, skipping
+# those two (they would pull CUDA builds).
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+VENV="${PUBLIC_VENV:-$HERE/.venv-public}"
+PUBLIC_VERSION="${PUBLIC_SPECULATORS_VERSION:-0.9.0}"
+PY="${PYTHON:-python3}"
+
+# -P and cd /: this checkout's own speculators (and its egg-info) must not be found.
+if [[ -x "$VENV/bin/python" ]] && (cd / && "$VENV/bin/python" -P -c "import importlib.metadata as m, sys; sys.exit(m.version('speculators') != '$PUBLIC_VERSION')") 2>/dev/null; then
+  echo "public venv ready: $VENV (speculators $PUBLIC_VERSION)"
+  exit 0
+fi
+"$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet)
+"${PIP[@]}" "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+"${PIP[@]}" --no-deps "speculators==$PUBLIC_VERSION" "hs-connectors==$PUBLIC_VERSION"
+# Requirements of speculators 0.9.0 that its training path imports (from its METADATA),
+# minus torchvision/torchaudio (never imported) and the optional mooncake extra.
+"${PIP[@]}" "aiohttp" "click" "datasets>=4.0.0,<=5.1.0" "httpx" "huggingface-hub" \
+  "loguru>=0.7.2,<=0.7.3" "numpy>=2.0.0,<=2.5.4" "openai>=2.0.0" "protobuf" "psutil" \
+  "pydantic>=2.0.0" "pydantic-settings>=2.0.0" "rich" "safetensors" "tqdm>=4.66.3,<=4.70.1" \
+  "transformers>=5.0.0,<=5.19.0" "typer>=0.12.0"
+# Import from a neutral directory so /work/main's own `speculators` is not on the path.
+(cd / && "$VENV/bin/python" -P -c "import importlib.metadata as m, speculators, hs_connectors, torch; print('public speculators', m.version('speculators'), 'torch', torch.__version__)")

@@ -1,0 +1,117 @@
+"""`speculators eval`: how many tokens a speculator saves.
+
+PyTorch mode (`--checkpoint`): speculative decoding of held-out prompts with the
+draft and the verifier (greedy, or sampling at --temperature > 0 with the standard
+rejection rule, so the text is exactly the verifier's). vLLM mode
+(`--vllm-endpoint`): the spec-decode counters of a live server's /metrics.
+Both report mean acceptance length, per-position acceptance rate and ideal speedup,
+printed and written as JSON (--output-json) for the dashboard.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="measure acceptance length (PyTorch speculative decoding or a live vLLM server)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", help="speculator directory (or a train --save-path)")
+    p.add_argument("--verifier", default=None, help="verifier model (default: the one in the checkpoint's config)")
+    p.add_argument("--data", help="held-out prompts: a prepared dataset (prepare-data --output) or a "
+                                  "conversation source as prepare-data takes it (sharegpt, PATH.jsonl, HF id); "
+                                  "a prompt ends where the first assistant turn starts")
+    p.add_argument("--skip-samples", type=int, default=0,
+                   help="skip the first N usable conversations/rows (prepare-data --max-samples N used them "
+                        "for training)")
+    p.add_argument("--data-seed", type=int, default=0, help="prepare-data's --seed, for a conversation source")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="prepare-data's --seq-length, for a conversation source (same kept/dropped decisions)")
+    p.add_argument("--num-speculative-tokens", "-k", type=int, default=None,
+                   help="tokens drafted per step (default: the checkpoint's speculative_tokens)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (rejection rule)")
+    p.add_argument("--num-prompts", type=int, default=None, help="use at most this many prompts")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="use only the validation rows of split_indices(n, FRACTION, --split-seed), "
+                        "i.e. the rows `speculators train` held out")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--max-prompt-len", type=int, default=None, help="keep the last N prompt tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if available, bf16), cpu or cuda[:N]")
+    p.add_argument("--draft-cost", type=float, default=None,
+                   help="draft forward cost relative to the verifier's, for a discounted speedup")
+    p.add_argument("--vllm-endpoint", default=None,
+                   help="read a live vLLM server's /metrics instead; with --data, first send the held-out "
+                        "prompts and report the counters they added")
+    p.add_argument("--model-name", default=None, help="with --vllm-endpoint: only this model_name label")
+    p.add_argument("--output-json", default=None, help="write the report here (JSON)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from speculators.errors import UserError
+    from speculators.evaluate.report import format_report, write_report
+
+    if args.vllm_endpoint and args.data:
+        from speculators.evaluate.runner import load_prompts
+        from speculators.vllm.metrics import drive_and_measure
+
+        if not args.verifier and not Path(args.data).is_dir():
+            raise UserError("--vllm-endpoint with a conversation --data needs --verifier (its tokenizer)")
+        prompts = load_prompts(args.data, args.verifier or "", args.num_prompts, _heldout(args),
+                               args.max_prompt_len, args.skip_samples, args.data_seed, args.seq_length)
+        report = drive_and_measure(args.vllm_endpoint, prompts, args.max_new_tokens, args.temperature,
+                                   args.model_name)
+    elif args.vllm_endpoint:
+        from speculators.vllm.metrics import report_from_metrics, scrape
+
+        report = report_from_metrics(scrape(args.vllm_endpoint), args.model_name,
+                                     endpoint=args.vllm_endpoint)
+    else:
+        if not args.checkpoint or not args.data:
+            raise UserError("eval needs --checkpoint DIR and --data DIR (or --vllm-endpoint URL)")
+        from speculators.evaluate.runner import EvalSettings, evaluate_checkpoint
+        from speculators.vllm.serve import read_speculator_config, resolve_checkpoint
+
+        k = args.num_speculative_tokens
+        if k is None:
+            k = read_speculator_config(resolve_checkpoint(args.checkpoint))["num_speculative_tokens"]
+        if k < 1:
+            raise UserError("--num-speculative-tokens must be >= 1")
+        if args.temperature < 0:
+            raise UserError("--temperature must be >= 0")
+        indices = _heldout(args)
+        settings = EvalSettings(k, args.max_new_tokens, args.temperature, args.seed, args.draft_cost, args.device)
+        report = evaluate_checkpoint(args.checkpoint, args.verifier, args.data, settings,
+                                     args.num_prompts, indices, args.max_prompt_len,
+                                     args.skip_samples, args.data_seed, args.seq_length)
+    print(format_report(report), flush=True)
+    if args.output_json:
+        write_report(args.output_json, report)
+        print(f"report written to {args.output_json}")
+    return 0
+
+
+def _heldout(args):
+    """Row indices of the validation split when --val-fraction is given, else all rows."""
+    if not args.val_fraction:
+        return None
+    from pathlib import Path
+
+    from speculators.errors import UserError
+
+    if not Path(args.data).is_dir():
+        raise UserError("--val-fraction applies to a prepared dataset --data directory")
+    from datasets import load_from_disk
+
+    from speculators.data.dataset import split_indices
+
+    n = len(load_from_disk(args.data))
+    return split_indices(n, args.val_fraction, args.split_seed)[1]

@@ -1,0 +1,337 @@
+"""The datagen runner: prepared dataset -> hidden-state files, for any backend.
+
+It owns everything backends should not repeat:
+
+* layer ids resolved and validated against the verifier config before loading it;
+* ``data_config.json`` written first (so a mismatched rerun fails fast) and
+  completed at the end with per-sample lengths;
+* resume: samples whose ``data_<i>.pt`` exists are skipped; files are written to
+  a temp name and renamed, so a killed run leaves no half file (stale temp files
+  from a killed run are removed on the next start);
+* batching by length (longest first: padding stays small and an out-of-memory
+  shows up in the first batch, not after hours);
+* ``--format safetensors``: pt files are staged in ``DIR/.pt-staging`` (still
+  resumable) and converted into shards at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from speculators.data.formats import (
+    DATA_CONFIG_NAME,
+    DATA_FORMAT_VERSION,
+    atomic_write_json,
+    convert_pt_to_safetensors,
+    finished_pt_indices,
+    write_pt_sample,
+)
+from speculators.data.prepare import PREPARE_CONFIG, load_prepared
+from speculators.datagen.base import GeneratorSpec, HiddenStateGenerator, create_generator, resolve_layer_ids
+from speculators.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STAGING = ".pt-staging"
+STORE_DTYPE = torch.bfloat16
+
+SCHEMA = {
+    "file": "data_<i>.pt, i = row of the prepared dataset",
+    "input_ids": "LongTensor[L]",
+    "loss_mask": "LongTensor[L], 1 on assistant tokens",
+    "hidden_states": "list of Tensor[L, hidden_size] bfloat16, one per layer_ids entry, in order",
+    "layer_convention": (
+        "id i < num_hidden_layers: residual stream entering decoder layer i (transformers "
+        "hidden_states[i], vLLM aux hidden state i; id 0 = embeddings); id num_hidden_layers: "
+        "output of the last decoder layer BEFORE the final norm. The last entry is always the "
+        "final layer; the trainer applies the verifier's norm + lm_head to it."
+    ),
+}
+
+
+@dataclass
+class DatagenConfig:
+    target_model_path: str
+    train_data_path: str
+    output_dir: str
+    layer_ids: list[int] | None = None
+    include_last_layer: bool = True
+    batch_size: int = 8
+    max_samples: int | None = None
+    backend: str = "transformers"
+    format: str = "pt"
+    device: str = "auto"
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DatagenResult:
+    output_dir: str
+    total: int
+    generated: int
+    skipped_existing: int
+    seconds: float
+    tokens_per_s: float
+
+
+def _package_versions(backend: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    names = ["speculators", "torch", "transformers", "datasets", "safetensors"]
+    if backend == "vllm":
+        names.append("vllm")
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def read_model_shape(model_path: str) -> tuple[int, int]:
+    """(num_hidden_layers, hidden_size) of the verifier, from its config only."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except Exception as exc:
+        raise UserError(
+            f"--target-model-path {model_path}: cannot load its config ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.num_hidden_layers), int(text.hidden_size)
+
+
+def _data_identity(train_data_path: str) -> dict[str, Any]:
+    meta_path = Path(train_data_path) / PREPARE_CONFIG
+    fingerprint = None
+    if meta_path.is_file():
+        try:
+            fingerprint = json.loads(meta_path.read_text()).get("fingerprint")
+        except json.JSONDecodeError:
+            pass
+    return {"path": str(Path(train_data_path).resolve()), "fingerprint": fingerprint}
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    """Same id, or two spellings of the same local directory."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.isdir(b):
+        return os.path.samefile(a, b)
+    return False
+
+
+def _check_compatible(existing: dict[str, Any], new: dict[str, Any], where: Path) -> None:
+    for key in ("model", "layer_ids", "hidden_size", "num_hidden_layers", "format"):
+        if key == "model" and _same_model(existing.get(key), new.get(key)):
+            continue
+        if existing.get(key) != new.get(key):
+            raise UserError(
+                f"{where} was generated with {key}={existing.get(key)!r}, this run has "
+                f"{new.get(key)!r}; use a new --output-dir (or delete the old one)"
+            )
+    old_fp = (existing.get("data") or {}).get("fingerprint")
+    new_fp = (new.get("data") or {}).get("fingerprint")
+    if old_fp and new_fp and old_fp != new_fp:
+        raise UserError(
+            f"{where} was generated from a different prepared dataset (fingerprint {old_fp} vs "
+            f"{new_fp}); use a new --output-dir"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a torn write cannot happen (atomic), but a hand edit can: rewrite it
+
+
+def _remove_stale_temps(directory: Path) -> int:
+    removed = 0
+    for name in os.listdir(directory):
+        if name.startswith(".data_") and name.endswith(".tmp"):
+            os.unlink(directory / name)
+            removed += 1
+    return removed
+
+
+def run_datagen(
+    cfg: DatagenConfig,
+    generator_factory: Callable[[GeneratorSpec], HiddenStateGenerator] | None = None,
+) -> DatagenResult:
+    """Generate hidden states for the first ``max_samples`` rows of the prepared dataset.
+
+    ``generator_factory`` replaces the backend lookup (tests, custom backends).
+    """
+    start = time.time()
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.format not in ("pt", "safetensors"):
+        raise UserError(f"--format {cfg.format!r}: choose pt or safetensors")
+    if cfg.max_samples is not None and cfg.max_samples < 1:
+        raise UserError(f"--max-samples must be >= 1, got {cfg.max_samples}")
+    data = load_prepared(cfg.train_data_path)
+    for col in ("input_ids", "loss_mask"):
+        if col not in data.column_names:
+            raise UserError(f"--train-data-path {cfg.train_data_path}: dataset lacks column {col!r}")
+    total = len(data) if cfg.max_samples is None else min(cfg.max_samples, len(data))
+    if total == 0:
+        raise UserError(f"--train-data-path {cfg.train_data_path}: the prepared dataset is empty")
+
+    num_layers, hidden_size = read_model_shape(cfg.target_model_path)
+    layer_ids = resolve_layer_ids(cfg.layer_ids, num_layers, cfg.include_last_layer)
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / STAGING if cfg.format == "safetensors" else out
+    work.mkdir(parents=True, exist_ok=True)
+
+    config: dict[str, Any] = {
+        "version": DATA_FORMAT_VERSION,
+        "format": "pt",
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "packages": _package_versions(cfg.backend),
+        "model": cfg.target_model_path,
+        "data": _data_identity(cfg.train_data_path),
+        "layer_ids": layer_ids,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "hidden_states_dtype": "bfloat16",
+        "schema": SCHEMA,
+        "complete": False,
+    }
+    config_path = work / DATA_CONFIG_NAME
+    final_path = out / DATA_CONFIG_NAME
+    final = _read_json(final_path)
+    if cfg.format == "safetensors" and final is not None:
+        if final.get("format") != "safetensors":
+            raise UserError(f"{out} already holds pt-format data; use a new --output-dir for --format safetensors")
+        _check_compatible(final, dict(config, format="safetensors"), final_path)
+        done = sum(len(s["sample_index"]) for s in final.get("shards", []))
+        if done >= total:
+            logger.info("datagen: %s is already complete (%d samples)", out, done)
+            return DatagenResult(str(out), total, 0, done, time.time() - start, 0.0)
+        raise UserError(
+            f"{out} holds a finished safetensors dataset of {done} samples; use a new --output-dir "
+            f"to generate {total}"
+        )
+    existing = _read_json(config_path)
+    if existing is not None:
+        if existing.get("format", "pt") != "pt":
+            raise UserError(f"{out} holds {existing.get('format')}-format data; use a new --output-dir")
+        _check_compatible(existing, config, config_path)
+        config["generated_at"] = existing.get("generated_at", config["generated_at"])
+
+    stale = _remove_stale_temps(work)
+    if stale:
+        logger.info("datagen: removed %d temp file(s) left by an interrupted run", stale)
+    atomic_write_json(config_path, config)
+
+    finished = finished_pt_indices(work)
+    lengths_all = [len(x) for x in data.select(range(total))["input_ids"]]
+    todo = [i for i in range(total) if i not in finished]
+    skipped = total - len(todo)
+    if skipped:
+        logger.info("datagen: resuming, %d of %d samples already done", skipped, total)
+    todo.sort(key=lambda i: (-lengths_all[i], i))
+
+    spec = GeneratorSpec(
+        model_path=cfg.target_model_path,
+        layer_ids=layer_ids,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_model_len=cfg.max_model_len,
+        extra_args=list(cfg.extra_args),
+    )
+    generated = 0
+    tokens = 0
+    gen_start = time.time()
+    if todo:
+        generator = generator_factory(spec) if generator_factory else create_generator(cfg.backend, spec)
+        try:
+            if generator.hidden_size != hidden_size or generator.num_hidden_layers != num_layers:
+                raise UserError(
+                    f"backend reports hidden_size={generator.hidden_size}, layers="
+                    f"{generator.num_hidden_layers}; the config says {hidden_size}, {num_layers}"
+                )
+            config["backend"] = {"name": cfg.backend, **generator.describe()}
+            atomic_write_json(config_path, config)
+            last_log = time.time()
+            for b in range(0, len(todo), cfg.batch_size):
+                idx = todo[b : b + cfg.batch_size]
+                rows = data.select(idx)
+                batch_ids = [list(map(int, r)) for r in rows["input_ids"]]
+                batch_mask = [list(map(int, r)) for r in rows["loss_mask"]]
+                states = generator.generate(batch_ids)
+                if len(states) != len(idx):
+                    raise RuntimeError(f"backend returned {len(states)} samples for a batch of {len(idx)}")
+                for i, ids, mask, layers in zip(idx, batch_ids, batch_mask, states):
+                    _check_states(layers, len(ids), len(layer_ids), hidden_size, i)
+                    write_pt_sample(
+                        work,
+                        i,
+                        {
+                            "input_ids": torch.tensor(ids, dtype=torch.long),
+                            "loss_mask": torch.tensor(mask, dtype=torch.long),
+                            "hidden_states": [h.to(STORE_DTYPE) for h in layers],
+                        },
+                    )
+                    generated += 1
+                    tokens += len(ids)
+                if time.time() - last_log > 30:
+                    last_log = time.time()
+                    logger.info(
+                        "datagen: %d/%d samples (%.0f tok/s)",
+                        skipped + generated, total, tokens / max(time.time() - gen_start, 1e-9),
+                    )
+        finally:
+            generator.close()
+
+    config["complete"] = True
+    config["num_samples"] = total
+    config["lengths"] = {str(i): lengths_all[i] for i in range(total)}
+    config["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    atomic_write_json(config_path, config)
+
+    if cfg.format == "safetensors":
+        convert_pt_to_safetensors(work, out, on_corrupt="raise")
+        shutil.rmtree(work)
+
+    seconds = time.time() - start
+    tps = tokens / max(time.time() - gen_start, 1e-9) if tokens else 0.0
+    logger.info(
+        "datagen: %d samples generated, %d already done -> %s (%.1fs, %.0f tok/s)",
+        generated, skipped, out, seconds, tps,
+    )
+    return DatagenResult(str(out), total, generated, skipped, seconds, tps)
+
+
+def _check_states(layers: list[torch.Tensor], length: int, num_layers: int, hidden: int, index: int) -> None:
+    if len(layers) != num_layers:
+        raise RuntimeError(f"sample {index}: backend returned {len(layers)} layers, expected {num_layers}")
+    for k, h in enumerate(layers):
+        if tuple(h.shape) != (length, hidden):
+            raise RuntimeError(
+                f"sample {index}: backend returned layer {k} with shape {tuple(h.shape)}, "
+                f"expected ({length}, {hidden})"
+            )

@@ -1,0 +1,87 @@
+"""Draft proposers for `speculative_generate`.
+
+`Eagle3Proposer` adapts the trained EAGLE-3 draft (`speculators.models.eagle3`):
+the first drafting forward reads the verifier's aux states at positions ``0..n-1``
+paired with the tokens at ``1..n`` (position ids ``1..n``, as in training); each
+later step feeds the draft's own pre-norm hidden output and the token it just
+drafted at the next position. Draft-vocab ids map to the verifier's with ``d2t``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class Eagle3Proposer:
+    def __init__(self, model, vocab_size: int):
+        self.model = model.eval()
+        self.vocab_size = int(vocab_size)
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, vocab_size: int | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "Eagle3Proposer":
+        from speculators.models.eagle3 import Eagle3DraftModel
+
+        model = Eagle3DraftModel.from_pretrained(directory).to(device=device, dtype=dtype)
+        return cls(model, vocab_size or model.config.vocab_size)
+
+    def _pick(self, logits: torch.Tensor, temperature: float, generator):
+        """Draft-vocab logits ``[D]`` -> (target token, q over the verifier vocab or None)."""
+        if temperature == 0:
+            d = int(logits.argmax())
+            return d + int(self.model.d2t[d]), None
+        probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+        d = int(torch.multinomial(probs, 1, generator=generator))
+        q = torch.zeros(self.vocab_size)
+        idx = torch.arange(probs.shape[0]) + self.model.d2t.cpu()
+        q[idx] = probs
+        return d + int(self.model.d2t[d]), q
+
+    @torch.no_grad()
+    def propose(self, input_ids, aux_hidden, k, temperature=0.0, generator=None):
+        n = int(aux_hidden.shape[0])
+        aux = aux_hidden[None].to(self.device, self.dtype)
+        nxt = input_ids[1 : n + 1][None].to(self.device)
+        pos = torch.arange(1, n + 1, device=self.device)[None]
+        out = self.model.draft_forward(aux, nxt, pos, None, fused=False)
+        tokens, qs = [], []
+        for j in range(k):
+            tok, q = self._pick(out.logits[0, -1], temperature, generator)
+            tokens.append(tok)
+            qs.append(q)
+            if j + 1 == k:
+                break
+            p = torch.tensor([[n + 1 + j]], device=self.device)
+            t = torch.tensor([[tok]], device=self.device)
+            out = self.model.draft_forward(out.hidden_prenorm[:, -1:], t, p, out.cache, fused=True)
+        q_all = torch.stack(qs) if temperature > 0 else None
+        return torch.tensor(tokens, dtype=torch.long), q_all
+
+
+class VerifierProposer:
+    """Drafts with the verifier itself (greedy or sampled): every greedy draft is accepted.
+
+    A reference point for tests and for checking the acceptance bookkeeping.
+    """
+
+    def __init__(self, verifier):
+        self.verifier = verifier
+
+    def propose(self, input_ids, aux_hidden, k, temperature=0.0, generator=None):
+        seq = input_ids.tolist()
+        tokens, qs = [], []
+        for _ in range(k):
+            logits, _ = self.verifier(seq)
+            if temperature == 0:
+                t = int(logits[-1].argmax())
+            else:
+                q = torch.softmax(logits[-1] / temperature, dim=-1)
+                t = int(torch.multinomial(q, 1, generator=generator))
+                qs.append(q)
+            tokens.append(t)
+            seq.append(t)
+        return torch.tensor(tokens), (torch.stack(qs) if qs else None)

@@ -1,0 +1,111 @@
+"""The acceptance report shared by PyTorch evaluation and live vLLM metrics.
+
+Counts follow vLLM's spec-decode counters: a *draft* is one verification step that
+proposed tokens; ``accepted_per_pos[i]`` counts drafts whose token ``i`` was accepted.
+Mean acceptance length includes the verifier's bonus token, as vLLM reports it:
+``1 + accepted / drafts``. Ideal speedup is tokens per verifier forward with a free
+draft, i.e. the acceptance length; ``speedup_at_draft_cost`` discounts a draft
+forward costing ``c`` verifier forwards: ``tau / (1 + K*c)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class SpecDecodeCounts:
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def observe(self, num_drafted: int, num_accepted: int) -> None:
+        """Record one verification step that drafted ``num_drafted`` and accepted a prefix of ``num_accepted``."""
+        if not 0 <= num_accepted <= num_drafted:
+            raise ValueError(f"accepted {num_accepted} of {num_drafted} drafted tokens")
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafted
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_pos) < num_drafted:
+            self.accepted_per_pos += [0] * (num_drafted - len(self.accepted_per_pos))
+        for i in range(num_accepted):
+            self.accepted_per_pos[i] += 1
+
+    def minus(self, earlier: "SpecDecodeCounts") -> "SpecDecodeCounts":
+        """Counts accumulated since ``earlier`` (two scrapes of the same server)."""
+        k = max(len(self.accepted_per_pos), len(earlier.accepted_per_pos))
+        a = self.accepted_per_pos + [0] * (k - len(self.accepted_per_pos))
+        b = earlier.accepted_per_pos + [0] * (k - len(earlier.accepted_per_pos))
+        return SpecDecodeCounts(
+            self.num_drafts - earlier.num_drafts,
+            self.num_draft_tokens - earlier.num_draft_tokens,
+            self.num_accepted_tokens - earlier.num_accepted_tokens,
+            [x - y for x, y in zip(a, b)],
+        )
+
+
+def mean_acceptance_length(c: SpecDecodeCounts) -> float:
+    return 1.0 + c.num_accepted_tokens / c.num_drafts if c.num_drafts else 1.0
+
+
+def build_report(
+    counts: SpecDecodeCounts,
+    source: str,
+    num_speculative_tokens: int | None = None,
+    draft_cost: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The JSON report: the same keys whatever ``source`` (``pytorch`` or ``vllm``)."""
+    k = num_speculative_tokens if num_speculative_tokens is not None else len(counts.accepted_per_pos)
+    per_pos = list(counts.accepted_per_pos) + [0] * max(0, k - len(counts.accepted_per_pos))
+    tau = mean_acceptance_length(counts)
+    report: dict[str, Any] = {
+        "version": REPORT_VERSION,
+        "source": source,
+        "num_speculative_tokens": k,
+        "num_drafts": counts.num_drafts,
+        "num_draft_tokens": counts.num_draft_tokens,
+        "num_accepted_tokens": counts.num_accepted_tokens,
+        "mean_acceptance_length": tau,
+        "acceptance_rate_per_position": [n / counts.num_drafts if counts.num_drafts else 0.0 for n in per_pos],
+        "draft_acceptance_rate": (
+            counts.num_accepted_tokens / counts.num_draft_tokens if counts.num_draft_tokens else 0.0
+        ),
+        "ideal_speedup": tau,
+    }
+    if draft_cost is not None:
+        report["draft_cost"] = draft_cost
+        report["speedup_at_draft_cost"] = tau / (1.0 + k * draft_cost)
+    report.update(extra)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A few human-readable lines for the terminal."""
+    rates = ", ".join(f"{r:.3f}" for r in report["acceptance_rate_per_position"])
+    lines = [
+        f"source: {report['source']}  K={report['num_speculative_tokens']}",
+        f"mean acceptance length: {report['mean_acceptance_length']:.3f} "
+        f"(drafts {report['num_drafts']}, accepted {report['num_accepted_tokens']}/{report['num_draft_tokens']})",
+        f"per-position acceptance rate: [{rates}]",
+        f"ideal speedup: {report['ideal_speedup']:.3f}x",
+    ]
+    if "speedup_at_draft_cost" in report:
+        lines.append(f"speedup at draft cost {report['draft_cost']:g}: {report['speedup_at_draft_cost']:.3f}x")
+    return "\n".join(lines)
+
+
+def write_report(path: str | os.PathLike, report: dict[str, Any]) -> None:
+    """Write the JSON atomically (a dashboard may be polling the file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)

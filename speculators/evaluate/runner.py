@@ -1,0 +1,217 @@
+"""`speculators eval`: acceptance of a draft on held-out prompts, or of a live vLLM server."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from speculators.errors import UserError
+from speculators.evaluate.report import SpecDecodeCounts, build_report
+
+logger = logging.getLogger(__name__)
+
+
+def prompts_from_prepared(path: str | Path, indices: Sequence[int] | None = None, limit: int | None = None,
+                          max_prompt_len: int | None = None) -> list[list[int]]:
+    """Prompts = each row's tokens before its first loss-masked (assistant) token."""
+    from datasets import load_from_disk
+
+    path = Path(path)
+    try:
+        ds = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"--data {path}: not a prepared dataset from `speculators prepare-data` ({exc})") from exc
+    if "input_ids" not in ds.column_names or "loss_mask" not in ds.column_names:
+        raise UserError(f"--data {path}: needs input_ids and loss_mask columns")
+    rows = range(len(ds)) if indices is None else indices
+    prompts = []
+    for i in rows:
+        row = ds[int(i)]
+        mask = row["loss_mask"]
+        if 1 not in mask:
+            continue
+        start = mask.index(1)
+        if start == 0:
+            continue
+        prompt = list(row["input_ids"][:start])
+        if max_prompt_len is not None and len(prompt) > max_prompt_len:
+            prompt = prompt[-max_prompt_len:]
+        prompts.append(prompt)
+        if limit is not None and len(prompts) >= limit:
+            break
+    if not prompts:
+        raise UserError(f"--data {path}: no row has a prompt followed by an assistant turn")
+    return prompts
+
+
+def prompts_from_source(data: str, tokenizer_path: str, skip: int = 0, limit: int | None = None,
+                        seed: int = 0, seq_length: int | None = None,
+                        max_prompt_len: int | None = None) -> list[list[int]]:
+    """Prompts from a conversation source (``sharegpt``, a .jsonl file, a hub id), read in
+    prepare-data's order (same ``seed``) and tokenized its way; the first ``skip`` usable
+    conversations are skipped, so ``skip`` = prepare-data's ``--max-samples`` holds out
+    exactly the conversations training never saw (with the same ``--seq-length``)."""
+    from speculators.data.chat import encode_conversations, end_of_turn_ids
+    from speculators.data.prepare import _ordered_records, load_tokenizer
+    from speculators.data.sources import BadConversation, normalize_record, resolve_data
+
+    tok = load_tokenizer(tokenizer_path)
+    eot = end_of_turn_ids(tok, tokenizer_path)
+    records = _ordered_records(resolve_data(data), seed)
+    kept = 0
+    prompts: list[list[int]] = []
+    batch: list[Any] = []
+
+    def flush() -> bool:
+        nonlocal kept
+        convs = []
+        for record in batch:
+            try:
+                convs.append(normalize_record(record))
+            except BadConversation:
+                pass
+        for result in encode_conversations(tok, convs, eot, max_tokens=seq_length):
+            if isinstance(result, BadConversation) or not any(result[1]):
+                continue
+            kept += 1
+            if kept <= skip:
+                continue
+            ids, mask = result[0], result[1]
+            start = mask.index(1)
+            if start == 0:
+                continue
+            prompt = list(ids[:start])
+            prompts.append(prompt[-max_prompt_len:] if max_prompt_len else prompt)
+            if limit is not None and len(prompts) >= limit:
+                return True
+        batch.clear()
+        return False
+
+    for record in records:
+        batch.append(record)
+        if len(batch) == 64 and flush():
+            return prompts
+    if batch:
+        flush()
+    if not prompts:
+        raise UserError(f"--data {data}: no usable conversation after skipping {skip}")
+    return prompts
+
+
+@dataclass
+class EvalSettings:
+    num_speculative_tokens: int = 3
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    seed: int = 0
+    draft_cost: float | None = None
+    device: str = "auto"  # auto | cpu | cuda[:N]
+
+
+def eos_ids_of(verifier_path: str) -> list[int]:
+    ids: set[int] = set()
+    try:
+        from transformers import AutoTokenizer, GenerationConfig
+
+        tok = AutoTokenizer.from_pretrained(verifier_path)
+        if tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+        try:
+            gen = GenerationConfig.from_pretrained(verifier_path)
+            eos = gen.eos_token_id
+            ids.update([eos] if isinstance(eos, int) else list(eos or []))
+        except OSError:
+            pass
+    except OSError:
+        logger.warning("no tokenizer at %s; generating without an end-of-sequence stop", verifier_path)
+    return sorted(ids)
+
+
+def evaluate_prompts(verifier, proposer, prompts: Sequence[Sequence[int]], settings: EvalSettings,
+                     eos_token_ids: Sequence[int] = ()) -> tuple[SpecDecodeCounts, dict[str, Any]]:
+    """Run speculative decoding over every prompt; total counts plus run statistics."""
+    from speculators.evaluate.spec_decode import speculative_generate
+
+    total = SpecDecodeCounts()
+    gen = torch.Generator().manual_seed(settings.seed)
+    tokens = forwards = 0
+    start = time.perf_counter()
+    for prompt in prompts:
+        res = speculative_generate(verifier, proposer, prompt, settings.max_new_tokens,
+                                   settings.num_speculative_tokens, settings.temperature, eos_token_ids, gen)
+        c = res.counts
+        total.num_drafts += c.num_drafts
+        total.num_draft_tokens += c.num_draft_tokens
+        total.num_accepted_tokens += c.num_accepted_tokens
+        k = max(len(total.accepted_per_pos), len(c.accepted_per_pos))
+        total.accepted_per_pos = [
+            (total.accepted_per_pos[i] if i < len(total.accepted_per_pos) else 0)
+            + (c.accepted_per_pos[i] if i < len(c.accepted_per_pos) else 0)
+            for i in range(k)
+        ]
+        tokens += len(res.tokens)
+        forwards += res.verifier_forwards
+    stats = {
+        "num_prompts": len(prompts),
+        "generated_tokens": tokens,
+        "verifier_forwards": forwards,
+        "wall_time_s": round(time.perf_counter() - start, 3),
+    }
+    return total, stats
+
+
+def load_prompts(data: str | Path, tokenizer_path: str, num_prompts: int | None = None,
+                 indices: Sequence[int] | None = None, max_prompt_len: int | None = None,
+                 skip_samples: int = 0, data_seed: int = 0, seq_length: int | None = None) -> list[list[int]]:
+    """A prepared dataset directory, or a conversation source tokenized like prepare-data."""
+    if Path(data).is_dir() and ((Path(data) / "dataset_info.json").exists() or (Path(data) / "state.json").exists()):
+        rows = indices
+        if skip_samples:
+            from datasets import load_from_disk
+
+            rows = [i for i in (indices if indices is not None else range(len(load_from_disk(str(data)))))
+                    if i >= skip_samples]
+        return prompts_from_prepared(data, rows, num_prompts, max_prompt_len)
+    return prompts_from_source(str(data), tokenizer_path, skip_samples, num_prompts, data_seed, seq_length,
+                               max_prompt_len)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, verifier_path: str | None, data: str | Path,
+                        settings: EvalSettings, num_prompts: int | None = None,
+                        indices: Sequence[int] | None = None, max_prompt_len: int | None = None,
+                        skip_samples: int = 0, data_seed: int = 0, seq_length: int | None = None) -> dict[str, Any]:
+    """The PyTorch acceptance report of a speculator checkpoint on held-out prompts."""
+    from speculators.evaluate.proposers import Eagle3Proposer
+    from speculators.evaluate.verifier import Verifier
+    from speculators.models.eagle3 import default_aux_layer_ids
+    from speculators.vllm.serve import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint)
+    device = torch.device("cuda" if settings.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if settings.device == "auto" else settings.device))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    proposer = Eagle3Proposer.from_checkpoint(ckpt, device=device, dtype=dtype)
+    cfg = proposer.model.config
+    verifier_path = verifier_path or cfg.verifier_name_or_path
+    if not verifier_path:
+        raise UserError(f"{ckpt}/config.json names no verifier; pass --verifier")
+    verifier = Verifier.from_pretrained(verifier_path, [], dtype=dtype, device=device)
+    n_layers = int(verifier.model.config.get_text_config().num_hidden_layers)
+    verifier.aux_layer_ids = list(cfg.aux_layer_ids or default_aux_layer_ids(n_layers))
+    if verifier.vocab_size != cfg.vocab_size:
+        raise UserError(f"--verifier {verifier_path}: vocabulary {verifier.vocab_size} != draft's {cfg.vocab_size}")
+    prompts = load_prompts(data, verifier_path, num_prompts, indices, max_prompt_len, skip_samples, data_seed,
+                           seq_length)
+    torch.manual_seed(settings.seed)
+    counts, stats = evaluate_prompts(verifier, proposer, prompts, settings, eos_ids_of(verifier_path))
+    return build_report(
+        counts, "pytorch", settings.num_speculative_tokens, settings.draft_cost,
+        checkpoint=str(ckpt), verifier=str(verifier_path), data=str(data),
+        temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
+        aux_layer_ids=verifier.aux_layer_ids, device=str(device), **stats,
+    )

@@ -1,0 +1,96 @@
+"""Attention kernels for the draft: TTT training attention and cached causal inference.
+
+TTT attention (see `speculators.train.ttt_mask` for the rule): a step-`s` query sees the
+step-0 keys through a `[B, T, T]` context mask and the keys of steps `1..s` only at its
+own position.  On CPU (and as the reference) the extra keys contribute one score each,
+computed as a dot product, so no `[T, T * (s + 1)]` mask is ever built.  On CUDA the
+same rule runs through flex attention over the concatenated keys.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from speculators.train.ttt_mask import ttt_mask_mod
+
+
+def _group(q: torch.Tensor, num_kv: int) -> torch.Tensor:
+    """[B, H, T, d] -> [B, Hkv, G, T, d] so GQA needs no repeated K/V."""
+    b, h, t, d = q.shape
+    return q.view(b, num_kv, h // num_kv, t, d)
+
+
+def ttt_attention_sdpa(
+    q: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    ctx_mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q `[B, H, T, d]`; keys/values: per TTT step `[B, Hkv, T, d]` (step 0 first).
+
+    ctx_mask: bool `[B, T, T]` for the step-0 keys.  Returns `[B, H, T, d]`.
+    """
+    if len(keys) == 1:
+        return F.scaled_dot_product_attention(
+            q, keys[0], values[0], attn_mask=ctx_mask[:, None], scale=scale, enable_gqa=q.shape[1] != keys[0].shape[1]
+        )
+    num_kv = keys[0].shape[1]
+    qg = _group(q, num_kv)  # [B, Hkv, G, T, d]
+    ctx = torch.einsum("bkgtd,bksd->bkgts", qg, keys[0]) * scale
+    ctx = ctx.masked_fill(~ctx_mask[:, None, None], float("-inf"))
+    diag = torch.stack([(qg * k[:, :, None]).sum(-1) for k in keys[1:]], dim=-1) * scale  # [B,Hkv,G,T,s]
+    probs = torch.softmax(torch.cat([ctx, diag], dim=-1).float(), dim=-1).to(q.dtype)
+    t = ctx.shape[-1]
+    out = torch.einsum("bkgts,bksd->bkgtd", probs[..., :t], values[0])
+    for j, v in enumerate(values[1:]):
+        out = out + probs[..., t + j, None] * v[:, :, None]
+    b, h, tq, d = q.shape
+    return out.reshape(b, h, tq, d)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def ttt_attention_flex(
+    q: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    document_ids: torch.Tensor,
+    scale: float,
+    block_mask_cache: dict | None = None,
+    compile: bool = True,
+) -> torch.Tensor:
+    """Flex-attention form of `ttt_attention_sdpa` (same mask rule, keys concatenated)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    b, _, t, _ = q.shape
+    steps = len(keys)
+    block_mask = None if block_mask_cache is None else block_mask_cache.get(steps)
+    if block_mask is None:
+        block_mask = create_block_mask(
+            ttt_mask_mod(document_ids, t), B=b, H=None, Q_LEN=t, KV_LEN=t * steps, device=q.device
+        )
+        if block_mask_cache is not None:
+            block_mask_cache[steps] = block_mask
+    k = torch.cat(keys, dim=2)
+    v = torch.cat(values, dim=2)
+    fn = _compiled_flex() if compile else flex_attention
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def cached_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention where the last `q.shape[2]` keys are the new tokens (inference)."""
+    tq, tk = q.shape[2], k.shape[2]
+    qpos = torch.arange(tk - tq, tk, device=q.device)
+    mask = qpos[:, None] >= torch.arange(tk, device=q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -1,0 +1,113 @@
+"""The online-training flags of `speculators train` and the store they build.
+
+Wiring (in the train command)::
+
+    from speculators.online.cli_args import add_online_args, build_online_store, online_enabled
+    add_online_args(parser)                       # in register()
+    store = build_online_store(args) if online_enabled(args) else open_sample_store(args.data_path)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from speculators.errors import UserError
+
+
+def add_online_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("online training (hidden states from a vLLM server)")
+    g.add_argument("--vllm-endpoint", default=None,
+                   help="URL of a `speculators launch-vllm` server (e.g. http://localhost:8000); "
+                        "enables online/hybrid training")
+    g.add_argument("--on-missing", choices=["generate", "skip", "raise"], default="generate",
+                   help="sample without hidden states on disk: request it (generate), leave it out "
+                        "(skip) or stop before training (raise). Default generate")
+    g.add_argument("--on-generate", choices=["delete", "cache"], default="delete",
+                   help="after using a requested sample: delete it, or cache it as data_<i>.pt in "
+                        "--hidden-states-path for later epochs (hybrid). Default delete")
+    g.add_argument("--hidden-states-path", default=None,
+                   help="directory of cached samples (datagen format, data_<i>.pt); read first, "
+                        "written by --on-generate cache")
+    g.add_argument("--prepared-data", default=None,
+                   help="prepared dataset (prepare-data --output) whose rows are requested; "
+                        "default: --data-path when it is a prepared dataset")
+    g.add_argument("--prefetch", type=int, default=16,
+                   help="samples requested ahead of the trainer (default 16)")
+    g.add_argument("--vllm-workers", type=int, default=4, help="concurrent requests (default 4)")
+    g.add_argument("--vllm-model", default=None, help="served model id (default: the server's only model)")
+    g.add_argument("--vllm-timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    g.add_argument("--vllm-max-wait", type=float, default=300.0,
+                   help="seconds to keep retrying a down or restarting server before failing (default 300)")
+    g.add_argument("--vllm-layer-ids", type=int, nargs="+", default=None,
+                   help="vLLM layer ids the server exports (launch-vllm prints them); checked against "
+                        "every response and recorded with cached samples")
+
+
+def online_enabled(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "vllm_endpoint", None))
+
+
+def _prepared_path(args: argparse.Namespace) -> str:
+    path = getattr(args, "prepared_data", None) or getattr(args, "data_path", None)
+    if not path:
+        raise UserError("online training needs --prepared-data DIR (the output of `speculators prepare-data`)")
+    if (Path(path) / "data_config.json").exists() and not (Path(path) / "dataset_info.json").exists():
+        raise UserError(
+            f"{path} holds hidden states, not a prepared dataset; pass --prepared-data DIR "
+            "(prepare-data --output) and --hidden-states-path for cached samples"
+        )
+    return str(path)
+
+
+def build_online_store(args: argparse.Namespace, **overrides: Any):
+    """An `OnlineSampleStore` from parsed train args (see `add_online_args`)."""
+    from speculators.online.store import OnlineConfig, OnlineSampleStore, PreparedRows
+
+    prepared = _prepared_path(args)
+    verifier = getattr(args, "verifier", None)
+    layer_ids = args.vllm_layer_ids
+    hidden_size = num_layers = None
+    if verifier:
+        from speculators.vllm.layers import num_hidden_layers_of, resolve_layer_ids
+
+        num_layers = num_hidden_layers_of(verifier)
+        hidden_size = _hidden_size_of(verifier)
+        layer_ids = resolve_layer_ids(num_layers, layer_ids, include_last_layer=True) if layer_ids else None
+    config = OnlineConfig(
+        endpoint=args.vllm_endpoint,
+        hidden_states_path=args.hidden_states_path,
+        on_missing=args.on_missing,
+        on_generate=args.on_generate,
+        prefetch_depth=args.prefetch,
+        workers=args.vllm_workers,
+        model=args.vllm_model,
+        request_timeout_s=args.vllm_timeout,
+        max_wait_s=args.vllm_max_wait,
+        layer_ids=layer_ids,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        verifier=verifier,
+        data=prepared,
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    store = OnlineSampleStore(PreparedRows.from_path(prepared), config)
+    if store.online.layer_ids is None and num_layers is not None:
+        # Neither --vllm-layer-ids nor a cache says which layers: launch-vllm's defaults.
+        from speculators.vllm.layers import default_layer_ids
+
+        store.online.layer_ids = default_layer_ids(num_layers)
+    return store
+
+
+def _hidden_size_of(model: str) -> int | None:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return None
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "hidden_size", None)

@@ -1,0 +1,409 @@
+"""Online / hybrid sample store: hidden states requested from vLLM while training runs.
+
+`OnlineSampleStore` implements the sample-store protocol (`__len__`, `load(i)`) over
+the rows of a prepared dataset (``input_ids``, ``loss_mask``). For a row whose
+hidden states are not in ``hidden_states_path`` (``data_<row>.pt``, datagen's
+format) it follows ``on_missing``:
+
+* ``generate``: request them from the vLLM server (retried with backoff, bounded
+  wait); ``on_generate="cache"`` then writes ``data_<row>.pt`` so later epochs and
+  later runs read the disk (hybrid mode); ``"delete"`` keeps nothing.
+* ``skip``: the store only covers rows already on disk.
+* ``raise``: refuse to start when any row is missing.
+
+Prefetch: `prefetch(order)` tells the store which rows come next (a trainer calls
+it once per epoch with its sampler's order, see `PrefetchingBatchSampler`); up to
+``prefetch_depth`` requests then run ahead of `load` on a thread pool so the
+accelerator does not wait on the server.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Sequence
+
+import torch
+
+from speculators.errors import UserError
+from speculators.vllm.client import ClientConfig, HiddenStatesClient
+from speculators.vllm.retry import RetryPolicy
+
+logger = logging.getLogger(__name__)
+
+OnMissing = Literal["generate", "skip", "raise"]
+OnGenerate = Literal["delete", "cache"]
+
+
+@dataclass
+class OnlineConfig:
+    endpoint: str | None = None
+    hidden_states_path: str | None = None
+    on_missing: OnMissing = "generate"
+    on_generate: OnGenerate = "delete"
+    prefetch_depth: int = 8
+    workers: int = 4
+    model: str | None = None
+    request_timeout_s: float = 120.0
+    max_wait_s: float = 300.0
+    layer_ids: list[int] | None = None  # the server's layer ids: checked, recorded in data_config.json
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    verifier: str | None = None
+    data: str | None = None
+    hidden_dtype: torch.dtype = torch.bfloat16
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.on_missing not in ("generate", "skip", "raise"):
+            raise UserError(f"--on-missing must be generate, skip or raise, got {self.on_missing!r}")
+        if self.on_generate not in ("delete", "cache"):
+            raise UserError(f"--on-generate must be delete or cache, got {self.on_generate!r}")
+        if self.on_missing == "generate" and not self.endpoint:
+            raise UserError("--on-missing generate needs --vllm-endpoint URL (a `speculators launch-vllm` server)")
+        if self.on_missing != "generate" and not self.hidden_states_path:
+            raise UserError(f"--on-missing {self.on_missing} needs --hidden-states-path DIR (the cached samples)")
+        if self.on_generate == "cache" and not self.hidden_states_path:
+            raise UserError("--on-generate cache needs --hidden-states-path DIR to cache into")
+        if self.prefetch_depth < 0 or self.workers < 1:
+            raise UserError("--prefetch must be >= 0 and --vllm-workers >= 1")
+
+
+class PreparedRows:
+    """Read-only view of a prepared dataset's ``input_ids``/``loss_mask`` columns."""
+
+    def __init__(self, rows: Any):
+        self.rows = rows
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike) -> "PreparedRows":
+        from datasets import load_from_disk
+
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"--prepared-data {path} is not a directory written by `speculators prepare-data`")
+        try:
+            ds = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise UserError(f"--prepared-data {path}: not a saved dataset ({exc})") from exc
+        missing = {"input_ids", "loss_mask"} - set(ds.column_names)
+        if missing:
+            raise UserError(f"--prepared-data {path}: lacks column(s) {sorted(missing)}")
+        return cls(ds)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, i: int) -> tuple[list[int], list[int]]:
+        row = self.rows[i]
+        return list(row["input_ids"]), list(row["loss_mask"])
+
+    def lengths(self) -> list[int]:
+        if hasattr(self.rows, "column_names"):
+            return [len(x) for x in self.rows["input_ids"]]
+        return [len(r["input_ids"]) for r in self.rows]
+
+
+def cached_file(directory: Path, row: int) -> Path:
+    return directory / f"data_{row}.pt"
+
+
+class OnlineSampleStore:
+    """See the module docstring. Safe to pickle into DataLoader workers (pools restart lazily)."""
+
+    def __init__(self, rows: PreparedRows, config: OnlineConfig, client: HiddenStatesClient | None = None):
+        config.validate()
+        self.rows = rows
+        self.online = config
+        self.cache_dir = Path(config.hidden_states_path) if config.hidden_states_path else None
+        if self.cache_dir is not None and config.on_generate == "cache":
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._adopt_cache_config()
+        n = len(rows)
+        on_disk = self._scan_cache(n)
+        if config.on_missing == "skip":
+            self.index = sorted(on_disk)
+            if not self.index:
+                raise UserError(
+                    f"--on-missing skip: no cached samples (data_<i>.pt) in --hidden-states-path {self.cache_dir}"
+                )
+        else:
+            self.index = list(range(n))
+            missing = [i for i in self.index if i not in on_disk]
+            if config.on_missing == "raise" and missing:
+                raise UserError(
+                    f"--on-missing raise: {len(missing)} of {n} samples have no hidden states in "
+                    f"{self.cache_dir} (first: {missing[:5]}); run `speculators datagen` or use --on-missing generate"
+                )
+        self._client = client
+        self._init_runtime()
+        self.stats = collections.Counter()
+
+    # -- runtime state (per process) -------------------------------------------------
+    def _init_runtime(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: dict[int, Future] = {}
+        self._plan: list[int] = []  # store indices planned for this epoch
+        self._plan_pos = 0  # next plan entry not yet submitted
+        self._plan_where: dict[int, int] = {}
+        self._mutex = threading.Lock()
+        self._config_written = self.cache_dir is not None and (self.cache_dir / "data_config.json").exists()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_pool", "_futures", "_plan", "_plan_pos", "_plan_where", "_mutex"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    def close(self) -> None:
+        """Cancel queued requests and stop the pool (in-flight ones finish)."""
+        with self._mutex:
+            for fut in self._futures.values():
+                fut.cancel()
+            self._futures.clear()
+            self._plan, self._plan_pos, self._plan_where = [], 0, {}
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def client(self) -> HiddenStatesClient:
+        if self._client is None:
+            c = self.online
+            self._client = HiddenStatesClient(
+                ClientConfig(
+                    endpoint=c.endpoint or "",
+                    model=c.model,
+                    request_timeout_s=c.request_timeout_s,
+                    retry=RetryPolicy(max_wait_s=c.max_wait_s),
+                    num_layers=len(c.layer_ids) if c.layer_ids else None,
+                )
+            )
+        return self._client
+
+    def _adopt_cache_config(self) -> None:
+        """Cached samples from an earlier run or offline datagen must hold the same layers."""
+        import json
+
+        if self.cache_dir is None:
+            return
+        path = self.cache_dir / "data_config.json"
+        if not path.is_file():
+            return
+        try:
+            existing = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is not valid JSON ({exc}); delete it or the directory") from exc
+        theirs = existing.get("layer_ids")
+        c = self.online
+        if theirs and c.layer_ids and list(theirs) != list(c.layer_ids):
+            raise UserError(
+                f"{path}: cached samples hold layers {theirs}, the server exports {c.layer_ids} "
+                "(--vllm-layer-ids); use another --hidden-states-path"
+            )
+        if theirs and not c.layer_ids:
+            c.layer_ids = [int(i) for i in theirs]
+        if existing.get("format", "pt") != "pt":
+            raise UserError(f"{path}: format {existing.get('format')!r}; online caching needs the pt layout")
+        c.hidden_size = c.hidden_size or existing.get("hidden_size")
+        c.num_hidden_layers = c.num_hidden_layers or existing.get("num_hidden_layers")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """What the trainer checks, shaped like datagen's data_config.json."""
+        c = self.online
+        out: dict[str, Any] = {"version": 1, "format": "online"}
+        if c.layer_ids:
+            out["layer_ids"] = list(c.layer_ids)
+        if c.hidden_size:
+            out["hidden_size"] = c.hidden_size
+        if c.num_hidden_layers:
+            out["num_hidden_layers"] = c.num_hidden_layers
+        return out
+
+    def _scan_cache(self, n: int) -> set[int]:
+        if self.cache_dir is None or not self.cache_dir.is_dir():
+            return set()
+        found = set()
+        for name in os.listdir(self.cache_dir):
+            if name.startswith("data_") and name.endswith(".pt"):
+                try:
+                    row = int(name[5:-3])
+                except ValueError:
+                    continue
+                if 0 <= row < n:
+                    found.add(row)
+        return found
+
+    # -- protocol -------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def lengths(self) -> list[int]:
+        all_lengths = self.rows.lengths()
+        return [all_lengths[r] for r in self.index]
+
+    def load(self, i: int) -> dict[str, Any]:
+        row = self.index[i]
+        self._advance_plan(i)
+        with self._mutex:
+            fut = self._futures.pop(i, None)
+        if fut is not None:
+            self.stats["prefetched"] += 1
+            sample = fut.result()
+        else:
+            sample = self._read_cached(row)
+            if sample is not None:
+                self.stats["disk"] += 1
+            else:
+                self.stats["on_demand"] += 1
+                sample = self._generate(row)
+        self._top_up()
+        return sample
+
+    # -- prefetch --------------------------------------------------------------------
+    def prefetch(self, order: Iterable[int]) -> None:
+        """Plan the store indices `load` will be called with next, in order."""
+        if self.online.on_missing != "generate" or self.online.prefetch_depth == 0:
+            return
+        plan = [int(i) for i in order]
+        with self._mutex:
+            self._plan, self._plan_pos = plan, 0
+            self._plan_where = {i: pos for pos, i in enumerate(plan)}
+            for i in [i for i in self._futures if i not in self._plan_where]:
+                self._futures.pop(i).cancel()  # left from an earlier plan: free the slot
+        self._top_up()
+
+    def _advance_plan(self, i: int) -> None:
+        """When the trainer asks for a planned index not yet submitted, skip the plan past it."""
+        with self._mutex:
+            pos = self._plan_where.get(i)
+            if i not in self._futures and pos is not None and pos >= self._plan_pos:
+                self._plan_pos = pos + 1
+
+    def _top_up(self) -> None:
+        with self._mutex:
+            depth = self.online.prefetch_depth
+            while self._plan_pos < len(self._plan) and len(self._futures) < depth:
+                i = self._plan[self._plan_pos]
+                self._plan_pos += 1
+                if i in self._futures:
+                    continue
+                row = self.index[i]
+                if self.cache_dir is not None and cached_file(self.cache_dir, row).exists():
+                    continue
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.online.workers, thread_name_prefix="online-hs")
+                self._futures[i] = self._pool.submit(self._generate, row)
+
+    # -- disk and server -------------------------------------------------------------
+    def _read_cached(self, row: int) -> dict[str, Any] | None:
+        if self.cache_dir is None:
+            return None
+        path = cached_file(self.cache_dir, row)
+        if not path.exists():
+            return None
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            return {
+                "input_ids": data["input_ids"].long(),
+                "hidden_states": list(data["hidden_states"]),
+                "loss_mask": data["loss_mask"].long(),
+            }
+        except Exception as exc:  # a corrupt cache file: regenerate rather than stop
+            if self.online.on_missing != "generate":
+                raise UserError(f"{path}: cannot be read ({exc}); delete it or use --on-missing generate") from exc
+            logger.warning("%s unreadable (%s); requesting it again", path, exc)
+            return None
+
+    def _generate(self, row: int) -> dict[str, Any]:
+        input_ids, loss_mask = self.rows.get(row)
+        hs = self.client.fetch(input_ids)  # [L, K, H]
+        sample = {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "hidden_states": [h.to(self.online.hidden_dtype).contiguous() for h in hs.unbind(1)],
+            "loss_mask": torch.tensor(loss_mask, dtype=torch.long),
+        }
+        if self.online.on_generate == "cache" and self.cache_dir is not None:
+            self._write_cache(row, sample)
+        return sample
+
+    def _write_cache(self, row: int, sample: dict[str, Any]) -> None:
+        from speculators.data.formats import atomic_write_bytes, atomic_write_json
+
+        path = cached_file(self.cache_dir, row)  # type: ignore[arg-type]
+        atomic_write_bytes(path, lambda tmp: torch.save(sample, tmp))
+        with self._mutex:
+            self.stats["cached"] += 1
+        if not self._config_written:
+            with self._mutex:
+                if not self._config_written:
+                    cfg_path = self.cache_dir / "data_config.json"  # type: ignore[operator]
+                    if not cfg_path.exists():
+                        atomic_write_json(cfg_path, self._data_config(sample))
+                    self._config_written = True
+
+    def _data_config(self, sample: dict[str, Any]) -> dict[str, Any]:
+        import importlib.metadata as md
+
+        def version(pkg: str) -> str | None:
+            try:
+                return md.version(pkg)
+            except md.PackageNotFoundError:
+                return None
+
+        k = len(sample["hidden_states"])
+        return {
+            "version": 1,
+            "format": "pt",
+            "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "packages": {p: version(p) for p in ("speculators", "torch", "transformers")},
+            "model": self.online.verifier or self.online.model,
+            "data": self.online.data,
+            "layer_ids": list(self.online.layer_ids) if self.online.layer_ids else list(range(k)),
+            "hidden_size": int(sample["hidden_states"][0].shape[-1]),
+            "num_hidden_layers": self.online.num_hidden_layers,
+            "hidden_states_dtype": str(self.online.hidden_dtype).replace("torch.", ""),
+            "generator": {"backend": "vllm-online", "endpoint": self.online.endpoint},
+            "schema": {
+                "input_ids": "int64 [L]",
+                "hidden_states": f"list of {k} x {self.online.hidden_dtype} [L, H]",
+                "loss_mask": "int64 [L]",
+            },
+            **self.online.extra_config,
+        }
+
+
+class PrefetchingBatchSampler:
+    """Wrap a batch sampler: at the start of each epoch, tell the store the whole order.
+
+    ``to_store_index`` maps the sampler's dataset indices to store indices (e.g.
+    ``dataset.indices.__getitem__`` for a subset). A store without `prefetch` is left alone.
+    """
+
+    def __init__(self, batch_sampler: Iterable[Sequence[int]], store: Any, to_store_index=None):
+        self.batch_sampler = batch_sampler
+        self.store = store
+        self.to_store_index = to_store_index or (lambda i: i)
+
+    def __iter__(self) -> Iterator[Sequence[int]]:
+        batches = list(iter(self.batch_sampler))
+        if hasattr(self.store, "prefetch"):
+            self.store.prefetch(self.to_store_index(i) for batch in batches for i in batch)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # set_epoch etc. reach the wrapped sampler
+        return getattr(self.batch_sampler, name)

@@ -1,0 +1,84 @@
+"""Process-group setup and FSDP2 sharding.
+
+Under `torchrun` (WORLD_SIZE > 1) we join a process group: NCCL when CUDA is available,
+gloo on CPU.  The draft's decoder layers and then the whole objective are wrapped with
+FSDP2 `fully_shard`; gradients are averaged across ranks by FSDP.  Rank 0 alone writes
+checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        dev = torch.device("cuda" if use_cuda else "cpu") if device == "auto" else torch.device(device)
+        return DistInfo(device=dev)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev)
+
+
+def shard(objective: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """Apply FSDP2 (per decoder layer, then the root) when running distributed."""
+    if not info.distributed:
+        return objective
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in objective.draft.layers:
+        fully_shard(layer)
+    fully_shard(objective)
+    return objective
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, info: DistInfo):
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,63 @@
+"""The machine-readable metrics stream (`metrics.jsonl`, see docs/ARCHITECTURE.md).
+
+One JSON object per line, appended and flushed, so a dashboard tailing the file sees each
+record as soon as it is written.  Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class MetricsStream:
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path) if path else None
+        self._fh = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._repair_tail()
+            self._fh = open(self.path, "a", encoding="utf-8")
+
+    def _repair_tail(self) -> None:
+        """Terminate a half-written last line (killed run) so appended records stay parseable."""
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+
+    def write(self, record_type: str, **fields: Any) -> None:
+        if self._fh is None:
+            return
+        record = {"type": record_type, "ts": time.time(), **_clean(fields)}
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Parse a metrics file, ignoring incomplete or garbled lines."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

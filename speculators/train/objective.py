@@ -1,0 +1,79 @@
+"""The TTT training objective: the draft unrolled over a packed batch, KL to the verifier.
+
+Wrapping draft + frozen verifier head in one module keeps every use of the draft's
+parameters inside one `forward`, which is what FSDP2 needs to gather/free them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speculators.models.eagle3.model import Eagle3DraftModel
+from speculators.train.losses import STAT_FIELDS, kl_per_token
+from speculators.train.ttt_mask import step_valid_positions
+from speculators.train.verifier import VerifierHead
+
+
+def step_token_counts(loss_mask: torch.Tensor, document_ids: torch.Tensor, ttt_steps: int) -> torch.Tensor:
+    """Counted positions per TTT step for one batch, `[K]` float (for the loss denominator)."""
+    return torch.stack(
+        [step_valid_positions(loss_mask, document_ids, k).sum() for k in range(ttt_steps)]
+    ).float()
+
+
+class TTTObjective(nn.Module):
+    def __init__(self, draft: Eagle3DraftModel, verifier_head: VerifierHead):
+        super().__init__()
+        self.draft = draft
+        self.verifier_head = verifier_head
+
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        ttt_steps: int,
+        decay: float,
+        denominators: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return `(loss, stats [K, 5])`.
+
+        `denominators[k]` divides step k's KL sum; pass the global count of step-k positions
+        divided by the world size so that gradient averaging across ranks yields the exact
+        global token mean (identical to one process seeing all the batches).
+        """
+        loss_mask, docs = batch["loss_mask"], batch["document_ids"]
+        b, t = loss_mask.shape
+        dev = loss_mask.device
+        # Verifier targets only where some step can count them.
+        tgt_pos = ((loss_mask != 0) & (docs != -1)).flatten().nonzero().squeeze(1)
+        with torch.no_grad():
+            last = batch["verifier_last_hidden_states"].flatten(0, 1)[tgt_pos]
+            tgt_logp = F.log_softmax(self.verifier_head(last).float(), dim=-1)
+            tgt_arg = tgt_logp.argmax(-1)
+        rowmap = torch.full((b * t,), -1, dtype=torch.long, device=dev)
+        rowmap[tgt_pos] = torch.arange(tgt_pos.numel(), device=dev)
+
+        prev_ok = torch.ones(b * t, dtype=torch.bool, device=dev)
+        loss = torch.zeros((), device=dev)
+        stats = torch.zeros(ttt_steps, len(STAT_FIELDS), device=dev)
+        steps = self.draft.iter_ttt(
+            batch["hidden_states"], batch["input_ids"], docs, batch["position_ids"], ttt_steps
+        )
+        for k, normed in steps:
+            idx = step_valid_positions(loss_mask, docs, k).flatten().nonzero().squeeze(1)
+            rows = rowmap[idx + k]
+            logits = self.draft.lm_head(normed.flatten(0, 1)[idx])
+            kl = kl_per_token(logits, tgt_logp[rows])
+            loss = loss + (decay**k) * kl.sum() / denominators[k].clamp(min=1e-9)
+            with torch.no_grad():
+                agree = logits.argmax(-1) == tgt_arg[rows]
+                ok_before = prev_ok[idx]
+                stats[k, 0] = kl.detach().sum()
+                stats[k, 1] = idx.numel()
+                stats[k, 2] = agree.sum()
+                stats[k, 3] = (agree & ok_before).sum()
+                stats[k, 4] = ok_before.sum()
+                prev_ok = torch.zeros_like(prev_ok)
+                prev_ok[idx] = ok_before & agree
+        return loss, stats

@@ -1,0 +1,253 @@
+"""Dashboard pages through Streamlit's AppTest: form validation next to the fields, submit
+with the broker down (kept in the outbox), the runs table and its actions, the run page's
+live charts, checkpoints and the serve button with acceptance metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from runstore import open_store, repo
+from runstore.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = ROOT / "app" / "pages"
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEC_HOME", str(tmp_path))
+    monkeypatch.setenv("SPEC_BROKER_URL", "redis://127.0.0.1:1/0")  # broker down unless a test says otherwise
+    monkeypatch.setenv("SPEC_MAX_GPUS", "0")
+    for k in ("SPEC_DB_URL", "SPEC_DATA_ROOT", "SPEC_RUNS_ROOT", "SPEC_MODELS_ROOT", "SPEC_DEFAULT_MODEL"):
+        monkeypatch.delenv(k, raising=False)
+    s = Settings.from_env()
+    s.ensure_dirs()
+    model = s.models_root / "tiny-llama"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 8, "vocab_size": 512}))
+    (s.data_root / "chats.jsonl").write_text('{"conversations": [{"from": "human", "value": "hi"}]}\n')
+    return s
+
+
+def _page(name: str) -> AppTest:
+    at = AppTest.from_file(str(PAGES / name), default_timeout=30)
+    return at.run()
+
+
+def _errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def test_form_shows_each_error_under_its_field(home):
+    at = _page("1_New_run.py")
+    assert not at.exception
+    at.text_input(key="f_name").set_value("")
+    at.text_input(key="f_layers").set_value("2,99")
+    at.number_input(key="f_seq").set_value(3)
+    at.text_input(key="f_lr").set_value("fast")
+    at.radio(key="f_source").set_value("File under data root").run()
+    at.text_input(key="f_path").set_value("../../etc/passwd.jsonl")
+    at.button[0].click().run()
+    errs = _errors(at)
+    assert any("give the run a name" in e for e in errs)
+    assert any("within [0, 8]" in e for e in errs)
+    assert any("between 16 and" in e for e in errs)
+    assert any("must be a number" in e for e in errs)
+    assert any("inside the data root" in e for e in errs)
+    # each error sits right after its own widget in the page
+    flat = [getattr(el, "label", None) or getattr(el, "value", None) for el in at.main]
+    idx = next(i for i, v in enumerate(flat) if isinstance(v, str) and "inside the data root" in v)
+    assert flat[idx - 1].startswith("Path (relative to the data root)")
+    with open_store(home.db_url)() as s:
+        assert repo.list_runs(s) == []  # nothing stored
+
+
+def test_submit_with_broker_down_keeps_the_run(home):
+    at = _page("1_New_run.py")
+    at.text_input(key="f_name").set_value("a; rm -rf ~ $(reboot)")
+    at.radio(key="f_source").set_value("File under data root").run()
+    at.text_input(key="f_path").set_value("chats.jsonl")
+    at.button[0].click().run()
+    assert _errors(at) == []
+    assert any("saved" in x.value for x in at.success)
+    assert any("not reachable" in w.value and "queued automatically" in w.value for w in at.warning)
+    with open_store(home.db_url)() as s:
+        (run,) = repo.list_runs(s)
+        assert run.name == "a; rm -rf ~ $(reboot)" and run.status == "queued"
+        assert run.spec["dataset"] == str((home.data_root / "chats.jsonl").resolve())
+        (msg,) = repo.pending_outbox(s)
+        assert msg.payload["run_id"] == run.id and msg.last_error
+
+
+def _seed_run(home, run_id="r1", status="running", with_metrics=True):
+    factory = open_store(home.db_url)
+    with factory() as s:
+        repo.create_run(s, run_id=run_id, name=f"seeded {run_id}", spec={"mode": "offline", "model": "m"},
+                        stages=["prepare", "vocab", "datagen", "train"], work_dir=str(home.runs_root / run_id))
+        for msg in repo.pending_outbox(s):
+            repo.outbox_sent(s, msg.id)
+        for name in ("prepare", "vocab", "datagen"):
+            repo.start_stage(s, run_id, name, worker="w", log_path=str(home.runs_root / run_id / f"{name}.log"))
+            repo.finish_stage(s, run_id, name, "succeeded")
+        log = home.runs_root / run_id / "train.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("epoch 0 step 3 loss 1.23\n")
+        st = repo.start_stage(s, run_id, "train", worker="w", log_path=str(log))
+        if with_metrics:
+            recs = [{"type": "start", "ts": 100.0, "total_steps": 10}]
+            for step in range(1, 5):
+                recs.append({"type": "train", "ts": 100.0 + step, "epoch": 0, "step": step, "total_steps": 10,
+                             "metrics": {"loss": 2.0 / step, "loss_0": 1.0 / step, "full_acc_0": 0.1 * step,
+                                         "cond_acc_0": 0.2 * step, "lr": 1e-3, "tokens_per_s": 1000.0}})
+            recs.append({"type": "val", "ts": 105.0, "epoch": 0, "step": 4, "metrics": {"loss": 0.7}})
+            recs.append({"type": "checkpoint", "ts": 105.5, "epoch": 0, "step": 4,
+                         "path": str(home.runs_root / run_id / "checkpoints" / "0"), "val_loss": 0.7, "is_best": True})
+            repo.ingest_records(s, run_id, recs, stage_id=st.id)
+        if status != "running":
+            repo.finish_stage(s, run_id, "train", status, "boom" if status == "failed" else None)
+    return factory
+
+
+def test_runs_table_and_actions(home):
+    factory = _seed_run(home, "r1", status="failed")
+    _seed_run(home, "r2")
+    at = _page("2_Runs.py")
+    assert not at.exception
+    df = at.dataframe[0].value
+    assert set(df["run"]) == {"r1", "r2"}
+    row = df[df["run"] == "r1"].iloc[0]
+    assert row["status"] == "failed" and row["progress"] == pytest.approx(0.75)
+    assert df[df["run"] == "r2"].iloc[0]["progress"] == pytest.approx(0.85)  # 3 stages + 4/10 of training
+
+    at.selectbox(key="runs_selected").set_value("r2").run()
+    at.button(key="btn_cancel").click().run()
+    with factory() as s:
+        assert repo.get_run(s, "r2").cancel_requested
+    at.selectbox(key="runs_selected").set_value("r1").run()
+    assert at.button(key="btn_cancel").disabled
+    at.button(key="btn_retry").click().run()
+    with factory() as s:
+        assert repo.get_run(s, "r1").status == "queued"  # queued via the outbox; broker down
+        assert repo.get_stage(s, "r1", "train").status == "pending"
+    assert any("queued automatically" in w.value for w in at.warning)
+
+
+def test_delete_needs_confirmation_and_keeps_files(home):
+    factory = _seed_run(home, "r1", status="failed")
+    work = home.runs_root / "r1"
+    at = _page("2_Runs.py")
+    at.button(key="btn_delete").click().run()
+    with factory() as s:
+        assert repo.get_run(s, "r1") is not None  # not yet: asks first
+    assert any("Files in" in w.value for w in at.warning)
+    at.button(key="btn_delete_confirm").click().run()
+    with factory() as s:
+        assert repo.get_run(s, "r1") is None
+    assert work.exists()  # files kept: the box was not ticked
+    assert any("files kept" in x.value for x in at.success)
+
+
+def test_delete_with_files_ticked(home):
+    _seed_run(home, "r1", status="failed")
+    at = _page("2_Runs.py")
+    at.button(key="btn_delete").click().run()
+    at.checkbox(key="delete_files").check().run()
+    at.button(key="btn_delete_confirm").click().run()
+    assert not (home.runs_root / "r1").exists()
+
+
+def test_run_detail_charts_progress_checkpoints(home):
+    _seed_run(home, "r1")
+    at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+    at.query_params["run"] = "r1"
+    at.run()
+    assert not at.exception
+    charts = at.get("vega_lite_chart")
+    assert len(charts) == 5  # loss, full acc, cond acc, lr, throughput
+    progress = at.get("progress")[0]
+    assert "training 40%" in progress.proto.text and "ETA" in progress.proto.text
+    frames = [d.value for d in at.dataframe]
+    stages, ckpts = frames[0], frames[1]
+    assert list(stages["state"]) == ["succeeded"] * 3 + ["running"]
+    assert ckpts.iloc[0]["val loss"] == pytest.approx(0.7) and ckpts.iloc[0]["best"] == "★"
+    assert any("epoch 0 step 3" in c.value for c in at.code)  # the train log tail
+    serve = at.button(key="btn_serve")
+    assert not serve.disabled
+    serve.click().run()
+    with open_store(home.db_url)() as s:
+        dep = repo.latest_deployment(s, "r1")
+        assert dep.kind == "draft" and dep.model_path.endswith("checkpoints/0") and dep.status == "requested"
+        assert [m.kind for m in repo.pending_outbox(s)] == ["serve"]
+
+
+class _FakeVllm(BaseHTTPRequestHandler):
+    METRICS = (
+        "# TYPE vllm:spec_decode_num_drafts counter\n"
+        'vllm:spec_decode_num_drafts_total{engine="0",model_name="d"} 10.0\n'
+        'vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="d"} 30.0\n'
+        'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="d"} 18.0\n'
+        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="d",position="0"} 9.0\n'
+        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="d",position="1"} 6.0\n'
+        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="d",position="2"} 3.0\n'
+    )
+
+    def do_GET(self):
+        body = b"" if self.path == "/health" else self.METRICS.encode()
+        self.send_response(200 if self.path in ("/health", "/metrics") else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_served_checkpoint_shows_endpoint_and_acceptance(home):
+    """A deployment the controller reported up: the page checks /health and reads the
+    acceptance counters from the server's Prometheus /metrics (here a local HTTP server)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeVllm)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        factory = _seed_run(home, "r1", status="succeeded")
+        port = server.server_address[1]
+        with factory() as s:
+            dep = repo.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=port,
+                                          endpoint=f"http://127.0.0.1:{port}")
+            repo.update_deployment(s, dep.id, status="up")
+        at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+        at.query_params["run"] = "r1"
+        at.run()
+        assert not at.exception
+        assert any("up, healthy" in m.value and f":{port}/v1" in m.value for m in at.markdown)
+        metrics = {m.label: m.value for m in at.metric}
+        assert metrics["Drafted tokens"] == "30" and metrics["Accepted tokens"] == "18"
+        assert metrics["Mean acceptance length"] == "2.80"  # 1 + 18/10
+        assert at.button(key="btn_serve").disabled  # already served
+        at.button(key="btn_stop").click().run()
+        with factory() as s:
+            assert repo.get_deployment(s, dep.id).status == "stopping"
+    finally:
+        server.shutdown()
+
+
+def test_home_page(home):
+    _seed_run(home, "r1", status="failed")
+    at = AppTest.from_file(str(ROOT / "app" / "Home.py"), default_timeout=30).run()
+    assert not at.exception
+    assert {m.label: m.value for m in at.metric}["Failed"] == "1"
+
+
+def test_uploads_are_kept_under_the_data_root(home):
+    from app.common import save_upload
+
+    p = save_upload("../../etc/evil name;rm.jsonl", b'{"conversations": []}\n')
+    assert p.parent == home.data_root / "uploads"
+    assert p.name.endswith("-evil_name_rm.jsonl") and "/" not in p.name[:-6]
+    assert save_upload("other.txt", b"x").name.endswith("-other.txt.jsonl")
+    assert save_upload("a.jsonl", b'{"conversations": []}\n') != p  # same bytes, other name: both kept

@@ -1,0 +1,110 @@
+"""Smoke test: the benchmark harness runs end to end on the tiniest config (CPU, seconds).
+
+Not a timed test: it checks that the scripts under bench/ still fit the code they measure
+(trainer, data formats, objective) and that their outputs have the fields the tables use.
+The public-package side (bench/public_runner.py) needs its own virtual environment and is
+only exercised by bench/run.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(autouse=True)
+def _bench_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def test_ours_runner_with_profile(tmp_path):
+    from synthetic import write_v1_dataset
+
+    import ours_runner
+
+    data = write_v1_dataset(tmp_path / "data", num_samples=8, seq_len=33, hidden_size=64, vocab_size=512)
+    out = tmp_path / "r.json"
+    res = ours_runner.main(["--data", str(data), "--shape", "tiny", "--seq-len", "32", "--steps", "2",
+                            "--profile", "2", "--lr", "1e-3", "--out", str(out)])
+    assert json.loads(out.read_text())["impl"] == "ours"
+    assert len(res["steps"]) == 2
+    assert all(s["tokens"] == 32 and s["tokens_per_s"] > 0 for s in res["steps"])
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in res["steps"])
+    regions = {r["region"] for r in res["profile"]["regions"]}
+    assert {"attention", "mlp", "lm_head", "kl", "mask build"} <= regions
+    timed = [r for r in res["profile"]["regions"] if r["region"] in ("attention", "lm_head")]
+    assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in timed)
+
+
+def test_public_format_converter_matches_source(tmp_path):
+    from safetensors.torch import load_file
+    from synthetic import write_v1_dataset
+    from to_public_format import convert
+
+    data = write_v1_dataset(tmp_path / "data", num_samples=3, seq_len=10, hidden_size=8, vocab_size=50)
+    out = convert(data, tmp_path / "public")
+    sample = torch.load(data / "data_1.pt", weights_only=True)
+    hs = load_file(str(out / "hidden_states" / "hs_1.safetensors"))
+    assert torch.equal(hs["token_ids"], sample["input_ids"])
+    assert hs["hidden_states"].shape == (10, 4, 8)
+    assert torch.equal(hs["hidden_states"][:, 3], sample["hidden_states"][3])
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(out))
+    assert ds[1]["seq_len"] == 10 and torch.equal(ds[1]["loss_mask"], sample["loss_mask"])
+
+
+def test_chunked_lm_head_kl_matches_reference():
+    from proposals.chunked_lm_head_kl import chunked_lm_head_kl, reference_lm_head_kl
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    t = torch.log_softmax(torch.randn(40, 50, generator=g, dtype=torch.float64), -1)
+    rows = torch.randint(0, 40, (37,), generator=g)
+    weights = torch.rand(37, generator=g, dtype=torch.float64)  # per-row upstream gradients
+    grads = []
+    for fn in (reference_lm_head_kl, lambda *x: chunked_lm_head_kl(*x, chunk=8)):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        kl, pred = fn(hh, ww, t, rows)
+        (kl * weights).sum().backward()
+        grads.append((kl.detach(), pred, hh.grad, ww.grad))
+    (k1, p1, gh1, gw1), (k2, p2, gh2, gw2) = grads
+    # the chunked path computes logits/softmax in float32, like the objective does
+    assert torch.allclose(k1.double(), k2.double(), atol=1e-5)
+    assert torch.equal(p1, p2)
+    assert torch.allclose(gh1, gh2.double(), atol=1e-5) and torch.allclose(gw1, gw2.double(), atol=1e-5)
+
+
+def test_dataload_bench_runs(tmp_path):
+    import bench_dataload
+
+    res = bench_dataload.run(argparse.Namespace(
+        samples=3, seq_len=16, hidden=8, layers=4, repeats=1, shard_tokens=32, public=True, tmp=str(tmp_path)))
+    for name in ("pt", "safetensors", "public"):
+        entry = res["layouts"][name]
+        assert entry["warm"]["samples_per_s"] > 0 and entry["cold"]["samples_per_s"] > 0
+        assert entry["bytes_per_token"] >= 4 * 8 * 2  # at least the bf16 hidden states
+    assert not list(tmp_path.iterdir())  # temporary data cleaned up
+
+
+def test_flops_model_counts_the_frozen_head_once():
+    from configs import get_shape
+
+    s = get_shape("llama8b", 2048)
+    trained, frozen = s.flops_per_step(2048), s.flops_per_step(2048, train_lm_head=False)
+    # freezing lm_head drops exactly its weight-gradient matmul, once per TTT step
+    assert trained["total"] - frozen["total"] == pytest.approx(2 * s.param_counts()["lm_head"] * 2048 * s.ttt_steps)
+    assert s.param_counts()["embed_tokens_frozen"] == 128256 * 4096
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -1,0 +1,178 @@
+"""The online/hybrid sample store against the local vLLM-protocol test server."""
+
+import argparse
+import pickle
+import time
+
+import pytest
+import torch
+
+from speculators.data.formats import open_sample_store
+from speculators.errors import UserError
+from speculators.online.cli_args import add_online_args, build_online_store
+from speculators.online.store import OnlineConfig, OnlineSampleStore, PrefetchingBatchSampler, PreparedRows
+from speculators.testing.hs_server import HiddenStatesTestServer, make_prepared_dataset, transformers_compute
+from speculators.vllm.retry import ServerUnavailableError
+
+LAYERS = [2, 4, 5, 8]
+N = 6
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_llama, tmp_path_factory):
+    return make_prepared_dataset(tmp_path_factory.mktemp("prep") / "prepared", tiny_llama, num_samples=N)
+
+
+@pytest.fixture()
+def server(tiny_llama, tmp_path):
+    with HiddenStatesTestServer(tiny_llama, tmp_path / "vllm_out", LAYERS) as s:
+        yield s
+
+
+def _store(prepared, server_url, **kw):
+    cfg = OnlineConfig(endpoint=server_url, layer_ids=LAYERS, max_wait_s=5.0, **kw)
+    return OnlineSampleStore(PreparedRows.from_path(prepared), cfg)
+
+
+def test_generate_delete_returns_verifier_states_and_keeps_nothing(prepared, server, tiny_llama, tmp_path):
+    store = _store(prepared, server.url)
+    compute = transformers_compute(tiny_llama, LAYERS)
+    rows = PreparedRows.from_path(prepared)
+    assert len(store) == N and store.lengths() == rows.lengths()
+    for i in (0, 3):
+        s = store.load(i)
+        ids, mask = rows.get(i)
+        assert s["input_ids"].tolist() == ids and s["loss_mask"].tolist() == mask
+        expected = compute(ids)
+        assert len(s["hidden_states"]) == 4
+        for k, h in enumerate(s["hidden_states"]):
+            assert h.dtype == torch.bfloat16 and torch.equal(h, expected[:, k])
+    assert list((tmp_path / "vllm_out").iterdir()) == []
+    assert store.stats["on_demand"] == 2
+
+
+def test_cache_mode_writes_a_datagen_directory_and_stops_asking(prepared, server, tmp_path):
+    cache = tmp_path / "cache"
+    store = _store(prepared, server.url, hidden_states_path=str(cache), on_generate="cache")
+    first = [store.load(i) for i in range(N)]
+    served = server.completions_served
+    assert served == N and store.stats["cached"] == N
+    second = [store.load(i) for i in range(N)]  # epoch 2: all from disk
+    assert server.completions_served == served and store.stats["disk"] == N
+    for a, b in zip(first, second):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        assert all(torch.equal(x, y) for x, y in zip(a["hidden_states"], b["hidden_states"]))
+    disk = open_sample_store(cache)  # the cache is a valid offline dataset
+    assert len(disk) == N and disk.config["layer_ids"] == LAYERS
+    assert all(torch.equal(x, y) for x, y in zip(disk.load(2)["hidden_states"], first[2]["hidden_states"]))
+    # A later run in hybrid mode reads the cache even with the server gone.
+    server.stop()
+    again = _store(prepared, server.url, hidden_states_path=str(cache), on_missing="raise")
+    assert torch.equal(again.load(5)["loss_mask"], first[5]["loss_mask"])
+
+
+def test_skip_and_raise_use_only_what_is_on_disk(prepared, server, tmp_path):
+    cache = tmp_path / "cache"
+    warm = _store(prepared, server.url, hidden_states_path=str(cache), on_generate="cache")
+    warm.load(1)
+    warm.load(4)
+    skip = _store(prepared, None, hidden_states_path=str(cache), on_missing="skip")
+    assert len(skip) == 2 and skip.load(1)["input_ids"].tolist() == PreparedRows.from_path(prepared).get(4)[0]
+    with pytest.raises(UserError, match="4 of 6 samples"):
+        _store(prepared, None, hidden_states_path=str(cache), on_missing="raise")
+    with pytest.raises(UserError, match="--vllm-endpoint"):
+        _store(prepared, None)
+    with pytest.raises(UserError, match="layers"):
+        OnlineSampleStore(PreparedRows.from_path(prepared),
+                          OnlineConfig(endpoint=server.url, hidden_states_path=str(cache), layer_ids=[1, 8]))
+
+
+def test_prefetch_runs_ahead_so_the_trainer_does_not_wait(prepared, tiny_llama, tmp_path):
+    order = [4, 1, 5, 0, 3, 2]
+    step_s = 0.25
+
+    def epoch(prefetch):
+        with HiddenStatesTestServer(tiny_llama, tmp_path / "out", LAYERS, response_delay_s=0.2) as srv:
+            store = _store(prepared, srv.url, prefetch_depth=prefetch, workers=3)
+            store.load(order[0])  # connect + load the model outside the measurement
+            if prefetch:
+                store.prefetch(order[1:])
+                time.sleep(step_s)
+            waited = 0.0
+            for i in order[1:]:
+                t0 = time.perf_counter()
+                store.load(i)
+                waited += time.perf_counter() - t0
+                time.sleep(step_s)  # the "GPU step"
+            store.close()
+            return waited, store.stats
+
+    waited_plain, stats_plain = epoch(0)
+    waited_pf, stats_pf = epoch(4)
+    assert stats_plain["on_demand"] == len(order) and stats_pf["prefetched"] == len(order) - 1
+    assert waited_pf < 0.5 * waited_plain, (waited_pf, waited_plain)
+
+
+def test_prefetch_survives_failures_and_reports_a_dead_server(prepared, server, tmp_path):
+    store = _store(prepared, server.url, prefetch_depth=3)
+    store.load(0)
+    server.fail_next(3, 503)
+    store.prefetch([1, 2, 3])
+    assert [store.load(i)["input_ids"].shape[0] > 0 for i in (1, 2, 3)] == [True] * 3
+    server.stop()
+    store.prefetch([4, 5])
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnavailableError, match="bounded wait"):
+        store.load(4)
+    assert time.monotonic() - t0 < 15
+    store.close()
+
+
+def test_store_pickles_for_dataloader_workers(prepared, server):
+    store = _store(prepared, server.url, prefetch_depth=2)
+    store.prefetch([0, 1])
+    clone = pickle.loads(pickle.dumps(store))
+    assert torch.equal(clone.load(1)["input_ids"], store.load(1)["input_ids"])
+    store.close()
+    clone.close()
+
+
+def test_prefetching_batch_sampler_plans_each_epoch():
+    class Recorder:
+        def __init__(self):
+            self.orders = []
+
+        def prefetch(self, order):
+            self.orders.append(list(order))
+
+    rec = Recorder()
+    sampler = PrefetchingBatchSampler([[2, 0], [1]], rec, to_store_index=[10, 11, 12].__getitem__)
+    assert list(sampler) == [[2, 0], [1]] and len(sampler) == 2
+    assert rec.orders == [[12, 10, 11]]
+
+
+def test_train_flags_build_the_store(prepared, server, tiny_llama, tmp_path):
+    p = argparse.ArgumentParser()
+    add_online_args(p)
+    args = p.parse_args(["--vllm-endpoint", server.url, "--on-generate", "cache", "--hidden-states-path",
+                         str(tmp_path / "c"), "--prepared-data", str(prepared), "--prefetch", "2"])
+    args.verifier = str(tiny_llama)
+    store = build_online_store(args)
+    assert store.config == {"version": 1, "format": "online", "layer_ids": LAYERS, "hidden_size": 64,
+                            "num_hidden_layers": 8}
+    assert len(store.load(0)["hidden_states"]) == 4
+    bad = p.parse_args(["--vllm-endpoint", server.url])
+    with pytest.raises(UserError, match="--prepared-data"):
+        build_online_store(bad)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--on-missing", "maybe"])
+
+
+def test_a_new_plan_drops_requests_nobody_will_read(prepared, server):
+    store = _store(prepared, server.url, prefetch_depth=2)
+    store.prefetch([0, 1, 2])
+    time.sleep(0.5)
+    store.prefetch([3, 4])  # e.g. DataLoader workers consumed the old plan elsewhere
+    assert set(store._futures) <= {3, 4}
+    assert store.load(3)["input_ids"].shape[0] > 0 and store.stats["prefetched"] == 1
+    store.close()

@@ -1,0 +1,58 @@
+"""`torchrun --nproc_per_node 2` (FSDP2 over gloo, CPU) matches one process on the same batches."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from speculators.train.metrics_stream import read_metrics
+from speculators.train.synthetic import write_synthetic_hidden_states
+
+
+def _records(save, kind):
+    return {r["step"]: r["metrics"] for r in read_metrics(save / "metrics.jsonl") if r["type"] == kind}
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_matches_single_process(tiny_llama, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    assert torchrun, "torchrun not found next to the interpreter"
+    data = write_synthetic_hidden_states(tiny_llama, tmp_path / "hs", num_samples=16, seq_len=40)
+    common = ["--verifier-name-or-path", str(tiny_llama), "--data-path", str(data), "--epochs", "2",
+              "--lr", "3e-3", "--total-seq-len", "96", "--ttt-steps", "2", "--num-layers", "2",
+              "--log-freq", "1000", "--train-data-ratio", "0.75"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dist = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "speculators.train", *common,
+         "--save-path", str(tmp_path / "dist")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    single = subprocess.run(
+        [sys.executable, "-m", "speculators.train", *common, "--batches-per-step", "2",
+         "--save-path", str(tmp_path / "single")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    d_train, s_train = _records(tmp_path / "dist", "train"), _records(tmp_path / "single", "train")
+    assert len(d_train) >= 4 and d_train.keys() == s_train.keys()
+    for step in d_train:
+        for key in ("loss", "loss_0", "loss_1", "full_acc_0", "cond_acc_1"):
+            assert d_train[step][key] == pytest.approx(s_train[step][key], rel=1e-4, abs=1e-6), (step, key)
+    d_val, s_val = _records(tmp_path / "dist", "val"), _records(tmp_path / "single", "val")
+    for step in d_val:
+        assert d_val[step]["loss"] == pytest.approx(s_val[step]["loss"], rel=1e-4)
+    a = load_file(str(tmp_path / "dist" / "1" / "model.safetensors"))
+    b = load_file(str(tmp_path / "single" / "1" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    print(f"2-process vs 1-process, {len(d_train)} steps: final loss {d_train[max(d_train)]['loss']:.6f} "
+          f"vs {s_train[max(s_train)]['loss']:.6f}")

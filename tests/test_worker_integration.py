@@ -1,0 +1,153 @@
+"""A real Redis and real Celery worker processes running tiny CPU runs end to end:
+every stage runs, a worker killed mid-training resumes from its last checkpoint with no
+metric row lost or duplicated, and cancelling stops the stage's process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import uuid
+
+import pytest
+import redis
+
+from runstore import open_store, repo
+from runstore.settings import Settings
+from worker.celery_app import make_celery
+from worker.dispatch import flush_outbox
+from worker.pipeline import RunPaths, stages_for
+from worker.spec import validate_spec
+from worker.testing import start_worker, wait_for, worker_env
+
+pytestmark = pytest.mark.slow
+TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    client = redis.Redis.from_url(TEST_REDIS, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.fail(f"these tests need Redis at {TEST_REDIS} (set SPEC_TEST_REDIS_URL)")
+    client.flushdb()
+    yield TEST_REDIS
+    client.flushdb()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, redis_url, tiny_llama):
+    home = tmp_path_factory.mktemp("home")
+    env = worker_env(home, redis_url)
+    for k in ("SPEC_HOME", "SPEC_BROKER_URL", "SPEC_MAX_GPUS"):
+        os.environ[k] = env[k]
+    yield env
+    for k in ("SPEC_HOME", "SPEC_BROKER_URL", "SPEC_MAX_GPUS"):
+        os.environ.pop(k, None)
+
+
+def _submit(env, model, **over):
+    settings = Settings.from_env()
+    settings.ensure_dirs()
+    raw = {"name": "tiny; echo $(id) > pwned", "model": "", "dataset": "sharegpt", "seq_length": 64,
+           "max_samples": 12, "layer_ids": "", "draft_vocab_size": 64, "epochs": 2, "lr": "3e-3",
+           "ttt_steps": 2, "num_layers": 1, "mode": "offline", "gpus": 0}
+    raw.update(over)
+    # the form accepts local models under the models root only: copy the tiny one in
+    local = settings.models_root / "tiny"
+    if not local.exists():
+        shutil.copytree(model, local)
+    raw["model"] = str(local)
+    spec, errors = validate_spec(raw, settings)
+    assert errors == {}
+    factory = open_store(settings.db_url)
+    run_id = uuid.uuid4().hex[:12]
+    with factory() as s:
+        repo.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=stages_for(spec),
+                        work_dir=str(settings.runs_root / run_id))
+    assert flush_outbox(factory, make_celery(settings)) == (1, None)
+    return factory, run_id
+
+
+def _run(factory, run_id):
+    with factory() as s:
+        run = repo.get_run(s, run_id)
+        s.refresh(run)
+        return run, {x.name: x for x in run.stages}
+
+
+def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):
+    factory, run_id = _submit(env, tiny_llama, epochs=16, max_samples=24)
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, log_path=log)
+    try:
+        # wait until training has written a checkpoint and is still going
+        def mid_train():
+            with factory() as s:
+                return len(repo.checkpoints(s, run_id)) >= 2 and _run(factory, run_id)[0].status == "running"
+        wait_for(mid_train, 240, what="two checkpoints")
+        with factory() as s:
+            trainer_pid = repo.get_stage(s, run_id, "train").pid
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+        # the trainer dies with its worker (no orphan keeps writing)
+        wait_for(lambda: not os.path.exists(f"/proc/{trainer_pid}") or
+                 open(f"/proc/{trainer_pid}/stat").read().split()[2] == "Z", 10, what="trainer exit")
+        run, stages = _run(factory, run_id)
+        assert stages["train"].status == "running"  # nobody has noticed yet
+
+        worker = start_worker(env, log_path=log)  # same name: recovery resumes the run
+        wait_for(lambda: _run(factory, run_id)[0].status in ("succeeded", "failed"), 240, what="run end")
+        run, stages = _run(factory, run_id)
+        assert run.status == "succeeded", (run.error, open(stages["train"].log_path).read()[-3000:])
+        assert all(x.status == "succeeded" for x in stages.values())
+        assert stages["train"].attempts == 2 and stages["prepare"].attempts == 1
+
+        paths = RunPaths(__import__("pathlib").Path(run.work_dir))
+        records = [json.loads(line) for line in paths.metrics.read_text().splitlines() if line.strip()]
+        starts = [r for r in records if r["type"] == "start"]
+        assert len(starts) == 2 and starts[0]["resumed_from"] is None and starts[1]["resumed_from"] is not None
+        total = starts[0]["total_steps"]
+        with factory() as s:
+            train = repo.metrics(s, run_id, "train")
+            val = repo.metrics(s, run_id, "val")
+            ckpts = repo.checkpoints(s, run_id)
+        assert [m.step for m in train] == list(range(1, total + 1))  # none lost, none twice
+        assert len(val) == 16 and len({m.step for m in val}) == 16
+        assert [c.epoch for c in ckpts] == list(range(16))
+        assert sum(c.is_best for c in ckpts) == 1
+        assert not (paths.work_dir / "pwned").exists()
+        # the run name reached the trainer as one argument
+        assert starts[0]["run_name"] == "tiny; echo $(id) > pwned"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+
+
+def test_cancel_stops_the_running_stage(env, tiny_llama, tmp_path):
+    factory, run_id = _submit(env, tiny_llama)
+    worker = start_worker(env, log_path=tmp_path / "worker.log")
+    try:
+        def running_pid():
+            _, stages = _run(factory, run_id)
+            return stages["prepare"].pid
+        pid = wait_for(running_pid, 60, interval=0.1, what="prepare running")
+        with factory() as s:
+            repo.request_cancel(s, run_id)
+        wait_for(lambda: _run(factory, run_id)[0].status == "cancelled", 30, what="cancelled")
+        _, stages = _run(factory, run_id)
+        assert stages["prepare"].status == "cancelled"
+        assert all(stages[n].status == "cancelled" and stages[n].started_at is None
+                   for n in ("vocab", "datagen", "train"))
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
+        # and it can be resumed afterwards from the cancelled stage
+        with factory() as s:
+            assert repo.resume_run(s, run_id) == ["prepare", "vocab", "datagen", "train"]
+        with factory() as s:
+            repo.request_cancel(s, run_id)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)

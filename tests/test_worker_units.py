@@ -1,0 +1,176 @@
+"""Worker parts that need no worker process: JSONL tail, spec validation, stage commands,
+the outbox dispatcher against a dead and a live Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import redis
+
+from runstore import open_store, repo
+from runstore.settings import Settings
+from worker.celery_app import make_celery
+from worker.dispatch import broker_reachable, flush_outbox
+from worker.pipeline import RunPaths, serve_argv, stage_argv, stages_for, verifier_argv
+from worker.procs import error_summary
+from worker.spec import validate_spec
+from worker.tail import JsonlTail
+
+TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+
+
+@pytest.fixture()
+def settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SPEC_MAX_GPUS", "2")
+    for k in ("SPEC_DB_URL", "SPEC_DATA_ROOT", "SPEC_RUNS_ROOT", "SPEC_MODELS_ROOT", "SPEC_BROKER_URL"):
+        monkeypatch.delenv(k, raising=False)
+    s = Settings.from_env()
+    s.ensure_dirs()
+    return s
+
+
+def _good(settings, **over):
+    (settings.data_root / "chats.jsonl").write_text('{"conversations": []}\n')
+    model = settings.models_root / "m"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 8, "vocab_size": 512}))
+    raw = {"name": "r", "model": str(model), "dataset": "chats.jsonl", "seq_length": 64, "max_samples": 8,
+           "layer_ids": "2,4,7", "draft_vocab_size": 128, "epochs": 1, "lr": "1e-3", "ttt_steps": 2,
+           "num_layers": 1, "mode": "offline", "gpus": 0}
+    raw.update(over)
+    return raw
+
+
+def test_tail_returns_complete_lines_only(tmp_path):
+    path = tmp_path / "m.jsonl"
+    tail = JsonlTail(path)
+    assert tail.read_new() == []  # file not there yet
+    with open(path, "w") as fh:
+        fh.write('{"type": "train", "step": 1}\n{"type": "tr')
+    assert tail.read_new() == [{"type": "train", "step": 1}]
+    with open(path, "a") as fh:
+        fh.write('ain", "step": 2}\nnot json\n')
+    assert tail.read_new() == [{"type": "train", "step": 2}]
+    assert tail.bad_lines == 1
+    path.write_text('{"type": "start"}\n')  # replaced by a shorter file: starts over
+    assert tail.read_new() == [{"type": "start"}]
+
+
+def test_valid_spec(settings):
+    spec, errors = validate_spec(_good(settings), settings)
+    assert errors == {}
+    assert spec.dataset == str((settings.data_root / "chats.jsonl").resolve())
+    assert spec.layer_ids == [2, 4, 7] and spec.lr == 1e-3
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("seq_length", "abc", "whole number"),
+    ("seq_length", 4, "between"),
+    ("epochs", 0, "between"),
+    ("lr", "-1", "(0.0, 1.0]"),
+    ("layer_ids", "2,x", "comma-separated"),
+    ("layer_ids", "2,2", "distinct"),
+    ("layer_ids", "2,9", "within [0, 8]"),
+    ("draft_vocab_size", 1000, "vocabulary (512)"),
+    ("mode", "sideways", "one of"),
+    ("gpus", 3, "between 0 and 2"),
+    ("name", "", "give the run a name"),
+    ("name", "a\nb", "control characters"),
+    ("dataset", "../../etc/passwd.jsonl", "inside the data root"),
+    ("dataset", "/etc/passwd", "inside the data root"),
+    ("dataset", "missing.jsonl", "no such file"),
+    ("model", "/etc", "must be under"),
+    ("model", "org/../x", "not a valid model id"),
+    ("vllm_endpoint", "file:///etc", "http"),
+])
+def test_invalid_fields_name_the_field(settings, field, value, needle):
+    spec, errors = validate_spec(_good(settings, **{field: value}), settings)
+    assert spec is None
+    assert field in errors and needle in errors[field], errors
+
+
+def test_dataset_symlink_out_of_root_rejected(settings, tmp_path):
+    outside = tmp_path / "secret.jsonl"
+    outside.write_text("{}\n")
+    (settings.data_root / "link.jsonl").symlink_to(outside)
+    _, errors = validate_spec(_good(settings, dataset="link.jsonl"), settings)
+    assert "inside the data root" in errors["dataset"]
+
+
+def test_online_needs_endpoint_or_gpu(settings):
+    _, errors = validate_spec(_good(settings, mode="online"), settings)
+    assert "vLLM server" in errors["mode"]
+    _, errors = validate_spec(_good(settings, mode="online", vllm_endpoint="http://vllm:8001"), settings)
+    assert errors == {}
+
+
+def test_stage_commands_are_argument_lists(settings, tmp_path):
+    name = 'x; rm -rf / && $(touch pwned) `id` "q" \'s\''
+    spec, errors = validate_spec(_good(settings, name=name), settings)
+    assert errors == {}
+    paths = RunPaths(tmp_path / "w")
+    assert stages_for(spec) == ["prepare", "vocab", "datagen", "train"]
+    train = stage_argv(spec, "train", paths, python="py")
+    assert train[:4] == ["py", "-m", "speculators", "train"]
+    assert train[train.index("--run-name") + 1] == name  # one argument, untouched
+    assert train[train.index("--d2t-path") + 1] == str(paths.vocab / "d2t.npy")
+    dg = stage_argv(spec, "datagen", paths, python="py")
+    assert dg[dg.index("--layer-ids") + 1:dg.index("--layer-ids") + 4] == ["2", "4", "7"]
+    prep = stage_argv(spec, "prepare", paths, python="py")
+    assert prep[prep.index("--data") + 1] == spec.dataset
+    spec.gpus = 2
+    multi = stage_argv(spec, "train", paths, python="py")
+    assert multi[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert multi[6:8] == ["-m", "speculators.train"]
+
+
+def test_online_train_command(settings, tmp_path):
+    spec, _ = validate_spec(_good(settings, mode="hybrid", gpus=1), settings)
+    assert stages_for(spec) == ["prepare", "vocab", "verifier", "train"]
+    argv = stage_argv(spec, "train", RunPaths(tmp_path), python="py", verifier_url="http://vllm:8001")
+    assert argv[argv.index("--vllm-endpoint") + 1] == "http://vllm:8001"
+    assert argv[argv.index("--on-generate") + 1] == "cache"
+    v = verifier_argv(spec.model, [2, 4], 8001, "/hs", python="py")
+    assert v[3:7] == ["launch-vllm", spec.model, "--hidden-states-path", "/hs"]
+    assert v[v.index("--") + 1:] == ["--host", "0.0.0.0", "--port", "8001"]
+    assert serve_argv("/ck/checkpoint_best", 8000, python="py")[3:5] == ["serve", "/ck/checkpoint_best"]
+
+
+def test_error_summary_prefers_cli_error_line(tmp_path):
+    log = tmp_path / "x.log"
+    log.write_text("$ py -m speculators train\nwarming up\nerror: --data-path /x has no data_config.json\nbye\n")
+    assert error_summary(log, 2) == "--data-path /x has no data_config.json (exit code 2)"
+
+
+def test_outbox_survives_broker_down_and_flushes_when_back(settings, monkeypatch):
+    factory = open_store(settings.db_url)
+    spec, _ = validate_spec(_good(settings), settings)
+    with factory() as s:
+        repo.create_run(s, run_id="out1", name="r", spec=spec.to_dict(), stages=stages_for(spec),
+                        work_dir=str(settings.runs_root / "out1"))
+
+    monkeypatch.setenv("SPEC_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens on port 1
+    down = make_celery(Settings.from_env())
+    assert not broker_reachable(down, timeout=1)
+    sent, err = flush_outbox(factory, down)
+    assert sent == 0 and err
+    with factory() as s:
+        (msg,) = repo.pending_outbox(s)
+        assert "cannot connect to Redis" in msg.last_error
+        assert repo.get_run(s, "out1").status == "queued"  # nothing lost
+
+    client = redis.Redis.from_url(TEST_REDIS)
+    client.flushdb()
+    monkeypatch.setenv("SPEC_BROKER_URL", TEST_REDIS)
+    up = make_celery(Settings.from_env())
+    assert flush_outbox(factory, up) == (1, None)
+    with factory() as s:
+        assert repo.pending_outbox(s) == []
+    queued = [json.loads(m) for m in client.lrange("gpu", 0, -1)]
+    assert len(queued) == 1
+    assert queued[0]["headers"]["task"] == "worker.tasks.run_stage"
+    assert json.loads(__import__("base64").b64decode(queued[0]["body"]))[0] == ["out1", "prepare"]
+    client.flushdb()

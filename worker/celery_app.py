@@ -1,0 +1,56 @@
+"""The Celery app. Broker and result backend come from `SPEC_BROKER_URL` (Redis in compose;
+the local mode falls back to a filesystem broker when no Redis answers).
+
+Queues: `gpu` for stage tasks (one job per worker: `--pool solo --concurrency 1`,
+one worker per GPU) and `vllm` for the controller in the vLLM container.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from runstore.settings import Settings
+
+GPU_QUEUE = "gpu"
+VLLM_QUEUE = "vllm"
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    s = settings or Settings.from_env()
+    app = Celery("speculators", broker=s.broker_url, backend=s.result_backend,
+                 include=["worker.tasks", "worker.controller"])
+    transport: dict = {}
+    if s.broker_url.startswith("filesystem://"):
+        folder = s.home / "broker"
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        (s.home / "results").mkdir(parents=True, exist_ok=True)
+        transport = {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
+                     "processed_folder": str(folder / "processed"), "store_processed": False}
+    elif s.broker_url.startswith("redis"):
+        # Fail fast when Redis is down: the caller keeps the message in the outbox.
+        transport = {"socket_connect_timeout": 2, "socket_timeout": 5, "visibility_timeout": 7 * 24 * 3600}
+    app.conf.update(
+        task_default_queue=GPU_QUEUE,
+        task_routes={"worker.tasks.*": {"queue": GPU_QUEUE}, "worker.controller.*": {"queue": VLLM_QUEUE}},
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # A stage runs for hours: take one message at a time and acknowledge it on receipt.
+        # A worker killed mid-stage is handled by recovery at its restart (see worker.tasks),
+        # not by broker redelivery, which would run a stage twice.
+        worker_prefetch_multiplier=1,
+        task_acks_late=False,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport if s.result_backend.startswith("redis") else {},
+        broker_connection_retry_on_startup=True,
+        result_expires=24 * 3600,
+        # Run state lives in SQLite; the backend keeps only failures' tracebacks for inspection.
+        task_ignore_result=True,
+        task_store_errors_even_if_ignored=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_celery()

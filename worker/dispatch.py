@@ -1,0 +1,121 @@
+"""Send the SQLite outbox to the broker.
+
+Submitting a run writes the run and an outbox message in one transaction; this
+module turns pending messages into Celery tasks. When Redis is down the
+message stays pending (nothing is lost) and a later flush - the dashboard's
+background dispatcher retries every few seconds - queues it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from urllib.parse import urlparse
+
+from celery import Celery, chain
+from sqlalchemy.orm import Session, sessionmaker
+
+from runstore import repo
+from worker.celery_app import GPU_QUEUE, VLLM_QUEUE
+
+log = logging.getLogger(__name__)
+
+
+class BrokerDown(Exception):
+    pass
+
+
+def _send(app: Celery, kind: str, payload: dict) -> None:
+    if kind == "run_stages":
+        sigs = [app.signature("worker.tasks.run_stage", args=(payload["run_id"], name), immutable=True,
+                              queue=GPU_QUEUE) for name in payload["stages"]]
+        chain(*sigs).apply_async(retry=False, ignore_result=True)
+    elif kind == "serve":
+        app.send_task("worker.controller.start_server", args=(payload["deployment_id"],),
+                      kwargs={"layer_ids": payload.get("layer_ids") or [], "hidden_dir": payload.get("hidden_dir")},
+                      queue=VLLM_QUEUE, retry=False, ignore_result=True)
+    elif kind == "stop_deployment":
+        app.send_task("worker.controller.stop_server", args=(payload["deployment_id"],), queue=VLLM_QUEUE,
+                      retry=False, ignore_result=True)
+    else:
+        raise ValueError(f"unknown outbox message kind {kind!r}")
+
+
+def probe_broker(url: str, timeout: float = 1.0) -> str | None:
+    """A plain TCP connect to a Redis broker: a dead one is reported in milliseconds instead
+    of after the client's reconnect back-off. Returns the error, or None."""
+    if not url.startswith(("redis://", "rediss://")):
+        return None
+    u = urlparse(url)
+    host, port = u.hostname or "localhost", u.port or 6379
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as exc:
+        return f"cannot connect to Redis at {host}:{port}: {exc.strerror or exc}"
+
+
+def flush_outbox(factory: sessionmaker[Session], app: Celery) -> tuple[int, str | None]:
+    """Send what is pending, oldest first. Returns (sent, error); stops at the first broker
+    error since the rest would fail the same way."""
+    sent = 0
+    with factory() as s:
+        pending = [(m.id, m.kind, m.payload) for m in repo.pending_outbox(s)]
+    if not pending:
+        return 0, None
+    down = probe_broker(app.conf.broker_url)
+    if down:
+        with factory() as s:
+            for mid, _, _ in pending:
+                repo.outbox_failed(s, mid, down)
+        return 0, down
+    for mid, kind, payload in pending:
+        with factory() as s:
+            if not repo.claim_outbox(s, mid):
+                continue
+        try:
+            _send(app, kind, payload)
+        except Exception as exc:  # kombu raises several types for a dead broker
+            err = f"{type(exc).__name__}: {exc}"
+            with factory() as s:
+                repo.outbox_failed(s, mid, err)
+            log.warning("broker unreachable, %d message(s) kept in the outbox: %s", len(pending) - sent, err)
+            return sent, err
+        with factory() as s:
+            repo.outbox_sent(s, mid)
+        sent += 1
+    return sent, None
+
+
+def broker_reachable(app: Celery, timeout: float = 2.0) -> bool:
+    if probe_broker(app.conf.broker_url, timeout):
+        return False
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+class Dispatcher(threading.Thread):
+    """Background thread that flushes the outbox every `interval_s` seconds."""
+
+    def __init__(self, factory: sessionmaker[Session], app: Celery, interval_s: float = 3.0) -> None:
+        super().__init__(name="outbox-dispatcher", daemon=True)
+        self.factory, self.app, self.interval_s = factory, app, interval_s
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                _, self.last_error = flush_outbox(self.factory, self.app)
+            except Exception as exc:  # keep the thread alive through a locked DB or similar
+                self.last_error = str(exc)
+                log.exception("outbox flush failed")
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,111 @@
+"""Starting and stopping child processes: argument lists, own process group, no orphans."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def start(argv: list[str], *, log_path: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start `argv` (never through a shell) in its own process group, output appended to
+    `log_path`. The child is killed by the kernel if the worker dies, and a worker restarted
+    later kills the whole group by the pid stored in the run store."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cwd.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab", buffering=0)
+    try:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=str(cwd), env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    finally:
+        log.close()
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group is left. A finished child of ours stays a zombie
+    (and counts as alive to kill(0)) until reaped, so reap it first when it is ours."""
+    try:
+        os.waitpid(pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def stop_group(proc: subprocess.Popen | None, pid: int | None = None, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after `grace_s`."""
+    pgid = pid if pid is not None else (proc.pid if proc else None)
+    if pgid is None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc is not None:
+                proc.poll()  # reaps the leader so it is not counted as alive
+            if not group_alive(pgid):
+                break
+            time.sleep(0.1)
+        else:
+            continue
+        break
+    if proc is not None:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def log_tail(path: Path | str | None, lines: int = 40, max_bytes: int = 64 * 1024) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def error_summary(log_path: Path | str | None, returncode: int) -> str:
+    """The line that says what went wrong: a CLI `error: ...` line, else the last line."""
+    tail = log_tail(log_path, lines=60).splitlines()
+    for line in reversed(tail):
+        if line.startswith("error:"):
+            return f"{line[len('error:'):].strip()} (exit code {returncode})"
+    for line in reversed(tail):
+        if line.strip() and not line.startswith("$ "):
+            return f"{line.strip()[:500]} (exit code {returncode})"
+    return f"exit code {returncode}"
+
+
+def child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("MKL_NUM_THREADS", str(threads))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env

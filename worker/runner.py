@@ -1,0 +1,181 @@
+"""Run one stage of a run: start its command, stream its metrics into SQLite, honour cancel.
+
+Called by the Celery task in `worker.tasks`; kept free of Celery so it tests alone.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import requests
+from sqlalchemy.orm import Session, sessionmaker
+
+from runstore import repo
+from runstore.models import utcnow
+from runstore.settings import Settings
+from worker import procs
+from worker.pipeline import RunPaths, stage_argv
+from worker.spec import RunSpec
+from worker.tail import JsonlTail
+
+HEARTBEAT_S = 1.0
+STALE_AFTER_S = 60.0
+
+
+def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: str, stage_name: str,
+                  *, worker: str, dispatch=None) -> str:
+    """Returns succeeded | failed | cancelled | skipped | blocked."""
+    with factory() as s:
+        run = repo.get_run(s, run_id)
+        if run is None:
+            return "skipped"
+        s.refresh(run)
+        if run.cancel_requested or run.status == "cancelled":
+            return "cancelled"
+        stage = repo.get_stage(s, run_id, stage_name)
+        if stage is None or stage.status == "succeeded":
+            return "skipped"
+        if stage.status == "running":
+            fresh = stage.heartbeat_at and stage.heartbeat_at > utcnow() - timedelta(seconds=STALE_AFTER_S)
+            if fresh and stage.worker != worker:
+                return "blocked"  # a duplicate message; the stage runs elsewhere
+        if any(x.status != "succeeded" for x in run.stages if x.position < stage.position):
+            return "blocked"
+        spec = RunSpec.from_dict(run.spec)
+        paths = RunPaths(Path(run.work_dir))
+        log_path = paths.log(stage_name)
+        stage = repo.start_stage(s, run_id, stage_name, worker=worker, log_path=str(log_path))
+        stage_id = stage.id
+        attempt = stage.attempts
+
+    if stage_name == "verifier":
+        return _ensure_verifier(factory, settings, run_id, spec, paths, stage_id, dispatch)
+
+    try:
+        verifier_url = _verifier_url(factory, run_id) if spec.mode in ("online", "hybrid") else None
+        argv = stage_argv(spec, stage_name, paths, verifier_url=verifier_url)
+    except ValueError as exc:
+        with factory() as s:
+            repo.finish_stage(s, run_id, stage_name, "failed", str(exc))
+        return "failed"
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as fh:
+        fh.write(f"\n=== {stage_name} attempt {attempt} on {worker} at {datetime.now().isoformat(timespec='seconds')}\n")
+        fh.write("$ " + shlex.join(argv) + "\n")
+    try:
+        proc = procs.start(argv, log_path=log_path, cwd=paths.work_dir, env=procs.child_env(settings.train_threads))
+    except OSError as exc:
+        with factory() as s:
+            repo.finish_stage(s, run_id, stage_name, "failed", f"could not start {argv[0]}: {exc}")
+        return "failed"
+    with factory() as s:
+        repo.set_stage_pid(s, stage_id, proc.pid)
+
+    tail = JsonlTail(paths.metrics) if stage_name == "train" else None
+    status = _watch(factory, run_id, stage_id, proc, tail)
+    if status == "cancelled":
+        with factory() as s:
+            repo.finish_stage(s, run_id, stage_name, "cancelled", "cancelled by the user")
+        return "cancelled"
+    rc = proc.returncode
+    with factory() as s:
+        if rc == 0:
+            repo.finish_stage(s, run_id, stage_name, "succeeded")
+            return "succeeded"
+        repo.finish_stage(s, run_id, stage_name, "failed", procs.error_summary(log_path, rc))
+        return "failed"
+
+
+def _watch(factory, run_id: str, stage_id: int, proc: subprocess.Popen, tail: JsonlTail | None) -> str:
+    last_beat = 0.0
+    while True:
+        rc = proc.poll()
+        if tail is not None:
+            records = tail.read_new()
+            if records:
+                with factory() as s:
+                    repo.ingest_records(s, run_id, records, stage_id=stage_id)
+        if rc is not None:
+            return "exited"
+        now = time.monotonic()
+        if now - last_beat >= HEARTBEAT_S:
+            last_beat = now
+            with factory() as s:
+                if repo.heartbeat(s, stage_id):
+                    procs.stop_group(proc)
+                    if tail is not None:
+                        with factory() as s2:
+                            repo.ingest_records(s2, run_id, tail.read_new(), stage_id=stage_id)
+                    return "cancelled"
+        time.sleep(0.25)
+
+
+def _verifier_url(factory, run_id: str) -> str | None:
+    with factory() as s:
+        dep = repo.latest_deployment(s, run_id, kind="verifier")
+        return dep.endpoint if dep is not None and dep.status == "up" else None
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        return requests.get(url.rstrip("/") + "/health", timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _ensure_verifier(factory, settings: Settings, run_id: str, spec: RunSpec, paths: RunPaths,
+                     stage_id: int, dispatch) -> str:
+    """Make sure a vLLM server with hidden-state extraction serves the verifier: the user's
+    URL, or one the controller in the vLLM container starts for this run."""
+    deadline = time.monotonic() + 30 * 60
+    log = paths.log("verifier")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if spec.vllm_endpoint:
+        with open(log, "a") as fh:
+            fh.write(f"waiting for the verifier at {spec.vllm_endpoint}\n")
+        while time.monotonic() < deadline:
+            if healthy(spec.vllm_endpoint):
+                with factory() as s:
+                    repo.finish_stage(s, run_id, "verifier", "succeeded")
+                return "succeeded"
+            with factory() as s:
+                if repo.heartbeat(s, stage_id):
+                    repo.finish_stage(s, run_id, "verifier", "cancelled", "cancelled by the user")
+                    return "cancelled"
+            time.sleep(2)
+        with factory() as s:
+            repo.finish_stage(s, run_id, "verifier", "failed", f"{spec.vllm_endpoint}/health did not answer in 30 min")
+        return "failed"
+
+    with factory() as s:
+        dep = repo.request_deployment(
+            s, kind="verifier", model_path=spec.model, run_id=run_id, port=settings.verifier_port,
+            endpoint=f"http://{settings.vllm_host}:{settings.verifier_port}",
+            extra={"layer_ids": list(spec.layer_ids), "hidden_dir": str(paths.hidden)})
+        dep_id = dep.id
+    if dispatch is not None:
+        dispatch()
+    while time.monotonic() < deadline:
+        with factory() as s:
+            dep = repo.get_deployment(s, dep_id)
+            if dep.status == "up":
+                repo.finish_stage(s, run_id, "verifier", "succeeded")
+                return "succeeded"
+            if dep.status in ("failed", "stopped"):
+                repo.finish_stage(s, run_id, "verifier", "failed", dep.error or "the verifier server stopped")
+                return "failed"
+            if repo.heartbeat(s, stage_id):
+                repo.request_stop(s, dep_id)
+                repo.finish_stage(s, run_id, "verifier", "cancelled", "cancelled by the user")
+                if dispatch is not None:
+                    dispatch()
+                return "cancelled"
+        time.sleep(2)
+    with factory() as s:
+        repo.finish_stage(s, run_id, "verifier", "failed", "the verifier server did not come up in 30 min")
+    return "failed"

@@ -1,0 +1,68 @@
+"""Stage tasks (GPU queue) and the recovery a worker does when it starts."""
+
+from __future__ import annotations
+
+import logging
+
+from celery.exceptions import Ignore
+from celery.signals import worker_ready
+
+from runstore import open_store, repo
+from runstore.settings import Settings
+from worker.celery_app import GPU_QUEUE, VLLM_QUEUE, app
+from worker.dispatch import Dispatcher, flush_outbox
+from worker.runner import STALE_AFTER_S, execute_stage
+
+log = logging.getLogger(__name__)
+
+
+class StageFailed(Exception):
+    """Raised so Celery stops the chain; the stage's error is in the run store."""
+
+
+def _store():
+    settings = Settings.from_env()
+    settings.ensure_dirs()
+    return settings, open_store(settings.db_url)
+
+
+@app.task(bind=True, name="worker.tasks.run_stage")
+def run_stage(self, run_id: str, stage: str) -> str:
+    settings, factory = _store()
+    result = execute_stage(factory, settings, run_id, stage, worker=self.request.hostname or "worker",
+                           dispatch=lambda: flush_outbox(factory, app))
+    if result in ("succeeded", "skipped"):
+        return result
+    if result == "failed":
+        raise StageFailed(f"run {run_id}: stage {stage} failed")
+    raise Ignore()  # cancelled, or a duplicate of a stage running elsewhere: end the chain quietly
+
+
+@worker_ready.connect
+def _recover(sender=None, **_kwargs) -> None:
+    """A worker killed mid-stage left its stage `running`. At restart mark it interrupted and,
+    with SPEC_AUTO_RESUME on (default), queue the run again from that stage; training then
+    resumes from its last checkpoint."""
+    try:
+        queues = {q.name for q in sender.task_consumer.queues}
+    except AttributeError:
+        queues = {GPU_QUEUE}
+    settings, factory = _store()
+    if VLLM_QUEUE in queues:
+        from worker.controller import recover_deployments
+
+        recover_deployments(factory)
+    if GPU_QUEUE not in queues:
+        return
+    # The GPU worker also sends the outbox, so a run submitted while Redis was down is queued
+    # when Redis returns even if no dashboard page is open.
+    Dispatcher(factory, app, interval_s=5.0).start()
+    with factory() as s:
+        found = repo.recover_interrupted(s, worker=sender.hostname, stale_after_s=STALE_AFTER_S)
+    for run_id, stage in found:
+        log.warning("run %s: stage %s was interrupted by a worker restart", run_id, stage)
+        if settings.auto_resume:
+            with factory() as s:
+                repo.resume_run(s, run_id, from_stage=stage)
+    if found:
+        flush_outbox(factory, app)
