@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, selectinload
 from runstore.models import Checkpoint, Deployment, Metric, OutboxMessage, Run, Stage, utcnow
 
 ACTIVE_RUN = ("queued", "running")
+STALE_AFTER_S = 60.0  # a running stage whose heartbeat is older belongs to a dead worker
 RESUMABLE_RUN = ("failed", "cancelled", "interrupted")
 
 
@@ -63,7 +64,9 @@ def request_cancel(session: Session, run_id: str) -> Run:
     if run.status not in ACTIVE_RUN:
         raise StoreError(f"run {run_id} is {run.status}; only queued or running runs can be cancelled")
     run.cancel_requested = True
-    if not any(s.status == "running" for s in run.stages):
+    stale = utcnow() - timedelta(seconds=STALE_AFTER_S)
+    live = [s for s in run.stages if s.status == "running" and (s.heartbeat_at or datetime.min) > stale]
+    if not live:  # nothing running, or its worker is gone: nobody else will finish the job
         _mark_cancelled(run)
     session.commit()
     return run

@@ -165,3 +165,18 @@ def test_wal_reader_not_blocked_by_writer(factory, tmp_path):
         assert len(repo.list_runs(reader)) == 1
         assert time.monotonic() - t0 < 1.0
         writer.rollback()
+
+
+def test_cancel_with_dead_worker_does_not_hang(factory):
+    _run(factory)
+    with factory() as s:
+        repo.start_stage(s, "r1", "prepare", worker="gone@host", log_path="/l")
+        repo.request_cancel(s, "r1")
+        assert repo.get_run(s, "r1").status == "running"  # live worker: it stops the stage
+        stage = repo.get_stage(s, "r1", "prepare")
+        stage.heartbeat_at = utcnow() - timedelta(seconds=300)
+        run = repo.get_run(s, "r1")
+        run.cancel_requested = False
+        s.commit()
+        repo.request_cancel(s, "r1")  # its worker died a while ago
+        assert repo.get_run(s, "r1").status == "cancelled"

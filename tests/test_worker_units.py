@@ -17,6 +17,7 @@ from worker.pipeline import RunPaths, serve_argv, stage_argv, stages_for, verifi
 from worker.procs import error_summary
 from worker.spec import validate_spec
 from worker.tail import JsonlTail
+from worker.testing import wait_for
 
 TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 
@@ -174,3 +175,82 @@ def test_outbox_survives_broker_down_and_flushes_when_back(settings, monkeypatch
     assert queued[0]["headers"]["task"] == "worker.tasks.run_stage"
     assert json.loads(__import__("base64").b64decode(queued[0]["body"]))[0] == ["out1", "prepare"]
     client.flushdb()
+
+
+def _health_server():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_verifier_stage_with_user_endpoint_and_with_controller(settings):
+    """online/hybrid: the verifier stage waits for the user's server, or asks the controller
+    for one and passes its URL to the trainer."""
+    import threading
+
+    from worker.runner import _verifier_url, execute_stage
+
+    server = _health_server()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    factory = open_store(settings.db_url)
+    try:
+        spec, errors = validate_spec(_good(settings, mode="online", vllm_endpoint=url), settings)
+        assert errors == {}
+        with factory() as s:
+            repo.create_run(s, run_id="v1", name="r", spec=spec.to_dict(), stages=["verifier"],
+                            work_dir=str(settings.runs_root / "v1"))
+        assert execute_stage(factory, settings, "v1", "verifier", worker="t") == "succeeded"
+
+        spec, errors = validate_spec(_good(settings, mode="hybrid", gpus=1), settings)
+        assert errors == {}
+        with factory() as s:
+            repo.create_run(s, run_id="v2", name="r", spec=spec.to_dict(), stages=["verifier"],
+                            work_dir=str(settings.runs_root / "v2"))
+
+        def controller():  # plays the vLLM controller: reports the requested server up
+            def requested():
+                with factory() as s:
+                    return repo.latest_deployment(s, "v2", kind="verifier")
+            dep = wait_for(requested, 10, interval=0.05, what="verifier request")
+            with factory() as s:
+                repo.update_deployment(s, dep.id, status="up", endpoint=url)
+        t = threading.Thread(target=controller)
+        t.start()
+        sent = []
+        assert execute_stage(factory, settings, "v2", "verifier", worker="t",
+                             dispatch=lambda: sent.append(1)) == "succeeded"
+        t.join()
+        assert sent == [1]
+        with factory() as s:
+            (msg,) = [m for m in repo.pending_outbox(s) if m.kind == "serve"]
+            assert msg.payload["hidden_dir"] == str(settings.runs_root / "v2" / "hidden_states")
+        assert _verifier_url(factory, "v2") == url
+    finally:
+        server.shutdown()
+
+
+
+def test_local_mode_picks_redis_when_it_answers(tmp_path, monkeypatch):
+    from worker.local import dashboard_argv, local_env, worker_argv
+
+    monkeypatch.delenv("SPEC_BROKER_URL", raising=False)
+    env = local_env(tmp_path, TEST_REDIS)
+    assert env["SPEC_BROKER_URL"] == TEST_REDIS
+    env = local_env(tmp_path, "redis://127.0.0.1:1/0")
+    assert env["SPEC_BROKER_URL"] == "filesystem://"  # embedded broker, nothing to install
+    assert env["SPEC_HOME"] == str(tmp_path) and env["SPEC_MAX_GPUS"] == "0"
+    argv = worker_argv("gpu", "gpu0@%h", filesystem=True)
+    assert argv[argv.index("-Q") + 1] == "gpu" and "--without-gossip" in argv
+    dash = dashboard_argv(8501, "127.0.0.1")
+    assert dash[dash.index("--server.address") + 1] == "127.0.0.1"

@@ -23,7 +23,7 @@ from worker.spec import RunSpec
 from worker.tail import JsonlTail
 
 HEARTBEAT_S = 1.0
-STALE_AFTER_S = 60.0
+STALE_AFTER_S = repo.STALE_AFTER_S
 
 
 def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: str, stage_name: str,

@@ -67,9 +67,9 @@ def live() -> None:
     train_stage = next((x for x in stages if x.name == "train"), None)
     frac, eta = views.train_eta(train, train_stage.total_steps if train_stage else None)
     overall = views.run_progress(run)
-    label = f"overall {overall:.0%}"
+    label = f"overall {int(overall * 100)}%"  # floor: 100% only when everything has finished
     if train:
-        label += f" · training {frac:.0%}" + (f" · ETA {views.fmt_duration(eta)}" if eta is not None and run.status == "running" else "")
+        label += f" · training {int(frac * 100)}%" + (f" · ETA {views.fmt_duration(eta)}" if eta is not None and run.status == "running" else "")
     st.progress(overall, text=label)
 
     st.subheader("Stages")
