@@ -9,9 +9,11 @@ reading a verifier checkpoint (the shapes here are synthetic); every step is the
 
     python bench/ours_runner.py --data DIR --shape tiny --seq-len 256 --steps 20 --out r.json
 
+Proposals (docs/benchmarks.md), applied at run time without editing the trainer:
 `--precision bf16` runs the step under CPU bf16 autocast (our trainer autocasts only on
-CUDA; this is the experiment behind the "bf16 autocast on CPU" proposal in
-docs/benchmarks.md). `--profile N` profiles N extra steps with torch.profiler and adds a
+CUDA), `--attn-proposal` routes the CPU TTT attention through one fused SDPA call
+(bench/proposals/ttt_attention_concat.py), `--fused-adamw` builds AdamW(fused=True);
+`--opt` turns on all three. `--profile N` profiles N extra steps with torch.profiler and adds a
 breakdown (bench/breakdown.py).
 """
 
@@ -35,7 +37,7 @@ from shared_init import apply_shared_init, init_tensor, vocab_mapping  # noqa: E
 
 
 def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: str, precision: str, device: str, epochs: int,
-                  freeze_lm_head: bool = False):
+                  freeze_lm_head: bool = False, fused_adamw: bool = False):
     from speculators.data.formats import open_sample_store
     from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
     from speculators.train.config import TrainConfig
@@ -98,7 +100,10 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
     tr.draft = draft
     tr.objective = TTTObjective(draft, head).to(tr.device)
     tr.params = [p for p in tr.objective.parameters() if p.requires_grad]
-    tr.optimizer = torch.optim.AdamW(tr.params, lr=lr, weight_decay=0.0)
+    # Trainer.build uses AdamW's default (a per-tensor loop on the CPU, foreach on CUDA);
+    # --fused-adamw is the proposal (one fused kernel over all tensors).
+    kw = {"fused": True} if fused_adamw else {}
+    tr.optimizer = torch.optim.AdamW(tr.params, lr=lr, weight_decay=0.0, **kw)
     tr._build_data()
     tr.scheduler = build_scheduler(tr.optimizer, tr.total_steps, 0, "none")
     return tr, init_stats
@@ -153,6 +158,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--attn-proposal", action="store_true",
                     help="CPU attention via bench/proposals/ttt_attention_concat.py (one fused SDPA per step)")
+    ap.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) (proposal)")
+    ap.add_argument("--opt", action="store_true", help="all proposals: --precision bf16 (CPU) --attn-proposal --fused-adamw")
     ap.add_argument("--freeze-lm-head", action="store_true", help="freeze lm_head like the public package does")
     ap.add_argument("--profile", type=int, default=0, help="profile this many extra steps")
     ap.add_argument("--threads", type=int, default=0)
@@ -161,6 +168,10 @@ def main(argv=None) -> dict:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.opt:
+        a.attn_proposal = a.fused_adamw = True
+        if not torch.cuda.is_available():
+            a.precision = "bf16"
     shape = get_shape(a.shape, a.seq_len)
     if a.attn_proposal:
         from proposals.ttt_attention_concat import install_into_model_module
@@ -169,7 +180,7 @@ def main(argv=None) -> dict:
     log(f"ours: shape={shape.name} seq={a.seq_len} steps={a.steps} attn={a.attn} precision={a.precision}")
     t0 = time.perf_counter()
     tr, init_stats = build_trainer(shape, a.data, a.seq_len, a.lr, a.seed, a.attn, a.precision, a.device, epochs=1,
-                                   freeze_lm_head=a.freeze_lm_head)
+                                   freeze_lm_head=a.freeze_lm_head, fused_adamw=a.fused_adamw)
     build_s = time.perf_counter() - t0
     from speculators.train.losses import summarize
 
@@ -198,7 +209,7 @@ def main(argv=None) -> dict:
         "peak_rss_mib": peak_rss_mib(),
         "train_peak_rss_mib": rss.peak,
         "init": init_stats,
-        "options": {"attn": tr.draft.attn_impl, "attn_proposal": a.attn_proposal, "precision": a.precision, "device": str(dev), "optimizer": "adamw",
+        "options": {"attn": tr.draft.attn_impl, "attn_proposal": a.attn_proposal, "fused_adamw": a.fused_adamw, "precision": a.precision, "device": str(dev), "optimizer": "adamw",
                     "weight_decay": 0.0, "scheduler": "none", "lm_head_trainable": tr.draft.lm_head.weight.requires_grad},
         "machine": machine_info(),
     }

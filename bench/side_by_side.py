@@ -14,6 +14,8 @@ Variants (`--variants`, comma list):
   ours-bf16     ours under CPU bf16 autocast (experiment; our trainer autocasts on CUDA only)
   ours-attn     ours with the fused TTT attention proposal (bench/proposals/ttt_attention_concat.py)
   ours-bf16-attn  both proposals
+  ours-opt      all proposals: CPU bf16 autocast + fused TTT attention + AdamW(fused=True)
+  ours-opt-frozen  ours-opt with lm_head frozen (the public package's work per step)
   public        public trainer, CPU bf16 autocast (the precision of its GPU path)
   public-fp32   public trainer in fp32 (hidden-states dtype float32, autocast off)
 
@@ -49,6 +51,8 @@ VARIANTS = {
     "ours-sdpa": ("ours", ["--attn", "sdpa"]),
     "ours-attn": ("ours", ["--attn-proposal"]),
     "ours-bf16-attn": ("ours", ["--precision", "bf16", "--attn-proposal"]),
+    "ours-opt": ("ours", ["--opt"]),
+    "ours-opt-frozen": ("ours", ["--opt", "--freeze-lm-head"]),
     "public": ("public", ["--precision", "bf16"]),
     "public-fp32": ("public", ["--precision", "fp32"]),
 }

@@ -142,3 +142,10 @@ def test_vllm_image_resets_the_serve_entrypoint():
     cmds = dockerfile.parse_file(str(ROOT / "Dockerfile.vllm"))
     (entry,) = [c for c in cmds if c.cmd.upper() == "ENTRYPOINT"]
     assert entry.value == () and entry.json
+
+
+def test_vllm_image_is_new_enough_for_hidden_state_export():
+    """speculators.vllm.launch needs vLLM >= 0.22 (extract_hidden_states + KV connector)."""
+    image = dockerfile.parse_file(str(ROOT / "Dockerfile.vllm"))[0].value[0]
+    version = tuple(int(x) for x in image.rsplit(":v", 1)[1].split("."))
+    assert version >= (0, 22, 0), image

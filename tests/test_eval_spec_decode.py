@@ -19,8 +19,13 @@ PROMPTS = [[5, 17, 42, 99], [300, 2, 7, 7, 7, 81, 64, 12, 9], [450]]
 
 
 @pytest.fixture(scope="module")
-def verifier(tiny_llama):
-    return Verifier(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), AUX)
+def verifier_model(tiny_llama):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def verifier(verifier_model):
+    return Verifier(verifier_model, AUX)  # KV-cached
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +41,10 @@ def test_greedy_accept_counts_the_matching_prefix():
     assert greedy_accept([1, 2], [1, 2]) == 2
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_greedy_speculative_equals_plain_greedy(verifier, random_draft, tiny_llama, k):
+@pytest.mark.parametrize("k,use_cache", [(1, True), (3, True), (3, False)])
+def test_greedy_speculative_equals_plain_greedy(verifier_model, random_draft, tiny_llama, k, use_cache):
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    verifier = Verifier(verifier_model, AUX, use_cache=use_cache)
     for prompt in PROMPTS:
         for proposer in (Eagle3Proposer(random_draft, verifier.vocab_size), VerifierProposer(verifier)):
             got = speculative_generate(verifier, proposer, prompt, 20, k)
@@ -73,7 +79,7 @@ def test_acceptance_bookkeeping_with_an_oracle_and_a_random_draft(verifier, rand
 
 def test_eagle3_proposer_matches_the_models_own_greedy_chain(verifier, random_draft):
     seq = PROMPTS[1]
-    logits, aux = verifier(seq)
+    logits, aux, _ = verifier(seq)
     ids = torch.tensor(seq + [int(logits[-1].argmax())])
     tokens, q = Eagle3Proposer(random_draft, verifier.vocab_size).propose(ids, aux, 4)
     ref, _ = random_draft.propose(aux[None].float(), ids[1:][None], 4, start_position=1)

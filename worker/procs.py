@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def start(argv: list[str], *, log_path: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -25,12 +16,13 @@ def start(argv: list[str], *, log_path: Path, cwd: Path, env: dict[str, str]) ->
     later kills the whole group by the pid stored in the run store."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cwd.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "ab", buffering=0)
-    try:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=str(cwd), env=env, start_new_session=True, preexec_fn=_die_with_parent)
-    finally:
-        log.close()
+    wrapped = [sys.executable, "-m", "worker.pdeathsig", str(os.getpid()), *argv]
+    env = dict(env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                      env.get("PYTHONPATH", "")]))
+    with open(log_path, "ab", buffering=0) as log:
+        return subprocess.Popen(wrapped, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=str(cwd), env=env, start_new_session=True)
 
 
 def group_alive(pgid: int) -> bool:

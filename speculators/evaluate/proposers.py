@@ -75,7 +75,7 @@ class VerifierProposer:
         seq = input_ids.tolist()
         tokens, qs = [], []
         for _ in range(k):
-            logits, _ = self.verifier(seq)
+            logits, _, _ = self.verifier(seq)
             if temperature == 0:
                 t = int(logits[-1].argmax())
             else:

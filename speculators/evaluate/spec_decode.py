@@ -8,8 +8,9 @@ the standard rejection rule (accept with ``min(1, p/q)``, resample a rejection
 from ``norm(max(0, p - q))``, bonus token from ``p``) keeps the output distributed
 exactly as the verifier's.
 
-The verifier recomputes the whole prefix every step (no KV cache): simple and
-deterministic, fine for evaluation of small models and held-out prompt sets.
+A verifier call returns ``(logits from position start on, aux states of every
+position, start)``; `speculators.evaluate.verifier.Verifier` serves the accepted
+prefix from its KV cache and crops rejected draft tokens off it.
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ def speculative_generate(
         raise ValueError("k must be >= 1")
     eos = {int(t) for t in eos_token_ids}
     result = GenerationResult(tokens=[])
-    logits, aux = verifier(list(prompt))
+    if hasattr(verifier, "reset"):
+        verifier.reset()
+    logits, aux, _ = verifier(list(prompt))
     result.verifier_forwards += 1
     last = logits[-1].float().cpu()
     first = (
@@ -126,9 +129,11 @@ def speculative_generate(
             torch.tensor(seq, dtype=torch.long), aux[:n], k, temperature=temperature, generator=generator
         )
         draft = draft.to(torch.long).cpu()
-        logits, aux_full = verifier(seq + draft.tolist())
+        logits, aux_full, start = verifier(seq + draft.tolist(), need_logits_from=n)
         result.verifier_forwards += 1
-        scores = logits[n : n + k + 1].float().cpu()  # predictions for positions n+1 .. n+k+1
+        if start > n:
+            raise RuntimeError(f"verifier skipped position {n} (served {start} positions from its cache)")
+        scores = logits[n - start : n - start + k + 1].float().cpu()  # predicts positions n+1 .. n+k+1
         if temperature == 0:
             accepted = greedy_accept(draft.tolist(), scores[:k].argmax(-1).tolist())
             nxt = int(scores[accepted].argmax())
@@ -148,8 +153,10 @@ def greedy_generate(verifier, prompt: Sequence[int], max_new_tokens: int, eos_to
     """Plain greedy decoding with the same verifier forward: the reference for exactness."""
     eos = {int(t) for t in eos_token_ids}
     out: list[int] = []
+    if hasattr(verifier, "reset"):
+        verifier.reset()
     while len(out) < max_new_tokens:
-        logits, _ = verifier(list(prompt) + out)
+        logits, _, _ = verifier(list(prompt) + out)
         t = int(logits[-1].argmax())
         out.append(t)
         if t in eos:
