@@ -4,7 +4,7 @@
 #   bench/run.sh            # CPU set, sized for a 2-core machine (~15-25 min)
 #   bench/run.sh --full     # adds the Llama-3.1-8B-shaped draft on the CPU (~10 GB RAM, slow)
 #   bench/run.sh --gpu      # GPU set: Llama-3.1-8B shape at seq 2048 and 8192, MFU, CUDA memory
-#   bench/run.sh --only train,dataload   # any of: dataload datagen train sbs lmhead attn
+#   bench/run.sh --only train,dataload   # any of: dataload datagen train sbs lmhead attn optim
 #
 # Results: bench/results/<name>.json (machine facts, load average, versions, git commit
 # in each) and summary.md. Timings on a shared machine are noisy: each JSON keeps every
@@ -15,7 +15,7 @@ ROOT="$(dirname "$HERE")"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
 MODE=cpu
-ONLY="dataload,datagen,train,sbs,lmhead,attn"
+ONLY="dataload,datagen,train,sbs,lmhead,attn,optim"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --full) MODE=full ;;
@@ -50,9 +50,9 @@ fi
 if want train; then
   case $MODE in
     cpu)  "$PY" bench/bench_train.py --shapes tiny,small --steps 3 --warmup 1 --profile 2 --name train_cpu
-          "$PY" bench/bench_train.py --shapes small --steps 3 --warmup 1 --profile 2 --precision bf16 --name train_cpu_bf16 ;;
-    full) "$PY" bench/bench_train.py --shapes tiny,small,llama8b --steps 3 --warmup 1 --profile 2 --name train_cpu
-          "$PY" bench/bench_train.py --shapes small,llama8b --steps 3 --warmup 1 --profile 2 --precision bf16 --name train_cpu_bf16 ;;
+          "$PY" bench/bench_train.py --shapes small --steps 3 --warmup 1 --profile 2 --opt --name train_cpu_opt ;;
+    full) "$PY" bench/bench_train.py --shapes tiny,small,llama8b --steps 2 --warmup 1 --profile 2 --name train_cpu
+          "$PY" bench/bench_train.py --shapes small,llama8b --steps 2 --warmup 1 --profile 2 --opt --name train_cpu_opt ;;
     gpu)  "$PY" bench/bench_train.py --shapes llama8b --seq-len 2048 --steps 20 --warmup 3 --profile 4 --name train_gpu_2048
           "$PY" bench/bench_train.py --shapes llama8b --seq-len 8192 --steps 10 --warmup 3 --profile 4 --name train_gpu_8192 ;;
   esac
@@ -60,11 +60,11 @@ fi
 if want sbs; then
   case $MODE in
     cpu|full)
-      "$PY" bench/side_by_side.py --shape tiny --steps 20 --repeats 2 --variants ours,ours-bf16-attn,public,public-fp32
+      "$PY" bench/side_by_side.py --shape tiny --steps 20 --repeats 2 --variants ours,ours-opt,public,public-fp32
       "$PY" bench/side_by_side.py --shape small --steps 4 --warmup 1 --repeats 1 \
-        --variants ours,ours-attn,ours-bf16,ours-bf16-attn,public,public-fp32 ;;&
+        --variants ours,ours-attn,ours-bf16,ours-opt,ours-opt-frozen,public,public-fp32 ;;&
     full)
-      "$PY" bench/side_by_side.py --shape llama8b --steps 3 --warmup 1 --repeats 1 --variants ours,ours-bf16-attn,public ;;
+      "$PY" bench/side_by_side.py --shape llama8b --steps 3 --warmup 1 --repeats 1 --variants ours,ours-opt,ours-opt-frozen,public ;;
     gpu)
       # needs a CUDA build of torch in bench/.venv-public (see bench/setup_public_venv.sh)
       "$PY" bench/side_by_side.py --shape llama8b --seq-len 2048 --steps 20 --warmup 3 --repeats 2 --variants ours,public --name side_by_side_llama8b_gpu ;;
@@ -83,5 +83,8 @@ if want attn; then
   else
     "$PY" bench/bench_attention.py --cases small:512,llama8b:256 --dtypes float32,bfloat16
   fi
+fi
+if want optim; then
+  "$PY" bench/bench_optimizer.py --shape llama8b --scale $([[ $MODE == gpu ]] && echo 1 || echo 2)
 fi
 "$PY" bench/table.py

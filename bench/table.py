@@ -37,6 +37,7 @@ def render_all(directory: Path) -> str:
     import bench_attention
     import bench_datagen
     import bench_lmhead_kl
+    import bench_optimizer
     import bench_train
     import side_by_side
 
@@ -81,6 +82,9 @@ def render_all(directory: Path) -> str:
     at = _load(directory, "attention")
     for r in at:
         parts += ["", "## Proposal: fused TTT attention on the CPU path (before/after)", "", bench_attention.render(r)]
+        machines.append((r["benchmark"], r["machine"]))
+    for r in _load(directory, "optimizer"):
+        parts += ["", "## Proposal: AdamW(fused=True) (before/after)", "", bench_optimizer.render(r)]
         machines.append((r["benchmark"], r["machine"]))
     if machines:
         parts += ["", "## Machines", ""] + [f"- {name}: {machine_line(m)}" for name, m in machines]

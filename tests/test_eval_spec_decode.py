@@ -123,3 +123,18 @@ def test_sampling_needs_draft_probabilities(verifier, random_draft):
     res = speculative_generate(verifier, Eagle3Proposer(random_draft, verifier.vocab_size), PROMPTS[0], 8, 2,
                                temperature=1.0, generator=g)
     assert len(res.tokens) == 8
+
+
+def test_cached_draft_prefix_gives_the_same_proposals(verifier, random_draft):
+    """Along a generation, the draft's cached prefix (drafted entries truncated) matches a recompute."""
+    cached = Eagle3Proposer(random_draft, verifier.vocab_size, use_cache=True)
+    fresh = Eagle3Proposer(random_draft, verifier.vocab_size, use_cache=False)
+    seq = list(PROMPTS[1])
+    verifier.reset()
+    for step in range(4):
+        logits, aux, _ = verifier(seq)
+        ids = torch.tensor(seq + [int(logits[-1].argmax())])
+        a, _ = cached.propose(ids, aux, 3)
+        b, _ = fresh.propose(ids, aux, 3)
+        assert a.tolist() == b.tolist(), step
+        seq = ids.tolist() + a[: step % 3].tolist()  # accept a varying prefix of the draft

@@ -15,11 +15,21 @@ import torch
 
 
 class Eagle3Proposer:
-    def __init__(self, model, vocab_size: int):
+    """``use_cache``: keep the draft's keys/values for the verifier-fed prefix between
+    calls of one generation (drafted entries are truncated off); `reset` starts anew."""
+
+    def __init__(self, model, vocab_size: int, use_cache: bool = True):
         self.model = model.eval()
         self.vocab_size = int(vocab_size)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        self.use_cache = use_cache
+        self.reset()
+
+    def reset(self) -> None:
+        self._cache = None
+        self._done = 0  # verifier-fed positions held in the cache
+        self._ids: list[int] = []
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, vocab_size: int | None = None,
@@ -41,13 +51,28 @@ class Eagle3Proposer:
         q[idx] = probs
         return d + int(self.model.d2t[d]), q
 
+    def _prefix_forward(self, input_ids, aux_hidden):
+        """Draft forward over positions ``0..n-1`` (aux ``h_p`` with token ``p+1`` at position ``p+1``),
+        reusing the cached ones."""
+        n = int(aux_hidden.shape[0])
+        ids = input_ids.tolist()
+        start = 0
+        if self.use_cache and self._cache is not None and ids[: self._done + 1] == self._ids[: self._done + 1]:
+            start = min(self._done, n - 1)
+            self._cache.truncate(start)
+        cache = self._cache if start > 0 else None
+        aux = aux_hidden[start:n][None].to(self.device, self.dtype)
+        nxt = input_ids[start + 1 : n + 1][None].to(self.device)
+        pos = torch.arange(start + 1, n + 1, device=self.device)[None]
+        out = self.model.draft_forward(aux, nxt, pos, cache, fused=False)
+        if self.use_cache:
+            self._cache, self._done, self._ids = out.cache, n, ids
+        return out
+
     @torch.no_grad()
     def propose(self, input_ids, aux_hidden, k, temperature=0.0, generator=None):
         n = int(aux_hidden.shape[0])
-        aux = aux_hidden[None].to(self.device, self.dtype)
-        nxt = input_ids[1 : n + 1][None].to(self.device)
-        pos = torch.arange(1, n + 1, device=self.device)[None]
-        out = self.model.draft_forward(aux, nxt, pos, None, fused=False)
+        out = self._prefix_forward(input_ids, aux_hidden)
         tokens, qs = [], []
         for j in range(k):
             tok, q = self._pick(out.logits[0, -1], temperature, generator)

@@ -111,8 +111,9 @@ def speculative_generate(
         raise ValueError("k must be >= 1")
     eos = {int(t) for t in eos_token_ids}
     result = GenerationResult(tokens=[])
-    if hasattr(verifier, "reset"):
-        verifier.reset()
+    for stateful in (verifier, proposer):
+        if hasattr(stateful, "reset"):
+            stateful.reset()
     logits, aux, _ = verifier(list(prompt))
     result.verifier_forwards += 1
     last = logits[-1].float().cpu()
