@@ -104,7 +104,7 @@ def fingerprint(cfg: PrepareConfig, tok_fp: str, spec: DataSpec) -> str:
     return h.hexdigest()[:24]
 
 
-def _ordered_records(spec: DataSpec, seed: int) -> Iterator[Any]:
+def ordered_records(spec: DataSpec, seed: int) -> Iterator[Any]:
     """All records, shuffled deterministically by ``seed`` (hub datasets shuffle lazily)."""
     if spec.kind == "hub":
         return iter(load_hub_dataset(spec).shuffle(seed=seed))
@@ -180,7 +180,7 @@ def prepare_data(cfg: PrepareConfig) -> PrepareResult:
     truncated = 0
     freq: Counter[int] = Counter()
     target = cfg.max_samples
-    for raw_batch in _batches(_ordered_records(spec, cfg.seed), cfg.batch_size):
+    for raw_batch in _batches(ordered_records(spec, cfg.seed), cfg.batch_size):
         convs = []
         for record in raw_batch:
             try:

@@ -57,12 +57,12 @@ def prompts_from_source(data: str, tokenizer_path: str, skip: int = 0, limit: in
     conversations are skipped, so ``skip`` = prepare-data's ``--max-samples`` holds out
     exactly the conversations training never saw (with the same ``--seq-length``)."""
     from speculators.data.chat import encode_conversations, end_of_turn_ids
-    from speculators.data.prepare import _ordered_records, load_tokenizer
+    from speculators.data.prepare import ordered_records, load_tokenizer
     from speculators.data.sources import BadConversation, normalize_record, resolve_data
 
     tok = load_tokenizer(tokenizer_path)
     eot = end_of_turn_ids(tok, tokenizer_path)
-    records = _ordered_records(resolve_data(data), seed)
+    records = ordered_records(resolve_data(data), seed)
     kept = 0
     prompts: list[list[int]] = []
     batch: list[Any] = []
