@@ -20,8 +20,9 @@ from speculators.vllm.layers import default_layer_ids, resolve_layer_ids
 def test_default_layers_follow_low_mid_high_plus_final():
     assert default_layer_ids(8) == [2, 4, 5, 8]
     assert default_layer_ids(32) == [2, 16, 29, 32]
+    assert default_layer_ids(3) == [0, 1, 2, 3]  # tiny models: the distinct ids, clamped
     with pytest.raises(UserError):
-        default_layer_ids(3)
+        default_layer_ids(1)
 
 
 def test_custom_layers_get_final_layer_and_are_checked():

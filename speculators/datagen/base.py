@@ -32,50 +32,13 @@ from typing import Any, Sequence
 import torch
 
 from speculators.errors import UserError
+from speculators.layers import default_layer_ids, resolve_layer_ids  # noqa: F401 (re-exported)
 
 # backend name -> module exposing `create(spec)`
 BACKENDS = {
     "transformers": "speculators.datagen.transformers_backend",
     "vllm": "speculators.datagen.vllm_backend",
 }
-
-
-def default_layer_ids(num_hidden_layers: int) -> list[int]:
-    """EAGLE-3's default: low, middle and high aux layers plus the final layer ``n``."""
-    n = num_hidden_layers
-    aux: list[int] = []
-    for i in (2, n // 2, n - 3):
-        i = min(max(i, 0), n - 1)
-        if i not in aux:
-            aux.append(i)
-    return sorted(aux) + [n]
-
-
-def resolve_layer_ids(
-    layer_ids: Sequence[int] | None, num_hidden_layers: int, include_last_layer: bool = True
-) -> list[int]:
-    """Validate user layer ids against the model; append the final layer ``n`` when missing."""
-    n = num_hidden_layers
-    if not layer_ids:
-        return default_layer_ids(n)
-    ids = [int(i) for i in layer_ids]
-    bad = [i for i in ids if not 0 <= i <= n]
-    if bad:
-        raise UserError(
-            f"--layer-ids {bad} out of range: the verifier has {n} decoder layers, so ids must be "
-            f"in [0, {n}] (id {n} is the final layer, pre-norm)"
-        )
-    if len(set(ids)) != len(ids):
-        raise UserError(f"--layer-ids {ids} contains duplicates")
-    if n in ids and ids[-1] != n:
-        raise UserError(f"--layer-ids {ids}: the final layer id {n} must come last")
-    if include_last_layer and n not in ids:
-        ids.append(n)
-    if ids[-1] != n:
-        raise UserError(f"--layer-ids {ids}: the last id must be the final layer {n}")
-    if len(ids) < 2:
-        raise UserError(f"--layer-ids {ids}: give at least one aux layer besides the final layer {n}")
-    return ids
 
 
 @dataclass

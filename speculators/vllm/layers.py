@@ -11,17 +11,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from speculators.errors import UserError
-
-
-def default_layer_ids(num_hidden_layers: int) -> list[int]:
-    """Low, middle and high aux layers plus the final layer: ``[2, n//2, n-3, n]``."""
-    n = int(num_hidden_layers)
-    if n < 4:
-        raise UserError(
-            f"the verifier has {n} hidden layers; the default layer choice needs at least 4 "
-            "(pass --target-layer-ids explicitly)"
-        )
-    return [2, n // 2, n - 3, n]
+from speculators.layers import default_layer_ids  # noqa: F401 (re-exported)
+from speculators.layers import resolve_layer_ids as _resolve
 
 
 def resolve_layer_ids(
@@ -34,25 +25,13 @@ def resolve_layer_ids(
     Raises `UserError` for ids outside ``[0, n]`` or repeated ids, naming
     ``--target-layer-ids``.
     """
-    n = int(num_hidden_layers)
-    if not target_layer_ids:
-        return default_layer_ids(n)
-    ids = [int(i) for i in target_layer_ids]
-    if include_last_layer and n not in ids:
-        ids.append(n)
-    bad = [i for i in ids if not 0 <= i <= n]
-    if bad:
-        raise UserError(
-            f"--target-layer-ids {bad} out of range: the verifier has {n} layers, ids must be "
-            f"in [0, {n}] ({n} = final layer output)"
-        )
-    if len(set(ids)) != len(ids):
-        raise UserError(f"--target-layer-ids {ids} repeats a layer; give each layer once")
-    if len(ids) < 2:
-        raise UserError(
-            f"--target-layer-ids {ids}: EAGLE-3 needs at least one aux layer plus the final layer"
-        )
-    return ids
+    return _resolve(
+        target_layer_ids,
+        int(num_hidden_layers),
+        include_last_layer=include_last_layer,
+        flag="--target-layer-ids",
+        require_final=include_last_layer,
+    )
 
 
 def num_hidden_layers_of(model: str, trust_remote_code: bool = False) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 from speculators import __version__
 from speculators.errors import UserError
+from speculators.layers import vllm_default_aux_layer_ids
 
 # Keys vLLM's loader validates or reads from the top level of config.json.
 REQUIRED_TOP_LEVEL_KEYS = (
@@ -30,9 +31,8 @@ REQUIRED_TOP_LEVEL_KEYS = (
 
 
 def default_aux_layer_ids(num_hidden_layers: int) -> list[int]:
-    """The verifier layers EAGLE-3 reads by default (final layer excluded)."""
-    n = num_hidden_layers
-    return [2, n // 2, n - 3]
+    """The aux layers vLLM assumes when config.json names none (final layer excluded)."""
+    return vllm_default_aux_layer_ids(num_hidden_layers)
 
 
 @dataclass
