@@ -61,10 +61,11 @@ if want sbs; then
   case $MODE in
     cpu|full)
       "$PY" bench/side_by_side.py --shape tiny --steps 20 --repeats 2 --variants ours,ours-opt,public,public-fp32
-      "$PY" bench/side_by_side.py --shape small --steps 4 --warmup 1 --repeats 1 \
-        --variants ours,ours-attn,ours-bf16,ours-opt,ours-opt-frozen,public,public-fp32 ;;&
+      "$PY" bench/side_by_side.py --shape small --steps 8 --warmup 2 --repeats 3 \
+        --variants ours,ours-opt,ours-opt-frozen,public,public-fp32 ;;&
     full)
-      "$PY" bench/side_by_side.py --shape llama8b --steps 3 --warmup 1 --repeats 1 --variants ours,ours-opt,ours-opt-frozen,public ;;
+      "$PY" bench/side_by_side.py --shape llama8b --steps 3 --warmup 1 --repeats 2 \
+        --variants ours,ours-opt,ours-opt-frozen,public,public-fp32 ;;
     gpu)
       # needs a CUDA build of torch in bench/.venv-public (see bench/setup_public_venv.sh)
       "$PY" bench/side_by_side.py --shape llama8b --seq-len 2048 --steps 20 --warmup 3 --repeats 2 --variants ours,public --name side_by_side_llama8b_gpu ;;
@@ -74,14 +75,14 @@ if want lmhead; then
   if [[ $MODE == gpu ]]; then
     "$PY" bench/bench_lmhead_kl.py --cases llama8b:2048,llama8b:8192 --chunk 1024 --name lmhead_kl_gpu
   else
-    "$PY" bench/bench_lmhead_kl.py --cases small:2048,llama8b:512 --chunk 256
+    "$PY" bench/bench_lmhead_kl.py --cases llama8b:512,llama8b:2048 --chunk 512 --repeats 2
   fi
 fi
 if want attn; then
   if [[ $MODE == gpu ]]; then
     : # the proposal targets the CPU path; the GPU path uses flex attention
   else
-    "$PY" bench/bench_attention.py --cases small:512,llama8b:256 --dtypes float32,bfloat16
+    "$PY" bench/bench_attention.py --cases small:512,small:2048,llama8b:256,llama8b:1024 --dtypes float32,bfloat16 --repeats 3
   fi
 fi
 if want optim; then

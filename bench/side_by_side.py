@@ -14,7 +14,7 @@ Variants (`--variants`, comma list):
   ours-bf16     ours under CPU bf16 autocast (experiment; our trainer autocasts on CUDA only)
   ours-attn     ours with the fused TTT attention proposal (bench/proposals/ttt_attention_concat.py)
   ours-bf16-attn  both proposals
-  ours-opt      all proposals: CPU bf16 autocast + fused TTT attention + AdamW(fused=True)
+  ours-opt      recommended proposals: CPU bf16 autocast + AdamW(fused=True)
   ours-opt-frozen  ours-opt with lm_head frozen (the public package's work per step)
   public        public trainer, CPU bf16 autocast (the precision of its GPU path)
   public-fp32   public trainer in fp32 (hidden-states dtype float32, autocast off)

@@ -86,7 +86,10 @@ class ChunkedLmHeadKL(torch.autograd.Function):
             if need_h:
                 grad_h[a:b] = (d @ w_mm).to(hidden.dtype)
             if need_w:
-                grad_w.add_((d.t() @ h).float())
+                if mm_dtype == torch.float32:
+                    grad_w.addmm_(d.t(), h)  # accumulate in place: no [V, H] temporary
+                else:
+                    grad_w.add_(d.t() @ h)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None
