@@ -9,11 +9,10 @@ reading a verifier checkpoint (the shapes here are synthetic); every step is the
 
     python bench/ours_runner.py --data DIR --shape tiny --seq-len 256 --steps 20 --out r.json
 
-Proposals (docs/benchmarks.md), applied at run time without editing the trainer:
-`--precision bf16` runs the step under CPU bf16 autocast (our trainer autocasts only on
-CUDA), `--attn-proposal` routes the CPU TTT attention through one fused SDPA call
-(bench/proposals/ttt_attention_concat.py), `--fused-adamw` builds AdamW(fused=True);
-`--opt` turns on the two that win at every measured shape (bf16 autocast, fused AdamW). `--profile N` profiles N extra steps with torch.profiler and adds a
+Options: `--precision bf16` is the trainer's `--precision bf16` (CPU bf16 autocast),
+`--fused-adamw` its `--optimizer-impl fused` (already the default in one process),
+`--opt` both; `--attn-proposal` routes the CPU TTT attention through one fused SDPA call
+(bench/proposals/ttt_attention_concat.py, a measured proposal not in the trainer). `--profile N` profiles N extra steps with torch.profiler and adds a
 breakdown (bench/breakdown.py).
 """
 
@@ -43,7 +42,7 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
     from speculators.train.config import TrainConfig
     from speculators.train.objective import TTTObjective
     from speculators.train.schedule import build_scheduler
-    from speculators.train.trainer import Trainer
+    from speculators.train.trainer import Trainer, adamw_kernel
     from speculators.train.verifier import VerifierHead
 
     cfg = TrainConfig(
@@ -63,12 +62,11 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
         device=device,
         attn_impl=attn,
         norm_before_residual=True,
+        precision="bf16" if precision == "bf16" else "auto",
+        optimizer_impl="fused" if fused_adamw else "auto",
     )
-    tr = Trainer(cfg)
+    tr = Trainer(cfg)  # applies --precision (autocast, data dtype) itself
     tr._seed()
-    if precision == "bf16" and tr.device.type == "cpu":
-        tr.data_dtype = torch.bfloat16
-        tr._forward = _cpu_autocast_forward(tr)
     tr.store = open_sample_store(data)
     config = Eagle3Config(
         hidden_size=shape.hidden_size,
@@ -100,21 +98,12 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
     tr.draft = draft
     tr.objective = TTTObjective(draft, head).to(tr.device)
     tr.params = [p for p in tr.objective.parameters() if p.requires_grad]
-    # Trainer.build uses AdamW's default (a per-tensor loop on the CPU, foreach on CUDA);
-    # --fused-adamw is the proposal (one fused kernel over all tensors).
-    kw = {"fused": True} if fused_adamw else {}
-    tr.optimizer = torch.optim.AdamW(tr.params, lr=lr, weight_decay=0.0, **kw)
+    # the optimizer kernel Trainer.build picks (--optimizer-impl; fused in one process)
+    tr.optimizer = torch.optim.AdamW(tr.params, lr=lr, weight_decay=0.0,
+                                     **adamw_kernel(cfg.optimizer_impl, 1))
     tr._build_data()
     tr.scheduler = build_scheduler(tr.optimizer, tr.total_steps, 0, "none")
     return tr, init_stats
-
-
-def _cpu_autocast_forward(tr):
-    def forward(batch, denominators):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return tr.objective(batch, tr.cfg.ttt_steps, tr.cfg.ttt_step_loss_decay, denominators)
-
-    return forward
 
 
 def iter_steps(tr, steps: int):

@@ -9,12 +9,12 @@
    RSS and both loss curves; writes bench/results/side_by_side_<shape>.json.
 
 Variants (`--variants`, comma list):
-  ours          our trainer as it runs on this device (CPU: fp32, lm_head trained)
+  ours          our trainer's defaults on this device (CPU: fp32, fused AdamW, lm_head trained)
   ours-frozen   ours with lm_head frozen like the public package (equal work per step)
-  ours-bf16     ours under CPU bf16 autocast (experiment; our trainer autocasts on CUDA only)
+  ours-bf16     ours with `--precision bf16` (bf16 autocast on the CPU too)
   ours-attn     ours with the fused TTT attention proposal (bench/proposals/ttt_attention_concat.py)
   ours-bf16-attn  both proposals
-  ours-opt      recommended proposals: CPU bf16 autocast + AdamW(fused=True)
+  ours-opt      `--precision bf16 --optimizer-impl fused` (the two measured wins, now trainer flags)
   ours-opt-frozen  ours-opt with lm_head frozen (the public package's work per step)
   public        public trainer, CPU bf16 autocast (the precision of its GPU path)
   public-fp32   public trainer in fp32 (hidden-states dtype float32, autocast off)

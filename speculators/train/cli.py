@@ -51,6 +51,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--attn-impl", choices=["auto", "sdpa", "flex"], default="auto",
                    help="TTT attention: flex (CUDA default) or masked SDPA (CPU default)")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 also autocasts on the CPU "
+                   "(about 2x faster for drafts of hidden size >= 1024 on CPUs with bf16 matmuls)")
+    g.add_argument("--optimizer-impl", choices=["auto", "fused", "foreach"], default="auto",
+                   help="AdamW kernel: auto = fused in one process (4x faster step on the CPU), "
+                   "foreach under torchrun/FSDP2")
     g.add_argument("--num-workers", type=int, default=0)
 
     g = p.add_argument_group("output")

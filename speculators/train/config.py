@@ -40,6 +40,8 @@ class TrainConfig:
     # runtime
     device: str = "auto"
     attn_impl: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 / fp32 force it
+    optimizer_impl: str = "auto"  # auto: fused AdamW in one process, foreach under FSDP
     num_workers: int = 0
     log_freq: int = 1
     max_steps: int | None = None

@@ -112,13 +112,33 @@ class _StepBatches(torch.utils.data.Dataset):
         return self.collate([self.ds[i] for idx in mine for i in idx])
 
 
+# ------------------------------------------------------------------ precision, optimizer
+def autocast_enabled(precision: str, device: torch.device) -> bool:
+    """bf16 autocast on CUDA by default; on the CPU only when asked (`--precision bf16`)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"--precision {precision!r}: choose auto, bf16 or fp32")
+    if precision == "auto":
+        return device.type == "cuda"
+    return precision == "bf16"
+
+
+def adamw_kernel(impl: str, world_size: int) -> dict[str, bool]:
+    """AdamW keyword for its kernel: fused is ~4x faster per step, foreach is what FSDP2's
+    DTensor parameters are tested with, so `auto` picks fused only for one process."""
+    if impl not in ("auto", "fused", "foreach"):
+        raise UserError(f"--optimizer-impl {impl!r}: choose auto, fused or foreach")
+    if impl == "auto":
+        impl = "fused" if world_size == 1 else "foreach"
+    return {"fused": True} if impl == "fused" else {"foreach": True}
+
+
 # ------------------------------------------------------------------ trainer
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo | None = None):
         self.cfg = cfg
         self.info = info or setup_distributed(cfg.device)
         self.device = self.info.device
-        self.autocast = self.device.type == "cuda"
+        self.autocast = autocast_enabled(cfg.precision, self.device)
         self.data_dtype = torch.bfloat16 if self.autocast else torch.float32
         if cfg.ttt_steps < 1:
             raise UserError("--ttt-steps must be >= 1")
@@ -192,7 +212,10 @@ class Trainer:
         self.draft = draft
         self.objective = shard(TTTObjective(draft, head).to(self.device), self.info)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            **adamw_kernel(cfg.optimizer_impl, self.info.world_size),
+        )
         self._build_data()
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, warmup, cfg.scheduler)
@@ -272,7 +295,11 @@ class Trainer:
         return _to_device(self.collate(samples), self.device, self.data_dtype)
 
     def _forward(self, batch, denominators):
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        ctx = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.autocast
+            else contextlib.nullcontext()
+        )
         with ctx:
             return self.objective(batch, self.cfg.ttt_steps, self.cfg.ttt_step_loss_decay, denominators)
 
