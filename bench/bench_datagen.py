@@ -66,7 +66,8 @@ def write_prepared(path: Path, vocab: int, samples: int, seq_len: int) -> Path:
 def bench_model(kind: str, a, root: Path) -> dict:
     from transformers import AutoConfig
 
-    from speculators.datagen.base import GeneratorSpec, create_generator, resolve_layer_ids
+    from speculators.datagen.base import GeneratorSpec, create_generator
+    from speculators.layers import resolve_layer_ids
     from speculators.datagen.runner import DatagenConfig, run_datagen
 
     vpath = build_verifier(kind, root / f"verifier-{kind}")

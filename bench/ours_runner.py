@@ -19,7 +19,6 @@ breakdown (bench/breakdown.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time

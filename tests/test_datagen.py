@@ -12,7 +12,8 @@ from speculators.cli import main as cli_main
 from speculators.data.dataset import Eagle3Collator, Eagle3Dataset
 from speculators.data.formats import PtSampleStore, SafetensorsSampleStore, open_sample_store
 from speculators.data.prepare import PrepareConfig, load_prepared, prepare_data
-from speculators.datagen.base import create_generator, default_layer_ids, resolve_layer_ids
+from speculators.datagen.base import create_generator
+from speculators.layers import default_layer_ids, resolve_layer_ids
 from speculators.datagen.runner import DatagenConfig, run_datagen
 from speculators.errors import UserError
 

@@ -14,7 +14,8 @@ from speculators.vllm.launch import (
     speculative_config,
     vllm_command_prefix,
 )
-from speculators.vllm.layers import default_layer_ids, resolve_layer_ids
+from speculators.layers import default_layer_ids
+from speculators.vllm.layers import resolve_layer_ids
 
 
 def test_default_layers_follow_low_mid_high_plus_final():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any, Iterator
 
 from speculators.errors import UserError
 
-logger = logging.getLogger(__name__)
 
 BUILTIN = {
     # name: (HF id, split)

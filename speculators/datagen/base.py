@@ -32,7 +32,6 @@ from typing import Any, Sequence
 import torch
 
 from speculators.errors import UserError
-from speculators.layers import default_layer_ids, resolve_layer_ids  # noqa: F401 (re-exported)
 
 # backend name -> module exposing `create(spec)`
 BACKENDS = {

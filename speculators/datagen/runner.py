@@ -36,7 +36,8 @@ from speculators.data.formats import (
     write_pt_sample,
 )
 from speculators.data.prepare import PREPARE_CONFIG, load_prepared
-from speculators.datagen.base import GeneratorSpec, HiddenStateGenerator, create_generator, resolve_layer_ids
+from speculators.datagen.base import GeneratorSpec, HiddenStateGenerator, create_generator
+from speculators.layers import resolve_layer_ids
 from speculators.errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -96,7 +96,7 @@ def build_online_store(args: argparse.Namespace, **overrides: Any):
     store = OnlineSampleStore(PreparedRows.from_path(prepared), config)
     if store.online.layer_ids is None and num_layers is not None:
         # Neither --vllm-layer-ids nor a cache says which layers: launch-vllm's defaults.
-        from speculators.vllm.layers import default_layer_ids
+        from speculators.layers import default_layer_ids
 
         store.online.layer_ids = default_layer_ids(num_layers)
     return store

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Sequence
 
 from speculators.errors import UserError
-from speculators.layers import default_layer_ids  # noqa: F401 (re-exported)
 from speculators.layers import resolve_layer_ids as _resolve
 
 
