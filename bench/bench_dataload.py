@@ -31,7 +31,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 
 from common import fmt, log, write_result  # noqa: E402
 from synthetic import dir_bytes, write_v1_dataset  # noqa: E402

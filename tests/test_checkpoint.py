@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_model_eagle3 import assert_vllm_loadable
 
 from speculators.errors import UserError
 from speculators.train import checkpoint as ckpt
@@ -19,7 +20,6 @@ from speculators.train.config import TrainConfig
 from speculators.train.metrics_stream import read_metrics
 from speculators.train.synthetic import write_synthetic_hidden_states
 from speculators.train.trainer import run_training
-from test_model_eagle3 import assert_vllm_loadable
 
 
 @pytest.fixture(scope="module")

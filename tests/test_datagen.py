@@ -13,9 +13,9 @@ from speculators.data.dataset import Eagle3Collator, Eagle3Dataset
 from speculators.data.formats import PtSampleStore, SafetensorsSampleStore, open_sample_store
 from speculators.data.prepare import PrepareConfig, load_prepared, prepare_data
 from speculators.datagen.base import create_generator
-from speculators.layers import default_layer_ids, resolve_layer_ids
 from speculators.datagen.runner import DatagenConfig, run_datagen
 from speculators.errors import UserError
+from speculators.layers import default_layer_ids, resolve_layer_ids
 
 CHATS = [
     [("What is 2+2?", "4, of course."), ("And 3+3?", "That is 6.")],

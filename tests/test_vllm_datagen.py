@@ -7,9 +7,9 @@ which speaks vLLM's protocol and computes hidden states with the transformers ba
 import pytest
 import torch
 
+from speculators.datagen.base import GeneratorSpec
 from speculators.datagen.runner import DatagenConfig, run_datagen
 from speculators.datagen.vllm_backend import server_args
-from speculators.datagen.base import GeneratorSpec
 from speculators.testing.hs_server import make_prepared_dataset, write_fake_vllm
 
 

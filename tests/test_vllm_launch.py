@@ -6,6 +6,7 @@ import pytest
 
 from speculators.cli import main
 from speculators.errors import UserError
+from speculators.layers import default_layer_ids
 from speculators.vllm.launch import (
     HiddenStatesLaunch,
     endpoint_from_args,
@@ -14,7 +15,6 @@ from speculators.vllm.launch import (
     speculative_config,
     vllm_command_prefix,
 )
-from speculators.layers import default_layer_ids
 from speculators.vllm.layers import resolve_layer_ids
 
 

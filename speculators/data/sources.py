@@ -20,7 +20,6 @@ from typing import Any, Iterator
 
 from speculators.errors import UserError
 
-
 BUILTIN = {
     # name: (HF id, split)
     "ultrachat": ("HuggingFaceH4/ultrachat_200k", "train_sft"),

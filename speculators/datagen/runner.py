@@ -37,8 +37,8 @@ from speculators.data.formats import (
 )
 from speculators.data.prepare import PREPARE_CONFIG, load_prepared
 from speculators.datagen.base import GeneratorSpec, HiddenStateGenerator, create_generator
-from speculators.layers import resolve_layer_ids
 from speculators.errors import UserError
+from speculators.layers import resolve_layer_ids
 
 logger = logging.getLogger(__name__)
 

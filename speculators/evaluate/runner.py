@@ -57,7 +57,7 @@ def prompts_from_source(data: str, tokenizer_path: str, skip: int = 0, limit: in
     conversations are skipped, so ``skip`` = prepare-data's ``--max-samples`` holds out
     exactly the conversations training never saw (with the same ``--seq-length``)."""
     from speculators.data.chat import encode_conversations, end_of_turn_ids
-    from speculators.data.prepare import ordered_records, load_tokenizer
+    from speculators.data.prepare import load_tokenizer, ordered_records
     from speculators.data.sources import BadConversation, normalize_record, resolve_data
 
     tok = load_tokenizer(tokenizer_path)

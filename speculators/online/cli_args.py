@@ -70,10 +70,11 @@ def build_online_store(args: argparse.Namespace, **overrides: Any):
     layer_ids = args.vllm_layer_ids
     hidden_size = num_layers = None
     if verifier:
-        from speculators.vllm.layers import num_hidden_layers_of, resolve_layer_ids
+        from speculators.vllm.layers import num_hidden_layers_of, resolve_layer_ids, text_config_of
 
-        num_layers = num_hidden_layers_of(verifier)
-        hidden_size = _hidden_size_of(verifier)
+        text = text_config_of(verifier)  # read once: layer count and width
+        num_layers = num_hidden_layers_of(verifier, text_config=text)
+        hidden_size = getattr(text, "hidden_size", None)
         layer_ids = resolve_layer_ids(num_layers, layer_ids, include_last_layer=True) if layer_ids else None
     config = OnlineConfig(
         endpoint=args.vllm_endpoint,
@@ -100,14 +101,3 @@ def build_online_store(args: argparse.Namespace, **overrides: Any):
 
         store.online.layer_ids = default_layer_ids(num_layers)
     return store
-
-
-def _hidden_size_of(model: str) -> int | None:
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError):
-        return None
-    text = getattr(config, "text_config", None) or config
-    return getattr(text, "hidden_size", None)

@@ -8,7 +8,7 @@ output before the final norm. EAGLE-3 wants three aux layers plus that final one
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from speculators.errors import UserError
 from speculators.layers import resolve_layer_ids as _resolve
@@ -33,15 +33,20 @@ def resolve_layer_ids(
     )
 
 
-def num_hidden_layers_of(model: str, trust_remote_code: bool = False) -> int:
-    """Read ``num_hidden_layers`` from a model's config (text config for multimodal models)."""
+def text_config_of(model: str, trust_remote_code: bool = False) -> Any:
+    """A model's config; for multimodal models, the text model's config."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read the config of MODEL {model!r}: {exc}") from exc
-    text = getattr(config, "text_config", None) or config
+    return getattr(config, "text_config", None) or config
+
+
+def num_hidden_layers_of(model: str, trust_remote_code: bool = False, text_config: Any = None) -> int:
+    """Read ``num_hidden_layers`` from a model's (text) config."""
+    text = text_config if text_config is not None else text_config_of(model, trust_remote_code)
     n = getattr(text, "num_hidden_layers", None)
     if n is None:
         raise UserError(f"MODEL {model!r}: its config has no num_hidden_layers")
