@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from test_checkpoint import hs_data, make_cfg, train_losses  # noqa: F401 (fixture)
 
 from speculators.errors import UserError
 from speculators.train.trainer import adamw_kernel, autocast_enabled, run_training
-from test_checkpoint import hs_data, make_cfg, train_losses  # noqa: F401 (fixture)
 
 
 def test_precision_rule():

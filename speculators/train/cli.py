@@ -57,6 +57,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer-impl", choices=["auto", "fused", "foreach"], default="auto",
                    help="AdamW kernel: auto = fused in one process (4x faster step on the CPU), "
                    "foreach under torchrun/FSDP2")
+    g.add_argument("--loss-impl", choices=["fused", "chunked", "eager"], default="fused",
+                   help="draft lm_head + KL: fused keeps only the logits for backward (default); "
+                   "chunked keeps no [tokens, vocab] tensor and recomputes logits in backward "
+                   "(for very long rows); eager is plain autograd (2-4x fused's memory)")
+    g.add_argument("--loss-chunk-rows", type=int, default=1024,
+                   help="rows per chunk of the fused/chunked loss (bounds its float32 temporaries)")
     g.add_argument("--num-workers", type=int, default=0)
 
     g = p.add_argument_group("output")

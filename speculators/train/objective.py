@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from speculators.models.eagle3.model import Eagle3DraftModel
-from speculators.train.losses import STAT_FIELDS, kl_per_token
+from speculators.train.lm_head_kl import LOSS_IMPLS, lm_head_kl
+from speculators.train.losses import STAT_FIELDS
 from speculators.train.ttt_mask import step_valid_positions
 from speculators.train.verifier import VerifierHead
 
@@ -24,10 +25,15 @@ def step_token_counts(loss_mask: torch.Tensor, document_ids: torch.Tensor, ttt_s
 
 
 class TTTObjective(nn.Module):
-    def __init__(self, draft: Eagle3DraftModel, verifier_head: VerifierHead):
+    def __init__(self, draft: Eagle3DraftModel, verifier_head: VerifierHead, loss_impl: str = "fused",
+                 loss_chunk_rows: int = 1024):
         super().__init__()
+        if loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl {loss_impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
         self.draft = draft
         self.verifier_head = verifier_head
+        self.loss_impl = loss_impl
+        self.loss_chunk_rows = loss_chunk_rows
 
     def forward(
         self,
@@ -63,11 +69,12 @@ class TTTObjective(nn.Module):
         for k, normed in steps:
             idx = step_valid_positions(loss_mask, docs, k).flatten().nonzero().squeeze(1)
             rows = rowmap[idx + k]
-            logits = self.draft.lm_head(normed.flatten(0, 1)[idx])
-            kl = kl_per_token(logits, tgt_logp[rows])
-            loss = loss + (decay**k) * kl.sum() / denominators[k].clamp(min=1e-9)
+            weight = (decay**k) / denominators[k].clamp(min=1e-9)
+            step_loss, kl, pred = lm_head_kl(normed.flatten(0, 1)[idx], self.draft.lm_head, tgt_logp, rows,
+                                             weight, self.loss_impl, self.loss_chunk_rows)
+            loss = loss + step_loss
             with torch.no_grad():
-                agree = logits.argmax(-1) == tgt_arg[rows]
+                agree = pred == tgt_arg[rows]
                 ok_before = prev_ok[idx]
                 stats[k, 0] = kl.detach().sum()
                 stats[k, 1] = idx.numel()

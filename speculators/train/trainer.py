@@ -35,6 +35,7 @@ from speculators.train.distributed import (
     setup_distributed,
     shard,
 )
+from speculators.train.lm_head_kl import LOSS_IMPLS
 from speculators.train.loggers import ExperimentLogger, format_console
 from speculators.train.losses import STAT_FIELDS, summarize
 from speculators.train.metrics_stream import MetricsStream
@@ -146,6 +147,10 @@ class Trainer:
             raise UserError("--epochs must be >= 1")
         if cfg.num_layers < 1:
             raise UserError("--num-layers must be >= 1")
+        if cfg.loss_impl not in LOSS_IMPLS:
+            raise UserError(f"--loss-impl {cfg.loss_impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
+        if cfg.loss_chunk_rows < 1:
+            raise UserError(f"--loss-chunk-rows must be >= 1, got {cfg.loss_chunk_rows}")
         if cfg.attn_impl == "flex" and self.device.type != "cuda":
             raise UserError("--attn-impl flex needs a CUDA device (flex attention has no CPU backward); use sdpa")
         bps = cfg.batches_per_step or self.info.world_size
@@ -210,7 +215,8 @@ class Trainer:
         draft.attn_impl = cfg.attn_impl
         head = VerifierHead.from_weights(weights, t2d, float(getattr(vconf, "rms_norm_eps", 1e-6)))
         self.draft = draft
-        self.objective = shard(TTTObjective(draft, head).to(self.device), self.info)
+        objective = TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows)
+        self.objective = shard(objective.to(self.device), self.info)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,

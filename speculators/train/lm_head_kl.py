@@ -1,0 +1,181 @@
+"""Draft lm_head -> KL(verifier || draft), three interchangeable implementations.
+
+Each returns, for one TTT step of N rows over a draft vocabulary of V, the weighted loss
+`weight * sum_rows KL` (the only differentiable output), the per-row KL (detached, for
+the metrics) and the draft argmax. They differ in what autograd keeps until backward:
+
+* ``eager``: `log_softmax` then `kl_div` through autograd. Keeps two float32 `[N, V]`
+  tensors (the draft log-probs and the gathered target). The reference.
+* ``fused`` (default): the logits come from the lm_head as usual; one autograd function
+  then computes, chunk by chunk, the KL and already its gradient
+  `weight * (softmax(z) * sum(p) - p)`, which is all backward needs (it only scales it by
+  the incoming scalar). Keeps that gradient in the logits' dtype: half of eager's memory
+  in float32, a quarter under bf16 autocast, and fewer passes over `[N, V]` than eager.
+  Under `no_grad` (validation) no gradient is made at all.
+* ``chunked``: folds the lm_head matmul into the function too and recomputes each chunk's
+  logits in backward. Keeps no `[N, V]` tensor, for one extra `[N, H] x [H, V]` matmul;
+  for rows so long that even the logits do not fit.
+
+Targets are `target_logp[rows]`, gathered chunk by chunk, so no `[N, V]` copy is made.
+They must be finite (log_softmax of finite logits is): a zero probability given as -inf
+makes its row nan, as it does with `F.kl_div`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speculators.train.losses import kl_per_token
+
+LOSS_IMPLS = ("fused", "chunked", "eager")
+
+
+def _check(impl: str, chunk_rows: int) -> None:
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"loss implementation {impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
+    if chunk_rows < 1:
+        raise ValueError(f"loss chunk rows must be >= 1, got {chunk_rows}")
+
+
+def _no_autocast(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _chunk_kl(logits: torch.Tensor, target_rows: torch.Tensor, grad_scale: torch.Tensor | None):
+    """One chunk: per-row KL (float32), argmax, and if `grad_scale` is given the gradient
+    `grad_scale * dKL/dlogits = grad_scale * (softmax(z) * sum(p) - p)` in float32.
+
+    `target_rows` is a gathered copy of target log-probs and is overwritten.
+    """
+    with _no_autocast(logits.device.type):  # autocast would run vecdot in bf16
+        z = logits.float()
+        pred = z.argmax(-1)  # exact (bf16 -> fp32 is exact) and much faster than a bf16 argmax on CPUs
+        logq = F.log_softmax(z, dim=-1)
+        t = target_rows.float()
+        p = t.exp()
+        psum = p.sum(-1)
+        kl = torch.linalg.vecdot(p, t.sub_(logq))
+        if grad_scale is None:
+            return kl, pred, None
+        grad = logq.exp_().mul_(psum[:, None] * grad_scale).sub_(p.mul_(grad_scale))
+        return kl, pred, grad
+
+
+class _FusedKL(torch.autograd.Function):
+    """Weighted KL sum from given logits; the gradient is made in forward and kept."""
+
+    @staticmethod
+    def forward(ctx, logits, target_logp, rows, weight, chunk):
+        n = logits.shape[0]
+        kl = torch.empty(n, dtype=torch.float32, device=logits.device)
+        pred = torch.empty(n, dtype=torch.long, device=logits.device)
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(logits) if want_grad else None
+        scale = weight.float() if want_grad else None
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            kl[a:b], pred[a:b], g = _chunk_kl(logits[a:b], target_logp[rows[a:b]], scale)
+            if g is not None:
+                grad[a:b] = g
+        if want_grad:
+            ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(kl, pred)
+        return (weight * kl.sum()).to(torch.float32), kl, pred
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl, _grad_pred):
+        (grad,) = ctx.saved_tensors
+        if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:  # (no host sync on GPUs)
+            grad = grad * grad_loss.to(grad.dtype)
+        return grad, None, None, None, None
+
+
+def _matmul_dtype(device_type: str, fallback: torch.dtype) -> torch.dtype:
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return fallback
+
+
+class _ChunkedLmHeadKL(torch.autograd.Function):
+    """lm_head + weighted KL sum in row chunks; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight_matrix, target_logp, rows, weight, chunk):
+        mm = _matmul_dtype(hidden.device.type, hidden.dtype)
+        n = hidden.shape[0]
+        kl = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        pred = torch.empty(n, dtype=torch.long, device=hidden.device)
+        w = weight_matrix.to(mm)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            kl[a:b], pred[a:b], _ = _chunk_kl(hidden[a:b].to(mm) @ w.t(), target_logp[rows[a:b]], None)
+        ctx.save_for_backward(hidden, weight_matrix, target_logp, rows, weight)
+        ctx.chunk, ctx.mm = chunk, mm  # backward runs outside autocast: remember its dtype
+        ctx.mark_non_differentiable(kl, pred)
+        return (weight * kl.sum()).to(torch.float32), kl, pred
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl, _grad_pred):
+        hidden, weight_matrix, target_logp, rows, weight = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight_matrix.shape, dtype=torch.float32, device=weight_matrix.device) if need_w else None
+        scale = (weight * grad_loss).float()
+        w = weight_matrix.to(ctx.mm)
+        for a in range(0, hidden.shape[0], ctx.chunk):
+            b = min(hidden.shape[0], a + ctx.chunk)
+            h = hidden[a:b].to(ctx.mm)
+            _, _, d = _chunk_kl(h @ w.t(), target_logp[rows[a:b]], scale)
+            d = d.to(ctx.mm)
+            if need_h:
+                grad_h[a:b] = d @ w
+            if need_w:
+                if ctx.mm == torch.float32:
+                    grad_w.addmm_(d.t(), h)  # in place: no [V, H] temporary
+                else:
+                    grad_w.add_(d.t() @ h)
+        grad_w = None if grad_w is None else grad_w.to(weight_matrix.dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+def kl_fused(logits, target_logp, rows, weight, chunk_rows):
+    return _FusedKL.apply(logits, target_logp, rows, weight, chunk_rows)
+
+
+def kl_eager(logits, target_logp, rows, weight):
+    kl = kl_per_token(logits, target_logp[rows])
+    return weight * kl.sum(), kl.detach(), logits.detach().argmax(-1)
+
+
+def lm_head_kl_chunked(hidden, weight_matrix, target_logp, rows, weight, chunk_rows):
+    return _ChunkedLmHeadKL.apply(hidden, weight_matrix, target_logp, rows, weight, chunk_rows)
+
+
+def lm_head_kl(
+    hidden: torch.Tensor,
+    lm_head: nn.Linear,
+    target_logp: torch.Tensor,
+    rows: torch.Tensor,
+    weight: float | torch.Tensor = 1.0,
+    impl: str = "fused",
+    chunk_rows: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(weight * sum KL, per-row KL [N] detached, draft argmax [N])`.
+
+    hidden `[N, H]`; target_logp `[M, V]` log-probabilities (no grad); rows `[N]` picks each
+    draft row's target row; KL is KL(target || softmax(lm_head(hidden))) in float32.
+    """
+    _check(impl, chunk_rows)
+    weight = torch.as_tensor(weight, dtype=torch.float32, device=hidden.device)
+    if impl == "chunked":
+        return lm_head_kl_chunked(hidden, lm_head.weight, target_logp, rows, weight, chunk_rows)
+    logits = lm_head(hidden)
+    if impl == "fused":
+        return kl_fused(logits, target_logp, rows, weight, chunk_rows)
+    return kl_eager(logits, target_logp, rows, weight)
