@@ -57,7 +57,10 @@ def test_two_process_fsdp_matches_single_process(tiny_llama, tmp_path):
     a = load_file(str(dist_dir / "1" / "model.safetensors"))
     b = load_file(str(tmp_path / "single" / "1" / "model.safetensors"))
     assert a.keys() == b.keys()
+    # Weights after 8 Adam steps at lr 3e-3: Adam divides by sqrt(v), so a coordinate whose
+    # gradient is nearly zero turns float reordering (reduce-scatter vs local accumulation)
+    # into up to a few 1e-5 of movement; 1e-4 is still 3% of a single step's update.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
     print(f"2-process vs 1-process, {len(d_train)} steps: final loss {d_train[max(d_train)]['loss']:.6f} "
           f"vs {s_train[max(s_train)]['loss']:.6f}")

@@ -63,6 +63,23 @@ def test_kl_is_the_definition():
         assert torch.allclose(loss.double(), WEIGHT * expected.sum(), rtol=1e-5), impl
 
 
+def test_per_row_weights_match_eager():
+    """The objective passes every TTT step's rows in one call, each with its step's weight."""
+    h, head, target, rows = _case()
+    weights = torch.rand(N, generator=torch.Generator().manual_seed(1))
+    got = {}
+    for impl in LOSS_IMPLS:
+        head.zero_grad()
+        x = h.clone().requires_grad_(True)
+        loss, kl, _ = lm_head_kl(x, head, target, rows, weights, impl, chunk_rows=8)
+        assert torch.allclose(loss.detach(), (weights * kl).sum(), rtol=1e-6)
+        loss.backward()
+        got[impl] = (x.grad, head.weight.grad.clone())
+    for impl in ("fused", "chunked"):
+        assert torch.allclose(got[impl][0], got["eager"][0], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(got[impl][1], got["eager"][1], rtol=1e-4, atol=1e-6)
+
+
 def test_no_rows_gives_zero_loss_and_zero_gradients():
     h, head, target, _ = _case()
     rows = torch.zeros(0, dtype=torch.long)

@@ -1,14 +1,16 @@
 """Draft lm_head -> KL(verifier || draft), three interchangeable implementations.
 
-Each returns, for one TTT step of N rows over a draft vocabulary of V, the weighted loss
-`weight * sum_rows KL` (the only differentiable output), the per-row KL (detached, for
-the metrics) and the draft argmax. They differ in what autograd keeps until backward:
+Each returns, for N rows over a draft vocabulary of V (the objective passes all TTT steps'
+rows in one call, so the lm_head runs once and its weight gradient is made once), the
+weighted loss `sum_rows weight_row * KL_row` (the only differentiable output), the per-row
+KL (detached, for the metrics) and the draft argmax. They differ in what autograd keeps
+until backward:
 
 * ``eager``: `log_softmax` then `kl_div` through autograd. Keeps two float32 `[N, V]`
   tensors (the draft log-probs and the gathered target). The reference.
 * ``fused`` (default): the logits come from the lm_head as usual; one autograd function
   then computes, chunk by chunk, the KL and already its gradient
-  `weight * (softmax(z) * sum(p) - p)`, which is all backward needs (it only scales it by
+  `weight_row * (softmax(z) * sum(p) - p)`, which is all backward needs (it only scales it by
   the incoming scalar). Keeps that gradient in the logits' dtype: half of eager's memory
   in float32, a quarter under bf16 autocast, and fewer passes over `[N, V]` than eager.
   Under `no_grad` (validation) no gradient is made at all.
@@ -48,8 +50,8 @@ def _no_autocast(device_type: str):
 
 
 def _chunk_kl(logits: torch.Tensor, target_rows: torch.Tensor, grad_scale: torch.Tensor | None):
-    """One chunk: per-row KL (float32), argmax, and if `grad_scale` is given the gradient
-    `grad_scale * dKL/dlogits = grad_scale * (softmax(z) * sum(p) - p)` in float32.
+    """One chunk: per-row KL (float32), argmax, and if `grad_scale` `[rows]` is given the
+    gradient `grad_scale * dKL/dlogits = grad_scale * (softmax(z) * sum(p) - p)`, float32.
 
     `target_rows` is a gathered copy of target log-probs and is overwritten.
     """
@@ -64,7 +66,8 @@ def _chunk_kl(logits: torch.Tensor, target_rows: torch.Tensor, grad_scale: torch
         kl = t.sub_(logq).mul_(p).sum(-1)  # in place: no further [rows, V] buffer
         if grad_scale is None:
             return kl, pred, None
-        grad = logq.exp_().mul_(psum[:, None] * grad_scale).sub_(p.mul_(grad_scale))
+        scale = grad_scale[:, None]
+        grad = logq.exp_().mul_(psum[:, None] * scale).sub_(p.mul_(scale))
         return kl, pred, grad
 
 
@@ -81,13 +84,13 @@ class _FusedKL(torch.autograd.Function):
         scale = weight.float() if want_grad else None
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            kl[a:b], pred[a:b], g = _chunk_kl(logits[a:b], target_logp[rows[a:b]], scale)
+            kl[a:b], pred[a:b], g = _chunk_kl(logits[a:b], target_logp[rows[a:b]], None if scale is None else scale[a:b])
             if g is not None:
                 grad[a:b] = g
         if want_grad:
             ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(kl, pred)
-        return (weight * kl.sum()).to(torch.float32), kl, pred
+        return (weight * kl).sum(), kl, pred
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_pred):
@@ -119,7 +122,7 @@ class _ChunkedLmHeadKL(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight_matrix, target_logp, rows, weight)
         ctx.chunk, ctx.mm = chunk, mm  # backward runs outside autocast: remember its dtype
         ctx.mark_non_differentiable(kl, pred)
-        return (weight * kl.sum()).to(torch.float32), kl, pred
+        return (weight * kl).sum(), kl, pred
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_pred):
@@ -132,7 +135,7 @@ class _ChunkedLmHeadKL(torch.autograd.Function):
         for a in range(0, hidden.shape[0], ctx.chunk):
             b = min(hidden.shape[0], a + ctx.chunk)
             h = hidden[a:b].to(ctx.mm)
-            _, _, d = _chunk_kl(h @ w.t(), target_logp[rows[a:b]], scale)
+            _, _, d = _chunk_kl(h @ w.t(), target_logp[rows[a:b]], scale[a:b])
             d = d.to(ctx.mm)
             if need_h:
                 grad_h[a:b] = d @ w
@@ -151,7 +154,7 @@ def kl_fused(logits, target_logp, rows, weight, chunk_rows):
 
 def kl_eager(logits, target_logp, rows, weight):
     kl = kl_per_token(logits, target_logp[rows])
-    return weight * kl.sum(), kl.detach(), logits.detach().argmax(-1)
+    return (weight * kl).sum(), kl.detach(), logits.detach().argmax(-1)
 
 
 def lm_head_kl_chunked(hidden, weight_matrix, target_logp, rows, weight, chunk_rows):
@@ -167,13 +170,14 @@ def lm_head_kl(
     impl: str = "fused",
     chunk_rows: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(weight * sum KL, per-row KL [N] detached, draft argmax [N])`.
+    """`(sum_rows weight * KL, per-row KL [N] detached, draft argmax [N])`.
 
     hidden `[N, H]`; target_logp `[M, V]` log-probabilities (no grad); rows `[N]` picks each
-    draft row's target row; KL is KL(target || softmax(lm_head(hidden))) in float32.
+    draft row's target row; weight is a scalar or `[N]`; KL is
+    KL(target || softmax(lm_head(hidden))) in float32.
     """
     _check(impl, chunk_rows)
-    weight = torch.as_tensor(weight, dtype=torch.float32, device=hidden.device)
+    weight = torch.as_tensor(weight, dtype=torch.float32, device=hidden.device).expand(hidden.shape[0]).contiguous()
     if impl == "chunked":
         return lm_head_kl_chunked(hidden, lm_head.weight, target_logp, rows, weight, chunk_rows)
     logits = lm_head(hidden)

@@ -60,27 +60,37 @@ class TTTObjective(nn.Module):
         rowmap = torch.full((b * t,), -1, dtype=torch.long, device=dev)
         rowmap[tgt_pos] = torch.arange(tgt_pos.numel(), device=dev)
 
-        prev_ok = torch.ones(b * t, dtype=torch.bool, device=dev)
-        loss = torch.zeros((), device=dev)
-        stats = torch.zeros(ttt_steps, len(STAT_FIELDS), device=dev)
         steps = self.draft.iter_ttt(
             batch["hidden_states"], batch["input_ids"], docs, batch["position_ids"], ttt_steps
         )
+        # Collect every step's counted rows, then apply lm_head + KL once over all of them:
+        # one taller matmul and one lm_head weight gradient instead of one per step.
+        hidden, positions, rows, weights = [], [], [], []
         for k, normed in steps:
             idx = step_valid_positions(loss_mask, docs, k).flatten().nonzero().squeeze(1)
-            rows = rowmap[idx + k]
-            weight = (decay**k) / denominators[k].clamp(min=1e-9)
-            step_loss, kl, pred = lm_head_kl(normed.flatten(0, 1)[idx], self.draft.lm_head, tgt_logp, rows,
-                                             weight, self.loss_impl, self.loss_chunk_rows)
-            loss = loss + step_loss
-            with torch.no_grad():
-                agree = pred == tgt_arg[rows]
+            hidden.append(normed.flatten(0, 1)[idx])
+            positions.append(idx)
+            rows.append(rowmap[idx + k])
+            weights.append(((decay**k) / denominators[k].clamp(min=1e-9)).float().expand(idx.numel()))
+        all_rows = torch.cat(rows)
+        loss, kl, pred = lm_head_kl(torch.cat(hidden), self.draft.lm_head, tgt_logp, all_rows,
+                                    torch.cat(weights), self.loss_impl, self.loss_chunk_rows)
+
+        stats = torch.zeros(ttt_steps, len(STAT_FIELDS), device=dev)
+        with torch.no_grad():
+            agree_all = pred == tgt_arg[all_rows]
+            prev_ok = torch.ones(b * t, dtype=torch.bool, device=dev)
+            start = 0
+            for k, idx in enumerate(positions):
+                end = start + idx.numel()
+                agree = agree_all[start:end]
                 ok_before = prev_ok[idx]
-                stats[k, 0] = kl.detach().sum()
+                stats[k, 0] = kl[start:end].sum()
                 stats[k, 1] = idx.numel()
                 stats[k, 2] = agree.sum()
                 stats[k, 3] = (agree & ok_before).sum()
                 stats[k, 4] = ok_before.sum()
                 prev_ok = torch.zeros_like(prev_ok)
                 prev_ok[idx] = ok_before & agree
+                start = end
         return loss, stats
