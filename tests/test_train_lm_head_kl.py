@@ -153,7 +153,7 @@ def test_trainer_names_the_bad_flag(tiny_llama, tmp_path):
     cfg = TrainConfig(verifier_name_or_path=str(tiny_llama), save_path=str(tmp_path / "s"), loss_impl="triton")
     with pytest.raises(UserError, match="--loss-impl 'triton'"):
         Trainer(cfg)
-    cfg = TrainConfig(verifier_name_or_path=str(tiny_llama), save_path=str(tmp_path / "s"), loss_chunk_rows=0)
+    cfg = TrainConfig(verifier_name_or_path=str(tiny_llama), save_path=str(tmp_path / "s"), loss_chunk_rows=-1)
     with pytest.raises(UserError, match="--loss-chunk-rows"):
         Trainer(cfg)
 
@@ -167,3 +167,11 @@ def test_training_curves_agree_across_impls(tiny_llama, hs_data, tmp_path):  # n
         assert curves[impl].keys() == ref.keys()
         for step in ref:
             assert math.isclose(curves[impl][step], ref[step], rel_tol=1e-4), (impl, step)
+
+
+def test_auto_chunk_rows():
+    from speculators.train.lm_head_kl import auto_chunk_rows
+
+    assert auto_chunk_rows(8192, "cpu") == 128 and auto_chunk_rows(32000, "cpu") == 32
+    assert auto_chunk_rows(32000, "cuda") == 1048
+    assert auto_chunk_rows(10**9, "cpu") == 1  # never zero

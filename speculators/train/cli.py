@@ -61,8 +61,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="draft lm_head + KL: fused keeps only the logits for backward (default); "
                    "chunked keeps no [tokens, vocab] tensor and recomputes logits in backward "
                    "(for very long rows); eager is plain autograd (2-4x fused's memory)")
-    g.add_argument("--loss-chunk-rows", type=int, default=1024,
-                   help="rows per chunk of the fused/chunked loss (bounds its float32 temporaries)")
+    g.add_argument("--loss-chunk-rows", type=int, default=0,
+                   help="rows per chunk of the fused/chunked loss (bounds its float32 temporaries); "
+                   "0 = automatic: about 1M elements per chunk on the CPU, 32M on GPUs")
     g.add_argument("--num-workers", type=int, default=0)
 
     g = p.add_argument_group("output")

@@ -43,7 +43,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 / fp32 force it
     optimizer_impl: str = "auto"  # auto: fused AdamW in one process, foreach under FSDP
     loss_impl: str = "fused"  # fused | chunked | eager (speculators.train.lm_head_kl)
-    loss_chunk_rows: int = 1024  # rows per chunk of the fused/chunked loss
+    loss_chunk_rows: int = 0  # rows per chunk of the fused/chunked loss; 0 = automatic
     num_workers: int = 0
     log_freq: int = 1
     max_steps: int | None = None

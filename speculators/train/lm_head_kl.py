@@ -36,11 +36,20 @@ from speculators.train.losses import kl_per_token
 LOSS_IMPLS = ("fused", "chunked", "eager")
 
 
+def auto_chunk_rows(vocab: int, device_type: str) -> int:
+    """Rows per chunk: about 1M elements (4 MB float32 temporaries) on the CPU, where larger
+    buffers are mapped fresh from the OS on every allocation and page faults dominate
+    (measured: 128 rows at V = 8192 run 2.3x faster than 1024); 32M elements on GPUs,
+    where each chunk costs kernel launches instead."""
+    elements = 2**20 if device_type == "cpu" else 2**25
+    return max(1, elements // max(1, vocab))
+
+
 def _check(impl: str, chunk_rows: int) -> None:
     if impl not in LOSS_IMPLS:
         raise ValueError(f"loss implementation {impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
-    if chunk_rows < 1:
-        raise ValueError(f"loss chunk rows must be >= 1, got {chunk_rows}")
+    if chunk_rows < 0:
+        raise ValueError(f"loss chunk rows must be >= 0 (0: automatic), got {chunk_rows}")
 
 
 def _no_autocast(device_type: str):
@@ -168,15 +177,16 @@ def lm_head_kl(
     rows: torch.Tensor,
     weight: float | torch.Tensor = 1.0,
     impl: str = "fused",
-    chunk_rows: int = 1024,
+    chunk_rows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(sum_rows weight * KL, per-row KL [N] detached, draft argmax [N])`.
 
     hidden `[N, H]`; target_logp `[M, V]` log-probabilities (no grad); rows `[N]` picks each
     draft row's target row; weight is a scalar or `[N]`; KL is
-    KL(target || softmax(lm_head(hidden))) in float32.
+    KL(target || softmax(lm_head(hidden))) in float32. `chunk_rows` 0 picks `auto_chunk_rows`.
     """
     _check(impl, chunk_rows)
+    chunk_rows = chunk_rows or auto_chunk_rows(lm_head.weight.shape[0], hidden.device.type)
     weight = torch.as_tensor(weight, dtype=torch.float32, device=hidden.device).expand(hidden.shape[0]).contiguous()
     if impl == "chunked":
         return lm_head_kl_chunked(hidden, lm_head.weight, target_logp, rows, weight, chunk_rows)

@@ -26,7 +26,7 @@ def step_token_counts(loss_mask: torch.Tensor, document_ids: torch.Tensor, ttt_s
 
 class TTTObjective(nn.Module):
     def __init__(self, draft: Eagle3DraftModel, verifier_head: VerifierHead, loss_impl: str = "fused",
-                 loss_chunk_rows: int = 1024):
+                 loss_chunk_rows: int = 0):
         super().__init__()
         if loss_impl not in LOSS_IMPLS:
             raise ValueError(f"loss_impl {loss_impl!r}: choose one of {', '.join(LOSS_IMPLS)}")

@@ -149,8 +149,8 @@ class Trainer:
             raise UserError("--num-layers must be >= 1")
         if cfg.loss_impl not in LOSS_IMPLS:
             raise UserError(f"--loss-impl {cfg.loss_impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
-        if cfg.loss_chunk_rows < 1:
-            raise UserError(f"--loss-chunk-rows must be >= 1, got {cfg.loss_chunk_rows}")
+        if cfg.loss_chunk_rows < 0:
+            raise UserError(f"--loss-chunk-rows must be >= 0 (0: automatic), got {cfg.loss_chunk_rows}")
         if cfg.attn_impl == "flex" and self.device.type != "cuda":
             raise UserError("--attn-impl flex needs a CUDA device (flex attention has no CPU backward); use sdpa")
         bps = cfg.batches_per_step or self.info.world_size
