@@ -186,7 +186,10 @@ def lm_head_kl(
     KL(target || softmax(lm_head(hidden))) in float32. `chunk_rows` 0 picks `auto_chunk_rows`.
     """
     _check(impl, chunk_rows)
-    chunk_rows = chunk_rows or auto_chunk_rows(lm_head.weight.shape[0], hidden.device.type)
+    if not chunk_rows:
+        chunk_rows = auto_chunk_rows(lm_head.weight.shape[0], hidden.device.type)
+        if impl == "chunked":  # its chunks are matmuls plus a [V, H] accumulation each: keep them tall
+            chunk_rows = max(chunk_rows, 1024)
     weight = torch.as_tensor(weight, dtype=torch.float32, device=hidden.device).expand(hidden.shape[0]).contiguous()
     if impl == "chunked":
         return lm_head_kl_chunked(hidden, lm_head.weight, target_logp, rows, weight, chunk_rows)
