@@ -101,6 +101,7 @@ def run_shape(name: str, seq_len: int | None, steps: int, warmup: int, profile: 
         "device": res["options"]["device"],
         "precision": res["options"]["precision"],
         "proposals": {k: res["options"].get(k) for k in ("attn_proposal", "fused_adamw")},
+        "loss_impl": res["options"].get("loss_impl", "eager"),
         "attn": res["options"]["attn"],
         "steps_timed": len(secs),
         "tokens_per_step": tokens,
@@ -129,6 +130,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="passed to ours_runner")
     ap.add_argument("--attn", default=None, help="passed to ours_runner (--attn)")
     ap.add_argument("--opt", action="store_true", help="ours_runner --opt: all proposals applied")
+    ap.add_argument("--loss-impl", choices=["fused", "chunked", "eager"], default=None, help="passed to ours_runner")
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--name", default="train")
@@ -140,6 +142,8 @@ def main(argv=None) -> dict:
         extra += ["--attn", a.attn]
     if a.opt:
         extra += ["--opt"]
+    if a.loss_impl:
+        extra += ["--loss-impl", a.loss_impl]
     peak_fp32 = matmul_peak(torch.float32)
     peak_bf16 = matmul_peak(torch.bfloat16)
     hw = {"matmul_fp32_tflops": peak_fp32 / 1e12, "matmul_bf16_tflops": peak_bf16 / 1e12, "gpu_datasheet_bf16_tflops": None}
@@ -166,12 +170,12 @@ def main(argv=None) -> dict:
 def render(payload: dict) -> str:
     from breakdown import render as render_profile
 
-    lines = ["| shape@seq | device | precision | proposals | tokens/s | step s | TFLOP/s | % of peak | peak mem MiB | trainable |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| shape@seq | device | precision | loss | proposals | tokens/s | step s | TFLOP/s | % of peak | peak mem MiB | trainable |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, e in payload["runs"].items():
         mem = e.get("cuda_max_memory_allocated_mib") or e.get("train_peak_rss_mib")
         props = ", ".join(k for k, v in (e.get("proposals") or {}).items() if v) or "none"
-        lines.append(f"| {key} | {e['device']} | {e['precision']} | {props} | {fmt(e['tokens_per_s'])} | {fmt(e['step_s_median'])} | "
+        lines.append(f"| {key} | {e['device']} | {e['precision']} | {e.get('loss_impl', 'eager')} | {props} | {fmt(e['tokens_per_s'])} | {fmt(e['step_s_median'])} | "
                      f"{fmt(e['achieved_tflops'])} | {fmt(100 * (e['fraction_of_peak'] or 0))}% | {fmt(mem)} | {e['trainable_params']:,} |")
     for key, e in payload["runs"].items():
         if e.get("profile"):

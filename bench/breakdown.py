@@ -2,7 +2,9 @@
 
 Regions are marked without touching the trainer's source: forward/backward hooks on the
 draft's modules (`fc`, each layer's `self_attn` and `mlp`, `lm_head`, the verifier head),
-wrappers around the objective's functions (`kl_per_token`, the TTT mask builders
+wrappers around the loss functions (`kl_fused` / `kl_eager`; with `--loss-impl chunked`
+the whole lm_head + KL counts as "kl"; with `fused` the KL's backward is made in its
+forward), the TTT mask builders
 `context_mask` / `step_valid_positions` / `step_token_counts`) and around the trainer's
 batch stream (data loading + collate; the device copy is inside `train_step`), `loss.backward()`, gradient clipping and
 `optimizer.step`. Each region also opens a `torch.profiler.record_function` range named
@@ -84,8 +86,10 @@ def _wrap_fn(clock: _Clock, fn, name: str, differentiable: bool = False):
             )
         with clock.region(f"fwd {name}"):
             out = fn(*args, **kwargs)
-        if differentiable and isinstance(out, torch.Tensor) and out.requires_grad:
-            out = _Mark.apply(out, clock, f"bwd {name}", "out")
+        first = out[0] if isinstance(out, tuple) else out  # the differentiable output comes first
+        if differentiable and isinstance(first, torch.Tensor) and first.requires_grad:
+            first = _Mark.apply(first, clock, f"bwd {name}", "out")
+            out = (first, *out[1:]) if isinstance(out, tuple) else first
         return out
 
     return wrapped
@@ -95,6 +99,7 @@ def _wrap_fn(clock: _Clock, fn, name: str, differentiable: bool = False):
 def instrument(tr, device: torch.device):
     """Install the region markers on trainer `tr`; yields the clock."""
     import speculators.models.eagle3.model as model_mod
+    import speculators.train.lm_head_kl as kl_mod
     import speculators.train.objective as obj_mod
     import speculators.train.trainer as trainer_mod
 
@@ -124,7 +129,9 @@ def instrument(tr, device: torch.device):
             handles.append(mod.register_full_backward_pre_hook(lambda m, g, n=name: clock.start(f"bwd {n}")))
             handles.append(mod.register_full_backward_hook(lambda m, gi, go, n=name: clock.stop(f"bwd {n}")))
 
-    patch(obj_mod, "kl_per_token", _wrap_fn(clock, obj_mod.kl_per_token, "kl", differentiable=True))
+    # the `chunked` loss does lm_head and KL in one function: all of it counts as "kl" then
+    for fn_name in ("kl_fused", "kl_eager", "lm_head_kl_chunked"):
+        patch(kl_mod, fn_name, _wrap_fn(clock, getattr(kl_mod, fn_name), "kl", differentiable=True))
     for mod, fn_name in ((model_mod, "context_mask"), (obj_mod, "step_valid_positions"),
                          (trainer_mod, "step_token_counts"), (obj_mod, "step_token_counts")):
         if hasattr(mod, fn_name):

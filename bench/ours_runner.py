@@ -12,8 +12,10 @@ reading a verifier checkpoint (the shapes here are synthetic); every step is the
 Options: `--precision bf16` is the trainer's `--precision bf16` (CPU bf16 autocast),
 `--fused-adamw` its `--optimizer-impl fused` (already the default in one process),
 `--opt` both; `--attn-proposal` routes the CPU TTT attention through one fused SDPA call
-(bench/proposals/ttt_attention_concat.py, a measured proposal not in the trainer). `--profile N` profiles N extra steps with torch.profiler and adds a
-breakdown (bench/breakdown.py).
+(bench/proposals/ttt_attention_concat.py, a measured proposal not in the trainer);
+`--loss-impl` is the trainer's (eager = the code before the fused lm_head + KL).
+`--profile N` profiles N extra steps with torch.profiler and adds a breakdown
+(bench/breakdown.py).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from shared_init import apply_shared_init, init_tensor, vocab_mapping  # noqa: E
 
 
 def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: str, precision: str, device: str, epochs: int,
-                  freeze_lm_head: bool = False, fused_adamw: bool = False):
+                  freeze_lm_head: bool = False, fused_adamw: bool = False, loss_impl: str = "fused"):
     from speculators.data.formats import open_sample_store
     from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
     from speculators.train.config import TrainConfig
@@ -63,6 +65,7 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
         norm_before_residual=True,
         precision="bf16" if precision == "bf16" else "auto",
         optimizer_impl="fused" if fused_adamw else "auto",
+        loss_impl=loss_impl,
     )
     tr = Trainer(cfg)  # applies --precision (autocast, data dtype) itself
     tr._seed()
@@ -95,7 +98,7 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
         shape.rms_norm_eps,
     )
     tr.draft = draft
-    tr.objective = TTTObjective(draft, head).to(tr.device)
+    tr.objective = TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows).to(tr.device)
     tr.params = [p for p in tr.objective.parameters() if p.requires_grad]
     # the optimizer kernel Trainer.build picks (--optimizer-impl; fused in one process)
     tr.optimizer = torch.optim.AdamW(tr.params, lr=lr, weight_decay=0.0,
@@ -150,6 +153,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--opt", action="store_true",
                     help="the recommended proposals: --precision bf16 (CPU) and --fused-adamw "
                     "(the attention proposal is measured separately: it is not a win at every shape)")
+    ap.add_argument("--loss-impl", choices=["fused", "chunked", "eager"], default="fused",
+                    help="the trainer's --loss-impl (fused is its default; eager is the pre-fusion code)")
     ap.add_argument("--freeze-lm-head", action="store_true", help="freeze lm_head like the public package does")
     ap.add_argument("--profile", type=int, default=0, help="profile this many extra steps")
     ap.add_argument("--threads", type=int, default=0)
@@ -170,7 +175,8 @@ def main(argv=None) -> dict:
     log(f"ours: shape={shape.name} seq={a.seq_len} steps={a.steps} attn={a.attn} precision={a.precision}")
     t0 = time.perf_counter()
     tr, init_stats = build_trainer(shape, a.data, a.seq_len, a.lr, a.seed, a.attn, a.precision, a.device, epochs=1,
-                                   freeze_lm_head=a.freeze_lm_head, fused_adamw=a.fused_adamw)
+                                   freeze_lm_head=a.freeze_lm_head, fused_adamw=a.fused_adamw,
+                                   loss_impl=a.loss_impl)
     build_s = time.perf_counter() - t0
     from speculators.train.losses import summarize
 
@@ -199,7 +205,7 @@ def main(argv=None) -> dict:
         "peak_rss_mib": peak_rss_mib(),
         "train_peak_rss_mib": rss.peak,
         "init": init_stats,
-        "options": {"attn": tr.draft.attn_impl, "attn_proposal": a.attn_proposal, "fused_adamw": a.fused_adamw, "precision": a.precision, "device": str(dev), "optimizer": "adamw",
+        "options": {"attn": tr.draft.attn_impl, "attn_proposal": a.attn_proposal, "fused_adamw": a.fused_adamw, "loss_impl": a.loss_impl, "precision": a.precision, "device": str(dev), "optimizer": "adamw",
                     "weight_decay": 0.0, "scheduler": "none", "lm_head_trainable": tr.draft.lm_head.weight.requires_grad},
         "machine": machine_info(),
     }

@@ -54,28 +54,31 @@ if want train; then
     full) "$PY" bench/bench_train.py --shapes tiny,small,llama8b --steps 2 --warmup 1 --profile 2 --name train_cpu
           "$PY" bench/bench_train.py --shapes small,llama8b --steps 2 --warmup 1 --profile 2 --opt --name train_cpu_opt ;;
     gpu)  "$PY" bench/bench_train.py --shapes llama8b --seq-len 2048 --steps 20 --warmup 3 --profile 4 --name train_gpu_2048
-          "$PY" bench/bench_train.py --shapes llama8b --seq-len 8192 --steps 10 --warmup 3 --profile 4 --name train_gpu_8192 ;;
+          "$PY" bench/bench_train.py --shapes llama8b --seq-len 8192 --steps 10 --warmup 3 --profile 4 --name train_gpu_8192
+          # before/after of the fused lm_head + KL where memory matters most
+          "$PY" bench/bench_train.py --shapes llama8b --seq-len 8192 --steps 10 --warmup 3 --profile 0 --loss-impl eager --name train_gpu_8192_eager ;;
   esac
 fi
 if want sbs; then
   case $MODE in
     cpu|full)
-      "$PY" bench/side_by_side.py --shape tiny --steps 20 --repeats 2 --variants ours,ours-opt,public,public-fp32
-      "$PY" bench/side_by_side.py --shape small --steps 8 --warmup 2 --repeats 3 \
-        --variants ours,ours-opt,ours-opt-frozen,public,public-fp32 ;;&
+      "$PY" bench/side_by_side.py --shape tiny --steps 20 --repeats 2 --variants ours,public,public-fp32
+      "$PY" bench/side_by_side.py --shape small --steps 8 --warmup 2 --repeats 2 \
+        --variants ours,ours-eager,ours-bf16,ours-bf16-eager,public,public-fp32 ;;&
     full)
-      "$PY" bench/side_by_side.py --shape llama8b --steps 3 --warmup 1 --repeats 2 \
-        --variants ours,ours-opt,ours-opt-frozen,public,public-fp32 ;;
+      "$PY" bench/side_by_side.py --shape llama8b --steps 3 --warmup 1 --repeats 1 \
+        --variants ours,ours-bf16,public,public-fp32 ;;
     gpu)
       # needs a CUDA build of torch in bench/.venv-public (see bench/setup_public_venv.sh)
-      "$PY" bench/side_by_side.py --shape llama8b --seq-len 2048 --steps 20 --warmup 3 --repeats 2 --variants ours,public --name side_by_side_llama8b_gpu ;;
+      "$PY" bench/side_by_side.py --shape llama8b --seq-len 2048 --steps 20 --warmup 3 --repeats 2 --variants ours,ours-eager,public --name side_by_side_llama8b_gpu ;;
   esac
 fi
 if want lmhead; then
   if [[ $MODE == gpu ]]; then
-    "$PY" bench/bench_lmhead_kl.py --cases llama8b:2048,llama8b:8192 --chunk 1024 --name lmhead_kl_gpu
+    "$PY" bench/bench_lmhead_kl.py --cases llama8b:2048,llama8b:8192 --precisions bf16 --repeats 5 --name lmhead_kl_gpu
   else
-    "$PY" bench/bench_lmhead_kl.py --cases llama8b:512,llama8b:2048 --chunk 512 --repeats 2
+    "$PY" bench/bench_lmhead_kl.py --cases llama8b:2048,small:4096 --precisions fp32,bf16 --repeats 2 \
+      --objective-cases small:2048
   fi
 fi
 if want attn; then

@@ -77,7 +77,7 @@ def render_all(directory: Path) -> str:
         machines.append((r["benchmark"], r["machine"]))
     lk = _load(directory, "lmhead_kl")
     for r in lk:
-        parts += ["", "## Proposal: chunked lm_head + KL (before/after)", "", bench_lmhead_kl.render(r)]
+        parts += ["", "## lm_head + KL: eager vs fused (the default) vs chunked", "", bench_lmhead_kl.render(r)]
         machines.append((r["benchmark"], r["machine"]))
     at = _load(directory, "attention")
     for r in at:
