@@ -140,18 +140,14 @@ def saved_on_meta(shape_name: str, rows: int, chunk: int, precision: str) -> dic
 
 def _objective(shape, seq: int, impl: str, chunk: int):
     """Our TTTObjective for `shape` with random weights and a one-row packed batch of `seq` tokens."""
-    from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
+    from ours_runner import draft_config
+
+    from speculators.models.eagle3 import Eagle3DraftModel
     from speculators.train.objective import TTTObjective, step_token_counts
     from speculators.train.verifier import VerifierHead
 
     torch.manual_seed(0)
-    config = Eagle3Config(
-        hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-        vocab_size=shape.target_vocab, draft_vocab_size=shape.draft_vocab, num_layers=shape.num_layers,
-        rms_norm_eps=shape.rms_norm_eps, max_position_embeddings=shape.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta}, speculative_tokens=shape.ttt_steps)
-    draft = Eagle3DraftModel(config)
+    draft = Eagle3DraftModel(draft_config(shape))
     draft.embed_tokens.weight.requires_grad_(False)
     head = VerifierHead(torch.ones(shape.hidden_size), torch.randn(shape.draft_vocab, shape.hidden_size) * 0.02,
                         shape.rms_norm_eps)

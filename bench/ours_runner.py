@@ -36,10 +36,31 @@ from configs import get_shape  # noqa: E402
 from shared_init import apply_shared_init, init_tensor, vocab_mapping  # noqa: E402
 
 
+def draft_config(shape):
+    """Our `Eagle3Config` for a bench `DraftShape`."""
+    from speculators.models.eagle3 import Eagle3Config
+
+    return Eagle3Config(
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        vocab_size=shape.target_vocab,
+        draft_vocab_size=shape.draft_vocab,
+        num_layers=shape.num_layers,
+        rms_norm_eps=shape.rms_norm_eps,
+        max_position_embeddings=shape.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
+        norm_before_residual=True,
+        speculative_tokens=shape.ttt_steps,
+    )
+
+
 def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: str, precision: str, device: str, epochs: int,
                   freeze_lm_head: bool = False, fused_adamw: bool = False, loss_impl: str = "fused"):
     from speculators.data.formats import open_sample_store
-    from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
+    from speculators.models.eagle3 import Eagle3DraftModel
     from speculators.train.config import TrainConfig
     from speculators.train.objective import TTTObjective
     from speculators.train.schedule import build_scheduler
@@ -70,21 +91,7 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
     tr = Trainer(cfg)  # applies --precision (autocast, data dtype) itself
     tr._seed()
     tr.store = open_sample_store(data)
-    config = Eagle3Config(
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
-        vocab_size=shape.target_vocab,
-        draft_vocab_size=shape.draft_vocab,
-        num_layers=shape.num_layers,
-        rms_norm_eps=shape.rms_norm_eps,
-        max_position_embeddings=shape.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
-        norm_before_residual=True,
-        speculative_tokens=shape.ttt_steps,
-    )
+    config = draft_config(shape)
     draft = Eagle3DraftModel(config)
     init_stats = apply_shared_init(draft, seed=seed, rename=lambda n: None if n.startswith("rotary.") else n)
     d2t, t2d = vocab_mapping(shape.target_vocab, shape.draft_vocab)

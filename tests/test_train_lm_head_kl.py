@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_checkpoint import hs_data, make_cfg, train_losses  # noqa: F401 (fixture)
+from test_checkpoint import hs_data  # noqa: F401 (fixture)
 from test_train_precision import train_losses_of
 from torch import nn
 

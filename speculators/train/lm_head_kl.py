@@ -45,7 +45,7 @@ def auto_chunk_rows(vocab: int, device_type: str) -> int:
     return max(1, elements // max(1, vocab))
 
 
-def _check(impl: str, chunk_rows: int) -> None:
+def check_loss_options(impl: str, chunk_rows: int) -> None:
     if impl not in LOSS_IMPLS:
         raise ValueError(f"loss implementation {impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
     if chunk_rows < 0:
@@ -90,7 +90,7 @@ class _FusedKL(torch.autograd.Function):
         pred = torch.empty(n, dtype=torch.long, device=logits.device)
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(logits) if want_grad else None
-        scale = weight.float() if want_grad else None
+        scale = weight if want_grad else None  # float32 [N] (lm_head_kl made it so)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             kl[a:b], pred[a:b], g = _chunk_kl(logits[a:b], target_logp[rows[a:b]], None if scale is None else scale[a:b])
@@ -185,7 +185,7 @@ def lm_head_kl(
     draft row's target row; weight is a scalar or `[N]`; KL is
     KL(target || softmax(lm_head(hidden))) in float32. `chunk_rows` 0 picks `auto_chunk_rows`.
     """
-    _check(impl, chunk_rows)
+    check_loss_options(impl, chunk_rows)
     if not chunk_rows:
         chunk_rows = auto_chunk_rows(lm_head.weight.shape[0], hidden.device.type)
         if impl == "chunked":  # its chunks are matmuls plus a [V, H] accumulation each: keep them tall

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speculators.models.eagle3.model import Eagle3DraftModel
-from speculators.train.lm_head_kl import LOSS_IMPLS, lm_head_kl
+from speculators.train.lm_head_kl import check_loss_options, lm_head_kl
 from speculators.train.losses import STAT_FIELDS
 from speculators.train.ttt_mask import step_valid_positions
 from speculators.train.verifier import VerifierHead
@@ -28,8 +28,7 @@ class TTTObjective(nn.Module):
     def __init__(self, draft: Eagle3DraftModel, verifier_head: VerifierHead, loss_impl: str = "fused",
                  loss_chunk_rows: int = 0):
         super().__init__()
-        if loss_impl not in LOSS_IMPLS:
-            raise ValueError(f"loss_impl {loss_impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
+        check_loss_options(loss_impl, loss_chunk_rows)
         self.draft = draft
         self.verifier_head = verifier_head
         self.loss_impl = loss_impl
