@@ -5,6 +5,11 @@ step-0 keys through a `[B, T, T]` context mask and the keys of steps `1..s` only
 own position.  On CPU (and as the reference) the extra keys contribute one score each,
 computed as a dot product, so no `[T, T * (s + 1)]` mask is ever built.  On CUDA the
 same rule runs through flex attention over the concatenated keys.
+
+Sliding-window layers (`window = W`) further restrict the context keys to the last `W`
+positions (`q - kv < W`, the query's own position included); the earlier-step keys at the
+query's own position stay visible.  This is the public speculators package's rule and
+vLLM's per-layer window at inference.
 """
 
 from __future__ import annotations
@@ -21,6 +26,15 @@ def _group(q: torch.Tensor, num_kv: int) -> torch.Tensor:
     """[B, H, T, d] -> [B, Hkv, G, T, d] so GQA needs no repeated K/V."""
     b, h, t, d = q.shape
     return q.view(b, num_kv, h // num_kv, t, d)
+
+
+def windowed(ctx_mask: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Restrict a `[B, T, T]` context mask to keys with `q - kv < window` (None: unchanged)."""
+    if window is None:
+        return ctx_mask
+    t = ctx_mask.shape[-1]
+    pos = torch.arange(t, device=ctx_mask.device)
+    return ctx_mask & ((pos[:, None] - pos[None, :]) < window)
 
 
 def ttt_attention_sdpa(
@@ -67,6 +81,7 @@ def ttt_attention_flex(
     scale: float,
     block_mask_cache: dict | None = None,
     compile: bool = True,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Flex-attention form of `ttt_attention_sdpa` (same mask rule, keys concatenated)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -75,9 +90,14 @@ def ttt_attention_flex(
     steps = len(keys)
     block_mask = None if block_mask_cache is None else block_mask_cache.get(steps)
     if block_mask is None:
-        block_mask = create_block_mask(
-            ttt_mask_mod(document_ids, t), B=b, H=None, Q_LEN=t, KV_LEN=t * steps, device=q.device
-        )
+        mask_mod = ttt_mask_mod(document_ids, t)
+        if window is not None:
+            base_mod = mask_mod
+
+            def mask_mod(b_, h_, q_idx, kv_idx):
+                return base_mod(b_, h_, q_idx, kv_idx) & ((kv_idx >= t) | (q_idx - kv_idx < window))
+
+        block_mask = create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=t * steps, device=q.device)
         if block_mask_cache is not None:
             block_mask_cache[steps] = block_mask
     k = torch.cat(keys, dim=2)
@@ -87,10 +107,16 @@ def ttt_attention_flex(
 
 
 def cached_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None
 ) -> torch.Tensor:
-    """Causal attention where the last `q.shape[2]` keys are the new tokens (inference)."""
+    """Causal attention where the last `q.shape[2]` keys are the new tokens (inference).
+
+    `window`: keep only keys with `q - kv < window` (sliding-window layers).
+    """
     tq, tk = q.shape[2], k.shape[2]
     qpos = torch.arange(tk - tq, tk, device=q.device)
-    mask = qpos[:, None] >= torch.arange(tk, device=q.device)[None, :]
+    kpos = torch.arange(tk, device=q.device)
+    mask = qpos[:, None] >= kpos[None, :]
+    if window is not None:
+        mask = mask & ((qpos[:, None] - kpos[None, :]) < window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -2,8 +2,13 @@
 
 The on-disk form is the speculators eagle3 format that vLLM's speculators config
 loader reads (`speculators_model_type`, `transformer_layer_config`, `speculators_config`,
-plus the eagle3 top-level fields).  The draft layers are always Llama-style; the shape
-(heads, head_dim, intermediate size, RoPE with its scaling) comes from the verifier.
+plus the eagle3 top-level fields).  The draft layers are Llama- or Qwen3-style
+(`draft_arch`, written as `transformer_layer_config.model_type`); the shape (heads,
+head_dim, intermediate size, RoPE with its scaling) comes from the verifier.
+
+Loading is strict: every key is either implemented (read into a field and written back
+unchanged), known to have no effect on the draft's forward (metadata), or refused with
+a `UserError` naming it -- a draft is never silently evaluated as a different model.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 from speculators import __version__
 from speculators.errors import UserError
 from speculators.layers import vllm_default_aux_layer_ids
+from speculators.models.eagle3.config_keys import check_known_keys, sliding_layer_types
 
 # Keys vLLM's loader validates or reads from the top level of config.json.
 REQUIRED_TOP_LEVEL_KEYS = (
@@ -28,6 +34,10 @@ REQUIRED_TOP_LEVEL_KEYS = (
     "target_hidden_size",
     "speculators_config",
 )
+
+
+# Draft layer styles and the architecture name written for each.
+DRAFT_ARCHS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def default_aux_layer_ids(num_hidden_layers: int) -> list[int]:
@@ -60,10 +70,45 @@ class Eagle3Config:
     speculative_tokens: int = 3
     verifier_name_or_path: str | None = None
     verifier_architectures: list[str] = field(default_factory=list)
+    # Draft layer style: "llama" or "qwen3" (per-head q/k RMSNorm before RoPE).
+    draft_arch: str = "llama"
+    # EAGLE-3.1 options (vLLM reads all three from the top level of config.json).
+    norm_before_fc: bool = False  # one RMSNorm over the concatenated aux states before fc
+    fc_norm: bool = False  # one RMSNorm per aux state before fc
+    norm_output: bool = False  # feed the post-norm hidden state to the next drafting step
+    # Sliding-window attention per draft layer ("full_attention" | "sliding_attention").
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    use_sliding_window: bool | None = None  # written back as read; implied by layer_types
+    max_window_layers: int | None = None  # Qwen3 key; only written back
+    embed_requires_grad: bool = False  # public-package training option; we never train embeddings
+
+    def __post_init__(self) -> None:
+        if self.draft_arch not in DRAFT_ARCHS:
+            raise UserError(f"draft_arch {self.draft_arch!r} is not supported; use one of {', '.join(DRAFT_ARCHS)}")
+        if self.norm_before_fc and self.fc_norm:
+            raise UserError("norm_before_fc and fc_norm are mutually exclusive; enable one or neither")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise UserError(
+                    f"layer_types has {len(self.layer_types)} entries for {self.num_layers} draft layers; "
+                    "give one per layer"
+                )
+            bad = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            if bad:
+                raise UserError(f"layer_types: {bad} not supported; use full_attention or sliding_attention")
+            if "sliding_attention" in self.layer_types and not (self.sliding_window and self.sliding_window > 0):
+                raise UserError("layer_types names sliding_attention layers but sliding_window is not a positive int")
 
     @property
     def fc_input_size(self) -> int:
         return self.num_aux_layers * (self.target_hidden_size or self.hidden_size)
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The attention window of draft layer `layer_idx` (None = full attention)."""
+        if self.layer_types and self.layer_types[layer_idx] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     # ----------------------------------------------------------------- verifier
     @classmethod
@@ -77,6 +122,12 @@ class Eagle3Config:
         aux_layer_ids: list[int] | None = None,
         speculative_tokens: int = 3,
         verifier_name_or_path: str | None = None,
+        draft_arch: str = "llama",
+        norm_before_fc: bool = False,
+        fc_norm: bool = False,
+        norm_output: bool = False,
+        sliding_window: int | None = None,
+        full_attention_indices: list[int] | None = None,
     ) -> Eagle3Config:
         """Shape the draft like one verifier decoder layer (GQA, head_dim, RoPE scaling)."""
         vc = getattr(verifier_config, "text_config", None) or verifier_config
@@ -107,20 +158,27 @@ class Eagle3Config:
             speculative_tokens=speculative_tokens,
             verifier_name_or_path=verifier_name_or_path,
             verifier_architectures=list(getattr(vc, "architectures", None) or getattr(verifier_config, "architectures", None) or []),
+            draft_arch=draft_arch,
+            norm_before_fc=norm_before_fc,
+            fc_norm=fc_norm,
+            norm_output=norm_output,
+            layer_types=sliding_layer_types(num_layers, sliding_window, full_attention_indices),
+            sliding_window=sliding_window,
+            use_sliding_window=True if sliding_window else None,
         )
 
     # -------------------------------------------------------------- config.json
     def transformer_layer_config(self) -> dict[str, Any]:
-        """A LlamaConfig-shaped dict; RoPE written both as `rope_parameters`
+        """A LlamaConfig- or Qwen3Config-shaped dict; RoPE written both as `rope_parameters`
         (transformers >= 5) and as `rope_theta`/`rope_scaling` (older readers)."""
         rope = copy.deepcopy(self.rope_parameters)
         theta = rope.get("rope_theta", 10000.0)
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
         if scaling.get("rope_type", "default") == "default":
             scaling = None
-        return {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
+        out = {
+            "model_type": self.draft_arch,
+            "architectures": [DRAFT_ARCHS[self.draft_arch]],
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers,
@@ -138,6 +196,12 @@ class Eagle3Config:
             "rope_theta": theta,
             "rope_scaling": scaling,
         }
+        if self.layer_types is not None:
+            out["layer_types"] = list(self.layer_types)
+        for key in ("sliding_window", "use_sliding_window", "max_window_layers"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
     def to_speculators_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -147,7 +211,9 @@ class Eagle3Config:
             "transformer_layer_config": self.transformer_layer_config(),
             "draft_vocab_size": self.draft_vocab_size,
             "norm_before_residual": self.norm_before_residual,
-            "norm_before_fc": False,
+            "norm_before_fc": self.norm_before_fc,
+            "fc_norm": self.fc_norm,
+            "norm_output": self.norm_output,
             "target_hidden_size": self.target_hidden_size,
             "speculators_config": {
                 "algorithm": "eagle3",
@@ -168,6 +234,8 @@ class Eagle3Config:
         }
         if self.aux_layer_ids:
             out["eagle_aux_hidden_state_layer_ids"] = list(self.aux_layer_ids)
+        if self.embed_requires_grad:
+            out["embed_requires_grad"] = True
         return out
 
     @classmethod
@@ -184,6 +252,7 @@ class Eagle3Config:
             verifier = spec["verifier"]
         except (KeyError, IndexError, TypeError) as exc:
             raise UserError(f"{source}: invalid speculators config structure ({exc!r} missing)") from exc
+        check_known_keys(d, source)
         rope = tl.get("rope_parameters")
         if not rope:
             rope = dict(tl.get("rope_scaling") or {})
@@ -213,6 +282,15 @@ class Eagle3Config:
             speculative_tokens=int(tokens),
             verifier_name_or_path=verifier.get("name_or_path"),
             verifier_architectures=list(verifier.get("architectures") or []),
+            draft_arch=tl.get("model_type", "llama"),
+            norm_before_fc=bool(d.get("norm_before_fc", False)),
+            fc_norm=bool(d.get("fc_norm", False)),
+            norm_output=bool(d.get("norm_output", False)),
+            layer_types=list(tl["layer_types"]) if tl.get("layer_types") is not None else None,
+            sliding_window=tl.get("sliding_window"),
+            use_sliding_window=tl.get("use_sliding_window"),
+            max_window_layers=tl.get("max_window_layers"),
+            embed_requires_grad=bool(d.get("embed_requires_grad", False)),
         )
 
     def save(self, directory: str | Path) -> Path:
@@ -229,7 +307,11 @@ class Eagle3Config:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: not valid JSON ({exc})") from exc
-        return cls.from_speculators_dict(data, source=str(path))
+        try:
+            return cls.from_speculators_dict(data, source=str(path))
+        except UserError as exc:
+            msg = str(exc)
+            raise UserError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

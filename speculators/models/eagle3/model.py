@@ -5,7 +5,13 @@ Layout (and state-dict names) follow what vLLM's Llama EAGLE-3 draft loads:
 `[input_layernorm(embed), hidden_norm(hidden)]` (2H wide q/k/v), later layers are plain
 Llama layers over H; final `norm`; `lm_head` to the draft vocabulary; `d2t`/`t2d` map
 between draft and verifier vocabularies (`target = i + d2t[i]`).  The hidden state fed to
-the next drafting step is the *pre-norm* output of the last layer.
+the next drafting step is the *pre-norm* output of the last layer (the post-norm one with
+`norm_output`, EAGLE-3.1).
+
+Options vLLM reads from config.json, with the same tensor names: `draft_arch="qwen3"` adds
+per-head `self_attn.q_norm`/`k_norm` before RoPE; `norm_before_fc` one `input_norm` over
+the concatenated aux states, `fc_norm` one `fc_norm.<i>` per aux state; `layer_types` +
+`sliding_window` restrict a layer's context keys to the last `sliding_window` positions.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from speculators.models.eagle3.attention import (
     cached_causal_attention,
     ttt_attention_flex,
     ttt_attention_sdpa,
+    windowed,
 )
 from speculators.models.eagle3.config import Eagle3Config
 from speculators.train.ttt_mask import context_mask, shift_tokens
@@ -54,6 +61,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, cfg: Eagle3Config, in_size: int):
         super().__init__()
+        self.qk_norm = cfg.draft_arch == "qwen3"
         self.num_heads = cfg.num_attention_heads
         self.num_kv = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -62,11 +70,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(in_size, self.num_kv * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(in_size, self.num_kv * self.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attend(q, k, v, self.scale)
@@ -155,7 +169,7 @@ class DraftCache:
 @dataclass
 class DraftOutput:
     logits: torch.Tensor  # [B, t, draft_vocab]
-    hidden_prenorm: torch.Tensor  # [B, t, H]: feed back as the next step's hidden state
+    hidden_prenorm: torch.Tensor  # [B, t, H]: feed back as the next step's hidden state (post-norm under norm_output)
     cache: DraftCache
 
 
@@ -167,6 +181,11 @@ class Eagle3DraftModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, h)
         self.embed_tokens.weight.requires_grad_(False)
         self.fc = nn.Linear(config.fc_input_size, h, bias=False)
+        if config.norm_before_fc:
+            self.input_norm = RMSNorm(config.fc_input_size, config.rms_norm_eps)
+        if config.fc_norm:
+            aux_size = config.target_hidden_size or h
+            self.fc_norm = nn.ModuleList([RMSNorm(aux_size, config.rms_norm_eps) for _ in range(config.num_aux_layers)])
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_layers)])
         self.norm = RMSNorm(h, config.rms_norm_eps)
         self.lm_head = nn.Linear(h, config.draft_vocab_size, bias=False)
@@ -194,6 +213,16 @@ class Eagle3DraftModel(nn.Module):
         return draft_ids + self.d2t[draft_ids]
 
     # ------------------------------------------------------------------ core
+    def fuse(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
+        """`[.., num_aux * H_target]` verifier aux states -> `[.., H]` (with the EAGLE-3.1 norms)."""
+        x = aux_hidden_states
+        if self.config.norm_before_fc:
+            x = self.input_norm(x)
+        if self.config.fc_norm:
+            chunks = x.chunk(self.config.num_aux_layers, dim=-1)
+            x = torch.cat([norm(c) for norm, c in zip(self.fc_norm, chunks, strict=True)], dim=-1)
+        return self.fc(x)
+
     def _layers(self, hidden, embeds, position_ids, attend_for_layer) -> torch.Tensor:
         cos, sin = self.rotary(hidden, position_ids)
         for i, layer in enumerate(self.layers):
@@ -217,23 +246,30 @@ class Eagle3DraftModel(nn.Module):
         (teacher forcing) at positions `position_ids + s`; its queries see the context keys
         and their own position's keys from earlier steps.
         """
-        hidden = self.fc(hidden_states)
-        ctx = context_mask(document_ids)
+        hidden = self.fuse(hidden_states)
         use_flex = self._use_flex(hidden.device)
         kv: list[tuple[list, list]] = [([], []) for _ in self.layers]
         block_masks: dict = {}
+        ctx_masks: dict = {}
+
+        def ctx_for(window):
+            if window not in ctx_masks:
+                ctx_masks[window] = windowed(context_mask(document_ids), window)
+            return ctx_masks[window]
 
         def attend_for_layer(i):
             keys, values = kv[i]
+            window = self.config.layer_window(i)
 
             def attend(q, k, v, scale):
                 keys.append(k)
                 values.append(v)
                 if use_flex:
                     return ttt_attention_flex(
-                        q, keys, values, document_ids, scale, block_masks, compile=self.attn_impl != "flex_eager"
+                        q, keys, values, document_ids, scale, block_masks.setdefault(window, {}),
+                        compile=self.attn_impl != "flex_eager", window=window,
                     )
-                return ttt_attention_sdpa(q, keys, values, ctx, scale)
+                return ttt_attention_sdpa(q, keys, values, ctx_for(window), scale)
 
             return attend
 
@@ -242,7 +278,10 @@ class Eagle3DraftModel(nn.Module):
                 embeds = self.embed_tokens(shift_tokens(input_ids, step))
             embeds = embeds.to(hidden.dtype)
             hidden = self._layers(hidden, embeds, position_ids + step, attend_for_layer)
-            yield step, self.norm(hidden)
+            normed = self.norm(hidden)
+            if self.config.norm_output:
+                hidden = normed
+            yield step, normed
 
     def forward(self, hidden_states, input_ids, document_ids, position_ids, ttt_steps: int = 1):
         """Logits per TTT step (list of `[B, T, draft_vocab]`); training uses `iter_ttt`."""
@@ -261,28 +300,32 @@ class Eagle3DraftModel(nn.Module):
         """One cached drafting forward over `t` new positions (no padding; causal).
 
         hidden_states: `[B, t, num_aux * H]` verifier aux states (`fused=False`) or `[B, t, H]`
-        pre-norm outputs of a previous call (`fused=True`).  input_ids: `[B, t]` verifier-vocab
+        `hidden_prenorm` outputs of a previous call (`fused=True`).  input_ids: `[B, t]` verifier-vocab
         tokens, position_ids `[B, t]`.
         """
         cache = cache or DraftCache()
         if not cache.keys:
             cache.keys = [None] * len(self.layers)
             cache.values = [None] * len(self.layers)
-        hidden = hidden_states if fused else self.fc(hidden_states)
+        hidden = hidden_states if fused else self.fuse(hidden_states)
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
 
         def attend_for_layer(i):
+            window = self.config.layer_window(i)
+
             def attend(q, k, v, scale):
                 if cache.keys[i] is not None:
                     k = torch.cat([cache.keys[i], k], dim=2)
                     v = torch.cat([cache.values[i], v], dim=2)
                 cache.keys[i], cache.values[i] = k, v
-                return cached_causal_attention(q, k, v, scale)
+                return cached_causal_attention(q, k, v, scale, window)
 
             return attend
 
         hidden = self._layers(hidden, embeds, position_ids, attend_for_layer)
-        return DraftOutput(self.lm_head(self.norm(hidden)), hidden, cache)
+        normed = self.norm(hidden)
+        # The state fed to the next drafting step: post-norm under norm_output (as vLLM does).
+        return DraftOutput(self.lm_head(normed), normed if self.config.norm_output else hidden, cache)
 
     @torch.no_grad()
     def propose(
