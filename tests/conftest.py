@@ -36,3 +36,27 @@ def tiny_llama_trained(tmp_path_factory):
     return build_tiny_verifier(
         tmp_path_factory.mktemp("tiny_llama_trained"), arch="llama", pretrain_steps=200
     )
+
+
+@pytest.fixture(scope="session")
+def public_speculators_python():
+    """Python of a venv holding the PUBLIC `speculators` package (0.9.0), made once and reused.
+
+    Created by bench/setup_public_venv.sh at $PUBLIC_VENV, else under $XDG_CACHE_HOME (default
+    ~/.cache)/speculators-tests/public-venv; the script returns at once when it is ready.  Run
+    it with `-P` from a neutral cwd and without PYTHONPATH so this checkout is not imported.
+    """
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    venv = Path(os.environ.get("PUBLIC_VENV") or cache / "speculators-tests" / "public-venv")
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PUBLIC_VENV"] = str(venv)
+    proc = subprocess.run(["bash", str(repo / "bench" / "setup_public_venv.sh")], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        pytest.fail(f"could not create the public speculators venv at {venv}:\n{proc.stdout}\n{proc.stderr}")
+    return str(venv / "bin" / "python")

@@ -33,6 +33,8 @@ TOP_LEVEL_IMPLEMENTED = frozenset({
 })
 TOP_LEVEL_METADATA = frozenset({
     "architectures",
+    "auto_map",  # the public package's transformers auto-class hook
+    "tie_word_embeddings",
     "speculators_version",
     "transformers_version",
     "dtype",
