@@ -234,8 +234,7 @@ class Eagle3Config:
         }
         if self.aux_layer_ids:
             out["eagle_aux_hidden_state_layer_ids"] = list(self.aux_layer_ids)
-        if self.embed_requires_grad:
-            out["embed_requires_grad"] = True
+        out["embed_requires_grad"] = self.embed_requires_grad
         return out
 
     @classmethod
