@@ -21,6 +21,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--from-pretrained", default=None, help="initialise the draft from this checkpoint directory")
     g.add_argument("--norm-before-residual", action=argparse.BooleanOptionalAction, default=True,
                    help="layer 0 keeps the normed hidden state as its residual (default on)")
+    g.add_argument("--draft-arch", choices=["llama", "qwen3"], default="llama",
+                   help="draft decoder layer style: llama, or qwen3 (per-head q/k RMSNorm); default llama")
+    g.add_argument("--norm-before-fc", action=argparse.BooleanOptionalAction, default=False,
+                   help="EAGLE-3.1: one RMSNorm over the concatenated aux hidden states before fc (default off)")
+    g.add_argument("--fc-norm", action=argparse.BooleanOptionalAction, default=False,
+                   help="EAGLE-3.1: one RMSNorm per aux hidden state before fc; excludes --norm-before-fc")
+    g.add_argument("--norm-output", action=argparse.BooleanOptionalAction, default=False,
+                   help="EAGLE-3.1: feed the post-norm hidden state to the next TTT/drafting step (default off)")
+    g.add_argument("--sliding-window", type=int, default=None,
+                   help="sliding-window attention of this many tokens in every draft layer "
+                   "(default: full attention)")
+    g.add_argument("--full-attention-indices", type=int, nargs="+", default=None,
+                   help="with --sliding-window: draft layers that keep full attention (such a draft "
+                   "cannot be served by vLLM, which needs one attention kind for all draft layers)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="hidden states written by `speculators datagen`")

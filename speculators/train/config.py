@@ -37,6 +37,12 @@ class TrainConfig:
     train_data_ratio: float = 0.9
     seed: int = 0
     norm_before_residual: bool = True
+    draft_arch: str = "llama"  # llama | qwen3 draft layers
+    norm_before_fc: bool = False
+    fc_norm: bool = False
+    norm_output: bool = False
+    sliding_window: int | None = None
+    full_attention_indices: list[int] | None = None
     # runtime
     device: str = "auto"
     attn_impl: str = "auto"

@@ -206,6 +206,12 @@ class Trainer:
                 aux_layer_ids=layer_ids[:-1] if layer_ids else None,
                 speculative_tokens=cfg.ttt_steps,
                 verifier_name_or_path=verifier_ref,
+                draft_arch=cfg.draft_arch,
+                norm_before_fc=cfg.norm_before_fc,
+                fc_norm=cfg.fc_norm,
+                norm_output=cfg.norm_output,
+                sliding_window=cfg.sliding_window,
+                full_attention_indices=cfg.full_attention_indices,
             )
             draft = Eagle3DraftModel(config)
             with torch.no_grad():
@@ -238,6 +244,19 @@ class Trainer:
         if self.cfg.draft_vocab_size is not None and c.draft_vocab_size != self.cfg.draft_vocab_size:
             raise UserError(f"{source}: draft vocab {c.draft_vocab_size} disagrees with --draft-vocab-size {self.cfg.draft_vocab_size}")
         check_mapping(draft.d2t, draft.t2d, vconf.vocab_size, c.draft_vocab_size)
+        for key in ("draft_arch", "norm_before_fc", "fc_norm", "norm_output"):
+            asked, default = getattr(self.cfg, key), TrainConfig.__dataclass_fields__[key].default
+            if asked != default and asked != getattr(c, key):
+                raise UserError(f"{source}: the checkpoint has {key}={getattr(c, key)!r}, --{key.replace('_', '-')} asks "
+                                f"for {asked!r}; the draft's layout comes from the checkpoint, drop the flag")
+        if self.cfg.sliding_window and self.cfg.sliding_window != c.sliding_window:
+            raise UserError(f"{source}: the checkpoint has sliding_window={c.sliding_window!r}, --sliding-window asks "
+                            f"for {self.cfg.sliding_window}; drop the flag")
+        if c.embed_requires_grad:
+            raise UserError(
+                f"{source}: embed_requires_grad is true but this trainer keeps the embedding frozen; "
+                "set it to false in config.json to continue with a frozen embedding"
+            )
 
     def _build_data(self) -> None:
         from speculators.data.dataset import Eagle3Collator, Eagle3Dataset, PackedBatchSampler, split_indices

@@ -6,9 +6,9 @@ own position.  On CPU (and as the reference) the extra keys contribute one score
 computed as a dot product, so no `[T, T * (s + 1)]` mask is ever built.  On CUDA the
 same rule runs through flex attention over the concatenated keys.
 
-Sliding-window layers (`window = W`) further restrict the context keys to the last `W`
-positions (`q - kv < W`, the query's own position included); the earlier-step keys at the
-query's own position stay visible.  This is the public speculators package's rule and
+Sliding-window layers further restrict the context keys to `q - kv < window` (the query's
+own position included); the earlier-step keys at the query's own position stay visible.
+The draft model passes a step-`s` query the window `W - s` (see `model.ttt_window`), which is
 vLLM's per-layer window at inference.
 """
 

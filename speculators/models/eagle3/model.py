@@ -264,12 +264,15 @@ class Eagle3DraftModel(nn.Module):
             def attend(q, k, v, scale):
                 keys.append(k)
                 values.append(v)
+                # A step-s query sits s positions past its context keys (as when drafting):
+                # its window over them is s shorter, so training matches vLLM's inference.
+                step_window = None if window is None else ttt_window(window, len(keys) - 1)
                 if use_flex:
                     return ttt_attention_flex(
                         q, keys, values, document_ids, scale, block_masks.setdefault(window, {}),
-                        compile=self.attn_impl != "flex_eager", window=window,
+                        compile=self.attn_impl != "flex_eager", window=step_window,
                     )
-                return ttt_attention_sdpa(q, keys, values, ctx_for(window), scale)
+                return ttt_attention_sdpa(q, keys, values, ctx_for(step_window), scale)
 
             return attend
 
@@ -392,6 +395,19 @@ class Eagle3DraftModel(nn.Module):
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def ttt_window(window: int, step: int) -> int:
+    """The window over step-0 (context) keys seen by a TTT step-`step` query.
+
+    Drafting token `step` of a chain happens at `step` positions past the verified prefix, so a
+    `window`-token layer sees `window - step` of the prefix's keys (vLLM's rule).  The public
+    package keeps `window` at every step; the two differ by `step` keys, only where the window
+    binds.  Windows must exceed the TTT depth.
+    """
+    if window - step < 1:
+        raise UserError(f"sliding_window {window} must exceed the TTT steps ({step + 1} or more)")
+    return window - step
 
 
 def logits_to_target_vocab(logits: torch.Tensor, d2t: torch.Tensor, vocab_size: int) -> torch.Tensor:
