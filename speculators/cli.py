@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "build_vocab_mapping",
     "datagen",
     "convert_data",
+    "convert",
     "train",
     "launch_vllm",
     "serve",
@@ -29,12 +30,37 @@ COMMAND_MODULES = (
 )
 
 
+def version_text() -> str:
+    """Names this package unambiguously: the PyPI `speculators` (vllm-project) shares its name."""
+    from pathlib import Path
+
+    import speculators
+
+    where = Path(speculators.__file__).resolve().parent
+    return (
+        f"speculators {speculators.__version__} ({PACKAGE_IDENTITY}) at {where}\n"
+        "This is not vllm-project/speculators from PyPI; keep that one in a separate virtualenv."
+    )
+
+
+class _PrintVersion(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
+# A marker only this project's package has (the public package has no speculators.cli.PACKAGE_IDENTITY).
+PACKAGE_IDENTITY = "EAGLE-3 trainer + dashboard project"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="speculators",
         description="Train EAGLE-3 draft models (speculators) and serve them in vLLM.",
     )
     parser.add_argument("--log-level", default="INFO", help="Python logging level")
+    parser.add_argument("--version", action=_PrintVersion, nargs=0,
+                        help="which speculators package this is (this project, not the PyPI one), and where")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:

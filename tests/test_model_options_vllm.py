@@ -1,6 +1,8 @@
 """Draft options against the REAL vLLM engine: a checkpoint with qwen3 layers, norm_before_fc,
 fc_norm, norm_output and sliding-window layers loads in vLLM (CPU build, offline `LLM` with an
 eagle3 speculative config) and vLLM proposes exactly the greedy drafts our PyTorch eval does.
+Also `speculators convert`: vLLM runs a SpecForge-layout draft as SpecForge wrote it, our eval
+runs the converted one, and the drafts agree.
 
 One subprocess starts the engine once per draft (about 35 s each on 2 cores) and records every
 draft vLLM proposes; for each proposal we rebuild the verifier prefix it was made from and ask
@@ -31,6 +33,7 @@ CASES = {
     ),
     "qwen3_fcnorm_sliding": dict(draft_arch="qwen3", num_layers=1, fc_norm=True, sliding_window=3),
 }
+SPECFORGE = "specforge_eagle31_converted"  # an EAGLE-3.1 draft in SpecForge's layout (fc_norm + norm_output)
 PROMPTS = [[1, 5, 9, 13, 20, 40, 60, 80, 7, 3, 99, 17]]
 
 
@@ -99,7 +102,15 @@ def vllm_runs(tmp_path_factory):
     # head_dim 32 (hidden 128, 4 heads): the smallest the CPU attention backend takes.
     verifier = build_tiny_verifier(root / "verifier", arch="llama", hidden_size=128, num_layers=8)
     drafts = {name: _random_draft(verifier, root / name, seed=i + 1, **kw) for i, (name, kw) in enumerate(CASES.items())}
-    spec = {"verifier": str(verifier), "drafts": [str(d) for d in drafts.values()], "k": K,
+    # SpecForge: vLLM reads its layout natively; our eval reads the `speculators convert` output.
+    from specforge_layout import build_specforge_draft
+
+    from speculators.models.eagle3.specforge import convert_specforge
+
+    specforge = build_specforge_draft(root / "specforge", verifier, seed=11)
+    drafts[SPECFORGE] = convert_specforge(specforge, root / "specforge-converted", str(verifier))
+    vllm_dirs = [str(d) for d in drafts.values()][:-1] + [str(specforge)]
+    spec = {"verifier": str(verifier), "drafts": vllm_dirs, "k": K,
             "prompts": PROMPTS, "max_tokens": 16}
     env = {k: v for k, v in os.environ.items()}
     env.update(VLLM_TARGET_DEVICE="cpu", VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
@@ -112,12 +123,12 @@ def vllm_runs(tmp_path_factory):
     return verifier, dict(zip(drafts, results, strict=True)), drafts
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, SPECFORGE])
 def test_vllm_proposes_the_drafts_our_eval_proposes(vllm_runs, case):
     verifier, results, drafts = vllm_runs
     result = results[case]
     cfg = json.loads((drafts[case] / "config.json").read_text())
-    for key, value in CASES[case].items():
+    for key, value in CASES.get(case, {"fc_norm": True, "norm_output": True}).items():
         if key in ("norm_before_fc", "fc_norm", "norm_output"):
             assert cfg[key] is value
     total = 0
