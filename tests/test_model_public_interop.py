@@ -170,3 +170,27 @@ def test_unimplemented_public_option_is_refused_naming_the_key(public_drafts, tm
         (tmp_path / "config.json").write_text(json.dumps(bad))
         with pytest.raises(UserError, match=key):
             Eagle3Config.load(tmp_path)
+
+
+def test_train_from_pretrained_continues_a_public_eagle31_draft(public_drafts, tiny_llama, tmp_path):
+    """`--from-pretrained` on the package's default (EAGLE-3.1 + 2048-window) draft: options kept, weights trained."""
+    from speculators.train.config import TrainConfig
+    from speculators.train.synthetic import write_synthetic_hidden_states
+    from speculators.train.trainer import run_training
+
+    root, _ = public_drafts
+    source = root / "default_recipe" / "draft"
+    data = write_synthetic_hidden_states(tiny_llama, tmp_path / "hs", num_samples=8, seq_len=32)
+    save = tmp_path / "run"
+    run_training(TrainConfig(verifier_name_or_path=str(tiny_llama), data_path=str(data), save_path=str(save),
+                             from_pretrained=str(source), epochs=1, lr=3e-3, total_seq_len=64, ttt_steps=3,
+                             log_freq=1000, train_data_ratio=0.75, warmup_steps=1))
+    theirs = json.loads((source / "config.json").read_text())
+    ours = json.loads((save / "0" / "config.json").read_text())
+    for key in ("norm_before_fc", "norm_output", "fc_norm", "norm_before_residual"):
+        assert ours[key] == theirs[key], key
+    for key in ("layer_types", "sliding_window", "use_sliding_window"):
+        assert ours["transformer_layer_config"][key] == theirs["transformer_layer_config"][key], key
+    before, after = load_file(str(source / "model.safetensors")), load_file(str(save / "0" / "model.safetensors"))
+    assert (before["input_norm.weight"] - after["input_norm.weight"]).abs().max() > 1e-5
+    assert torch.equal(before["d2t"], after["d2t"]) and torch.equal(before["t2d"], after["t2d"])
