@@ -22,6 +22,8 @@ import torch
 
 from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
 
+pytestmark = pytest.mark.slow  # real engine / second venv in subprocesses
+
 HERE = Path(__file__).resolve().parent
 K = 3
 

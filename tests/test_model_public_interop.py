@@ -21,6 +21,8 @@ from speculators.errors import UserError
 from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
 from speculators.models.eagle3.config_keys import LAYER_IMPLEMENTED, TOP_LEVEL_IMPLEMENTED
 
+pytestmark = pytest.mark.slow  # the real public package in its own venv, in subprocesses
+
 SCRIPT = Path(__file__).resolve().parent / "public_pkg" / "build_draft.py"
 TTT = 3
 T = 24
