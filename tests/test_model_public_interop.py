@@ -34,6 +34,8 @@ CASES = {
     "fc_norm_norm_output": dict(fc_norm=True, norm_output=True),
     "qwen3_sliding_2_layers": dict(draft_arch="qwen3", num_layers=2, sliding_window=5, norm_output=True),
     "mixed_window_layers": dict(num_layers=2, sliding_window=4, full_attention_indices=[1], norm_before_fc=True),
+    # draft vocab == verifier vocab: the package saves no d2t/t2d at all
+    "full_vocab": dict(draft_vocab_size=512, norm_output=True),
 }
 
 
@@ -96,7 +98,7 @@ def public_drafts(public_speculators_python, tiny_llama, tmp_path_factory):
     specs, inputs = [], {}
     for name, options in CASES.items():
         inputs[name] = _inputs(root / name, hidden=64)
-        specs.append(dict(verifier=str(tiny_llama), out=str(root / name), draft_vocab_size=256, seed=7, **options))
+        specs.append({"verifier": str(tiny_llama), "out": str(root / name), "draft_vocab_size": 256, "seed": 7, **options})
     _run_public(public_speculators_python, specs)
     return root, inputs
 

@@ -219,6 +219,10 @@ class Trainer:
                 draft.lm_head.weight.copy_(weights["lm_head"][t2d])
                 draft.set_vocab_mapping(d2t, t2d)
         draft.attn_impl = cfg.attn_impl
+        if draft.config.layer_types and len(set(draft.config.layer_types)) > 1:
+            logger.warning("draft layers mix sliding-window and full attention (%s): trained and evaluated here, "
+                        "but vLLM cannot serve such a draft (one KV-cache group for all draft layers)",
+                        draft.config.layer_types)
         head = VerifierHead.from_weights(weights, t2d, float(getattr(vconf, "rms_norm_eps", 1e-6)))
         self.draft = draft
         objective = TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows)

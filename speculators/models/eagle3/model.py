@@ -387,6 +387,9 @@ class Eagle3DraftModel(nn.Module):
 
             vconf = load_verifier_config(config.verifier_name_or_path)
             state["embed_tokens.weight"] = load_verifier_weights(config.verifier_name_or_path, vconf)["embed"]
+        if "d2t" not in state and "t2d" not in state and config.draft_vocab_size == config.vocab_size:
+            # A full-vocabulary draft needs no mapping; the public package then saves none.
+            state["d2t"], state["t2d"] = model.d2t.clone(), model.t2d.clone()
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("rotary.")]
         if missing or unexpected:
