@@ -55,6 +55,48 @@ def run_progress(run: Run) -> float:
     return sum(stage_fraction(s) for s in run.stages) / len(run.stages)
 
 
+_MD_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")  # all ASCII punctuation: CommonMark escapes each
+
+
+def plain(text: str) -> str:
+    """A user's text (a run name) for a Markdown element, shown as typed: every ASCII
+    punctuation character backslash-escaped, so `[x](http://...)` or `![](...)` is no link
+    or image."""
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def display_status(run: Run) -> str:
+    """The state a user should see. A run between stages (its next stage queued, or nothing
+    running while it is marked running) is `waiting`, not `running` with a stale stage."""
+    if run.status in ("queued", "running"):
+        live = any(s.status == "running" for s in run.stages)
+        started = any(s.status == "succeeded" or s.started_at for s in run.stages)
+        if not live and started:
+            return "waiting"
+        if run.status == "running" and not live:
+            return "waiting"
+    return run.status
+
+
+def stage_label(run: Run) -> str:
+    """The running stage, or for a waiting run the stage it waits to start."""
+    live = next((s.name for s in run.stages if s.status == "running"), None)
+    if live:
+        return live
+    if run.status in ("queued", "running"):
+        nxt = next((s.name for s in sorted(run.stages, key=lambda x: x.position) if s.status != "succeeded"), None)
+        return f"next: {nxt}" if nxt else ""
+    return run.current_stage or ""
+
+
+def acceptance_summary(report: dict[str, Any]) -> tuple[str, str | None]:
+    """(mean acceptance length as shown, note). With nothing drafted yet there is no mean:
+    a bare 1.00 would read as a useless draft."""
+    if not report.get("num_draft_tokens"):
+        return "n/a", "No drafted tokens yet: send requests to the endpoint to measure acceptance."
+    return f"{report['mean_acceptance_length']:.2f}", None
+
+
 def runs_rows(runs: list[Run], now: datetime | None = None) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
@@ -62,8 +104,8 @@ def runs_rows(runs: list[Run], now: datetime | None = None) -> list[dict[str, An
         rows.append({
             "run": r.id,
             "name": r.name,
-            "status": r.status,
-            "stage": r.current_stage or "",
+            "status": display_status(r),
+            "stage": stage_label(r),
             "progress": round(run_progress(r), 4),
             "age": age(r.created_at, now),
             "mode": spec.get("mode", ""),

@@ -136,7 +136,8 @@ def test_online_train_command(settings, tmp_path):
     assert argv[argv.index("--on-generate") + 1] == "cache"
     v = verifier_argv(spec.model, [2, 4], 8001, "/hs", python="py")
     assert v[3:7] == ["launch-vllm", spec.model, "--hidden-states-path", "/hs"]
-    assert v[v.index("--") + 1:] == ["--host", "0.0.0.0", "--port", "8001"]
+    assert v[v.index("--") + 1:] == ["--host", "127.0.0.1", "--port", "8001", "--no-enable-chunked-prefill"]
+    assert verifier_argv(spec.model, [], 8001, "/hs", python="py", host="0.0.0.0")[-5:-3] == ["--host", "0.0.0.0"]
     assert serve_argv("/ck/checkpoint_best", 8000, python="py")[3:5] == ["serve", "/ck/checkpoint_best"]
 
 
@@ -170,7 +171,9 @@ def test_outbox_survives_broker_down_and_flushes_when_back(settings, monkeypatch
     assert flush_outbox(factory, up) == (1, None)
     with factory() as s:
         assert repo.pending_outbox(s) == []
-    queued = [json.loads(m) for m in client.lrange("gpu", 0, -1)]
+    # the queue key carries the installation's namespace (two homes on one Redis stay apart)
+    assert client.llen("gpu") == 0
+    queued = [json.loads(m) for m in client.lrange(f"{up.conf.broker_transport_options['global_keyprefix']}gpu", 0, -1)]
     assert len(queued) == 1
     assert queued[0]["headers"]["task"] == "worker.tasks.run_stage"
     assert json.loads(__import__("base64").b64decode(queued[0]["body"]))[0] == ["out1", "prepare"]
