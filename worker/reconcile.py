@@ -11,6 +11,7 @@ is run once (the claim in runstore.repo.start_stage, the skip of succeeded stage
 from __future__ import annotations
 
 import logging
+import os
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,7 +21,8 @@ from worker.celery_app import GPU_QUEUE
 
 log = logging.getLogger(__name__)
 
-GRACE_S = 30.0  # a message sent or a stage finished more recently than this is still on its way
+# a message sent or a stage finished more recently than this is still on its way
+GRACE_S = float(os.environ.get("SPEC_RECONCILE_GRACE_S", "30"))
 
 
 def queue_size(app: Celery, queue: str = GPU_QUEUE, timeout: float = 2.0) -> int | None:
@@ -29,10 +31,17 @@ def queue_size(app: Celery, queue: str = GPU_QUEUE, timeout: float = 2.0) -> int
     try:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=timeout)
+            channel = conn.default_channel
+            size = getattr(channel, "_size", None)
+            if size is not None:
+                # kombu's virtual transports (Redis, filesystem) count the list directly; their
+                # passive queue_declare misses keys under a global_keyprefix (kombu 5.7 checks
+                # EXISTS without the prefix) and would report a full queue as missing
+                return int(size(queue))
             try:
-                _, count, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
+                _, count, _ = channel.queue_declare(queue=queue, passive=True)
             except Exception as exc:  # a queue nobody declared yet holds nothing
-                if "404" in str(exc) or "NOT_FOUND" in str(exc).upper() or "no queue" in str(exc).lower():
+                if "404" in str(exc) or "NOT_FOUND" in str(exc).upper():
                     return 0
                 raise
             return int(count)
