@@ -3,6 +3,7 @@ progress, ETA), kept free of Streamlit so they test alone."""
 
 from __future__ import annotations
 
+import html
 import re
 from datetime import datetime
 from typing import Any
@@ -55,14 +56,21 @@ def run_progress(run: Run) -> float:
     return sum(stage_fraction(s) for s in run.stages) / len(run.stages)
 
 
-_MD_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")  # all ASCII punctuation: CommonMark escapes each
+_MD_SPECIAL = re.compile(r"[!-/:-@\[-`{-~]")  # all ASCII punctuation
 
 
 def plain(text: str) -> str:
-    """A user's text (a run name) for a Markdown element, shown as typed: every ASCII
-    punctuation character backslash-escaped, so `[x](http://...)` or `![](...)` is no link
-    or image."""
-    return _MD_SPECIAL.sub(r"\\\1", text)
+    """Text for a Markdown element with no Markdown syntax in effect: every ASCII punctuation
+    character written as a numeric character reference, shown as that character but never
+    read as a link, image, emphasis or LaTeX. A bare URL is still made a link by GFM's
+    autolinking (which runs on the decoded text), so a user's own text - a run name - goes
+    into non-Markdown elements instead (`heading_html`, `st.text`)."""
+    return _MD_SPECIAL.sub(lambda m: f"&#{ord(m.group(0))};", text)
+
+
+def heading_html(text: str) -> str:
+    """A run name as the page heading for `st.html`: HTML-escaped, so it shows exactly as typed."""
+    return f"<h1>{html.escape(text)}</h1>"
 
 
 def display_status(run: Run) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -525,21 +526,30 @@ def test_dashboard_shows_waiting_plain_names_and_no_fake_acceptance(tmp_path, mo
                         stages=["prepare", "vocab", "datagen", "train"], work_dir=str(settings.runs_root / "w1"))
         repo.start_stage(s, "w1", "prepare", worker="w", log_path="/dev/null")
         repo.finish_stage(s, "w1", "prepare", "succeeded")
+        run = repo.get_run(s, "w1")
+        run.error = "an earlier try failed, see http://evil.example/e and www.evil.example"
+        s.commit()
         ckpt = settings.runs_root / "w1" / "checkpoints" / "0"
         repo.ingest_records(s, "w1", [{"type": "checkpoint", "epoch": 0, "step": 1, "path": str(ckpt),
                                        "val_loss": 1.0, "is_best": True, "ts": 1.0}])
-    vllm = ThreadingHTTPServer(("127.0.0.1", 0), _ZeroVllm)
-    threading.Thread(target=vllm.serve_forever, daemon=True).start()
     with factory() as s:
-        dep = repo.request_deployment(s, kind="draft", model_path=str(ckpt), run_id="w1",
-                                      port=vllm.server_address[1], endpoint=f"http://127.0.0.1:{vllm.server_address[1]}")
-        repo.update_deployment(s, dep.id, status="up")
         for m in repo.pending_outbox(s):  # keep the worker off this seeded run
             repo.outbox_sent(s, m.id)
+    vllm = ThreadingHTTPServer(("127.0.0.1", 0), _ZeroVllm)
+    threading.Thread(target=vllm.serve_forever, daemon=True).start()
     # filesystem broker (no Redis at port 1); no reconciling: this seeded run must stay waiting
-    proc, url = _local_mode(home, "redis://127.0.0.1:1/0", tmp_path / "local.log", SPEC_RECONCILE_EVERY_S="100000")
+    log = tmp_path / "local.log"
+    proc, url = _local_mode(home, "redis://127.0.0.1:1/0", log, SPEC_RECONCILE_EVERY_S="100000")
     try:
         wait_for(lambda: _healthy(url) or proc.poll() is not None, 180, what="dashboard health")
+        # the controller marks servers of an earlier controller stopped at its start: serve after it
+        wait_for(lambda: re.search(r"vllm@\S+ ready\.", log.read_text()), 180, what="controller ready")
+        with factory() as s:
+            dep = repo.request_deployment(s, kind="draft", model_path=str(ckpt), run_id="w1", port=vllm.server_address[1],
+                                          endpoint=f"http://127.0.0.1:{vllm.server_address[1]}")
+            repo.update_deployment(s, dep.id, status="up")
+            for m in repo.pending_outbox(s):  # the controller must not start a real server for it
+                repo.outbox_sent(s, m.id)
         with _browser() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
             try:
@@ -548,7 +558,8 @@ def test_dashboard_shows_waiting_plain_names_and_no_fake_acceptance(tmp_path, mo
                 page.get_by_role("heading", name=name).wait_for(timeout=60_000)
                 page.get_by_text("Status: waiting").wait_for(timeout=30_000)
                 assert page.get_by_text("next: vocab").count() >= 1
-                assert page.locator('a[href*="evil.example"]').count() == 0
+                page.get_by_text("see http://evil.example/e and www.evil.example").wait_for(timeout=30_000)
+                assert page.locator('a[href*="evil.example"]').count() == 0, [page.locator('a[href*="evil.example"]').nth(i).evaluate("e => e.outerHTML.slice(0, 300)") for i in range(page.locator('a[href*="evil.example"]').count())]
                 assert page.locator('img[src*="evil.example"]').count() == 0
                 page.get_by_text("Mean acceptance length").wait_for(timeout=60_000)
                 page.get_by_text("No drafted tokens yet").wait_for(timeout=30_000)

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import streamlit as st
 
-from app import common, views
+from app import common
 from worker.spec import BUILTIN_DATASETS, MODES, validate_spec
 
 st.set_page_config(page_title="New run", page_icon="🚀", layout="wide")
@@ -57,7 +57,8 @@ st.title("New run")
 common.tiny_model_notice()
 if state.get("submitted"):
     sub = state["submitted"]
-    st.success(f"Run **{views.plain(sub['name'])}** ({sub['run_id']}) saved.")
+    st.success(f"Run {sub['run_id']} saved.")
+    st.text(sub["name"])  # the user's text, never Markdown
     if sub["broker_error"]:
         st.warning(common.broker_message(sub["broker_error"]))
     common.page_link("pages/3_Run_detail.py", "Open the run", "📈", {"run": sub["run_id"]})

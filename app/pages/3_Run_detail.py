@@ -57,14 +57,16 @@ def live() -> None:
         train = repo.metrics(session, run_id, "train")
         all_metrics = repo.metrics(session, run_id)
         ckpts = repo.checkpoints(session, run_id)
-    st.title(views.plain(run.name))  # the user's text, never Markdown
+    st.html(views.heading_html(run.name))  # the user's text as typed: never Markdown, never a link
     st.caption(f"run {run.id} · {run.spec.get('mode')} · {run.spec.get('model')} · created {views.age(run.created_at)} ago")
     badge = {"succeeded": st.success, "failed": st.error, "cancelled": st.warning,
              "interrupted": st.warning}.get(run.status, st.info)
     status = views.display_status(run)
     where = views.stage_label(run)
-    badge(f"Status: **{status}**" + (f" · {'stage ' if status == 'running' else ''}{where}" if where and status in ("running", "waiting") else "")
-          + (f"\n\n{views.plain(run.error)}" if run.error else ""))
+    shown_where = where if where and status in ("running", "waiting") else ""
+    badge(f"Status: **{status}**" + (f" · {'stage ' if status == 'running' else ''}{shown_where}" if shown_where else ""))
+    if run.error:
+        st.text(run.error)  # plain text: it may quote the run's name or a URL
 
     train_stage = next((x for x in stages if x.name == "train"), None)
     frac, eta = views.train_eta(train, train_stage.total_steps if train_stage else None)
