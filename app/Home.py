@@ -17,6 +17,14 @@ common.ensure_dispatcher()
 s = common.settings()
 
 st.title("Speculators: EAGLE-3 draft training")
+
+
+@st.fragment(run_every=3)
+def _tiny_model() -> None:
+    common.tiny_model_notice()
+
+
+_tiny_model()
 st.write("Train a speculative-decoding draft model for a verifier, watch it learn, and serve the "
          "best checkpoint in vLLM.")
 

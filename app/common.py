@@ -127,3 +127,24 @@ def page_link(page: str, label: str, icon: str | None = None, query_params: dict
         if query_params:
             url += "?" + "&".join(f"{k}={v}" for k, v in query_params.items())
         where.markdown(f"{icon or ''} [{label}]({url})")
+
+
+def tiny_model_notice(where=st) -> None:
+    """While the local mode builds the tiny verifier in the background: its latest output
+    line and the time elapsed (the form's default model appears when it is done)."""
+    from app.views import fmt_duration, plain
+    from worker.tinybuild import read_status
+
+    model = Path(settings().default_model)
+    if not model.is_absolute():
+        return
+    status = read_status(model)
+    if status is None or status.state == "done":
+        return
+    if status.state == "building":
+        where.info(f"Building the tiny CPU verifier (first start only), {fmt_duration(status.elapsed_s)} elapsed: "
+                   f"{plain(status.last_line) or 'starting'}. Runs on other models can be launched meanwhile.",
+                   icon="⏳")
+    else:
+        where.error(f"Building the tiny CPU verifier failed after {fmt_duration(status.elapsed_s)}: "
+                    f"{plain(status.error or status.last_line)}. Restart `python -m worker.local` to try again.")

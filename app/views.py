@@ -3,6 +3,7 @@ progress, ETA), kept free of Streamlit so they test alone."""
 
 from __future__ import annotations
 
+import html
 import re
 from datetime import datetime
 from typing import Any
@@ -55,6 +56,55 @@ def run_progress(run: Run) -> float:
     return sum(stage_fraction(s) for s in run.stages) / len(run.stages)
 
 
+_MD_SPECIAL = re.compile(r"[!-/:-@\[-`{-~]")  # all ASCII punctuation
+
+
+def plain(text: str) -> str:
+    """Text for a Markdown element with no Markdown syntax in effect: every ASCII punctuation
+    character written as a numeric character reference, shown as that character but never
+    read as a link, image, emphasis or LaTeX. A bare URL is still made a link by GFM's
+    autolinking (which runs on the decoded text), so a user's own text - a run name - goes
+    into non-Markdown elements instead (`heading_html`, `st.text`)."""
+    return _MD_SPECIAL.sub(lambda m: f"&#{ord(m.group(0))};", text)
+
+
+def heading_html(text: str) -> str:
+    """A run name as the page heading for `st.html`: HTML-escaped, so it shows exactly as typed."""
+    return f"<h1>{html.escape(text)}</h1>"
+
+
+def display_status(run: Run) -> str:
+    """The state a user should see. A run between stages (its next stage queued, or nothing
+    running while it is marked running) is `waiting`, not `running` with a stale stage."""
+    if run.status in ("queued", "running"):
+        live = any(s.status == "running" for s in run.stages)
+        started = any(s.status == "succeeded" or s.started_at for s in run.stages)
+        if not live and started:
+            return "waiting"
+        if run.status == "running" and not live:
+            return "waiting"
+    return run.status
+
+
+def stage_label(run: Run) -> str:
+    """The running stage, or for a waiting run the stage it waits to start."""
+    live = next((s.name for s in run.stages if s.status == "running"), None)
+    if live:
+        return live
+    if run.status in ("queued", "running"):
+        nxt = next((s.name for s in sorted(run.stages, key=lambda x: x.position) if s.status != "succeeded"), None)
+        return f"next: {nxt}" if nxt else ""
+    return run.current_stage or ""
+
+
+def acceptance_summary(report: dict[str, Any]) -> tuple[str, str | None]:
+    """(mean acceptance length as shown, note). With nothing drafted yet there is no mean:
+    a bare 1.00 would read as a useless draft."""
+    if not report.get("num_draft_tokens"):
+        return "n/a", "No drafted tokens yet: send requests to the endpoint to measure acceptance."
+    return f"{report['mean_acceptance_length']:.2f}", None
+
+
 def runs_rows(runs: list[Run], now: datetime | None = None) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
@@ -62,8 +112,8 @@ def runs_rows(runs: list[Run], now: datetime | None = None) -> list[dict[str, An
         rows.append({
             "run": r.id,
             "name": r.name,
-            "status": r.status,
-            "stage": r.current_stage or "",
+            "status": display_status(r),
+            "stage": stage_label(r),
             "progress": round(run_progress(r), 4),
             "age": age(r.created_at, now),
             "mode": spec.get("mode", ""),

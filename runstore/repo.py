@@ -6,8 +6,6 @@ a worker loop or a Streamlit page never holds a transaction across a slow step.
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
@@ -136,11 +134,23 @@ def _require(session: Session, run_id: str) -> Run:
 # ---------------------------------------------------------------- stages (worker side)
 
 
-def start_stage(session: Session, run_id: str, name: str, *, worker: str, log_path: str) -> Stage:
+def start_stage(session: Session, run_id: str, name: str, *, worker: str, log_path: str,
+                stale_after_s: float = STALE_AFTER_S) -> Stage | None:
+    """Claim the stage and mark it running. The claim is one conditional UPDATE, so of two
+    workers handed the same stage (a re-queued duplicate) only one wins; the loser gets None.
+    A stage running with a fresh heartbeat on another worker cannot be claimed."""
     run = _require(session, run_id)
+    now = utcnow()
+    free = (Stage.status != "running") | (Stage.worker == worker) | (Stage.heartbeat_at.is_(None)) \
+        | (Stage.heartbeat_at < now - timedelta(seconds=stale_after_s))
+    res = session.execute(update(Stage).where(Stage.run_id == run_id, Stage.name == name, Stage.status != "succeeded",
+                                              free).values(status="running", worker=worker, heartbeat_at=now))
+    if res.rowcount != 1:
+        session.rollback()
+        return None
     stage = get_stage(session, run_id, name)
     assert stage is not None
-    now = utcnow()
+    session.refresh(stage)
     stage.status = "running"
     stage.attempts += 1
     stage.started_at = now
@@ -158,6 +168,12 @@ def start_stage(session: Session, run_id: str, name: str, *, worker: str, log_pa
 
 def set_stage_pid(session: Session, stage_id: int, pid: int) -> None:
     session.execute(update(Stage).where(Stage.id == stage_id).values(pid=pid, heartbeat_at=utcnow()))
+    session.commit()
+
+
+def note_stage(session: Session, stage_id: int, note: str) -> None:
+    """What a running stage is waiting for (shown in the stage's error column until it ends)."""
+    session.execute(update(Stage).where(Stage.id == stage_id, Stage.status == "running").values(error=note[:2000]))
     session.commit()
 
 
@@ -193,6 +209,15 @@ def finish_stage(session: Session, run_id: str, name: str, status: str, error: s
             run.status = "succeeded"
             run.finished_at = now
             run.current_stage = None
+        elif not run.cancel_requested:
+            # Queue the next stage in the same transaction: a broker that is down right now
+            # leaves the message pending in the outbox, never a run stuck between stages.
+            todo = [s.name for s in sorted(run.stages, key=lambda x: x.position) if s.status != "succeeded"]
+            run.status = "queued"
+            run.current_stage = todo[0]
+            session.add(OutboxMessage(kind="run_stages", payload={"run_id": run_id, "stages": todo}, attempts=0))
+        else:
+            _mark_cancelled(run)
     elif status == "failed":
         run.status = "failed"
         run.error = f"stage {name} failed: {error}" if error else f"stage {name} failed"
@@ -208,18 +233,14 @@ def finish_stage(session: Session, run_id: str, name: str, status: str, error: s
 def recover_interrupted(session: Session, *, worker: str, stale_after_s: float) -> list[tuple[str, str]]:
     """Mark stages left `running` by a worker that died as interrupted and their runs
     resumable. A stage counts as orphaned when it belongs to `worker` (restarted under the
-    same name) or its heartbeat is older than `stale_after_s`. Any process it left is killed
-    so the resumed stage does not race it. Returns (run_id, stage) pairs."""
+    same name) or its heartbeat is older than `stale_after_s`. No process is signalled here:
+    a PID in the database may by now belong to anything; the stage's process died with its
+    worker (see worker.pdeathsig). Returns (run_id, stage) pairs."""
     cutoff = utcnow() - timedelta(seconds=stale_after_s)
     found: list[tuple[str, str]] = []
     for stage in session.scalars(select(Stage).where(Stage.status == "running")):
         if stage.worker != worker and (stage.heartbeat_at or datetime.min) > cutoff:
             continue
-        if stage.pid:
-            try:
-                os.killpg(stage.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         stage.status = "interrupted"
         stage.finished_at = utcnow()
         stage.pid = None
@@ -233,6 +254,55 @@ def recover_interrupted(session: Session, *, worker: str, stale_after_s: float) 
             found.append((run.id, stage.name))
     session.commit()
     return found
+
+
+def due_runs(session: Session, *, grace_s: float, stale_after_s: float = STALE_AFTER_S) -> list[tuple[str, str]]:
+    """Runs whose next stage should be queued but nothing says it is: queued or running, no
+    stage running with a fresh heartbeat, no unsent outbox message, and no message sent or
+    stage finished in the last `grace_s` seconds. Returns (run_id, next stage) pairs."""
+    now = utcnow()
+    recent = now - timedelta(seconds=grace_s)
+    stale = now - timedelta(seconds=stale_after_s)
+    out: list[tuple[str, str]] = []
+    runs = session.scalars(select(Run).where(Run.status.in_(ACTIVE_RUN), Run.cancel_requested.is_(False))
+                           .options(selectinload(Run.stages)).execution_options(populate_existing=True))
+    for run in runs:
+        stages = sorted(run.stages, key=lambda x: x.position)
+        if any(s.status == "running" and (s.heartbeat_at or datetime.min) > stale for s in stages):
+            continue
+        if any(s.finished_at and s.finished_at > recent for s in stages):
+            continue
+        todo = [s.name for s in stages if s.status != "succeeded"]
+        if not todo:
+            continue
+        msgs = [m for m in session.scalars(select(OutboxMessage).where(OutboxMessage.kind == "run_stages"))
+                if (m.payload or {}).get("run_id") == run.id]
+        if any(m.sent_at is None for m in msgs) or any(m.sent_at > recent for m in msgs if m.sent_at):
+            continue
+        out.append((run.id, todo[0]))
+    return out
+
+
+def requeue(session: Session, run_id: str, stale_after_s: float = STALE_AFTER_S) -> list[str]:
+    """Queue a run's unfinished stages again through the outbox (the reconciler's action).
+    A stage left `running` by a dead worker becomes pending first; a run with a live stage,
+    or no longer active, is left alone (returns [])."""
+    run = _require(session, run_id)
+    stale = utcnow() - timedelta(seconds=stale_after_s)
+    if run.status not in ACTIVE_RUN or run.cancel_requested or any(
+            s.status == "running" and (s.heartbeat_at or datetime.min) > stale for s in run.stages):
+        return []
+    todo = [s.name for s in sorted(run.stages, key=lambda x: x.position) if s.status != "succeeded"]
+    for s in run.stages:
+        if s.status == "running":
+            s.status = "pending"
+            s.pid = None
+    if todo:
+        run.status = "queued"
+        run.current_stage = todo[0]
+        session.add(OutboxMessage(kind="run_stages", payload={"run_id": run_id, "stages": todo}, attempts=0))
+    session.commit()
+    return todo
 
 
 # ---------------------------------------------------------------- metrics

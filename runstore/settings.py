@@ -7,6 +7,7 @@ have to set environment variables.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,12 @@ from pathlib import Path
 def _env(name: str, default: str) -> str:
     value = os.environ.get(name, "").strip()
     return value or default
+
+
+def default_namespace(home: Path) -> str:
+    """`spec-<hash of the home>`: two installations on one Redis get different keys."""
+    digest = hashlib.sha256(str(home.expanduser().resolve()).encode()).hexdigest()[:10]
+    return f"spec-{digest}"
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,9 @@ class Settings:
     verifier_port: int  # port of the verifier that online/hybrid training reads hidden states from
     auto_resume: bool  # a restarted worker resumes runs it was killed in
     train_threads: int  # OMP_NUM_THREADS for stage subprocesses
+    broker_namespace: str  # prefix of every broker key: installations sharing a Redis never see each other's tasks
+    vllm_bind: str  # --host for vLLM servers the controller starts ("" = the launcher's default, 127.0.0.1)
+    vllm_api_key: str  # --api-key for those servers ("" = none)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -55,6 +65,9 @@ class Settings:
             verifier_port=int(_env("SPEC_VERIFIER_PORT", "8001")),
             auto_resume=_env("SPEC_AUTO_RESUME", "1") not in ("0", "false", "no"),
             train_threads=int(_env("SPEC_TRAIN_THREADS", "1")),
+            broker_namespace=_env("SPEC_BROKER_NAMESPACE", default_namespace(home)),
+            vllm_bind=_env("SPEC_VLLM_BIND_HOST", ""),
+            vllm_api_key=_env("SPEC_VLLM_API_KEY", ""),
         )
 
     def ensure_dirs(self) -> None:

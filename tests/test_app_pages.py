@@ -95,6 +95,8 @@ def _seed_run(home, run_id="r1", status="running", with_metrics=True):
         for name in ("prepare", "vocab", "datagen"):
             repo.start_stage(s, run_id, name, worker="w", log_path=str(home.runs_root / run_id / f"{name}.log"))
             repo.finish_stage(s, run_id, name, "succeeded")
+        for msg in repo.pending_outbox(s):  # the next-stage messages a worker would have sent
+            repo.outbox_sent(s, msg.id)
         log = home.runs_root / run_id / "train.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("epoch 0 step 3 loss 1.23\n")

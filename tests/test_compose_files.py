@@ -43,9 +43,17 @@ def compose() -> dict:
 
 def test_valid_against_compose_spec_with_defaults_and_overrides():
     load()
-    cfg = load({"SPEC_DASHBOARD_BIND": "0.0.0.0", "SPEC_WORKER_GPUS": "4", "HF_TOKEN": "x"})
+    cfg = load({"SPEC_DASHBOARD_BIND": "0.0.0.0", "SPEC_WORKER_GPUS": "4", "SPEC_WORKER_GPU_IDS": "0,1,2,3",
+                "SPEC_VLLM_GPU_IDS": "4", "HF_TOKEN": "x"})
     assert cfg["services"]["dashboard"]["ports"] == ["0.0.0.0:8501:8501"]
-    assert cfg["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 4
+    assert cfg["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0,1,2,3"]
+    assert cfg["services"]["vllm"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["4"]
+    assert str(cfg["services"]["worker"]["environment"]["SPEC_MAX_GPUS"]) == "4"
+
+
+def test_no_top_level_name_for_compose_v1(compose):
+    """Debian's docker-compose 1.x rejects a top-level `name:`; version-less files it accepts."""
+    assert set(compose) <= {"services", "volumes", "networks", "configs", "secrets", "x-spec-env", "x-spec-volumes"}
 
 
 def test_spec_parser_is_strict():
@@ -59,9 +67,13 @@ def test_spec_parser_is_strict():
 def test_services_and_gpu_reservations(compose):
     services = compose["services"]
     assert set(services) == {"redis", "dashboard", "worker", "vllm"}
+    ids = {}
     for name in ("worker", "vllm"):
         (dev,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
+        assert "count" not in dev  # a count lets Docker hand both services the same GPU
+        ids[name] = {i for x in dev["device_ids"] for i in x.split(",")}
+    assert not ids["worker"] & ids["vllm"], ids  # by default the worker and vLLM get different GPUs
     for name in ("redis", "dashboard"):
         assert "deploy" not in services[name]
 
@@ -106,7 +118,9 @@ def test_commands_point_at_real_code(compose):
         assert cmd[cmd.index("--pool") + 1] == "solo" and cmd[cmd.index("--concurrency") + 1] == "1"
         node = cmd[cmd.index("-n") + 1].replace("%h", s[name]["hostname"])
         hc = s[name]["healthcheck"]["test"]
-        assert hc[hc.index("-d") + 1] == node  # the health check pings this worker by name
+        # the liveness file the worker beats from a thread (answers while a stage runs), by node name
+        assert hc[hc.index("-m") + 1] == "worker.health" and hc[hc.index("-m") + 2] == node
+        assert "inspect" not in hc
     for name in ("dashboard", "worker", "vllm"):
         assert (ROOT / s[name]["build"]["dockerfile"]).is_file()
 

@@ -119,8 +119,9 @@ def test_cancel_resume_delete_rules(factory):
         assert run.status == "failed" and "vocab" in run.error and "boom" in run.error
         assert repo.resume_run(s, "r1", from_stage="vocab") == ["vocab", "datagen", "train"]
         assert repo.get_stage(s, "r1", "prepare").status == "succeeded"
-        # the outbox holds the original start and both requeues
-        assert [m.payload["stages"][0] for m in repo.pending_outbox(s)] == ["prepare", "prepare", "vocab"]
+        # the outbox holds the original start, the resume, the next stage queued in the same
+        # transaction as prepare's success, and the retry
+        assert [m.payload["stages"][0] for m in repo.pending_outbox(s)] == ["prepare", "prepare", "vocab", "vocab"]
         repo.request_cancel(s, "r1")
         assert repo.delete_run(s, "r1") == "/tmp/r1"
         assert repo.get_run(s, "r1") is None

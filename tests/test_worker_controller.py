@@ -109,8 +109,10 @@ def test_serve_button_path_through_celery_without_vllm(settings, tmp_path):
                 return d if d.status in ("failed", "up") else None
         d = wait_for(done, 90, what="deployment result")
         assert d.status == "failed"
-        assert d.error  # e.g. "vLLM is not installed here ..." or a bad-checkpoint message
-        assert "exit code" in d.error
+        # the real `speculators serve` ran on this checkpoint and refused it with its own
+        # error line: a broken serve path (wrong command, wrong checkpoint, a crash) says otherwise
+        assert d.error.startswith(f"{ckpt / 'config.json'}: speculators_model_type"), d.error
+        assert "is this a speculator checkpoint?" in d.error and d.error.endswith("(exit code 2)"), d.error
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(30)

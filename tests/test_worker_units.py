@@ -136,7 +136,8 @@ def test_online_train_command(settings, tmp_path):
     assert argv[argv.index("--on-generate") + 1] == "cache"
     v = verifier_argv(spec.model, [2, 4], 8001, "/hs", python="py")
     assert v[3:7] == ["launch-vllm", spec.model, "--hidden-states-path", "/hs"]
-    assert v[v.index("--") + 1:] == ["--host", "0.0.0.0", "--port", "8001"]
+    assert v[v.index("--") + 1:] == ["--host", "127.0.0.1", "--port", "8001", "--no-enable-chunked-prefill"]
+    assert verifier_argv(spec.model, [], 8001, "/hs", python="py", host="0.0.0.0")[-5:-3] == ["--host", "0.0.0.0"]
     assert serve_argv("/ck/checkpoint_best", 8000, python="py")[3:5] == ["serve", "/ck/checkpoint_best"]
 
 
@@ -170,7 +171,9 @@ def test_outbox_survives_broker_down_and_flushes_when_back(settings, monkeypatch
     assert flush_outbox(factory, up) == (1, None)
     with factory() as s:
         assert repo.pending_outbox(s) == []
-    queued = [json.loads(m) for m in client.lrange("gpu", 0, -1)]
+    # the queue key carries the installation's namespace (two homes on one Redis stay apart)
+    assert client.llen("gpu") == 0
+    queued = [json.loads(m) for m in client.lrange(f"{up.conf.broker_transport_options['global_keyprefix']}gpu", 0, -1)]
     assert len(queued) == 1
     assert queued[0]["headers"]["task"] == "worker.tasks.run_stage"
     assert json.loads(__import__("base64").b64decode(queued[0]["body"]))[0] == ["out1", "prepare"]
@@ -254,3 +257,30 @@ def test_local_mode_picks_redis_when_it_answers(tmp_path, monkeypatch):
     assert argv[argv.index("-Q") + 1] == "gpu" and "--without-gossip" in argv
     dash = dashboard_argv(8501, "127.0.0.1")
     assert dash[dash.index("--server.address") + 1] == "127.0.0.1"
+
+
+def test_tiny_build_status_shows_latest_line_and_elapsed(tmp_path):
+    """What the dashboard shows while the local mode builds the tiny verifier: the newest
+    output line (a progress bar's \\r rewrites count) and the time since the build started."""
+    from worker.tinybuild import log_file, read_status, write_status
+
+    model = tmp_path / "models" / "tiny-llama"
+    assert read_status(model) is None  # no build started: nothing to show
+    write_status(model, "building", started=1000.0)
+    log_file(model).write_text("building tokenizer\npretraining 10%\rpretraining 40%\r")
+    st = read_status(model, now=1042.0)
+    assert (st.state, st.elapsed_s, st.last_line) == ("building", 42.0, "pretraining 40%")
+    write_status(model, "failed", started=1000.0, error="boom (exit code 1)")
+    st = read_status(model)
+    assert st.state == "failed" and st.error == "boom (exit code 1)" and st.elapsed_s < 10**10
+
+
+def test_error_summary_names_the_signal(tmp_path):
+    """A stage killed by a signal (the OOM killer's SIGKILL) is reported as such, not as the
+    last line it printed."""
+    log = tmp_path / "x.log"
+    log.write_text("=== train attempt 1 on w\n$ speculators train ...\nepoch 0 step 3\n")
+    assert error_summary(log, -9).startswith("killed (signal 9: SIGKILL); the kernel's out-of-memory killer")
+    assert error_summary(log, 137).startswith("killed (signal 9: SIGKILL)")
+    assert error_summary(log, -15).startswith("killed (signal 15: SIGTERM)")
+    assert error_summary(log, 1) == "epoch 0 step 3 (exit code 1)"

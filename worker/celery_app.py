@@ -1,6 +1,9 @@
 """The Celery app. Broker and result backend come from `SPEC_BROKER_URL` (Redis in compose;
 the local mode falls back to a filesystem broker when no Redis answers).
 
+Every Redis key carries the installation's namespace (`Settings.broker_namespace`, from the
+home directory unless SPEC_BROKER_NAMESPACE says otherwise).
+
 Queues: `gpu` for stage tasks (one job per worker: `--pool solo --concurrency 1`,
 one worker per GPU) and `vllm` for the controller in the vLLM container.
 """
@@ -29,7 +32,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
                      "processed_folder": str(folder / "processed"), "store_processed": False}
     elif s.broker_url.startswith("redis"):
         # Fail fast when Redis is down: the caller keeps the message in the outbox.
-        transport = {"socket_connect_timeout": 2, "socket_timeout": 5, "visibility_timeout": 7 * 24 * 3600}
+        # Every key (queues, bindings, unacked messages, results) starts with the installation's
+        # namespace, so two homes on one Redis DB never take each other's tasks.
+        transport = {"socket_connect_timeout": 2, "socket_timeout": 5, "visibility_timeout": 7 * 24 * 3600,
+                     "global_keyprefix": s.broker_namespace + ":"}
     app.conf.update(
         task_default_queue=GPU_QUEUE,
         task_routes={"worker.tasks.*": {"queue": GPU_QUEUE}, "worker.controller.*": {"queue": VLLM_QUEUE}},

@@ -10,6 +10,7 @@ previous one, since they share the GPU and the port.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -22,12 +23,47 @@ from worker import procs
 from worker.celery_app import app
 from worker.pipeline import serve_argv, verifier_argv
 from worker.runner import healthy
+from worker.spec import inside
 
 START_TIMEOUT_S = float(os.environ.get("SPEC_VLLM_START_TIMEOUT", "1200"))
 
+# The servers this controller process started, by deployment id. Stopping goes through these
+# handles only: a PID in the database may belong to another controller or, after a restart,
+# to an unrelated process. A server whose controller died was killed with it (pdeathsig).
+_SERVERS: dict[int, subprocess.Popen] = {}
 
-def _alive(pid: int | None) -> bool:
-    return bool(pid) and procs.group_alive(pid)
+
+def _stop_own(deployment_id: int) -> bool:
+    """Stop a server this process started; False when it holds no such server."""
+    proc = _SERVERS.pop(deployment_id, None)
+    if proc is None:
+        return False
+    procs.stop_group(proc)
+    return True
+
+
+class BadRequest(ValueError):
+    """A broker message this controller refuses (its text ends up in the deployment's error)."""
+
+
+def checked_hidden_dir(settings: Settings, hidden_dir: str | None) -> str:
+    """Where the verifier may write hidden states: inside the runs root only. The path comes
+    from a broker message, which anyone who can reach Redis can write."""
+    if not hidden_dir:
+        return str(settings.runs_root / "_verifier" / "hidden_states")
+    p = Path(hidden_dir)
+    if not p.is_absolute() or ".." in p.parts or not inside(p, settings.runs_root):
+        raise BadRequest(f"hidden_dir {hidden_dir!r} is not inside the runs root {settings.runs_root}")
+    return str(p)
+
+
+def checked_layer_ids(layer_ids) -> list[int]:
+    if layer_ids is None:
+        return []
+    if not isinstance(layer_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 4096
+                                                    for i in layer_ids):
+        raise BadRequest(f"layer_ids must be a list of non-negative integers, got {layer_ids!r}")
+    return list(layer_ids)
 
 
 def start_deployment(factory: sessionmaker[Session], settings: Settings, deployment_id: int,
@@ -39,28 +75,40 @@ def start_deployment(factory: sessionmaker[Session], settings: Settings, deploym
             return dep.status if dep else "missing"
         for other in repo.live_deployments(s, kind=dep.kind):
             if other.id != dep.id and other.port == dep.port:
-                procs.stop_group(None, pid=other.pid) if _alive(other.pid) else None
+                _stop_own(other.id)
                 repo.update_deployment(s, other.id, status="stopped", pid=None,
                                        error=f"replaced by deployment {dep.id}")
         kind, model, port = dep.kind, dep.model_path, dep.port or settings.vllm_port
+    host = settings.vllm_bind or "127.0.0.1"
+    env = procs.child_env(os.cpu_count() or 1)
     if argv is None:
-        if kind == "draft":
-            argv = serve_argv(model, port)
-        else:
-            argv = verifier_argv(model, layer_ids or [], port, hidden_dir or str(settings.home / "hidden_states"))
+        try:
+            if kind == "draft":
+                argv = serve_argv(model, port, host=host)
+            else:
+                argv = verifier_argv(model, checked_layer_ids(layer_ids), port,
+                                     checked_hidden_dir(settings, hidden_dir), host=host)
+        except BadRequest as exc:
+            with factory() as s:
+                repo.update_deployment(s, deployment_id, status="failed", error=f"refused: {exc}")
+            return "failed"
+    if kind == "draft" and settings.vllm_api_key:
+        env["VLLM_API_KEY"] = settings.vllm_api_key  # via the environment: not in `ps` or the log
     log_path = settings.home / "deployments" / f"{deployment_id}.log"
     try:
-        proc = procs.start(argv, log_path=log_path, cwd=settings.home, env=procs.child_env(os.cpu_count() or 1))
+        proc = procs.start(argv, log_path=log_path, cwd=settings.home, env=env)
     except OSError as exc:
         with factory() as s:
             repo.update_deployment(s, deployment_id, status="failed", error=f"could not start: {exc}")
         return "failed"
+    _SERVERS[deployment_id] = proc
     local_url = f"http://127.0.0.1:{port}"
     with factory() as s:
         repo.update_deployment(s, deployment_id, status="starting", pid=proc.pid, log_path=str(log_path))
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            _SERVERS.pop(deployment_id, None)
             with factory() as s:
                 repo.update_deployment(s, deployment_id, status="failed", pid=None,
                                        error=procs.error_summary(log_path, proc.returncode))
@@ -71,11 +119,11 @@ def start_deployment(factory: sessionmaker[Session], settings: Settings, deploym
             return "up"
         with factory() as s:
             if repo.get_deployment(s, deployment_id).status == "stopping":
-                procs.stop_group(proc)
+                _stop_own(deployment_id)
                 repo.update_deployment(s, deployment_id, status="stopped", pid=None)
                 return "stopped"
         time.sleep(1.0)
-    procs.stop_group(proc)
+    _stop_own(deployment_id)
     with factory() as s:
         repo.update_deployment(s, deployment_id, status="failed", pid=None,
                                error=f"/health did not answer within {START_TIMEOUT_S:.0f} s")
@@ -87,8 +135,7 @@ def stop_deployment(factory: sessionmaker[Session], deployment_id: int) -> str:
         dep = repo.get_deployment(s, deployment_id)
         if dep is None:
             return "missing"
-        if _alive(dep.pid):
-            procs.stop_group(None, pid=dep.pid)
+        _stop_own(deployment_id)  # none held: it died with the controller that started it
         repo.update_deployment(s, deployment_id, status="stopped", pid=None)
     return "stopped"
 
@@ -99,7 +146,7 @@ def recover_deployments(factory: sessionmaker[Session]) -> None:
         for dep in repo.live_deployments(s):
             if dep.status == "requested":
                 continue  # its start message is still queued
-            if not _alive(dep.pid):
+            if dep.id not in _SERVERS:  # started by an earlier controller process: gone with it
                 repo.update_deployment(s, dep.id, status="stopped", pid=None,
                                        error="the vLLM controller restarted; serve again")
 

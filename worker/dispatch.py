@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from urllib.parse import urlparse
 
-from celery import Celery, chain
+from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from runstore import repo
@@ -28,9 +29,10 @@ class BrokerDown(Exception):
 
 def _send(app: Celery, kind: str, payload: dict) -> None:
     if kind == "run_stages":
-        sigs = [app.signature("worker.tasks.run_stage", args=(payload["run_id"], name), immutable=True,
-                              queue=GPU_QUEUE) for name in payload["stages"]]
-        chain(*sigs).apply_async(retry=False, ignore_result=True)
+        # One task for the first stage: when it succeeds, the worker writes the message for the
+        # next one into the outbox in the same transaction (runstore.repo.finish_stage).
+        app.send_task("worker.tasks.run_stage", args=(payload["run_id"], payload["stages"][0]), queue=GPU_QUEUE,
+                      retry=False, ignore_result=True)
     elif kind == "serve":
         app.send_task("worker.controller.start_server", args=(payload["deployment_id"],),
                       kwargs={"layer_ids": payload.get("layer_ids") or [], "hidden_dir": payload.get("hidden_dir")},
@@ -100,18 +102,28 @@ def broker_reachable(app: Celery, timeout: float = 2.0) -> bool:
 
 
 class Dispatcher(threading.Thread):
-    """Background thread that flushes the outbox every `interval_s` seconds."""
+    """Background thread that flushes the outbox every `interval_s` seconds and, every
+    `reconcile_every_s` (None: never), queues again runs whose next stage is due."""
 
-    def __init__(self, factory: sessionmaker[Session], app: Celery, interval_s: float = 3.0) -> None:
+    def __init__(self, factory: sessionmaker[Session], app: Celery, interval_s: float = 3.0,
+                 reconcile_every_s: float | None = None) -> None:
         super().__init__(name="outbox-dispatcher", daemon=True)
         self.factory, self.app, self.interval_s = factory, app, interval_s
+        self.reconcile_every_s = reconcile_every_s
         self.last_error: str | None = None
         self._stop = threading.Event()
 
     def run(self) -> None:
+        from worker.reconcile import reconcile
+
+        last_reconcile = time.monotonic()
         while not self._stop.is_set():
             try:
                 _, self.last_error = flush_outbox(self.factory, self.app)
+                if self.reconcile_every_s is not None and time.monotonic() - last_reconcile >= self.reconcile_every_s:
+                    last_reconcile = time.monotonic()
+                    if reconcile(self.factory, self.app):
+                        _, self.last_error = flush_outbox(self.factory, self.app)
             except Exception as exc:  # keep the thread alive through a locked DB or similar
                 self.last_error = str(exc)
                 log.exception("outbox flush failed")

@@ -3,18 +3,24 @@
     python -m worker.local            # then open http://127.0.0.1:8501
 
 Uses Redis at 127.0.0.1:6379 when one answers, otherwise Celery's filesystem broker
-under the home directory, so nothing else has to be installed. The first start builds
-the tiny verifier (`speculators make-tiny-model`) that the form offers by default.
+under the home directory, so nothing else has to be installed. The dashboard answers at
+once; the first start builds the tiny verifier (`speculators make-tiny-model`) that the form
+offers by default in the background, its progress shown on the dashboard. Each child
+(worker, vLLM controller, dashboard) is restarted alone when it exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,19 +64,105 @@ def dashboard_argv(port: int, address: str) -> list[str]:
             "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
 
 
-def ensure_tiny_model(env: dict[str, str]) -> None:
+def needs_tiny_model(env: dict[str, str]) -> bool:
     model = Path(env["SPEC_DEFAULT_MODEL"])
-    if (model / "config.json").is_file() or "/" in env["SPEC_DEFAULT_MODEL"] and not model.is_absolute():
-        return
-    print(f"building the tiny CPU verifier in {model} (first start only) ...", flush=True)
-    tmp = model.with_name(model.name + ".building")
-    if tmp.exists():
-        import shutil
+    return model.is_absolute() and not (model / "config.json").is_file()
 
-        shutil.rmtree(tmp)
-    subprocess.run([sys.executable, "-m", "speculators", "make-tiny-model", "--output", str(tmp)],
-                   env=env, check=True)
-    tmp.rename(model)
+
+def tiny_build_argv(env: dict[str, str]) -> list[str]:
+    from worker.tinybuild import building_dir
+
+    return [sys.executable, "-u", "-m", "speculators", "make-tiny-model", "--output",
+            str(building_dir(Path(env["SPEC_DEFAULT_MODEL"])))]
+
+
+@dataclass
+class Child:
+    """One supervised process: restarted when it exits unless we are stopping, with a back-off
+    that grows while it keeps dying young."""
+
+    name: str
+    argv: list[str]
+    restart: bool = True
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    backoff_s: float = 1.0
+    next_start: float = 0.0
+    starts: int = 0
+    log: Path | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        # pdeathsig: the child dies with this launcher even when it is SIGKILLed
+        wrapped = [sys.executable, "-m", "worker.pdeathsig", str(os.getpid()), *self.argv]
+        out = open(self.log, "ab") if self.log else None
+        try:
+            self.proc = subprocess.Popen(wrapped, env=env, cwd=str(ROOT), stdout=out,
+                                         stderr=subprocess.STDOUT if out else None)
+        finally:
+            if out:
+                out.close()
+        self.started_at = time.monotonic()
+        self.starts += 1
+
+
+class Supervisor:
+    """Runs the children; one that exits is restarted alone (a dashboard crash never touches
+    the worker, so a running stage carries on). `state_file` lists the live pids."""
+
+    def __init__(self, env: dict[str, str], children: list[Child], state_file: Path,
+                 on_exit: Callable[[Child, int], None] | None = None) -> None:
+        self.env, self.children, self.state_file, self.on_exit = env, children, state_file, on_exit
+        self.stopping = False
+
+    def _write_state(self) -> None:
+        state = {c.name: {"pid": c.proc.pid if c.proc and c.proc.poll() is None else None, "starts": c.starts}
+                 for c in self.children}
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.state_file)
+
+    def add(self, child: Child) -> None:
+        self.children.append(child)
+        child.start(self.env)
+        self._write_state()
+
+    def step(self) -> None:
+        now = time.monotonic()
+        changed = False
+        for c in list(self.children):
+            if c.proc is not None and c.proc.poll() is not None:
+                rc = c.proc.returncode
+                c.proc = None
+                changed = True
+                if self.on_exit:
+                    self.on_exit(c, rc)
+                if not c.restart:
+                    self.children.remove(c)
+                    continue
+                lived = now - c.started_at
+                c.backoff_s = 1.0 if lived > 60 else min(30.0, c.backoff_s * 2)
+                c.next_start = now + c.backoff_s
+                print(f"{c.name} exited with code {rc}; restarting it in {c.backoff_s:.0f} s", file=sys.stderr, flush=True)
+            if c.proc is None and c.restart and now >= c.next_start and not self.stopping:
+                c.start(self.env)
+                changed = True
+        if changed:
+            self._write_state()
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        self.stopping = True
+        for c in self.children:
+            if c.proc is not None and c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for c in self.children:
+            if c.proc is None:
+                continue
+            try:
+                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,43 +185,63 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     settings.ensure_dirs()
     open_store(settings.db_url)  # migrate once before the children start
-    if not args.no_tiny_model:
-        ensure_tiny_model(env)
     filesystem = env["SPEC_BROKER_URL"].startswith("filesystem")
     print(f"broker: {env['SPEC_BROKER_URL']}{' (no Redis answered; embedded filesystem broker)' if filesystem else ''}")
-    children = {
-        "worker": subprocess.Popen(worker_argv("gpu", "gpu0@%h", filesystem), env=env, cwd=str(ROOT)),
-        "vllm-controller": subprocess.Popen(worker_argv("vllm", "vllm@%h", filesystem), env=env, cwd=str(ROOT)),
-        "dashboard": subprocess.Popen(dashboard_argv(args.port, args.address), env=env, cwd=str(ROOT)),
-    }
+    sup = Supervisor(env, [], home / "local-children.json")
+    sup.add(Child("worker", worker_argv("gpu", "gpu0@%h", filesystem)))
+    sup.add(Child("vllm-controller", worker_argv("vllm", "vllm@%h", filesystem)))
+    sup.add(Child("dashboard", dashboard_argv(args.port, args.address)))
     print(f"dashboard: http://{args.address}:{args.port}  (Ctrl-C stops everything)", flush=True)
-
-    stopping = False
+    if not args.no_tiny_model and needs_tiny_model(env):
+        sup.on_exit = _tiny_build_finished(Path(env["SPEC_DEFAULT_MODEL"]))
+        _start_tiny_build(sup, Path(env["SPEC_DEFAULT_MODEL"]))
 
     def _stop(*_):
-        nonlocal stopping
-        stopping = True
+        sup.stopping = True
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    rc = 0
-    while not stopping:
-        for name, proc in children.items():
-            if proc.poll() is not None:
-                print(f"{name} exited with code {proc.returncode}; stopping", file=sys.stderr)
-                rc, stopping = proc.returncode or 1, True
-                break
+    while not sup.stopping:
+        sup.step()
         time.sleep(0.5)
-    for proc in children.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    for proc in children.values():
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return rc
+    sup.stop()
+    return 0
+
+
+def _start_tiny_build(sup: Supervisor, model: Path) -> None:
+    """Build the tiny verifier in the background; the dashboard shows its progress."""
+    from worker.tinybuild import building_dir, log_file, write_status
+
+    tmp = building_dir(model)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    log = log_file(model)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+    write_status(model, "building", started=time.time())
+    print(f"building the tiny CPU verifier in {model} in the background (log: {log})", flush=True)
+    sup.add(Child("tiny-model-build", tiny_build_argv(sup.env), restart=False, log=log))
+
+
+def _tiny_build_finished(model: Path) -> Callable[[Child, int], None]:
+    from worker.tinybuild import building_dir, last_line, log_file, read_status, write_status
+
+    def done(child: Child, rc: int) -> None:
+        if child.name != "tiny-model-build":
+            return
+        status = read_status(model)
+        started = time.time() - (status.elapsed_s if status else 0.0)
+        tmp = building_dir(model)
+        if rc == 0 and (tmp / "config.json").is_file():
+            tmp.rename(model)
+            write_status(model, "done", started=started)
+            print(f"tiny verifier ready in {model}", flush=True)
+        else:
+            why = last_line(log_file(model)) or f"exit code {rc}"
+            write_status(model, "failed", started=started, error=f"{why} (exit code {rc})")
+            print(f"building the tiny verifier failed: {why}", file=sys.stderr, flush=True)
+
+    return done
 
 
 if __name__ == "__main__":

@@ -116,14 +116,15 @@ def stage_argv(spec: RunSpec, stage: str, paths: RunPaths, *, python: str = sys.
 
 
 def verifier_argv(model: str, layer_ids: list[int], port: int, hidden_dir: str, *,
-                  python: str = sys.executable) -> list[str]:
+                  python: str = sys.executable, host: str = "127.0.0.1") -> list[str]:
     """`speculators launch-vllm` for the verifier that serves hidden states to online training;
-    vLLM writes them under `hidden_dir`, on the volume the trainer reads."""
+    vLLM writes them under `hidden_dir`, on the volume the trainer reads. Chunked prefill is
+    off, as vLLM 0.22's hidden-state extraction example runs it (docs/vllm.md)."""
     argv = _cli(python) + ["launch-vllm", model, "--hidden-states-path", hidden_dir]
     if layer_ids:
         argv += ["--target-layer-ids", *[str(i) for i in layer_ids]]
-    return argv + ["--", "--host", "0.0.0.0", "--port", str(port)]
+    return argv + ["--", "--host", host, "--port", str(port), "--no-enable-chunked-prefill"]
 
 
-def serve_argv(checkpoint: str, port: int, *, python: str = sys.executable) -> list[str]:
-    return _cli(python) + ["serve", checkpoint, "--", "--host", "0.0.0.0", "--port", str(port)]
+def serve_argv(checkpoint: str, port: int, *, python: str = sys.executable, host: str = "127.0.0.1") -> list[str]:
+    return _cli(python) + ["serve", checkpoint, "--", "--host", host, "--port", str(port)]

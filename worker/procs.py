@@ -83,15 +83,36 @@ def log_tail(path: Path | str | None, lines: int = 40, max_bytes: int = 64 * 102
 
 
 def error_summary(log_path: Path | str | None, returncode: int) -> str:
-    """The line that says what went wrong: a CLI `error: ...` line, else the last line."""
+    """The line that says what went wrong. A process ended by a signal says so first (its
+    log's last line is whatever it printed before, often a header); otherwise a CLI
+    `error: ...` line, else the last line."""
+    if returncode < 0 or returncode in (128 + signal.SIGKILL, 128 + signal.SIGTERM):
+        return killed_summary(returncode)
     tail = log_tail(log_path, lines=60).splitlines()
     for line in reversed(tail):
         if line.startswith("error:"):
             return f"{line[len('error:'):].strip()} (exit code {returncode})"
     for line in reversed(tail):
-        if line.strip() and not line.startswith("$ "):
+        if line.strip() and not line.startswith(("$ ", "=== ")):
             return f"{line.strip()[:500]} (exit code {returncode})"
     return f"exit code {returncode}"
+
+
+def killed_summary(returncode: int) -> str:
+    """`killed (signal 9: SIGKILL)` and what usually sends it. Popen reports a signal as a
+    negative code; a shell or launcher in between reports 128 + signal."""
+    signum = -returncode if returncode < 0 else returncode - 128
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = "unknown signal"
+    text = f"killed (signal {signum}: {name})"
+    if signum == signal.SIGKILL:
+        text += ("; the kernel's out-of-memory killer does this when the machine runs out of memory "
+                 "(check `dmesg` or the container's memory limit), or someone ran kill -9")
+    elif signum == signal.SIGTERM:
+        text += "; stopped from outside (a shutdown or kill)"
+    return text
 
 
 def child_env(threads: int) -> dict[str, str]:

@@ -5,6 +5,7 @@ Called by the Celery task in `worker.tasks`; kept free of Celery so it tests alo
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import time
@@ -49,6 +50,8 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
         paths = RunPaths(Path(run.work_dir))
         log_path = paths.log(stage_name)
         stage = repo.start_stage(s, run_id, stage_name, worker=worker, log_path=str(log_path))
+        if stage is None:
+            return "blocked"  # another worker claimed it first
         stage_id = stage.id
         attempt = stage.attempts
 
@@ -122,34 +125,73 @@ def _verifier_url(factory, run_id: str) -> str | None:
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
+    return probe_health(url, timeout)[0]
+
+
+def probe_health(url: str, timeout: float = 2.0) -> tuple[bool, str]:
+    """(healthy, what the endpoint said): `HTTP 200`, `HTTP 503`, or the connection error."""
     try:
-        return requests.get(url.rstrip("/") + "/health", timeout=timeout).status_code == 200
-    except requests.RequestException:
-        return False
+        code = requests.get(url.rstrip("/") + "/health", timeout=timeout).status_code
+    except requests.ConnectionError as exc:
+        text = str(exc)
+        why = ("name not resolved" if "resolve" in text.lower() or "Name or service" in text
+               else "connection refused" if "refused" in text.lower() else "cannot connect")
+        return False, why
+    except requests.Timeout:
+        return False, f"no answer within {timeout:.0f} s"
+    except requests.RequestException as exc:
+        return False, type(exc).__name__
+    return code == 200, f"HTTP {code}"
+
+
+def unreachable_limit_s() -> float:
+    """How long a user's vLLM URL may refuse connections before the run fails (it answers at
+    once once vLLM is listening, even while it loads the model)."""
+    return float(os.environ.get("SPEC_ENDPOINT_UNREACHABLE_S", "60"))
 
 
 def _ensure_verifier(factory, settings: Settings, run_id: str, spec: RunSpec, paths: RunPaths,
                      stage_id: int, dispatch) -> str:
     """Make sure a vLLM server with hidden-state extraction serves the verifier: the user's
-    URL, or one the controller in the vLLM container starts for this run."""
+    URL, or one the controller in the vLLM container starts for this run. A user URL that
+    never accepts a connection fails the run within `unreachable_limit_s()`; one that answers
+    but is not healthy yet (loading) gets the full 30 minutes."""
     deadline = time.monotonic() + 30 * 60
     log = paths.log("verifier")
     log.parent.mkdir(parents=True, exist_ok=True)
     if spec.vllm_endpoint:
+        url = spec.vllm_endpoint.rstrip("/")
         with open(log, "a") as fh:
-            fh.write(f"waiting for the verifier at {spec.vllm_endpoint}\n")
+            fh.write(f"waiting for the verifier at {url}\n")
+        first_refused: float | None = None
+        last = ""
         while time.monotonic() < deadline:
-            if healthy(spec.vllm_endpoint):
+            ok, said = probe_health(url)
+            if ok:
                 with factory() as s:
                     repo.finish_stage(s, run_id, "verifier", "succeeded")
                 return "succeeded"
+            if said != last:
+                last = said
+                with open(log, "a") as fh:
+                    fh.write(f"{url}/health: {said}\n")
+            answered = said.startswith("HTTP")
+            first_refused = None if answered else (first_refused or time.monotonic())
+            if first_refused is not None and time.monotonic() - first_refused >= unreachable_limit_s():
+                with factory() as s:
+                    repo.finish_stage(s, run_id, "verifier", "failed",
+                                      f"the vLLM endpoint {url} is unreachable ({said} for "
+                                      f"{unreachable_limit_s():.0f} s); check the URL and that vLLM runs there")
+                return "failed"
             with factory() as s:
+                repo.note_stage(s, stage_id, f"waiting: {url}/health: {said}")
                 if repo.heartbeat(s, stage_id):
                     repo.finish_stage(s, run_id, "verifier", "cancelled", "cancelled by the user")
                     return "cancelled"
             time.sleep(2)
         with factory() as s:
-            repo.finish_stage(s, run_id, "verifier", "failed", f"{spec.vllm_endpoint}/health did not answer in 30 min")
+            repo.finish_stage(s, run_id, "verifier", "failed",
+                              f"{url}/health did not answer 200 in 30 min (last: {last})")
         return "failed"
 
     with factory() as s:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from celery.exceptions import Ignore
 from celery.signals import worker_ready
@@ -11,9 +12,11 @@ from runstore import open_store, repo
 from runstore.settings import Settings
 from worker.celery_app import GPU_QUEUE, VLLM_QUEUE, app
 from worker.dispatch import Dispatcher, flush_outbox
+from worker.health import start_beating
 from worker.runner import STALE_AFTER_S, execute_stage
 
 log = logging.getLogger(__name__)
+RECONCILE_EVERY_S = float(os.environ.get("SPEC_RECONCILE_EVERY_S", "15"))
 
 
 class StageFailed(Exception):
@@ -32,6 +35,9 @@ def run_stage(self, run_id: str, stage: str) -> str:
     result = execute_stage(factory, settings, run_id, stage, worker=self.request.hostname or "worker",
                            dispatch=lambda: flush_outbox(factory, app))
     if result in ("succeeded", "skipped"):
+        # A success queued the next stage in the outbox; send it now. A broker that is down
+        # leaves it pending and the dispatcher thread sends it when the broker is back.
+        flush_outbox(factory, app)
         return result
     if result == "failed":
         raise StageFailed(f"run {run_id}: stage {stage} failed")
@@ -42,12 +48,15 @@ def run_stage(self, run_id: str, stage: str) -> str:
 def _recover(sender=None, **_kwargs) -> None:
     """A worker killed mid-stage left its stage `running`. At restart mark it interrupted and,
     with SPEC_AUTO_RESUME on (default), queue the run again from that stage; training then
-    resumes from its last checkpoint."""
+    resumes from its last checkpoint. The GPU worker then keeps an outbox dispatcher and the
+    reconciler (worker.reconcile) running in a thread, and a liveness file fresh for the
+    healthcheck (worker.health)."""
     try:
         queues = {q.name for q in sender.task_consumer.queues}
     except AttributeError:
         queues = {GPU_QUEUE}
     settings, factory = _store()
+    start_beating(settings.home, getattr(sender, "hostname", None) or "worker")
     if VLLM_QUEUE in queues:
         from worker.controller import recover_deployments
 
@@ -56,7 +65,7 @@ def _recover(sender=None, **_kwargs) -> None:
         return
     # The GPU worker also sends the outbox, so a run submitted while Redis was down is queued
     # when Redis returns even if no dashboard page is open.
-    Dispatcher(factory, app, interval_s=5.0).start()
+    Dispatcher(factory, app, interval_s=5.0, reconcile_every_s=RECONCILE_EVERY_S).start()
     with factory() as s:
         found = repo.recover_interrupted(s, worker=sender.hostname, stale_after_s=STALE_AFTER_S)
     for run_id, stage in found:

@@ -54,9 +54,11 @@ def _submit() -> None:
 
 
 st.title("New run")
+common.tiny_model_notice()
 if state.get("submitted"):
     sub = state["submitted"]
-    st.success(f"Run **{sub['name']}** ({sub['run_id']}) saved.")
+    st.success(f"Run {sub['run_id']} saved.")
+    st.text(sub["name"])  # the user's text, never Markdown
     if sub["broker_error"]:
         st.warning(common.broker_message(sub["broker_error"]))
     common.page_link("pages/3_Run_detail.py", "Open the run", "📈", {"run": sub["run_id"]})

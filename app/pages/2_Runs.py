@@ -78,7 +78,8 @@ if runs:
 
     if state.get("confirm_delete") == run.id:
         with st.container(border=True):
-            st.warning(f"Delete run **{run.name}** ({run.id}) from the dashboard? Its metrics and "
+            st.text(f"{run.name} ({run.id})")  # the user's text, never Markdown
+            st.warning("Delete this run from the dashboard? Its metrics and "
                        f"stage history go. Files in `{run.work_dir}` are kept unless you tick the box.")
             also_files = st.checkbox(f"Also delete its files (checkpoints, data) in {run.work_dir}",
                                      key="delete_files")

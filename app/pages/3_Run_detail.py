@@ -57,12 +57,16 @@ def live() -> None:
         train = repo.metrics(session, run_id, "train")
         all_metrics = repo.metrics(session, run_id)
         ckpts = repo.checkpoints(session, run_id)
-    st.title(run.name)
+    st.html(views.heading_html(run.name))  # the user's text as typed: never Markdown, never a link
     st.caption(f"run {run.id} · {run.spec.get('mode')} · {run.spec.get('model')} · created {views.age(run.created_at)} ago")
     badge = {"succeeded": st.success, "failed": st.error, "cancelled": st.warning,
              "interrupted": st.warning}.get(run.status, st.info)
-    badge(f"Status: **{run.status}**" + (f" · stage {run.current_stage}" if run.current_stage and run.status == "running" else "")
-          + (f"\n\n{run.error}" if run.error else ""))
+    status = views.display_status(run)
+    where = views.stage_label(run)
+    shown_where = where if where and status in ("running", "waiting") else ""
+    badge(f"Status: **{status}**" + (f" · {'stage ' if status == 'running' else ''}{shown_where}" if shown_where else ""))
+    if run.error:
+        st.text(run.error)  # plain text: it may quote the run's name or a URL
 
     train_stage = next((x for x in stages if x.name == "train"), None)
     frac, eta = views.train_eta(train, train_stage.total_steps if train_stage else None)
@@ -157,7 +161,10 @@ def serving() -> None:
             m1, m2, m3 = st.columns(3)
             m1.metric("Drafted tokens", report["num_draft_tokens"])
             m2.metric("Accepted tokens", report["num_accepted_tokens"])
-            m3.metric("Mean acceptance length", f"{report['mean_acceptance_length']:.2f}")
+            mean, note = views.acceptance_summary(report)
+            m3.metric("Mean acceptance length", mean)
+            if note:
+                st.caption(note)
             rows = views.acceptance_rows(report)
             if rows:
                 st.bar_chart(pd.DataFrame(rows), x="position", y="acceptance rate")

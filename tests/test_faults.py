@@ -1,0 +1,575 @@
+"""Fault injection: the service under the faults of issue 15, one test per fault, each with
+real processes (an own redis-server on a free port, real Celery workers, the real local-mode
+launcher, headless Chromium where the UI is involved). Each fault ends in a run that
+finishes, or fails with a clear reason, with nothing lost.
+
+ 1  first start: dashboard up at once while the tiny verifier builds, progress shown
+    -> test_dashboard_answers_while_the_tiny_verifier_builds
+ 2  a child dying (dashboard, worker) stops nothing else; a stage survives a dashboard restart
+    -> test_children_restart_alone_and_the_run_finishes
+ 3  a broker blip while a stage finishes; a message lost in the broker (the reconciler)
+    -> test_broker_blip_while_a_stage_finishes, test_reconciler_requeues_a_lost_run_once
+ 4  two installations on one Redis -> test_two_installations_share_a_redis_without_crosstalk
+ 6  unreachable vLLM URL fails fast, the endpoint's health shown; 8 healthcheck while busy
+    -> test_busy_worker_is_healthy_and_an_unreachable_endpoint_fails_fast
+ 7  kill/OOM error text -> test_sigkilled_stage_says_killed_signal_9;
+    waiting between stages, no acceptance for 0 drafted tokens, plain-text names
+    -> test_dashboard_shows_waiting_plain_names_and_no_fake_acceptance (browser)
+ 9  no SIGKILL by a PID from the database; hidden_dir checked; servers stopped by handle
+    -> test_recovery_and_controller_never_signal_a_pid_from_the_database,
+       test_controller_refuses_hidden_dir_outside_the_runs_root
+ 8  compose (device ids, healthcheck, no top-level name): tests/test_compose_files.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import redis
+
+from runstore import open_store, repo
+from runstore.settings import Settings
+from worker.celery_app import make_celery
+from worker.dispatch import flush_outbox
+from worker.pipeline import stages_for
+from worker.spec import RunSpec
+from worker.testing import start_worker, wait_for, worker_env
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("SPEC_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """An own redis-server (no persistence) that a test can stop and start on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port, self.workdir, self.proc = _free_port(), workdir, None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("these tests need redis-server on PATH (apt-get install redis-server)")
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.ping, 20, what="redis-server")
+
+    def ping(self) -> bool:
+        try:
+            return bool(redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture()
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _use_home(monkeypatch, home: Path, broker_url: str) -> Settings:
+    monkeypatch.setenv("SPEC_HOME", str(home))
+    monkeypatch.setenv("SPEC_BROKER_URL", broker_url)
+    for k in ("SPEC_DB_URL", "SPEC_DATA_ROOT", "SPEC_RUNS_ROOT", "SPEC_MODELS_ROOT", "SPEC_DEFAULT_MODEL",
+              "SPEC_RESULT_BACKEND", "SPEC_BROKER_NAMESPACE"):
+        monkeypatch.delenv(k, raising=False)
+    settings = Settings.from_env()
+    settings.ensure_dirs()
+    return settings
+
+
+def _submit(settings: Settings, model: Path, *, send: bool = True, **over):
+    """A tiny offline run stored with its start message, as the form does."""
+    local = settings.models_root / "tiny"
+    if not local.exists():
+        shutil.copytree(model, local)
+    fields = dict(name="fault run", model=str(local), dataset="sharegpt", seq_length=64, max_samples=8,
+                  draft_vocab_size=64, epochs=1, lr=3e-3, ttt_steps=2, num_layers=1, mode="offline", gpus=0)
+    fields.update(over)
+    spec = RunSpec(**fields)
+    factory = open_store(settings.db_url)
+    run_id = uuid.uuid4().hex[:12]
+    with factory() as s:
+        repo.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=stages_for(spec),
+                        work_dir=str(settings.runs_root / run_id))
+    if send:
+        assert flush_outbox(factory, make_celery(settings)) == (1, None)
+    return factory, run_id
+
+
+def _run(factory, run_id):
+    with factory() as s:
+        run = repo.get_run(s, run_id)
+        s.refresh(run)
+        return run, {x.name: x for x in run.stages}
+
+
+def _finished(factory, run_id):
+    run, _ = _run(factory, run_id)
+    return run.status in ("succeeded", "failed", "cancelled")
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ----------------------------------------------------------------- 3: broker blip, reconciler
+
+
+def test_broker_blip_while_a_stage_finishes(redis_server, tiny_llama, tmp_path, monkeypatch):
+    """Redis dies while `prepare` runs and is back (empty: no persistence) after it ended. The
+    next stage was written to the outbox with prepare's success, so the worker's dispatcher
+    sends it when Redis answers again: the run finishes, each stage ran once."""
+    settings = _use_home(monkeypatch, tmp_path / "home", redis_server.url)
+    factory, run_id = _submit(settings, tiny_llama)
+    env = worker_env(settings.home, redis_server.url)
+    worker = start_worker(env, log_path=tmp_path / "worker.log")
+    try:
+        wait_for(lambda: _run(factory, run_id)[1]["prepare"].status == "running", 120, what="prepare running")
+        redis_server.stop()
+        wait_for(lambda: _run(factory, run_id)[1]["prepare"].status != "running", 300, what="prepare end")
+        run, stages = _run(factory, run_id)
+        assert stages["prepare"].status == "succeeded", stages["prepare"].error
+        with factory() as s:
+            pending = repo.pending_outbox(s)
+        assert [m.payload["stages"][0] for m in pending] == ["vocab"]  # kept, not lost
+        assert run.status == "queued" and run.current_stage == "vocab"
+        time.sleep(3)
+        redis_server.start()
+        wait_for(lambda: _finished(factory, run_id), 600, what="run end")
+        run, stages = _run(factory, run_id)
+        assert run.status == "succeeded", (run.error, (tmp_path / "worker.log").read_text()[-3000:])
+        assert {n: x.attempts for n, x in stages.items()} == {n: 1 for n in stages}
+    finally:
+        _stop(worker)
+
+
+def test_reconciler_requeues_a_lost_run_once(redis_server, tiny_llama, tmp_path, monkeypatch):
+    """The start message is sent, then lost in the broker (its queue deleted). Restart
+    recovery finds nothing (no stage was running); the reconciler in the worker sees the run
+    due, an empty queue and no pending message, and queues it once: the run finishes with
+    every stage run once. Reconciling a run that has its message is a no-op."""
+    settings = _use_home(monkeypatch, tmp_path / "home", redis_server.url)
+    factory, run_id = _submit(settings, tiny_llama)
+    app = make_celery(settings)
+    client = redis.Redis.from_url(redis_server.url)
+    prefix = app.conf.broker_transport_options["global_keyprefix"]
+    assert client.llen(prefix + "gpu") == 1
+
+    from worker.reconcile import reconcile
+
+    assert reconcile(factory, app, grace_s=0) == []  # its message is queued: nothing to do
+    client.delete(prefix + "gpu")  # the broker loses it
+    env = worker_env(settings.home, redis_server.url, SPEC_RECONCILE_EVERY_S="2", SPEC_RECONCILE_GRACE_S="3")
+    worker = start_worker(env, log_path=tmp_path / "worker.log")
+    try:
+        wait_for(lambda: _finished(factory, run_id), 600, what="run end")
+        run, stages = _run(factory, run_id)
+        assert run.status == "succeeded", (run.error, (tmp_path / "worker.log").read_text()[-3000:])
+        assert {n: x.attempts for n, x in stages.items()} == {n: 1 for n in stages}
+        assert "was due but not queued" in (tmp_path / "worker.log").read_text()
+        assert reconcile(factory, app, grace_s=0) == []  # finished: never queued again
+    finally:
+        _stop(worker)
+
+
+# ----------------------------------------------------------------- 4: namespaces
+
+
+def test_two_installations_share_a_redis_without_crosstalk(redis_server, tiny_llama, tmp_path, monkeypatch):
+    """Home B's worker runs on the same Redis DB as home A. A's run is not taken by B (before
+    the fix B consumed it, found no such run in its database and dropped it); A's own worker
+    then runs it."""
+    settings_b = _use_home(monkeypatch, tmp_path / "b", redis_server.url)
+    worker_b = start_worker(worker_env(settings_b.home, redis_server.url), name="gpu0@b",
+                            log_path=tmp_path / "b.log")
+    try:
+        wait_for(lambda: "ready" in (tmp_path / "b.log").read_text(), 120, what="worker B ready")
+        settings_a = _use_home(monkeypatch, tmp_path / "a", redis_server.url)
+        assert settings_a.broker_namespace != settings_b.broker_namespace
+        factory, run_id = _submit(settings_a, tiny_llama)
+        time.sleep(8)
+        assert "Received task" not in (tmp_path / "b.log").read_text()
+        client = redis.Redis.from_url(redis_server.url)
+        assert client.llen(settings_a.broker_namespace + ":gpu") == 1  # still waiting for A
+        assert _run(factory, run_id)[0].status == "queued"
+    finally:
+        _stop(worker_b)
+    worker_a = start_worker(worker_env(settings_a.home, redis_server.url), name="gpu0@a",
+                            log_path=tmp_path / "a.log")
+    try:
+        wait_for(lambda: _run(factory, run_id)[1]["prepare"].status in ("running", "succeeded"), 120,
+                 what="A's worker takes A's run")
+        with factory() as s:
+            repo.request_cancel(s, run_id)
+        wait_for(lambda: _finished(factory, run_id), 60, what="cancelled")
+    finally:
+        _stop(worker_a)
+
+
+# ----------------------------------------------------------------- 6 + 8: endpoint, healthcheck
+
+
+class _Verifier(BaseHTTPRequestHandler):
+    code = 503  # vLLM answers 503 on /health while it loads
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(type(self).code if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+def test_busy_worker_is_healthy_and_an_unreachable_endpoint_fails_fast(redis_server, tiny_llama, tmp_path,
+                                                                       monkeypatch):
+    """An online run's verifier stage waits on a user's vLLM URL that answers 503 (loading):
+    the stage shows the endpoint's health, the busy worker's liveness file stays fresh (while
+    `celery inspect ping`, the old healthcheck, gets no reply), and once the URL stops
+    answering connections the run fails within the limit, saying the endpoint is unreachable."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Verifier)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    settings = _use_home(monkeypatch, tmp_path / "home", redis_server.url)
+    factory, run_id = _submit(settings, tiny_llama, send=False, mode="online", vllm_endpoint=url)
+    with factory() as s:  # prepare and vocab done earlier: start at the verifier stage
+        for name in ("prepare", "vocab"):
+            repo.start_stage(s, run_id, name, worker="earlier", log_path="/dev/null")
+            repo.finish_stage(s, run_id, name, "succeeded")
+        for m in repo.pending_outbox(s):
+            repo.outbox_sent(s, m.id)
+        assert repo.requeue(s, run_id) == ["verifier", "train"]
+    assert flush_outbox(factory, make_celery(settings))[1] is None
+    env = worker_env(settings.home, redis_server.url, SPEC_ENDPOINT_UNREACHABLE_S="6")
+    worker = start_worker(env, log_path=tmp_path / "worker.log")
+    try:
+        def note():
+            stage = _run(factory, run_id)[1]["verifier"]
+            return stage.status == "running" and stage.error and "HTTP 503" in stage.error
+        wait_for(note, 120, what="the endpoint's health on the stage")
+        py = [sys.executable, "-m"]
+        ok = subprocess.run(py + ["worker.health", "gpu0@test", "--max-age", "30"], env=env, cwd=str(ROOT),
+                            capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        ping = subprocess.run(py + ["celery", "-A", "worker.celery_app", "inspect", "ping", "-d", "gpu0@test",
+                                    "--timeout", "3"], env=env, cwd=str(ROOT), capture_output=True, text=True,
+                              timeout=120)
+        # the old healthcheck: no reply from a busy solo worker
+        assert ping.returncode != 0 and "No nodes replied" in ping.stdout + ping.stderr, ping.stdout + ping.stderr
+        server.shutdown()
+        server.server_close()
+        t0 = time.monotonic()
+        wait_for(lambda: _finished(factory, run_id), 60, what="run failed")
+        assert time.monotonic() - t0 < 40
+        run, stages = _run(factory, run_id)
+        assert run.status == "failed"
+        assert f"the vLLM endpoint {url} is unreachable (connection refused" in run.error
+        assert stages["train"].attempts == 0
+        assert f"{url}/health: HTTP 503" in Path(stages["verifier"].log_path).read_text()
+    finally:
+        _stop(worker)
+        server.server_close()
+
+
+# ----------------------------------------------------------------- 7: killed stages
+
+
+def test_sigkilled_stage_says_killed_signal_9(redis_server, tiny_llama, tmp_path, monkeypatch):
+    """The OOM killer's SIGKILL, simulated on the stage's process: the run fails with
+    `killed (signal 9: SIGKILL)` and the OOM hint, not a log header line."""
+    settings = _use_home(monkeypatch, tmp_path / "home", redis_server.url)
+    factory, run_id = _submit(settings, tiny_llama)
+    worker = start_worker(worker_env(settings.home, redis_server.url), log_path=tmp_path / "worker.log")
+    try:
+        pid = wait_for(lambda: _run(factory, run_id)[1]["prepare"].pid, 120, interval=0.1, what="prepare pid")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: _finished(factory, run_id), 60, what="run failed")
+        run, stages = _run(factory, run_id)
+        assert run.status == "failed"
+        assert stages["prepare"].error.startswith("killed (signal 9: SIGKILL)"), stages["prepare"].error
+        assert "out-of-memory" in stages["prepare"].error and "===" not in run.error
+        with factory() as s:  # nothing lost: it resumes from the killed stage
+            assert repo.resume_run(s, run_id) == ["prepare", "vocab", "datagen", "train"]
+            repo.request_cancel(s, run_id)
+    finally:
+        _stop(worker)
+
+
+# ----------------------------------------------------------------- 9: process control, hidden_dir
+
+
+def test_recovery_and_controller_never_signal_a_pid_from_the_database(tmp_path, monkeypatch):
+    """A stage row and a deployment row name the PID of an unrelated process (a PID reused, or
+    one recorded by another worker). Restart recovery and the controller's stop leave it
+    alone; the run is still marked interrupted and resumable, the deployment stopped."""
+    settings = _use_home(monkeypatch, tmp_path / "home", "redis://127.0.0.1:1/0")
+    factory = open_store(settings.db_url)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        with factory() as s:
+            repo.create_run(s, run_id="r1", name="r", spec={}, stages=["prepare"], work_dir=str(tmp_path / "r1"))
+            stage = repo.start_stage(s, "r1", "prepare", worker="gpu0@elsewhere", log_path="/dev/null")
+            repo.set_stage_pid(s, stage.id, bystander.pid)
+            stage = repo.get_stage(s, "r1", "prepare")
+            stage.heartbeat_at = stage.heartbeat_at.replace(year=2000)
+            s.commit()
+            assert repo.recover_interrupted(s, worker="gpu0@here", stale_after_s=60) == [("r1", "prepare")]
+            assert repo.get_run(s, "r1").status == "interrupted"
+        from worker.controller import stop_deployment
+
+        with factory() as s:
+            dep = repo.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=1, endpoint="x")
+            repo.update_deployment(s, dep.id, status="up", pid=bystander.pid)
+        assert stop_deployment(factory, dep.id) == "stopped"
+        time.sleep(0.5)
+        assert bystander.poll() is None  # still running: nobody signalled it
+        with factory() as s:
+            assert repo.get_deployment(s, dep.id).status == "stopped"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_controller_refuses_hidden_dir_outside_the_runs_root(tmp_path, monkeypatch):
+    """The verifier's hidden-state directory comes from a broker message: one outside the
+    runs root (or with `..`) is refused before anything starts."""
+    settings = _use_home(monkeypatch, tmp_path / "home", "redis://127.0.0.1:1/0")
+    factory = open_store(settings.db_url)
+    from worker.controller import start_deployment
+
+    for bad in ("/etc", str(settings.runs_root / ".." / "x"), "relative/dir"):
+        with factory() as s:
+            dep = repo.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=_free_port(),
+                                          endpoint="x")
+        assert start_deployment(factory, settings, dep.id, layer_ids=[1, 2], hidden_dir=bad) == "failed"
+        with factory() as s:
+            d = repo.get_deployment(s, dep.id)
+            assert d.error.startswith("refused: hidden_dir") and "runs root" in d.error and d.pid is None
+    with factory() as s:
+        dep = repo.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=_free_port(), endpoint="x")
+    assert start_deployment(factory, settings, dep.id, layer_ids=["1; rm -rf /"],
+                            hidden_dir=str(settings.runs_root / "r" / "hidden")) == "failed"
+    with factory() as s:
+        assert "layer_ids must be a list of non-negative integers" in repo.get_deployment(s, dep.id).error
+
+
+# ----------------------------------------------------------------- 1, 2, 7: the local mode in a browser
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def _local_mode(home: Path, redis_url: str, log_path: Path, **extra: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = worker_env(home, redis_url, **extra)
+    env.pop("SPEC_BROKER_URL")  # the launcher picks the Redis at --redis-url when it answers
+    proc = subprocess.Popen([sys.executable, "-m", "worker.local", "--home", str(home), "--port", str(port),
+                             "--redis-url", redis_url], cwd=str(ROOT), env=env,
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _children(home: Path) -> dict:
+    try:
+        return json.loads((home / "local-children.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: run `make test-deps` (or set SPEC_CHROMIUM)")
+    from playwright.sync_api import sync_playwright
+
+    return sync_playwright()
+
+
+def test_dashboard_answers_while_the_tiny_verifier_builds(redis_server, tmp_path):
+    """First start with an empty home: the dashboard answers at once and shows the build's
+    latest output line and elapsed time; when the build is done the model appears."""
+    home = tmp_path / "home"
+    proc, url = _local_mode(home, redis_server.url, tmp_path / "local.log")
+    model = home / "models" / "tiny-llama"
+    try:
+        wait_for(lambda: _healthy(url) or proc.poll() is not None, 180, what="dashboard health")
+        assert proc.poll() is None, (tmp_path / "local.log").read_text()[-3000:]
+        status = json.loads((home / "models" / "tiny-llama.build.json").read_text())
+        assert status["state"] == "building", status  # the dashboard did not wait for the build
+        ARTIFACTS.mkdir(exist_ok=True)
+        with _browser() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.goto(url)
+                page.get_by_text("Building the tiny CPU verifier").wait_for(timeout=60_000)
+                text = page.get_by_text("Building the tiny CPU verifier").inner_text()
+                assert " elapsed: " in text and "s elapsed" in text, text
+                page.screenshot(path=str(ARTIFACTS / "faults-tiny-build.png"))
+            finally:
+                browser.close()
+        wait_for(lambda: (model / "config.json").is_file(), 1500, interval=2, what="tiny verifier built")
+        status = json.loads((home / "models" / "tiny-llama.build.json").read_text())
+        assert status["state"] == "done"
+    finally:
+        _stop(proc, 60)
+
+
+def test_children_restart_alone_and_the_run_finishes(redis_server, tiny_llama, tmp_path, monkeypatch):
+    """Local mode: the dashboard is killed while a stage runs (restarted alone; the stage
+    goes on, attempts 1), then the worker is killed during training (restarted; the run
+    resumes from its checkpoint). The run finishes with no metric row lost or doubled."""
+    home = tmp_path / "home"
+    shutil.copytree(tiny_llama, home / "models" / "tiny-llama")
+    proc, url = _local_mode(home, redis_server.url, tmp_path / "local.log")
+    try:
+        wait_for(lambda: _healthy(url) or proc.poll() is not None, 180, what="dashboard health")
+        assert proc.poll() is None, (tmp_path / "local.log").read_text()[-3000:]
+        settings = _use_home(monkeypatch, home, redis_server.url)
+        factory, run_id = _submit(settings, tiny_llama, epochs=3, max_samples=16)
+        wait_for(lambda: _run(factory, run_id)[1]["prepare"].status == "running", 180, what="prepare running")
+        first = _children(home)
+        os.kill(first["dashboard"]["pid"], signal.SIGKILL)
+        wait_for(lambda: (_children(home).get("dashboard") or {}).get("starts", 0) == 2 and _healthy(url), 180,
+                 what="dashboard restarted")
+        assert _children(home)["worker"]["pid"] == first["worker"]["pid"]  # the worker never noticed
+        wait_for(lambda: _run(factory, run_id)[1]["train"].pid, 600, interval=0.5, what="train running")
+        os.kill(_children(home)["worker"]["pid"], signal.SIGKILL)
+        wait_for(lambda: _finished(factory, run_id), 900, what="run end")
+        run, stages = _run(factory, run_id)
+        assert run.status == "succeeded", (run.error, (tmp_path / "local.log").read_text()[-3000:])
+        assert [stages[n].attempts for n in ("prepare", "vocab", "datagen")] == [1, 1, 1]
+        assert stages["train"].attempts == 2
+        assert _children(home)["worker"]["starts"] == 2
+        with factory() as s:
+            steps = [m.step for m in repo.metrics(s, run_id, "train")]
+        assert steps == list(range(1, stages["train"].total_steps + 1))  # none lost, none twice
+    finally:
+        _stop(proc, 60)
+    assert proc.returncode == 0
+
+
+class _ZeroVllm(BaseHTTPRequestHandler):
+    """A served draft that has drafted nothing yet: every counter is 0."""
+
+    def do_GET(self):  # noqa: N802
+        body = b"" if self.path == "/health" else (
+            "# TYPE vllm:spec_decode_num_drafts counter\n"
+            'vllm:spec_decode_num_drafts_total{engine="0",model_name="d"} 0.0\n'
+            'vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="d"} 0.0\n'
+            'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="d"} 0.0\n').encode()
+        self.send_response(200 if self.path in ("/health", "/metrics") else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_dashboard_shows_waiting_plain_names_and_no_fake_acceptance(tmp_path, monkeypatch):
+    """In a browser: a run named with Markdown link and image syntax shows as typed (no link,
+    no image), a run between stages shows `waiting` with its next stage, and a served draft
+    with 0 drafted tokens shows no mean acceptance length."""
+    home = tmp_path / "home"
+    settings = _use_home(monkeypatch, home, "filesystem://")
+    ARTIFACTS.mkdir(exist_ok=True)
+    (settings.models_root / "tiny-llama").mkdir(parents=True)
+    (settings.models_root / "tiny-llama" / "config.json").write_text("{}")  # no build needed for this test
+    name = "[click me](http://evil.example/x) ![img](http://evil.example/i.png) **bold**"
+    factory = open_store(settings.db_url)
+    with factory() as s:
+        repo.create_run(s, run_id="w1", name=name, spec={"mode": "offline", "model": "m"},
+                        stages=["prepare", "vocab", "datagen", "train"], work_dir=str(settings.runs_root / "w1"))
+        repo.start_stage(s, "w1", "prepare", worker="w", log_path="/dev/null")
+        repo.finish_stage(s, "w1", "prepare", "succeeded")
+        run = repo.get_run(s, "w1")
+        run.error = "an earlier try failed, see http://evil.example/e and www.evil.example"
+        s.commit()
+        ckpt = settings.runs_root / "w1" / "checkpoints" / "0"
+        repo.ingest_records(s, "w1", [{"type": "checkpoint", "epoch": 0, "step": 1, "path": str(ckpt),
+                                       "val_loss": 1.0, "is_best": True, "ts": 1.0}])
+    with factory() as s:
+        for m in repo.pending_outbox(s):  # keep the worker off this seeded run
+            repo.outbox_sent(s, m.id)
+    vllm = ThreadingHTTPServer(("127.0.0.1", 0), _ZeroVllm)
+    threading.Thread(target=vllm.serve_forever, daemon=True).start()
+    # filesystem broker (no Redis at port 1); no reconciling: this seeded run must stay waiting
+    log = tmp_path / "local.log"
+    proc, url = _local_mode(home, "redis://127.0.0.1:1/0", log, SPEC_RECONCILE_EVERY_S="100000")
+    try:
+        wait_for(lambda: _healthy(url) or proc.poll() is not None, 180, what="dashboard health")
+        # the controller marks servers of an earlier controller stopped at its start: serve after it
+        wait_for(lambda: re.search(r"vllm@\S+ ready\.", log.read_text()), 180, what="controller ready")
+        with factory() as s:
+            dep = repo.request_deployment(s, kind="draft", model_path=str(ckpt), run_id="w1", port=vllm.server_address[1],
+                                          endpoint=f"http://127.0.0.1:{vllm.server_address[1]}")
+            repo.update_deployment(s, dep.id, status="up")
+            for m in repo.pending_outbox(s):  # the controller must not start a real server for it
+                repo.outbox_sent(s, m.id)
+        with _browser() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1400})
+                page.goto(url + "/Run_detail?run=w1")
+                page.get_by_role("heading", name=name).wait_for(timeout=60_000)
+                page.get_by_text("Status: waiting").wait_for(timeout=30_000)
+                assert page.get_by_text("next: vocab").count() >= 1
+                page.get_by_text("see http://evil.example/e and www.evil.example").wait_for(timeout=30_000)
+                assert page.locator('a[href*="evil.example"]').count() == 0, [page.locator('a[href*="evil.example"]').nth(i).evaluate("e => e.outerHTML.slice(0, 300)") for i in range(page.locator('a[href*="evil.example"]').count())]
+                assert page.locator('img[src*="evil.example"]').count() == 0
+                page.get_by_text("Mean acceptance length").wait_for(timeout=60_000)
+                page.get_by_text("No drafted tokens yet").wait_for(timeout=30_000)
+                metric = page.locator('[data-testid="stMetric"]', has_text="Mean acceptance length")
+                assert "1.00" not in metric.inner_text() and "n/a" in metric.inner_text()
+                page.screenshot(path=str(ARTIFACTS / "faults-run-detail.png"), full_page=True)
+                page.goto(url + "/Runs")
+                page.locator("td", has_text="waiting").first.wait_for(state="attached", timeout=30_000)
+            finally:
+                browser.close()
+    finally:
+        _stop(proc, 60)
+        vllm.shutdown()
