@@ -28,6 +28,7 @@ def prompts_from_prepared(path: str | Path, indices: Sequence[int] | None = None
         raise UserError(f"--data {path}: not a prepared dataset from `speculators prepare-data` ({exc})") from exc
     if "input_ids" not in ds.column_names or "loss_mask" not in ds.column_names:
         raise UserError(f"--data {path}: needs input_ids and loss_mask columns")
+    ds = ds.with_format(None)  # the public package's layout saves torch-format rows; read lists
     rows = range(len(ds)) if indices is None else indices
     prompts = []
     for i in rows:
