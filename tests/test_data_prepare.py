@@ -109,11 +109,14 @@ def test_template_that_renders_last_turn_differently():
         ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n", 0),
         ("<|im_start|>assistant\n", 0), ("Hello! How can I help?<|im_end|>", 1), ("\n", 0),
         ("<|im_start|>user\nSay ok<|im_end|>\n", 0),
-        ("<|im_start|>assistant\n<think>\n\n</think>\n\n", 0), ("ok<|im_end|>", 1), ("\n", 0),
+        # The final turn is prefix-stable: everything after the generation prompt is what the
+        # model writes, the (empty) think block included.
+        ("<|im_start|>assistant\n", 0), ("<think>\n\n</think>\n\nok<|im_end|>", 1), ("\n", 0),
     ]
     want_ids, want_mask = expected_from_pieces(tok, pieces)
     [(ids, mask, _)] = encode_conversations(tok, [conv], end_of_turn_ids(tok))
     assert ids == want_ids and mask == want_mask
+    assert ids == tok.apply_chat_template(conv, tokenize=True, return_dict=False)
 
 
 def test_llama3_template_trim_is_respected(toks):
