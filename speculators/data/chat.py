@@ -146,26 +146,28 @@ def _turn_span_by_prefix(tokenizer, messages, k, full, tools) -> tuple[int, int]
 
 
 def _turn_span_by_sentinel(tokenizer, messages, k, full, tools) -> tuple[int, int] | None:
-    """The turn's content span found by rendering it with a sentinel as content (works
-    for templates that render a turn differently depending on what follows it)."""
-    m = messages[k]
-    marked_msg = dict(m, content=_SENTINEL)
-    if _has_reasoning(m):
-        marked_msg = _with_reasoning(marked_msg, _SENTINEL_R)
+    """The turn's span found by rendering the whole conversation with turn ``k`` replaced by
+    a plain turn whose content is a sentinel (works for templates that render a turn
+    differently depending on what follows it). Where the two renderings part is the
+    start, where their common tail begins is the end (extended over the closing text)."""
+    marked_msg = {"role": "assistant", "content": _SENTINEL}
     marked = messages[:k] + [marked_msg] + messages[k + 1 :]
     alt = _render(tokenizer, marked, False, tools)
     where = alt.find(_SENTINEL)
     if where < 0:
         raise BadConversation("the chat template drops assistant content")
-    first = min((p for p in (where, alt.find(_SENTINEL_R)) if p >= 0))
     start = _common_prefix(full, alt)
-    if start > first:
+    if start > where:
         raise BadConversation("the chat template renders assistant content ambiguously")
     end = len(full) - _common_suffix(full, alt, len(alt) - where - len(_SENTINEL))
-    # The closing text the template puts after an assistant turn (tool calls, end-of-turn).
+    # The closing text the template puts after an assistant turn (end-of-turn).
     alone = _render(tokenizer, messages[:k] + [marked_msg], False, tools)
     closing = alone[alone.rfind(_SENTINEL) + len(_SENTINEL) :]
     end += _common_prefix(full[end : end + len(closing)], closing)
+    # Channel/role markup the model writes after the generation prompt belongs to the turn.
+    prompt = _render(tokenizer, messages[:k], True, tools)
+    if full.startswith(prompt) and len(prompt) < start:
+        start = len(prompt)
     return (start, end) if end > start else None
 
 
