@@ -269,3 +269,39 @@ def test_cli_ultrachat_offline_is_a_clear_error(tiny_llama, tmp_path, monkeypatc
     assert rc == 2
     err = capsys.readouterr().err
     assert "HuggingFaceH4/ultrachat_200k" in err and "train_sft" in err
+
+
+def test_several_sources_with_limits_and_weights(tiny_llama, tmp_path, capsys):
+    def convs(tag):
+        return [{"messages": [{"role": "user", "content": f"question {i}"},
+                              {"role": "assistant", "content": f"{tag} answer {i}"}]} for i in range(10)]
+
+    a = write_jsonl(tmp_path / "alpha.jsonl", convs("alpha"))
+    b = write_jsonl(tmp_path / "beta.jsonl", convs("beta"))
+    tok = load_tokenizer_for(tiny_llama)
+
+    def origins(out):
+        texts = [tok.decode(ids) for ids in load_prepared(out)["input_ids"]]
+        return Counter("alpha" if "alpha" in t else "beta" for t in texts)
+
+    assert cli_main(["prepare-data", "--model", str(tiny_llama), "--data", f"{a},max=3", "--data", str(b),
+                     "--output", str(tmp_path / "m"), "--seq-length", "64"]) == 0
+    assert origins(tmp_path / "m") == {"alpha": 3, "beta": 10}
+    meta = json.loads((tmp_path / "m" / "prepare_config.json").read_text())
+    assert [(s["name"], s["max"], s["kept"]) for s in meta["sources"]] == [(f"{a},max=3", 3, 3), (str(b), None, 10)]
+    assert meta["params"]["data"] == [f"{a},max=3", str(b)]
+
+    prepare_data(PrepareConfig(model=str(tiny_llama), data=[f"{a},weight=3", f"{b},weight=1"],
+                               output=str(tmp_path / "w"), seq_length=64, max_samples=8))
+    assert origins(tmp_path / "w") == {"alpha": 6, "beta": 2}
+    rows = load_prepared(tmp_path / "w")["input_ids"]
+    assert [("alpha" in tok.decode(r)) for r in rows] != sorted(("alpha" in tok.decode(r)) for r in rows)  # interleaved
+    with pytest.raises(UserError, match="give --max-samples"):
+        prepare_data(PrepareConfig(model=str(tiny_llama), data=[f"{a},weight=3", str(b)], output=str(tmp_path / "x"),
+                                   seq_length=64))
+
+
+def load_tokenizer_for(model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model))
