@@ -79,6 +79,12 @@ def test_both_directions_against_the_public_package(tiny_llama, public_speculato
     for i in range(3):
         _assert_same(shards.load(i), written, i)
 
+    # Eval takes the public directory as held-out prompts (the tokens before each row's first trained one).
+    from speculators.evaluate.runner import prompts_from_prepared
+
+    assert prompts_from_prepared(tmp_path / "theirs") == [s["input_ids"][: s["loss_mask"].tolist().index(1)].tolist()
+                                                         for s in (store.load(i) for i in range(3))]
+
     # Our trainer trains on the public layout directly.
     from speculators.train.config import TrainConfig
     from speculators.train.trainer import run_training
