@@ -40,16 +40,33 @@ def _rows(ds) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     return sorted((tuple(ids), tuple(mask)) for ids, mask in zip(ds["input_ids"], ds["loss_mask"]))
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen3", "harmony"])
-def test_per_turn_matches_public_preprocessing(family, public_speculators_python, tmp_path):
+FAMILIES = ["llama3", "qwen3", "harmony"]
+SMALL = {"llama3": 48, "qwen3": 48, "harmony": 96}  # harmony's system message alone is ~50 tokens
+
+
+@pytest.fixture(scope="module")
+def public_rows(public_speculators_python, tmp_path_factory):
+    """The public preprocessing's rows for every family, in one run of its venv."""
+    root = tmp_path_factory.mktemp("per_turn_public")
+    jobs = []
+    for family in FAMILIES:
+        d = root / family
+        d.mkdir()
+        family_tokenizer(family).save_pretrained(d / "tok")
+        (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(family)))
+        jobs.append({"tokenizer": str(d / "tok"), "records": str(d / "records.jsonl"), "out": str(d / "public.json"),
+                     "lengths": [4096, SMALL[family]]})
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    run_public(public_speculators_python, "per_turn_rows.py", root / "jobs.json")
+    return root
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_turn_matches_public_preprocessing(family, public_rows, tmp_path):
     tok = family_tokenizer(family)
-    model = tmp_path / "tok"
-    tok.save_pretrained(model)
-    records = tmp_path / "records.jsonl"
-    records.write_text("".join(json.dumps(r) + "\n" for r in _records(family)))
-    small = 96 if family == "harmony" else 48  # harmony's system message alone is ~50 tokens
-    run_public(public_speculators_python, "per_turn_rows.py", model, records, tmp_path / "public.json", 4096, small)
-    by_length = json.loads((tmp_path / "public.json").read_text())
+    model, records = public_rows / family / "tok", public_rows / family / "records.jsonl"
+    by_length = json.loads((public_rows / family / "public.json").read_text())
+    small = SMALL[family]
     for seq_length in (4096, small):
         theirs = by_length[str(seq_length)]
         assert theirs["input_ids"], "the public preprocessing made no rows"

@@ -1,8 +1,9 @@
 """Public-package side of tests/test_data_per_turn_public.py (runs in the public venv).
 
-usage: per_turn_rows.py TOKENIZER_DIR RECORDS_JSONL OUT_JSON MAX_LENGTH [MAX_LENGTH ...]
+usage: per_turn_rows.py JOBS_JSON
 
-Writes {max_length: {"input_ids", "loss_mask", "seq_len"}} to OUT_JSON.
+JOBS_JSON lists jobs {"tokenizer": DIR, "records": JSONL, "out": JSON, "lengths": [L, ...]};
+each writes {max_length: {"input_ids", "loss_mask", "seq_len"}} to its "out".
 
 Runs the public package's own preprocessing (`build_speculator_training_dataset`, one row
 per assistant turn, masks from render boundaries) on the records. Its renders normally
@@ -20,35 +21,39 @@ from transformers import AutoTokenizer
 
 import speculators.data_generation.preprocessing as prep
 
-tok_dir, records_path, out_path = sys.argv[1], sys.argv[2], sys.argv[3]
-lengths = [int(x) for x in sys.argv[4:]]
-tok = AutoTokenizer.from_pretrained(tok_dir)
 
 
-def local_render(endpoint, messages, *, add_generation_prompt, tools=None, chat_template_kwargs=None,
-                 truncate_prompt_tokens=None, truncation_side=None, timeout=None):
-    text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                   tokenize=False, **(chat_template_kwargs or {}))
-    ids = tok.encode(text, add_special_tokens=False)
-    if truncate_prompt_tokens is not None:
-        ids = ids[:truncate_prompt_tokens] if truncation_side == "right" else ids[-truncate_prompt_tokens:]
-    return ids
+def run_job(tok_dir, records_path, out_path, lengths):
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+
+    def local_render(endpoint, messages, *, add_generation_prompt, tools=None, chat_template_kwargs=None,
+                     truncate_prompt_tokens=None, truncation_side=None, timeout=None):
+        text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                       tokenize=False, **(chat_template_kwargs or {}))
+        ids = tok.encode(text, add_special_tokens=False)
+        if truncate_prompt_tokens is not None:
+            ids = ids[:truncate_prompt_tokens] if truncation_side == "right" else ids[-truncate_prompt_tokens:]
+        return ids
+
+    prep.render_conversation = local_render
+    rows = {"conversations": [], "tools": []}
+    with open(records_path) as f:
+        for line in f:
+            record = json.loads(line)
+            rows["conversations"].append(record["messages"])
+            rows["tools"].append(json.dumps(record["tools"]) if record.get("tools") else "")
+    result = {}
+    for max_length in lengths:
+        ds = prep.build_speculator_training_dataset(Dataset.from_dict(rows), processor=tok, max_length=max_length,
+                                                    num_proc=1, render_endpoint="http://local")
+        ds = ds.with_format(None)
+        cols = ("input_ids", "loss_mask", "seq_len")
+        result[max_length] = {k: list(ds[k]) if k in ds.column_names else [] for k in cols}
+        print(tok_dir, max_length, len(ds), "rows")
+    with open(out_path, "w") as f:
+        json.dump(result, f)
 
 
-prep.render_conversation = local_render
-rows = {"conversations": [], "tools": []}
-with open(records_path) as f:
-    for line in f:
-        record = json.loads(line)
-        rows["conversations"].append(record["messages"])
-        rows["tools"].append(json.dumps(record["tools"]) if record.get("tools") else "")
-result = {}
-for max_length in lengths:
-    ds = prep.build_speculator_training_dataset(Dataset.from_dict(rows), processor=tok, max_length=max_length,
-                                                num_proc=1, render_endpoint="http://local")
-    ds = ds.with_format(None)
-    cols = ("input_ids", "loss_mask", "seq_len")
-    result[max_length] = {k: list(ds[k]) if k in ds.column_names else [] for k in cols}
-    print(max_length, len(ds), "rows")
-with open(out_path, "w") as f:
-    json.dump(result, f)
+with open(sys.argv[1]) as f:
+    for job in json.load(f):
+        run_job(job["tokenizer"], job["records"], job["out"], job["lengths"])
