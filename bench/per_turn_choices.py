@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 VARIANTS = {
-    # name: (prepare-data flags, drop opening assistant turns from the records)
-    "per-conversation": ([], False),
-    "per-conversation, opening assistant dropped": ([], True),
-    "per-turn": (["--rows", "per-turn"], False),
+    # name: (prepare-data flags, drop opening assistant turns from the records beforehand)
+    "per-conversation, opening assistant as context": (["--opening-assistant", "context"], False),
+    "per-conversation, opening assistant dropped": (["--opening-assistant", "context"], True),
+    "per-turn (opening assistant as context)": (["--rows", "per-turn"], False),
     "per-turn + newline after <|im_end|> (public)": (["--rows", "per-turn", "--train-after-end-of-turn"], False),
 }
 

@@ -305,3 +305,24 @@ def load_tokenizer_for(model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model))
+
+
+def test_opening_assistant_turn_dropped_or_kept_as_context(tiny_qwen3, tmp_path):
+    records = [{"messages": [{"role": "assistant", "content": "Welcome back!"}, {"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "hello"}]}]
+    data = write_jsonl(tmp_path / "o.jsonl", records)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_qwen3))
+    texts = {}
+    for name, kw in [("default", {}), ("context", {"opening_assistant": "context"}),
+                     ("turn", {"rows": "per-turn"}), ("turn_drop", {"rows": "per-turn", "opening_assistant": "drop"})]:
+        prepare_data(PrepareConfig(model=str(tiny_qwen3), data=str(data), output=str(tmp_path / name), seq_length=64, **kw))
+        row = load_prepared(tmp_path / name)[0]
+        texts[name] = (tok.decode(row["input_ids"]), tok.decode([t for t, m in zip(row["input_ids"], row["loss_mask"]) if m]))
+        assert json.loads((tmp_path / name / "prepare_config.json").read_text())["params"]["opening_assistant"] == \
+            kw.get("opening_assistant", "context" if kw.get("rows") == "per-turn" else "drop")
+    assert "Welcome back!" not in texts["default"][0] and "Welcome back!" not in texts["turn_drop"][0]
+    for name in ("context", "turn"):
+        assert "Welcome back!" in texts[name][0] and "Welcome back!" not in texts[name][1]
+    assert all(t[1].startswith("hello") for t in texts.values())

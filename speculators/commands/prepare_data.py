@@ -34,6 +34,9 @@ def register(subparsers) -> None:
                         "(the public speculators layout; more context, history tokens repeated)")
     p.add_argument("--no-train-reasoning", dest="train_reasoning", action="store_false",
                    help="leave reasoning text (reasoning_content, think blocks, gpt-oss analysis) out of the loss")
+    p.add_argument("--opening-assistant", choices=["drop", "context"], default=None,
+                   help="assistant messages before the first prompt: drop them, or keep them as untrained "
+                        "context (default: drop per conversation, context per turn as the public package does)")
     p.add_argument("--train-after-end-of-turn", action="store_true",
                    help="per-turn: also train tokens after the end-of-turn token (ChatML's newline), "
                         "exactly as the public speculators package does")
@@ -58,6 +61,7 @@ def run(args) -> int:
             rows=args.rows,
             train_reasoning=args.train_reasoning,
             train_after_end_of_turn=args.train_after_end_of_turn,
+            opening_assistant=args.opening_assistant,
         )
     )
     dropped = sum(result.dropped.values())

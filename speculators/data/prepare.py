@@ -58,7 +58,9 @@ class PrepareConfig:
     context: the public speculators package's layout). ``train_reasoning``: reasoning
     text (``reasoning_content``/think blocks/gpt-oss' analysis channel) is in the loss.
     ``train_after_end_of_turn``: also train tokens after the end-of-turn token (ChatML's
-    trailing newline), as the public package does.
+    trailing newline), as the public package does. ``opening_assistant``: what to do with
+    assistant messages before the first prompt: ``drop`` them or keep them as untrained
+    ``context``; None = drop per conversation, context per turn (the public layout).
     """
 
     model: str
@@ -72,6 +74,12 @@ class PrepareConfig:
     rows: str = "per-conversation"
     train_reasoning: bool = True
     train_after_end_of_turn: bool = False
+    opening_assistant: str | None = None
+
+    def opening(self) -> str:
+        if self.opening_assistant is not None:
+            return self.opening_assistant
+        return "context" if self.rows == "per-turn" else "drop"
 
     def sources(self) -> list[str]:
         return [self.data] if isinstance(self.data, str) else list(self.data)
@@ -124,6 +132,7 @@ def fingerprint(cfg: PrepareConfig, tok_fp: str, specs: list[DataSpec]) -> str:
         "rows": cfg.rows,
         "train_reasoning": cfg.train_reasoning,
         "train_after_end_of_turn": cfg.train_after_end_of_turn,
+        "opening_assistant": cfg.opening(),
         "data": [spec.fingerprint() for spec in specs],
         "tokenizer": tok_fp,
     }
@@ -182,6 +191,16 @@ def source_quotas(specs: list[DataSpec], total: int | None) -> list[int | None]:
     return [min(q, s.max_samples) if s.max_samples is not None else q for q, s in zip(quotas, specs)]
 
 
+def drop_opening_assistant(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Remove assistant messages before the first non-assistant one (nothing prompted them)."""
+    k = 0
+    while k < len(messages) and messages[k]["role"] == "assistant":
+        k += 1
+    if k == len(messages) or not any(m["role"] == "assistant" for m in messages[k:]):
+        raise BadConversation("no assistant turn")
+    return messages[k:]
+
+
 @dataclass
 class _Collected:
     input_ids: list[list[int]] = field(default_factory=list)
@@ -217,7 +236,10 @@ def _collect(spec: DataSpec, quota: int | None, tokenizer, eot: set[int], cfg: P
         convs = []
         for record in raw_batch:
             try:
-                convs.append(Conversation(normalize_record(record), record_tools(record)))
+                messages = normalize_record(record)
+                if cfg.opening() == "drop":
+                    messages = drop_opening_assistant(messages)
+                convs.append(Conversation(messages, record_tools(record)))
             except BadConversation as exc:
                 out.dropped[str(exc)] += 1
         for result in _encode_batch(tokenizer, convs, eot, cfg):
@@ -244,6 +266,8 @@ def prepare_data(cfg: PrepareConfig) -> PrepareResult:
         raise UserError(f"--max-samples must be >= 1, got {cfg.max_samples}")
     if cfg.rows not in ROWS:
         raise UserError(f"--rows {cfg.rows!r}: choose {' or '.join(ROWS)}")
+    if cfg.opening_assistant not in (None, "drop", "context"):
+        raise UserError(f"--opening-assistant {cfg.opening_assistant!r}: choose drop or context")
     if cfg.train_after_end_of_turn and cfg.rows != "per-turn":
         raise UserError("--train-after-end-of-turn applies to --rows per-turn (the public package's layout)")
     if not cfg.sources():
@@ -354,7 +378,8 @@ def _write_output(output, input_ids, loss_masks, freq, cfg, tokenizer, specs, pe
             "version": PREPARE_VERSION,
             "fingerprint": result.fingerprint,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "params": {k: v for k, v in asdict(cfg).items() if k not in ("force", "output", "batch_size")},
+            "params": {**{k: v for k, v in asdict(cfg).items() if k not in ("force", "output", "batch_size")},
+                       "opening_assistant": cfg.opening()},
             "tokenizer": {
                 "name_or_path": cfg.model,
                 "vocab_size": len(tokenizer),
