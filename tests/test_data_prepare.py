@@ -109,11 +109,14 @@ def test_template_that_renders_last_turn_differently():
         ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n", 0),
         ("<|im_start|>assistant\n", 0), ("Hello! How can I help?<|im_end|>", 1), ("\n", 0),
         ("<|im_start|>user\nSay ok<|im_end|>\n", 0),
-        ("<|im_start|>assistant\n<think>\n\n</think>\n\n", 0), ("ok<|im_end|>", 1), ("\n", 0),
+        # The final turn is prefix-stable: everything after the generation prompt is what the
+        # model writes, the (empty) think block included.
+        ("<|im_start|>assistant\n", 0), ("<think>\n\n</think>\n\nok<|im_end|>", 1), ("\n", 0),
     ]
     want_ids, want_mask = expected_from_pieces(tok, pieces)
     [(ids, mask, _)] = encode_conversations(tok, [conv], end_of_turn_ids(tok))
     assert ids == want_ids and mask == want_mask
+    assert ids == tok.apply_chat_template(conv, tokenize=True, return_dict=False)
 
 
 def test_llama3_template_trim_is_respected(toks):
@@ -266,3 +269,60 @@ def test_cli_ultrachat_offline_is_a_clear_error(tiny_llama, tmp_path, monkeypatc
     assert rc == 2
     err = capsys.readouterr().err
     assert "HuggingFaceH4/ultrachat_200k" in err and "train_sft" in err
+
+
+def test_several_sources_with_limits_and_weights(tiny_llama, tmp_path, capsys):
+    def convs(tag):
+        return [{"messages": [{"role": "user", "content": f"question {i}"},
+                              {"role": "assistant", "content": f"{tag} answer {i}"}]} for i in range(10)]
+
+    a = write_jsonl(tmp_path / "alpha.jsonl", convs("alpha"))
+    b = write_jsonl(tmp_path / "beta.jsonl", convs("beta"))
+    tok = load_tokenizer_for(tiny_llama)
+
+    def origins(out):
+        texts = [tok.decode(ids) for ids in load_prepared(out)["input_ids"]]
+        return Counter("alpha" if "alpha" in t else "beta" for t in texts)
+
+    assert cli_main(["prepare-data", "--model", str(tiny_llama), "--data", f"{a},max=3", "--data", str(b),
+                     "--output", str(tmp_path / "m"), "--seq-length", "64"]) == 0
+    assert origins(tmp_path / "m") == {"alpha": 3, "beta": 10}
+    meta = json.loads((tmp_path / "m" / "prepare_config.json").read_text())
+    assert [(s["name"], s["max"], s["kept"]) for s in meta["sources"]] == [(f"{a},max=3", 3, 3), (str(b), None, 10)]
+    assert meta["params"]["data"] == [f"{a},max=3", str(b)]
+
+    prepare_data(PrepareConfig(model=str(tiny_llama), data=[f"{a},weight=3", f"{b},weight=1"],
+                               output=str(tmp_path / "w"), seq_length=64, max_samples=8))
+    assert origins(tmp_path / "w") == {"alpha": 6, "beta": 2}
+    rows = load_prepared(tmp_path / "w")["input_ids"]
+    assert [("alpha" in tok.decode(r)) for r in rows] != sorted(("alpha" in tok.decode(r)) for r in rows)  # interleaved
+    with pytest.raises(UserError, match="give --max-samples"):
+        prepare_data(PrepareConfig(model=str(tiny_llama), data=[f"{a},weight=3", str(b)], output=str(tmp_path / "x"),
+                                   seq_length=64))
+
+
+def load_tokenizer_for(model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model))
+
+
+def test_opening_assistant_turn_dropped_or_kept_as_context(tiny_qwen3, tmp_path):
+    records = [{"messages": [{"role": "assistant", "content": "Welcome back!"}, {"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "hello"}]}]
+    data = write_jsonl(tmp_path / "o.jsonl", records)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_qwen3))
+    texts = {}
+    for name, kw in [("default", {}), ("context", {"opening_assistant": "context"}),
+                     ("turn", {"rows": "per-turn"}), ("turn_drop", {"rows": "per-turn", "opening_assistant": "drop"})]:
+        prepare_data(PrepareConfig(model=str(tiny_qwen3), data=str(data), output=str(tmp_path / name), seq_length=64, **kw))
+        row = load_prepared(tmp_path / name)[0]
+        texts[name] = (tok.decode(row["input_ids"]), tok.decode([t for t, m in zip(row["input_ids"], row["loss_mask"]) if m]))
+        assert json.loads((tmp_path / name / "prepare_config.json").read_text())["params"]["opening_assistant"] == \
+            kw.get("opening_assistant", "context" if kw.get("rows") == "per-turn" else "drop")
+    assert "Welcome back!" not in texts["default"][0] and "Welcome back!" not in texts["turn_drop"][0]
+    for name in ("context", "turn"):
+        assert "Welcome back!" in texts[name][0] and "Welcome back!" not in texts[name][1]
+    assert all(t[1].startswith("hello") for t in texts.values())

@@ -21,6 +21,7 @@ tokenizer's EOS / generation-config EOS ids) get 0: e.g. ChatML's ``\n`` after
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from speculators.data.sources import BadConversation
@@ -59,13 +60,20 @@ def check_chat_template(tokenizer, where: str) -> None:
         )
 
 
-def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
+    kwargs: dict[str, Any] = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
     )
 
 
-def keep_messages(messages: Sequence[dict[str, str]], max_chars: int | None) -> int:
+def _size(message: dict[str, Any]) -> int:
+    return len(message.get("content") or "") + len(message.get("reasoning_content") or "") + len(
+        str(message.get("tool_calls") or "")
+    )
+
+
+def keep_messages(messages: Sequence[dict[str, Any]], max_chars: int | None) -> int:
     """How many leading messages to render: enough content to exceed ``max_chars``.
 
     Tokens past the truncation length are thrown away anyway; rendering and
@@ -77,7 +85,7 @@ def keep_messages(messages: Sequence[dict[str, str]], max_chars: int | None) -> 
         return len(messages)
     total = 0
     for k, m in enumerate(messages):
-        total += len(m["content"])
+        total += _size(m)
         if total > max_chars:
             for j in range(k + 1, len(messages)):
                 if messages[j]["role"] == "user":
@@ -87,6 +95,7 @@ def keep_messages(messages: Sequence[dict[str, str]], max_chars: int | None) -> 
 
 
 _SENTINEL = "\ue000\ue001\ue002"
+_SENTINEL_R = "\ue003\ue004\ue005"  # stands for a turn's reasoning text
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -112,47 +121,117 @@ def _common_suffix(a: str, b: str, limit: int) -> int:
     return lo
 
 
+def _has_reasoning(m: dict[str, Any]) -> bool:
+    return bool(m.get("reasoning_content"))
+
+
+def _with_reasoning(m: dict[str, Any], text: str) -> dict[str, Any]:
+    """``m`` with its reasoning replaced by ``text`` under every key templates read it from."""
+    return dict(m, reasoning_content=text, thinking=text)
+
+
+def _turn_span_by_prefix(tokenizer, messages, k, full, tools) -> tuple[int, int] | None:
+    """The turn's span when the template is prefix-stable there: from the end of the
+    generation prompt of ``messages[:k]`` to the end of ``render(messages[:k+1])``.
+    This covers everything the model generates for the turn -- think tags, reasoning,
+    tool calls, the end-of-turn token. ``None`` when the renders disagree."""
+    try:
+        prompt = _render(tokenizer, messages[:k], True, tools)
+        upto = _render(tokenizer, messages[: k + 1], False, tools)
+    except Exception:
+        return None
+    if upto.startswith(prompt) and full.startswith(upto) and len(upto) > len(prompt):
+        return len(prompt), len(upto)
+    return None
+
+
+def _turn_span_by_sentinel(tokenizer, messages, k, full, tools) -> tuple[int, int] | None:
+    """The turn's span found by rendering the whole conversation with turn ``k`` replaced by
+    a plain turn whose content is a sentinel (works for templates that render a turn
+    differently depending on what follows it). Where the two renderings part is the
+    start, where their common tail begins is the end (extended over the closing text)."""
+    marked_msg = {"role": "assistant", "content": _SENTINEL}
+    marked = messages[:k] + [marked_msg] + messages[k + 1 :]
+    alt = _render(tokenizer, marked, False, tools)
+    where = alt.find(_SENTINEL)
+    if where < 0:
+        raise BadConversation("the chat template drops assistant content")
+    start = _common_prefix(full, alt)
+    if start > where:
+        raise BadConversation("the chat template renders assistant content ambiguously")
+    end = len(full) - _common_suffix(full, alt, len(alt) - where - len(_SENTINEL))
+    # The closing text the template puts after an assistant turn (end-of-turn).
+    alone = _render(tokenizer, messages[:k] + [marked_msg], False, tools)
+    closing = alone[alone.rfind(_SENTINEL) + len(_SENTINEL) :]
+    end += _common_prefix(full[end : end + len(closing)], closing)
+    # Channel/role markup the model writes after the generation prompt belongs to the turn.
+    prompt = _render(tokenizer, messages[:k], True, tools)
+    if full.startswith(prompt) and len(prompt) < start:
+        start = len(prompt)
+    return (start, end) if end > start else None
+
+
+def _reasoning_span(tokenizer, messages, k, full, tools, span) -> tuple[int, int] | None:
+    """Characters of turn ``k``'s reasoning text inside ``full`` (None if not rendered)."""
+    m = messages[k]
+    if not _has_reasoning(m):
+        return None
+    marked = messages[:k] + [_with_reasoning(m, _SENTINEL_R)] + messages[k + 1 :]
+    alt = _render(tokenizer, marked, False, tools)
+    where = alt.find(_SENTINEL_R)
+    if where < 0:
+        return None  # the template leaves this turn's reasoning out
+    start = _common_prefix(full, alt)
+    end = len(full) - _common_suffix(full, alt, len(alt) - where - len(_SENTINEL_R))
+    if not (span[0] <= start <= end <= span[1]):
+        return None
+    return start, end
+
+
 def assistant_spans(
-    tokenizer, messages: Sequence[dict[str, str]], max_chars: int | None = None
-) -> tuple[str, list[tuple[int, int]], bool]:
-    """Render ``messages`` and return the text, the assistant turns' character spans, and
-    whether later messages were left out (see `keep_messages`)."""
+    tokenizer,
+    messages: Sequence[dict[str, Any]],
+    max_chars: int | None = None,
+    tools: list | None = None,
+    train_reasoning: bool = True,
+) -> tuple[str, list[tuple[int, int]], bool, list[tuple[int, int]]]:
+    """Render ``messages``; return the text, the assistant turns' character spans, whether
+    later messages were left out (see `keep_messages`), and the reasoning spans to exclude
+    (empty unless ``train_reasoning`` is False).
+
+    A conversation's opening assistant message (index 0, before any prompt) is kept as
+    context and not trained, as the public speculators package does.
+    """
     messages = list(messages)
-    while messages and messages[0]["role"] == "assistant":
-        messages = messages[1:]  # an opening assistant turn has no prompt to answer
     if not messages:
         raise BadConversation("empty conversation")
-    if not any(m["role"] == "assistant" for m in messages):
+    if not any(m["role"] == "assistant" for m in messages[1:]):
         raise BadConversation("no assistant turn")
     keep = keep_messages(messages, max_chars)
     cut = keep < len(messages)
     messages = messages[:keep]
+    excluded: list[tuple[int, int]] = []
     try:
-        full = _render(tokenizer, messages, add_generation_prompt=False)
+        full = _render(tokenizer, messages, False, tools)
         spans = []
         for k, m in enumerate(messages):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or k == 0:
                 continue
-            marked = messages[:k] + [dict(m, content=_SENTINEL)] + messages[k + 1 :]
-            alt = _render(tokenizer, marked, add_generation_prompt=False)
-            where = alt.find(_SENTINEL)
-            if where < 0:
-                raise BadConversation("the chat template drops assistant content")
-            start = _common_prefix(full, alt)
-            if start > where:
-                raise BadConversation("the chat template renders assistant content ambiguously")
-            end = len(full) - _common_suffix(full, alt, len(alt) - where - len(_SENTINEL))
-            # The closing text the template puts after an assistant turn.
-            alone = _render(tokenizer, messages[:k] + [dict(m, content=_SENTINEL)], add_generation_prompt=False)
-            closing = alone[alone.rfind(_SENTINEL) + len(_SENTINEL) :]
-            end += _common_prefix(full[end : end + len(closing)], closing)
-            if end > start:
-                spans.append((start, end))
+            span = _turn_span_by_prefix(tokenizer, messages, k, full, tools)
+            if span is None:
+                span = _turn_span_by_sentinel(tokenizer, messages, k, full, tools)
+            if span is None:
+                continue
+            spans.append(span)
+            if not train_reasoning:
+                r = _reasoning_span(tokenizer, messages, k, full, tools, span)
+                if r is not None:
+                    excluded.append(r)
     except BadConversation:
         raise
     except Exception as exc:  # jinja raise_exception(), e.g. "roles must alternate"
         raise BadConversation(f"chat template error: {exc}") from exc
-    return full, spans, cut
+    return full, spans, cut, excluded
 
 
 def mask_from_offsets(
@@ -160,8 +239,10 @@ def mask_from_offsets(
     offsets: Sequence[tuple[int, int]],
     spans: Sequence[tuple[int, int]],
     eot_ids: Iterable[int],
+    excluded: Sequence[tuple[int, int]] = (),
 ) -> list[int]:
-    """Per-token loss mask: 1 on tokens overlapping a span, up to its last end-of-turn token."""
+    """Per-token loss mask: 1 on tokens overlapping a span, up to its last end-of-turn token;
+    0 on tokens overlapping an ``excluded`` span (reasoning left out of the loss)."""
     eot = set(eot_ids)
     mask = [0] * len(input_ids)
     t = 0
@@ -178,19 +259,36 @@ def mask_from_offsets(
             if last_eot is not None and i > last_eot:
                 break
             mask[i] = 1
+    for s, e in excluded:
+        for i in range(n):
+            if offsets[i][0] < e and offsets[i][1] > s:
+                mask[i] = 0
     return mask
+
+
+@dataclass
+class Conversation:
+    """Normalised messages plus the tool definitions the template renders (if any)."""
+
+    messages: list[dict[str, Any]]
+    tools: list | None = None
+
+
+def _as_conversation(c: Any) -> Conversation:
+    return c if isinstance(c, Conversation) else Conversation(list(c))
 
 
 def encode_conversations(
     tokenizer,
-    conversations: Sequence[Sequence[dict[str, str]]],
+    conversations: Sequence[Any],
     eot_ids: Iterable[int],
     max_tokens: int | None = None,
+    train_reasoning: bool = True,
 ) -> list[tuple[list[int], list[int], bool] | BadConversation]:
-    """Tokenize a batch of conversations.
+    """Tokenize a batch of conversations, one row each, every assistant turn masked.
 
-    Each result is ``(input_ids, loss_mask, truncated)`` or the `BadConversation` saying
-    why it failed.
+    Each item is a `Conversation` or a plain message list. Each result is
+    ``(input_ids, loss_mask, truncated)`` or the `BadConversation` saying why it failed.
 
     With ``max_tokens`` the results are truncated to that many tokens, and messages
     that cannot reach the first ``max_tokens`` tokens are not rendered at all. A
@@ -198,14 +296,17 @@ def encode_conversations(
     margin, so the kept tokens always equal those of the full rendering.
     """
     eot = set(eot_ids)
+    convs = [_as_conversation(c) for c in conversations]
     max_chars = None if max_tokens is None else 8 * max_tokens + 256
-    results: list[Any] = [None] * len(conversations)
-    pending = list(range(len(conversations)))
+    results: list[Any] = [None] * len(convs)
+    pending = list(range(len(convs)))
     for limit in (max_chars, None):
-        texts, spans_list, slots, cuts = [], [], [], []
+        texts, spans_list, slots, cuts, excl = [], [], [], [], []
         for slot in pending:
             try:
-                text, spans, cut = assistant_spans(tokenizer, conversations[slot], limit)
+                text, spans, cut, excluded = assistant_spans(
+                    tokenizer, convs[slot].messages, limit, convs[slot].tools, train_reasoning
+                )
             except BadConversation as exc:
                 results[slot] = exc
                 continue
@@ -213,11 +314,12 @@ def encode_conversations(
             spans_list.append(spans)
             slots.append(slot)
             cuts.append(cut)
+            excl.append(excluded)
         pending = []
         if not texts:
             break
         encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-        for slot, enc, spans, cut in zip(slots, encodings, spans_list, cuts):
+        for slot, enc, spans, cut, excluded in zip(slots, encodings, spans_list, cuts, excl):
             ids = enc.ids
             if cut and (max_tokens is None or len(ids) < max_tokens + 16):
                 pending.append(slot)  # too short to trust the cut: render it whole
@@ -227,7 +329,89 @@ def encode_conversations(
             if max_tokens is not None and len(ids) > max_tokens:
                 # Spans only need the kept tokens plus the next few (to see end-of-turn).
                 ids, offsets = ids[:max_tokens], offsets[:max_tokens]
-            results[slot] = (list(ids), mask_from_offsets(ids, offsets, spans, eot), truncated)
+            mask = mask_from_offsets(ids, offsets, spans, eot, excluded)
+            results[slot] = (list(ids), mask, truncated)
         if not pending:
             break
     return results
+
+
+def _common_prefix_ids(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_turn_rows(
+    tokenizer,
+    conversation: Any,
+    eot_ids: Iterable[int],
+    max_tokens: int,
+    train_after_end_of_turn: bool = False,
+    train_reasoning: bool = True,
+) -> list[tuple[list[int], list[int], bool]]:
+    """One row per assistant turn (the public speculators package's ``per-turn`` layout).
+
+    For assistant message ``j`` (``j > 0``; an opening one is context only) the row is
+    ``render(messages[:j+1])`` tokenized, cut to ``max_tokens``; its loss mask is 0 up to
+    the tokens of ``render(messages[:j], add_generation_prompt=True)`` and 1 after, so
+    earlier assistant turns are unmasked context. When the generation prompt is not a
+    token prefix of the row (a template that pre-fills a think block), the boundary is
+    their common prefix, valid only if the history renders identically. A turn whose
+    prompt alone fills ``max_tokens`` is skipped.
+
+    Unless ``train_after_end_of_turn``, tokens after the row's last end-of-turn token
+    (ChatML's ``\n`` after ``<|im_end|>``) get 0: the model never generates them (the
+    public package trains them). Returns ``(input_ids, loss_mask, truncated)`` rows;
+    raises `BadConversation` for an unusable conversation.
+    """
+    conv = _as_conversation(conversation)
+    messages, tools = conv.messages, conv.tools
+    eot = set(eot_ids)
+    turns = [j for j, m in enumerate(messages) if m["role"] == "assistant" and j > 0]
+    if not turns:
+        raise BadConversation("no assistant turn")
+    rows = []
+    try:
+        for j in turns:
+            prompt_text = _render(tokenizer, messages[:j], True, tools)
+            full_text = _render(tokenizer, messages[: j + 1], False, tools)
+            texts = [prompt_text, full_text]
+            if not train_reasoning and _has_reasoning(messages[j]):
+                texts.append(_render(tokenizer, messages[:j] + [_with_reasoning(messages[j], _SENTINEL_R)], False, tools))
+            encs = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+            prompt, full = encs[0].ids[:max_tokens], encs[1].ids
+            if len(prompt) >= max_tokens:
+                continue  # no room left for the answer; a later turn may fit (templates drop history reasoning)
+            if full[: len(prompt)] == prompt:
+                boundary = len(prompt)
+            else:
+                boundary = _common_prefix_ids(prompt, full)
+                hist = tokenizer.backend_tokenizer.encode(
+                    _render(tokenizer, messages[:j], False, tools), add_special_tokens=False
+                ).ids
+                if full[: len(hist)] != hist or boundary < len(hist):
+                    raise BadConversation("chat template error: prompt and full renders diverge inside history")
+            mask = [0] * boundary + [1] * (len(full) - boundary)
+            if not train_after_end_of_turn:
+                last = max((i for i in range(boundary, len(full)) if full[i] in eot), default=None)
+                if last is not None:
+                    mask[last + 1 :] = [0] * (len(full) - last - 1)
+            if len(texts) == 3:
+                where = texts[2].find(_SENTINEL_R)
+                if where >= 0:
+                    r0 = _common_prefix(full_text, texts[2])
+                    r1 = len(full_text) - _common_suffix(full_text, texts[2], len(texts[2]) - where - len(_SENTINEL_R))
+                    for i, (a, b) in enumerate(encs[1].offsets):
+                        if a < r1 and b > r0:
+                            mask[i] = 0
+            truncated = len(full) > max_tokens
+            rows.append((list(full[:max_tokens]), mask[:max_tokens], truncated))
+    except BadConversation:
+        raise
+    except Exception as exc:
+        raise BadConversation(f"chat template error: {exc}") from exc
+    return rows

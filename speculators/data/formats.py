@@ -14,7 +14,9 @@ Two layouts live behind one protocol (`SampleStore`: `__len__`, `load(i)`):
   opening and unpickling a file.
 
 Both directories carry ``data_config.json``; `open_sample_store` reads it and
-returns the right store, so callers never look at the layout.
+returns the right store, so callers never look at the layout. A third layout, the
+public `speculators` package's (``hidden_states/hs_<i>.safetensors`` beside an arrow
+dataset), is detected by its shape and read by `speculators.data.public_format`.
 """
 
 from __future__ import annotations
@@ -374,6 +376,21 @@ def open_sample_store(
     ``expected_num_layers`` counts all stored layers, the final one included.
     """
     directory = Path(directory)
+    from speculators.data.public_format import is_public_layout, open_public_store
+
+    if is_public_layout(directory):  # the public speculators package's layout, detected
+        public = open_public_store(directory, on_corrupt)
+        where = directory / "hidden_states"
+        if expected_hidden_size is not None and public.schema.hidden_size != int(expected_hidden_size):
+            raise UserError(
+                f"{where}: hidden size {public.schema.hidden_size} does not match the verifier's "
+                f"{expected_hidden_size}; regenerate the data for this verifier"
+            )
+        if expected_num_layers is not None and public.schema.num_layers != int(expected_num_layers):
+            raise UserError(
+                f"{where}: stores {public.schema.num_layers} layers, the draft model expects {expected_num_layers}"
+            )
+        return public  # type: ignore[return-value]
     config = read_data_config(directory)
     where = directory / DATA_CONFIG_NAME
     if expected_hidden_size is not None and int(config["hidden_size"]) != int(expected_hidden_size):

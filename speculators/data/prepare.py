@@ -23,34 +23,66 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from speculators.data.chat import check_chat_template, encode_conversations, end_of_turn_ids
+from speculators.data.chat import (
+    Conversation,
+    check_chat_template,
+    encode_conversations,
+    encode_turn_rows,
+    end_of_turn_ids,
+)
 from speculators.data.sources import (
     BadConversation,
     DataSpec,
     iter_records,
     load_hub_dataset,
     normalize_record,
+    record_tools,
     resolve_data,
 )
 from speculators.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-PREPARE_VERSION = 1  # bump when the output of the same inputs changes
+PREPARE_VERSION = 2  # bump when the output of the same inputs changes
+ROWS = ("per-conversation", "per-turn")
 PREPARE_CONFIG = "prepare_config.json"
 TOKEN_FREQ = "token_freq.pt"
 
 
 @dataclass
 class PrepareConfig:
+    """``data``: one source or several (see `speculators.data.sources`, options after commas).
+
+    ``rows``: ``per-conversation`` (one row per conversation, every assistant turn
+    trained) or ``per-turn`` (one row per assistant turn, earlier turns as unmasked
+    context: the public speculators package's layout). ``train_reasoning``: reasoning
+    text (``reasoning_content``/think blocks/gpt-oss' analysis channel) is in the loss.
+    ``train_after_end_of_turn``: also train tokens after the end-of-turn token (ChatML's
+    trailing newline), as the public package does. ``opening_assistant``: what to do with
+    assistant messages before the first prompt: ``drop`` them or keep them as untrained
+    ``context``; None = drop per conversation, context per turn (the public layout).
+    """
+
     model: str
-    data: str
+    data: str | list[str]
     output: str
     seq_length: int
     max_samples: int | None = None
     seed: int = 0
     batch_size: int = 512
     force: bool = False
+    rows: str = "per-conversation"
+    train_reasoning: bool = True
+    train_after_end_of_turn: bool = False
+    opening_assistant: str | None = None
+
+    def opening(self) -> str:
+        if self.opening_assistant is not None:
+            return self.opening_assistant
+        return "context" if self.rows == "per-turn" else "drop"
+
+    def sources(self) -> list[str]:
+        return [self.data] if isinstance(self.data, str) else list(self.data)
 
 
 @dataclass
@@ -90,14 +122,18 @@ def tokenizer_fingerprint(tokenizer, eot_ids: set[int]) -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg: PrepareConfig, tok_fp: str, spec: DataSpec) -> str:
+def fingerprint(cfg: PrepareConfig, tok_fp: str, specs: list[DataSpec]) -> str:
     h = hashlib.sha256()
     params = {
         "version": PREPARE_VERSION,
         "seq_length": cfg.seq_length,
         "max_samples": cfg.max_samples,
         "seed": cfg.seed,
-        "data": spec.fingerprint(),
+        "rows": cfg.rows,
+        "train_reasoning": cfg.train_reasoning,
+        "train_after_end_of_turn": cfg.train_after_end_of_turn,
+        "opening_assistant": cfg.opening(),
+        "data": [spec.fingerprint() for spec in specs],
         "tokenizer": tok_fp,
     }
     h.update(json.dumps(params, sort_keys=True).encode())
@@ -139,12 +175,103 @@ def read_cached(output: Path, fp: str) -> dict[str, Any] | None:
     return meta
 
 
+def source_quotas(specs: list[DataSpec], total: int | None) -> list[int | None]:
+    """Samples to take from each source: its ``max``, and with ``total`` (--max-samples) a
+    share of it by ``weight`` (1 when not given; largest remainders get the leftovers)."""
+    if total is None:
+        if any(s.weight is not None for s in specs):
+            raise UserError("--data ...,weight=W splits --max-samples between sources; give --max-samples too")
+        return [s.max_samples for s in specs]
+    weights = [s.weight if s.weight is not None else 1.0 for s in specs]
+    shares = [total * w / sum(weights) for w in weights]
+    quotas = [int(x) for x in shares]
+    order = sorted(range(len(specs)), key=lambda i: (-(shares[i] - quotas[i]), i))
+    for i in order[: total - sum(quotas)]:
+        quotas[i] += 1
+    return [min(q, s.max_samples) if s.max_samples is not None else q for q, s in zip(quotas, specs)]
+
+
+def drop_opening_assistant(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Remove assistant messages before the first non-assistant one (nothing prompted them)."""
+    k = 0
+    while k < len(messages) and messages[k]["role"] == "assistant":
+        k += 1
+    if k == len(messages) or not any(m["role"] == "assistant" for m in messages[k:]):
+        raise BadConversation("no assistant turn")
+    return messages[k:]
+
+
+@dataclass
+class _Collected:
+    input_ids: list[list[int]] = field(default_factory=list)
+    loss_masks: list[list[int]] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+
+
+def _encode_batch(tokenizer, convs: list[Conversation], eot: set[int], cfg: PrepareConfig):
+    """Yield ``(ids, mask, truncated)`` rows or `BadConversation` per conversation, in order."""
+    if cfg.rows == "per-conversation":
+        yield from encode_conversations(
+            tokenizer, convs, eot, max_tokens=cfg.seq_length, train_reasoning=cfg.train_reasoning
+        )
+        return
+    for conv in convs:
+        try:
+            rows = encode_turn_rows(
+                tokenizer, conv, eot, cfg.seq_length,
+                train_after_end_of_turn=cfg.train_after_end_of_turn, train_reasoning=cfg.train_reasoning,
+            )
+        except BadConversation as exc:
+            yield exc
+            continue
+        if not rows:
+            yield BadConversation("no assistant tokens after truncation")
+        yield from rows
+
+
+def _collect(spec: DataSpec, quota: int | None, tokenizer, eot: set[int], cfg: PrepareConfig) -> _Collected:
+    out = _Collected()
+    for raw_batch in _batches(ordered_records(spec, cfg.seed), cfg.batch_size):
+        convs = []
+        for record in raw_batch:
+            try:
+                messages = normalize_record(record)
+                if cfg.opening() == "drop":
+                    messages = drop_opening_assistant(messages)
+                convs.append(Conversation(messages, record_tools(record)))
+            except BadConversation as exc:
+                out.dropped[str(exc)] += 1
+        for result in _encode_batch(tokenizer, convs, eot, cfg):
+            if isinstance(result, BadConversation):
+                out.dropped[_reason(result)] += 1
+                continue
+            ids, mask, was_truncated = result
+            if not any(mask):
+                out.dropped["no assistant tokens after truncation"] += 1
+                continue
+            out.truncated += int(was_truncated)
+            out.input_ids.append(ids)
+            out.loss_masks.append(mask)
+            if quota is not None and len(out.input_ids) >= quota:
+                return out
+    return out
+
+
 def prepare_data(cfg: PrepareConfig) -> PrepareResult:
     start = time.time()
     if cfg.seq_length < 2:
         raise UserError(f"--seq-length must be >= 2, got {cfg.seq_length}")
     if cfg.max_samples is not None and cfg.max_samples < 1:
         raise UserError(f"--max-samples must be >= 1, got {cfg.max_samples}")
+    if cfg.rows not in ROWS:
+        raise UserError(f"--rows {cfg.rows!r}: choose {' or '.join(ROWS)}")
+    if cfg.opening_assistant not in (None, "drop", "context"):
+        raise UserError(f"--opening-assistant {cfg.opening_assistant!r}: choose drop or context")
+    if cfg.train_after_end_of_turn and cfg.rows != "per-turn":
+        raise UserError("--train-after-end-of-turn applies to --rows per-turn (the public package's layout)")
+    if not cfg.sources():
+        raise UserError("--data: give at least one source")
     output = Path(cfg.output)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} exists and is not a directory")
@@ -155,8 +282,9 @@ def prepare_data(cfg: PrepareConfig) -> PrepareResult:
         )
     tokenizer = load_tokenizer(cfg.model)
     eot = end_of_turn_ids(tokenizer, cfg.model)
-    spec = resolve_data(cfg.data)
-    fp = fingerprint(cfg, tokenizer_fingerprint(tokenizer, eot), spec)
+    specs = [resolve_data(d) for d in cfg.sources()]
+    quotas = source_quotas(specs, cfg.max_samples)
+    fp = fingerprint(cfg, tokenizer_fingerprint(tokenizer, eot), specs)
 
     cached = None if cfg.force else read_cached(output, fp)
     if cached is not None:
@@ -178,39 +306,33 @@ def prepare_data(cfg: PrepareConfig) -> PrepareResult:
     loss_masks: list[list[int]] = []
     dropped: Counter[str] = Counter()
     truncated = 0
+    per_source = []
+    for spec, quota in zip(specs, quotas):
+        got = _collect(spec, quota, tokenizer, eot, cfg)
+        if quota is not None and len(got.input_ids) < quota:
+            logger.warning("prepare-data: %s gave %d usable samples (asked for %d)", spec.name, len(got.input_ids), quota)
+        input_ids += got.input_ids
+        loss_masks += got.loss_masks
+        dropped.update(got.dropped)
+        truncated += got.truncated
+        per_source.append({**spec.describe(), "quota": quota, "kept": len(got.input_ids),
+                           "dropped": dict(got.dropped), "truncated": got.truncated})
+    if len(specs) > 1:  # interleave the sources (deterministically)
+        order = list(range(len(input_ids)))
+        random.Random(cfg.seed).shuffle(order)
+        input_ids = [input_ids[i] for i in order]
+        loss_masks = [loss_masks[i] for i in order]
     freq: Counter[int] = Counter()
-    target = cfg.max_samples
-    for raw_batch in _batches(ordered_records(spec, cfg.seed), cfg.batch_size):
-        convs = []
-        for record in raw_batch:
-            try:
-                convs.append(normalize_record(record))
-            except BadConversation as exc:
-                dropped[str(exc)] += 1
-        for result in encode_conversations(tokenizer, convs, eot, max_tokens=cfg.seq_length):
-            if isinstance(result, BadConversation):
-                dropped[_reason(result)] += 1
-                continue
-            ids, mask, was_truncated = result
-            if not any(mask):
-                dropped["no assistant tokens after truncation"] += 1
-                continue
-            truncated += int(was_truncated)
-            input_ids.append(ids)
-            loss_masks.append(mask)
-            freq.update(i for i, m in zip(ids, mask) if m)
-            if target is not None and len(input_ids) >= target:
-                break
-        if target is not None and len(input_ids) >= target:
-            break
+    for ids, mask in zip(input_ids, loss_masks):
+        freq.update(i for i, m in zip(ids, mask) if m)
 
     total_dropped = sum(dropped.values())
     if not input_ids:
         raise UserError(
-            f"--data {cfg.data}: no usable conversations ({total_dropped} dropped: {dict(dropped)})"
+            f"--data {', '.join(cfg.sources())}: no usable conversations ({total_dropped} dropped: {dict(dropped)})"
         )
-    if target is not None and len(input_ids) < target:
-        logger.warning("prepare-data: only %d usable conversations (asked for %d)", len(input_ids), target)
+    if cfg.max_samples is not None and len(input_ids) < cfg.max_samples:
+        logger.warning("prepare-data: only %d usable samples (asked for %d)", len(input_ids), cfg.max_samples)
 
     result = PrepareResult(
         output=str(output),
@@ -221,7 +343,7 @@ def prepare_data(cfg: PrepareConfig) -> PrepareResult:
         total_tokens=sum(len(x) for x in input_ids),
         fingerprint=fp,
     )
-    _write_output(output, input_ids, loss_masks, freq, cfg, tokenizer, spec, result)
+    _write_output(output, input_ids, loss_masks, freq, cfg, tokenizer, specs, per_source, result)
     result.seconds = time.time() - start
     logger.info(
         "prepare-data: kept %d samples (%d tokens, %d assistant), truncated %d, dropped %d %s -> %s (%.1fs)",
@@ -236,7 +358,7 @@ def _reason(exc: BadConversation) -> str:
     return text if not text.startswith("chat template error") else "chat template error"
 
 
-def _write_output(output, input_ids, loss_masks, freq, cfg, tokenizer, spec, result) -> None:
+def _write_output(output, input_ids, loss_masks, freq, cfg, tokenizer, specs, per_source, result) -> None:
     import datasets
     import torch
 
@@ -256,13 +378,15 @@ def _write_output(output, input_ids, loss_masks, freq, cfg, tokenizer, spec, res
             "version": PREPARE_VERSION,
             "fingerprint": result.fingerprint,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "params": {k: v for k, v in asdict(cfg).items() if k not in ("force", "output", "batch_size")},
+            "params": {**{k: v for k, v in asdict(cfg).items() if k not in ("force", "output", "batch_size")},
+                       "opening_assistant": cfg.opening()},
             "tokenizer": {
                 "name_or_path": cfg.model,
                 "vocab_size": len(tokenizer),
                 "end_of_turn_ids": sorted(end_of_turn_ids(tokenizer, cfg.model)),
             },
-            "data": {"kind": spec.kind, "name": spec.name, "hub_id": spec.hub_id, "split": spec.split},
+            "data": specs[0].describe() if len(specs) == 1 else {"sources": [s.name for s in specs]},
+            "sources": per_source,
             "counts": {
                 "kept": result.kept,
                 "dropped": result.dropped,

@@ -28,6 +28,7 @@ def prompts_from_prepared(path: str | Path, indices: Sequence[int] | None = None
         raise UserError(f"--data {path}: not a prepared dataset from `speculators prepare-data` ({exc})") from exc
     if "input_ids" not in ds.column_names or "loss_mask" not in ds.column_names:
         raise UserError(f"--data {path}: needs input_ids and loss_mask columns")
+    ds = ds.with_format(None)  # the public package's layout saves torch-format rows; read lists
     rows = range(len(ds)) if indices is None else indices
     prompts = []
     for i in rows:
@@ -56,9 +57,9 @@ def prompts_from_source(data: str, tokenizer_path: str, skip: int = 0, limit: in
     prepare-data's order (same ``seed``) and tokenized its way; the first ``skip`` usable
     conversations are skipped, so ``skip`` = prepare-data's ``--max-samples`` holds out
     exactly the conversations training never saw (with the same ``--seq-length``)."""
-    from speculators.data.chat import encode_conversations, end_of_turn_ids
-    from speculators.data.prepare import load_tokenizer, ordered_records
-    from speculators.data.sources import BadConversation, normalize_record, resolve_data
+    from speculators.data.chat import Conversation, encode_conversations, end_of_turn_ids
+    from speculators.data.prepare import drop_opening_assistant, load_tokenizer, ordered_records
+    from speculators.data.sources import BadConversation, normalize_record, record_tools, resolve_data
 
     tok = load_tokenizer(tokenizer_path)
     eot = end_of_turn_ids(tok, tokenizer_path)
@@ -71,8 +72,8 @@ def prompts_from_source(data: str, tokenizer_path: str, skip: int = 0, limit: in
         nonlocal kept
         convs = []
         for record in batch:
-            try:
-                convs.append(normalize_record(record))
+            try:  # as prepare-data's default (per conversation) does
+                convs.append(Conversation(drop_opening_assistant(normalize_record(record)), record_tools(record)))
             except BadConversation:
                 pass
         for result in encode_conversations(tok, convs, eot, max_tokens=seq_length):
