@@ -6,7 +6,7 @@ import pytest
 
 from speculators.cli import main
 from speculators.datagen.runner import DatagenConfig, run_datagen
-from speculators.testing.hs_server import HiddenStatesTestServer, make_prepared_dataset
+from hs_server import HiddenStatesTestServer, make_prepared_dataset
 
 LAYERS = [2, 4, 5, 8]
 

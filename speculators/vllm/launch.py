@@ -48,6 +48,9 @@ def kv_transfer_config(hidden_states_path: str) -> dict:
 
 
 API_KEY_ENV = "VLLM_API_KEY"  # vLLM's own variable; our clients read it too
+# Installation-wide vLLM flags put before the user's, e.g. "--enforce-eager --max-model-len 2048"
+# on a CPU host; every server speculators starts (CLI, datagen, the dashboard's worker) gets them.
+EXTRA_ARGS_ENV = "SPECULATORS_VLLM_ARGS"
 DEFAULT_HOST = "127.0.0.1"
 
 
@@ -149,7 +152,9 @@ def build_vllm_command(
     entry: VllmEntry | None = None,
 ) -> VllmCommand:
     """The one place a vLLM server command is made (launch-vllm, serve, datagen, worker)."""
-    args = with_default_host(vllm_args)
+    import shlex
+
+    args = with_default_host([*shlex.split(os.environ.get(EXTRA_ARGS_ENV, "")), *vllm_args])
     entry = entry or vllm_entry(vllm_bin)
     return VllmCommand([*entry.prefix, *entry.model_args(model), *args], vllm_env(api_key=api_key),
                        endpoint_from_args(args))
