@@ -64,10 +64,26 @@ def test_command_carries_vllm_configs_and_passthrough_in_order():
     assert spec["method"] == "extract_hidden_states" and spec["num_speculative_tokens"] == 1
     assert spec["draft_model_config"]["hf_config"]["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5, 8]
     kv = json.loads(cmd.argv[cmd.argv.index("--kv-transfer-config") + 1])
-    assert kv["kv_connector"] == "ExampleHiddenStatesConnector" and kv["kv_role"] == "kv_producer"
+    assert kv == kv_transfer_config("/data/hs") and kv["kv_role"] == "kv_producer"
     assert kv["kv_connector_extra_config"]["shared_storage_path"] == "/data/hs"
     assert cmd.argv[-6:] == ["--port", "9000", "--tensor-parallel-size", "2", "--host", "127.0.0.1"]
     assert cmd.url == "http://127.0.0.1:9000"
+
+
+def test_cpu_servers_load_our_connector_by_module_path():
+    """vLLM's connector needs CUDA (streams, pinned memory); on CPU vLLM loads our subclass."""
+    import importlib
+
+    gpu = kv_transfer_config("/hs", cpu=False)
+    assert gpu["kv_connector"] == "ExampleHiddenStatesConnector" and "kv_connector_module_path" not in gpu
+    cpu = kv_transfer_config("/hs", cpu=True)
+    module = importlib.import_module(cpu["kv_connector_module_path"])
+    cls = getattr(module, cpu["kv_connector"])
+    from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (
+        ExampleHiddenStatesConnector,
+    )
+
+    assert issubclass(cls, ExampleHiddenStatesConnector)
 
 
 def test_entry_env_host_and_key(monkeypatch):

@@ -38,13 +38,26 @@ def speculative_config(layer_ids: Sequence[int]) -> dict:
     }
 
 
-def kv_transfer_config(hidden_states_path: str) -> dict:
-    """vLLM ``--kv-transfer-config`` for the file-writing hidden-state connector."""
-    return {
+CPU_CONNECTOR_MODULE = "speculators.vllm.cpu_connector"
+CPU_CONNECTOR_CLASS = "CpuHiddenStatesConnector"
+
+
+def kv_transfer_config(hidden_states_path: str, cpu: bool | None = None) -> dict:
+    """vLLM ``--kv-transfer-config`` for the file-writing hidden-state connector.
+
+    Without CUDA (``cpu`` None: detected) our CPU subclass of vLLM's connector is loaded
+    by module path (vLLM's own needs CUDA streams and pinned memory).
+    """
+    if cpu is None:
+        cpu = not _has_cuda()
+    config = {
         "kv_connector": "ExampleHiddenStatesConnector",
         "kv_role": "kv_producer",
         "kv_connector_extra_config": {"shared_storage_path": str(hidden_states_path)},
     }
+    if cpu:
+        config.update(kv_connector=CPU_CONNECTOR_CLASS, kv_connector_module_path=CPU_CONNECTOR_MODULE)
+    return config
 
 
 API_KEY_ENV = "VLLM_API_KEY"  # vLLM's own variable; our clients read it too
