@@ -97,9 +97,20 @@ def build_online_store(args: argparse.Namespace, **overrides: Any):
     for key, value in overrides.items():
         setattr(config, key, value)
     store = OnlineSampleStore(PreparedRows.from_path(prepared), config)
+    if store.online.layer_ids is None and store.online.on_missing == "generate" and len(store.rows):
+        # Neither --vllm-layer-ids nor a cache says which layers: ask the server (launch-vllm
+        # records them next to the files it writes), so a custom-layer server is trained on
+        # and recorded as such instead of being assumed to export the defaults.
+        probed = store.client.probe_layer_ids(store.rows.get(0)[0][:8])
+        if probed is not None:
+            if num_layers is not None:
+                from speculators.layers import check_layer_ids
+
+                check_layer_ids(probed, num_layers, flag="the server's layer ids")
+            store.set_layer_ids(probed)
     if store.online.layer_ids is None and num_layers is not None:
-        # Neither --vllm-layer-ids nor a cache says which layers: launch-vllm's defaults.
+        # No record (a server not started by launch-vllm): launch-vllm's defaults.
         from speculators.layers import default_layer_ids
 
-        store.online.layer_ids = default_layer_ids(num_layers)
+        store.set_layer_ids(default_layer_ids(num_layers))
     return store

@@ -146,6 +146,13 @@ class OnlineSampleStore:
         self._init_runtime()
         self.stats = collections.Counter()
 
+    def set_layer_ids(self, layer_ids: list[int]) -> None:
+        """The ids every response is checked against (count per file, values via the server record)."""
+        self.online.layer_ids = [int(i) for i in layer_ids]
+        if self._client is not None:
+            self._client.config.layer_ids = list(self.online.layer_ids)
+            self._client.config.num_layers = len(self.online.layer_ids)
+
     # -- runtime state (per process) -------------------------------------------------
     def _init_runtime(self) -> None:
         self._pool: ThreadPoolExecutor | None = None

@@ -467,9 +467,14 @@ class Trainer:
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Build, train and tear down; returns the trainer's summary (history, best, steps)."""
     info = setup_distributed(cfg.device)
+    trainer = None
     try:
         trainer = Trainer(cfg, info)
         trainer.build()
         return trainer.fit()
     finally:
+        # An online store's prefetch requests must not outlive a failed run (they retry for minutes).
+        close = getattr(getattr(trainer, "store", None), "close", None)
+        if close is not None:
+            close()
         cleanup(info)

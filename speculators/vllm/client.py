@@ -193,6 +193,11 @@ class HiddenStatesClient:
                 f"{' '.join(map(str, theirs))} to train, or relaunch the server with the ids you want"
             )
 
+    def probe_layer_ids(self, token_ids: Sequence[int]) -> list[int] | None:
+        """One request to learn the layer ids a launch-vllm server exports (None: no record)."""
+        self.fetch(token_ids)
+        return list(self.server_layer_ids) if self.server_layer_ids else None
+
     def request_path(self, token_ids: Sequence[int]) -> str:
         """One completion request; the path of the file vLLM writes."""
         body = build_completion_request(self.model(), token_ids)
