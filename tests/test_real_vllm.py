@@ -36,8 +36,8 @@ LAYERS = [1, 3, 6]  # custom aux layers, deliberately not the defaults [2, 4, 5]
 ALL_LAYERS = LAYERS + [8]
 VLLM_ARGS = "--enforce-eager --max-model-len 512 --dtype float32 --max-num-seqs 8"
 READY_TIMEOUT_S = 900.0
-NUM_PROMPTS = 6
-MAX_NEW_TOKENS = 24
+NUM_PROMPTS = 8
+MAX_NEW_TOKENS = 32
 # Greedy decoding in fp32 on both sides: the same tokens are drafted and accepted, so the
 # mean acceptance length agrees up to float32 differences between vLLM's kernels and
 # PyTorch's that can flip a near-tie argmax (rare). Measured difference: see docs/vllm.md.
@@ -62,8 +62,23 @@ def work(tmp_path_factory) -> Path:
 def verifier(work) -> Path:
     from speculators.testing.tiny import build_tiny_verifier
 
+    import torch
+    from transformers import AutoModelForCausalLM
+
     # hidden 128 / 4 heads: head_dim 32, the smallest vLLM's CPU attention runs.
-    return build_tiny_verifier(work / "verifier", arch="llama", hidden_size=128, num_layers=8, pretrain_steps=60)
+    path = build_tiny_verifier(work / "verifier", arch="llama", hidden_size=128, num_layers=8)
+    # Tiny verifiers (random or briefly pretrained) repeat one token forever under greedy
+    # decoding, which any draft predicts: acceptance 4.0 on both sides proves little. Matrices
+    # drawn with std 0.05 give greedy text with short cycles and breaks: a draft learns part
+    # of it, so acceptance lands between 1 and K + 1 and a disagreement would show.
+    model = AutoModelForCausalLM.from_pretrained(path)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.ndim == 2:
+                weight.copy_(torch.randn(weight.shape, generator=gen) * 0.05)
+    model.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +155,13 @@ def test_datagen_through_launch_vllm_equals_transformers(work, verifier, prepare
             assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
             a, b = a.float(), b.float()
             # bf16 keeps 8 significant bits: two roundings of nearly equal fp32 values differ
-            # by at most one unit in the last place, 2**-7 relative to the element.
+            # by at most one unit in the last place, 2**-7 relative to the element. Elements
+            # near zero (clamped at 1e-3) can see fp32 kernel differences of the same order,
+            # hence the bound of 2 such units; measured 0.93-0.99.
             ulp = torch.clamp(torch.maximum(a.abs(), b.abs()), min=1e-3) * 2.0**-7
             worst = max(worst, float(((a - b).abs() / ulp).max()))
     print(f"datagen vllm vs transformers: worst difference {worst:.2f} bf16 ulp", flush=True)
-    assert worst <= 1.0
+    assert worst <= 2.0
 
 
 def _train(verifier, prepared, save, *extra):
@@ -186,6 +203,38 @@ def test_online_training_refuses_other_layers_than_the_server_exports(verifier, 
     assert rc != 0
     err = capsys.readouterr().err
     assert "exports layers [1, 3, 6, 8]" in err and "--vllm-layer-ids 1 3 6 8" in err
+
+
+def test_the_explicit_form_for_vllm_033_serves_with_the_draft(online_checkpoint, hs_server, verifier, work):
+    """vLLM 0.33+ refuses local verifiers inside the speculator config, so `serve_plan` then
+    passes the verifier as the model and the speculator as --speculative-config. 0.33 is not
+    installed here; this runs that exact command on 0.32 to show the engine accepts it and
+    drafts with our checkpoint."""
+    import requests
+
+    from speculators.vllm.launch import build_vllm_command
+    from speculators.vllm.readiness import ManagedServer
+    from speculators.vllm.serve import read_speculator_config, resolve_checkpoint, serve_plan
+
+    hs_server.stop()  # one vLLM at a time on a 2-core machine
+    ckpt = resolve_checkpoint(online_checkpoint)
+    plan = serve_plan(ckpt, read_speculator_config(ckpt), "0.33.0")
+    assert plan.explicit
+    port = _free_port()
+    cmd = build_vllm_command(plan.model, [*plan.args, "--port", str(port)])
+    with open(work / "explicit_form.log", "w") as fh:
+        server = ManagedServer(cmd.argv, cmd.url, READY_TIMEOUT_S, env=cmd.env, log_file=fh)
+        try:
+            server.start()
+            assert server.model_ids == [str(verifier.resolve())]
+            body = {"model": server.model_ids[0], "prompt": "Hello there, how are", "max_tokens": 12,
+                    "temperature": 0}
+            assert requests.post(cmd.url + "/v1/completions", json=body, timeout=300).status_code == 200
+            from speculators.vllm.metrics import scrape, spec_decode_counts
+
+            assert spec_decode_counts(scrape(cmd.url)).num_drafts > 0
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +283,9 @@ def test_serve_best_checkpoint_answers_with_speculative_decoding(served, verifie
     import requests
 
     url, ckpt, log = served
+    deadline = time.monotonic() + 60  # the worker saw /health; serve prints once /v1/models answers too
+    while "chat with it:" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(1)
     assert "chat with it:" in log.read_text()  # `speculators serve` printed how to talk to it
     models = requests.get(url + "/v1/models", timeout=30).json()["data"]
     served_id = str(Path(ckpt).resolve())  # serve resolves checkpoint_best to its epoch dir
