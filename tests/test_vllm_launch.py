@@ -184,3 +184,14 @@ def test_cli_rejects_bad_layers_as_user_error(tiny_llama, capsys):
     rc = main(["launch-vllm", str(tiny_llama), "--dry-run", "--target-layer-ids", "1", "12"])
     assert rc == 2
     assert "--target-layer-ids" in capsys.readouterr().err
+
+
+def test_draft_config_applies_the_same_layer_rules(tiny_llama):
+    from transformers import AutoConfig
+
+    from speculators.models.eagle3 import Eagle3Config
+
+    vc = AutoConfig.from_pretrained(tiny_llama)
+    assert Eagle3Config.from_verifier_config(vc, aux_layer_ids=[1, 3]).num_aux_layers == 2
+    with pytest.raises(UserError, match="ascending"):
+        Eagle3Config.from_verifier_config(vc, aux_layer_ids=[6, 1, 3])
