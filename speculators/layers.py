@@ -82,14 +82,18 @@ def resolve_layer_ids(
     require_final: bool = True,
 ) -> list[int]:
     """The defaults, or the user's ids (+ the final layer ``n`` when ``include_last_layer``)
-    checked by `check_layer_ids`. The one resolver for datagen, launch-vllm, online and train."""
+    checked by `check_layer_ids`. The one resolver for datagen, launch-vllm, online and train.
+
+    ``require_final`` (datagen, train: the trainer needs layer ``n`` for the verifier's logits)
+    refuses a list without ``n`` even when ``include_last_layer`` is off; launch-vllm passes
+    ``require_final=include_last_layer`` so its ``--no-include-last-layer`` exports aux layers only."""
     n = int(num_hidden_layers)
     if not layer_ids:
         return default_layer_ids(n)
     ids = [int(i) for i in layer_ids]
     if include_last_layer and n not in ids:
         ids.append(n)
-    return check_layer_ids(ids, n, flag, require_final=require_final and include_last_layer)
+    return check_layer_ids(ids, n, flag, require_final=require_final)
 
 
 def require_same_layer_ids(expected: Sequence[int], actual: Sequence[int], where: str, what: str) -> None:

@@ -33,7 +33,9 @@ def test_default_layers_follow_low_mid_high_plus_final():
 
 def test_custom_layers_get_final_layer_and_are_checked():
     assert resolve_layer_ids([1, 3, 6], 8) == [1, 3, 6, 8]
-    assert resolve_layer_ids([1, 3, 6], 8, include_last_layer=False) == [1, 3, 6]
+    assert resolve_layer_ids([1, 3, 6], 8, include_last_layer=False, require_final=False) == [1, 3, 6]
+    with pytest.raises(UserError, match="final layer"):  # datagen/train: the final layer is required
+        resolve_layer_ids([1, 3, 6], 8, include_last_layer=False)
     assert resolve_layer_ids([1, 8], 8) == [1, 8]  # one aux layer is enough (trainer, Eagle3Config agree)
     assert resolve_layer_ids(None, 8) == [2, 4, 5, 8]
     with pytest.raises(UserError, match="out of range"):

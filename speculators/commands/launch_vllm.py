@@ -52,7 +52,7 @@ def run(args) -> int:
 
     n = args.num_hidden_layers or num_hidden_layers_of(args.model, args.trust_remote_code)
     layer_ids = resolve_layer_ids(args.target_layer_ids, n, include_last_layer=args.include_last_layer,
-                                  flag="--target-layer-ids")
+                                  flag="--target-layer-ids", require_final=args.include_last_layer)
     hs_path = str(Path(args.hidden_states_path).expanduser().resolve())
     launch = HiddenStatesLaunch(args.model, layer_ids, hs_path, list(args.passthrough))
     api_key = api_key_from_env(args.api_key)
