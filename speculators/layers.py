@@ -9,6 +9,7 @@ from which the trainer computes the verifier's logits.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from speculators.errors import UserError
 
@@ -36,22 +37,22 @@ def default_layer_ids(num_hidden_layers: int) -> list[int]:
     return sorted(aux) + [n]
 
 
-def resolve_layer_ids(
-    layer_ids: Sequence[int] | None,
+def check_layer_ids(
+    ids: Sequence[int],
     num_hidden_layers: int,
-    include_last_layer: bool = True,
     flag: str = "--layer-ids",
     require_final: bool = True,
 ) -> list[int]:
-    """Check user layer ids against the model; append the final layer ``n`` when asked.
+    """The rules every stage applies: ids in ``[0, n]``, distinct, ascending, at least one
+    aux layer, and (``require_final``) the final layer ``n`` last.
 
-    With ``require_final`` the list must end with ``n`` (the trainer needs it
-    for the verifier's logits); without it a list of aux layers alone is kept.
+    Ascending, not merely distinct: vLLM concatenates the aux hidden states in ascending
+    layer order whatever order it is given, so any other order would permute the draft's
+    ``fc`` input between our data and vLLM. Unsorted ids are refused rather than sorted
+    silently, so data or checkpoints made with another order cannot be reinterpreted.
     """
-    n = num_hidden_layers
-    if not layer_ids:
-        return default_layer_ids(n)
-    ids = [int(i) for i in layer_ids]
+    n = int(num_hidden_layers)
+    ids = [int(i) for i in ids]
     bad = [i for i in ids if not 0 <= i <= n]
     if bad:
         raise UserError(
@@ -60,12 +61,65 @@ def resolve_layer_ids(
         )
     if len(set(ids)) != len(ids):
         raise UserError(f"{flag} {ids} repeats a layer (duplicates are not allowed); give each layer once")
-    if n in ids and ids[-1] != n:
-        raise UserError(f"{flag} {ids}: the final layer id {n} must come last")
-    if include_last_layer and n not in ids:
-        ids.append(n)
-    if require_final and ids[-1] != n:
+    if ids != sorted(ids):
+        raise UserError(
+            f"{flag} {ids} is not in ascending order: vLLM concatenates aux hidden states in ascending "
+            f"layer order, so give them as {sorted(ids)}"
+        )
+    if require_final and (not ids or ids[-1] != n):
         raise UserError(f"{flag} {ids}: the last id must be the final layer {n}")
-    if len(ids) < 2:
+    aux = [i for i in ids if i != n]
+    if not aux:
         raise UserError(f"{flag} {ids}: give at least one aux layer besides the final layer {n}")
     return ids
+
+
+def resolve_layer_ids(
+    layer_ids: Sequence[int] | None,
+    num_hidden_layers: int,
+    include_last_layer: bool = True,
+    flag: str = "--layer-ids",
+    require_final: bool = True,
+) -> list[int]:
+    """The defaults, or the user's ids (+ the final layer ``n`` when ``include_last_layer``)
+    checked by `check_layer_ids`. The one resolver for datagen, launch-vllm, online and train.
+
+    ``require_final`` (datagen, train: the trainer needs layer ``n`` for the verifier's logits)
+    refuses a list without ``n`` even when ``include_last_layer`` is off; launch-vllm passes
+    ``require_final=include_last_layer`` so its ``--no-include-last-layer`` exports aux layers only."""
+    n = int(num_hidden_layers)
+    if not layer_ids:
+        return default_layer_ids(n)
+    ids = [int(i) for i in layer_ids]
+    if include_last_layer and n not in ids:
+        ids.append(n)
+    return check_layer_ids(ids, n, flag, require_final=require_final)
+
+
+def require_same_layer_ids(expected: Sequence[int], actual: Sequence[int], where: str, what: str) -> None:
+    """Compare layer ids by value (not only their count) where data meets a consumer."""
+    if [int(i) for i in expected] != [int(i) for i in actual]:
+        raise UserError(
+            f"{where}: {what} holds layers {list(actual)} but {list(expected)} are expected; "
+            "use the same layer ids in launch-vllm/datagen and train (or regenerate the data)"
+        )
+
+
+def text_config_of(model: str, trust_remote_code: bool = False) -> Any:
+    """A model's config; for multimodal models, the text model's config."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the config of MODEL {model!r}: {exc}") from exc
+    return getattr(config, "text_config", None) or config
+
+
+def num_hidden_layers_of(model: str, trust_remote_code: bool = False, text_config: Any = None) -> int:
+    """Read ``num_hidden_layers`` from a model's (text) config."""
+    text = text_config if text_config is not None else text_config_of(model, trust_remote_code)
+    n = getattr(text, "num_hidden_layers", None)
+    if n is None:
+        raise UserError(f"MODEL {model!r}: its config has no num_hidden_layers")
+    return int(n)

@@ -105,7 +105,7 @@ def test_layer_id_validation():
         resolve_layer_ids([1, 9], 8)
     with pytest.raises(UserError, match="duplicates"):
         resolve_layer_ids([1, 1], 8)
-    with pytest.raises(UserError, match="must come last"):
+    with pytest.raises(UserError, match="ascending"):  # the final layer anywhere but last
         resolve_layer_ids([8, 1], 8)
     with pytest.raises(UserError, match="final layer"):
         resolve_layer_ids([1, 2], 8, include_last_layer=False)

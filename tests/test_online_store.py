@@ -11,7 +11,7 @@ from speculators.data.formats import open_sample_store
 from speculators.errors import UserError
 from speculators.online.cli_args import add_online_args, build_online_store
 from speculators.online.store import OnlineConfig, OnlineSampleStore, PrefetchingBatchSampler, PreparedRows
-from speculators.testing.hs_server import HiddenStatesTestServer, make_prepared_dataset, transformers_compute
+from hs_server import HiddenStatesTestServer, make_prepared_dataset, transformers_compute
 from speculators.vllm.retry import ServerUnavailableError
 
 LAYERS = [2, 4, 5, 8]

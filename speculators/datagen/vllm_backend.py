@@ -47,7 +47,8 @@ class VllmGenerator(HiddenStateGenerator):
     def __init__(self, spec: GeneratorSpec, endpoint: str | None = None, max_concurrency: int = 64):
         from speculators.datagen.runner import read_model_shape
         from speculators.vllm.client import ClientConfig, HiddenStatesClient
-        from speculators.vllm.launch import HiddenStatesLaunch, vllm_command_prefix
+        from speculators.vllm.hs_files import write_server_info
+        from speculators.vllm.launch import HiddenStatesLaunch, api_key_from_env
         from speculators.vllm.readiness import ManagedServer
         from speculators.vllm.retry import RetryPolicy
 
@@ -56,16 +57,19 @@ class VllmGenerator(HiddenStateGenerator):
         self._server: ManagedServer | None = None
         self._tmp: str | None = None
         self.max_concurrency = max_concurrency
+        api_key = api_key_from_env()
         if endpoint is None:
             from speculators.vllm.readiness import free_port
 
             port = free_port()
             self._tmp = tempfile.mkdtemp(prefix="speculators-vllm-hs-")
             launch = HiddenStatesLaunch(spec.model_path, self.layer_ids, self._tmp, server_args(spec, port))
-            cmd = launch.command(vllm_command_prefix())
-            endpoint = f"http://127.0.0.1:{port}"
-            logger.info("datagen vllm: starting %s", " ".join(cmd))
-            self._server = ManagedServer(cmd, endpoint, float(os.environ.get(READY_TIMEOUT_ENV, 1800)))
+            write_server_info(self._tmp, spec.model_path, self.layer_ids)
+            cmd = launch.build(api_key=api_key)
+            endpoint = cmd.url
+            logger.info("datagen vllm: starting %s", " ".join(cmd.argv))
+            self._server = ManagedServer(cmd.argv, endpoint, float(os.environ.get(READY_TIMEOUT_ENV, 1800)),
+                                         env=cmd.env, api_key=api_key)
             try:
                 self._server.start()
             except BaseException:
@@ -74,7 +78,7 @@ class VllmGenerator(HiddenStateGenerator):
         self.endpoint = endpoint
         self.client = HiddenStatesClient(
             ClientConfig(endpoint=endpoint, request_timeout_s=600.0, num_layers=len(self.layer_ids),
-                         retry=RetryPolicy(max_wait_s=600.0))
+                         layer_ids=self.layer_ids, api_key=api_key, retry=RetryPolicy(max_wait_s=600.0))
         )
         self.client.model()
 

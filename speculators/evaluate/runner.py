@@ -190,7 +190,7 @@ def evaluate_checkpoint(checkpoint: str | Path, verifier_path: str | None, data:
     from speculators.evaluate.proposers import Eagle3Proposer
     from speculators.evaluate.verifier import Verifier
     from speculators.models.eagle3 import default_aux_layer_ids
-    from speculators.vllm.serve import resolve_checkpoint
+    from speculators.models.locate import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     device = torch.device("cuda" if settings.device == "auto" and torch.cuda.is_available()

@@ -1,6 +1,6 @@
 """The verifier side of PyTorch speculative decoding: logits plus EAGLE-3 aux states.
 
-Layer ids use vLLM's numbering (`speculators.vllm.layers`): id ``i`` is the input
+Layer ids use vLLM's numbering (`speculators.layers`): id ``i`` is the input
 of decoder layer ``i`` (Hugging Face ``hidden_states[i]``); id ``n`` is the last
 layer's output before the final norm.
 

@@ -64,18 +64,19 @@ def _prepared_path(args: argparse.Namespace) -> str:
 def build_online_store(args: argparse.Namespace, **overrides: Any):
     """An `OnlineSampleStore` from parsed train args (see `add_online_args`)."""
     from speculators.online.store import OnlineConfig, OnlineSampleStore, PreparedRows
+    from speculators.vllm.launch import api_key_from_env
 
     prepared = _prepared_path(args)
     verifier = getattr(args, "verifier", None)
     layer_ids = args.vllm_layer_ids
     hidden_size = num_layers = None
     if verifier:
-        from speculators.vllm.layers import num_hidden_layers_of, resolve_layer_ids, text_config_of
+        from speculators.layers import num_hidden_layers_of, resolve_layer_ids, text_config_of
 
         text = text_config_of(verifier)  # read once: layer count and width
         num_layers = num_hidden_layers_of(verifier, text_config=text)
         hidden_size = getattr(text, "hidden_size", None)
-        layer_ids = resolve_layer_ids(num_layers, layer_ids, include_last_layer=True) if layer_ids else None
+        layer_ids = resolve_layer_ids(layer_ids, num_layers, flag="--vllm-layer-ids") if layer_ids else None
     config = OnlineConfig(
         endpoint=args.vllm_endpoint,
         hidden_states_path=args.hidden_states_path,
@@ -91,13 +92,25 @@ def build_online_store(args: argparse.Namespace, **overrides: Any):
         num_hidden_layers=num_layers,
         verifier=verifier,
         data=prepared,
+        api_key=api_key_from_env(getattr(args, "vllm_api_key", None)),
     )
     for key, value in overrides.items():
         setattr(config, key, value)
     store = OnlineSampleStore(PreparedRows.from_path(prepared), config)
+    if store.online.layer_ids is None and store.online.on_missing == "generate" and len(store.rows):
+        # Neither --vllm-layer-ids nor a cache says which layers: ask the server (launch-vllm
+        # records them next to the files it writes), so a custom-layer server is trained on
+        # and recorded as such instead of being assumed to export the defaults.
+        probed = store.client.probe_layer_ids(store.rows.get(0)[0][:8])
+        if probed is not None:
+            if num_layers is not None:
+                from speculators.layers import check_layer_ids
+
+                check_layer_ids(probed, num_layers, flag="the server's layer ids")
+            store.set_layer_ids(probed)
     if store.online.layer_ids is None and num_layers is not None:
-        # Neither --vllm-layer-ids nor a cache says which layers: launch-vllm's defaults.
+        # No record (a server not started by launch-vllm): launch-vllm's defaults.
         from speculators.layers import default_layer_ids
 
-        store.online.layer_ids = default_layer_ids(num_layers)
+        store.set_layer_ids(default_layer_ids(num_layers))
     return store

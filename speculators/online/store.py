@@ -52,7 +52,8 @@ class OnlineConfig:
     model: str | None = None
     request_timeout_s: float = 120.0
     max_wait_s: float = 300.0
-    layer_ids: list[int] | None = None  # the server's layer ids: checked, recorded in data_config.json
+    layer_ids: list[int] | None = None  # the server's layer ids: checked by value, recorded in data_config.json
+    api_key: str | None = None  # the server's --api-key ($VLLM_API_KEY)
     hidden_size: int | None = None
     num_hidden_layers: int | None = None
     verifier: str | None = None
@@ -145,6 +146,13 @@ class OnlineSampleStore:
         self._init_runtime()
         self.stats = collections.Counter()
 
+    def set_layer_ids(self, layer_ids: list[int]) -> None:
+        """The ids every response is checked against (count per file, values via the server record)."""
+        self.online.layer_ids = [int(i) for i in layer_ids]
+        if self._client is not None:
+            self._client.config.layer_ids = list(self.online.layer_ids)
+            self._client.config.num_layers = len(self.online.layer_ids)
+
     # -- runtime state (per process) -------------------------------------------------
     def _init_runtime(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
@@ -187,6 +195,8 @@ class OnlineSampleStore:
                     request_timeout_s=c.request_timeout_s,
                     retry=RetryPolicy(max_wait_s=c.max_wait_s),
                     num_layers=len(c.layer_ids) if c.layer_ids else None,
+                    layer_ids=list(c.layer_ids) if c.layer_ids else None,
+                    api_key=c.api_key,
                 )
             )
         return self._client
@@ -353,6 +363,13 @@ class OnlineSampleStore:
                         atomic_write_json(cfg_path, self._data_config(sample))
                     self._config_written = True
 
+    def _recorded_layer_ids(self) -> list[int] | None:
+        """The ids the samples hold: the configured ones, else the server's record (never guessed)."""
+        if self.online.layer_ids:
+            return list(self.online.layer_ids)
+        client = self._client
+        return list(client.server_layer_ids) if client is not None and client.server_layer_ids else None
+
     def _data_config(self, sample: dict[str, Any]) -> dict[str, Any]:
         import importlib.metadata as md
 
@@ -370,7 +387,7 @@ class OnlineSampleStore:
             "packages": {p: version(p) for p in ("speculators", "torch", "transformers")},
             "model": self.online.verifier or self.online.model,
             "data": self.online.data,
-            "layer_ids": list(self.online.layer_ids) if self.online.layer_ids else list(range(k)),
+            "layer_ids": self._recorded_layer_ids(),
             "hidden_size": int(sample["hidden_states"][0].shape[-1]),
             "num_hidden_layers": self.online.num_hidden_layers,
             "hidden_states_dtype": str(self.online.hidden_dtype).replace("torch.", ""),

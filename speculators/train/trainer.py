@@ -70,13 +70,10 @@ def check_data_against_verifier(data_config: dict[str, Any], vconf: Any, cfg: Tr
         )
     layer_ids = [int(x) for x in data_config.get("layer_ids", [])]
     if layer_ids:
-        if len(layer_ids) != 4:
-            raise UserError(
-                f"{where}: layer_ids {layer_ids} must hold 3 auxiliary layers plus the final layer "
-                "(EAGLE-3's fc reads exactly 3)"
-            )
-        if any(i < 0 or i > vconf.num_hidden_layers for i in layer_ids):
-            raise UserError(f"{where}: layer_ids {layer_ids} fall outside the verifier's 0..{vconf.num_hidden_layers}")
+        from speculators.layers import check_layer_ids
+
+        # The same rules datagen, launch-vllm and Eagle3Config apply (any number of aux layers >= 1).
+        check_layer_ids(layer_ids, vconf.num_hidden_layers, flag=f"{where}: layer_ids")
     return layer_ids
 
 
@@ -493,9 +490,14 @@ class Trainer:
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Build, train and tear down; returns the trainer's summary (history, best, steps)."""
     info = setup_distributed(cfg.device)
+    trainer = None
     try:
         trainer = Trainer(cfg, info)
         trainer.build()
         return trainer.fit()
     finally:
+        # An online store's prefetch requests must not outlive a failed run (they retry for minutes).
+        close = getattr(getattr(trainer, "store", None), "close", None)
+        if close is not None:
+            close()
         cleanup(info)

@@ -21,7 +21,13 @@ from typing import Any, Sequence
 
 import torch
 
-from speculators.vllm.hs_files import check_payload, read_hidden_states_file, remove_hidden_states_file
+from speculators.errors import UserError
+from speculators.vllm.hs_files import (
+    check_payload,
+    read_hidden_states_file,
+    read_server_info,
+    remove_hidden_states_file,
+)
 from speculators.vllm.retry import (
     InvalidResponseError,
     RetryPolicy,
@@ -86,6 +92,8 @@ class ClientConfig:
     lock_timeout_s: float = 60.0
     retry: RetryPolicy = RetryPolicy()
     num_layers: int | None = None  # expected K; checked on every file
+    layer_ids: list[int] | None = None  # expected ids; checked against the launch-vllm record
+    api_key: str | None = None  # sent as a bearer token (vLLM --api-key / $VLLM_API_KEY)
 
 
 class HiddenStatesClient:
@@ -97,6 +105,8 @@ class HiddenStatesClient:
         self._local = threading.local()
         self._model: str | None = config.model
         self._model_checked = False
+        self._server_checked = False
+        self.server_layer_ids: list[int] | None = None  # from the launch-vllm record, once seen
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -117,6 +127,8 @@ class HiddenStatesClient:
         s = getattr(self._local, "session", None)
         if s is None:
             s = self._local.session = requests.Session()
+            if self.config.api_key:
+                s.headers["Authorization"] = f"Bearer {self.config.api_key}"
         return s
 
     def _hint(self) -> str:
@@ -163,6 +175,29 @@ class HiddenStatesClient:
             self._model_checked = True
             return self._model
 
+    def check_server_layers(self, path: str) -> None:
+        """Compare the layer ids the server exports (launch-vllm's record next to ``path``)
+        with the expected ones, by value; once per client."""
+        if self._server_checked:
+            return
+        info = read_server_info(path)
+        self._server_checked = True
+        if info is None or "layer_ids" not in info:
+            return  # not started by launch-vllm: only the count is checked (check_payload)
+        theirs = [int(i) for i in info["layer_ids"]]
+        self.server_layer_ids = theirs
+        if self.config.layer_ids is not None and theirs != [int(i) for i in self.config.layer_ids]:
+            raise UserError(
+                f"the vLLM server at {self.base} exports layers {theirs} (launch-vllm --target-layer-ids) but "
+                f"training expects {list(self.config.layer_ids)}; pass --vllm-layer-ids "
+                f"{' '.join(map(str, theirs))} to train, or relaunch the server with the ids you want"
+            )
+
+    def probe_layer_ids(self, token_ids: Sequence[int]) -> list[int] | None:
+        """One request to learn the layer ids a launch-vllm server exports (None: no record)."""
+        self.fetch(token_ids)
+        return list(self.server_layer_ids) if self.server_layer_ids else None
+
     def request_path(self, token_ids: Sequence[int]) -> str:
         """One completion request; the path of the file vLLM writes."""
         body = build_completion_request(self.model(), token_ids)
@@ -179,6 +214,7 @@ class HiddenStatesClient:
             path = self.request_path(token_ids)
             payload = read_hidden_states_file(path, self.config.lock_timeout_s)
             hs = check_payload(payload, token_ids, self.config.num_layers, path)
+            self.check_server_layers(path)
             if not keep_file:
                 remove_hidden_states_file(path)
             return hs

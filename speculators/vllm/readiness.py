@@ -22,15 +22,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def probe(base_url: str, timeout_s: float = 5.0) -> list[str] | None:
+def probe(base_url: str, timeout_s: float = 5.0, api_key: str | None = None) -> list[str] | None:
     """Model ids when the server is ready, else None (never raises on network errors)."""
     import requests
+
+    from speculators.vllm.launch import auth_headers
 
     try:
         health = requests.get(base_url + "/health", timeout=timeout_s)
         if health.status_code != 200:
             return None
-        models = requests.get(base_url + "/v1/models", timeout=timeout_s)
+        models = requests.get(base_url + "/v1/models", timeout=timeout_s, headers=auth_headers(api_key))
         if models.status_code != 200:
             return None
         ids = [m.get("id") for m in models.json().get("data", []) if isinstance(m, dict)]
@@ -45,6 +47,7 @@ def wait_until_ready(
     poll_s: float = 2.0,
     process: subprocess.Popen | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    api_key: str | None = None,
 ) -> list[str]:
     """Poll until ready; fail fast if ``process`` exits, or after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -52,9 +55,11 @@ def wait_until_ready(
         if process is not None and process.poll() is not None:
             raise ServerStartError(
                 f"the vLLM process exited with code {process.returncode} before {base_url} was ready; "
-                "see its log above"
+                "see its log above. If vLLM itself failed to import or start, reinstall it with "
+                "`make vllm` (python scripts/install_vllm.py); on a machine without CUDA it must run "
+                "with VLLM_TARGET_DEVICE=cpu (speculators sets it)"
             )
-        ids = probe(base_url)
+        ids = probe(base_url, api_key=api_key)
         if ids:
             return ids
         if time.monotonic() > deadline:
@@ -80,22 +85,32 @@ def exit_on_sigterm() -> None:
 class ManagedServer:
     """A server subprocess that is stopped (TERM, then KILL) when the block ends."""
 
-    def __init__(self, command: list[str], base_url: str, ready_timeout_s: float = 900.0, env: dict | None = None):
+    def __init__(self, command: list[str], base_url: str, ready_timeout_s: float = 900.0, env: dict | None = None,
+                 api_key: str | None = None, log_file=None):
         self.command = command
         self.base_url = base_url
         self.ready_timeout_s = ready_timeout_s
         self.env = env
+        self.api_key = api_key
+        self.log_file = log_file  # an open file for the server's output (default: inherit)
         self.process: subprocess.Popen | None = None
         self.model_ids: list[str] = []
 
-    def start(self) -> "ManagedServer":
+    def spawn(self) -> subprocess.Popen:
+        """Start the process without waiting for readiness."""
         try:
             # Own process group: vLLM forks engine/worker processes that must stop with it.
-            self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True)
+            self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True,
+                                            stdout=self.log_file, stderr=subprocess.STDOUT if self.log_file else None)
         except OSError as exc:
             raise ServerStartError(f"cannot run {self.command[0]!r}: {exc}") from exc
+        return self.process
+
+    def start(self) -> "ManagedServer":
+        self.spawn()
         try:
-            self.model_ids = wait_until_ready(self.base_url, self.ready_timeout_s, process=self.process)
+            self.model_ids = wait_until_ready(self.base_url, self.ready_timeout_s, process=self.process,
+                                              api_key=self.api_key)
         except BaseException:
             self.stop()
             raise

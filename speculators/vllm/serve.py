@@ -4,32 +4,74 @@ vLLM recognizes a speculator directory by ``speculators_model_type`` in its
 ``config.json`` and loads the verifier named in
 ``speculators_config.verifier.name_or_path``; the number of speculative tokens
 comes from ``speculators_config.proposal_methods[0].speculative_tokens``.
+
+vLLM 0.33 and later refuse a speculator whose verifier is a local directory
+(``maybe_override_with_speculators``: "Speculators verifier must name a remote model
+repository"); there the verifier is served explicitly, with the speculator as
+``--speculative-config``. `serve_plan` picks the form from the installed version.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from speculators.errors import UserError
+from speculators.models.locate import resolve_checkpoint
+
+__all__ = ["resolve_checkpoint", "read_speculator_config", "serve_plan", "chat_instructions"]
 
 SUPPORTED_TYPES = ("eagle3",)
+# Supported vLLM range (pyproject's `vllm` extra and docs/vllm.md say the same).
+MIN_VLLM = (0, 22)
+MAX_VLLM_EXCLUSIVE = (0, 34)
+# First vLLM that refuses a local verifier inside a speculator config.
+LOCAL_VERIFIER_REFUSED_FROM = (0, 33)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A speculator dir, or a training ``--save-path`` (then its checkpoint_best / checkpoint_latest)."""
-    path = Path(path).expanduser()
-    if (path / "config.json").is_file():
-        return path.resolve()
-    for name in ("checkpoint_best", "checkpoint_latest"):
-        if (path / name / "config.json").is_file():
-            return (path / name).resolve()
-    raise UserError(
-        f"CHECKPOINT {path}: no config.json there nor in checkpoint_best/ or checkpoint_latest/; "
-        "pass a directory written by `speculators train`"
-    )
+def parse_version(version: str) -> tuple[int, int]:
+    """``"0.32.0"`` / ``"0.33.1rc2+cpu"`` -> ``(0, 32)`` / ``(0, 33)``."""
+    import re
+
+    m = re.match(r"\s*(\d+)\.(\d+)", version or "")
+    if not m:
+        raise UserError(f"cannot read the vLLM version {version!r}; reinstall vLLM (`make vllm`)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_supported(version: str) -> tuple[int, int]:
+    """Refuse a vLLM outside the supported range, naming what to install."""
+    v = parse_version(version)
+    if not MIN_VLLM <= v < MAX_VLLM_EXCLUSIVE:
+        lo = ".".join(map(str, MIN_VLLM))
+        hi = ".".join(map(str, MAX_VLLM_EXCLUSIVE))
+        raise UserError(f"vLLM {version} is not supported: install vllm>={lo},<{hi} (`make vllm`)")
+    return v
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """What `vllm serve` gets: the model argument and the flags speculators adds."""
+
+    model: str
+    args: list[str]
+    explicit: bool  # True: verifier as the model, speculator as --speculative-config
+
+
+def serve_plan(checkpoint: Path, info: dict[str, Any], vllm_version: str) -> ServePlan:
+    """The speculator dir itself on vLLM < 0.33 (or a remote verifier); on 0.33+ with a
+    local verifier, ``VERIFIER --speculative-config {"model": CKPT, "method": "eagle3", ...}``."""
+    v = check_supported(vllm_version)
+    verifier = info["verifier"]
+    local = Path(verifier).expanduser().exists()
+    if local and v >= LOCAL_VERIFIER_REFUSED_FROM:
+        spec = {"model": str(checkpoint), "method": "eagle3",
+                "num_speculative_tokens": int(info["num_speculative_tokens"])}
+        return ServePlan(str(Path(verifier).expanduser().resolve()), ["--speculative-config", json.dumps(spec)], True)
+    return ServePlan(str(checkpoint), [], False)
 
 
 def read_speculator_config(checkpoint: Path) -> dict[str, Any]:

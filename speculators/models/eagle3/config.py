@@ -21,7 +21,7 @@ from typing import Any
 
 from speculators import __version__
 from speculators.errors import UserError
-from speculators.layers import vllm_default_aux_layer_ids
+from speculators.layers import check_layer_ids, vllm_default_aux_layer_ids
 from speculators.models.eagle3.config_keys import check_known_keys, sliding_layer_types
 
 # Keys vLLM's loader validates or reads from the top level of config.json.
@@ -135,6 +135,8 @@ class Eagle3Config:
         head_dim = getattr(vc, "head_dim", None) or vc.hidden_size // heads
         default_ids = default_aux_layer_ids(vc.num_hidden_layers)
         ids = list(aux_layer_ids) if aux_layer_ids is not None else None
+        if ids is not None:  # the rules datagen, launch-vllm and the trainer apply
+            check_layer_ids([*ids, vc.num_hidden_layers], vc.num_hidden_layers, flag="aux_layer_ids (+ final)")
         if ids is not None and ids == default_ids:
             ids = None
         return cls(

@@ -356,9 +356,17 @@ class Eagle3DraftModel(nn.Module):
 
     # ------------------------------------------------------------ save / load
     def export_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
-        """Tensors under the names vLLM's eagle3 loader expects (rotary buffers excluded)."""
+        """Tensors under the names vLLM's eagle3 loader expects (rotary buffers excluded).
+
+        An identity vocab mapping (draft vocab == verifier vocab) is left out: vLLM
+        creates no ``draft_id_to_target_id`` then and refuses a ``d2t`` tensor.
+        """
         state = self.state_dict() if state is None else state
-        return {k: v.detach().contiguous() for k, v in state.items() if not k.startswith("rotary.")}
+        out = {k: v.detach().contiguous() for k, v in state.items() if not k.startswith("rotary.")}
+        if is_identity_mapping(out.get("d2t"), out.get("t2d"), self.config.vocab_size):
+            out.pop("d2t", None)
+            out.pop("t2d", None)
+        return out
 
     def save_pretrained(self, directory: str | Path, state: dict | None = None) -> Path:
         from safetensors.torch import save_file
@@ -411,6 +419,18 @@ def ttt_window(window: int, step: int) -> int:
     if window - step < 1:
         raise UserError(f"sliding_window {window} must exceed the TTT steps ({step + 1} or more)")
     return window - step
+
+
+def is_identity_mapping(d2t: torch.Tensor | None, t2d: torch.Tensor | None, vocab_size: int) -> bool:
+    """True when draft id ``i`` is verifier id ``i`` for the whole verifier vocabulary."""
+    if d2t is None or t2d is None:
+        return False
+    return (
+        d2t.numel() == vocab_size
+        and t2d.numel() == vocab_size
+        and not bool(d2t.ne(0).any())
+        and bool(t2d.bool().all())
+    )
 
 
 def logits_to_target_vocab(logits: torch.Tensor, d2t: torch.Tensor, vocab_size: int) -> torch.Tensor:

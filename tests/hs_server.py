@@ -1,4 +1,8 @@
-"""A local stand-in for a vLLM hidden-state server, for tests and the CPU demo.
+"""A local stand-in for a vLLM hidden-state server, for tests only (not part of the product).
+
+The real engine is tested in tests/test_real_vllm.py. This stand-in stays for what the real
+engine cannot show on demand: injected faults (HTTP 5xx, slow responses, restarts on the same
+port, dead servers) and fast protocol-level tests that would otherwise start vLLM each time.
 
 It speaks the subset of vLLM's HTTP protocol that speculators uses:
 
@@ -18,8 +22,8 @@ It speaks the subset of vLLM's HTTP protocol that speculators uses:
 Faults for retry tests: `fail_next(n, status)` answers the next ``n`` requests
 with an HTTP error. `stop()` then `start()` on the same port simulates a restart.
 
-Run ``python -m speculators.testing.hs_server serve MODEL [vLLM-style flags]`` to use
-it as a fake ``vllm`` executable (unknown flags are ignored).
+Run ``python tests/hs_server.py serve MODEL [vLLM-style flags]`` to use it as a fake
+``vllm`` executable (unknown flags are ignored).
 """
 
 from __future__ import annotations
@@ -278,10 +282,10 @@ class HiddenStatesTestServer:
     def metrics_text(self) -> str:
         lines = ["# HELP vllm:num_requests_running Number of requests in model execution batches.",
                  "# TYPE vllm:num_requests_running gauge",
-                 f'vllm:num_requests_running{{engine="0",model_name="{self.model_name}"}} 0.0']
+                 f'vllm:num_requests_running{{engine="0",model_name="{self.model_path}"}} 0.0']
         c = self.spec_counts
         if c is not None:
-            labels = f'engine="0",model_name="{self.model_name}"'
+            labels = f'engine="0",model_name="{self.model_path}"'  # real vLLM: the verifier
             for name, value in (("num_drafts", c.num_drafts), ("num_draft_tokens", c.num_draft_tokens),
                                 ("num_accepted_tokens", c.num_accepted_tokens)):
                 lines += [f"# TYPE vllm:spec_decode_{name} counter",
@@ -370,7 +374,8 @@ def write_fake_vllm(directory: str | os.PathLike) -> Path:
         f"#!{sys.executable}\n"
         "import signal, sys\n"
         "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
-        "from speculators.testing.hs_server import main\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from hs_server import main\n"
         "sys.exit(main())\n"
     )
     path.chmod(0o755)
