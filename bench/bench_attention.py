@@ -46,7 +46,7 @@ def run_case(shape_name: str, t: int, dtype: torch.dtype, repeats: int) -> dict:
     from proposals.ttt_attention_concat import ttt_attention_concat
 
     from speculators.models.eagle3.attention import ttt_attention_sdpa
-    from speculators.train.ttt_mask import context_mask
+    from speculators.models.eagle3.ttt_mask import context_mask
 
     s = get_shape(shape_name)
     steps, h, hkv, d = s.ttt_steps, s.num_heads, s.num_kv_heads, s.head_dim

@@ -59,9 +59,9 @@ def test_checkpoint_layout_links_and_vllm_keys(tiny_llama, hs_data, tmp_path):
     assert os.readlink(save / ckpt.BEST_LINK) == str(best_epoch)
     assert os.readlink(save / ckpt.LATEST_LINK) == "2"
     # embed_tokens is the verifier's, frozen through training
-    from speculators.train.verifier import load_verifier_config, load_verifier_weights
+    from speculators.verifier import load_verifier_weights, read_verifier_config
 
-    w = load_verifier_weights(str(tiny_llama), load_verifier_config(str(tiny_llama)))
+    w = load_verifier_weights(str(tiny_llama), read_verifier_config(str(tiny_llama)))
     assert torch.equal(load_file(str(save / "2" / "model.safetensors"))["embed_tokens.weight"], w["embed"])
 
 

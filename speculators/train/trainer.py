@@ -41,7 +41,8 @@ from speculators.train.losses import STAT_FIELDS, summarize
 from speculators.train.metrics_stream import MetricsStream
 from speculators.train.objective import TTTObjective, step_token_counts
 from speculators.train.schedule import build_scheduler
-from speculators.train.verifier import VerifierHead, load_verifier_config, load_verifier_weights
+from speculators.train.verifier import VerifierHead
+from speculators.verifier import load_verifier_weights, read_verifier_config
 from speculators.train.vocab import check_mapping, load_vocab_mapping
 
 logger = logging.getLogger("speculators.train")
@@ -168,7 +169,7 @@ class Trainer:
     def build(self) -> None:
         cfg = self.cfg
         self._seed()
-        vconf = load_verifier_config(cfg.verifier_name_or_path)
+        vconf = read_verifier_config(cfg.verifier_name_or_path)
         self.vconf = vconf
         self.store = build_sample_store(cfg)
         data_config = dict(getattr(self.store, "config", {}) or {})

@@ -23,7 +23,7 @@ from speculators.models.eagle3.attention import (
     ttt_attention_sdpa,
 )
 from speculators.models.eagle3.config import Eagle3Config
-from speculators.train.ttt_mask import context_mask, shift_tokens
+from speculators.models.eagle3.ttt_mask import context_mask, shift_tokens
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -337,9 +337,9 @@ class Eagle3DraftModel(nn.Module):
         state = load_file(str(path), device=str(map_location))
         if "embed_tokens.weight" not in state and config.verifier_name_or_path:
             # Checkpoints may leave out the (frozen, verifier-copied) embedding.
-            from speculators.train.verifier import load_verifier_config, load_verifier_weights
+            from speculators.verifier import load_verifier_weights, read_verifier_config
 
-            vconf = load_verifier_config(config.verifier_name_or_path)
+            vconf = read_verifier_config(config.verifier_name_or_path)
             state["embed_tokens.weight"] = load_verifier_weights(config.verifier_name_or_path, vconf)["embed"]
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("rotary.")]
