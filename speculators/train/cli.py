@@ -74,6 +74,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-dir", default="./logs")
     g.add_argument("--run-name", default=None)
     g.add_argument("--log-freq", type=int, default=1, help="console line every N steps")
+    g.add_argument("--checkpoint-every-steps", type=int, default=0,
+                   help="also checkpoint every N optimizer steps (<save-path>/<epoch>-step<N>); 0 = only at "
+                   "epoch ends. SIGTERM/SIGINT always checkpoint the current step before exiting")
+    g.add_argument("--keep-last-checkpoints", type=int, default=0,
+                   help="keep only the newest K checkpoints (the best is never deleted); 0 = keep all")
     g.add_argument("--metrics-file", default=None, help="JSONL metrics stream (default <save-path>/metrics.jsonl)")
 
 
@@ -105,5 +110,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_from_args(args: argparse.Namespace) -> int:
     from speculators.train.trainer import run_training
 
-    run_training(config_from_args(args))
-    return 0
+    summary = run_training(config_from_args(args))
+    # Stopped by SIGTERM/SIGINT (after checkpointing): not a success, the shell's code for it.
+    return 128 + summary["signal"] if summary.get("signal") else 0

@@ -30,7 +30,8 @@ def write_synthetic_hidden_states(
 ) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from speculators.data.formats import DATA_CONFIG_NAME, atomic_write_json, write_pt_sample
+    from speculators.atomic import atomic_write_json
+    from speculators.data.formats import DATA_CONFIG_NAME, write_pt_sample
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
