@@ -22,11 +22,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
     transport: dict = {}
     if s.broker_url.startswith("filesystem://"):
         folder = s.home / "broker"
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         (s.home / "results").mkdir(parents=True, exist_ok=True)
+        # control_folder holds kombu's exchange tables; unset, kombu writes ./control in the cwd.
         transport = {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-                     "processed_folder": str(folder / "processed"), "store_processed": False}
+                     "processed_folder": str(folder / "processed"), "store_processed": False,
+                     "control_folder": str(folder / "control")}
     elif s.broker_url.startswith("redis"):
         # Fail fast when Redis is down: the caller keeps the message in the outbox.
         transport = {"socket_connect_timeout": 2, "socket_timeout": 5, "visibility_timeout": 7 * 24 * 3600}

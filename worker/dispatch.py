@@ -22,10 +22,6 @@ from worker.celery_app import GPU_QUEUE, VLLM_QUEUE
 log = logging.getLogger(__name__)
 
 
-class BrokerDown(Exception):
-    pass
-
-
 def _send(app: Celery, kind: str, payload: dict) -> None:
     if kind == "run_stages":
         sigs = [app.signature("worker.tasks.run_stage", args=(payload["run_id"], name), immutable=True,

@@ -24,7 +24,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="hidden states written by `speculators datagen`")
-    g.add_argument("--data-format-version", type=int, default=1, help="expected hidden-state data format version")
     g.add_argument("--total-seq-len", type=int, default=8192, help="tokens per packed row")
     g.add_argument("--rows-per-batch", type=int, default=1, help="packed rows per process per step")
     g.add_argument("--batches-per-step", type=int, default=None,
@@ -84,15 +83,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_online_arguments(p: argparse.ArgumentParser) -> None:
     """Online-mode flags come from speculators.online (its owner defines them)."""
-    try:
-        from speculators.online.cli_args import add_online_args
-    except ImportError:
-        g = p.add_argument_group("online mode (speculators.online not installed)")
-        g.add_argument("--vllm-endpoint", default=None)
-        g.add_argument("--on-missing", choices=["generate", "skip", "raise"], default="generate")
-        g.add_argument("--on-generate", choices=["delete", "cache"], default="delete")
-        g.add_argument("--hidden-states-path", default=None)
-        return
+    from speculators.online.cli_args import add_online_args
+
     add_online_args(p)
 
 

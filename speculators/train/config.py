@@ -16,7 +16,6 @@ class TrainConfig:
     resume: bool = True
     logger: str | None = None
     total_seq_len: int = 8192
-    data_format_version: int = 1
     log_dir: str = "./logs"
     run_name: str | None = None
     num_layers: int = 1

@@ -54,12 +54,6 @@ logger = logging.getLogger("speculators.train")
 def check_data_against_verifier(data_config: dict[str, Any], vconf: Any, cfg: TrainConfig) -> list[int]:
     """Validate the hidden-state data for this verifier; return its layer ids."""
     where = f"{cfg.data_path or cfg.extra.get('hidden_states_path')}/data_config.json"
-    version = data_config.get("version")
-    if version is not None and int(version) != int(cfg.data_format_version):
-        raise UserError(
-            f"{where}: data format version {version}, but --data-format-version is {cfg.data_format_version}; "
-            "regenerate the data or pass the matching version"
-        )
     if "hidden_size" in data_config and int(data_config["hidden_size"]) != int(vconf.hidden_size):
         raise UserError(
             f"{where}: hidden_size {data_config['hidden_size']} does not match the verifier's {vconf.hidden_size}; "
@@ -223,7 +217,7 @@ class Trainer:
         head = VerifierHead.from_weights(weights, t2d, float(getattr(vconf, "rms_norm_eps", 1e-6)))
         self.draft = draft
         objective = TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows)
-        self.objective = shard(objective.to(self.device), self.info)
+        self.objective = shard(objective.to(self.device), self.info, bf16=self.autocast)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,

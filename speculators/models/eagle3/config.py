@@ -18,18 +18,6 @@ from speculators import __version__
 from speculators.errors import UserError
 from speculators.layers import vllm_default_aux_layer_ids
 
-# Keys vLLM's loader validates or reads from the top level of config.json.
-REQUIRED_TOP_LEVEL_KEYS = (
-    "speculators_model_type",
-    "architectures",
-    "transformer_layer_config",
-    "draft_vocab_size",
-    "norm_before_residual",
-    "target_hidden_size",
-    "speculators_config",
-)
-
-
 def default_aux_layer_ids(num_hidden_layers: int) -> list[int]:
     """The aux layers vLLM assumes when config.json names none (final layer excluded)."""
     return vllm_default_aux_layer_ids(num_hidden_layers)
