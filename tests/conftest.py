@@ -36,3 +36,11 @@ def tiny_llama_trained(tmp_path_factory):
     return build_tiny_verifier(
         tmp_path_factory.mktemp("tiny_llama_trained"), arch="llama", pretrain_steps=200
     )
+
+
+@pytest.fixture(scope="session")
+def hs_data(tiny_llama, tmp_path_factory):
+    """12 synthetic hidden-state samples of 32 tokens from the tiny Llama (training tests)."""
+    from speculators.train.synthetic import write_synthetic_hidden_states
+
+    return write_synthetic_hidden_states(tiny_llama, tmp_path_factory.mktemp("hs_ckpt"), num_samples=12, seq_len=32)

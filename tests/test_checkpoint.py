@@ -13,33 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_model_eagle3 import assert_vllm_loadable
+from train_helpers import make_cfg, train_losses
+from vllm_loadable import assert_vllm_loadable
 
 from speculators.errors import UserError
 from speculators.train import checkpoint as ckpt
-from speculators.train.config import TrainConfig
 from speculators.train.metrics_stream import read_metrics
 from speculators.train.synthetic import write_synthetic_hidden_states
 from speculators.train.trainer import run_training
-
-
-@pytest.fixture(scope="module")
-def hs_data(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hs_ckpt")
-    return write_synthetic_hidden_states(tiny_llama, out, num_samples=12, seq_len=32)
-
-
-def make_cfg(verifier, data, save, **kw) -> TrainConfig:
-    base = dict(
-        verifier_name_or_path=str(verifier), data_path=str(data), save_path=str(save), epochs=2, lr=2e-3,
-        total_seq_len=64, ttt_steps=2, log_freq=1000, train_data_ratio=0.75, warmup_steps=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def train_losses(save: Path) -> dict[int, float]:
-    return {r["step"]: r["metrics"]["loss"] for r in read_metrics(save / "metrics.jsonl") if r["type"] == "train"}
 
 
 def test_checkpoint_layout_links_and_vllm_keys(tiny_llama, hs_data, tmp_path):
@@ -49,9 +30,8 @@ def test_checkpoint_layout_links_and_vllm_keys(tiny_llama, hs_data, tmp_path):
         for name in ckpt.CHECKPOINT_FILES:
             assert (save / str(epoch) / name).is_file()
     cfg = json.loads((save / "0" / "config.json").read_text())
-    from speculators.models.eagle3 import Eagle3Config
-
-    assert_vllm_loadable(save / "2", 2, Eagle3Config.from_speculators_dict(cfg))
+    (report,) = assert_vllm_loadable([save / "2"], tiny_llama)  # vLLM's own reader and loader
+    assert report["num_hidden_layers"] == 2
     assert cfg["speculators_config"]["verifier"]["name_or_path"] == str(Path(tiny_llama).resolve())
     assert cfg["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 2
     records = read_metrics(save / "metrics.jsonl")

@@ -312,7 +312,12 @@ class Eagle3DraftModel(nn.Module):
     def export_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
         """Tensors under the names vLLM's eagle3 loader expects (rotary buffers excluded)."""
         state = self.state_dict() if state is None else state
-        return {k: v.detach().contiguous() for k, v in state.items() if not k.startswith("rotary.")}
+        skip = ("rotary.",)
+        if self.config.draft_vocab_size == self.config.vocab_size:
+            # Full vocabulary: the mapping is the identity, and vLLM then builds no
+            # draft_id_to_target_id parameter, so its loader refuses a `d2t` tensor.
+            skip += ("d2t", "t2d")
+        return {k: v.detach().contiguous() for k, v in state.items() if not k.startswith(skip)}
 
     def save_pretrained(self, directory: str | Path, state: dict | None = None) -> Path:
         from safetensors.torch import save_file
@@ -342,7 +347,8 @@ class Eagle3DraftModel(nn.Module):
             vconf = read_verifier_config(config.verifier_name_or_path)
             state["embed_tokens.weight"] = load_verifier_weights(config.verifier_name_or_path, vconf)["embed"]
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("rotary.")]
+        identity_mapping = ("d2t", "t2d") if config.draft_vocab_size == config.vocab_size else ()
+        missing = [k for k in missing if not k.startswith("rotary.") and k not in identity_mapping]
         if missing or unexpected:
             raise UserError(f"{path}: tensors do not match config.json (missing {missing}, unexpected {unexpected})")
         return model.to(map_location)
