@@ -227,3 +227,23 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_bit_for_bit(tiny_llama, long_
     assert out.returncode == 0, out.stderr[-2000:]
     assert_same_training(straight, split, "1")
     unique_step_records(split)
+
+
+def test_from_pretrained_starts_from_that_checkpoint(tiny_llama, hs_data, tmp_path):
+    """lr 0 keeps the weights where they start: equal to the --from-pretrained checkpoint's."""
+    first = tmp_path / "first"
+    run_training(make_cfg(tiny_llama, hs_data, first, epochs=1))
+    again = tmp_path / "again"
+    run_training(make_cfg(tiny_llama, hs_data, again, epochs=1, lr=0.0, from_pretrained=str(first / "0"),
+                          ttt_steps=3))
+    a = load_file(str(first / "0" / "model.safetensors"))
+    b = load_file(str(again / "0" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    cfg = json.loads((again / "0" / "config.json").read_text())
+    assert cfg["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3  # this run's --ttt-steps
+    fresh = tmp_path / "fresh"
+    run_training(make_cfg(tiny_llama, hs_data, fresh, epochs=1, lr=0.0))
+    c = load_file(str(fresh / "0" / "model.safetensors"))
+    assert not torch.equal(a["fc.weight"], c["fc.weight"])  # without it the draft starts elsewhere
