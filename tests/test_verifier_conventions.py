@@ -115,6 +115,10 @@ def test_one_config_reader_for_multimodal_wrappers(tmp_path):
     assert read_model_shape(str(tmp_path / "mm")) == (5, 64)
     assert model_vocab_size(str(tmp_path / "mm")) == 300
     assert text_config_of(str(tmp_path / "mm")).num_hidden_layers == 5
+    from speculators.models.eagle3 import Eagle3Config
+
+    draft = Eagle3Config.from_verifier_config(LlavaConfig(text_config=text), draft_vocab_size=100)
+    assert (draft.hidden_size, draft.vocab_size) == (64, 300)
     with pytest.raises(UserError, match="--target-model-path .*cannot load its config"):
         read_model_shape(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="--verifier-name-or-path"):

@@ -17,6 +17,7 @@ from typing import Any
 from speculators import __version__
 from speculators.errors import UserError
 from speculators.layers import vllm_default_aux_layer_ids
+from speculators.verifier import text_config
 
 def default_aux_layer_ids(num_hidden_layers: int) -> list[int]:
     """The aux layers vLLM assumes when config.json names none (final layer excluded)."""
@@ -67,7 +68,7 @@ class Eagle3Config:
         verifier_name_or_path: str | None = None,
     ) -> Eagle3Config:
         """Shape the draft like one verifier decoder layer (GQA, head_dim, RoPE scaling)."""
-        vc = getattr(verifier_config, "text_config", None) or verifier_config
+        vc = text_config(verifier_config)
         heads = vc.num_attention_heads
         head_dim = getattr(vc, "head_dim", None) or vc.hidden_size // heads
         default_ids = default_aux_layer_ids(vc.num_hidden_layers)
