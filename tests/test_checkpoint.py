@@ -247,3 +247,11 @@ def test_from_pretrained_starts_from_that_checkpoint(tiny_llama, hs_data, tmp_pa
     run_training(make_cfg(tiny_llama, hs_data, fresh, epochs=1, lr=0.0))
     c = load_file(str(fresh / "0" / "model.safetensors"))
     assert not torch.equal(a["fc.weight"], c["fc.weight"])  # without it the draft starts elsewhere
+
+
+@pytest.mark.parametrize("flag", ["checkpoint_every_steps", "keep_last_checkpoints"])
+def test_negative_checkpoint_counts_are_refused(tiny_llama, hs_data, tmp_path, flag):
+    from speculators.train.trainer import Trainer
+
+    with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} must be >= 0"):
+        Trainer(make_cfg(tiny_llama, hs_data, tmp_path / "run", **{flag: -1}))
