@@ -100,7 +100,7 @@ def run_shape(name: str, seq_len: int | None, steps: int, warmup: int, profile: 
         "seq_len": shape.seq_len,
         "device": res["options"]["device"],
         "precision": res["options"]["precision"],
-        "proposals": {k: res["options"].get(k) for k in ("attn_proposal", "fused_adamw")},
+        "proposals": {k: res["options"].get(k) for k in ("fused_adamw",)},
         "loss_impl": res["options"].get("loss_impl", "eager"),
         "attn": res["options"]["attn"],
         "steps_timed": len(secs),

@@ -11,8 +11,7 @@ reading a verifier checkpoint (the shapes here are synthetic); every step is the
 
 Options: `--precision bf16` is the trainer's `--precision bf16` (CPU bf16 autocast),
 `--fused-adamw` its `--optimizer-impl fused` (already the default in one process),
-`--opt` both; `--attn-proposal` routes the CPU TTT attention through one fused SDPA call
-(bench/proposals/ttt_attention_concat.py, a measured proposal not in the trainer);
+`--opt` both;
 `--loss-impl` is the trainer's (eager = the code before the fused lm_head + KL).
 `--profile N` profiles N extra steps with torch.profiler and adds a breakdown
 (bench/breakdown.py).
@@ -154,12 +153,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="fp32: what our trainer does on the CPU; bf16: CPU autocast experiment")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--attn-proposal", action="store_true",
-                    help="CPU attention via bench/proposals/ttt_attention_concat.py (one fused SDPA per step)")
     ap.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) (proposal)")
     ap.add_argument("--opt", action="store_true",
-                    help="the recommended proposals: --precision bf16 (CPU) and --fused-adamw "
-                    "(the attention proposal is measured separately: it is not a win at every shape)")
+                    help="the recommended proposals: --precision bf16 (CPU) and --fused-adamw")
     ap.add_argument("--loss-impl", choices=["fused", "chunked", "eager"], default="fused",
                     help="the trainer's --loss-impl (fused is its default; eager is the pre-fusion code)")
     ap.add_argument("--freeze-lm-head", action="store_true", help="freeze lm_head like the public package does")
@@ -175,10 +171,6 @@ def main(argv=None) -> dict:
         if not torch.cuda.is_available():
             a.precision = "bf16"
     shape = get_shape(a.shape, a.seq_len)
-    if a.attn_proposal:
-        from proposals.ttt_attention_concat import install_into_model_module
-
-        install_into_model_module()
     log(f"ours: shape={shape.name} seq={a.seq_len} steps={a.steps} attn={a.attn} precision={a.precision}")
     t0 = time.perf_counter()
     tr, init_stats = build_trainer(shape, a.data, a.seq_len, a.lr, a.seed, a.attn, a.precision, a.device, epochs=1,
@@ -212,7 +204,7 @@ def main(argv=None) -> dict:
         "peak_rss_mib": peak_rss_mib(),
         "train_peak_rss_mib": rss.peak,
         "init": init_stats,
-        "options": {"attn": tr.draft.attn_impl, "attn_proposal": a.attn_proposal, "fused_adamw": a.fused_adamw, "loss_impl": a.loss_impl, "precision": a.precision, "device": str(dev), "optimizer": "adamw",
+        "options": {"attn": tr.draft.attn_impl, "fused_adamw": a.fused_adamw, "loss_impl": a.loss_impl, "precision": a.precision, "device": str(dev), "optimizer": "adamw",
                     "weight_decay": 0.0, "scheduler": "none", "lm_head_trainable": tr.draft.lm_head.weight.requires_grad},
         "machine": machine_info(),
     }

@@ -4,7 +4,7 @@
 #   bench/run.sh            # CPU set, sized for a 2-core machine (~15-25 min)
 #   bench/run.sh --full     # adds the Llama-3.1-8B-shaped draft on the CPU (~10 GB RAM, slow)
 #   bench/run.sh --gpu      # GPU set: Llama-3.1-8B shape at seq 2048 and 8192, MFU, CUDA memory
-#   bench/run.sh --only train,dataload   # any of: dataload datagen train sbs lmhead attn optim
+#   bench/run.sh --only train,dataload   # any of: dataload datagen train sbs lmhead optim
 #
 # Results: bench/results/<name>.json (machine facts, load average, versions, git commit
 # in each) and summary.md. Timings on a shared machine are noisy: each JSON keeps every
@@ -15,7 +15,7 @@ ROOT="$(dirname "$HERE")"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
 MODE=cpu
-ONLY="dataload,datagen,train,sbs,lmhead,attn,optim"
+ONLY="dataload,datagen,train,sbs,lmhead,optim"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --full) MODE=full ;;
@@ -79,13 +79,6 @@ if want lmhead; then
   else
     "$PY" bench/bench_lmhead_kl.py --cases llama8b:2048,small:4096 --precisions fp32,bf16 --repeats 2 \
       --objective-cases small:2048
-  fi
-fi
-if want attn; then
-  if [[ $MODE == gpu ]]; then
-    : # the proposal targets the CPU path; the GPU path uses flex attention
-  else
-    "$PY" bench/bench_attention.py --cases small:512,small:2048,llama8b:256,llama8b:1024 --dtypes float32,bfloat16 --repeats 3
   fi
 fi
 if want optim; then

@@ -14,8 +14,6 @@ Variants (`--variants`, comma list):
   ours-eager    ours with `--loss-impl eager` (the lm_head + KL before fusion: the "before")
   ours-bf16-eager  the same under `--precision bf16`
   ours-bf16     ours with `--precision bf16` (bf16 autocast on the CPU too)
-  ours-attn     ours with the fused TTT attention proposal (bench/proposals/ttt_attention_concat.py)
-  ours-bf16-attn  both proposals
   ours-opt      `--precision bf16 --optimizer-impl fused` (the two measured wins, now trainer flags)
   ours-opt-frozen  ours-opt with lm_head frozen (the public package's work per step)
   public        public trainer, CPU bf16 autocast (the precision of its GPU path)
@@ -53,8 +51,6 @@ VARIANTS = {
     "ours-bf16-eager": ("ours", ["--precision", "bf16", "--loss-impl", "eager"]),
     "ours-bf16": ("ours", ["--precision", "bf16"]),
     "ours-sdpa": ("ours", ["--attn", "sdpa"]),
-    "ours-attn": ("ours", ["--attn-proposal"]),
-    "ours-bf16-attn": ("ours", ["--precision", "bf16", "--attn-proposal"]),
     "ours-opt": ("ours", ["--opt"]),
     "ours-opt-frozen": ("ours", ["--opt", "--freeze-lm-head"]),
     "public": ("public", ["--precision", "bf16"]),

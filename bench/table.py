@@ -34,7 +34,6 @@ def machine_line(m: dict) -> str:
 
 
 def render_all(directory: Path) -> str:
-    import bench_attention
     import bench_datagen
     import bench_lmhead_kl
     import bench_optimizer
@@ -78,10 +77,6 @@ def render_all(directory: Path) -> str:
     lk = _load(directory, "lmhead_kl")
     for r in lk:
         parts += ["", "## lm_head + KL: eager vs fused (the default) vs chunked", "", bench_lmhead_kl.render(r)]
-        machines.append((r["benchmark"], r["machine"]))
-    at = _load(directory, "attention")
-    for r in at:
-        parts += ["", "## Proposal: fused TTT attention on the CPU path (before/after)", "", bench_attention.render(r)]
         machines.append((r["benchmark"], r["machine"]))
     for r in _load(directory, "optimizer"):
         parts += ["", "## Proposal: AdamW(fused=True) (before/after)", "", bench_optimizer.render(r)]

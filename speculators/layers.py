@@ -106,14 +106,10 @@ def require_same_layer_ids(expected: Sequence[int], actual: Sequence[int], where
 
 
 def text_config_of(model: str, trust_remote_code: bool = False) -> Any:
-    """A model's config; for multimodal models, the text model's config."""
-    from transformers import AutoConfig
+    """A model's config; for multimodal models, the text model's config (the one reader)."""
+    from speculators.verifier import read_verifier_config
 
-    try:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read the config of MODEL {model!r}: {exc}") from exc
-    return getattr(config, "text_config", None) or config
+    return read_verifier_config(model, flag="MODEL", trust_remote_code=trust_remote_code)
 
 
 def num_hidden_layers_of(model: str, trust_remote_code: bool = False, text_config: Any = None) -> int:

@@ -60,3 +60,9 @@ def public_speculators_python():
     if proc.returncode != 0:
         pytest.fail(f"could not create the public speculators venv at {venv}:\n{proc.stdout}\n{proc.stderr}")
     return str(venv / "bin" / "python")
+
+def hs_data(tiny_llama, tmp_path_factory):
+    """12 synthetic hidden-state samples of 32 tokens from the tiny Llama (training tests)."""
+    from speculators.train.synthetic import write_synthetic_hidden_states
+
+    return write_synthetic_hidden_states(tiny_llama, tmp_path_factory.mktemp("hs_ckpt"), num_samples=12, seq_len=32)

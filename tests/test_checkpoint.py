@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,33 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_model_eagle3 import assert_vllm_loadable
+from train_helpers import make_cfg, train_losses
+from vllm_loadable import assert_vllm_loadable
 
 from speculators.errors import UserError
 from speculators.train import checkpoint as ckpt
-from speculators.train.config import TrainConfig
 from speculators.train.metrics_stream import read_metrics
 from speculators.train.synthetic import write_synthetic_hidden_states
 from speculators.train.trainer import run_training
-
-
-@pytest.fixture(scope="module")
-def hs_data(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hs_ckpt")
-    return write_synthetic_hidden_states(tiny_llama, out, num_samples=12, seq_len=32)
-
-
-def make_cfg(verifier, data, save, **kw) -> TrainConfig:
-    base = dict(
-        verifier_name_or_path=str(verifier), data_path=str(data), save_path=str(save), epochs=2, lr=2e-3,
-        total_seq_len=64, ttt_steps=2, log_freq=1000, train_data_ratio=0.75, warmup_steps=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def train_losses(save: Path) -> dict[int, float]:
-    return {r["step"]: r["metrics"]["loss"] for r in read_metrics(save / "metrics.jsonl") if r["type"] == "train"}
 
 
 def test_checkpoint_layout_links_and_vllm_keys(tiny_llama, hs_data, tmp_path):
@@ -48,9 +30,8 @@ def test_checkpoint_layout_links_and_vllm_keys(tiny_llama, hs_data, tmp_path):
         for name in ckpt.CHECKPOINT_FILES:
             assert (save / str(epoch) / name).is_file()
     cfg = json.loads((save / "0" / "config.json").read_text())
-    from speculators.models.eagle3 import Eagle3Config
-
-    assert_vllm_loadable(save / "2", 2, Eagle3Config.from_speculators_dict(cfg))
+    (report,) = assert_vllm_loadable([save / "2"], tiny_llama)  # vLLM's own reader and loader
+    assert report["num_hidden_layers"] == 2
     assert cfg["speculators_config"]["verifier"]["name_or_path"] == str(Path(tiny_llama).resolve())
     assert cfg["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 2
     records = read_metrics(save / "metrics.jsonl")
@@ -59,9 +40,9 @@ def test_checkpoint_layout_links_and_vllm_keys(tiny_llama, hs_data, tmp_path):
     assert os.readlink(save / ckpt.BEST_LINK) == str(best_epoch)
     assert os.readlink(save / ckpt.LATEST_LINK) == "2"
     # embed_tokens is the verifier's, frozen through training
-    from speculators.train.verifier import load_verifier_config, load_verifier_weights
+    from speculators.verifier import load_verifier_weights, read_verifier_config
 
-    w = load_verifier_weights(str(tiny_llama), load_verifier_config(str(tiny_llama)))
+    w = load_verifier_weights(str(tiny_llama), read_verifier_config(str(tiny_llama)))
     assert torch.equal(load_file(str(save / "2" / "model.safetensors"))["embed_tokens.weight"], w["embed"])
 
 
@@ -83,7 +64,7 @@ def test_resume_continues_bit_for_bit(tiny_llama, hs_data, tmp_path):
     for k in opt_a:
         assert torch.equal(opt_a[k]["exp_avg_sq"], opt_b[k]["exp_avg_sq"]), k
     starts = [r for r in read_metrics(split / "metrics.jsonl") if r["type"] == "start"]
-    assert [s["resumed_from"] for s in starts] == [None, 0]
+    assert [s["resumed_from"] for s in starts] == [None, "0"]
 
 
 def test_save_path_guard(tiny_llama, hs_data, tmp_path):
@@ -145,5 +126,132 @@ def test_killed_run_resumes(tiny_llama, hs_data, tmp_path):
     records = read_metrics(save / "metrics.jsonl")
     assert records[-1]["type"] == "end"
     starts = [r for r in records if r["type"] == "start"]
-    assert starts[-1]["resumed_from"] == int(done.name)
+    assert starts[-1]["resumed_from"] == done.name
     assert ckpt.latest_checkpoint(save).name == str(int(done.name) + 2)
+
+
+def unique_step_records(save: Path) -> None:
+    seen = [(r["type"], r["step"]) for r in read_metrics(save / "metrics.jsonl") if "step" in r]
+    dupes = sorted({k for k in seen if seen.count(k) > 1})
+    assert not dupes, f"records repeated for (type, step): {dupes}"
+
+
+def assert_same_training(a: Path, b: Path, final: str) -> None:
+    wa, wb = load_file(str(a / final / "model.safetensors")), load_file(str(b / final / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    oa = torch.load(a / final / ckpt.OPTIMIZER_FILE, weights_only=True)["state"]
+    ob = torch.load(b / final / ckpt.OPTIMIZER_FILE, weights_only=True)["state"]
+    for k in oa:
+        assert torch.equal(oa[k]["exp_avg"], ob[k]["exp_avg"]) and torch.equal(oa[k]["exp_avg_sq"], ob[k]["exp_avg_sq"]), k
+    assert train_losses(a) == train_losses(b)
+
+
+def test_step_checkpoints_resume_mid_epoch_bit_for_bit(tiny_llama, hs_data, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_training(make_cfg(tiny_llama, hs_data, straight))
+    per_epoch = len(train_losses(straight)) // 2
+    assert per_epoch >= 4, "the test needs epochs of several steps"
+    # A kill between checkpoints: step 3 is logged, the newest checkpoint holds step 2.
+    first = run_training(make_cfg(tiny_llama, hs_data, split, checkpoint_every_steps=2, max_steps=3))
+    assert first["stopped"] and first["signal"] is None
+    assert ckpt.latest_checkpoint(split).name == "0-step2"
+    assert max(train_losses(split)) == 3
+    run_training(make_cfg(tiny_llama, hs_data, split, checkpoint_every_steps=2, keep_last_checkpoints=2))
+    assert_same_training(straight, split, "1")
+    unique_step_records(split)
+    records = read_metrics(split / "metrics.jsonl")
+    assert [r["resumed_from"] for r in records if r["type"] == "start"] == [None, "0-step2"]
+    step_ckpts = [r["step"] for r in records if r["type"] == "step_checkpoint"]
+    assert step_ckpts == [s for s in range(2, 2 * per_epoch, 2) if s != per_epoch]  # none on an epoch's last step
+    # keep-last 2: the newest two remain, and the best epoch end is never deleted
+    best = os.readlink(split / ckpt.BEST_LINK)
+    names = [p.name for p in ckpt.checkpoint_dirs(split)]
+    assert names[-1] == "1" and best in names and len(set(names) - {best}) <= 2
+    assert os.readlink(split / ckpt.LATEST_LINK) == "1"
+
+
+def test_keep_last_never_deletes_the_best(tmp_path):
+    for name in ("0", "1-step5", "1", "2-step9", "2"):
+        (tmp_path / name).mkdir()
+        for f in ckpt.CHECKPOINT_FILES:
+            (tmp_path / name / f).write_text("x")
+    os.symlink("0", tmp_path / ckpt.BEST_LINK)
+    os.symlink("2", tmp_path / ckpt.LATEST_LINK)
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["0", "1-step5", "1", "2-step9", "2"]
+    deleted = ckpt.prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in deleted) == ["1", "1-step5"]
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["0", "2-step9", "2"]
+    assert ckpt.prune_checkpoints(tmp_path, 0) == []  # 0 keeps all
+
+
+@pytest.fixture(scope="module")
+def long_epoch_data(tiny_llama, tmp_path_factory):
+    """Enough samples for ~18 optimizer steps per epoch, so a signal lands inside one."""
+    return write_synthetic_hidden_states(tiny_llama, tmp_path_factory.mktemp("hs_long"), num_samples=48, seq_len=32)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_mid_epoch_and_resumes_bit_for_bit(tiny_llama, long_epoch_data, tmp_path):
+    def cmd(save: Path) -> list[str]:
+        return [sys.executable, "-m", "speculators", "train", "--verifier-name-or-path", str(tiny_llama),
+                "--data-path", str(long_epoch_data), "--save-path", str(save), "--epochs", "2", "--lr", "2e-3",
+                "--total-seq-len", "64", "--ttt-steps", "2", "--log-freq", "1000", "--warmup-steps", "1"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    out = subprocess.run(cmd(straight), env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    proc = subprocess.Popen(cmd(split), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (split / "metrics.jsonl").is_file() and any(r["type"] == "train" for r in read_metrics(split / "metrics.jsonl")):
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    latest = ckpt.latest_checkpoint(split)
+    assert latest is not None and latest.name.startswith("0-step"), f"expected a mid-epoch checkpoint, got {latest}"
+    records = read_metrics(split / "metrics.jsonl")
+    assert records[-1] == {**records[-1], "type": "end", "status": "interrupted", "signal": "SIGTERM"}
+    assert [r["reason"] for r in records if r["type"] == "step_checkpoint"] == ["SIGTERM"]
+    assert max(train_losses(split)) == int(latest.name.split("step")[1])  # nothing past the checkpoint
+    out = subprocess.run(cmd(split), env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert_same_training(straight, split, "1")
+    unique_step_records(split)
+
+
+def test_from_pretrained_starts_from_that_checkpoint(tiny_llama, hs_data, tmp_path):
+    """lr 0 keeps the weights where they start: equal to the --from-pretrained checkpoint's."""
+    first = tmp_path / "first"
+    run_training(make_cfg(tiny_llama, hs_data, first, epochs=1))
+    again = tmp_path / "again"
+    run_training(make_cfg(tiny_llama, hs_data, again, epochs=1, lr=0.0, from_pretrained=str(first / "0"),
+                          ttt_steps=3))
+    a = load_file(str(first / "0" / "model.safetensors"))
+    b = load_file(str(again / "0" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    cfg = json.loads((again / "0" / "config.json").read_text())
+    assert cfg["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3  # this run's --ttt-steps
+    fresh = tmp_path / "fresh"
+    run_training(make_cfg(tiny_llama, hs_data, fresh, epochs=1, lr=0.0))
+    c = load_file(str(fresh / "0" / "model.safetensors"))
+    assert not torch.equal(a["fc.weight"], c["fc.weight"])  # without it the draft starts elsewhere
+
+
+@pytest.mark.parametrize("flag", ["checkpoint_every_steps", "keep_last_checkpoints"])
+def test_negative_checkpoint_counts_are_refused(tiny_llama, hs_data, tmp_path, flag):
+    from speculators.train.trainer import Trainer
+
+    with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} must be >= 0"):
+        Trainer(make_cfg(tiny_llama, hs_data, tmp_path / "run", **{flag: -1}))

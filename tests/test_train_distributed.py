@@ -1,4 +1,5 @@
-"""`torchrun --nproc_per_node 2` (FSDP2 over gloo, CPU) matches one process on the same batches."""
+"""`torchrun --nproc_per_node 2` (FSDP2 over gloo, CPU), interrupted and resumed from a mid-epoch
+checkpoint, matches one uninterrupted process on the same batches."""
 
 from __future__ import annotations
 
@@ -28,17 +29,28 @@ def test_two_process_fsdp_matches_single_process(tiny_llama, tmp_path):
               "--lr", "3e-3", "--total-seq-len", "96", "--ttt-steps", "2", "--num-layers", "2",
               "--log-freq", "1000", "--train-data-ratio", "0.75"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for attempt in range(2):  # one retry: a shared CI box can lose the rendezvous port race
-        dist_dir = tmp_path / f"dist{attempt}"
-        dist = subprocess.run(
-            [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "speculators.train", *common,
-             "--save-path", str(dist_dir)],
-            env=env, capture_output=True, text=True, timeout=400,
-        )
-        if dist.returncode == 0:
-            break
-        print(f"torchrun attempt {attempt} failed (rc {dist.returncode}):\n{dist.stderr[-3000:]}")
+    dist_dir = tmp_path / "dist"
+
+    def launch(*extra):
+        for attempt in range(2):  # one retry: a shared CI box can lose the rendezvous port race
+            run = subprocess.run(
+                [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "speculators.train", *common,
+                 "--save-path", str(dist_dir), *extra],
+                env=env, capture_output=True, text=True, timeout=400,
+            )
+            if run.returncode == 0:
+                return run
+            print(f"torchrun attempt {attempt} failed (rc {run.returncode}):\n{run.stderr[-3000:]}")
+        return run
+
+    # Interrupted after step 2 of epoch 0 (checkpoints every step, FSDP collectives), then resumed.
+    dist = launch("--max-steps", "2", "--checkpoint-every-steps", "1")
     assert dist.returncode == 0, dist.stderr[-3000:]
+    assert (dist_dir / "0-step2").is_dir() and not (dist_dir / "0").exists()
+    dist = launch()
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    starts = [r for r in read_metrics(dist_dir / "metrics.jsonl") if r["type"] == "start"]
+    assert [r["resumed_from"] for r in starts] == [None, "0-step2"]
     single = subprocess.run(
         [sys.executable, "-m", "speculators.train", *common, "--batches-per-step", "2",
          "--save-path", str(tmp_path / "single")],

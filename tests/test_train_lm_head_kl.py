@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-from test_checkpoint import hs_data  # noqa: F401 (fixture)
-from test_train_precision import train_losses_of
+from train_helpers import train_losses_of
 from torch import nn
 
 from speculators.errors import UserError
@@ -158,7 +157,7 @@ def test_trainer_names_the_bad_flag(tiny_llama, tmp_path):
         Trainer(cfg)
 
 
-def test_training_curves_agree_across_impls(tiny_llama, hs_data, tmp_path):  # noqa: F811
+def test_training_curves_agree_across_impls(tiny_llama, hs_data, tmp_path):
     curves = {impl: train_losses_of(tiny_llama, hs_data, tmp_path / impl, loss_impl=impl, loss_chunk_rows=16)
               for impl in LOSS_IMPLS}
     ref = curves["eager"]

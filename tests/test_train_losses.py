@@ -13,7 +13,8 @@ from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
 from speculators.train.losses import kl_per_token, summarize
 from speculators.train.objective import TTTObjective, step_token_counts
 from speculators.train.schedule import lr_factor
-from speculators.train.verifier import VerifierHead, load_verifier_config, load_verifier_weights
+from speculators.train.verifier import VerifierHead
+from speculators.verifier import load_verifier_weights, read_verifier_config
 from speculators.train.vocab import check_mapping, load_vocab_mapping
 
 
@@ -123,7 +124,7 @@ def test_vocab_mapping_checks(tmp_path):
 def test_verifier_head_reproduces_verifier_logits_on_draft_vocab(tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    vconf = load_verifier_config(str(tiny_llama))
+    vconf = read_verifier_config(str(tiny_llama))
     weights = load_verifier_weights(str(tiny_llama), vconf)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
     captured = {}

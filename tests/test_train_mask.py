@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from speculators.models.eagle3.attention import ttt_attention_flex, ttt_attention_sdpa
-from speculators.train.ttt_mask import (
+from speculators.models.eagle3.ttt_mask import (
     context_mask,
     shift_tokens,
     step_valid_positions,

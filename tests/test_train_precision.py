@@ -1,13 +1,18 @@
-"""`--precision` and `--optimizer-impl`: the speed options the benchmarks measured."""
+"""`--precision` and `--optimizer-impl`: the speed options the benchmarks measured.
+
+Each end-to-end test also checks the option took effect inside the trainer (the dtype the
+draft's matmuls ran in, the AdamW kernel the optimizer was built with), so a flag that is
+silently ignored fails here instead of training the same as the default.
+"""
 
 import math
 
 import pytest
 import torch
-from test_checkpoint import hs_data, make_cfg, train_losses  # noqa: F401 (fixture)
+from train_helpers import make_cfg, train_losses
 
 from speculators.errors import UserError
-from speculators.train.trainer import adamw_kernel, autocast_enabled, run_training
+from speculators.train.trainer import Trainer, adamw_kernel, autocast_enabled
 
 
 def test_precision_rule():
@@ -26,24 +31,37 @@ def test_optimizer_kernel_rule():
         adamw_kernel("apex", 1)
 
 
-def test_fused_and_foreach_adamw_train_the_same(tiny_llama, hs_data, tmp_path):  # noqa: F811
-    fused = train_losses_of(tiny_llama, hs_data, tmp_path / "fused", optimizer_impl="fused")
-    foreach = train_losses_of(tiny_llama, hs_data, tmp_path / "foreach", optimizer_impl="foreach")
+def train(verifier, data, save, **kw) -> tuple[Trainer, dict[int, float], list[torch.dtype]]:
+    """Train 2 epochs; return the trainer, its losses and the dtypes the draft's fc produced."""
+    trainer = Trainer(make_cfg(verifier, data, save, epochs=2, **kw))
+    trainer.build()
+    seen: list[torch.dtype] = []
+    hook = trainer.draft.fc.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    try:
+        trainer.fit()
+    finally:
+        hook.remove()
+    return trainer, train_losses(save), seen
+
+
+def test_fused_and_foreach_adamw_train_the_same(tiny_llama, hs_data, tmp_path):
+    fused_tr, fused, _ = train(tiny_llama, hs_data, tmp_path / "fused", optimizer_impl="fused")
+    foreach_tr, foreach, _ = train(tiny_llama, hs_data, tmp_path / "foreach", optimizer_impl="foreach")
+    assert fused_tr.optimizer.defaults["fused"] and not fused_tr.optimizer.defaults["foreach"]
+    assert foreach_tr.optimizer.defaults["foreach"] and not foreach_tr.optimizer.defaults["fused"]
     assert fused.keys() == foreach.keys()
     for step in fused:
         assert math.isclose(fused[step], foreach[step], rel_tol=1e-4), step
 
 
-def test_cpu_bf16_autocast_trains_close_to_fp32(tiny_llama, hs_data, tmp_path):  # noqa: F811
-    fp32 = train_losses_of(tiny_llama, hs_data, tmp_path / "fp32", precision="fp32")
-    bf16 = train_losses_of(tiny_llama, hs_data, tmp_path / "bf16", precision="bf16")
+def test_cpu_bf16_autocast_trains_close_to_fp32(tiny_llama, hs_data, tmp_path):
+    _, fp32, fp32_dtypes = train(tiny_llama, hs_data, tmp_path / "fp32", precision="fp32")
+    _, bf16, bf16_dtypes = train(tiny_llama, hs_data, tmp_path / "bf16", precision="bf16")
+    assert set(fp32_dtypes) == {torch.float32}
+    assert set(bf16_dtypes) == {torch.bfloat16}  # the matmuls really ran under bf16 autocast
     assert fp32.keys() == bf16.keys()
     first = min(fp32)
+    assert bf16[first] != fp32[first]  # bf16 rounding shows in the loss
     assert math.isclose(bf16[first], fp32[first], rel_tol=0.05)
     last = max(fp32)
     assert bf16[last] < bf16[first]  # it learns
-
-
-def train_losses_of(verifier, data, save, **kw):
-    run_training(make_cfg(verifier, data, save, epochs=2, **kw))
-    return train_losses(save)

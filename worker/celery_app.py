@@ -25,11 +25,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
     transport: dict = {}
     if s.broker_url.startswith("filesystem://"):
         folder = s.home / "broker"
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         (s.home / "results").mkdir(parents=True, exist_ok=True)
+        # control_folder holds kombu's exchange tables; unset, kombu writes ./control in the cwd.
         transport = {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-                     "processed_folder": str(folder / "processed"), "store_processed": False}
+                     "processed_folder": str(folder / "processed"), "store_processed": False,
+                     "control_folder": str(folder / "control")}
     elif s.broker_url.startswith("redis"):
         # Fail fast when Redis is down: the caller keeps the message in the outbox.
         # Every key (queues, bindings, unacked messages, results) starts with the installation's

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -167,7 +166,3 @@ def start_server(deployment_id: int, layer_ids: list[int] | None = None, hidden_
 def stop_server(deployment_id: int) -> str:
     _, factory = _store()
     return stop_deployment(factory, deployment_id)
-
-
-def deployment_log(path: str | None) -> str:
-    return procs.log_tail(Path(path) if path else None)

@@ -23,10 +23,6 @@ from worker.celery_app import GPU_QUEUE, VLLM_QUEUE
 log = logging.getLogger(__name__)
 
 
-class BrokerDown(Exception):
-    pass
-
-
 def _send(app: Celery, kind: str, payload: dict) -> None:
     if kind == "run_stages":
         # One task for the first stage: when it succeeds, the worker writes the message for the

@@ -19,15 +19,6 @@ STAGES = {
     "hybrid": ["prepare", "vocab", "verifier", "train"],
 }
 
-STAGE_LABELS = {
-    "prepare": "Prepare data",
-    "vocab": "Vocab mapping",
-    "datagen": "Hidden states",
-    "verifier": "Verifier server",
-    "train": "Train",
-}
-
-
 @dataclass(frozen=True)
 class RunPaths:
     work_dir: Path

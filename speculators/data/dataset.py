@@ -21,7 +21,6 @@ what the verifier predicts from position ``t+1``::
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Iterator, Sequence
 
@@ -260,9 +259,3 @@ class PackedBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._mine())
-
-
-def estimate_steps(lengths: Sequence[int], total_seq_len: int, rows: int = 1) -> int:
-    """Rough batch count for schedulers when a sampler is not at hand."""
-    tokens = sum(min(int(n), total_seq_len) for n in lengths)
-    return max(1, math.ceil(tokens / (total_seq_len * rows)))

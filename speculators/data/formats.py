@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from speculators.atomic import atomic_write_bytes, atomic_write_json
 from speculators.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -67,31 +67,6 @@ def _first_line(exc: BaseException) -> str:
 
 def pt_file_name(index: int) -> str:
     return f"data_{index}.pt"
-
-
-def atomic_write_bytes(path: Path, writer) -> None:
-    """Call ``writer(tmp_path)`` then rename onto ``path`` so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    def _write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-
-    atomic_write_bytes(Path(path), _write)
 
 
 def read_data_config(directory: str | os.PathLike) -> dict[str, Any]:

@@ -73,17 +73,10 @@ def load_token_freq(path: str | Path) -> dict[int, int]:
 
 
 def model_vocab_size(model_path: str) -> int:
-    from transformers import AutoConfig
+    from speculators.verifier import config_int, read_verifier_config
 
-    try:
-        config = AutoConfig.from_pretrained(model_path)
-    except Exception as exc:
-        raise UserError(f"--target-model-path {model_path}: cannot load its config ({type(exc).__name__})") from None
-    text = getattr(config, "get_text_config", lambda: config)()
-    size = getattr(text, "vocab_size", None)
-    if not size:
-        raise UserError(f"--target-model-path {model_path}: config has no vocab_size")
-    return int(size)
+    text = read_verifier_config(model_path, flag="--target-model-path")
+    return config_int(text, "vocab_size", model_path, flag="--target-model-path")
 
 
 def resolve_target_vocab_size(target_vocab_size: int | None, target_model_path: str | None) -> int:

@@ -105,17 +105,11 @@ def _package_versions(backend: str) -> dict[str, str]:
 
 def read_model_shape(model_path: str) -> tuple[int, int]:
     """(num_hidden_layers, hidden_size) of the verifier, from its config only."""
-    from transformers import AutoConfig
+    from speculators.verifier import config_int, read_verifier_config
 
-    try:
-        config = AutoConfig.from_pretrained(model_path)
-    except Exception as exc:
-        raise UserError(
-            f"--target-model-path {model_path}: cannot load its config ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.num_hidden_layers), int(text.hidden_size)
+    text = read_verifier_config(model_path, flag="--target-model-path")
+    flag = "--target-model-path"
+    return config_int(text, "num_hidden_layers", model_path, flag), config_int(text, "hidden_size", model_path, flag)
 
 
 def _data_identity(train_data_path: str) -> dict[str, Any]:

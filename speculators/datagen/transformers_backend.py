@@ -1,9 +1,8 @@
 """In-process `transformers` backend: runs on CPU or one GPU, no server needed.
 
-Hidden states are captured with forward pre-hooks rather than
-``output_hidden_states``: the input of decoder layer ``i`` is id ``i`` and the
-input of the final norm is id ``n`` (pre-norm), and only the requested layers
-are kept in memory. The base model is called without ``lm_head``, so no logits
+Hidden states are captured by `speculators.verifier.capture_hidden_states` rather
+than ``output_hidden_states``: only the requested layers are kept in memory and id
+``n`` is the final norm's input (pre-norm). The base model is called without ``lm_head``, so no logits
 are computed. See `speculators.datagen.base` for the convention.
 """
 
@@ -16,6 +15,7 @@ import torch
 
 from speculators.datagen.base import GeneratorSpec, HiddenStateGenerator
 from speculators.errors import UserError
+from speculators.verifier import capture_hidden_states, decoder_parts, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -36,25 +36,12 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def decoder_parts(model) -> tuple[Any, Sequence[torch.nn.Module], torch.nn.Module]:
-    """(base model, decoder layers, final norm) of a causal LM, or a clear error."""
-    base = getattr(model, "base_model", model)
-    layers = getattr(base, "layers", None)
-    norm = getattr(base, "norm", None)
-    if layers is None or norm is None:
-        raise UserError(
-            f"{type(model).__name__}: cannot find decoder layers and final norm "
-            "(expected model.model.layers and model.model.norm as in Llama/Qwen/Mistral)"
-        )
-    return base, layers, norm
-
-
 class TransformersGenerator(HiddenStateGenerator):
     def __init__(self, model, layer_ids: list[int], device: torch.device):
         self.model = model
         self.device = device
         self.base, self.layers, self.norm = decoder_parts(model)
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model.config)
         self.num_hidden_layers = int(config.num_hidden_layers)
         self.hidden_size = int(config.hidden_size)
         if len(self.layers) != self.num_hidden_layers:
@@ -100,31 +87,14 @@ class TransformersGenerator(HiddenStateGenerator):
         for b, x in enumerate(batch):
             ids[b, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
             attn[b, : len(x)] = 1
-        captured: dict[int, torch.Tensor] = {}
-        n = self.num_hidden_layers
-
-        def grab(layer_id: int):
-            def hook(module, args, kwargs):
-                h = args[0] if args else kwargs["hidden_states"]
-                captured[layer_id] = h.detach()
-
-            return hook
-
-        handles = []
-        try:
-            for lid in self.layer_ids:
-                module = self.norm if lid == n else self.layers[lid]
-                handles.append(module.register_forward_pre_hook(grab(lid), with_kwargs=True))
+        with capture_hidden_states(self.model, self.layer_ids) as capture:
             self.base(
                 input_ids=ids.to(self.device),
                 attention_mask=attn.to(self.device),
                 use_cache=False,
             )
-        finally:
-            for h in handles:
-                h.remove()
         out: list[list[torch.Tensor]] = []
-        per_layer = [captured[lid].to("cpu") for lid in self.layer_ids]
+        per_layer = [h.to("cpu") for h in capture.ordered()]
         for b, L in enumerate(lengths):
             out.append([h[b, :L].clone() for h in per_layer])
         return out

@@ -10,11 +10,11 @@ forward costing ``c`` verifier forwards: ``tau / (1 + K*c)``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from speculators.atomic import atomic_write_json
 
 REPORT_VERSION = 1
 
@@ -104,8 +104,4 @@ def format_report(report: dict[str, Any]) -> str:
 
 def write_report(path: str | os.PathLike, report: dict[str, Any]) -> None:
     """Write the JSON atomically (a dashboard may be polling the file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, report)

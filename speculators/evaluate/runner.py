@@ -12,6 +12,7 @@ import torch
 
 from speculators.errors import UserError
 from speculators.evaluate.report import SpecDecodeCounts, build_report
+from speculators.verifier import text_config
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ def evaluate_checkpoint(checkpoint: str | Path, verifier_path: str | None, data:
     if not verifier_path:
         raise UserError(f"{ckpt}/config.json names no verifier; pass --verifier")
     verifier = Verifier.from_pretrained(verifier_path, [], dtype=dtype, device=device)
-    n_layers = int(verifier.model.config.get_text_config().num_hidden_layers)
+    n_layers = int(text_config(verifier.model.config).num_hidden_layers)
     verifier.aux_layer_ids = list(cfg.aux_layer_ids or default_aux_layer_ids(n_layers))
     if verifier.vocab_size != cfg.vocab_size:
         raise UserError(f"--verifier {verifier_path}: vocabulary {verifier.vocab_size} != draft's {cfg.vocab_size}")

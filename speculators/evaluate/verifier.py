@@ -1,6 +1,6 @@
 """The verifier side of PyTorch speculative decoding: logits plus EAGLE-3 aux states.
 
-Layer ids use vLLM's numbering (`speculators.layers`): id ``i`` is the input
+Layer ids use vLLM's numbering (`speculators.verifier`): id ``i`` is the input
 of decoder layer ``i`` (Hugging Face ``hidden_states[i]``); id ``n`` is the last
 layer's output before the final norm.
 
@@ -16,37 +16,14 @@ from typing import Sequence
 
 import torch
 
-
-def _hooks(model, layer_ids: Sequence[int], captured: dict[int, torch.Tensor]):
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = body.layers
-    n = len(layers)
-    hooks = []
-    for i in layer_ids:
-        if i < n:
-            def pre(mod, args, kwargs, i=i):
-                captured[i] = (args[0] if args else kwargs["hidden_states"])[0]
-
-            hooks.append(layers[i].register_forward_pre_hook(pre, with_kwargs=True))
-        else:
-            def post(mod, args, out, i=i):
-                captured[i] = (out[0] if isinstance(out, tuple) else out)[0]
-
-            hooks.append(layers[n - 1].register_forward_hook(post))
-    return hooks
+from speculators.verifier import capture_hidden_states
 
 
 def capture_layers(model, layer_ids: Sequence[int], input_ids: torch.Tensor, **forward_kwargs):
     """Run ``model`` on ``input_ids [1, T]``; return ``(logits [T, V], [states [T, H] per id])``."""
-    captured: dict[int, torch.Tensor] = {}
-    hooks = _hooks(model, layer_ids, captured)
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, **forward_kwargs).logits[0]
-    finally:
-        for h in hooks:
-            h.remove()
-    return logits.float(), [captured[i] for i in layer_ids]
+    with capture_hidden_states(model, layer_ids) as capture, torch.no_grad():
+        logits = model(input_ids=input_ids, **forward_kwargs).logits[0]
+    return logits.float(), [h[0] for h in capture.ordered()]
 
 
 class Verifier:
@@ -116,9 +93,6 @@ class Verifier:
             start = min(start, need_logits_from)
         if self._cache is None or start == 0:
             self._cache, self._aux, start = DynamicCache(config=self.model.config), None, 0
-            # Sliding-window layers (gpt-oss, Mistral) drop old states unless told to keep
-            # them until `crop`; rejected draft tokens must be croppable.
-            getattr(self._cache, "activate_past_recording", lambda: None)()
         else:
             remove = self._cache.get_seq_length() - start
             if remove > 0:

@@ -349,7 +349,7 @@ class OnlineSampleStore:
         return sample
 
     def _write_cache(self, row: int, sample: dict[str, Any]) -> None:
-        from speculators.data.formats import atomic_write_bytes, atomic_write_json
+        from speculators.atomic import atomic_write_bytes, atomic_write_json
 
         path = cached_file(self.cache_dir, row)  # type: ignore[arg-type]
         atomic_write_bytes(path, lambda tmp: torch.save(sample, tmp))

@@ -1,16 +1,23 @@
-"""Checkpoint layout, atomic epoch directories, `checkpoint_best`/`checkpoint_latest`, run guard.
+"""Checkpoint layout, atomic checkpoint directories, `checkpoint_best`/`checkpoint_latest`, run guard.
 
-`<save-path>/<epoch>/` holds `config.json` + `model.safetensors` (loadable by `vllm serve`),
-`optimizer_state_dict.pt`, `scheduler_state_dict.pt` and `trainer_state.pt`.  An epoch
-directory is written under a temporary name and renamed into place, so a killed run
-never leaves a half checkpoint that resume would pick up.
+`<save-path>/<epoch>/` is the checkpoint at the end of an epoch, `<save-path>/<epoch>-step<N>/`
+one taken inside epoch `<epoch>` after global optimizer step `N` (`--checkpoint-every-steps`,
+or on SIGTERM/SIGINT).  Each holds `config.json` + `model.safetensors` (loadable by
+`vllm serve`), `optimizer_state_dict.pt`, `scheduler_state_dict.pt` and `trainer_state.pt`.
+A checkpoint is written under a temporary name and renamed into place, so a killed run
+never leaves a half checkpoint that resume would pick up.  `checkpoint_latest` points at
+the newest checkpoint, `checkpoint_best` at the epoch end with the best validation loss
+(mid-epoch checkpoints are never validated, so never best); `--keep-last-checkpoints K`
+deletes all but the newest K, never the best.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -19,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from speculators.atomic import atomic_symlink, atomic_write_json
 from speculators.errors import UserError
 
 MODEL_FILE = "model.safetensors"
@@ -35,21 +43,74 @@ CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, TRA
 IDENTITY_ARGS = ("verifier_name_or_path", "num_layers", "draft_vocab_size", "ttt_steps", "total_seq_len")
 
 
-def epoch_dirs(save_path: str | os.PathLike) -> list[Path]:
-    """Complete epoch directories, oldest first."""
+_NAME = re.compile(r"^(\d+)(?:-step(\d+))?$")
+
+
+def epoch_end_name(epoch: int) -> str:
+    return str(epoch)
+
+
+def mid_epoch_name(epoch: int, global_step: int) -> str:
+    return f"{epoch}-step{global_step}"
+
+
+def checkpoint_order(name: str) -> tuple[int, float] | None:
+    """Sort key of a checkpoint directory name (None: not a checkpoint name).
+
+    Mid-epoch checkpoints of epoch `e` sort by their step, before the end of `e`.
+    """
+    m = _NAME.match(name)
+    if m is None:
+        return None
+    return int(m.group(1)), float(m.group(2)) if m.group(2) is not None else math.inf
+
+
+def is_epoch_end(path: Path) -> bool:
+    return path.name.isdigit()
+
+
+def checkpoint_dirs(save_path: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories (epoch ends and mid-epoch), oldest first."""
     root = Path(save_path)
     if not root.is_dir():
         return []
     out = []
     for p in root.iterdir():
-        if p.is_dir() and not p.is_symlink() and p.name.isdigit() and all((p / f).is_file() for f in CHECKPOINT_FILES):
+        if (
+            p.is_dir() and not p.is_symlink() and checkpoint_order(p.name) is not None
+            and all((p / f).is_file() for f in CHECKPOINT_FILES)
+        ):
             out.append(p)
-    return sorted(out, key=lambda p: int(p.name))
+    return sorted(out, key=lambda p: checkpoint_order(p.name))
+
+
+def epoch_dirs(save_path: str | os.PathLike) -> list[Path]:
+    """Complete end-of-epoch directories, oldest first."""
+    return [p for p in checkpoint_dirs(save_path) if is_epoch_end(p)]
 
 
 def latest_checkpoint(save_path: str | os.PathLike) -> Path | None:
-    dirs = epoch_dirs(save_path)
+    dirs = checkpoint_dirs(save_path)
     return dirs[-1] if dirs else None
+
+
+def prune_checkpoints(save_path: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints (0: keep all); never the best or latest.
+
+    Returns the deleted directories.
+    """
+    if keep_last <= 0:
+        return []
+    root = Path(save_path)
+    protected = {os.path.realpath(root / link) for link in (BEST_LINK, LATEST_LINK) if (root / link).is_symlink()}
+    dirs = checkpoint_dirs(root)
+    deleted = []
+    for p in dirs[: max(0, len(dirs) - keep_last)]:
+        if os.path.realpath(p) in protected:
+            continue
+        shutil.rmtree(p)
+        deleted.append(p)
+    return deleted
 
 
 # ------------------------------------------------------------------ RNG state
@@ -75,15 +136,9 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------ symlinks
-def _point(link: Path, target_name: str) -> None:
-    tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:8]}")
-    os.symlink(target_name, tmp)
-    os.replace(tmp, link)
-
-
 def write_checkpoint(
     save_path: str | os.PathLike,
-    epoch: int,
+    name: str,
     draft,
     draft_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
@@ -91,11 +146,13 @@ def write_checkpoint(
     trainer_state: dict[str, Any],
     is_best: bool,
 ) -> Path:
-    """Write `<save-path>/<epoch>` atomically and move the symlinks."""
+    """Write `<save-path>/<name>` atomically and move the symlinks."""
+    if checkpoint_order(name) is None:
+        raise ValueError(f"checkpoint name {name!r}: expected <epoch> or <epoch>-step<N>")
     root = Path(save_path)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / str(epoch)
-    tmp = root / f".tmp-{epoch}-{uuid.uuid4().hex[:8]}"
+    final = root / name
+    tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     draft.save_pretrained(tmp, draft_state)
     torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
@@ -104,9 +161,9 @@ def write_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _point(root / LATEST_LINK, final.name)
+    atomic_symlink(root / LATEST_LINK, final.name)
     if is_best:
-        _point(root / BEST_LINK, final.name)
+        atomic_symlink(root / BEST_LINK, final.name)
     return final
 
 
@@ -141,7 +198,7 @@ def claim_save_path(save_path: str | os.PathLike, args: dict[str, Any], resume: 
     root = Path(save_path)
     previous = read_run(root)
     latest = latest_checkpoint(root)
-    has_ckpt = latest is not None or (root.is_dir() and any(p.name.isdigit() for p in root.iterdir()))
+    has_ckpt = latest is not None or (root.is_dir() and any(checkpoint_order(p.name) is not None for p in root.iterdir()))
     if has_ckpt and not resume:
         raise UserError(
             f"--save-path {root} already holds checkpoints; pass another --save-path, delete them, "
@@ -162,8 +219,4 @@ def claim_save_path(save_path: str | os.PathLike, args: dict[str, Any], resume: 
 
 
 def write_run(save_path: str | os.PathLike, run_id: str, args: dict[str, Any]) -> None:
-    root = Path(save_path)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps({"run_id": run_id, "args": args}, indent=2, default=str) + "\n")
-    os.replace(tmp, root / RUN_FILE)
+    atomic_write_json(Path(save_path) / RUN_FILE, {"run_id": run_id, "args": args}, default=str)

@@ -38,7 +38,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="hidden states written by `speculators datagen`")
-    g.add_argument("--data-format-version", type=int, default=1, help="expected hidden-state data format version")
     g.add_argument("--total-seq-len", type=int, default=8192, help="tokens per packed row")
     g.add_argument("--rows-per-batch", type=int, default=1, help="packed rows per process per step")
     g.add_argument("--batches-per-step", type=int, default=None,
@@ -88,20 +87,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-dir", default="./logs")
     g.add_argument("--run-name", default=None)
     g.add_argument("--log-freq", type=int, default=1, help="console line every N steps")
+    g.add_argument("--checkpoint-every-steps", type=int, default=0,
+                   help="also checkpoint every N optimizer steps (<save-path>/<epoch>-step<N>); 0 = only at "
+                   "epoch ends. SIGTERM/SIGINT always checkpoint the current step before exiting")
+    g.add_argument("--keep-last-checkpoints", type=int, default=0,
+                   help="keep only the newest K checkpoints (the best is never deleted); 0 = keep all")
     g.add_argument("--metrics-file", default=None, help="JSONL metrics stream (default <save-path>/metrics.jsonl)")
 
 
 def _add_online_arguments(p: argparse.ArgumentParser) -> None:
     """Online-mode flags come from speculators.online (its owner defines them)."""
-    try:
-        from speculators.online.cli_args import add_online_args
-    except ImportError:
-        g = p.add_argument_group("online mode (speculators.online not installed)")
-        g.add_argument("--vllm-endpoint", default=None)
-        g.add_argument("--on-missing", choices=["generate", "skip", "raise"], default="generate")
-        g.add_argument("--on-generate", choices=["delete", "cache"], default="delete")
-        g.add_argument("--hidden-states-path", default=None)
-        return
+    from speculators.online.cli_args import add_online_args
+
     add_online_args(p)
 
 
@@ -119,5 +116,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_from_args(args: argparse.Namespace) -> int:
     from speculators.train.trainer import run_training
 
-    run_training(config_from_args(args))
-    return 0
+    summary = run_training(config_from_args(args))
+    # Stopped by SIGTERM/SIGINT (after checkpointing): not a success, the shell's code for it.
+    return 128 + summary["signal"] if summary.get("signal") else 0

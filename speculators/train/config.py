@@ -16,7 +16,6 @@ class TrainConfig:
     resume: bool = True
     logger: str | None = None
     total_seq_len: int = 8192
-    data_format_version: int = 1
     log_dir: str = "./logs"
     run_name: str | None = None
     num_layers: int = 1
@@ -53,6 +52,8 @@ class TrainConfig:
     num_workers: int = 0
     log_freq: int = 1
     max_steps: int | None = None
+    checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps; 0 = only at epoch ends
+    keep_last_checkpoints: int = 0  # delete all but the newest K checkpoints (never the best); 0 = keep all
     metrics_file: str | None = None
     on_corrupt: str = "skip"
     data_source: str | None = None

@@ -2,7 +2,8 @@
 
 Under `torchrun` (WORLD_SIZE > 1) we join a process group: NCCL when CUDA is available,
 gloo on CPU.  The draft's decoder layers and then the whole objective are wrapped with
-FSDP2 `fully_shard`; gradients are averaged across ranks by FSDP.  Rank 0 alone writes
+FSDP2 `fully_shard` (with a bf16 `MixedPrecisionPolicy` under bf16 training); gradients
+are averaged across ranks by FSDP.  Rank 0 alone writes
 checkpoints and logs.
 """
 
@@ -48,21 +49,42 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev)
 
 
-def shard(objective: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+def mixed_precision_policy(bf16: bool):
+    """FSDP2's policy under bf16 training: parameters all-gathered and computed in bf16,
+    gradients reduce-scattered in fp32 (sharded master weights and the optimizer stay fp32).
+
+    Forward inputs are not cast: the loss denominators are float counts that bf16 would
+    round, and autocast already runs the matmuls in bf16.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not bf16:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def shard(objective: torch.nn.Module, info: DistInfo, bf16: bool = False) -> torch.nn.Module:
     """Apply FSDP2 (per decoder layer, then the root) when running distributed."""
     if not info.distributed:
         return objective
     from torch.distributed.fsdp import fully_shard
 
+    policy = mixed_precision_policy(bf16)
     for layer in objective.draft.layers:
-        fully_shard(layer)
-    fully_shard(objective)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(objective, mp_policy=policy)
     return objective
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 

@@ -24,10 +24,6 @@ def kl_per_token(draft_logits: torch.Tensor, target_logp: torch.Tensor) -> torch
     return F.kl_div(draft_logp, target_logp.float(), log_target=True, reduction="none").sum(-1)
 
 
-def step_weights(ttt_steps: int, decay: float) -> list[float]:
-    return [decay**k for k in range(ttt_steps)]
-
-
 def summarize(stats: torch.Tensor, decay: float) -> dict[str, float]:
     """Turn summed stats `[K, 5]` into the metric dict (`loss`, `loss_k`, `full_acc_k`, `cond_acc_k`)."""
     out: dict[str, float] = {}

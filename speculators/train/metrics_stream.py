@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from speculators.atomic import atomic_write_text
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -38,6 +40,31 @@ class MetricsStream:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")
+
+    def drop_after(self, step: int) -> int:
+        """Remove step records past `step` (a resumed run re-emits them); returns how many.
+
+        Keeps every (type, step) unique in the file when a run resumes from a checkpoint
+        older than its last logged step (a kill between checkpoints).
+        """
+        if self.path is None or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            record_step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(record_step, int) and record_step > step:
+                dropped += 1
+                continue
+            kept.append(line)
+        if dropped:
+            self.close()
+            atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+            self._fh = open(self.path, "a", encoding="utf-8")
+        return dropped
 
     def write(self, record_type: str, **fields: Any) -> None:
         if self._fh is None:

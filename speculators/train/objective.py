@@ -13,7 +13,7 @@ from torch import nn
 from speculators.models.eagle3.model import Eagle3DraftModel
 from speculators.train.lm_head_kl import check_loss_options, lm_head_kl
 from speculators.train.losses import STAT_FIELDS
-from speculators.train.ttt_mask import step_valid_positions
+from speculators.models.eagle3.ttt_mask import step_valid_positions
 from speculators.train.verifier import VerifierHead
 
 

@@ -3,8 +3,8 @@
 For tests and the CPU demo of the trainer, independent of the datagen pipeline: token
 sequences are sampled from the verifier itself, run through it once, and the chosen
 layers written in data format version 1 (`data_<i>.pt` + `data_config.json`).
-Layer id `j` is the residual stream after `j` decoder layers (id 0: embeddings), so id
-`n` is the final layer's output before the final norm, as the format requires.
+Layer ids follow `speculators.verifier` (id `j`: input of decoder layer `j`; id `n`: the
+final layer's output before the final norm), captured by its `capture_hidden_states`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from speculators.models.eagle3.config import default_aux_layer_ids
+from speculators.verifier import capture_hidden_states, text_config
 
 
 @torch.no_grad()
@@ -29,48 +30,37 @@ def write_synthetic_hidden_states(
 ) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from speculators.data.formats import DATA_CONFIG_NAME, atomic_write_json, write_pt_sample
+    from speculators.atomic import atomic_write_json
+    from speculators.data.formats import DATA_CONFIG_NAME, write_pt_sample
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(str(verifier_dir), dtype=torch.float32)
     model.eval()
-    n = model.config.num_hidden_layers
+    text = text_config(model.config)
+    n = int(text.num_hidden_layers)
     ids_wanted = list(layer_ids) if layer_ids is not None else default_aux_layer_ids(n) + [n]
-    captured: dict[int, torch.Tensor] = {}
-
-    def hook(idx):
-        def fn(_module, _inputs, output):
-            captured[idx] = output[0] if isinstance(output, tuple) else output
-
-        return fn
-
-    handles = [layer.register_forward_hook(hook(i + 1)) for i, layer in enumerate(model.model.layers)]
-    handles.append(model.model.embed_tokens.register_forward_hook(hook(0)))
     g = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
+    vocab = int(text.vocab_size)
     lengths = {}
-    try:
-        ids = torch.randint(3, vocab, (num_samples, prompt_len), generator=g)
-        while ids.shape[1] < seq_len:  # sample continuations from the verifier, all rows at once
-            logits = model(ids).logits[:, -1] / temperature
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
-            ids = torch.cat([ids, nxt], dim=1)
-        captured.clear()
+    ids = torch.randint(3, vocab, (num_samples, prompt_len), generator=g)
+    while ids.shape[1] < seq_len:  # sample continuations from the verifier, all rows at once
+        logits = model(ids).logits[:, -1] / temperature
+        nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
+        ids = torch.cat([ids, nxt], dim=1)
+    with capture_hidden_states(model, ids_wanted) as capture:
         model(ids)
-        mask = torch.zeros(seq_len, dtype=torch.long)
-        mask[prompt_len:] = 1
-        for i in range(num_samples):
-            sample = {
-                "input_ids": ids[i],
-                "hidden_states": [captured[j][i].to(torch.bfloat16) for j in ids_wanted],
-                "loss_mask": mask,
-            }
-            write_pt_sample(out, i, sample)
-            lengths[str(i)] = seq_len
-    finally:
-        for h in handles:
-            h.remove()
+    states = capture.ordered()
+    mask = torch.zeros(seq_len, dtype=torch.long)
+    mask[prompt_len:] = 1
+    for i in range(num_samples):
+        sample = {
+            "input_ids": ids[i],
+            "hidden_states": [h[i].to(torch.bfloat16) for h in states],
+            "loss_mask": mask,
+        }
+        write_pt_sample(out, i, sample)
+        lengths[str(i)] = seq_len
     atomic_write_json(
         out / DATA_CONFIG_NAME,
         {
@@ -79,7 +69,7 @@ def write_synthetic_hidden_states(
             "model": str(verifier_dir),
             "data": "synthetic",
             "layer_ids": ids_wanted,
-            "hidden_size": model.config.hidden_size,
+            "hidden_size": int(text.hidden_size),
             "num_hidden_layers": n,
             "lengths": lengths,
         },

@@ -28,6 +28,7 @@ from speculators.train.config import TrainConfig
 from speculators.train.data_source import build_sample_store
 from speculators.train.distributed import (
     DistInfo,
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -35,13 +36,15 @@ from speculators.train.distributed import (
     setup_distributed,
     shard,
 )
+from speculators.train.interrupt import StopRequest, signal_name
 from speculators.train.lm_head_kl import LOSS_IMPLS
 from speculators.train.loggers import ExperimentLogger, format_console
 from speculators.train.losses import STAT_FIELDS, summarize
 from speculators.train.metrics_stream import MetricsStream
 from speculators.train.objective import TTTObjective, step_token_counts
 from speculators.train.schedule import build_scheduler
-from speculators.train.verifier import VerifierHead, load_verifier_config, load_verifier_weights
+from speculators.train.verifier import VerifierHead
+from speculators.verifier import load_verifier_weights, read_verifier_config
 from speculators.train.vocab import check_mapping, load_vocab_mapping
 
 logger = logging.getLogger("speculators.train")
@@ -51,12 +54,6 @@ logger = logging.getLogger("speculators.train")
 def check_data_against_verifier(data_config: dict[str, Any], vconf: Any, cfg: TrainConfig) -> list[int]:
     """Validate the hidden-state data for this verifier; return its layer ids."""
     where = f"{cfg.data_path or cfg.extra.get('hidden_states_path')}/data_config.json"
-    version = data_config.get("version")
-    if version is not None and int(version) != int(cfg.data_format_version):
-        raise UserError(
-            f"{where}: data format version {version}, but --data-format-version is {cfg.data_format_version}; "
-            "regenerate the data or pass the matching version"
-        )
     if "hidden_size" in data_config and int(data_config["hidden_size"]) != int(vconf.hidden_size):
         raise UserError(
             f"{where}: hidden_size {data_config['hidden_size']} does not match the verifier's {vconf.hidden_size}; "
@@ -144,6 +141,10 @@ class Trainer:
             raise UserError("--epochs must be >= 1")
         if cfg.num_layers < 1:
             raise UserError("--num-layers must be >= 1")
+        for flag, value in (("--checkpoint-every-steps", cfg.checkpoint_every_steps),
+                            ("--keep-last-checkpoints", cfg.keep_last_checkpoints)):
+            if value is None or value < 0:
+                raise UserError(f"{flag} must be >= 0 (0: {'only at epoch ends' if 'every' in flag else 'keep all'}), got {value}")
         if cfg.loss_impl not in LOSS_IMPLS:
             raise UserError(f"--loss-impl {cfg.loss_impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
         if cfg.loss_chunk_rows < 0:
@@ -165,7 +166,7 @@ class Trainer:
     def build(self) -> None:
         cfg = self.cfg
         self._seed()
-        vconf = load_verifier_config(cfg.verifier_name_or_path)
+        vconf = read_verifier_config(cfg.verifier_name_or_path)
         self.vconf = vconf
         self.store = build_sample_store(cfg)
         data_config = dict(getattr(self.store, "config", {}) or {})
@@ -223,7 +224,7 @@ class Trainer:
         head = VerifierHead.from_weights(weights, t2d, float(getattr(vconf, "rms_norm_eps", 1e-6)))
         self.draft = draft
         objective = TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows)
-        self.objective = shard(objective.to(self.device), self.info)
+        self.objective = shard(objective.to(self.device), self.info, bf16=self.autocast)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -386,20 +387,42 @@ class Trainer:
         return metrics
 
     # ---------------------------------------------------------------- run
+    def _resume_point(self) -> dict[str, Any]:
+        """Where the loop starts: from scratch, after an epoch end, or inside an epoch."""
+        point = {"epoch": 0, "done": 0, "global_step": 0, "best": {"val_loss": None, "epoch": None},
+                 "epoch_stats": None, "rng": None, "name": None}
+        if self.resume_dir is None:
+            return point
+        tstate = ckpt.load_trainer_state(self.resume_dir)
+        self._load_optimizer_state(ckpt.load_optimizer_state(self.resume_dir))
+        self.scheduler.load_state_dict(ckpt.load_scheduler_state(self.resume_dir))
+        done = tstate.get("steps_done_in_epoch")
+        point.update(
+            epoch=int(tstate["epoch"]) + (1 if done is None else 0),
+            done=int(done or 0),
+            global_step=int(tstate["global_step"]),
+            best={"val_loss": tstate.get("best_val_loss"), "epoch": tstate.get("best_epoch")},
+            epoch_stats=tstate.get("epoch_stats"),
+            rng=tstate["rng"],
+            name=self.resume_dir.name,
+        )
+        return point
+
+    def _agreed_stop(self, stop: StopRequest) -> int | None:
+        """The stop signal if any rank got one (all ranks must stop at the same step)."""
+        flag = torch.tensor(float(stop.signum or 0), device=self.device)
+        flag = all_reduce_max(flag, self.info)
+        return int(flag.item()) or None
+
     def fit(self) -> dict[str, Any]:
         cfg, info = self.cfg, self.info
-        start_epoch, global_step, best = 0, 0, {"val_loss": None, "epoch": None}
-        resumed_from = None
-        if self.resume_dir is not None:
-            tstate = ckpt.load_trainer_state(self.resume_dir)
-            self._load_optimizer_state(ckpt.load_optimizer_state(self.resume_dir))
-            self.scheduler.load_state_dict(ckpt.load_scheduler_state(self.resume_dir))
-            start_epoch = int(tstate["epoch"]) + 1
-            global_step = int(tstate["global_step"])
-            best = {"val_loss": tstate.get("best_val_loss"), "epoch": tstate.get("best_epoch")}
-            ckpt.restore_rng(tstate["rng"])
-            resumed_from = int(tstate["epoch"])
+        point = self._resume_point()
+        global_step, best = point["global_step"], point["best"]
         stream = MetricsStream(cfg.metrics_file or Path(cfg.save_path) / "metrics.jsonl") if info.is_main else MetricsStream(None)
+        if point["name"] is not None:
+            dropped = stream.drop_after(global_step)
+            if dropped and info.is_main:
+                logger.info("metrics: dropped %d records past step %d (training the checkpoint does not hold)", dropped, global_step)
         exp = ExperimentLogger(cfg.logger, cfg.log_dir, self.run_name, cfg.to_dict()) if info.is_main else ExperimentLogger(None, "", "", {})
         stream.write(
             "start",
@@ -408,81 +431,114 @@ class Trainer:
             total_steps=self.total_steps,
             epochs=cfg.epochs,
             steps_per_epoch=self.steps_per_epoch[0],
-            resumed_from=resumed_from,
+            resumed_from=point["name"],
+            resumed_step=global_step if point["name"] is not None else None,
         )
-        if resumed_from is not None and info.is_main:
-            logger.info("resuming from %s (epoch %d done, step %d)", self.resume_dir, resumed_from, global_step)
+        if point["name"] is not None and info.is_main:
+            logger.info("resuming from %s (step %d)", self.resume_dir, global_step)
         history: list[dict[str, Any]] = []
-        stopped = False
+        stopped, signum = False, None
         self.objective.train()
-        for epoch in range(start_epoch, cfg.epochs):
-            plan = plan_epoch(self._train_sampler, epoch, self.batches_per_step)
-            epoch_stats = torch.zeros(cfg.ttt_steps, len(STAT_FIELDS), device=self.device)
-            n_done = 0
-            t0 = time.perf_counter()
-            for n_done, batch in enumerate(self._epoch_loader(plan), start=1):
-                stats, tokens = self.train_step(batch)
-                global_step += 1
-                epoch_stats += stats
-                metrics = summarize(stats, cfg.ttt_step_loss_decay)
-                lr = self.scheduler.get_last_lr()[0]
-                metrics["lr"] = lr
-                metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
-                history.append({"type": "train", "epoch": epoch, "step": global_step, "metrics": metrics})
-                if info.is_main:
-                    stream.write("train", epoch=epoch, step=global_step, total_steps=self.total_steps, metrics=metrics)
-                    exp.log("train", metrics, global_step)
-                    if global_step % cfg.log_freq == 0:
-                        print(format_console("train", metrics, epoch, lr), flush=True)
+        with StopRequest() as stop:
+            for epoch in range(point["epoch"], cfg.epochs):
+                plan = plan_epoch(self._train_sampler, epoch, self.batches_per_step)
+                resuming = epoch == point["epoch"]
+                done = point["done"] if resuming else 0
+                epoch_stats = torch.zeros(cfg.ttt_steps, len(STAT_FIELDS), device=self.device)
+                if resuming and point["epoch_stats"] is not None:
+                    epoch_stats = point["epoch_stats"].to(self.device)
+                # The RNG state is restored where it was captured: an epoch end before the next
+                # epoch's loader draws its seed, a mid-epoch step after it.
+                if resuming and point["rng"] is not None and done == 0:
+                    ckpt.restore_rng(point["rng"])
+                batches = iter(self._epoch_loader(plan[done:]))
+                if resuming and point["rng"] is not None and done > 0:
+                    ckpt.restore_rng(point["rng"])
                 t0 = time.perf_counter()
-                if cfg.max_steps is not None and global_step >= cfg.max_steps:
-                    stopped = True
-                    break
-            if stopped and n_done < len(plan):
-                break  # mid-epoch stop: like a kill, nothing is checkpointed
-            val = self.validate()
-            train_epoch = summarize(epoch_stats, cfg.ttt_step_loss_decay)
-            score = val["loss"] if val is not None else train_epoch["loss"]
-            is_best = best["val_loss"] is None or score < best["val_loss"]
-            if is_best:
-                best = {"val_loss": score, "epoch": epoch}
-            if val is not None:
-                history.append({"type": "val", "epoch": epoch, "step": global_step, "metrics": val})
-                if info.is_main:
-                    stream.write("val", epoch=epoch, step=global_step, metrics=val)
-                    exp.log("val", val, global_step)
-                    print(format_console("val", val, epoch), flush=True)
-            path = self.save(epoch, global_step, best, is_best)
-            if info.is_main:
+                for batch in batches:
+                    stats, tokens = self.train_step(batch)
+                    global_step += 1
+                    done += 1
+                    epoch_stats += stats
+                    metrics = summarize(stats, cfg.ttt_step_loss_decay)
+                    lr = self.scheduler.get_last_lr()[0]
+                    metrics["lr"] = lr
+                    metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
+                    history.append({"type": "train", "epoch": epoch, "step": global_step, "metrics": metrics})
+                    if info.is_main:
+                        stream.write("train", epoch=epoch, step=global_step, total_steps=self.total_steps, metrics=metrics)
+                        exp.log("train", metrics, global_step)
+                        if global_step % cfg.log_freq == 0:
+                            print(format_console("train", metrics, epoch, lr), flush=True)
+                    signum = self._agreed_stop(stop)
+                    interval = cfg.checkpoint_every_steps > 0 and global_step % cfg.checkpoint_every_steps == 0
+                    if done < len(plan) and (signum or interval):  # the epoch end saves its own
+                        state = {"steps_done_in_epoch": done, "epoch_stats": epoch_stats.detach().cpu()}
+                        path = self.save(ckpt.mid_epoch_name(epoch, global_step), epoch, global_step, best, False, state)
+                        stream.write("step_checkpoint", epoch=epoch, step=global_step, path=str(path),
+                                     reason=signal_name(signum) if signum else "interval")
+                    t0 = time.perf_counter()
+                    if signum:
+                        break
+                    if cfg.max_steps is not None and global_step >= cfg.max_steps:
+                        stopped = True
+                        break
+                if done < len(plan):
+                    break  # stopped inside the epoch: no validation, no epoch checkpoint
+                val = self.validate()
+                train_epoch = summarize(epoch_stats, cfg.ttt_step_loss_decay)
+                score = val["loss"] if val is not None else train_epoch["loss"]
+                is_best = best["val_loss"] is None or score < best["val_loss"]
+                if is_best:
+                    best = {"val_loss": score, "epoch": epoch}
+                if val is not None:
+                    history.append({"type": "val", "epoch": epoch, "step": global_step, "metrics": val})
+                    if info.is_main:
+                        stream.write("val", epoch=epoch, step=global_step, metrics=val)
+                        exp.log("val", val, global_step)
+                        print(format_console("val", val, epoch), flush=True)
+                path = self.save(ckpt.epoch_end_name(epoch), epoch, global_step, best, is_best, {})
                 stream.write("checkpoint", epoch=epoch, step=global_step, path=str(path), val_loss=score, is_best=is_best)
-            if stopped:
-                break
-        if not stopped:
+                signum = signum or self._agreed_stop(stop)
+                if stopped or signum:
+                    break
+        if signum:
+            stream.write("end", status="interrupted", signal=signal_name(signum))
+            if info.is_main:
+                logger.info("%s: checkpointed step %d and stopped", signal_name(signum), global_step)
+        elif not stopped:
             stream.write("end", status="completed")
         elif info.is_main:
             logger.info("stopped after --max-steps %d", cfg.max_steps)
         stream.close()
         exp.close()
         barrier(info)
-        return {"history": history, "global_step": global_step, "best": best, "stopped": stopped}
+        return {"history": history, "global_step": global_step, "best": best, "stopped": stopped or bool(signum),
+                "signal": signum}
 
-    def save(self, epoch: int, global_step: int, best: dict[str, Any], is_best: bool) -> Path:
+    def save(self, name: str, epoch: int, global_step: int, best: dict[str, Any], is_best: bool,
+             extra_state: dict[str, Any]) -> Path:
+        """Checkpoint `<save-path>/<name>`; `extra_state` marks (and restores) a mid-epoch one."""
         model_state = self._full_model_state()  # collective under FSDP
         optim_state = self._full_optimizer_state()  # collective under FSDP
-        path = Path(self.cfg.save_path) / str(epoch)
+        path = Path(self.cfg.save_path) / name
         if self.info.is_main:
             trainer_state = {
                 "epoch": epoch,
                 "global_step": global_step,
+                "steps_done_in_epoch": None,
                 "rng": ckpt.capture_rng(),
                 "best_val_loss": best["val_loss"],
                 "best_epoch": best["epoch"],
                 "run_id": self.run_id,
+                **extra_state,
             }
             path = ckpt.write_checkpoint(
-                self.cfg.save_path, epoch, self.draft, model_state, optim_state,
+                self.cfg.save_path, name, self.draft, model_state, optim_state,
                 self.scheduler.state_dict(), trainer_state, is_best,
             )
+            for old in ckpt.prune_checkpoints(self.cfg.save_path, self.cfg.keep_last_checkpoints):
+                logger.info("--keep-last-checkpoints %d: deleted %s", self.cfg.keep_last_checkpoints, old)
         barrier(self.info)
         return path
 

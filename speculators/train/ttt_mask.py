@@ -1,77 +1,8 @@
-"""Attention masks and loss alignment for test-time training (TTT), as pure functions.
+"""Moved to `speculators.models.eagle3.ttt_mask` (the model needs it; train imports down).
 
-Packed rows hold several documents; `document_ids [B, T]` names each token's document
-(-1 on padding).  During TTT the draft is unrolled `k` times over the same row.  Step `s`
-produces keys at every position; a query of step `s` at position `i` may attend to
-
-* the step-0 ("context") keys at positions `j <= i` of the same document, and
-* the keys of steps `1..s` at exactly position `i` (its own earlier-step outputs).
-
-Padding queries only see themselves so no softmax row is empty.  The dense form below
-is the reference; the trainer never builds it for real batches: the CPU attention uses
-the `[B, T, T]` context mask plus per-step diagonal scores, the GPU path a flex
-attention `mask_mod` with the same rule.
+Kept as a re-export so code written against the old path still imports; new code should
+import from the model package.
 """
 
-from __future__ import annotations
-
-import torch
-
-
-def context_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Bool `[B, T, T]`: causal, same-document, non-padding query; diagonal always allowed."""
-    t = document_ids.shape[-1]
-    pos = torch.arange(t, device=document_ids.device)
-    causal = pos[:, None] >= pos[None, :]
-    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
-    real = (document_ids != -1)[:, :, None]
-    eye = torch.eye(t, dtype=torch.bool, device=document_ids.device)
-    return (causal & same_doc & real) | eye
-
-
-def ttt_mask_dense(document_ids: torch.Tensor, step: int) -> torch.Tensor:
-    """Reference bool mask `[B, T, T * (step + 1)]` for queries of TTT step `step`.
-
-    Key block 0 holds the step-0 keys, block `j` the keys of step `j`.
-    """
-    b, t = document_ids.shape
-    eye = torch.eye(t, dtype=torch.bool, device=document_ids.device).expand(b, t, t)
-    blocks = [context_mask(document_ids)] + [eye] * step
-    return torch.cat(blocks, dim=-1)
-
-
-def ttt_mask_mod(document_ids: torch.Tensor, seq_len: int):
-    """The same rule as `ttt_mask_dense` as a flex-attention `mask_mod(b, h, q, kv)`."""
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        kv_pos = kv_idx % seq_len
-        in_context = kv_idx < seq_len
-        doc_q = document_ids[b, q_idx]
-        ctx = in_context & (q_idx >= kv_pos) & (doc_q == document_ids[b, kv_pos]) & (doc_q != -1)
-        return ctx | (kv_pos == q_idx)
-
-    return mask_mod
-
-
-def step_valid_positions(loss_mask: torch.Tensor, document_ids: torch.Tensor, step: int) -> torch.Tensor:
-    """Bool `[B, T]` over draft start positions `i` that count for TTT step `step`.
-
-    Step `step` at position `i` predicts the verifier distribution stored at `i + step`;
-    that target must exist, be loss-masked and belong to the same document as `i`.
-    """
-    b, t = loss_mask.shape
-    valid = torch.zeros(b, t, dtype=torch.bool, device=loss_mask.device)
-    if step >= t:
-        return valid
-    n = t - step
-    tgt_doc = document_ids[:, step:]
-    valid[:, :n] = (loss_mask[:, step:] != 0) & (tgt_doc == document_ids[:, :n]) & (tgt_doc != -1)
-    return valid
-
-
-def shift_tokens(input_ids: torch.Tensor, step: int, pad_id: int = 0) -> torch.Tensor:
-    """Ground-truth tokens fed at TTT step `step`: `input_ids` shifted left by `step`."""
-    if step == 0:
-        return input_ids
-    pad = input_ids.new_full((input_ids.shape[0], min(step, input_ids.shape[1])), pad_id)
-    return torch.cat([input_ids[:, step:], pad], dim=1)
+from speculators.models.eagle3.ttt_mask import *  # noqa: F401,F403
+from speculators.models.eagle3.ttt_mask import __all__  # noqa: F401

@@ -1,6 +1,6 @@
 """Attention kernels for the draft: TTT training attention and cached causal inference.
 
-TTT attention (see `speculators.train.ttt_mask` for the rule): a step-`s` query sees the
+TTT attention (see `speculators.models.eagle3.ttt_mask` for the rule): a step-`s` query sees the
 step-0 keys through a `[B, T, T]` context mask and the keys of steps `1..s` only at its
 own position.  On CPU (and as the reference) the extra keys contribute one score each,
 computed as a dot product, so no `[T, T * (s + 1)]` mask is ever built.  On CUDA the
@@ -19,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from speculators.train.ttt_mask import ttt_mask_mod
+from speculators.models.eagle3.ttt_mask import ttt_mask_mod
 
 
 def _group(q: torch.Tensor, num_kv: int) -> torch.Tensor:

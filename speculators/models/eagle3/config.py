@@ -23,18 +23,7 @@ from speculators import __version__
 from speculators.errors import UserError
 from speculators.layers import check_layer_ids, vllm_default_aux_layer_ids
 from speculators.models.eagle3.config_keys import check_known_keys, sliding_layer_types
-
-# Keys vLLM's loader validates or reads from the top level of config.json.
-REQUIRED_TOP_LEVEL_KEYS = (
-    "speculators_model_type",
-    "architectures",
-    "transformer_layer_config",
-    "draft_vocab_size",
-    "norm_before_residual",
-    "target_hidden_size",
-    "speculators_config",
-)
-
+from speculators.verifier import text_config
 
 # Draft layer styles and the architecture name written for each.
 DRAFT_ARCHS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -130,7 +119,7 @@ class Eagle3Config:
         full_attention_indices: list[int] | None = None,
     ) -> Eagle3Config:
         """Shape the draft like one verifier decoder layer (GQA, head_dim, RoPE scaling)."""
-        vc = getattr(verifier_config, "text_config", None) or verifier_config
+        vc = text_config(verifier_config)
         heads = vc.num_attention_heads
         head_dim = getattr(vc, "head_dim", None) or vc.hidden_size // heads
         default_ids = default_aux_layer_ids(vc.num_hidden_layers)

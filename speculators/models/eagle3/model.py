@@ -30,7 +30,7 @@ from speculators.models.eagle3.attention import (
     windowed,
 )
 from speculators.models.eagle3.config import Eagle3Config
-from speculators.train.ttt_mask import context_mask, shift_tokens
+from speculators.models.eagle3.ttt_mask import context_mask, shift_tokens
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -391,15 +391,16 @@ class Eagle3DraftModel(nn.Module):
         state = load_file(str(path), device=str(map_location))
         if "embed_tokens.weight" not in state and config.verifier_name_or_path:
             # Checkpoints may leave out the (frozen, verifier-copied) embedding.
-            from speculators.train.verifier import load_verifier_config, load_verifier_weights
+            from speculators.verifier import load_verifier_weights, read_verifier_config
 
-            vconf = load_verifier_config(config.verifier_name_or_path)
+            vconf = read_verifier_config(config.verifier_name_or_path)
             state["embed_tokens.weight"] = load_verifier_weights(config.verifier_name_or_path, vconf)["embed"]
         if "d2t" not in state and "t2d" not in state and config.draft_vocab_size == config.vocab_size:
             # A full-vocabulary draft needs no mapping; the public package then saves none.
             state["d2t"], state["t2d"] = model.d2t.clone(), model.t2d.clone()
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("rotary.")]
+        identity_mapping = ("d2t", "t2d") if config.draft_vocab_size == config.vocab_size else ()
+        missing = [k for k in missing if not k.startswith("rotary.") and k not in identity_mapping]
         if missing or unexpected:
             raise UserError(f"{path}: tensors do not match config.json (missing {missing}, unexpected {unexpected})")
         return model.to(map_location)
