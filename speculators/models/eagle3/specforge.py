@@ -155,13 +155,13 @@ def convert_specforge(source: str | Path, output: str | Path, verifier: str, spe
 
     from speculators.models.eagle3.config import Eagle3Config
     from speculators.models.eagle3.model import WEIGHTS_NAME, Eagle3DraftModel
-    from speculators.train.verifier import load_verifier_config, load_verifier_weights
+    from speculators.verifier import load_verifier_weights, read_verifier_config
 
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise UserError(f"--output {output} exists and is not empty; choose a new directory")
     config, tensors = read_specforge(source)
-    vconf = load_verifier_config(verifier)
+    vconf = read_verifier_config(verifier, flag="--verifier")
     if vconf.hidden_size != (config.get("target_hidden_size") or config["hidden_size"]):
         raise UserError(f"--verifier {verifier}: hidden size {vconf.hidden_size} does not match the draft's "
                         f"{config.get('target_hidden_size') or config['hidden_size']}")
