@@ -50,7 +50,7 @@ logger = logging.getLogger("speculators.train")
 # --------------------------------------------------------------------- data
 def check_data_against_verifier(data_config: dict[str, Any], vconf: Any, cfg: TrainConfig) -> list[int]:
     """Validate the hidden-state data for this verifier; return its layer ids."""
-    where = f"{cfg.data_path or cfg.extra.get('hidden_states_path')}/data_config.json"
+    where = f"{cfg.data_path or cfg.hidden_states_path}/data_config.json"
     version = data_config.get("version")
     if version is not None and int(version) != int(cfg.data_format_version):
         raise UserError(
