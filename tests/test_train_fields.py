@@ -109,3 +109,17 @@ def test_metrics_file_receives_the_stream(tiny_llama, hs, tmp_path):
     kinds = [json.loads(line)["type"] for line in target.read_text().splitlines()]
     assert kinds[0] == "start" and "train" in kinds
     assert not (tmp_path / "ck" / "metrics.jsonl").exists()  # not the default place
+
+
+def test_schedule_from_transformers_keeps_the_previous_values():
+    """speculators.train.schedule now uses transformers' schedules; these are the values of the
+    hand-written schedule it replaced (lr_oracle), over short, long and all-warmup runs."""
+    from speculators.train.schedule import lr_factor
+
+    for kind in ("cosine", "linear"):
+        for total in (1, 2, 5, 37, 1000):
+            for warmup in (0, 1, 3, 10, 50):
+                for step in range(total + 1):
+                    assert lr_factor(step, total, warmup, kind) == pytest.approx(
+                        lr_oracle(step, total, warmup, kind), abs=1e-12), (kind, total, warmup, step)
+    assert [lr_factor(s, 10, 4, "none") for s in range(10)] == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 7)
