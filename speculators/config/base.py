@@ -197,9 +197,11 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], names
             kw["choices"] = list(choices)
         elif get_origin(inner) is list:
             (item,) = get_args(inner)
-            kw.update(nargs="+", type=item)
+            kw.update(nargs="+", type=item, metavar="N")
         elif inner in (int, float):
-            kw["type"] = inner
+            kw.update(type=inner, metavar="N" if inner is int else "X")
+        else:
+            kw["metavar"] = name.rsplit("_", 1)[-1].upper()
         if required:
             kw["required"] = True
         else:
