@@ -282,3 +282,12 @@ def test_demo_and_worker_build_the_same_commands(tmp_path):
     cfg = parse_train(stages["train"])
     assert (cfg.total_seq_len, cfg.epochs, cfg.lr, cfg.ttt_steps, cfg.run_name) == (256, 2, 3e-3, 3, "demo")
     assert cfg.data_path == str(tmp_path / "hidden_states")
+
+
+def test_stored_records_of_older_versions_still_load(tmp_path):
+    old = {"name": "-old", "model": "m", "dataset": "sharegpt", "seq_length": 64, "ttt_steps": 2,
+           "batch_size": 4, "layer_ids": [2, 4], "removed_setting": 1}
+    run = RunSettings.from_dict(old)
+    assert (run.name, run.ttt_steps, run.layer_ids, run.regenerate) == ("-old", 2, [2, 4], False)
+    cfg = parse_train(stage_args(run, "train", StagePaths(tmp_path)))
+    assert cfg.run_name == "-old"  # passed as --run-name=-old: still one value

@@ -111,8 +111,14 @@ class RunSettings(Settings):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSettings:
-        """A stored record (keys this version does not know are dropped, missing ones defaulted)."""
-        return cls.model_validate({k: v for k, v in data.items() if k in cls.model_fields})
+        """A stored record (keys this version does not know are dropped, missing ones defaulted).
+
+        Records were checked when they were stored; one that today's rules refuse (e.g. a run
+        name starting with '-', accepted by older versions) is still read as stored.
+        """
+        known = {k: v for k, v in data.items() if k in cls.model_fields}
+        obj, _ = cls.errors_of(known)
+        return obj if obj is not None else cls.model_construct(**known)
 
     @property
     def online(self) -> bool:
