@@ -151,6 +151,7 @@ def memory_refusal(spec: RunSpec, dims: VerifierDims, free_memory: int | None = 
     """The trainer's memory estimate against this machine (RAM for CPU runs; GPU runs only when
     this process sees a GPU); the message `speculators train` gives, or None."""
     on_gpu = spec.gpus > 0
+    ids = resolve_layer_ids(spec.layer_ids, dims.num_hidden_layers, include_last_layer=True, flag="layer ids")
     if free_memory is None:
         if on_gpu:
             try:
@@ -165,7 +166,7 @@ def memory_refusal(spec: RunSpec, dims: VerifierDims, free_memory: int | None = 
         where = "free GPU memory" if on_gpu else "available RAM"
     est = estimate_train_memory(
         dims, total_seq_len=spec.packed_len, ttt_steps=spec.ttt_steps, num_layers=spec.num_layers,
-        draft_vocab_size=spec.draft_vocab_size, num_aux_layers=len(spec.layer_ids) if spec.layer_ids else 3,
+        draft_vocab_size=spec.draft_vocab_size, num_aux_layers=len(ids) - 1,
         on_gpu=on_gpu, bf16=on_gpu, flex=on_gpu,
     )
     return refusal(est, free_memory, where, "sequence length", spec.packed_len)
