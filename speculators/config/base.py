@@ -109,7 +109,7 @@ class SettingsError(UserError):
         self.errors = errors
 
 
-class Settings(BaseModel):
+class TypedSettings(BaseModel):
     """Base of every settings model: unknown keys refused, values checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import field_validator
 from pydantic.fields import FieldInfo
 
-from speculators.config.base import Settings, setting
+from speculators.config.base import TypedSettings, setting
 from speculators.config.train import TrainConfig
 
 MODES = ("offline", "online", "hybrid")
@@ -43,7 +43,7 @@ def parse_layer_ids(value: Any) -> list[int]:
         raise ValueError("comma-separated whole numbers, e.g. 2,4,7 (empty: the default layers)") from None
 
 
-class RunSettings(Settings):
+class RunSettings(TypedSettings):
     name: str = setting(help="any text; passed to the trainer as one argument, never through a shell",
                         title="Run name", min_length=1, max_length=100)
     model: str = setting(help="Hugging Face id (org/name) or a local model directory", title="Verifier model",

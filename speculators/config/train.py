@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from speculators.config.base import Settings, setting
+from speculators.config.base import TypedSettings, setting
 
 MODEL, DATA, ONLINE, TRAINING, OUTPUT = "model", "data", "online training (hidden states from a vLLM server)", \
     "training", "output"
@@ -18,7 +18,7 @@ TTT_STEPS_MAX = 16
 SEQ_LEN_MIN, SEQ_LEN_MAX = 16, 1 << 20
 
 
-class TrainConfig(Settings):
+class TrainConfig(TypedSettings):
     # ---------------------------------------------------------------- model
     verifier_name_or_path: str = setting(help="verifier (target) model directory or HF id", group=MODEL,
                                          title="Verifier model", min_length=1)
