@@ -106,8 +106,8 @@ def estimate_train_memory(
     if not flex:
         # context mask [B, T, T] bool and its temporaries; steps >= 1 keep scores, softmax and
         # probabilities [B, heads, T, T] per layer for backward (factors fitted to measured peaks of
-        # T = 256..2048 runs: bench/results/memory_estimate.json).
-        parts["attention (T^2)"] = 4 * b * t * t + max(0, k - 1) * num_layers * 2 * b * dims.num_heads * t * t * act
+        # T = 256..4096 runs: bench/results/memory_estimate.json).
+        parts["attention (T^2)"] = 4 * b * t * t + max(0, k - 1) * num_layers * 5 * b * dims.num_heads * t * t * act // 2
     return MemoryEstimate(parts)
 
 
