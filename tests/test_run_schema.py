@@ -291,3 +291,21 @@ def test_stored_records_of_older_versions_still_load(tmp_path):
     assert (run.name, run.ttt_steps, run.layer_ids, run.regenerate) == ("-old", 2, [2, 4], False)
     cfg = parse_train(stage_args(run, "train", StagePaths(tmp_path)))
     assert cfg.run_name == "-old"  # passed as --run-name=-old: still one value
+
+
+def test_every_stage_command_parses_with_the_real_cli(tmp_path):
+    """Each stage's `--flag=value` arguments are what the real subcommands accept."""
+    from speculators.cli import build_parser
+
+    run = RunSettings.from_dict(dict(name="-dash", model="/m", dataset="sharegpt", layer_ids=[1, 3], max_samples=5,
+                                     seq_length=128, draft_vocab_size=64, batch_size=2))  # an old record
+    paths = StagePaths(tmp_path)
+    parser = build_parser()
+    prep = parser.parse_args(stage_args(run, "prepare", paths))
+    vocab = parser.parse_args(stage_args(run, "vocab", paths))
+    dg = parser.parse_args(stage_args(run, "datagen", paths))
+    train = parser.parse_args(stage_args(run, "train", paths))
+    seen = {k: v for ns in (prep, vocab, dg, train) for k, v in vars(ns).items() if not callable(v)}
+    assert seen["seq_length"] == 128 and seen["draft_vocab_size"] == 64 and seen["run_name"] == "-dash"
+    assert dg.layer_ids == [1, 3] and dg.batch_size == 2 and dg.output_dir == str(paths.hidden)
+    assert vocab.output_path == str(paths.vocab) and prep.output == str(paths.prepared)
