@@ -1,21 +1,18 @@
 """Where things live and how the parts reach each other, read from the environment.
 
-Every process (dashboard, GPU worker, vLLM controller) builds the same
-`Settings` from `SPEC_*` variables, so compose.yaml and the local launcher only
-have to set environment variables.
+Every process (dashboard, GPU worker, vLLM controller) builds the same `Settings`
+from `SPEC_*` variables (pydantic-settings reads and type-checks them; an empty
+variable counts as unset), so compose.yaml and the local launcher only have to set
+environment variables. Paths left unset follow `SPEC_HOME`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
-
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name, "").strip()
-    return value or default
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def default_namespace(home: Path) -> str:
@@ -24,51 +21,66 @@ def default_namespace(home: Path) -> str:
     return f"spec-{digest}"
 
 
-@dataclass(frozen=True)
-class Settings:
-    home: Path
-    db_url: str
-    data_root: Path  # datasets a run may read: uploads and user files; nothing outside
-    runs_root: Path  # one work directory per run: prepared data, hidden states, checkpoints, logs
-    models_root: Path  # local verifier models (the tiny CPU model lives here)
-    broker_url: str
-    result_backend: str
-    default_model: str
-    max_gpus: int  # the form offers 0..max_gpus; 0 means CPU
-    vllm_host: str  # host name the dashboard uses to reach servers the controller starts
-    vllm_public_host: str  # host name shown to the user for the served endpoint
-    vllm_port: int  # port of the served draft (checkpoint_best)
-    verifier_port: int  # port of the verifier that online/hybrid training reads hidden states from
-    auto_resume: bool  # a restarted worker resumes runs it was killed in
-    train_threads: int  # OMP_NUM_THREADS for stage subprocesses
-    broker_namespace: str  # prefix of every broker key: installations sharing a Redis never see each other's tasks
-    vllm_bind: str  # --host for vLLM servers the controller starts ("" = the launcher's default, 127.0.0.1)
-    vllm_api_key: str  # --api-key for those servers ("" = none)
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPEC_", env_ignore_empty=True, frozen=True, extra="ignore",
+                                      populate_by_name=True)
+
+    home: Path = Path.home() / ".speculators-app"
+    db_url: str = ""  # default sqlite:///<home>/runs.sqlite
+    data_root: Path | None = None  # datasets a run may read: uploads and user files; nothing outside
+    runs_root: Path | None = None  # one work directory per run: prepared data, hidden states, checkpoints, logs
+    models_root: Path | None = None  # local verifier models (the tiny CPU model lives here)
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = ""  # default: the broker when it is Redis, else files under home
+    default_model: str = ""  # default <home>/models/tiny-llama
+    max_gpus: int = 0  # the form offers 0..max_gpus; 0 means CPU
+    vllm_host: str = "127.0.0.1"  # host name the dashboard uses to reach servers the controller starts
+    vllm_public_host: str = ""  # host name shown to the user for the served endpoint (default vllm_host)
+    vllm_port: int = 8000  # port of the served draft (checkpoint_best)
+    verifier_port: int = 8001  # port of the verifier that online/hybrid training reads hidden states from
+    auto_resume: bool = True  # a restarted worker resumes runs it was killed in
+    train_threads: int = 1  # OMP_NUM_THREADS for stage subprocesses
+    # prefix of every broker key: installations sharing a Redis never see each other's tasks
+    broker_namespace: str = ""  # default spec-<hash of home>
+    # --host for vLLM servers the controller starts ("" = the launcher's default, 127.0.0.1)
+    vllm_bind: str = Field("", validation_alias=AliasChoices("vllm_bind", "SPEC_VLLM_BIND_HOST"))
+    vllm_api_key: str = ""  # --api-key for those servers ("" = none)
+
+    @field_validator("home", "data_root", "runs_root", "models_root", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("auto_resume", mode="before")
+    @classmethod
+    def _flag(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        if isinstance(value, str):
+            return True
+        return value
+
+    @model_validator(mode="after")
+    def _follow_home(self) -> Settings:
+        home = self.home
+        derived = {
+            "db_url": self.db_url or f"sqlite:///{home / 'runs.sqlite'}",
+            "data_root": self.data_root or home / "data",
+            "runs_root": self.runs_root or home / "runs",
+            "models_root": self.models_root or home / "models",
+            "result_backend": self.result_backend
+            or (self.broker_url if self.broker_url.startswith("redis") else f"file://{home / 'results'}"),
+            "default_model": self.default_model or str(home / "models" / "tiny-llama"),
+            "vllm_public_host": self.vllm_public_host or self.vllm_host,
+            "broker_namespace": self.broker_namespace or default_namespace(home),
+        }
+        for key, value in derived.items():
+            object.__setattr__(self, key, value)  # frozen: filled once, while validating
+        return self
 
     @classmethod
     def from_env(cls) -> Settings:
-        home = Path(_env("SPEC_HOME", str(Path.home() / ".speculators-app"))).expanduser()
-        broker = _env("SPEC_BROKER_URL", "redis://127.0.0.1:6379/0")
-        return cls(
-            home=home,
-            db_url=_env("SPEC_DB_URL", f"sqlite:///{home / 'runs.sqlite'}"),
-            data_root=Path(_env("SPEC_DATA_ROOT", str(home / "data"))).expanduser(),
-            runs_root=Path(_env("SPEC_RUNS_ROOT", str(home / "runs"))).expanduser(),
-            models_root=Path(_env("SPEC_MODELS_ROOT", str(home / "models"))).expanduser(),
-            broker_url=broker,
-            result_backend=_env("SPEC_RESULT_BACKEND", broker if broker.startswith("redis") else f"file://{home / 'results'}"),
-            default_model=_env("SPEC_DEFAULT_MODEL", str(home / "models" / "tiny-llama")),
-            max_gpus=int(_env("SPEC_MAX_GPUS", "0")),
-            vllm_host=_env("SPEC_VLLM_HOST", "127.0.0.1"),
-            vllm_public_host=_env("SPEC_VLLM_PUBLIC_HOST", _env("SPEC_VLLM_HOST", "127.0.0.1")),
-            vllm_port=int(_env("SPEC_VLLM_PORT", "8000")),
-            verifier_port=int(_env("SPEC_VERIFIER_PORT", "8001")),
-            auto_resume=_env("SPEC_AUTO_RESUME", "1") not in ("0", "false", "no"),
-            train_threads=int(_env("SPEC_TRAIN_THREADS", "1")),
-            broker_namespace=_env("SPEC_BROKER_NAMESPACE", default_namespace(home)),
-            vllm_bind=_env("SPEC_VLLM_BIND_HOST", ""),
-            vllm_api_key=_env("SPEC_VLLM_API_KEY", ""),
-        )
+        return cls()
 
     def ensure_dirs(self) -> None:
         for path in (self.home, self.data_root, self.runs_root, self.models_root):

@@ -3,6 +3,7 @@
 import io
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -15,6 +16,15 @@ def test_iter_json_array_handles_every_chunk_edge():
     for chunk in (1, 2, 3, 7, 64, 1 << 20):
         assert list(iter_json_array(io.BytesIO(raw), chunk)) == data
     assert list(iter_json_array(io.BytesIO(b" [ ] "))) == []
+    cut = iter_json_array(io.BytesIO(raw[: len(raw) // 2]), 64)
+    with pytest.raises(ValueError, match="unterminated"):
+        list(cut)
+
+
+def test_sharegpt_stops_with_a_warning_at_the_packaged_file_end(caplog):
+    """The packaged file ends mid-record after 17,671 conversations: all of them, then a warning."""
+    assert sum(1 for _ in iter_sharegpt()) == 17671
+    assert "stopped after 17671 complete records" in caplog.text
 
 
 def test_sharegpt_streams_real_records():

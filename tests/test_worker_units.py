@@ -45,6 +45,16 @@ def _good(settings, **over):
     return raw
 
 
+def _value(argv: list[str], flag: str) -> str:
+    """The value of `flag` in an argument list (`--flag=value` or `--flag value`)."""
+    for i, arg in enumerate(argv):
+        if arg == flag:
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1:]
+    raise AssertionError(f"{flag} not in {argv}")
+
+
 def test_tail_returns_complete_lines_only(tmp_path):
     path = tmp_path / "m.jsonl"
     tail = JsonlTail(path)
@@ -73,8 +83,8 @@ def test_valid_spec(settings):
     ("epochs", 0, "between"),
     ("lr", "-1", "(0.0, 1.0]"),
     ("layer_ids", "2,x", "comma-separated"),
-    ("layer_ids", "2,2", "distinct"),
-    ("layer_ids", "2,9", "within [0, 8]"),
+    ("layer_ids", "2,2", "repeats"),
+    ("layer_ids", "2,9", "[0, 8]"),
     ("draft_vocab_size", 1000, "vocabulary (512)"),
     ("mode", "sideways", "one of"),
     ("gpus", 3, "between 0 and 2"),
@@ -116,12 +126,12 @@ def test_stage_commands_are_argument_lists(settings, tmp_path):
     assert stages_for(spec) == ["prepare", "vocab", "datagen", "train"]
     train = stage_argv(spec, "train", paths, python="py")
     assert train[:4] == ["py", "-m", "speculators", "train"]
-    assert train[train.index("--run-name") + 1] == name  # one argument, untouched
-    assert train[train.index("--d2t-path") + 1] == str(paths.vocab / "d2t.npy")
+    assert _value(train, "--run-name") == name  # one argument, untouched
+    assert _value(train, "--d2t-path") == str(paths.vocab / "d2t.npy")
     dg = stage_argv(spec, "datagen", paths, python="py")
     assert dg[dg.index("--layer-ids") + 1:dg.index("--layer-ids") + 4] == ["2", "4", "7"]
     prep = stage_argv(spec, "prepare", paths, python="py")
-    assert prep[prep.index("--data") + 1] == spec.dataset
+    assert _value(prep, "--data") == spec.dataset
     spec.gpus = 2
     multi = stage_argv(spec, "train", paths, python="py")
     assert multi[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -132,8 +142,8 @@ def test_online_train_command(settings, tmp_path):
     spec, _ = validate_spec(_good(settings, mode="hybrid", gpus=1), settings)
     assert stages_for(spec) == ["prepare", "vocab", "verifier", "train"]
     argv = stage_argv(spec, "train", RunPaths(tmp_path), python="py", verifier_url="http://vllm:8001")
-    assert argv[argv.index("--vllm-endpoint") + 1] == "http://vllm:8001"
-    assert argv[argv.index("--on-generate") + 1] == "cache"
+    assert _value(argv, "--vllm-endpoint") == "http://vllm:8001"
+    assert _value(argv, "--on-generate") == "cache"
     v = verifier_argv(spec.model, [2, 4], 8001, "/hs", python="py")
     assert v[3:7] == ["launch-vllm", spec.model, "--hidden-states-path", "/hs"]
     assert v[v.index("--") + 1:] == ["--host", "127.0.0.1", "--port", "8001", "--no-enable-chunked-prefill"]

@@ -11,66 +11,22 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runstore.settings import Settings
+from speculators.config.memory import VerifierDims, available_bytes, estimate_train_memory, refusal
+from speculators.config.run import BUILTIN_DATASETS, MODES, RunSettings, parse_layer_ids
+from speculators.errors import UserError
+from speculators.layers import resolve_layer_ids
 
-MODES = ("offline", "online", "hybrid")
-BUILTIN_DATASETS = ("sharegpt", "ultrachat")
+__all__ = ["BUILTIN_DATASETS", "MODES", "RunSpec", "validate_spec"]
+
 _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-
-@dataclass
-class RunSpec:
-    name: str
-    model: str
-    dataset: str  # a built-in name or an absolute path inside the data root
-    seq_length: int = 64
-    max_samples: int = 16
-    layer_ids: list[int] = field(default_factory=list)  # empty: the datagen default
-    draft_vocab_size: int = 128
-    epochs: int = 1
-    lr: float = 1e-3
-    ttt_steps: int = 2
-    num_layers: int = 1
-    mode: str = "offline"
-    gpus: int = 0
-    batch_size: int = 4
-    seed: int = 0
-    vllm_endpoint: str = ""  # online/hybrid: a running verifier; empty: the controller starts one
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def _int(raw: Any, name: str, lo: int, hi: int, errors: dict[str, str]) -> int:
-    try:
-        value = int(str(raw).strip())
-    except (TypeError, ValueError):
-        errors[name] = f"must be a whole number between {lo} and {hi}"
-        return lo
-    if not lo <= value <= hi:
-        errors[name] = f"must be between {lo} and {hi} (got {value})"
-    return value
-
-
-def _float(raw: Any, name: str, lo: float, hi: float, errors: dict[str, str]) -> float:
-    try:
-        value = float(str(raw).strip())
-    except (TypeError, ValueError):
-        errors[name] = f"must be a number in ({lo}, {hi}]"
-        return hi
-    if not (lo < value <= hi):
-        errors[name] = f"must be in ({lo}, {hi}] (got {value})"
-    return value
+# A run's settings are the typed schema of speculators.config.run: defaults, bounds, help and
+# labels live there; the stored record is its dict (`to_dict` / `RunSpec.from_dict`).
+RunSpec = RunSettings
 
 
 def inside(path: Path, root: Path) -> bool:
@@ -131,23 +87,19 @@ def resolve_model(raw: str, settings: Settings) -> tuple[str, str | None]:
     return value, None
 
 
-def parse_layer_ids(raw: Any) -> list[int]:
-    if isinstance(raw, (list, tuple)):
-        return [int(x) for x in raw]
-    text = str(raw or "").replace(" ", "")
-    return [int(x) for x in text.split(",") if x] if text else []
+def validate_spec(raw: dict[str, Any], settings: Settings, *, free_memory: int | None = None
+                  ) -> tuple[RunSpec | None, dict[str, str]]:
+    """Check every field; return the spec, or None and {field: message}.
 
-
-def validate_spec(raw: dict[str, Any], settings: Settings) -> tuple[RunSpec | None, dict[str, str]]:
-    """Check every field; return the spec, or None and {field: message}."""
-    errors: dict[str, str] = {}
-    name = str(raw.get("name") or "").strip()
-    if not name:
-        errors["name"] = "give the run a name"
-    elif len(name) > 100:
-        errors["name"] = "at most 100 characters"
-    elif _CONTROL.search(name):
-        errors["name"] = "no control characters or line breaks"
+    Types and bounds come from the schema (the messages `speculators train` gives); this adds
+    what needs the installation: paths inside its roots, its GPU count, the verifier's layer
+    count and vocabulary, and whether the trainer's memory fits (`free_memory` overrides the
+    measured free bytes, for tests).
+    """
+    data = {k: v for k, v in raw.items() if k in RunSpec.model_fields}
+    for key in ("name", "model", "dataset"):
+        data.setdefault(key, "")
+    _, errors = RunSpec.errors_of(data)
 
     model, err = resolve_model(str(raw.get("model") or ""), settings)
     if err:
@@ -155,51 +107,66 @@ def validate_spec(raw: dict[str, Any], settings: Settings) -> tuple[RunSpec | No
     dataset, err = resolve_dataset(str(raw.get("dataset") or ""), settings)
     if err:
         errors["dataset"] = err
-
-    seq_length = _int(raw.get("seq_length", 64), "seq_length", 16, 131072, errors)
-    max_samples = _int(raw.get("max_samples", 16), "max_samples", 1, 10_000_000, errors)
-    draft_vocab = _int(raw.get("draft_vocab_size", 128), "draft_vocab_size", 2, 1_000_000, errors)
-    epochs = _int(raw.get("epochs", 1), "epochs", 1, 1000, errors)
-    lr = _float(raw.get("lr", 1e-3), "lr", 0.0, 1.0, errors)
-    ttt = _int(raw.get("ttt_steps", 2), "ttt_steps", 1, 16, errors)
-    num_layers = _int(raw.get("num_layers", 1), "num_layers", 1, 16, errors)
-    gpus = _int(raw.get("gpus", 0), "gpus", 0, max(settings.max_gpus, 0), errors)
-    if "gpus" in errors and settings.max_gpus == 0:
-        errors["gpus"] = "this installation has no GPU worker: use 0 (CPU)"
-    batch_size = _int(raw.get("batch_size", 4), "batch_size", 1, 4096, errors)
-    seed = _int(raw.get("seed", 0), "seed", 0, 2**31 - 1, errors)
-
-    mode = str(raw.get("mode") or "offline")
-    if mode not in MODES:
-        errors["mode"] = f"must be one of {', '.join(MODES)}"
-    endpoint = str(raw.get("vllm_endpoint") or "").strip()
-    if endpoint and not re.match(r"^https?://[A-Za-z0-9.\-]+(:\d+)?(/.*)?$", endpoint):
-        errors["vllm_endpoint"] = "must be an http(s)://host:port URL"
-    if mode in ("online", "hybrid") and gpus == 0 and not endpoint:
+    data.update(model=model, dataset=dataset)
+    if "gpus" not in errors and int(data.get("gpus") or 0) > max(settings.max_gpus, 0):
+        errors["gpus"] = (f"must be between 0 and {settings.max_gpus}" if settings.max_gpus
+                          else "this installation has no GPU worker: use 0 (CPU)")
+    mode = str(data.get("mode") or "offline")
+    if mode in ("online", "hybrid") and "mode" not in errors and int(data.get("gpus") or 0) == 0 \
+            and not str(data.get("vllm_endpoint") or "").strip():
         errors["mode"] = f"{mode} training reads hidden states from a vLLM server: give its URL or choose GPUs"
-
-    try:
-        layer_ids = parse_layer_ids(raw.get("layer_ids", ""))
-    except ValueError:
-        layer_ids = []
-        errors["layer_ids"] = "comma-separated whole numbers, e.g. 2,4,7 (empty: the default layers)"
-    if layer_ids and len(set(layer_ids)) != len(layer_ids):
-        errors["layer_ids"] = "layer ids must be distinct"
-
     cfg = model_config(model, settings) if "model" not in errors else None
+    dims = _dims(cfg) if cfg else None
     if cfg:
-        n = cfg.get("num_hidden_layers")
-        if isinstance(n, int) and layer_ids and "layer_ids" not in errors:
-            bad = [i for i in layer_ids if not 0 <= i <= n]
-            if bad:
-                errors["layer_ids"] = f"ids must be within [0, {n}] for this model ({n} layers); bad: {bad}"
-        vocab = cfg.get("vocab_size")
-        if isinstance(vocab, int) and draft_vocab > vocab and "draft_vocab_size" not in errors:
+        n = dims.num_hidden_layers if dims else cfg.get("num_hidden_layers")
+        if isinstance(n, int) and "layer_ids" not in errors:
+            ids = parse_layer_ids(data.get("layer_ids"))
+            if ids:
+                try:  # the same rules datagen, launch-vllm and the trainer apply
+                    resolve_layer_ids(ids, n, include_last_layer=True, flag="layer ids")
+                except UserError as exc:
+                    errors["layer_ids"] = str(exc)
+        vocab = dims.vocab_size if dims else cfg.get("vocab_size")
+        if isinstance(vocab, int) and "draft_vocab_size" not in errors \
+                and int(data.get("draft_vocab_size") or 0) > vocab:
             errors["draft_vocab_size"] = f"must not exceed the verifier's vocabulary ({vocab})"
-
     if errors:
         return None, errors
-    return RunSpec(name=name, model=model, dataset=dataset, seq_length=seq_length, max_samples=max_samples,
-                   layer_ids=layer_ids, draft_vocab_size=draft_vocab, epochs=epochs, lr=lr, ttt_steps=ttt,
-                   num_layers=num_layers, mode=mode, gpus=gpus, batch_size=batch_size, seed=seed,
-                   vllm_endpoint=endpoint), {}
+    spec = RunSpec.model_validate(data)
+    if dims is not None:
+        message = memory_refusal(spec, dims, free_memory)
+        if message:
+            return None, {"seq_length": message}
+    return spec, {}
+
+
+def _dims(cfg: dict[str, Any]) -> VerifierDims | None:
+    try:
+        return VerifierDims.from_config(cfg)
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def memory_refusal(spec: RunSpec, dims: VerifierDims, free_memory: int | None = None) -> str | None:
+    """The trainer's memory estimate against this machine (RAM for CPU runs; GPU runs only when
+    this process sees a GPU); the message `speculators train` gives, or None."""
+    on_gpu = spec.gpus > 0
+    ids = resolve_layer_ids(spec.layer_ids, dims.num_hidden_layers, include_last_layer=True, flag="layer ids")
+    if free_memory is None:
+        if on_gpu:
+            try:
+                import torch
+
+                if not torch.cuda.is_available():
+                    return None  # the GPU worker checks again before it trains
+            except ImportError:
+                return None
+        free_memory, where = available_bytes("cuda" if on_gpu else "cpu")
+    else:
+        where = "free GPU memory" if on_gpu else "available RAM"
+    est = estimate_train_memory(
+        dims, total_seq_len=spec.packed_len, ttt_steps=spec.ttt_steps, num_layers=spec.num_layers,
+        draft_vocab_size=spec.draft_vocab_size, num_aux_layers=len(ids) - 1,
+        on_gpu=on_gpu, bf16=on_gpu, flex=on_gpu,
+    )
+    return refusal(est, free_memory, where, "sequence length", spec.packed_len)

@@ -12,19 +12,66 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import streamlit as st
 
 from app import common
-from worker.spec import BUILTIN_DATASETS, MODES, validate_spec
+from speculators.config.base import choices_of, unwrap_optional
+from speculators.config.run import form_defaults
+from worker.spec import BUILTIN_DATASETS, RunSpec, validate_spec
 
 st.set_page_config(page_title="New run", page_icon="🚀", layout="wide")
 common.ensure_dispatcher()
 s = common.settings()
 state = st.session_state
 state.setdefault("form_errors", {})
+DEFAULTS = form_defaults(cpu_only=s.max_gpus == 0)
+# Fields rendered from the run schema (speculators.config.run): label, help, default and the
+# checks behind each error come from there; `dataset` has its own chooser below.
+LEFT = ["name", "model", "seq_length", "max_samples", "layer_ids", "regenerate"]
+REGEN = ["regenerate_backend", "regenerate_max_tokens", "regenerate_temperature"]
+RIGHT = ["draft_vocab_size", "epochs", "lr", "ttt_steps", "num_layers", "mode"]
+ADVANCED = ["batch_size", "seed"]
+PLACEHOLDERS = {"layer_ids": "default: 2, n/2, n-3", "name": ""}
+
+
+def key(name: str) -> str:
+    return f"f_{name}"
 
 
 def field_error(name: str) -> None:
     msg = state["form_errors"].get(name)
     if msg:
         st.error(msg, icon="⚠️")
+
+
+def initial(name: str):
+    if name == "name":
+        return f"run-{datetime.now():%Y%m%d-%H%M%S}"
+    if name == "model":
+        return s.default_model
+    if name == "gpus":
+        return min(1, s.max_gpus)
+    return DEFAULTS.get(name)
+
+
+def widget(name: str) -> None:
+    """One schema field as a widget (text for floats and lists, so any typed text gets a message)."""
+    info = RunSpec.model_fields[name]
+    label, help_text, value = info.title or name, info.description or None, initial(name)
+    inner, _ = unwrap_optional(info.annotation)
+    choices = choices_of(info.annotation)
+    if choices:
+        st.radio(label, list(choices), index=list(choices).index(value), key=key(name), horizontal=True,
+                 help=help_text)
+    elif inner is bool:
+        st.checkbox(label, value=bool(value), key=key(name), help=help_text)
+    elif inner is int:
+        st.number_input(label, value=int(value), step=1, key=key(name), help=help_text)
+    elif inner is float:
+        st.text_input(label, value=repr(float(value)), key=key(name), help=help_text)
+    elif isinstance(value, list):
+        st.text_input(label, value=",".join(map(str, value)), key=key(name), help=help_text,
+                      placeholder=PLACEHOLDERS.get(name, ""))
+    else:
+        st.text_input(label, value=str(value or ""), key=key(name), help=help_text)
+    field_error(name)
 
 
 def _submit() -> None:
@@ -37,13 +84,10 @@ def _submit() -> None:
         dataset = str(common.save_upload(up.name, up.getvalue())) if up is not None else ""
     else:
         dataset = state["f_path"]
-    raw = {
-        "name": state["f_name"], "model": state["f_model"], "dataset": dataset,
-        "seq_length": state["f_seq"], "max_samples": state["f_samples"], "layer_ids": state["f_layers"],
-        "draft_vocab_size": state["f_vocab"], "epochs": state["f_epochs"], "lr": state["f_lr"],
-        "ttt_steps": state["f_ttt"], "num_layers": state["f_nlayers"], "mode": state["f_mode"],
-        "gpus": state["f_gpus"], "vllm_endpoint": state.get("f_endpoint", ""),
-    }
+    raw = {name: state[key(name)] for name in RunSpec.model_fields if key(name) in state}
+    raw["dataset"] = dataset
+    if state.get(key("mode")) == "offline":
+        raw.pop("vllm_endpoint", None)
     spec, errors = validate_spec(raw, s)
     state["form_errors"] = errors
     state["submitted"] = None
@@ -66,12 +110,8 @@ if state.get("submitted"):
 left, right = st.columns(2)
 with left:
     st.subheader("Model and data")
-    st.text_input("Run name", value=f"run-{datetime.now():%Y%m%d-%H%M%S}", key="f_name",
-                  help="Any text; it is passed to the trainer as one argument, never through a shell.")
-    field_error("name")
-    st.text_input("Verifier model", value=s.default_model, key="f_model",
-                  help=f"Hugging Face id (org/name) or a model directory under {s.models_root}")
-    field_error("model")
+    widget("name")
+    widget("model")
     st.radio("Dataset", ["Built-in", "Upload .jsonl", "File under data root"], key="f_source", horizontal=True)
     if state["f_source"] == "Built-in":
         st.selectbox("Built-in dataset", BUILTIN_DATASETS, key="f_builtin")
@@ -80,36 +120,21 @@ with left:
     else:
         st.text_input("Path (relative to the data root)", key="f_path", help=f"data root: {s.data_root}")
     field_error("dataset")
-    st.number_input("Sequence length", value=64 if s.max_gpus == 0 else 2048, step=64, key="f_seq")
-    field_error("seq_length")
-    st.number_input("Samples", value=16 if s.max_gpus == 0 else 5000, step=1, key="f_samples")
-    field_error("max_samples")
-    st.text_input("Verifier layer ids", value="", key="f_layers", placeholder="default: 2, n/2, n-3",
-                  help="comma-separated, e.g. 2,4,5")
-    field_error("layer_ids")
+    for name in LEFT[2:]:
+        widget(name)
+    if state.get(key("regenerate")):
+        for name in REGEN:
+            widget(name)
 with right:
     st.subheader("Draft and training")
-    st.number_input("Draft vocabulary size", value=128 if s.max_gpus == 0 else 32000, step=1, key="f_vocab")
-    field_error("draft_vocab_size")
-    st.number_input("Epochs", value=2 if s.max_gpus == 0 else 10, step=1, key="f_epochs")
-    field_error("epochs")
-    st.text_input("Learning rate", value="0.001", key="f_lr")
-    field_error("lr")
-    st.number_input("TTT steps", value=2 if s.max_gpus == 0 else 3, step=1, key="f_ttt")
-    field_error("ttt_steps")
-    st.number_input("Draft layers", value=1, step=1, key="f_nlayers")
-    field_error("num_layers")
-    st.radio("Mode", MODES, key="f_mode", horizontal=True,
-             help="offline: hidden states precomputed to disk; online: generated by vLLM during training; "
-                  "hybrid: generated once, then cached")
-    if state["f_mode"] != "offline":
-        st.text_input("vLLM verifier URL", value="", key="f_endpoint",
-                      help="leave empty to let the vLLM container start one")
-        field_error("vllm_endpoint")
-    field_error("mode")
-    st.number_input("GPUs", value=min(1, s.max_gpus), step=1, key="f_gpus",
-                    help="0 runs on the CPU; more than 1 trains with torchrun")
-    field_error("gpus")
+    for name in RIGHT:
+        widget(name)
+    if state[key("mode")] != "offline":
+        widget("vllm_endpoint")
+    widget("gpus")
+    with st.expander("Advanced"):
+        for name in ADVANCED:
+            widget(name)
 
 st.button("Launch run", type="primary", on_click=_submit)
 if state["form_errors"]:

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from speculators.config.run import RunSettings
+from speculators.config.stages import StagePaths, pipeline_stages, stage_args
 from speculators.errors import UserError
 
 
@@ -35,45 +37,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def demo_run_settings(args: argparse.Namespace, model: Path) -> RunSettings:
+    """The demo's pipeline as run settings (the same schema the dashboard's runs use)."""
+    return RunSettings(
+        name="demo", model=str(model), dataset="sharegpt", seq_length=args.seq_length,
+        max_samples=args.max_samples, draft_vocab_size=args.draft_vocab_size, epochs=args.epochs, lr=args.lr,
+        ttt_steps=args.ttt_steps, batch_size=8, seed=0, total_seq_len=args.seq_length * 2,
+        regenerate=bool(getattr(args, "regenerate", False)),
+    )
+
+
 def stage_commands(args: argparse.Namespace, work: Path) -> list[tuple[str, list[str]]]:
-    """The CLI invocations of the demo, in order (pure: easy to test and print)."""
+    """The CLI invocations of the demo, in order (pure: easy to test and print).
+
+    Pipeline stages come from the shared builder (speculators.config.stages) the worker uses.
+    """
     model = Path(args.model) if args.model else work / "verifier"
-    data = work / "prepared"
-    vocab = work / "vocab"
-    hs = work / "hidden_states"
-    ckpt = work / "checkpoints"
+    run = demo_run_settings(args, model)
+    paths = StagePaths(work)
     stages: list[tuple[str, list[str]]] = []
     if args.model is None:
         stages.append(("model", ["make-tiny-model", "--output", str(model)]))
-    stages += [
-        ("prepare", [
-            "prepare-data", "--model", str(model), "--data", "sharegpt", "--output", str(data),
-            "--max-samples", str(args.max_samples), "--seq-length", str(args.seq_length), "--seed", "0",
-        ]),
-        ("vocab", [
-            "build-vocab-mapping", "--token-freq-path", str(data / "token_freq.pt"),
-            "--draft-vocab-size", str(args.draft_vocab_size), "--target-model-path", str(model),
-            "--output-path", str(vocab),
-        ]),
-        ("datagen", [
-            "datagen", "--target-model-path", str(model), "--train-data-path", str(data),
-            "--output-dir", str(hs), "--batch-size", "8", "--max-samples", str(args.max_samples),
-        ]),
-        ("train", [
-            "train", "--verifier-name-or-path", str(model), "--data-path", str(hs),
-            "--save-path", str(ckpt), "--epochs", str(args.epochs), "--lr", str(args.lr),
-            "--ttt-steps", str(args.ttt_steps), "--d2t-path", str(vocab / "d2t.npy"),
-            "--t2d-path", str(vocab / "t2d.npy"), "--draft-vocab-size", str(args.draft_vocab_size),
-            "--total-seq-len", str(args.seq_length * 2), "--run-name", "demo",
-        ]),
-        ("eval", [
-            "eval", "--checkpoint", str(ckpt / "checkpoint_best"), "--verifier", str(model),
-            "--data", "sharegpt", "--num-speculative-tokens", str(args.ttt_steps),
-            "--num-prompts", str(args.eval_prompts), "--skip-samples", str(args.max_samples),
-            "--data-seed", "0", "--seq-length", str(args.seq_length),
-            "--output-json", str(work / "eval.json"),
-        ]),
-    ]
+    stages += [(name, stage_args(run, name, paths)) for name in pipeline_stages(run)]
+    stages.append(("eval", [
+        "eval", "--checkpoint", str(paths.checkpoints / "checkpoint_best"), "--verifier", str(model),
+        "--data", "sharegpt", "--num-speculative-tokens", str(args.ttt_steps),
+        "--num-prompts", str(args.eval_prompts), "--skip-samples", str(args.max_samples),
+        "--data-seed", "0", "--seq-length", str(args.seq_length),
+        "--output-json", str(work / "eval.json"),
+    ]))
     return stages
 
 

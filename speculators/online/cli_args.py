@@ -17,32 +17,11 @@ from speculators.errors import UserError
 
 
 def add_online_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("online training (hidden states from a vLLM server)")
-    g.add_argument("--vllm-endpoint", default=None,
-                   help="URL of a `speculators launch-vllm` server (e.g. http://localhost:8000); "
-                        "enables online/hybrid training")
-    g.add_argument("--on-missing", choices=["generate", "skip", "raise"], default="generate",
-                   help="sample without hidden states on disk: request it (generate), leave it out "
-                        "(skip) or stop before training (raise). Default generate")
-    g.add_argument("--on-generate", choices=["delete", "cache"], default="delete",
-                   help="after using a requested sample: delete it, or cache it as data_<i>.pt in "
-                        "--hidden-states-path for later epochs (hybrid). Default delete")
-    g.add_argument("--hidden-states-path", default=None,
-                   help="directory of cached samples (datagen format, data_<i>.pt); read first, "
-                        "written by --on-generate cache")
-    g.add_argument("--prepared-data", default=None,
-                   help="prepared dataset (prepare-data --output) whose rows are requested; "
-                        "default: --data-path when it is a prepared dataset")
-    g.add_argument("--prefetch", type=int, default=16,
-                   help="samples requested ahead of the trainer (default 16)")
-    g.add_argument("--vllm-workers", type=int, default=4, help="concurrent requests (default 4)")
-    g.add_argument("--vllm-model", default=None, help="served model id (default: the server's only model)")
-    g.add_argument("--vllm-timeout", type=float, default=120.0, help="seconds per request (default 120)")
-    g.add_argument("--vllm-max-wait", type=float, default=300.0,
-                   help="seconds to keep retrying a down or restarting server before failing (default 300)")
-    g.add_argument("--vllm-layer-ids", type=int, nargs="+", default=None,
-                   help="vLLM layer ids the server exports (launch-vllm prints them); checked against "
-                        "every response and recorded with cached samples")
+    """The online flags, derived from their settings in `speculators.config.train`."""
+    from speculators.config.base import add_arguments
+    from speculators.config.train import ONLINE_FIELDS, TrainConfig
+
+    add_arguments(parser, TrainConfig, ONLINE_FIELDS)
 
 
 def online_enabled(args: argparse.Namespace) -> bool:
@@ -62,12 +41,12 @@ def _prepared_path(args: argparse.Namespace) -> str:
 
 
 def build_online_store(args: argparse.Namespace, **overrides: Any):
-    """An `OnlineSampleStore` from parsed train args (see `add_online_args`)."""
+    """An `OnlineSampleStore` from a TrainConfig (or parsed train args, see `add_online_args`)."""
     from speculators.online.store import OnlineConfig, OnlineSampleStore, PreparedRows
     from speculators.vllm.launch import api_key_from_env
 
     prepared = _prepared_path(args)
-    verifier = getattr(args, "verifier", None)
+    verifier = getattr(args, "verifier", None) or getattr(args, "verifier_name_or_path", None)
     layer_ids = args.vllm_layer_ids
     hidden_size = num_layers = None
     if verifier:

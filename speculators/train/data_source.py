@@ -2,16 +2,14 @@
 
 `build_sample_store(cfg)` returns any object with `__len__` and `load(i)` (the sample
 store protocol in docs/ARCHITECTURE.md).  Offline training reads the datagen output in
-`--data-path`.  Online/hybrid mode (`--vllm-endpoint`)
-hands the config to `speculators.online.cli_args.build_online_store(args)` (the online part owns those flags
-and adds them with `add_online_args`); it receives an argparse-style namespace with every
-TrainConfig field, the online flags from `cfg.extra`, and `verifier` = the verifier path.
+`--data-path`.  Online/hybrid mode (`--vllm-endpoint`) hands the TrainConfig itself (its
+online fields are typed settings like the rest) to
+`speculators.online.cli_args.build_online_store`.
 Other sources can be added with `register_source(name, builder)` and `--data-source name`.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 from typing import Any, Callable
 
@@ -42,9 +40,7 @@ def _online_store(cfg) -> Any:
             "online training (--vllm-endpoint/--hidden-states-path) is not available in this install "
             f"({exc}); train offline with --data-path"
         ) from exc
-    fields = {k: v for k, v in cfg.to_dict().items() if k != "extra"}
-    ns = argparse.Namespace(**{**fields, **cfg.extra, "verifier": cfg.verifier_name_or_path})
-    return build(ns)
+    return build(cfg)
 
 
 register_source("disk", _disk_store)
@@ -54,7 +50,7 @@ register_source("online", _online_store)
 def resolve_source_name(cfg) -> str:
     if cfg.data_source:
         return cfg.data_source
-    if cfg.extra.get("vllm_endpoint"):
+    if cfg.vllm_endpoint:
         return "online"
     return "disk"
 

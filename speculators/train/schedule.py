@@ -1,28 +1,37 @@
-"""Learning-rate schedule: linear warmup then cosine or linear decay (or constant)."""
+"""Learning-rate schedule: transformers' warmup + cosine / linear / constant schedules.
+
+One difference is kept from this project's earlier schedule: warmup step `s` uses
+transformers' factor for `s + 1`, so the first optimizer step trains at lr/warmup
+instead of lr 0; after warmup the factors are transformers' own.
+"""
 
 from __future__ import annotations
 
-import math
+from functools import lru_cache
+from typing import Callable
 
 import torch
 
+_NAMES = {"cosine": "cosine", "linear": "linear", "none": "constant_with_warmup"}
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str = "cosine", min_ratio: float = 0.0) -> float:
-    """Multiplier of the base lr after `step` optimizer steps (pure; tested alone)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if kind == "none":
-        return 1.0
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    if kind == "linear":
-        decay = 1.0 - progress
-    elif kind == "cosine":
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
+
+@lru_cache(maxsize=64)
+def _transformers_lambda(kind: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    from transformers import get_scheduler
+
+    if kind not in _NAMES:
         raise ValueError(f"unknown scheduler {kind!r}")
-    return min_ratio + (1.0 - min_ratio) * decay
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return get_scheduler(_NAMES[kind], probe, num_warmup_steps=warmup_steps,
+                         num_training_steps=max(total_steps, warmup_steps + 1)).lr_lambdas[0]
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str = "cosine") -> float:
+    """Multiplier of the base lr after `step` optimizer steps."""
+    f = _transformers_lambda(kind, total_steps, warmup_steps)
+    return float(f(step + 1) if step < warmup_steps else f(step))
 
 
 def build_scheduler(optimizer, total_steps: int, warmup_steps: int, kind: str) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, kind))
+    f = _transformers_lambda(kind, total_steps, warmup_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: f(s + 1) if s < warmup_steps else f(s))

@@ -53,7 +53,7 @@ logger = logging.getLogger("speculators.train")
 # --------------------------------------------------------------------- data
 def check_data_against_verifier(data_config: dict[str, Any], vconf: Any, cfg: TrainConfig) -> list[int]:
     """Validate the hidden-state data for this verifier; return its layer ids."""
-    where = f"{cfg.data_path or cfg.extra.get('hidden_states_path')}/data_config.json"
+    where = f"{cfg.data_path or cfg.hidden_states_path}/data_config.json"
     if "hidden_size" in data_config and int(data_config["hidden_size"]) != int(vconf.hidden_size):
         raise UserError(
             f"{where}: hidden_size {data_config['hidden_size']} does not match the verifier's {vconf.hidden_size}; "

@@ -1,0 +1,239 @@
+"""Typed settings that derive their own CLI flags, argv and error messages.
+
+A setting is a pydantic field made with `setting(...)`: its default, help text, bounds
+(`ge`/`le`/`gt`) and choices (a `Literal` annotation) are written once. From the model
+`add_arguments` builds the argparse flags, `to_argv` writes the argument list that
+reproduces a value, and construction turns pydantic's errors into one `UserError`
+naming the flags at fault. Flag names default to `--field-name`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
+
+from speculators.errors import UserError
+
+
+def setting(default: Any = ..., help: str = "", *, flag: str | None = None, group: str = "",
+            title: str = "", negate: bool = False, **constraints: Any) -> Any:
+    """A pydantic field with CLI metadata.
+
+    `flag`: the CLI flag (default `--name-with-dashes`); `group`: the argparse group;
+    `title`: the label a form shows; `negate`: a bool whose flag is a store_false switch
+    (e.g. `--no-resume-from-checkpoint` for `resume`).
+    """
+    extra = {"flag": flag, "group": group, "negate": negate}
+    return Field(default, description=help, title=title or None, json_schema_extra=extra, **constraints)
+
+
+def _meta(info: FieldInfo) -> dict[str, Any]:
+    extra = info.json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def flag_of(model: type[BaseModel], name: str) -> str:
+    flag = _meta(model.model_fields[name]).get("flag")
+    return flag or "--" + name.replace("_", "-")
+
+
+def unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    """(inner type, whether None is allowed) of `X | None`."""
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return annotation, False
+
+
+def choices_of(annotation: Any) -> tuple[Any, ...] | None:
+    inner, _ = unwrap_optional(annotation)
+    return get_args(inner) if get_origin(inner) is Literal else None
+
+
+def bounds_of(info: FieldInfo) -> dict[str, Any]:
+    """{'ge': .., 'le': .., 'gt': .., 'lt': ..} from the field's constraints."""
+    out: dict[str, Any] = {}
+    for m in info.metadata:
+        for key in ("ge", "le", "gt", "lt"):
+            value = getattr(m, key, None)
+            if value is not None:
+                out[key] = value
+    return out
+
+
+def describe_bounds(info: FieldInfo) -> str:
+    b = bounds_of(info)
+    lo = f"[{b['ge']}" if "ge" in b else (f"({b['gt']}" if "gt" in b else "")
+    hi = f"{b['le']}]" if "le" in b else (f"{b['lt']})" if "lt" in b else "")
+    if lo and hi:
+        return f"{lo}, {hi}"
+    if lo:
+        return f">= {b['ge']}" if "ge" in b else f"> {b['gt']}"
+    if hi:
+        return f"<= {b['le']}" if "le" in b else f"< {b['lt']}"
+    return ""
+
+
+def field_message(model: type[BaseModel], name: str, value: Any, pydantic_msg: str) -> str:
+    """The per-field message shown by the CLI and the form: what is allowed, what was given."""
+    info = model.model_fields.get(name)
+    if info is None:
+        return pydantic_msg
+    choices = choices_of(info.annotation)
+    if choices:
+        return f"choose one of {', '.join(map(str, choices))} (got {value!r})"
+    inner, _ = unwrap_optional(info.annotation)
+    span = describe_bounds(info)
+    b = bounds_of(info)
+    if inner is int and "ge" in b and "le" in b:
+        return f"must be a whole number between {b['ge']} and {b['le']} (got {value!r})"
+    if inner is int:
+        return f"must be a whole number in {span} (got {value!r})" if span else f"must be a whole number (got {value!r})"
+    if inner is float:
+        return f"must be a number in {span} (got {value!r})" if span else f"must be a number (got {value!r})"
+    return f"{pydantic_msg} (got {value!r})"
+
+
+class SettingsError(UserError):
+    """Bad settings: the message names each flag; `errors` maps field -> message (for forms)."""
+
+    def __init__(self, message: str, errors: dict[str, str]):
+        super().__init__(message)
+        self.errors = errors
+
+
+class TypedSettings(BaseModel):
+    """Base of every settings model: unknown keys refused, values checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            errors = self.field_errors(exc)
+            raise SettingsError(self.explain(errors), errors) from None
+
+    @classmethod
+    def field_errors(cls, exc: ValidationError) -> dict[str, str]:
+        """{field: message} for each field pydantic refused (first error per field)."""
+        errors: dict[str, str] = {}
+        for err in exc.errors():
+            loc = err.get("loc") or ("",)
+            name = str(loc[0])
+            if name in errors:
+                continue
+            value = err.get("input")
+            if err.get("type") == "extra_forbidden":
+                errors[name] = "unknown setting"
+            elif err.get("type") == "missing":
+                errors[name] = "required"
+            elif err.get("type") == "value_error":
+                errors[name] = str(err.get("ctx", {}).get("error") or err.get("msg"))
+            else:
+                errors[name] = field_message(cls, name, value, err.get("msg", "invalid"))
+        return errors
+
+    @classmethod
+    def explain(cls, errors: dict[str, str]) -> str:
+        return "; ".join(f"{cls.flag(k) if k in cls.model_fields else k} {m}" for k, m in errors.items())
+
+    @classmethod
+    def errors_of(cls, data: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+        """Validate `data`; return (instance or None, {field: message}) for per-field display."""
+        try:
+            return cls.model_validate(data), {}
+        except SettingsError as exc:  # pydantic runs our __init__ when validating
+            return None, dict(exc.errors)
+        except ValidationError as exc:
+            return None, cls.field_errors(exc)
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        return flag_of(cls, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], names: list[str] | None = None,
+                  groups: dict[str, argparse._ArgumentGroup] | None = None) -> None:
+    """argparse flags for `names` (default: every field) of `model`, from its fields.
+
+    Parsing only converts types; bounds are checked when the model is built, so the CLI and
+    every other client get the same messages.
+    """
+    groups = groups if groups is not None else {}
+    for name in names or list(model.model_fields):
+        info = model.model_fields[name]
+        meta = _meta(info)
+        group_name = meta.get("group") or "options"
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        g = groups[group_name]
+        flag = flag_of(model, name)
+        inner, _ = unwrap_optional(info.annotation)
+        help_text = info.description or ""
+        required = info.is_required()
+        default = None if required else info.get_default(call_default_factory=True)
+        if default is not None and help_text and not meta.get("negate") and inner is not bool:
+            help_text += f" (default {default})"
+        kw: dict[str, Any] = {"dest": name, "help": help_text}
+        if inner is bool:
+            if meta.get("negate"):
+                g.add_argument(flag, action="store_false", default=default, **kw)
+            else:
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kw)
+            continue
+        choices = choices_of(info.annotation)
+        if choices:
+            kw["choices"] = list(choices)
+        elif get_origin(inner) is list:
+            (item,) = get_args(inner)
+            kw.update(nargs="+", type=item, metavar="N")
+        elif inner in (int, float):
+            kw.update(type=inner, metavar="N" if inner is int else "X")
+        else:
+            kw["metavar"] = name.rsplit("_", 1)[-1].upper()
+        if required:
+            kw["required"] = True
+        else:
+            kw["default"] = default
+        g.add_argument(flag, **kw)
+
+
+def to_argv(obj: BaseModel, names: list[str] | None = None, *, only_changed: bool = True) -> list[str]:
+    """Flags that reproduce `obj`'s values (`--flag=value` so no value can read as a flag)."""
+    model = type(obj)
+    argv: list[str] = []
+    for name in names or list(model.model_fields):
+        info = model.model_fields[name]
+        value = getattr(obj, name)
+        required = info.is_required()
+        if only_changed and not required and value == info.get_default(call_default_factory=True):
+            continue
+        flag = flag_of(model, name)
+        inner, _ = unwrap_optional(info.annotation)
+        if inner is bool:
+            if _meta(info).get("negate"):
+                if not value:
+                    argv.append(flag)
+            else:
+                argv.append(flag if value else "--no-" + flag[2:])
+            continue
+        if value is None:
+            continue  # None is every optional flag's default: nothing to pass
+        if isinstance(value, (list, tuple)):
+            if value:
+                argv += [flag, *[str(v) for v in value]]  # nargs: ints only, never start with '-'
+            continue
+        text = repr(value) if isinstance(value, float) else str(value)
+        argv.append(f"{flag}={text}")
+    return argv

@@ -1,0 +1,178 @@
+"""How much memory a training run needs, estimated before it starts, and the refusal.
+
+The estimate adds what the trainer keeps alive at its peak (one optimizer step):
+weights (draft + the verifier's embedding and lm_head rows), gradients and AdamW state,
+the batch's hidden states, the activations kept for backward over every TTT step, the
+attention masks and scores that grow with the square of the row length on the masked-SDPA
+path (the CPU default), the verifier's target log-probabilities and the loss logits, plus
+the runtime's own footprint. It is a planning figure (bench/memory_estimate.py compares
+it with measured peaks), used to refuse runs that cannot fit long before they would fail.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from speculators.errors import UserError
+
+GiB = 1 << 30
+RUNTIME_BYTES = int(0.45 * GiB)  # python + torch + transformers loaded: measured peak RSS of a tiny run
+
+
+@dataclass(frozen=True)
+class VerifierDims:
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    num_hidden_layers: int
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> VerifierDims:
+        """From a transformers config or its config.json dict (text_config of multimodal models)."""
+        get = (lambda c, k: c.get(k)) if isinstance(cfg, dict) else (lambda c, k: getattr(c, k, None))
+        text = get(cfg, "text_config")
+        if text is not None and get(cfg, "hidden_size") is None:
+            cfg = text
+        h = int(get(cfg, "hidden_size"))
+        heads = int(get(cfg, "num_attention_heads") or 1)
+        return cls(
+            hidden_size=h,
+            intermediate_size=int(get(cfg, "intermediate_size") or 4 * h),
+            num_heads=heads,
+            num_kv_heads=int(get(cfg, "num_key_value_heads") or heads),
+            head_dim=int(get(cfg, "head_dim") or h // heads),
+            vocab_size=int(get(cfg, "vocab_size")),
+            num_hidden_layers=int(get(cfg, "num_hidden_layers")),
+        )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    parts: dict[str, int]  # name -> bytes
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        biggest = sorted(self.parts.items(), key=lambda kv: -kv[1])
+        return f"about {gib(self.total)} (" + ", ".join(f"{k} {gib(v)}" for k, v in biggest if v) + ")"
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB // 10 else f"{n / (1 << 20):.0f} MiB"
+
+
+def estimate_train_memory(
+    dims: VerifierDims,
+    *,
+    total_seq_len: int,
+    ttt_steps: int,
+    num_layers: int = 1,
+    draft_vocab_size: int | None = None,
+    rows_per_batch: int = 1,
+    num_aux_layers: int = 3,
+    on_gpu: bool = False,
+    bf16: bool = False,
+    flex: bool = False,
+    loss_impl: str = "fused",
+) -> MemoryEstimate:
+    """Peak bytes of one training process (pure arithmetic on the shapes)."""
+    h, i, v = dims.hidden_size, dims.intermediate_size, dims.vocab_size
+    vd = draft_vocab_size or v
+    q, kv = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
+    t = total_seq_len
+    b = rows_per_batch
+    tokens = b * t
+    k = ttt_steps
+    act = 2 if bf16 else 4
+    layer_params = 2 * h * (q + 2 * kv) + q * h + 3 * h * i + 3 * h  # layer 0 attends over [embeds, hidden]
+    trainable = num_aux_layers * h * h + num_layers * layer_params + h * vd + h
+    parts = {
+        "weights": 4 * (trainable + v * h + vd * h) + 4 * 2 * v * h,  # draft, embed, verifier head; loaded copies
+        "gradients+AdamW": 4 * 3 * trainable,
+        "hidden states": tokens * (num_aux_layers + 1) * h * act,
+        "activations": k * num_layers * tokens * (10 * h + 4 * i + 3 * (q + kv)) * act + k * tokens * 4 * h * act,
+        "target log-probs": tokens * vd * 4,
+        "loss logits": (k * tokens * vd * 4) * (3 if loss_impl == "eager" else 1) if loss_impl != "chunked" else 0,
+        "runtime": 0 if on_gpu else RUNTIME_BYTES,
+    }
+    if not flex:
+        # context mask [B, T, T] bool and its temporaries; steps >= 1 keep scores, softmax and
+        # probabilities [B, heads, T, T] per layer for backward (factors fitted to measured peaks of
+        # T = 256..4096 runs: bench/results/memory_estimate.json).
+        parts["attention (T^2)"] = 4 * b * t * t + max(0, k - 1) * num_layers * 5 * b * dims.num_heads * t * t * act // 2
+    return MemoryEstimate(parts)
+
+
+def available_bytes(device: str) -> tuple[int, str]:
+    """(bytes free, what was measured) on the training device: RAM for the CPU, the GPU's free memory."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        return int(free), f"free memory of GPU {torch.cuda.current_device()}"
+    import psutil
+
+    return int(psutil.virtual_memory().available), "available RAM"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        try:
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            return "cpu"
+    return device
+
+
+def read_verifier_dims(name_or_path: str) -> VerifierDims | None:
+    """Dims from a local model's config.json (None for hub ids or unreadable configs: no check)."""
+    path = Path(name_or_path).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return VerifierDims.from_config(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def refusal(estimate: MemoryEstimate, free: int, where: str, flag: str, value: int) -> str | None:
+    """The message when the run cannot fit, else None."""
+    if estimate.total <= free:
+        return None
+    return (f"{flag} {value}: the trainer would need {estimate.describe()}, but the {where} is {gib(free)}; "
+            "lower the sequence length (memory grows with its square on the CPU), TTT steps or rows per batch, "
+            "or train on a larger machine")
+
+
+def check_train_memory(cfg: Any, free: int | None = None) -> MemoryEstimate | None:
+    """Refuse a TrainConfig that cannot fit this machine (UserError with the estimate)."""
+    dims = read_verifier_dims(cfg.verifier_name_or_path)
+    if dims is None:
+        return None
+    device = resolve_device(cfg.device)
+    on_gpu = device.startswith("cuda")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+    flex = cfg.attn_impl == "flex" or (cfg.attn_impl == "auto" and on_gpu)
+    est = estimate_train_memory(
+        dims, total_seq_len=cfg.total_seq_len, ttt_steps=cfg.ttt_steps, num_layers=cfg.num_layers,
+        draft_vocab_size=cfg.draft_vocab_size, rows_per_batch=cfg.rows_per_batch,
+        num_aux_layers=len(cfg.vllm_layer_ids) - 1 if cfg.vllm_layer_ids else 3,
+        on_gpu=on_gpu, bf16=bf16, flex=flex, loss_impl=cfg.loss_impl,
+    )
+    where = None
+    if free is None:
+        free, where = available_bytes(device)
+    message = refusal(est, free, where or "memory available", "--total-seq-len", cfg.total_seq_len)
+    if message:
+        raise UserError(message)
+    return est

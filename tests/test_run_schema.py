@@ -1,0 +1,311 @@
+"""One typed schema for a run: the CLI, the dashboard form and the worker's argv agree,
+bad input is refused at the form with the CLI's rules, and runs that cannot fit in memory
+are refused before they start (form and CLI, with the estimate in the message)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from runstore import open_store, repo
+from runstore.settings import Settings
+from speculators.cli import main as cli_main
+from speculators.config.memory import check_train_memory
+from speculators.config.run import CPU_PRESET, RunSettings
+from speculators.config.stages import StagePaths, stage_args
+from speculators.config.train import TrainConfig
+from speculators.errors import UserError
+from speculators.layers import resolve_layer_ids
+from speculators.train.cli import add_train_arguments, config_from_args
+from worker.pipeline import RunPaths, stage_argv, stages_for
+from worker.spec import validate_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+FORM = ROOT / "app" / "pages" / "1_New_run.py"
+# the run settings that are the trainer's own settings (run name -> train name)
+SHARED = {"epochs": "epochs", "lr": "lr", "ttt_steps": "ttt_steps", "num_layers": "num_layers", "seed": "seed",
+          "seq_length": "total_seq_len"}
+TINY_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "vocab_size": 512, "num_hidden_layers": 8}
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    return p
+
+
+def parse_train(argv: list[str]) -> TrainConfig:
+    """What `speculators train` makes of an argument list (the real parser and config)."""
+    assert argv[0] == "train"
+    return config_from_args(train_parser().parse_args(argv[1:]))
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEC_HOME", str(tmp_path))
+    monkeypatch.setenv("SPEC_BROKER_URL", "redis://127.0.0.1:1/0")  # broker down: runs stay in the outbox
+    monkeypatch.setenv("SPEC_MAX_GPUS", "1")  # no CPU preset: the form starts from the schema's defaults
+    for k in ("SPEC_DB_URL", "SPEC_DATA_ROOT", "SPEC_RUNS_ROOT", "SPEC_MODELS_ROOT", "SPEC_DEFAULT_MODEL"):
+        monkeypatch.delenv(k, raising=False)
+    s = Settings.from_env()
+    s.ensure_dirs()
+    model = s.models_root / "tiny-llama"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY_CONFIG))
+    (s.data_root / "chats.jsonl").write_text('{"conversations": [{"from": "human", "value": "hi"}]}\n')
+    return s
+
+
+def form(home) -> AppTest:
+    at = AppTest.from_file(str(FORM), default_timeout=30).run()
+    assert not at.exception
+    at.radio(key="f_source").set_value("File under data root").run()
+    at.text_input(key="f_path").set_value("chats.jsonl")
+    at.number_input(key="f_draft_vocab_size").set_value(128)  # the tiny verifier's vocabulary is 512
+    return at
+
+
+def widget_value(at: AppTest, name: str):
+    for kind in (at.number_input, at.text_input, at.radio, at.checkbox):
+        try:
+            return kind(key=f"f_{name}").value
+        except KeyError:
+            continue
+    raise AssertionError(f"no widget f_{name} on the form")
+
+
+def good(home, **over) -> dict:
+    raw = {"name": "r", "model": str(home.models_root / "tiny-llama"), "dataset": "chats.jsonl", "seq_length": 64,
+           "max_samples": 8, "draft_vocab_size": 128, "epochs": 1, "lr": "1e-3", "ttt_steps": 2, "num_layers": 1,
+           "mode": "offline", "gpus": 0}
+    raw.update(over)
+    return raw
+
+
+# --------------------------------------------------------------- one source of defaults/bounds
+def test_form_cli_and_worker_share_defaults(home):
+    """The form's initial values, `speculators train`'s defaults and the worker's train argv
+    all carry the schema's defaults (ttt_steps was 2 in the form and 3 in the trainer)."""
+    cli_defaults = train_parser().parse_args(["--verifier-name-or-path", "m"])
+    at = form(home)
+    at.button[0].click().run()
+    with open_store(home.db_url)() as s:
+        (run,) = repo.list_runs(s)
+    stored = RunSettings.from_dict(run.spec)
+    argv = stage_argv(stored, "train", RunPaths(Path(home.runs_root) / "x"), python="py")
+    assert stored.gpus == 1 and argv[:3] == ["py", "-m", "torch.distributed.run"]
+    worker_cfg = parse_train(["train", *argv[argv.index("speculators.train") + 1:]])
+    for run_name, train_name in SHARED.items():
+        expected = getattr(cli_defaults, train_name)
+        form_value = widget_value(at, run_name)
+        assert type(expected)(form_value) == expected, run_name
+        assert getattr(stored, run_name) == expected, run_name
+        assert getattr(worker_cfg, train_name) == expected, run_name
+    assert stored.ttt_steps == TrainConfig.model_fields["ttt_steps"].default == 3
+
+
+@pytest.mark.parametrize("run_name,train_name,bad", [
+    ("ttt_steps", "ttt_steps", 17), ("epochs", "epochs", 0), ("lr", "lr", 2.0), ("seq_length", "total_seq_len", 8),
+    ("num_layers", "num_layers", 17),
+])
+def test_form_and_cli_refuse_the_same_bounds(home, run_name, train_name, bad):
+    flag = "--" + train_name.replace("_", "-")
+    with pytest.raises(UserError, match=flag) as cli_err:
+        parse_train(["train", "--verifier-name-or-path", "m", f"{flag}={bad}"])
+    spec, errors = validate_spec(good(home, **{run_name: bad}), home)
+    assert spec is None and run_name in errors
+    assert errors[run_name] in str(cli_err.value)  # the same message, from the same field
+
+
+def test_cpu_preset_only_names_schema_fields_and_validates():
+    RunSettings(name="n", model="m", dataset="sharegpt", **CPU_PRESET)
+    assert set(CPU_PRESET) <= set(RunSettings.model_fields)
+
+
+def test_every_train_flag_round_trips_through_the_worker_argv(tmp_path):
+    """A TrainConfig written as argv and parsed by `speculators train` is the same config."""
+    cfg = TrainConfig(
+        verifier_name_or_path="m", data_path=str(tmp_path), epochs=3, lr=2.5e-4, ttt_steps=5, resume=False,
+        norm_before_residual=False, vllm_layer_ids=[1, 3, 8], scheduler="linear", warmup_ratio=0.2,
+        weight_decay=0.1, max_grad_norm=0.5, rows_per_batch=2, num_workers=1, metrics_file=str(tmp_path / "m.jsonl"),
+        ttt_step_loss_decay=0.8, checkpoint_every_steps=7, keep_last_checkpoints=2, run_name="-starts-with-dash",
+        prefetch=3, vllm_timeout=9.5,
+    )
+    from speculators.config.base import to_argv
+
+    assert parse_train(["train", *to_argv(cfg)]) == cfg
+
+
+def test_trainer_checkpoint_flags_are_in_the_schema():
+    p = train_parser()
+    args = p.parse_args(["--verifier-name-or-path", "m", "--checkpoint-every-steps", "5",
+                         "--keep-last-checkpoints", "2"])
+    cfg = config_from_args(args)
+    assert (cfg.checkpoint_every_steps, cfg.keep_last_checkpoints) == (5, 2)
+    defaults = config_from_args(p.parse_args(["--verifier-name-or-path", "m"]))
+    assert (defaults.checkpoint_every_steps, defaults.keep_last_checkpoints) == (0, 0)
+
+
+# --------------------------------------------------------------- refused at the form
+def test_run_name_starting_with_dash(home, tmp_path):
+    spec, errors = validate_spec(good(home, name="-rf"), home)
+    assert spec is None and "must not start with '-'" in errors["name"]
+    # argv stays robust even for a value that starts with '-': --run-name=-x is one argument
+    cfg = TrainConfig(verifier_name_or_path="m", run_name="--epochs")
+    from speculators.config.base import to_argv
+
+    assert parse_train(["train", *to_argv(cfg)]).run_name == "--epochs"
+
+
+@pytest.mark.parametrize("ids", ["8", "4,2", "2,8,4", "7,6,8"])
+def test_layer_ids_refused_at_the_form_as_the_cli_refuses_them(home, ids):
+    as_list = [int(x) for x in ids.split(",")]
+    try:
+        resolve_layer_ids(as_list, 8, include_last_layer=True, flag="layer ids")
+        cli_error = None
+    except UserError as exc:
+        cli_error = str(exc)
+    spec, errors = validate_spec(good(home, layer_ids=ids), home)
+    assert errors.get("layer_ids") == cli_error
+    if ids == "8":  # the final layer alone: no aux layer to train on
+        assert "aux layer" in errors["layer_ids"]
+
+
+def test_long_sequence_refused_at_the_form_with_the_estimate(home):
+    at = form(home)
+    at.number_input(key="f_seq_length").set_value(131072)
+    at.number_input(key="f_gpus").set_value(0)  # a CPU run: checked against this machine's RAM
+    at.button[0].click().run()
+    (msg,) = [e.value for e in at.error if "sequence length 131072" in e.value]
+    assert "GiB" in msg and "attention (T^2)" in msg and "available RAM" in msg
+    with open_store(home.db_url)() as s:
+        assert repo.list_runs(s) == []
+    # a short run on the same model fits
+    spec, errors = validate_spec(good(home, seq_length=64), home)
+    assert errors == {} and spec is not None
+
+
+def test_long_sequence_refused_by_the_cli_with_the_estimate(tiny_llama, tmp_path, capsys):
+    rc = cli_main(["train", "--verifier-name-or-path", str(tiny_llama), "--data-path", str(tmp_path / "none"),
+                   "--save-path", str(tmp_path / "ck"), "--total-seq-len", "131072"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--total-seq-len 131072" in err and "GiB" in err and "available RAM" in err
+    assert not (tmp_path / "ck").exists()  # refused before anything was written
+    cfg = TrainConfig(verifier_name_or_path=str(tiny_llama), total_seq_len=256)
+    assert check_train_memory(cfg).total < 2 << 30  # a tiny run fits
+
+
+def test_memory_estimate_grows_with_sequence_length_squared():
+    from speculators.config.memory import VerifierDims, estimate_train_memory
+
+    dims = VerifierDims.from_config(TINY_CONFIG)
+    a = estimate_train_memory(dims, total_seq_len=4096, ttt_steps=3).parts["attention (T^2)"]
+    b = estimate_train_memory(dims, total_seq_len=8192, ttt_steps=3).parts["attention (T^2)"]
+    assert b == 4 * a
+    flex = estimate_train_memory(dims, total_seq_len=8192, ttt_steps=3, flex=True, on_gpu=True)
+    assert "attention (T^2)" not in flex.parts
+
+
+# --------------------------------------------------------------- one stage builder
+def regenerate_parser() -> argparse.ArgumentParser:
+    """The FIXED `speculators regenerate` interface (helper "regen"), written out independently."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", action="append", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--backend", choices=["transformers", "vllm"])
+    p.add_argument("--endpoint")
+    p.add_argument("--api-key")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("--max-samples", type=int)
+    p.add_argument("--seed", type=int)
+    return p
+
+
+def test_regenerate_stage_runs_before_prepare(home, tmp_path):
+    spec, errors = validate_spec(good(home, regenerate=True, regenerate_max_tokens=64,
+                                      regenerate_temperature="0.5", regenerate_backend="vllm"), home)
+    assert errors == {}
+    assert stages_for(spec) == ["regenerate", "prepare", "vocab", "datagen", "train"]
+    paths = RunPaths(tmp_path)
+    regen = stage_argv(spec, "regenerate", paths, python="py")
+    assert regen[:4] == ["py", "-m", "speculators", "regenerate"]
+    args = regenerate_parser().parse_args(regen[4:])
+    assert (args.model, args.data, args.output) == (spec.model, [spec.dataset], str(paths.regenerated))
+    assert (args.backend, args.max_tokens, args.temperature, args.max_samples) == ("vllm", 64, 0.5, 8)
+    prep = stage_argv(spec, "prepare", paths, python="py")
+    assert f"--data={paths.regenerated}" in prep
+    off, _ = validate_spec(good(home), home)
+    assert "regenerate" not in stages_for(off)
+    assert f"--data={off.dataset}" in stage_argv(off, "prepare", paths, python="py")
+
+
+def test_form_offers_regeneration(home):
+    at = form(home)
+    assert not [w for w in at.number_input if w.key == "f_regenerate_max_tokens"]
+    at.checkbox(key="f_regenerate").check().run()
+    at.number_input(key="f_regenerate_max_tokens").set_value(32)
+    at.button[0].click().run()
+    with open_store(home.db_url)() as s:
+        (run,) = repo.list_runs(s)
+        assert [st.name for st in sorted(run.stages, key=lambda st: st.position)][0] == "regenerate"
+    assert run.spec["regenerate"] is True and run.spec["regenerate_max_tokens"] == 32
+
+
+def test_online_run_trains_on_the_layers_it_asked_for(home, tmp_path):
+    spec, errors = validate_spec(good(home, mode="hybrid", gpus=1, layer_ids="1,4,8"), home)
+    assert errors == {}
+    paths = RunPaths(tmp_path)
+    cfg = parse_train(stage_args(spec, "train", paths, verifier_url="http://v:8001"))
+    assert cfg.vllm_layer_ids == [1, 4, 8] and cfg.prepared_data == str(paths.prepared)
+    assert (cfg.vllm_endpoint, cfg.on_generate) == ("http://v:8001", "cache")
+
+
+def test_demo_and_worker_build_the_same_commands(tmp_path):
+    from speculators.commands.demo import stage_commands
+
+    args = argparse.Namespace(model=str(tmp_path / "v"), max_samples=32, seq_length=128, draft_vocab_size=64,
+                              epochs=2, ttt_steps=3, lr=3e-3, eval_prompts=4)
+    stages = dict(stage_commands(args, tmp_path))
+    assert list(stages) == ["prepare", "vocab", "datagen", "train", "eval"]
+    run = RunSettings(name="demo", model=str(tmp_path / "v"), dataset="sharegpt", seq_length=128, max_samples=32,
+                      draft_vocab_size=64, epochs=2, lr=3e-3, ttt_steps=3, batch_size=8, total_seq_len=256)
+    for name in ("prepare", "vocab", "datagen", "train"):
+        assert stages[name] == stage_argv(run, name, StagePaths(tmp_path), python="py")[3:]
+    cfg = parse_train(stages["train"])
+    assert (cfg.total_seq_len, cfg.epochs, cfg.lr, cfg.ttt_steps, cfg.run_name) == (256, 2, 3e-3, 3, "demo")
+    assert cfg.data_path == str(tmp_path / "hidden_states")
+
+
+def test_stored_records_of_older_versions_still_load(tmp_path):
+    old = {"name": "-old", "model": "m", "dataset": "sharegpt", "seq_length": 64, "ttt_steps": 2,
+           "batch_size": 4, "layer_ids": [2, 4], "removed_setting": 1}
+    run = RunSettings.from_dict(old)
+    assert (run.name, run.ttt_steps, run.layer_ids, run.regenerate) == ("-old", 2, [2, 4], False)
+    cfg = parse_train(stage_args(run, "train", StagePaths(tmp_path)))
+    assert cfg.run_name == "-old"  # passed as --run-name=-old: still one value
+
+
+def test_every_stage_command_parses_with_the_real_cli(tmp_path):
+    """Each stage's `--flag=value` arguments are what the real subcommands accept."""
+    from speculators.cli import build_parser
+
+    run = RunSettings.from_dict(dict(name="-dash", model="/m", dataset="sharegpt", layer_ids=[1, 3], max_samples=5,
+                                     seq_length=128, draft_vocab_size=64, batch_size=2))  # an old record
+    paths = StagePaths(tmp_path)
+    parser = build_parser()
+    prep = parser.parse_args(stage_args(run, "prepare", paths))
+    vocab = parser.parse_args(stage_args(run, "vocab", paths))
+    dg = parser.parse_args(stage_args(run, "datagen", paths))
+    train = parser.parse_args(stage_args(run, "train", paths))
+    seen = {k: v for ns in (prep, vocab, dg, train) for k, v in vars(ns).items() if not callable(v)}
+    assert seen["seq_length"] == 128 and seen["draft_vocab_size"] == 64 and seen["run_name"] == "-dash"
+    assert dg.layer_ids == [1, 3] and dg.batch_size == 2 and dg.output_dir == str(paths.hidden)
+    assert vocab.output_path == str(paths.vocab) and prep.output == str(paths.prepared)
