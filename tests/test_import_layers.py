@@ -5,7 +5,7 @@ the same layer, and on any import of the dashboard/worker/store packages.
 Layers, lowest first (a package may import its own layer's packages and lower layers):
   0  speculators (version), errors, atomic (file writes)
   1  layers (layer-id rules), verifier (reading the verifier: config, weights, hidden states)
-  2  data, models (core math and the draft model)
+  2  data, models (core math and the draft model), config (the typed run settings)
   3  vllm, datagen, online, evaluate (the stages' services; no cycles among them)
   4  train
   5  testing (test helpers: no product module imports them)
@@ -20,7 +20,7 @@ from pathlib import Path
 LAYERS: list[set[str]] = [
     {"speculators", "speculators.errors", "speculators.atomic"},
     {"speculators.layers", "speculators.verifier"},
-    {"speculators.data", "speculators.models"},
+    {"speculators.data", "speculators.models", "speculators.config"},
     {"speculators.vllm", "speculators.datagen", "speculators.online", "speculators.evaluate"},
     {"speculators.train"},
     {"speculators.testing"},
