@@ -61,6 +61,8 @@ def public_speculators_python():
         pytest.fail(f"could not create the public speculators venv at {venv}:\n{proc.stdout}\n{proc.stderr}")
     return str(venv / "bin" / "python")
 
+
+@pytest.fixture(scope="session")
 def hs_data(tiny_llama, tmp_path_factory):
     """12 synthetic hidden-state samples of 32 tokens from the tiny Llama (training tests)."""
     from speculators.train.synthetic import write_synthetic_hidden_states

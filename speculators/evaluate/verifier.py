@@ -93,6 +93,9 @@ class Verifier:
             start = min(start, need_logits_from)
         if self._cache is None or start == 0:
             self._cache, self._aux, start = DynamicCache(config=self.model.config), None, 0
+            # Sliding-window layers (gpt-oss, Mistral) drop old states unless told to keep
+            # them until `crop`; rejected draft tokens must be croppable.
+            getattr(self._cache, "activate_past_recording", lambda: None)()
         else:
             remove = self._cache.get_seq_length() - start
             if remove > 0:

@@ -247,7 +247,7 @@ class Trainer:
             raise UserError(f"{source}: draft vocab {c.draft_vocab_size} disagrees with --draft-vocab-size {self.cfg.draft_vocab_size}")
         check_mapping(draft.d2t, draft.t2d, vconf.vocab_size, c.draft_vocab_size)
         for key in ("draft_arch", "norm_before_fc", "fc_norm", "norm_output"):
-            asked, default = getattr(self.cfg, key), TrainConfig.__dataclass_fields__[key].default
+            asked, default = getattr(self.cfg, key), TrainConfig.model_fields[key].default
             if asked != default and asked != getattr(c, key):
                 raise UserError(f"{source}: the checkpoint has {key}={getattr(c, key)!r}, --{key.replace('_', '-')} asks "
                                 f"for {asked!r}; the draft's layout comes from the checkpoint, drop the flag")
