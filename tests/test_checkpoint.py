@@ -230,11 +230,12 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_bit_for_bit(tiny_llama, long_
 
 
 def test_from_pretrained_starts_from_that_checkpoint(tiny_llama, hs_data, tmp_path):
-    """lr 0 keeps the weights where they start: equal to the --from-pretrained checkpoint's."""
+    """A vanishing lr (the schema refuses 0; 1e-30 is far below an fp32 ulp of these weights) keeps the
+    weights where they start: equal to the --from-pretrained checkpoint's."""
     first = tmp_path / "first"
     run_training(make_cfg(tiny_llama, hs_data, first, epochs=1))
     again = tmp_path / "again"
-    run_training(make_cfg(tiny_llama, hs_data, again, epochs=1, lr=0.0, from_pretrained=str(first / "0"),
+    run_training(make_cfg(tiny_llama, hs_data, again, epochs=1, lr=1e-30, from_pretrained=str(first / "0"),
                           ttt_steps=3))
     a = load_file(str(first / "0" / "model.safetensors"))
     b = load_file(str(again / "0" / "model.safetensors"))
@@ -244,7 +245,7 @@ def test_from_pretrained_starts_from_that_checkpoint(tiny_llama, hs_data, tmp_pa
     cfg = json.loads((again / "0" / "config.json").read_text())
     assert cfg["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3  # this run's --ttt-steps
     fresh = tmp_path / "fresh"
-    run_training(make_cfg(tiny_llama, hs_data, fresh, epochs=1, lr=0.0))
+    run_training(make_cfg(tiny_llama, hs_data, fresh, epochs=1, lr=1e-30))
     c = load_file(str(fresh / "0" / "model.safetensors"))
     assert not torch.equal(a["fc.weight"], c["fc.weight"])  # without it the draft starts elsewhere
 
@@ -253,5 +254,5 @@ def test_from_pretrained_starts_from_that_checkpoint(tiny_llama, hs_data, tmp_pa
 def test_negative_checkpoint_counts_are_refused(tiny_llama, hs_data, tmp_path, flag):
     from speculators.train.trainer import Trainer
 
-    with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} must be >= 0"):
+    with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} must be a whole number >= 0"):
         Trainer(make_cfg(tiny_llama, hs_data, tmp_path / "run", **{flag: -1}))

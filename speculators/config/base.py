@@ -94,10 +94,12 @@ def field_message(model: type[BaseModel], name: str, value: Any, pydantic_msg: s
     b = bounds_of(info)
     if inner is int and "ge" in b and "le" in b:
         return f"must be a whole number between {b['ge']} and {b['le']} (got {value!r})"
+    # "in (0.0, 1.0]" for an interval, ">= 0" alone for one bound
+    where = f" in {span}" if span[:1] in "([" else f" {span}" if span else ""
     if inner is int:
-        return f"must be a whole number in {span} (got {value!r})" if span else f"must be a whole number (got {value!r})"
+        return f"must be a whole number{where} (got {value!r})"
     if inner is float:
-        return f"must be a number in {span} (got {value!r})" if span else f"must be a number (got {value!r})"
+        return f"must be a number{where} (got {value!r})"
     return f"{pydantic_msg} (got {value!r})"
 
 
