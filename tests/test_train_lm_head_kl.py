@@ -152,7 +152,7 @@ def test_trainer_names_the_bad_flag(tiny_llama, tmp_path):
     # the typed config refuses bad values when it is built, naming the flag
     with pytest.raises(UserError, match="--loss-impl choose one of fused, chunked, eager .got 'triton'"):
         TrainConfig(verifier_name_or_path=str(tiny_llama), save_path=str(tmp_path / "s"), loss_impl="triton")
-    with pytest.raises(UserError, match="--loss-chunk-rows must be a whole number in"):
+    with pytest.raises(UserError, match="--loss-chunk-rows must be a whole number >= 0 .got -1"):
         TrainConfig(verifier_name_or_path=str(tiny_llama), save_path=str(tmp_path / "s"), loss_chunk_rows=-1)
 
 
