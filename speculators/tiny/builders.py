@@ -147,9 +147,32 @@ def tiny_config(
     raise ValueError(f"arch must be 'llama' or 'qwen3', got {arch!r}")
 
 
-def chat_token_stream(tokenizer, need: int, limit: int = 4000) -> tuple[list[int], int]:
+_CODE_MARKS = ("```", "{", "}", ";", "<", ">", "|", "\\", "=", "#", "*", "_", "[", "]")
+
+
+def prose_messages(messages: list[dict[str, str]], max_chars: int = 1200) -> list[dict[str, str]] | None:
+    """English prose only, whitespace collapsed and cut to ``max_chars`` per turn (None if not prose).
+
+    A small model trained on code and markdown learns that a newline follows
+    anything and answers with newlines; on plain prose it learns sentences."""
+    out = []
+    for m in messages:
+        text = " ".join(m["content"].split())
+        if not text or any(c in text for c in _CODE_MARKS):
+            return None
+        if sum(1 for ch in text if ord(ch) > 127) > 0.01 * len(text):
+            return None
+        if len(text) > max_chars:
+            text = text[:max_chars].rsplit(" ", 1)[0]
+        out.append({"role": m["role"], "content": text})
+    while out and out[-1]["role"] != "assistant":
+        out.pop()
+    return out if len(out) >= 2 and out[0]["role"] == "user" else None
+
+
+def chat_token_stream(tokenizer, need: int, limit: int = 4000, prose: bool = False) -> tuple[list[int], int]:
     """The first ShareGPT conversations (file order) rendered with the chat template and
-    concatenated, plus how many records were read."""
+    concatenated, plus how many records were read. ``prose``: only `prose_messages`."""
     from speculators.data.sharegpt import iter_sharegpt
 
     stream: list[int] = []
@@ -157,6 +180,8 @@ def chat_token_stream(tokenizer, need: int, limit: int = 4000) -> tuple[list[int
     for record in iter_sharegpt(limit=limit):
         read += 1
         messages = sharegpt_messages(record)
+        if prose and messages:
+            messages = prose_messages(messages)
         if not messages:
             continue
         stream.extend(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))

@@ -51,10 +51,12 @@ class VerifierRecipe:
     num_heads: int = 4  # head_dim 32: the smallest vLLM's CPU attention takes
     num_kv_heads: int = 2
     intermediate_size: int = 256
+    prose_only: bool = True  # plain-prose conversations, whitespace collapsed (see builders.prose_messages)
+    corpus_tokens: int = 60_000  # the training stream; steps sample windows of it (several epochs)
     seq_len: int = 128
     batch_size: int = 8
-    steps: int = 300
-    lr: float = 3e-3
+    steps: int = 400
+    lr: float = 1e-2
     warmup: int = 20
     seed: int = 0
     # held-out quality measurement (records after the training stream)
@@ -103,15 +105,18 @@ def _round_to_bf16_grid(model) -> None:
 
 
 def heldout_conversations(recipe: VerifierRecipe, skip_records: int) -> list[list[dict[str, str]]]:
-    """ShareGPT conversations after the ones the training stream used (file order)."""
+    """ShareGPT conversations after the ones the training stream used (file order), of the
+    training text's kind (prose when the recipe trains on prose)."""
     from speculators.data.sharegpt import iter_sharegpt
-    from speculators.tiny.builders import sharegpt_messages
+    from speculators.tiny.builders import prose_messages, sharegpt_messages
 
     out = []
-    for i, record in enumerate(iter_sharegpt(limit=skip_records + 4 * recipe.eval_prompts)):
+    for i, record in enumerate(iter_sharegpt(limit=skip_records + 50 * recipe.eval_prompts)):
         if i < skip_records:
             continue
         messages = sharegpt_messages(record)
+        if recipe.prose_only and messages:
+            messages = prose_messages(messages)
         if messages and messages[0]["role"] == "user" and any(m["role"] == "assistant" for m in messages):
             out.append(messages)
         if len(out) >= recipe.eval_prompts:
@@ -176,9 +181,9 @@ def build_default_verifier(
             intermediate_size=recipe.intermediate_size, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
-        need = recipe.steps * recipe.batch_size * recipe.seq_len
+        need = recipe.corpus_tokens
         _say(progress, f"verifier: tokenizing {need} training tokens of chat text")
-        stream, records_read = chat_token_stream(tokenizer, need, limit=20000)
+        stream, records_read = chat_token_stream(tokenizer, need, limit=20000, prose=recipe.prose_only)
         rows = len(stream) // recipe.seq_len
         data = torch.tensor(stream[: rows * recipe.seq_len]).view(rows, recipe.seq_len)
         torch.manual_seed(recipe.seed)
