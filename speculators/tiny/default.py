@@ -44,7 +44,7 @@ class VerifierRecipe:
 
     arch: str = "llama"
     template: str = "llama3"
-    vocab_size: int = 1024
+    vocab_size: int = 512  # subword pieces: short, learnable tokens for a model this small
     tokenizer_records: int = 1500
     hidden_size: int = 128
     num_layers: int = 8
@@ -52,11 +52,11 @@ class VerifierRecipe:
     num_kv_heads: int = 2
     intermediate_size: int = 256
     prose_only: bool = True  # plain-prose conversations, whitespace collapsed (see builders.prose_messages)
-    corpus_tokens: int = 60_000  # the training stream; steps sample windows of it (several epochs)
+    corpus_tokens: int = 100_000  # the training stream; steps sample windows of it (several epochs)
     seq_len: int = 128
     batch_size: int = 8
     steps: int = 400
-    lr: float = 1e-2
+    lr: float = 5e-3
     warmup: int = 20
     seed: int = 0
     # held-out quality measurement (records after the training stream)
