@@ -13,6 +13,8 @@ import pytest
 
 from speculators.cli import main as cli_main
 
+pytestmark = pytest.mark.slow
+
 N = 48  # training conversations
 SEQ = 128
 STEPS = 120
@@ -56,8 +58,8 @@ def _acceptance(verifier, ckpt, work, name):
 def test_regenerated_training_beats_original_and_random(verifier, tmp_path):
     regen = tmp_path / "regenerated.jsonl"
     _ok(["regenerate", "--model", verifier, "--data", "sharegpt", "--output", regen, "--max-samples", N,
-         "--max-tokens", 64, "--max-turns", 1, "--concurrency", 16, "--seed", 0])
-    assert len(regen.read_text().splitlines()) == N
+         "--max-tokens", 64, "--max-turns", 1, "--concurrency", 16, "--seed", 0, "--max-prompt-tokens", SEQ - 32])
+    assert len(regen.read_text().splitlines()) >= N // 2
 
     regen_ckpt = _train(verifier, regen, tmp_path, "regen")
     orig_ckpt = _train(verifier, "sharegpt", tmp_path, "orig")

@@ -149,3 +149,16 @@ def test_alias_and_bad_flags(tiny_llama, source, tmp_path, capsys):
                      "--output", str(out)]) == 2
     assert "file not found" in capsys.readouterr().err
     assert not out.exists() or out.read_text() == ""
+
+
+def test_long_prompts_end_the_conversation_with_a_counted_reason(tiny_llama, source, tmp_path, capsys):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    first = tok.apply_chat_template([{"role": "user", "content": "Tell me about rivers."}], tokenize=True,
+                                    add_generation_prompt=True, return_dict=False)
+    out = tmp_path / "out.jsonl"
+    # room for record a's first prompt, not for its second (which holds the first reply)
+    assert _run(tiny_llama, source, out, "--max-prompt-tokens", str(len(first))) == 0
+    text = capsys.readouterr().out
+    recs = {r["id"].split(":")[-1]: r for r in _lines(out)}
+    assert [m["role"] for m in recs["a"]["conversations"]] == ["user", "assistant"]
+    assert "prompt longer than --max-prompt-tokens" in text

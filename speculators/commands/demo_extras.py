@@ -45,6 +45,8 @@ def with_regeneration(stages: list[tuple[str, list[str]]], args: argparse.Namesp
              "--backend", args.regen_backend, "--max-samples", str(args.max_samples),
              "--max-tokens", str(args.regen_max_tokens), "--max-turns", str(args.regen_max_turns),
              "--temperature", "0", "--concurrency", str(args.regen_concurrency), "--seed", "0",
+             # longer prompts leave under 64 reply tokens in a --seq-length sample
+             "--max-prompt-tokens", str(max(16, args.seq_length - 64)),
              "--summary-json", str(work / "regenerate_summary.json")]
     result = []
     for name, argv in stages:

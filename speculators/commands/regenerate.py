@@ -40,6 +40,8 @@ def register(subparsers) -> None:
                    help="shuffle seed for choosing records (as prepare-data --seed) and sampling seed")
     p.add_argument("--max-turns", type=int, default=None,
                    help="regenerate at most this many assistant turns per conversation (later turns dropped)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="a turn whose prompt is longer ends the conversation there (a first turn: record skipped)")
     p.add_argument("--device", default="auto", help="transformers backend: auto, cpu or cuda[:N]")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for a started server")
     p.add_argument("--summary-json", default=None, help="also write the summary here (JSON)")
@@ -54,7 +56,8 @@ def run(args) -> int:
         model=args.model, data=list(args.data), output=args.output, backend=args.backend,
         endpoint=args.endpoint, api_key=args.api_key, max_tokens=args.max_tokens,
         temperature=args.temperature, concurrency=args.concurrency, max_samples=args.max_samples,
-        seed=args.seed, max_turns=args.max_turns, device=args.device,
+        seed=args.seed, max_turns=args.max_turns, max_prompt_tokens=args.max_prompt_tokens,
+        device=args.device,
     )
     if args.endpoint and args.backend != "vllm":
         raise UserError("--endpoint applies to --backend vllm; add --backend vllm")

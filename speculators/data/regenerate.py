@@ -46,6 +46,7 @@ class RegenConfig:
     max_samples: int | None = None
     seed: int = 0
     max_turns: int | None = None  # regenerate at most this many assistant turns per record
+    max_prompt_tokens: int | None = None  # a longer prompt ends the conversation there
     device: str = "auto"
 
 
@@ -189,12 +190,19 @@ class _Conversation:
         return None
 
 
-def _fits(backend: Backend, prompt: Messages, max_tokens: int) -> bool:
+def _misfit(backend: Backend, prompt: Messages, cfg: RegenConfig) -> str | None:
+    """Why ``prompt`` cannot be answered (None when it can)."""
     limit = backend.context_limit()
-    if limit is None:
-        return True
+    if limit is None and cfg.max_prompt_tokens is None:
+        return None
     n = backend.prompt_tokens(prompt)
-    return n is None or n + max_tokens <= limit
+    if n is None:
+        return None
+    if cfg.max_prompt_tokens is not None and n > cfg.max_prompt_tokens:
+        return "prompt longer than --max-prompt-tokens"
+    if limit is not None and n + cfg.max_tokens > limit:
+        return "prompt does not fit the model's context with --max-tokens"
+    return None
 
 
 def regenerate_chunk(backend: Backend, chunk: list[tuple[str, Messages]], cfg: RegenConfig,
@@ -210,12 +218,13 @@ def regenerate_chunk(backend: Backend, chunk: list[tuple[str, Messages]], cfg: R
             prompt = c.next_prompt(cfg.max_turns)
             if prompt is None:
                 continue
-            if not _fits(backend, prompt, cfg.max_tokens):
-                # Context full: keep what was regenerated so far.
+            why = _misfit(backend, prompt, cfg)
+            if why is not None:
+                # Keep what was regenerated so far; the rest of the conversation is dropped.
                 c.pos = len(c.source)
                 c.next_prompt(cfg.max_turns)
                 if c.turns == 0:
-                    c.error = "prompt does not fit the model's context with --max-tokens"
+                    c.error = why
                 continue
             pending.append((c, prompt))
         if not pending:
