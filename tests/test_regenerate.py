@@ -108,6 +108,11 @@ def test_resume_after_a_crash_skips_done_records_and_cuts_a_torn_line(tiny_llama
     # a third run has nothing to do and changes nothing
     assert _run(tiny_llama, source, crashed) == 0
     assert crashed.read_text() == full.read_text()
+    # other settings would mix two runs in one file: refused, file untouched
+    capsys.readouterr()
+    assert _run(tiny_llama, source, crashed, "--temperature", "0.7") == 2
+    assert "other settings" in capsys.readouterr().err
+    assert crashed.read_text() == full.read_text()
 
 
 def test_output_not_written_by_regenerate_is_refused(tiny_llama, source, tmp_path, capsys):

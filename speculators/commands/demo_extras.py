@@ -21,10 +21,10 @@ def add_regen_args(p: argparse.ArgumentParser) -> None:
                    help="train on the verifier's own replies (speculators regenerate) instead of ShareGPT's")
     p.add_argument("--regen-backend", choices=["transformers", "vllm"], default="transformers",
                    help="backend of the regenerate stage")
-    p.add_argument("--regen-max-tokens", type=int, default=160, help="most tokens per regenerated reply")
+    p.add_argument("--regen-max-tokens", type=int, default=96, help="most tokens per regenerated reply")
     p.add_argument("--regen-max-turns", type=int, default=1,
                    help="assistant turns regenerated per conversation (later ones dropped)")
-    p.add_argument("--regen-concurrency", type=int, default=32)
+    p.add_argument("--regen-concurrency", type=int, default=64)
     p.add_argument("--vllm-eval", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure acceptance in a real vLLM server (default: when vLLM is importable)")
     p.add_argument("--vllm-ready-timeout", type=float, default=900.0)

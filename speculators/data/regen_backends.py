@@ -8,7 +8,8 @@ the server batches them.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from concurrent.futures import TimeoutError as FuturesTimeout
+from typing import Callable, Sequence
 
 from speculators.data.regenerate import Messages, Reply
 from speculators.errors import UserError
@@ -53,15 +54,25 @@ class TransformersBackend:
         return self._limit
 
     def generate(self, prompts: Sequence[Messages], max_tokens: int, temperature: float,
-                 seed: int) -> list[Reply | Exception]:
+                 seed: int, heartbeat: Callable[[str], None] | None = None) -> list[Reply | Exception]:
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class Beat(StoppingCriteria):
+            """Never stops generation; reports each decoding step (a batch can run for minutes)."""
+
+            def __call__(self, input_ids, scores, **kwargs):
+                if heartbeat is not None:
+                    heartbeat(f"decoding step {input_ids.shape[1] - width}/{max_tokens} of a batch of {len(ids)}")
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         ids = [self.prompt_ids(m) for m in prompts]
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        kwargs = dict(max_new_tokens=max_tokens, pad_token_id=pad, eos_token_id=self.eos)
+        kwargs = dict(max_new_tokens=max_tokens, pad_token_id=pad, eos_token_id=self.eos,
+                      stopping_criteria=StoppingCriteriaList([Beat()]))
         if temperature > 0:
             torch.manual_seed(seed)
             kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
@@ -162,10 +173,18 @@ class ChatServerBackend:
         raise RuntimeError(f"server did not answer after 3 tries: {last}")
 
     def generate(self, prompts: Sequence[Messages], max_tokens: int, temperature: float,
-                 seed: int) -> list[Reply | Exception]:
+                 seed: int, heartbeat: Callable[[str], None] | None = None) -> list[Reply | Exception]:
         futures = [self.pool.submit(self._one, p, max_tokens, temperature, seed + i) for i, p in enumerate(prompts)]
         out: list[Reply | Exception] = []
-        for fut in futures:
+        for i, fut in enumerate(futures):
+            while heartbeat is not None:
+                try:
+                    fut.result(timeout=2.0)
+                    break
+                except FuturesTimeout:
+                    heartbeat(f"{i}/{len(futures)} requests of a batch answered")
+                except Exception:
+                    break
             try:
                 out.append(fut.result())
             except Exception as exc:  # counted as a skipped record with its reason

@@ -86,7 +86,7 @@ class Backend(Protocol):
     def context_limit(self) -> int | None: ...
 
     def generate(self, prompts: Sequence[Messages], max_tokens: int, temperature: float,
-                 seed: int) -> list[Reply | Exception]: ...
+                 seed: int, heartbeat: Callable[[str], None] | None = None) -> list[Reply | Exception]: ...
 
 
 class SkipRecord(Exception):
@@ -126,8 +126,9 @@ def select_records(sources: Sequence[str], seed: int, max_samples: int | None,
 
 # -- the append-only output -----------------------------------------------------------
 
-def load_done(path: Path) -> set[str]:
-    """Ids already written; a torn final line (crash mid-write) is cut off."""
+def load_done(path: Path, meta: dict[str, Any] | None = None) -> set[str]:
+    """Ids already written; a torn final line (crash mid-write) is cut off. With ``meta``, every
+    record must have been written with those settings (a resume must not mix two runs)."""
     if not path.exists():
         return set()
     if not path.is_file():
@@ -153,6 +154,12 @@ def load_done(path: Path) -> set[str]:
             raise UserError(
                 f"--output {path}: line {lineno} lacks 'id'/'conversations'; it was not written by "
                 "regenerate. Choose a new --output file"
+            )
+        if meta is not None and rec.get("regenerated") != meta:
+            raise UserError(
+                f"--output {path}: line {lineno} was regenerated with other settings "
+                f"({rec.get('regenerated')}, now {meta}); resuming would mix them. Use a new --output "
+                "or delete this file"
             )
         done.add(str(rec["id"]))
     return done
@@ -206,7 +213,7 @@ def _misfit(backend: Backend, prompt: Messages, cfg: RegenConfig) -> str | None:
 
 
 def regenerate_chunk(backend: Backend, chunk: list[tuple[str, Messages]], cfg: RegenConfig,
-                     chunk_seed: int) -> list[_Conversation]:
+                     chunk_seed: int, heartbeat: Callable[[str], None] | None = None) -> list[_Conversation]:
     """Regenerate a chunk of conversations turn by turn, each turn's prompts in one backend call."""
     convs = [_Conversation(rid, messages) for rid, messages in chunk]
     step = 0
@@ -230,7 +237,7 @@ def regenerate_chunk(backend: Backend, chunk: list[tuple[str, Messages]], cfg: R
         if not pending:
             return convs
         replies = backend.generate([p for _, p in pending], cfg.max_tokens, cfg.temperature,
-                                   chunk_seed * 1000 + step)
+                                   chunk_seed * 1000 + step, heartbeat)
         step += 1
         for (c, _), reply in zip(pending, replies):
             if isinstance(reply, Exception):
@@ -263,11 +270,11 @@ def regenerate(cfg: RegenConfig, backend: Backend, progress: Callable[[str], Non
         raise UserError(f"--max-samples must be >= 1, got {cfg.max_samples}")
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = load_done(out)
+    meta = {"model": cfg.model, "backend": backend.name, "temperature": cfg.temperature,
+            "max_tokens": cfg.max_tokens, "max_turns": cfg.max_turns, "seed": cfg.seed}
+    done = load_done(out, meta)
     summary = RegenSummary(output=str(out), resumed=len(done))
     skipped: Counter = Counter()
-    meta = {"model": cfg.model, "backend": backend.name, "temperature": cfg.temperature,
-            "max_tokens": cfg.max_tokens, "seed": cfg.seed}
     total = total_hint or cfg.max_samples
     start = time.time()
     last_say = 0.0
@@ -287,11 +294,19 @@ def regenerate(cfg: RegenConfig, backend: Backend, progress: Callable[[str], Non
         if chunk:
             yield chunk
 
+    def heartbeat(what: str) -> None:
+        nonlocal last_say
+        now = time.time()
+        if now - last_say >= 2.0:
+            last_say = now
+            say(f"regenerate: {processed} records done, {summary.tokens} tokens; {what} "
+                f"({now - start:.0f}s elapsed)")
+
     if done:
         say(f"regenerate: resuming {out}: {len(done)} records already written are skipped")
     with open(out, "a", encoding="utf-8") as f:
         for n, chunk in enumerate(chunks()):
-            for c in regenerate_chunk(backend, chunk, cfg, cfg.seed * 1_000_003 + n):
+            for c in regenerate_chunk(backend, chunk, cfg, cfg.seed * 1_000_003 + n, heartbeat):
                 processed += 1
                 if c.error or c.turns == 0:
                     skipped[c.error or "no assistant turn regenerated"] += 1
