@@ -135,6 +135,10 @@ def test_prepare_data_takes_the_output_unchanged(tiny_llama, source, tmp_path):
                      "--seq-length", "512"]) == 0
     ds = load_from_disk(str(prepared))
     assert len(ds) == 3
+    # the run's record says the responses were regenerated, and how
+    meta = json.loads((prepared / "prepare_config.json").read_text())
+    assert meta["regenerated"] == records[0]["regenerated"]
+    assert meta["regenerated"]["backend"] == "transformers" and meta["regenerated"]["max_tokens"] == 12
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     texts = [tok.decode(row["input_ids"]) for row in ds]
     for rec in records:

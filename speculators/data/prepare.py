@@ -124,6 +124,19 @@ def _batches(it: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
+def regenerated_by(spec: DataSpec) -> dict[str, Any] | None:
+    """How `speculators regenerate` wrote a jsonl source (its first record's settings), else None."""
+    if spec.kind != "jsonl":
+        return None
+    try:
+        with open(spec.path, encoding="utf-8") as f:  # type: ignore[arg-type]
+            first = next((line for line in f if line.strip()), "")
+        meta = json.loads(first).get("regenerated") if first else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def read_cached(output: Path, fp: str) -> dict[str, Any] | None:
     path = output / PREPARE_CONFIG
     if not path.is_file():
@@ -263,6 +276,7 @@ def _write_output(output, input_ids, loss_masks, freq, cfg, tokenizer, spec, res
                 "end_of_turn_ids": sorted(end_of_turn_ids(tokenizer, cfg.model)),
             },
             "data": {"kind": spec.kind, "name": spec.name, "hub_id": spec.hub_id, "split": spec.split},
+            "regenerated": regenerated_by(spec),
             "counts": {
                 "kept": result.kept,
                 "dropped": result.dropped,
