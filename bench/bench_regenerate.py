@@ -36,6 +36,7 @@ def main() -> int:
 
     model = args.model or str(default_verifier())
     results = {"model": model, "samples": args.samples, "max_tokens": args.max_tokens, "max_turns": 1,
+               "max_prompt_tokens": 192, "load_average_at_start": os.getloadavg(),
                "concurrency": args.concurrency, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                "torch_threads": None, "backends": {}}
     import torch
@@ -45,7 +46,7 @@ def main() -> int:
         for backend in args.backends:
             cfg = RegenConfig(model=model, data=["sharegpt"], output=f"{tmp}/{backend}.jsonl", backend=backend,
                               max_tokens=args.max_tokens, concurrency=args.concurrency,
-                              max_samples=args.samples, max_turns=1)
+                              max_samples=args.samples, max_turns=1, max_prompt_tokens=192)
             if backend == "transformers":
                 summary = regenerate(cfg, TransformersBackend(model, "cpu"))
                 startup = 0.0

