@@ -171,3 +171,28 @@ def test_long_prompts_end_the_conversation_with_a_counted_reason(tiny_llama, sou
     recs = {r["id"].split(":")[-1]: r for r in _lines(out)}
     assert [m["role"] for m in recs["a"]["conversations"]] == ["user", "assistant"]
     assert "prompt longer than --max-prompt-tokens" in text
+
+
+@pytest.mark.slow
+def test_vllm_backend_starts_a_server_and_agrees_with_transformers(tmp_path, capsys):
+    """Real vLLM (CPU build here): regenerate starts `vllm serve`, and its greedy replies
+    match the transformers backend's (same verifier: the default one, head_dim 32)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed in this environment")
+    from speculators.tiny.default import default_verifier
+
+    model = default_verifier()
+    common = ["--model", str(model), "--data", "sharegpt", "--max-samples", "4", "--max-tokens", "24",
+              "--max-turns", "1", "--max-prompt-tokens", "192", "--seed", "0"]
+    assert cli_main(["regenerate", *common, "--output", str(tmp_path / "hf.jsonl")]) == 0
+    assert cli_main(["regenerate", *common, "--backend", "vllm", "--output", str(tmp_path / "vllm.jsonl"),
+                     "--", "--max-model-len", "1024"]) == 0
+    hf = {r["id"]: r for r in _lines(tmp_path / "hf.jsonl")}
+    vl = {r["id"]: r for r in _lines(tmp_path / "vllm.jsonl")}
+    assert set(hf) == set(vl) and len(hf) >= 2
+    assert all(r["regenerated"]["backend"] == "vllm" for r in vl.values())
+    same = sum(hf[i]["conversations"][-1]["content"].strip() == vl[i]["conversations"][-1]["content"].strip()
+               for i in hf)
+    assert same >= len(hf) - 1, (same, len(hf))

@@ -19,8 +19,9 @@ from typing import Any
 def add_regen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regenerate", action=argparse.BooleanOptionalAction, default=True,
                    help="train on the verifier's own replies (speculators regenerate) instead of ShareGPT's")
-    p.add_argument("--regen-backend", choices=["transformers", "vllm"], default="transformers",
-                   help="backend of the regenerate stage")
+    p.add_argument("--regen-backend", choices=["auto", "transformers", "vllm"], default="auto",
+                   help="backend of the regenerate stage (auto: vllm when importable; on 2 CPU cores it "
+                        "regenerated 25x faster than transformers after a 2-minute start)")
     p.add_argument("--regen-max-tokens", type=int, default=96, help="most tokens per regenerated reply")
     p.add_argument("--regen-max-turns", type=int, default=1,
                    help="assistant turns regenerated per conversation (later ones dropped)")
@@ -42,7 +43,7 @@ def with_regeneration(stages: list[tuple[str, list[str]]], args: argparse.Namesp
     model = str(Path(args.model) if args.model else work / "verifier")
     out = regenerated_path(work)
     regen = ["regenerate", "--model", model, "--data", "sharegpt", "--output", str(out),
-             "--backend", args.regen_backend, "--max-samples", str(args.max_samples),
+             "--backend", regen_backend(args), "--max-samples", str(args.max_samples),
              "--max-tokens", str(args.regen_max_tokens), "--max-turns", str(args.regen_max_turns),
              "--temperature", "0", "--concurrency", str(args.regen_concurrency), "--seed", "0",
              # longer prompts leave under 64 reply tokens in a --seq-length sample
@@ -58,6 +59,12 @@ def with_regeneration(stages: list[tuple[str, list[str]]], args: argparse.Namesp
             argv.append("--force")
         result.append((name, argv))
     return result
+
+
+def regen_backend(args: argparse.Namespace) -> str:
+    if args.regen_backend != "auto":
+        return args.regen_backend
+    return "vllm" if _vllm_importable() else "transformers"
 
 
 def _vllm_importable() -> bool:
@@ -165,7 +172,7 @@ def finish(args: argparse.Namespace, work: Path, times: dict[str, float],
         "verifier": str(model),
         "verifier_card": _read(model / "verifier_card.json"),
         "regenerated": bool(args.regenerate),
-        "regeneration": ({"backend": args.regen_backend, "max_tokens": args.regen_max_tokens,
+        "regeneration": ({"backend": regen_backend(args), "max_tokens": args.regen_max_tokens,
                           "max_turns": args.regen_max_turns, "temperature": 0.0,
                           "output": str(regenerated_path(work)),
                           "summary": _read(work / "regenerate_summary.json")} if args.regenerate else None),
