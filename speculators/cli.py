@@ -16,6 +16,7 @@ from speculators.errors import UserError
 
 # Module names under speculators.commands, in the order `--help` lists them.
 COMMAND_MODULES = (
+    "regenerate",
     "prepare_data",
     "build_vocab_mapping",
     "datagen",

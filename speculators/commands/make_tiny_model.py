@@ -1,4 +1,4 @@
-"""`speculators make-tiny-model`: a tiny local verifier for CPU demos and trials."""
+"""`speculators make-tiny-model`: the embedded default verifier (or a custom tiny one) for CPU runs."""
 
 from __future__ import annotations
 
@@ -7,48 +7,53 @@ from pathlib import Path
 
 from speculators.errors import UserError
 
+_CUSTOM_DEFAULTS = {"arch": "llama", "hidden_size": 64, "num_layers": 8, "vocab_size": 512, "pretrain_steps": 200}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "make-tiny-model",
-        help="build a tiny Llama/Qwen3 verifier with a locally trained tokenizer (no hub needed)",
+        help="write the embedded default verifier (built once, cached) or a custom tiny Llama/Qwen3",
         description=(
-            "Build a tiny causal LM and a byte-level BPE tokenizer with a chat template, "
-            "trained locally on ShareGPT text. Used by the CPU demo and the tests."
+            "Without shape flags: the embedded default verifier (Llama, hidden 128, head_dim 32, 8 layers, "
+            "1k BPE vocabulary; trained on ShareGPT, deterministic), built on first use and cached under "
+            "$SPECULATORS_CACHE (default ~/.cache/speculators), then copied to --output. With any of "
+            "--arch/--template/--hidden-size/--num-layers/--vocab-size/--pretrain-steps/--seed: a custom "
+            "tiny model built in place (defaults: llama, hidden 64, 8 layers, vocab 512, 200 steps)."
         ),
     )
     p.add_argument("--output", required=True, help="directory to write the model to (must be new or empty)")
-    p.add_argument("--arch", choices=["llama", "qwen3"], default="llama")
+    p.add_argument("--arch", choices=["llama", "qwen3"], default=None)
     p.add_argument("--template", choices=["llama3", "chatml"], default=None,
                    help="chat template (default: llama3 for llama, chatml for qwen3)")
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--num-layers", type=int, default=8)
-    p.add_argument("--vocab-size", type=int, default=512)
-    p.add_argument("--pretrain-steps", type=int, default=200,
-                   help="steps of LM training on chat text so outputs are peaked (0: random weights)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden-size", type=int, default=None)
+    p.add_argument("--num-layers", type=int, default=None)
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="custom model: steps of LM training on chat text (0: random weights)")
+    p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from speculators.testing.tiny import build_tiny_verifier
-
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--output {out} is not empty; choose a new directory so nothing is overwritten")
-    if args.num_layers < 7:
+    custom = {k: getattr(args, k) for k in (*_CUSTOM_DEFAULTS, "template", "seed") if getattr(args, k) is not None}
+    if not custom:
+        from speculators.tiny.default import copy_default_verifier
+
+        copy_default_verifier(out)
+        print(f"tiny verifier written to {out}", flush=True)
+        return 0
+    settings = {**_CUSTOM_DEFAULTS, "template": None, "seed": 0, **custom}
+    if settings["num_layers"] < 7:
         raise UserError(
             "--num-layers must be at least 7 so the default EAGLE-3 layers [2, n//2, n-3] are distinct"
         )
-    path = build_tiny_verifier(
-        out,
-        arch=args.arch,
-        template=args.template,
-        hidden_size=args.hidden_size,
-        num_layers=args.num_layers,
-        vocab_size=args.vocab_size,
-        seed=args.seed,
-        pretrain_steps=args.pretrain_steps,
-    )
-    print(f"tiny verifier written to {path}")
+    from speculators.tiny.builders import build_tiny_verifier
+
+    print(f"building a custom tiny verifier in {out}", flush=True)
+    path = build_tiny_verifier(out, **settings)
+    print(f"tiny verifier written to {path}", flush=True)
     return 0

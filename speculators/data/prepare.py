@@ -160,6 +160,19 @@ def _batches(it: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
+def regenerated_by(spec: DataSpec) -> dict[str, Any] | None:
+    """How `speculators regenerate` wrote a jsonl source (its first record's settings), else None."""
+    if spec.kind != "jsonl":
+        return None
+    try:
+        with open(spec.path, encoding="utf-8") as f:  # type: ignore[arg-type]
+            first = next((line for line in f if line.strip()), "")
+        meta = json.loads(first).get("regenerated") if first else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def read_cached(output: Path, fp: str) -> dict[str, Any] | None:
     path = output / PREPARE_CONFIG
     if not path.is_file():
@@ -387,6 +400,7 @@ def _write_output(output, input_ids, loss_masks, freq, cfg, tokenizer, specs, pe
             },
             "data": specs[0].describe() if len(specs) == 1 else {"sources": [s.name for s in specs]},
             "sources": per_source,
+            "regenerated": regenerated_by(specs[0]) if len(specs) == 1 else [regenerated_by(s) for s in specs],
             "counts": {
                 "kept": result.kept,
                 "dropped": result.dropped,

@@ -1,0 +1,205 @@
+"""The demo's regeneration stage, its vLLM acceptance check and its summary.
+
+Kept apart from `demo.stage_commands` (the plain stage list) so the list can be
+shared with the dashboard while these steps stay the demo's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_regen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--regenerate", action=argparse.BooleanOptionalAction, default=True,
+                   help="train on the verifier's own replies (speculators regenerate) instead of ShareGPT's")
+    p.add_argument("--regen-backend", choices=["auto", "transformers", "vllm"], default="auto",
+                   help="backend of the regenerate stage (auto: vllm when importable; on 2 CPU cores it "
+                        "regenerated 16x faster than transformers after a 2-minute start)")
+    p.add_argument("--regen-max-tokens", type=int, default=96, help="most tokens per regenerated reply")
+    p.add_argument("--regen-max-turns", type=int, default=1,
+                   help="assistant turns regenerated per conversation (later ones dropped)")
+    p.add_argument("--regen-concurrency", type=int, default=64)
+    p.add_argument("--vllm-eval", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure acceptance in a real vLLM server (default: when vLLM is importable)")
+    p.add_argument("--vllm-ready-timeout", type=float, default=900.0)
+
+
+def regenerated_path(work: Path) -> Path:
+    return work / "regenerated.jsonl"
+
+
+def with_regeneration(stages: list[tuple[str, list[str]]], args: argparse.Namespace,
+                      work: Path) -> list[tuple[str, list[str]]]:
+    """Insert `regenerate` before `prepare` and point prepare at its output (when --regenerate)."""
+    if not getattr(args, "regenerate", False):
+        return stages
+    model = str(Path(args.model) if args.model else work / "verifier")
+    out = regenerated_path(work)
+    regen = ["regenerate", "--model", model, "--data", "sharegpt", "--output", str(out),
+             "--backend", regen_backend(args), "--max-samples", str(args.max_samples),
+             "--max-tokens", str(args.regen_max_tokens), "--max-turns", str(args.regen_max_turns),
+             "--temperature", "0", "--concurrency", str(args.regen_concurrency), "--seed", "0",
+             # longer prompts leave under 64 reply tokens in a --seq-length sample
+             "--max-prompt-tokens", str(max(16, args.seq_length - 64)),
+             "--summary-json", str(work / "regenerate_summary.json")]
+    result = []
+    for name, argv in stages:
+        if name == "prepare":
+            result.append(("regenerate", regen))
+            argv = [f"--data={out}" if a.startswith("--data=") else a for a in argv]
+            if "--data" in argv:
+                argv[argv.index("--data") + 1] = str(out)
+            # the output depends on the verifier's replies: rebuild when they change
+            argv.append("--force")
+        result.append((name, argv))
+    return result
+
+
+def regen_backend(args: argparse.Namespace) -> str:
+    if args.regen_backend != "auto":
+        return args.regen_backend
+    return "vllm" if _vllm_importable() else "transformers"
+
+
+def _vllm_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except Exception:
+        cuda = False
+    if not cuda:
+        env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env
+
+
+def vllm_eval(args: argparse.Namespace, work: Path, times: dict[str, float]) -> dict[str, Any] | None:
+    """Serve the checkpoint (`speculators serve`), send the held-out prompts
+    (`speculators eval --vllm-endpoint`), stop the server; the report or None."""
+    enabled = args.vllm_eval if args.vllm_eval is not None else _vllm_importable()
+    if not enabled:
+        print("== vllm-eval: skipped (vLLM is not importable here; --vllm-eval to insist)", flush=True)
+        return None
+    from speculators.cli import main as cli_main
+    from speculators.vllm.readiness import free_port, probe
+
+    start = time.time()
+    ckpt = work / "checkpoints" / "checkpoint_best"
+    model = str(Path(args.model) if args.model else work / "verifier")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = [sys.executable, "-m", "speculators", "serve", str(ckpt), "--", "--host", "127.0.0.1",
+             "--port", str(port), "--max-model-len", str(max(1024, args.seq_length * 2)), "--seed", "0",
+             "--enforce-eager"]
+    print(f"== vllm-eval: {' '.join(serve[2:])} (a CPU server takes 1-3 minutes to start)", flush=True)
+    log = open(work / "vllm_serve.log", "w")
+    proc = subprocess.Popen(serve, env=_server_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + args.vllm_ready_timeout
+        last = 0.0
+        while not probe(url):
+            if proc.poll() is not None:
+                print(f"demo: the vLLM server exited ({proc.returncode}) before it was ready; see "
+                      f"{work / 'vllm_serve.log'}", file=sys.stderr)
+                return None
+            if time.time() > deadline:
+                print(f"demo: the vLLM server was not ready after {args.vllm_ready_timeout:g}s", file=sys.stderr)
+                return None
+            if time.time() - last >= 10:
+                last = time.time()
+                print(f"   waiting for vLLM at {url} ({time.time() - start:.0f}s)", flush=True)
+            time.sleep(2)
+        argv = ["eval", "--vllm-endpoint", url, "--data", "sharegpt", "--verifier", model,
+                "--skip-samples", str(args.max_samples), "--data-seed", "0", "--seq-length", str(args.seq_length),
+                "--num-prompts", str(args.eval_prompts), "--output-json", str(work / "eval_vllm.json")]
+        print(f"== vllm-eval: speculators {' '.join(argv)}", flush=True)
+        rc = cli_main(argv)
+        if rc != 0:
+            print(f"demo: the vLLM eval failed (exit {rc})", file=sys.stderr)
+            return None
+    finally:
+        _stop(proc)
+        log.close()
+    times["vllm-eval"] = round(time.time() - start, 1)
+    print(f"== vllm-eval: done in {times['vllm-eval']:.1f}s", flush=True)
+    return json.loads((work / "eval_vllm.json").read_text())
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def finish(args: argparse.Namespace, work: Path, times: dict[str, float],
+           vllm_report: dict[str, Any] | None) -> int:
+    """Print both acceptance figures and write WORKDIR/demo_summary.json."""
+    model = Path(args.model) if args.model else work / "verifier"
+    torch_report = _read(work / "eval.json")
+    summary = {
+        "verifier": str(model),
+        "verifier_card": _read(model / "verifier_card.json"),
+        "regenerated": bool(args.regenerate),
+        "regeneration": ({"backend": regen_backend(args), "max_tokens": args.regen_max_tokens,
+                          "max_turns": args.regen_max_turns, "temperature": 0.0,
+                          "output": str(regenerated_path(work)),
+                          "summary": _read(work / "regenerate_summary.json")} if args.regenerate else None),
+        "num_speculative_tokens": args.ttt_steps,
+        "acceptance_length": {
+            "pytorch": torch_report and torch_report["mean_acceptance_length"],
+            "vllm": vllm_report and vllm_report["mean_acceptance_length"],
+        },
+        "acceptance_rate_per_position": {
+            "pytorch": torch_report and torch_report["acceptance_rate_per_position"],
+            "vllm": vllm_report and vllm_report["acceptance_rate_per_position"],
+        },
+        "stage_seconds": times,
+        "total_seconds": round(sum(times.values()), 1),
+    }
+    (work / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    acc = summary["acceptance_length"]
+    print(f"\nDemo finished in {summary['total_seconds']:.0f}s. Outputs in {work}/ ; best checkpoint: "
+          f"{work}/checkpoints/checkpoint_best")
+    print(f"trained on {'responses regenerated by the verifier' if args.regenerate else 'original ShareGPT responses'}")
+    line = f"mean acceptance length at K={args.ttt_steps} (greedy, held-out prompts): PyTorch {acc['pytorch']:.3f}"
+    if acc["vllm"] is not None:
+        line += f", vLLM {acc['vllm']:.3f} (difference {abs(acc['vllm'] - acc['pytorch']):.3f})"
+    else:
+        line += ", vLLM not measured"
+    print(line)
+    print(f"summary: {work / 'demo_summary.json'}")
+    print(f"serve it with:  speculators serve {work}/checkpoints/checkpoint_best")
+    return 0

@@ -1,0 +1,56 @@
+"""The demo regenerates by default, can be told not to, and records how in its summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from speculators.cli import build_parser
+from speculators.commands.demo import stage_commands
+from speculators.commands.demo_extras import finish, with_regeneration
+
+
+def _args(*extra):
+    return build_parser().parse_args(["demo", "--workdir", "w", *extra])
+
+
+def test_regenerate_stage_feeds_prepare_by_default():
+    args = _args()
+    work = Path("w")
+    stages = with_regeneration(stage_commands(args, work), args, work)
+    names = [n for n, _ in stages]
+    assert names.index("regenerate") == names.index("prepare") - 1
+    regen = dict(stages)["regenerate"]
+    prepare = dict(stages)["prepare"]
+    out = regen[regen.index("--output") + 1]
+    assert prepare[prepare.index("--data") + 1] == out == str(work / "regenerated.jsonl")
+    assert regen[regen.index("--model") + 1] == str(work / "verifier")
+    assert regen[regen.index("--max-samples") + 1] == str(args.max_samples)
+    # the held-out eval skips exactly the conversations regenerate used (same seed, same count)
+    ev = dict(stages)["eval"]
+    assert ev[ev.index("--skip-samples") + 1] == str(args.max_samples)
+    assert ev[ev.index("--data-seed") + 1] == regen[regen.index("--seed") + 1] == "0"
+    # every argv parses as the real command
+    for _, argv in stages:
+        build_parser().parse_args(argv)
+
+
+def test_no_regenerate_keeps_the_original_responses():
+    args = _args("--no-regenerate")
+    work = Path("w")
+    assert with_regeneration(stage_commands(args, work), args, work) == stage_commands(args, work)
+
+
+def test_summary_records_regeneration_and_both_acceptance_figures(tmp_path, capsys):
+    args = _args("--regen-backend", "vllm")
+    report = {"mean_acceptance_length": 2.61, "acceptance_rate_per_position": [0.7, 0.5, 0.4]}
+    (tmp_path / "eval.json").write_text(json.dumps(report))
+    (tmp_path / "regenerate_summary.json").write_text(json.dumps({"written": 256, "tokens_per_s": 99.0}))
+    finish(args, tmp_path, {"train": 1.0}, dict(report, mean_acceptance_length=2.58))
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert summary["regenerated"] is True
+    assert summary["regeneration"]["backend"] == "vllm"
+    assert summary["regeneration"]["summary"]["written"] == 256
+    assert summary["acceptance_length"] == {"pytorch": 2.61, "vllm": 2.58}
+    out = capsys.readouterr().out
+    assert "PyTorch 2.610, vLLM 2.580 (difference 0.030)" in out
