@@ -30,8 +30,8 @@ def main() -> int:
     p.add_argument("--output", default=str(Path(__file__).parent / "results" / "regenerate.json"))
     args = p.parse_args()
 
-    from speculators.data.regen_backends import ChatServerBackend, TransformersBackend
-    from speculators.data.regenerate import RegenConfig, regenerate
+    from speculators.regenerate.backends import ChatServerBackend, TransformersBackend
+    from speculators.regenerate.runner import RegenConfig, regenerate
     from speculators.tiny.default import default_verifier
 
     model = args.model or str(default_verifier())

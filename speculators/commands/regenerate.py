@@ -49,7 +49,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from speculators.data.regenerate import RegenConfig, format_summary, regenerate
+    from speculators.regenerate.runner import RegenConfig, format_summary, regenerate
     from speculators.errors import UserError
 
     cfg = RegenConfig(
@@ -67,7 +67,7 @@ def run(args) -> int:
     if args.backend == "transformers":
         if passthrough:
             raise UserError("arguments after `--` go to a vLLM server; they need --backend vllm")
-        from speculators.data.regen_backends import TransformersBackend
+        from speculators.regenerate.backends import TransformersBackend
 
         summary = regenerate(cfg, TransformersBackend(args.model, args.device))
     elif args.endpoint:
@@ -85,7 +85,7 @@ def run(args) -> int:
 
 
 def _server_backend(cfg, url: str):
-    from speculators.data.regen_backends import ChatServerBackend
+    from speculators.regenerate.backends import ChatServerBackend
 
     tokenizer = None
     try:  # optional: lets long prompts be skipped before the server rejects them

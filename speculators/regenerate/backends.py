@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Callable, Sequence
 
-from speculators.data.regenerate import Messages, Reply
+from speculators.regenerate.runner import Messages, Reply
 from speculators.errors import UserError
 
 

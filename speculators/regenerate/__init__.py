@@ -1,0 +1,1 @@
+"""`speculators regenerate`: assistant turns rewritten by the verifier (runner + backends)."""
