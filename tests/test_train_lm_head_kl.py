@@ -10,7 +10,6 @@ from torch import nn
 from speculators.errors import UserError
 from speculators.train.config import TrainConfig
 from speculators.train.lm_head_kl import LOSS_IMPLS, lm_head_kl
-from speculators.train.trainer import Trainer
 
 N, H, V, M = 37, 16, 50, 61  # M != N: the target table is not mistaken for an [N, V] tensor
 

@@ -17,7 +17,6 @@ from speculators.vllm.launch import (
     endpoint_from_args,
     kv_transfer_config,
     served_model_name,
-    speculative_config,
     vllm_entry,
 )
 from speculators.vllm.serve import serve_plan

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
