@@ -49,8 +49,16 @@ def require_vllm(tmp_path_factory):
     if importlib.util.find_spec("vllm") is None:
         pytest.fail("vLLM is not installed in this environment: run `make vllm` "
                     "(python scripts/install_vllm.py) -- the real-engine tests must not be skipped")
+    saved = {k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "SPECULATORS_VLLM_ARGS")}
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["SPECULATORS_VLLM_ARGS"] = VLLM_ARGS
+    yield
+    # module scope: later test modules must not inherit these server flags
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

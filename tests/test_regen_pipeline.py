@@ -71,7 +71,7 @@ def test_regenerated_training_beats_original_and_random(verifier, tmp_path):
 
     regen_ckpt = _train(verifier, regen, tmp_path, "regen")
     orig_ckpt = _train(verifier, "sharegpt", tmp_path, "orig")
-    random_ckpt = _train(verifier, regen, tmp_path, "random", epochs=1, lr="0")
+    random_ckpt = _train(verifier, regen, tmp_path, "random", epochs=1, lr="1e-30")  # lr must be > 0; 1e-30 leaves the random init
 
     tau_regen = _acceptance(verifier, regen_ckpt, tmp_path, "regen")
     tau_orig = _acceptance(verifier, orig_ckpt, tmp_path, "orig")
