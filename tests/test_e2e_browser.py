@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from speculators.vllm.readiness import free_port
 from worker.testing import wait_for, worker_env
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("SPEC_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(url: str) -> bool:
@@ -42,7 +36,7 @@ def _healthy(url: str) -> bool:
 def local_mode(tmp_path, tiny_llama):
     home = tmp_path / "home"
     shutil.copytree(tiny_llama, home / "models" / "tiny-llama")  # skip the first-start build
-    port = _free_port()
+    port = free_port()
     env = worker_env(home, "")
     env.pop("SPEC_BROKER_URL")  # let the launcher choose: no Redis at --redis-url -> filesystem broker
     log = open(tmp_path / "local.log", "wb")

@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -43,11 +42,12 @@ import redis
 
 from runstore import open_store, repo
 from runstore.settings import Settings
+from speculators.vllm.readiness import free_port
 from worker.celery_app import make_celery
 from worker.dispatch import flush_outbox
 from worker.pipeline import stages_for
 from worker.spec import RunSpec
-from worker.testing import start_worker, wait_for, worker_env
+from worker.testing import run_with_stages, start_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,17 +55,11 @@ CHROMIUM = os.environ.get("SPEC_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RedisServer:
     """An own redis-server (no persistence) that a test can stop and start on the same port."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port, self.workdir, self.proc = _free_port(), workdir, None
+        self.port, self.workdir, self.proc = free_port(), workdir, None
 
     @property
     def url(self) -> str:
@@ -131,15 +125,8 @@ def _submit(settings: Settings, model: Path, *, send: bool = True, **over):
     return factory, run_id
 
 
-def _run(factory, run_id):
-    with factory() as s:
-        run = repo.get_run(s, run_id)
-        s.refresh(run)
-        return run, {x.name: x for x in run.stages}
-
-
 def _finished(factory, run_id):
-    run, _ = _run(factory, run_id)
+    run, _ = run_with_stages(factory, run_id)
     return run.status in ("succeeded", "failed", "cancelled")
 
 
@@ -165,10 +152,10 @@ def test_broker_blip_while_a_stage_finishes(redis_server, tiny_llama, tmp_path, 
     env = worker_env(settings.home, redis_server.url)
     worker = start_worker(env, log_path=tmp_path / "worker.log")
     try:
-        wait_for(lambda: _run(factory, run_id)[1]["prepare"].status == "running", 120, what="prepare running")
+        wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].status == "running", 120, what="prepare running")
         redis_server.stop()
-        wait_for(lambda: _run(factory, run_id)[1]["prepare"].status != "running", 300, what="prepare end")
-        run, stages = _run(factory, run_id)
+        wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].status != "running", 300, what="prepare end")
+        run, stages = run_with_stages(factory, run_id)
         assert stages["prepare"].status == "succeeded", stages["prepare"].error
         with factory() as s:
             pending = repo.pending_outbox(s)
@@ -177,7 +164,7 @@ def test_broker_blip_while_a_stage_finishes(redis_server, tiny_llama, tmp_path, 
         time.sleep(3)
         redis_server.start()
         wait_for(lambda: _finished(factory, run_id), 600, what="run end")
-        run, stages = _run(factory, run_id)
+        run, stages = run_with_stages(factory, run_id)
         assert run.status == "succeeded", (run.error, (tmp_path / "worker.log").read_text()[-3000:])
         assert {n: x.attempts for n, x in stages.items()} == {n: 1 for n in stages}
     finally:
@@ -204,7 +191,7 @@ def test_reconciler_requeues_a_lost_run_once(redis_server, tiny_llama, tmp_path,
     worker = start_worker(env, log_path=tmp_path / "worker.log")
     try:
         wait_for(lambda: _finished(factory, run_id), 600, what="run end")
-        run, stages = _run(factory, run_id)
+        run, stages = run_with_stages(factory, run_id)
         assert run.status == "succeeded", (run.error, (tmp_path / "worker.log").read_text()[-3000:])
         assert {n: x.attempts for n, x in stages.items()} == {n: 1 for n in stages}
         assert "was due but not queued" in (tmp_path / "worker.log").read_text()
@@ -232,13 +219,13 @@ def test_two_installations_share_a_redis_without_crosstalk(redis_server, tiny_ll
         assert "Received task" not in (tmp_path / "b.log").read_text()
         client = redis.Redis.from_url(redis_server.url)
         assert client.llen(settings_a.broker_namespace + ":gpu") == 1  # still waiting for A
-        assert _run(factory, run_id)[0].status == "queued"
+        assert run_with_stages(factory, run_id)[0].status == "queued"
     finally:
         _stop(worker_b)
     worker_a = start_worker(worker_env(settings_a.home, redis_server.url), name="gpu0@a",
                             log_path=tmp_path / "a.log")
     try:
-        wait_for(lambda: _run(factory, run_id)[1]["prepare"].status in ("running", "succeeded"), 120,
+        wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].status in ("running", "succeeded"), 120,
                  what="A's worker takes A's run")
         with factory() as s:
             repo.request_cancel(s, run_id)
@@ -284,7 +271,7 @@ def test_busy_worker_is_healthy_and_an_unreachable_endpoint_fails_fast(redis_ser
     worker = start_worker(env, log_path=tmp_path / "worker.log")
     try:
         def note():
-            stage = _run(factory, run_id)[1]["verifier"]
+            stage = run_with_stages(factory, run_id)[1]["verifier"]
             return stage.status == "running" and stage.error and "HTTP 503" in stage.error
         wait_for(note, 120, what="the endpoint's health on the stage")
         py = [sys.executable, "-m"]
@@ -301,7 +288,7 @@ def test_busy_worker_is_healthy_and_an_unreachable_endpoint_fails_fast(redis_ser
         t0 = time.monotonic()
         wait_for(lambda: _finished(factory, run_id), 60, what="run failed")
         assert time.monotonic() - t0 < 40
-        run, stages = _run(factory, run_id)
+        run, stages = run_with_stages(factory, run_id)
         assert run.status == "failed"
         assert f"the vLLM endpoint {url} is unreachable (connection refused" in run.error
         assert stages["train"].attempts == 0
@@ -321,10 +308,10 @@ def test_sigkilled_stage_says_killed_signal_9(redis_server, tiny_llama, tmp_path
     factory, run_id = _submit(settings, tiny_llama)
     worker = start_worker(worker_env(settings.home, redis_server.url), log_path=tmp_path / "worker.log")
     try:
-        pid = wait_for(lambda: _run(factory, run_id)[1]["prepare"].pid, 120, interval=0.1, what="prepare pid")
+        pid = wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].pid, 120, interval=0.1, what="prepare pid")
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: _finished(factory, run_id), 60, what="run failed")
-        run, stages = _run(factory, run_id)
+        run, stages = run_with_stages(factory, run_id)
         assert run.status == "failed"
         assert stages["prepare"].error.startswith("killed (signal 9: SIGKILL)"), stages["prepare"].error
         assert "out-of-memory" in stages["prepare"].error and "===" not in run.error
@@ -379,14 +366,14 @@ def test_controller_refuses_hidden_dir_outside_the_runs_root(tmp_path, monkeypat
 
     for bad in ("/etc", str(settings.runs_root / ".." / "x"), "relative/dir"):
         with factory() as s:
-            dep = repo.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=_free_port(),
+            dep = repo.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=free_port(),
                                           endpoint="x")
         assert start_deployment(factory, settings, dep.id, layer_ids=[1, 2], hidden_dir=bad) == "failed"
         with factory() as s:
             d = repo.get_deployment(s, dep.id)
             assert d.error.startswith("refused: hidden_dir") and "runs root" in d.error and d.pid is None
     with factory() as s:
-        dep = repo.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=_free_port(), endpoint="x")
+        dep = repo.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=free_port(), endpoint="x")
     assert start_deployment(factory, settings, dep.id, layer_ids=["1; rm -rf /"],
                             hidden_dir=str(settings.runs_root / "r" / "hidden")) == "failed"
     with factory() as s:
@@ -404,7 +391,7 @@ def _healthy(url: str) -> bool:
 
 
 def _local_mode(home: Path, redis_url: str, log_path: Path, **extra: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     env = worker_env(home, redis_url, **extra)
     env.pop("SPEC_BROKER_URL")  # the launcher picks the Redis at --redis-url when it answers
     proc = subprocess.Popen([sys.executable, "-m", "worker.local", "--home", str(home), "--port", str(port),
@@ -474,16 +461,16 @@ def test_children_restart_alone_and_the_run_finishes(redis_server, tiny_llama, t
         assert proc.poll() is None, (tmp_path / "local.log").read_text()[-3000:]
         settings = _use_home(monkeypatch, home, redis_server.url)
         factory, run_id = _submit(settings, tiny_llama, epochs=3, max_samples=16)
-        wait_for(lambda: _run(factory, run_id)[1]["prepare"].status == "running", 180, what="prepare running")
+        wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].status == "running", 180, what="prepare running")
         first = _children(home)
         os.kill(first["dashboard"]["pid"], signal.SIGKILL)
         wait_for(lambda: (_children(home).get("dashboard") or {}).get("starts", 0) == 2 and _healthy(url), 180,
                  what="dashboard restarted")
         assert _children(home)["worker"]["pid"] == first["worker"]["pid"]  # the worker never noticed
-        wait_for(lambda: _run(factory, run_id)[1]["train"].pid, 600, interval=0.5, what="train running")
+        wait_for(lambda: run_with_stages(factory, run_id)[1]["train"].pid, 600, interval=0.5, what="train running")
         os.kill(_children(home)["worker"]["pid"], signal.SIGKILL)
         wait_for(lambda: _finished(factory, run_id), 900, what="run end")
-        run, stages = _run(factory, run_id)
+        run, stages = run_with_stages(factory, run_id)
         assert run.status == "succeeded", (run.error, (tmp_path / "local.log").read_text()[-3000:])
         assert [stages[n].attempts for n in ("prepare", "vocab", "datagen")] == [1, 1, 1]
         assert stages["train"].attempts == 2

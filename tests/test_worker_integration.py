@@ -19,7 +19,7 @@ from worker.celery_app import make_celery
 from worker.dispatch import flush_outbox
 from worker.pipeline import RunPaths, stages_for
 from worker.spec import validate_spec
-from worker.testing import start_worker, wait_for, worker_env
+from worker.testing import run_with_stages, start_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
 TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")
@@ -71,13 +71,6 @@ def _submit(env, model, **over):
     return factory, run_id
 
 
-def _run(factory, run_id):
-    with factory() as s:
-        run = repo.get_run(s, run_id)
-        s.refresh(run)
-        return run, {x.name: x for x in run.stages}
-
-
 def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):
     factory, run_id = _submit(env, tiny_llama, epochs=16, max_samples=24)
     log = tmp_path / "worker.log"
@@ -86,7 +79,7 @@ def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):
         # wait until training has written a checkpoint and is still going
         def mid_train():
             with factory() as s:
-                return len(repo.checkpoints(s, run_id)) >= 2 and _run(factory, run_id)[0].status == "running"
+                return len(repo.checkpoints(s, run_id)) >= 2 and run_with_stages(factory, run_id)[0].status == "running"
         wait_for(mid_train, 240, what="two checkpoints")
         with factory() as s:
             trainer_pid = repo.get_stage(s, run_id, "train").pid
@@ -95,12 +88,12 @@ def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):
         # the trainer dies with its worker (no orphan keeps writing)
         wait_for(lambda: not os.path.exists(f"/proc/{trainer_pid}") or
                  open(f"/proc/{trainer_pid}/stat").read().split()[2] == "Z", 10, what="trainer exit")
-        run, stages = _run(factory, run_id)
+        run, stages = run_with_stages(factory, run_id)
         assert stages["train"].status == "running"  # nobody has noticed yet
 
         worker = start_worker(env, log_path=log)  # same name: recovery resumes the run
-        wait_for(lambda: _run(factory, run_id)[0].status in ("succeeded", "failed"), 240, what="run end")
-        run, stages = _run(factory, run_id)
+        wait_for(lambda: run_with_stages(factory, run_id)[0].status in ("succeeded", "failed"), 240, what="run end")
+        run, stages = run_with_stages(factory, run_id)
         assert run.status == "succeeded", (run.error, open(stages["train"].log_path).read()[-3000:])
         assert all(x.status == "succeeded" for x in stages.values())
         assert stages["train"].attempts == 2 and stages["prepare"].attempts == 1
@@ -131,13 +124,13 @@ def test_cancel_stops_the_running_stage(env, tiny_llama, tmp_path):
     worker = start_worker(env, log_path=tmp_path / "worker.log")
     try:
         def running_pid():
-            _, stages = _run(factory, run_id)
+            _, stages = run_with_stages(factory, run_id)
             return stages["prepare"].pid
         pid = wait_for(running_pid, 60, interval=0.1, what="prepare running")
         with factory() as s:
             repo.request_cancel(s, run_id)
-        wait_for(lambda: _run(factory, run_id)[0].status == "cancelled", 30, what="cancelled")
-        _, stages = _run(factory, run_id)
+        wait_for(lambda: run_with_stages(factory, run_id)[0].status == "cancelled", 30, what="cancelled")
+        _, stages = run_with_stages(factory, run_id)
         assert stages["prepare"].status == "cancelled"
         assert all(stages[n].status == "cancelled" and stages[n].started_at is None
                    for n in ("vocab", "datagen", "train"))

@@ -42,3 +42,13 @@ def wait_for(check: Callable[[], T], timeout: float, interval: float = 0.3, what
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def run_with_stages(factory, run_id: str):
+    """A run fresh from the store and its stages by name (tests poll this)."""
+    from runstore import repo
+
+    with factory() as s:
+        run = repo.get_run(s, run_id)
+        s.refresh(run)
+        return run, {x.name: x for x in run.stages}
