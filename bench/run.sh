@@ -3,8 +3,9 @@
 #
 #   bench/run.sh            # CPU set, sized for a 2-core machine (~15-25 min)
 #   bench/run.sh --full     # adds the Llama-3.1-8B-shaped draft on the CPU (~10 GB RAM, slow)
-#   bench/run.sh --gpu      # GPU set: Llama-3.1-8B shape at seq 2048 and 8192, MFU, CUDA memory
-#   bench/run.sh --only train,dataload   # any of: dataload datagen train sbs lmhead optim
+#   bench/run.sh --gpu      # GPU set: CUDA checks (flex attention fwd+bwd, FSDP2 bf16 over NCCL),
+#                           # Llama-3.1-8B shape in bf16 at seq 2048 and 8192, MFU, CUDA memory
+#   bench/run.sh --only train,dataload   # any of: checks dataload datagen train sbs lmhead optim
 #
 # Results: bench/results/<name>.json (machine facts, load average, versions, git commit
 # in each) and summary.md. Timings on a shared machine are noisy: each JSON keeps every
@@ -15,7 +16,7 @@ ROOT="$(dirname "$HERE")"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
 MODE=cpu
-ONLY="dataload,datagen,train,sbs,lmhead,optim"
+ONLY="checks,dataload,datagen,train,sbs,lmhead,optim"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --full) MODE=full ;;
@@ -31,6 +32,10 @@ export PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANS
 cd "$ROOT"
 echo "machine: nproc=$(nproc) load=$(cut -d' ' -f1-3 /proc/loadavg) mode=$MODE python=$PY"
 
+if want checks && [[ $MODE == gpu ]]; then
+  # correctness on CUDA first: a failed check is reported, the timings still run
+  "$PY" bench/gpu_checks.py --name gpu_checks || echo "gpu_checks: FAILED (see bench/results/gpu_checks.json)"
+fi
 if want dataload; then
   # Realistic per-sample size (H=4096 x 4 layers bf16, 2048 tokens = 64 MiB/sample), few samples,
   # and a smaller hidden size with more samples.
@@ -53,10 +58,11 @@ if want train; then
           "$PY" bench/bench_train.py --shapes small --steps 3 --warmup 1 --profile 2 --opt --name train_cpu_opt ;;
     full) "$PY" bench/bench_train.py --shapes tiny,small,llama8b --steps 2 --warmup 1 --profile 2 --name train_cpu
           "$PY" bench/bench_train.py --shapes small,llama8b --steps 2 --warmup 1 --profile 2 --opt --name train_cpu_opt ;;
-    gpu)  "$PY" bench/bench_train.py --shapes llama8b --seq-len 2048 --steps 20 --warmup 3 --profile 4 --name train_gpu_2048
-          "$PY" bench/bench_train.py --shapes llama8b --seq-len 8192 --steps 10 --warmup 3 --profile 4 --name train_gpu_8192
+    # bf16 autocast with fp32 master weights: what the trainer does on CUDA (--precision auto)
+    gpu)  "$PY" bench/bench_train.py --shapes llama8b --seq-len 2048 --steps 20 --warmup 3 --profile 4 --precision bf16 --name train_gpu_2048
+          "$PY" bench/bench_train.py --shapes llama8b --seq-len 8192 --steps 10 --warmup 3 --profile 4 --precision bf16 --name train_gpu_8192
           # before/after of the fused lm_head + KL where memory matters most
-          "$PY" bench/bench_train.py --shapes llama8b --seq-len 8192 --steps 10 --warmup 3 --profile 0 --loss-impl eager --name train_gpu_8192_eager ;;
+          "$PY" bench/bench_train.py --shapes llama8b --seq-len 8192 --steps 10 --warmup 3 --profile 0 --precision bf16 --loss-impl eager --name train_gpu_8192_eager ;;
   esac
 fi
 if want sbs; then

@@ -35,6 +35,7 @@ def machine_line(m: dict) -> str:
 
 def render_all(directory: Path) -> str:
     import bench_datagen
+    import gpu_checks
     import bench_lmhead_kl
     import bench_optimizer
     import bench_train
@@ -49,6 +50,9 @@ def render_all(directory: Path) -> str:
         for r in sbs:
             parts += ["", "```", side_by_side.render(r), "```"]
             machines.append(("side by side " + r["shape"]["name"], r["machine"]))
+    for r in _load(directory, "gpu_checks"):
+        parts += ["", "## CUDA checks (bench/gpu_checks.py)", "", gpu_checks.render(r)]
+        machines.append((r["benchmark"], r["machine"]))
     train = _load(directory, "train")
     for r in train:
         parts += ["", "## Training step throughput (ours)", "",
@@ -56,6 +60,8 @@ def render_all(directory: Path) -> str:
                   f"bf16 {fmt(r['hardware']['matmul_bf16_tflops'])} TFLOP/s"
                   + (f", GPU datasheet bf16 {fmt(r['hardware']['gpu_datasheet_bf16_tflops'])} TFLOP/s" if r["hardware"].get("gpu_datasheet_bf16_tflops") else ""),
                   "", bench_train.render(r)]
+        if r.get("note"):
+            parts += ["", f"note: {r['note']}"]
         machines.append((r["benchmark"], r["machine"]))
     loads = _load(directory, "dataload")
     if loads:

@@ -100,6 +100,21 @@ def test_num_workers_reaches_the_data_loader(tiny_llama, hs, tmp_path):
     trainer = built(tiny_llama, hs, tmp_path, num_workers=2)
     loader = trainer._epoch_loader(plan_epoch(trainer._train_sampler, 0, trainer.batches_per_step))
     assert loader.num_workers == 2
+    unset = built(tiny_llama, hs, tmp_path / "unset")
+    assert unset._epoch_loader(plan_epoch(unset._train_sampler, 0, unset.batches_per_step)).num_workers == 0
+
+
+def test_unset_num_workers_prefetches_only_on_cuda_disk_data():
+    """On CUDA the next steps' hidden states load in workers (they took half of an H200 step
+    without them); on the CPU workers would take the step's cores, and the online store
+    prefetches over HTTP itself."""
+    from speculators.train.trainer import loader_workers
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert loader_workers(None, cuda, online=False) == 4
+    assert loader_workers(None, cuda, online=True) == 0
+    assert loader_workers(None, cpu, online=False) == 0
+    assert loader_workers(1, cuda, online=True) == 1 and loader_workers(0, cuda, online=False) == 0
 
 
 def test_metrics_file_receives_the_stream(tiny_llama, hs, tmp_path):

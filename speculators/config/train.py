@@ -110,7 +110,9 @@ class TrainConfig(TypedSettings):
     loss_chunk_rows: int = setting(0, "rows per chunk of the fused/chunked loss (bounds its float32 temporaries); "
                                    "0 = automatic: about 1M elements per chunk on the CPU, 32M on GPUs",
                                    group=TRAINING, ge=0)
-    num_workers: int = setting(0, "DataLoader worker processes", group=TRAINING, ge=0)
+    num_workers: int | None = setting(None, "DataLoader worker processes that load the next steps' hidden states "
+                                      "while the accelerator computes (default: 4 on CUDA with on-disk data, "
+                                      "else 0)", group=TRAINING, ge=0)
 
     # ---------------------------------------------------------------- output
     save_path: str = setting("./output/checkpoints", "checkpoint directory", group=OUTPUT)

@@ -127,6 +127,19 @@ def adamw_kernel(impl: str, world_size: int) -> dict[str, bool]:
     return {"fused": True} if impl == "fused" else {"foreach": True}
 
 
+def loader_workers(requested: int | None, device: torch.device, online: bool) -> int:
+    """DataLoader workers for a training epoch.
+
+    Unset: 4 on CUDA for on-disk data, where reading and collating a step's hidden states
+    (64 MiB per 2048 tokens at the 8B shape) took 45-50% of an H200 step without them
+    (bench/results/train_gpu_*.json); 0 on the CPU, where workers take cores from the step, and
+    for the online store, which prefetches over HTTP itself.
+    """
+    if requested is not None:
+        return requested
+    return 4 if device.type == "cuda" and not online else 0
+
+
 # ------------------------------------------------------------------ trainer
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo | None = None):
@@ -342,7 +355,8 @@ class Trainer:
             prefetch([self.train_ds.indices[i] for step in plan for idx in step[r::w] for i in idx])
         steps = _StepBatches(self.train_ds, plan, self.collate, r, w)
         return torch.utils.data.DataLoader(
-            steps, batch_size=None, shuffle=False, num_workers=self.cfg.num_workers,
+            steps, batch_size=None, shuffle=False,
+            num_workers=loader_workers(self.cfg.num_workers, self.device, online=prefetch is not None),
             pin_memory=self.device.type == "cuda",
         )
 
