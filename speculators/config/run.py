@@ -1,9 +1,12 @@
 """A pipeline run's settings: what the dashboard form asks, the worker stores and replays.
 
-Training settings shared with `speculators train` (epochs, lr, TTT steps, draft layers,
-seed, sequence length) reuse `TrainConfig`'s fields -- default, bounds, help and label
-come from there -- so a change there changes the form, the stored record and the argv.
-`CPU_PRESET` holds the smaller values a CPU-only installation's form starts from.
+Settings that belong to a stage reuse that command's field (`from_field`): default, bounds,
+help and label come from there, so a change there changes the form, the stored record and
+the argv. Training (epochs, lr, TTT steps, draft layers, seed, sequence length) from
+`TrainConfig`; `regenerate_*` from `RegenConfig`; `max_samples` from `PrepareConfig`;
+`draft_vocab_size` from `VocabConfig`; `batch_size` from `DatagenConfig`. Where a run
+needs another starting value than the command (`max_samples`, `draft_vocab_size`), the
+field says so. `CPU_PRESET` holds the smaller values a CPU-only installation's form starts from.
 """
 
 from __future__ import annotations
