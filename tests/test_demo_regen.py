@@ -6,39 +6,74 @@ import json
 from pathlib import Path
 
 from speculators.cli import build_parser
-from speculators.commands.demo import stage_commands
-from speculators.commands.demo_extras import finish, with_regeneration
+from speculators.commands.demo import demo_run_settings, stage_commands
+from speculators.commands.demo_extras import finish
+from speculators.config.stages import StagePaths, pipeline_stages, stage_args
 
 
 def _args(*extra):
     return build_parser().parse_args(["demo", "--workdir", "w", *extra])
 
 
+def _parsed(argv: list[str]) -> dict:
+    """What the real `speculators` parser makes of a command (its values, not its spelling)."""
+    return {k: v for k, v in vars(build_parser().parse_args(argv)).items() if not callable(v)}
+
+
 def test_regenerate_stage_feeds_prepare_by_default():
     args = _args()
     work = Path("w")
-    stages = with_regeneration(stage_commands(args, work), args, work)
+    stages = stage_commands(args, work)
     names = [n for n, _ in stages]
-    assert names.index("regenerate") == names.index("prepare") - 1
-    regen = dict(stages)["regenerate"]
-    prepare = dict(stages)["prepare"]
-    out = regen[regen.index("--output") + 1]
-    assert f"--data={out}" in prepare and out == str(work / "regenerated.jsonl")  # stage builder writes --flag=value
-    assert regen[regen.index("--model") + 1] == str(work / "verifier")
-    assert regen[regen.index("--max-samples") + 1] == str(args.max_samples)
+    assert names == ["model", "regenerate", "prepare", "vocab", "datagen", "train", "eval"]
+    regen, prepare, ev = (_parsed(dict(stages)[n]) for n in ("regenerate", "prepare", "eval"))
+    assert prepare["data"] == [regen["output"]] and regen["output"] == str(work / "regenerated.jsonl")
+    assert regen["model"] == str(work / "verifier") and regen["max_samples"] == args.max_samples
     # the held-out eval skips exactly the conversations regenerate used (same seed, same count)
-    ev = dict(stages)["eval"]
-    assert ev[ev.index("--skip-samples") + 1] == str(args.max_samples)
-    assert ev[ev.index("--data-seed") + 1] == regen[regen.index("--seed") + 1] == "0"
-    # every argv parses as the real command
-    for _, argv in stages:
-        build_parser().parse_args(argv)
+    assert ev["skip_samples"] == args.max_samples and ev["data_seed"] == regen["seed"] == 0
+
+
+def test_demo_pipeline_commands_come_from_the_stage_builder(tmp_path):
+    """The demo has no regenerate builder of its own: every pipeline stage it runs, the
+    CPU-sized regenerate stage included, is what config/stages.py builds from its run settings."""
+    for extra in ([], ["--no-regenerate"], ["--regen-backend", "transformers", "--regen-max-tokens", "40"]):
+        args = _args(*extra)
+        run = demo_run_settings(args, tmp_path / "verifier")
+        built = [(n, stage_args(run, n, StagePaths(tmp_path))) for n in pipeline_stages(run)]
+        stages = [(n, a) for n, a in stage_commands(args, tmp_path) if n not in ("model", "eval")]
+        assert stages == built
+        assert ("regenerate" in dict(stages)) == ("--no-regenerate" not in extra)
+
+
+def test_demo_runs_the_same_commands_as_before(tmp_path):
+    """Moving the demo's regenerate stage into the stage builder kept its commands: each parses
+    to the values of the commands the demo ran before (written out here)."""
+    args = _args("--seq-length", "200", "--regen-backend", "vllm", "--regen-concurrency", "32")
+    work, model = tmp_path, str(tmp_path / "verifier")
+    out = str(work / "regenerated.jsonl")
+    before = {
+        "regenerate": ["regenerate", "--model", model, "--data", "sharegpt", "--output", out, "--backend", "vllm",
+                       "--max-samples", "256", "--max-tokens", "96", "--max-turns", "1", "--temperature", "0",
+                       "--concurrency", "32", "--seed", "0", "--max-prompt-tokens", "136",
+                       "--summary-json", str(work / "regenerate_summary.json")],
+        "prepare": ["prepare-data", "--model", model, "--data", out, "--output", str(work / "prepared"),
+                    "--max-samples", "256", "--seq-length", "200", "--seed", "0", "--force"],
+        "vocab": ["build-vocab-mapping", "--token-freq-path", str(work / "prepared" / "token_freq.pt"),
+                  "--draft-vocab-size", "256", "--target-model-path", model, "--output-path", str(work / "vocab")],
+        "datagen": ["datagen", "--target-model-path", model, "--train-data-path", str(work / "prepared"),
+                    "--output-dir", str(work / "hidden_states"), "--batch-size", "8", "--max-samples", "256"],
+    }
+    now = dict(stage_commands(args, work))
+    for name, argv in before.items():
+        assert _parsed(now[name]) == _parsed(argv), name
 
 
 def test_no_regenerate_keeps_the_original_responses():
     args = _args("--no-regenerate")
-    work = Path("w")
-    assert with_regeneration(stage_commands(args, work), args, work) == stage_commands(args, work)
+    stages = dict(stage_commands(args, Path("w")))
+    assert "regenerate" not in stages
+    prepare = _parsed(stages["prepare"])
+    assert prepare["data"] == ["sharegpt"] and prepare["force"] is False
 
 
 def test_summary_records_regeneration_and_both_acceptance_figures(tmp_path, capsys):

@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"speculators.testing"},
     {"speculators.commands", "speculators.cli", "speculators.__main__"},
 ]
-FORBIDDEN_ROOTS = ("app", "worker", "runstore")
+FORBIDDEN_ROOTS = ("app", "worker", "runstore", "tests")
 
 # Known violations another helper's branch removes (helper "vllm": the vllm <-> evaluate cycle
 # and a product command using speculators/testing).  Entries are (importing module, imported
@@ -162,3 +162,23 @@ def test_checker_catches_upward_lazy_and_relative_imports_and_cycles(tmp_path):
     assert "speculators.newpkg: its package is in no layer" in found
     assert "speculators.train.t imports speculators.models" not in found  # downward is fine
     assert violations(pkg, layers, {("speculators.models.m", "speculators.train.t")}) != []
+
+
+# Rooms outside the package (docs/ARCHITECTURE.md): the run store stands alone, the worker
+# never reaches into the dashboard, and nothing imports the dashboard or the tests.
+ROOM_RULES = {"runstore": ("app", "worker", "speculators", "tests"), "worker": ("app", "tests"), "app": ("tests",)}
+
+
+def room_violations(room: Path, banned: tuple[str, ...]) -> list[str]:
+    found = []
+    for path in sorted(room.rglob("*.py")):
+        for target in sorted(imports_of(path, room)):
+            if target.split(".")[0] in banned:
+                found.append(f"{module_name(path, room)} imports {target}")
+    return found
+
+
+def test_rooms_outside_the_package_import_one_way():
+    problems = [p for room, banned in ROOM_RULES.items() for p in room_violations(REPO / room, banned)]
+    assert not problems, "\n".join(problems)
+    assert room_violations(REPO / "app", ("worker",))  # the checker sees the dashboard's real imports

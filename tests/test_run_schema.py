@@ -13,7 +13,13 @@ from streamlit.testing.v1 import AppTest
 
 from runstore import open_store, repo
 from runstore.settings import Settings
+from speculators.cli import build_parser
 from speculators.cli import main as cli_main
+from speculators.config.base import bounds_of
+from speculators.config.datagen import DatagenConfig
+from speculators.config.prepare import PrepareConfig
+from speculators.config.regenerate import RegenConfig
+from speculators.config.vocab import VocabConfig
 from speculators.config.memory import check_train_memory
 from speculators.config.run import CPU_PRESET, RunSettings
 from speculators.config.stages import StagePaths, stage_args
@@ -29,6 +35,28 @@ FORM = ROOT / "app" / "pages" / "1_New_run.py"
 # the run settings that are the trainer's own settings (run name -> train name)
 SHARED = {"epochs": "epochs", "lr": "lr", "ttt_steps": "ttt_steps", "num_layers": "num_layers", "seed": "seed",
           "seq_length": "total_seq_len"}
+# the run settings that are another stage's own settings: run name -> (subcommand, its config, field)
+STAGE_SHARED = {
+    "max_samples": ("prepare-data", PrepareConfig, "max_samples"),
+    "draft_vocab_size": ("build-vocab-mapping", VocabConfig, "draft_vocab_size"),
+    "batch_size": ("datagen", DatagenConfig, "batch_size"),
+    "regenerate_backend": ("regenerate", RegenConfig, "backend"),
+    "regenerate_max_tokens": ("regenerate", RegenConfig, "max_tokens"),
+    "regenerate_temperature": ("regenerate", RegenConfig, "temperature"),
+    "regenerate_max_turns": ("regenerate", RegenConfig, "max_turns"),
+    "regenerate_max_prompt_tokens": ("regenerate", RegenConfig, "max_prompt_tokens"),
+    "regenerate_concurrency": ("regenerate", RegenConfig, "concurrency"),
+}
+# a run's own starting value where the command has none that fits a run (documented in config/run.py)
+RUN_DEFAULTS = {"max_samples": 5000, "draft_vocab_size": 32000}
+# the least each subcommand needs besides the flag under test
+REQUIRED = {
+    "prepare-data": ["--model", "m", "--data", "sharegpt", "--output", "OUT", "--seq-length", "64"],
+    "build-vocab-mapping": ["--token-freq-path", "f.pt", "--draft-vocab-size", "64", "--output-path", "OUT",
+                            "--target-vocab-size", "512"],
+    "datagen": ["--target-model-path", "m", "--train-data-path", "p", "--output-dir", "OUT"],
+    "regenerate": ["--model", "m", "--data", "sharegpt", "--output", "OUT"],
+}
 TINY_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
                "vocab_size": 512, "num_hidden_layers": 8}
 
@@ -212,23 +240,6 @@ def test_memory_estimate_grows_with_sequence_length_squared():
 
 
 # --------------------------------------------------------------- one stage builder
-def regenerate_parser() -> argparse.ArgumentParser:
-    """The FIXED `speculators regenerate` interface (helper "regen"), written out independently."""
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", action="append", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--backend", choices=["transformers", "vllm"])
-    p.add_argument("--endpoint")
-    p.add_argument("--api-key")
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--concurrency", type=int)
-    p.add_argument("--max-samples", type=int)
-    p.add_argument("--seed", type=int)
-    return p
-
-
 def test_regenerate_stage_runs_before_prepare(home, tmp_path):
     spec, errors = validate_spec(good(home, regenerate=True, regenerate_max_tokens=64,
                                       regenerate_temperature="0.5", regenerate_backend="vllm"), home)
@@ -237,7 +248,7 @@ def test_regenerate_stage_runs_before_prepare(home, tmp_path):
     paths = RunPaths(tmp_path)
     regen = stage_argv(spec, "regenerate", paths, python="py")
     assert regen[:4] == ["py", "-m", "speculators", "regenerate"]
-    args = regenerate_parser().parse_args(regen[4:])
+    args = build_parser().parse_args(regen[3:])
     assert (args.model, args.data, args.output) == (spec.model, [spec.dataset], str(paths.regenerated))
     assert (args.backend, args.max_tokens, args.temperature, args.max_samples) == ("vllm", 64, 0.5, 8)
     prep = stage_argv(spec, "prepare", paths, python="py")
@@ -309,3 +320,116 @@ def test_every_stage_command_parses_with_the_real_cli(tmp_path):
     assert seen["seq_length"] == 128 and seen["draft_vocab_size"] == 64 and seen["run_name"] == "-dash"
     assert dg.layer_ids == [1, 3] and dg.batch_size == 2 and dg.output_dir == str(paths.hidden)
     assert vocab.output_path == str(paths.vocab) and prep.output == str(paths.prepared)
+
+
+# --------------------------------------------------------------- prepare / vocab / datagen / regenerate
+def stage_cli_default(command: str, dest: str):
+    """The default `speculators <command>` parses for `dest` (the real parser)."""
+    return vars(build_parser().parse_args([command, *REQUIRED[command]]))[dest]
+
+
+def test_stage_settings_share_defaults_with_their_commands(home, tmp_path):
+    """The form's initial values, the stored run, each subcommand's own defaults and the values
+    the worker's stage commands carry all agree (batch_size was 4 in the form and 8 in datagen,
+    regenerate_max_tokens 512 and 256)."""
+    at = form(home)
+    at.checkbox(key="f_regenerate").check().run()
+    at.button[0].click().run()
+    with open_store(home.db_url)() as s:
+        (run,) = repo.list_runs(s)
+    stored = RunSettings.from_dict(run.spec)
+    paths = RunPaths(tmp_path)
+    parsed = {command: vars(build_parser().parse_args(stage_argv(stored, stage, paths, python="py")[3:]))
+              for stage, command in (("prepare", "prepare-data"), ("vocab", "build-vocab-mapping"),
+                                     ("datagen", "datagen"), ("regenerate", "regenerate"))}
+    for run_name, (command, config, name) in STAGE_SHARED.items():
+        if config.model_fields[name].is_required():  # the command has no default: the run has its own
+            cli_default = None
+        else:
+            cli_default = stage_cli_default(command, name)
+            assert cli_default == config.model_fields[name].get_default(), run_name
+        expected = RUN_DEFAULTS.get(run_name, cli_default)
+        assert RunSettings.model_fields[run_name].get_default() == expected, run_name
+        if run_name == "draft_vocab_size":
+            expected = 128  # form() sets it: the tiny verifier's vocabulary is 512
+        assert getattr(stored, run_name) == expected, run_name
+        if run_name in ("batch_size", "max_samples", "draft_vocab_size", "regenerate_backend",
+                        "regenerate_max_tokens", "regenerate_temperature"):  # the fields the form shows
+            value = widget_value(at, run_name)
+            assert (type(expected)(value) if expected is not None else value) == expected, run_name
+        assert parsed[command][name] == expected, run_name  # what the stage command runs with
+
+
+@pytest.mark.parametrize("run_name,bad", [
+    ("max_samples", 0), ("draft_vocab_size", 1), ("batch_size", 0), ("batch_size", 4097),
+    ("regenerate_max_tokens", 0), ("regenerate_temperature", -0.5), ("regenerate_max_turns", 0),
+    ("regenerate_concurrency", 0), ("regenerate_backend", "tgi"),
+])
+def test_stage_settings_refused_by_form_and_command_alike(home, tmp_path, capsys, run_name, bad):
+    command, config, name = STAGE_SHARED[run_name]
+    assert bounds_of(RunSettings.model_fields[run_name]) == bounds_of(config.model_fields[name])
+    flag = "--" + name.replace("_", "-")
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in REQUIRED[command]]
+    if flag in argv:  # replace the required value by the bad one
+        argv[argv.index(flag) + 1] = str(bad)
+    else:
+        argv += [flag, str(bad)]
+    with pytest.raises(SystemExit) if run_name == "regenerate_backend" else _noop():
+        rc = cli_main([command, *argv])
+        assert rc == 2
+    err = capsys.readouterr().err
+    assert flag in err
+    spec, errors = validate_spec(good(home, **{run_name: bad}), home)
+    assert spec is None and run_name in errors
+    if run_name != "regenerate_backend":  # argparse refuses a choice itself; the schema's message otherwise
+        assert f"{flag} {errors[run_name]}" in err  # the same message, from the same field
+    assert not (tmp_path / "out").exists()
+
+
+class _noop:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_one_edit_changes_cli_form_and_argv(tmp_path):
+    """Change a stage setting's default and bound in its one place (a copy of the package with
+    config/datagen.py and config/regenerate.py edited): the command's flag, the form's initial
+    value, the run's validation and the stage command all follow."""
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "src"
+    shutil.copytree(ROOT / "speculators", copy / "speculators", ignore=shutil.ignore_patterns("__pycache__"))
+    dg = copy / "speculators" / "config" / "datagen.py"
+    text = dg.read_text()
+    old = 'batch_size: int = setting(8, "samples per forward pass", title="Datagen batch size", ge=1, le=4096)'
+    assert old in text
+    dg.write_text(text.replace(old, old.replace("(8,", "(5,").replace("le=4096", "le=64")))
+    rg = copy / "speculators" / "config" / "regenerate.py"
+    text = rg.read_text()
+    old = 'max_tokens: int = setting(256,'
+    assert old in text
+    rg.write_text(text.replace(old, "max_tokens: int = setting(77,"))
+    probe = f"""
+import sys
+from pathlib import Path
+from speculators.cli import build_parser
+from speculators.config.run import RunSettings, form_defaults
+from speculators.config.stages import StagePaths, stage_args
+p = build_parser()
+print(p.parse_args({["datagen", *REQUIRED["datagen"]]!r}).batch_size,
+      p.parse_args({["regenerate", *REQUIRED["regenerate"]]!r}).max_tokens)
+print(form_defaults(False)["batch_size"], form_defaults(False)["regenerate_max_tokens"])
+run = RunSettings(name="r", model="m", dataset="sharegpt", regenerate=True)
+print(stage_args(run, "datagen", StagePaths(Path("w")))[-2], stage_args(run, "regenerate", StagePaths(Path("w")))[5])
+print(RunSettings.errors_of(dict(name="r", model="m", dataset="d", batch_size=65))[1]["batch_size"])
+"""
+    out = subprocess.run([sys.executable, "-c", probe], cwd=copy, env={"PYTHONPATH": str(copy), "PATH": ""},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["5 77", "5 77", "--batch-size=5 --max-tokens=77",
+                                       "must be a whole number between 1 and 64 (got 65)"]

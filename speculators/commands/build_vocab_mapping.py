@@ -1,6 +1,12 @@
-"""`speculators build-vocab-mapping`: pick the draft vocabulary from token frequencies."""
+"""`speculators build-vocab-mapping`: pick the draft vocabulary from token frequencies.
+
+Flags, defaults, help and bounds come from `VocabConfig` (speculators.config.vocab).
+"""
 
 from __future__ import annotations
+
+from speculators.config.base import add_arguments
+from speculators.config.vocab import VocabConfig
 
 
 def register(subparsers) -> None:
@@ -12,24 +18,20 @@ def register(subparsers) -> None:
             "target_id = i + d2t[i]) and DIR/t2d.npy (bool [T])."
         ),
     )
-    p.add_argument("--token-freq-path", required=True, help="token_freq.pt written by prepare-data")
-    p.add_argument("--draft-vocab-size", type=int, required=True, help="D, the draft model's vocab size")
-    group = p.add_argument_group("target vocab (one is required)")
-    group.add_argument("--target-vocab-size", type=int, default=None, help="T, the verifier's vocab size")
-    group.add_argument("--target-model-path", default=None, help="verifier model; T is read from its config")
-    p.add_argument("--output-path", required=True, help="directory for d2t.npy and t2d.npy")
+    add_arguments(p, VocabConfig)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from speculators.data.vocab import write_vocab_mapping
 
+    cfg = VocabConfig.from_args(args)
     d2t, t2d = write_vocab_mapping(
-        args.token_freq_path,
-        args.draft_vocab_size,
-        args.output_path,
-        target_vocab_size=args.target_vocab_size,
-        target_model_path=args.target_model_path,
+        cfg.token_freq_path,
+        cfg.draft_vocab_size,
+        cfg.output_path,
+        target_vocab_size=cfg.target_vocab_size,
+        target_model_path=cfg.target_model_path,
     )
-    print(f"build-vocab-mapping: draft vocab {len(d2t)} of {len(t2d)} target tokens -> {args.output_path}")
+    print(f"build-vocab-mapping: draft vocab {len(d2t)} of {len(t2d)} target tokens -> {cfg.output_path}")
     return 0

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from speculators.commands.demo_extras import add_regen_args
+from speculators.commands.demo_extras import add_regen_args, regen_backend
 from speculators.config.run import RunSettings
 from speculators.config.stages import StagePaths, pipeline_stages, stage_args
 from speculators.errors import UserError
@@ -46,13 +46,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def demo_run_settings(args: argparse.Namespace, model: Path) -> RunSettings:
     """The demo's pipeline as run settings (the same schema the dashboard's runs use)."""
+    regen = dict(
+        regenerate=True, regenerate_backend=regen_backend(args), regenerate_max_tokens=args.regen_max_tokens,
+        regenerate_max_turns=args.regen_max_turns, regenerate_temperature=0.0,
+        regenerate_concurrency=args.regen_concurrency,
+        # longer prompts leave under 64 reply tokens in a --seq-length sample
+        regenerate_max_prompt_tokens=max(16, args.seq_length - 64),
+    ) if getattr(args, "regenerate", False) else {}
     return RunSettings(
         name="demo", model=str(model), dataset="sharegpt", seq_length=args.seq_length,
         max_samples=args.max_samples, draft_vocab_size=args.draft_vocab_size, epochs=args.epochs, lr=args.lr,
-        ttt_steps=args.ttt_steps, batch_size=8, seed=0, total_seq_len=args.seq_length * 2,
-        # the demo inserts its own regenerate stage (demo_extras.with_regeneration: CPU-sized turns,
-        # prompt cap, backend picked by what is installed)
-        regenerate=False,
+        ttt_steps=args.ttt_steps, batch_size=8, seed=0, total_seq_len=args.seq_length * 2, **regen,
     )
 
 
@@ -80,7 +84,7 @@ def stage_commands(args: argparse.Namespace, work: Path) -> list[tuple[str, list
 
 def run(args: argparse.Namespace) -> int:
     from speculators.cli import main as cli_main
-    from speculators.commands.demo_extras import finish, vllm_eval, with_regeneration
+    from speculators.commands.demo_extras import finish, vllm_eval
 
     work = Path(args.workdir)
     model_dir = work / "verifier"
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{model_dir} exists but holds no model; move it away or pass --model")
     work.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    for name, argv in with_regeneration(stage_commands(args, work), args, work):
+    for name, argv in stage_commands(args, work):
         if name == "model" and (model_dir / "config.json").exists():
             print(f"== {name}: reusing {model_dir}")
             continue

@@ -1,7 +1,7 @@
-"""The demo's regeneration stage, its vLLM acceptance check and its summary.
+"""The demo's regeneration flags, its vLLM acceptance check and its summary.
 
-Kept apart from `demo.stage_commands` (the plain stage list) so the list can be
-shared with the dashboard while these steps stay the demo's own.
+The regenerate stage itself comes from the shared stage builder (speculators.config.stages)
+through the demo's run settings (`demo.demo_run_settings`); these steps stay the demo's own.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from speculators.config.stages import StagePaths
 
 
 def add_regen_args(p: argparse.ArgumentParser) -> None:
@@ -29,37 +31,6 @@ def add_regen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vllm-eval", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure acceptance in a real vLLM server (default: when vLLM is importable)")
     p.add_argument("--vllm-ready-timeout", type=float, default=900.0)
-
-
-def regenerated_path(work: Path) -> Path:
-    return work / "regenerated.jsonl"
-
-
-def with_regeneration(stages: list[tuple[str, list[str]]], args: argparse.Namespace,
-                      work: Path) -> list[tuple[str, list[str]]]:
-    """Insert `regenerate` before `prepare` and point prepare at its output (when --regenerate)."""
-    if not getattr(args, "regenerate", False):
-        return stages
-    model = str(Path(args.model) if args.model else work / "verifier")
-    out = regenerated_path(work)
-    regen = ["regenerate", "--model", model, "--data", "sharegpt", "--output", str(out),
-             "--backend", regen_backend(args), "--max-samples", str(args.max_samples),
-             "--max-tokens", str(args.regen_max_tokens), "--max-turns", str(args.regen_max_turns),
-             "--temperature", "0", "--concurrency", str(args.regen_concurrency), "--seed", "0",
-             # longer prompts leave under 64 reply tokens in a --seq-length sample
-             "--max-prompt-tokens", str(max(16, args.seq_length - 64)),
-             "--summary-json", str(work / "regenerate_summary.json")]
-    result = []
-    for name, argv in stages:
-        if name == "prepare":
-            result.append(("regenerate", regen))
-            argv = [f"--data={out}" if a.startswith("--data=") else a for a in argv]
-            if "--data" in argv:
-                argv[argv.index("--data") + 1] = str(out)
-            # the output depends on the verifier's replies: rebuild when they change
-            argv.append("--force")
-        result.append((name, argv))
-    return result
 
 
 def regen_backend(args: argparse.Namespace) -> str:
@@ -175,8 +146,8 @@ def finish(args: argparse.Namespace, work: Path, times: dict[str, float],
         "regenerated": bool(args.regenerate),
         "regeneration": ({"backend": regen_backend(args), "max_tokens": args.regen_max_tokens,
                           "max_turns": args.regen_max_turns, "temperature": 0.0,
-                          "output": str(regenerated_path(work)),
-                          "summary": _read(work / "regenerate_summary.json")} if args.regenerate else None),
+                          "output": str(StagePaths(work).regenerated),
+                          "summary": _read(StagePaths(work).regenerate_summary)} if args.regenerate else None),
         "num_speculative_tokens": args.ttt_steps,
         "acceptance_length": {
             "pytorch": torch_report and torch_report["mean_acceptance_length"],

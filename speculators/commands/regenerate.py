@@ -6,12 +6,16 @@ output jsonl goes straight into `speculators prepare-data --data OUT.jsonl`.
 Backends: `transformers` (in-process) or `vllm` (a server at --endpoint, or one
 started here with `vllm serve MODEL`; arguments after `--` go to that server).
 Rerunning with the same --output resumes: records already written are skipped.
+Flags, defaults, help and bounds come from `RegenConfig` (speculators.config.regenerate).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from speculators.config.base import add_arguments
+from speculators.config.regenerate import RegenConfig
 
 
 def register(subparsers) -> None:
@@ -22,64 +26,32 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="verifier model dir or HF id")
-    p.add_argument("--data", required=True, action="append",
-                   help="conversation source as prepare-data takes it (sharegpt | ultrachat | PATH.jsonl | "
-                        "PATH.json | HF id[:split]); repeat for several")
-    p.add_argument("--output", required=True, help="output .jsonl (appended to; a rerun resumes)")
-    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
-    p.add_argument("--endpoint", default=None,
-                   help="with --backend vllm: a running OpenAI-compatible server (default: start one)")
-    p.add_argument("--api-key", default=None, help="bearer token for --endpoint")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per regenerated turn")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--concurrency", type=int, default=8,
-                   help="conversations regenerated together (batch size / requests in flight)")
-    p.add_argument("--max-samples", type=int, default=None, help="regenerate at most this many conversations")
-    p.add_argument("--seed", type=int, default=0,
-                   help="shuffle seed for choosing records (as prepare-data --seed) and sampling seed")
-    p.add_argument("--max-turns", type=int, default=None,
-                   help="regenerate at most this many assistant turns per conversation (later turns dropped)")
-    p.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="a turn whose prompt is longer ends the conversation there (a first turn: record skipped)")
-    p.add_argument("--device", default="auto", help="transformers backend: auto, cpu or cuda[:N]")
-    p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for a started server")
-    p.add_argument("--summary-json", default=None, help="also write the summary here (JSON)")
+    add_arguments(p, RegenConfig)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from speculators.regenerate.runner import RegenConfig, format_summary, regenerate
     from speculators.errors import UserError
+    from speculators.regenerate.runner import format_summary, regenerate
 
-    cfg = RegenConfig(
-        model=args.model, data=list(args.data), output=args.output, backend=args.backend,
-        endpoint=args.endpoint, api_key=args.api_key, max_tokens=args.max_tokens,
-        temperature=args.temperature, concurrency=args.concurrency, max_samples=args.max_samples,
-        seed=args.seed, max_turns=args.max_turns, max_prompt_tokens=args.max_prompt_tokens,
-        device=args.device,
-    )
-    if args.endpoint and args.backend != "vllm":
-        raise UserError("--endpoint applies to --backend vllm; add --backend vllm")
-    if args.max_turns is not None and args.max_turns < 1:
-        raise UserError(f"--max-turns must be >= 1, got {args.max_turns}")
+    cfg = RegenConfig.from_args(args)
     passthrough = list(getattr(args, "passthrough", []) or [])
-    if args.backend == "transformers":
+    if cfg.backend == "transformers":
         if passthrough:
             raise UserError("arguments after `--` go to a vLLM server; they need --backend vllm")
         from speculators.regenerate.backends import TransformersBackend
 
-        summary = regenerate(cfg, TransformersBackend(args.model, args.device))
-    elif args.endpoint:
-        summary = regenerate(cfg, _server_backend(cfg, args.endpoint))
+        summary = regenerate(cfg, TransformersBackend(cfg.model, cfg.device))
+    elif cfg.endpoint:
+        summary = regenerate(cfg, _server_backend(cfg, cfg.endpoint))
     else:
         from speculators.vllm.regen_server import started_chat_server
 
-        with started_chat_server(args.model, passthrough, args.ready_timeout, cfg.seed) as url:
+        with started_chat_server(cfg.model, passthrough, cfg.ready_timeout, cfg.seed) as url:
             summary = regenerate(cfg, _server_backend(cfg, url))
     print(format_summary(summary), flush=True)
-    if args.summary_json:
-        with open(args.summary_json, "w") as f:
+    if cfg.summary_json:
+        with open(cfg.summary_json, "w") as f:
             json.dump(summary.as_dict(), f, indent=2)
     return 0
 

@@ -10,26 +10,45 @@ naming the flags at fault. Flag names default to `--field-name`.
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
 from speculators.errors import UserError
 
 
 def setting(default: Any = ..., help: str = "", *, flag: str | None = None, group: str = "",
-            title: str = "", negate: bool = False, **constraints: Any) -> Any:
+            title: str = "", negate: bool = False, repeat: bool = False, cli: bool = True,
+            **constraints: Any) -> Any:
     """A pydantic field with CLI metadata.
 
     `flag`: the CLI flag (default `--name-with-dashes`); `group`: the argparse group;
     `title`: the label a form shows; `negate`: a bool whose flag is a store_false switch
-    (e.g. `--no-resume-from-checkpoint` for `resume`).
+    (e.g. `--no-resume-from-checkpoint` for `resume`); `repeat`: a list given by repeating
+    the flag (`--data A --data B`); `cli=False`: a setting with no flag (set by code).
     """
-    extra = {"flag": flag, "group": group, "negate": negate}
+    extra = {"flag": flag, "group": group, "negate": negate, "repeat": repeat, "cli": cli}
     return Field(default, description=help, title=title or None, json_schema_extra=extra, **constraints)
+
+
+def from_field(model: type[BaseModel], name: str, **override: Any) -> FieldInfo:
+    """A copy of `model`'s field `name` (default, bounds, help, label, flag metadata) for
+    another model; `override` replaces attributes such as `title`, `description` or `default`."""
+    info = copy.deepcopy(model.model_fields[name])
+    for key, value in override.items():
+        setattr(info, key, value)
+        info._attributes_set[key] = value  # what pydantic reads when the copy becomes a field
+    return info
+
+
+def cli_fields(model: type[BaseModel]) -> list[str]:
+    """The fields of `model` that are command-line flags."""
+    return [n for n, f in model.model_fields.items() if _meta(f).get("cli", True)]
 
 
 def _meta(info: FieldInfo) -> dict[str, Any]:
@@ -123,6 +142,22 @@ class TypedSettings(BaseModel):
             errors = self.field_errors(exc)
             raise SettingsError(self.explain(errors), errors) from None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_as_text(cls, data: Any) -> Any:
+        """Paths (`pathlib.Path`) are accepted where a setting is text, as the CLI gives it."""
+        if not isinstance(data, dict):
+            return data
+
+        def text(v: Any) -> Any:
+            if isinstance(v, os.PathLike):
+                return os.fspath(v)
+            if isinstance(v, (list, tuple)):
+                return [text(x) for x in v]
+            return v
+
+        return {k: text(v) for k, v in data.items()}
+
     @classmethod
     def field_errors(cls, exc: ValidationError) -> dict[str, str]:
         """{field: message} for each field pydantic refused (first error per field)."""
@@ -145,7 +180,8 @@ class TypedSettings(BaseModel):
 
     @classmethod
     def explain(cls, errors: dict[str, str]) -> str:
-        return "; ".join(f"{cls.flag(k) if k in cls.model_fields else k} {m}" for k, m in errors.items())
+        return "; ".join(f"{cls.flag(k)} {m}" if k in cls.model_fields else f"{k} {m}".strip()
+                         for k, m in errors.items())
 
     @classmethod
     def errors_of(cls, data: dict[str, Any]) -> tuple[Any, dict[str, str]]:
@@ -164,6 +200,13 @@ class TypedSettings(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **extra: Any) -> Any:
+        """The parsed flags (from `add_arguments(parser, cls)`) as a checked instance; `extra`
+        sets the fields that have no flag. Bad values: one UserError naming each flag."""
+        values = {k: getattr(args, k) for k in cli_fields(cls) if hasattr(args, k)}
+        return cls(**values, **extra)
+
 
 def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], names: list[str] | None = None,
                   groups: dict[str, argparse._ArgumentGroup] | None = None) -> None:
@@ -173,7 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], names
     every other client get the same messages.
     """
     groups = groups if groups is not None else {}
-    for name in names or list(model.model_fields):
+    for name in names or cli_fields(model):
         info = model.model_fields[name]
         meta = _meta(info)
         group_name = meta.get("group") or "options"
@@ -188,6 +231,10 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], names
         if default is not None and help_text and not meta.get("negate") and inner is not bool:
             help_text += f" (default {default})"
         kw: dict[str, Any] = {"dest": name, "help": help_text}
+        if meta.get("repeat"):
+            g.add_argument(flag, action="append", required=required, default=None if required else default,
+                           metavar=name.rsplit("_", 1)[-1].upper(), **kw)
+            continue
         if inner is bool:
             if meta.get("negate"):
                 g.add_argument(flag, action="store_false", default=default, **kw)
@@ -215,7 +262,7 @@ def to_argv(obj: BaseModel, names: list[str] | None = None, *, only_changed: boo
     """Flags that reproduce `obj`'s values (`--flag=value` so no value can read as a flag)."""
     model = type(obj)
     argv: list[str] = []
-    for name in names or list(model.model_fields):
+    for name in names or cli_fields(model):
         info = model.model_fields[name]
         value = getattr(obj, name)
         required = info.is_required()
@@ -232,6 +279,9 @@ def to_argv(obj: BaseModel, names: list[str] | None = None, *, only_changed: boo
             continue
         if value is None:
             continue  # None is every optional flag's default: nothing to pass
+        if _meta(info).get("repeat"):
+            argv += [f"{flag}={v}" for v in ([value] if isinstance(value, str) else value)]
+            continue
         if isinstance(value, (list, tuple)):
             if value:
                 argv += [flag, *[str(v) for v in value]]  # nargs: ints only, never start with '-'
@@ -239,3 +289,10 @@ def to_argv(obj: BaseModel, names: list[str] | None = None, *, only_changed: boo
         text = repr(value) if isinstance(value, float) else str(value)
         argv.append(f"{flag}={text}")
     return argv
+
+
+def explicit_argv(obj: BaseModel) -> list[str]:
+    """Flags for the fields that were given when `obj` was built (in the model's order),
+    defaults included: a command line that says what its caller chose."""
+    chosen = [n for n in cli_fields(type(obj)) if n in obj.model_fields_set]
+    return to_argv(obj, chosen, only_changed=False) if chosen else []

@@ -2,10 +2,10 @@
 
 `speculators demo` and the dashboard's worker both take their stage commands from
 `stage_args`: regenerate (optional) -> prepare -> vocab -> datagen (offline) -> train.
-Each is a `speculators` subcommand's argument list; values go as `--flag=value` so no
-value (a run name like `-x`) can be read as a flag, and nothing passes through a shell.
-The train stage's flags come from a `TrainConfig` (`train_config_for`), so they carry the
-trainer's own names and checks.
+Each stage's settings are the subcommand's own typed config (`stage_config`: RegenConfig,
+PrepareConfig, VocabConfig, DatagenConfig, TrainConfig), checked as the command checks
+them, and written out by the schema (`speculators.config.base`) as `--flag=value`, so no
+value (a run name like `-x`) can be read as a flag; nothing passes through a shell.
 """
 
 from __future__ import annotations
@@ -13,9 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from speculators.config.base import to_argv
+from pydantic import BaseModel
+
+from speculators.config.base import explicit_argv, to_argv
+from speculators.config.datagen import DatagenConfig
+from speculators.config.prepare import PrepareConfig
+from speculators.config.regenerate import RegenConfig
 from speculators.config.run import RunSettings
 from speculators.config.train import TrainConfig
+from speculators.config.vocab import VocabConfig
+
+# stage -> the `speculators` subcommand that runs it
+COMMANDS = {"regenerate": "regenerate", "prepare": "prepare-data", "vocab": "build-vocab-mapping",
+            "datagen": "datagen", "train": "train"}
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,10 @@ class StagePaths:
     @property
     def regenerated(self) -> Path:
         return self.work_dir / "regenerated.jsonl"
+
+    @property
+    def regenerate_summary(self) -> Path:
+        return self.work_dir / "regenerate_summary.json"
 
     @property
     def prepared(self) -> Path:
@@ -83,27 +97,38 @@ def train_config_for(run: RunSettings, paths: StagePaths, verifier_url: str | No
     return TrainConfig(**values)
 
 
-def stage_args(run: RunSettings, stage: str, paths: StagePaths, *, verifier_url: str | None = None) -> list[str]:
-    """The `speculators` subcommand and flags that run `stage`."""
+def stage_config(run: RunSettings, stage: str, paths: StagePaths, *, verifier_url: str | None = None
+                 ) -> BaseModel:
+    """The typed settings of the subcommand that runs `stage` (checked like its flags)."""
     if stage == "regenerate":
-        return ["regenerate", f"--model={run.model}", f"--data={run.dataset}", f"--output={paths.regenerated}",
-                f"--backend={run.regenerate_backend}", f"--max-tokens={run.regenerate_max_tokens}",
-                f"--temperature={run.regenerate_temperature!r}", f"--max-samples={run.max_samples}",
-                f"--seed={run.seed}"]
+        return RegenConfig(
+            model=run.model, data=[run.dataset], output=str(paths.regenerated), backend=run.regenerate_backend,
+            max_samples=run.max_samples, max_tokens=run.regenerate_max_tokens, max_turns=run.regenerate_max_turns,
+            temperature=run.regenerate_temperature, concurrency=run.regenerate_concurrency, seed=run.seed,
+            max_prompt_tokens=run.regenerate_max_prompt_tokens, summary_json=str(paths.regenerate_summary))
     if stage == "prepare":
-        data = paths.regenerated if run.regenerate else run.dataset
-        return ["prepare-data", f"--model={run.model}", f"--data={data}", f"--output={paths.prepared}",
-                f"--max-samples={run.max_samples}", f"--seq-length={run.seq_length}", f"--seed={run.seed}"]
+        data = str(paths.regenerated) if run.regenerate else run.dataset
+        # prepare-data's cache key names the data file, not the replies in it: rebuild after a regeneration
+        rebuild = {"force": True} if run.regenerate else {}
+        return PrepareConfig(model=run.model, data=data, output=str(paths.prepared), max_samples=run.max_samples,
+                             seq_length=run.seq_length, seed=run.seed, **rebuild)
     if stage == "vocab":
-        return ["build-vocab-mapping", f"--token-freq-path={paths.prepared / 'token_freq.pt'}",
-                f"--draft-vocab-size={run.draft_vocab_size}", f"--target-model-path={run.model}",
-                f"--output-path={paths.vocab}"]
+        return VocabConfig(token_freq_path=str(paths.prepared / "token_freq.pt"),
+                           draft_vocab_size=run.draft_vocab_size, target_model_path=run.model,
+                           output_path=str(paths.vocab))
     if stage == "datagen":
-        argv = ["datagen", f"--target-model-path={run.model}", f"--train-data-path={paths.prepared}",
-                f"--output-dir={paths.hidden}", f"--batch-size={run.batch_size}", f"--max-samples={run.max_samples}"]
-        if run.layer_ids:
-            argv += ["--layer-ids", *[str(i) for i in run.layer_ids]]
-        return argv
+        layers = {"layer_ids": list(run.layer_ids)} if run.layer_ids else {}
+        return DatagenConfig(target_model_path=run.model, train_data_path=str(paths.prepared),
+                             output_dir=str(paths.hidden), batch_size=run.batch_size, max_samples=run.max_samples,
+                             **layers)
     if stage == "train":
-        return ["train", *to_argv(train_config_for(run, paths, verifier_url))]
+        return train_config_for(run, paths, verifier_url)
     raise ValueError(f"stage {stage!r} has no command")
+
+
+def stage_args(run: RunSettings, stage: str, paths: StagePaths, *, verifier_url: str | None = None) -> list[str]:
+    """The `speculators` subcommand and flags that run `stage`: the flags the builder chose,
+    for train the values that differ from the trainer's defaults."""
+    cfg = stage_config(run, stage, paths, verifier_url=verifier_url)
+    flags = to_argv(cfg) if stage == "train" else explicit_argv(cfg)
+    return [COMMANDS[stage], *flags]

@@ -19,7 +19,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,50 +39,14 @@ from speculators.data.sources import (
     record_tools,
     resolve_data,
 )
+from speculators.config.prepare import PrepareConfig
 from speculators.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 PREPARE_VERSION = 2  # bump when the output of the same inputs changes
-ROWS = ("per-conversation", "per-turn")
 PREPARE_CONFIG = "prepare_config.json"
 TOKEN_FREQ = "token_freq.pt"
-
-
-@dataclass
-class PrepareConfig:
-    """``data``: one source or several (see `speculators.data.sources`, options after commas).
-
-    ``rows``: ``per-conversation`` (one row per conversation, every assistant turn
-    trained) or ``per-turn`` (one row per assistant turn, earlier turns as unmasked
-    context: the public speculators package's layout). ``train_reasoning``: reasoning
-    text (``reasoning_content``/think blocks/gpt-oss' analysis channel) is in the loss.
-    ``train_after_end_of_turn``: also train tokens after the end-of-turn token (ChatML's
-    trailing newline), as the public package does. ``opening_assistant``: what to do with
-    assistant messages before the first prompt: ``drop`` them or keep them as untrained
-    ``context``; None = drop per conversation, context per turn (the public layout).
-    """
-
-    model: str
-    data: str | list[str]
-    output: str
-    seq_length: int
-    max_samples: int | None = None
-    seed: int = 0
-    batch_size: int = 512
-    force: bool = False
-    rows: str = "per-conversation"
-    train_reasoning: bool = True
-    train_after_end_of_turn: bool = False
-    opening_assistant: str | None = None
-
-    def opening(self) -> str:
-        if self.opening_assistant is not None:
-            return self.opening_assistant
-        return "context" if self.rows == "per-turn" else "drop"
-
-    def sources(self) -> list[str]:
-        return [self.data] if isinstance(self.data, str) else list(self.data)
 
 
 @dataclass
@@ -273,14 +237,7 @@ def _collect(spec: DataSpec, quota: int | None, tokenizer, eot: set[int], cfg: P
 
 def prepare_data(cfg: PrepareConfig) -> PrepareResult:
     start = time.time()
-    if cfg.seq_length < 2:
-        raise UserError(f"--seq-length must be >= 2, got {cfg.seq_length}")
-    if cfg.max_samples is not None and cfg.max_samples < 1:
-        raise UserError(f"--max-samples must be >= 1, got {cfg.max_samples}")
-    if cfg.rows not in ROWS:
-        raise UserError(f"--rows {cfg.rows!r}: choose {' or '.join(ROWS)}")
-    if cfg.opening_assistant not in (None, "drop", "context"):
-        raise UserError(f"--opening-assistant {cfg.opening_assistant!r}: choose drop or context")
+    # types, bounds and choices were checked when `cfg` was built (speculators.config.prepare)
     if cfg.train_after_end_of_turn and cfg.rows != "per-turn":
         raise UserError("--train-after-end-of-turn applies to --rows per-turn (the public package's layout)")
     if not cfg.sources():
@@ -391,7 +348,7 @@ def _write_output(output, input_ids, loss_masks, freq, cfg, tokenizer, specs, pe
             "version": PREPARE_VERSION,
             "fingerprint": result.fingerprint,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "params": {**{k: v for k, v in asdict(cfg).items() if k not in ("force", "output", "batch_size")},
+            "params": {**{k: v for k, v in cfg.model_dump().items() if k not in ("force", "output", "batch_size")},
                        "opening_assistant": cfg.opening()},
             "tokenizer": {
                 "name_or_path": cfg.model,

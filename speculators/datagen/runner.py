@@ -21,12 +21,13 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from speculators.config.datagen import DatagenConfig
 from speculators.data.formats import (
     DATA_CONFIG_NAME,
     DATA_FORMAT_VERSION,
@@ -57,25 +58,6 @@ SCHEMA = {
         "final layer; the trainer applies the verifier's norm + lm_head to it."
     ),
 }
-
-
-@dataclass
-class DatagenConfig:
-    target_model_path: str
-    train_data_path: str
-    output_dir: str
-    layer_ids: list[int] | None = None
-    include_last_layer: bool = True
-    batch_size: int = 8
-    max_samples: int | None = None
-    backend: str = "transformers"
-    format: str = "pt"
-    device: str = "auto"
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None
-    extra_args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -177,12 +159,7 @@ def run_datagen(
     ``generator_factory`` replaces the backend lookup (tests, custom backends).
     """
     start = time.time()
-    if cfg.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    if cfg.format not in ("pt", "safetensors"):
-        raise UserError(f"--format {cfg.format!r}: choose pt or safetensors")
-    if cfg.max_samples is not None and cfg.max_samples < 1:
-        raise UserError(f"--max-samples must be >= 1, got {cfg.max_samples}")
+    # types, bounds and choices were checked when `cfg` was built (speculators.config.datagen)
     data = load_prepared(cfg.train_data_path)
     for col in ("input_ids", "loss_mask"):
         if col not in data.column_names:

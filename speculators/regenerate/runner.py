@@ -24,30 +24,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
+from speculators.config.regenerate import RegenConfig
 from speculators.data.sources import BadConversation, normalize_record, resolve_data
 from speculators.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
-
-
-@dataclass
-class RegenConfig:
-    model: str
-    data: list[str]
-    output: str
-    backend: str = "transformers"  # transformers | vllm
-    endpoint: str | None = None
-    api_key: str | None = None
-    max_tokens: int = 256
-    temperature: float = 0.0
-    concurrency: int = 8
-    max_samples: int | None = None
-    seed: int = 0
-    max_turns: int | None = None  # regenerate at most this many assistant turns per record
-    max_prompt_tokens: int | None = None  # a longer prompt ends the conversation there
-    device: str = "auto"
 
 
 @dataclass
@@ -260,14 +243,7 @@ def regenerate(cfg: RegenConfig, backend: Backend, progress: Callable[[str], Non
                total_hint: int | None = None) -> RegenSummary:
     """Regenerate the selected records into ``cfg.output``, resuming past records already there."""
     say = progress or (lambda s: print(s, file=sys.stderr, flush=True))
-    if cfg.max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {cfg.max_tokens}")
-    if cfg.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {cfg.temperature}")
-    if cfg.concurrency < 1:
-        raise UserError(f"--concurrency must be >= 1, got {cfg.concurrency}")
-    if cfg.max_samples is not None and cfg.max_samples < 1:
-        raise UserError(f"--max-samples must be >= 1, got {cfg.max_samples}")
+    # types and bounds were checked when `cfg` was built (speculators.config.regenerate)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": cfg.model, "backend": backend.name, "temperature": cfg.temperature,

@@ -1,0 +1,35 @@
+"""`speculators datagen`'s settings (offline hidden states), once.
+
+`DatagenConfig` is what `speculators.datagen.runner.run_datagen` reads; the command's flags,
+the pipeline's datagen stage (`speculators.config.stages`) and the dashboard's `batch_size`
+field derive from it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from speculators.config.base import TypedSettings, setting
+
+VLLM = "vllm backend"
+
+
+class DatagenConfig(TypedSettings):
+    target_model_path: str = setting(help="verifier model dir or HF id", min_length=1)
+    train_data_path: str = setting(help="output directory of prepare-data", min_length=1)
+    output_dir: str = setting(help="where hidden states are written", min_length=1)
+    layer_ids: list[int] | None = setting(None, "verifier layer ids to save (default: 2, n//2, n-3 and the final "
+                                          "layer n)")
+    include_last_layer: bool = setting(True, "append the final layer n to --layer-ids when it is missing")
+    batch_size: int = setting(8, "samples per forward pass", title="Datagen batch size", ge=1, le=4096)
+    max_samples: int | None = setting(None, "only the first N prepared samples", ge=1)
+    backend: Literal["transformers", "vllm"] = setting("transformers", "engine that computes the hidden states")
+    format: Literal["pt", "safetensors"] = setting(
+        "pt", "pt: one file per sample (format v1); safetensors: sharded, faster to load")
+    device: str = setting("auto", "transformers backend: cpu, cuda, cuda:N or auto")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "compute dtype (auto: bf16 on GPU, fp32 on CPU); stored states are bf16")
+    tensor_parallel_size: int = setting(1, "vllm backend only", group=VLLM, ge=1)
+    gpu_memory_utilization: float = setting(0.9, "vllm backend only", group=VLLM, gt=0.0, le=1.0)
+    max_model_len: int | None = setting(None, "vllm backend only", group=VLLM, ge=1)
+    extra_args: list[str] = setting([], "arguments after a bare -- (vLLM engine args)", cli=False)
