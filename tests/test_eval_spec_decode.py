@@ -72,9 +72,14 @@ def test_acceptance_bookkeeping_with_an_oracle_and_a_random_draft(verifier, rand
     assert c.accepted_per_pos == [c.num_drafts] * k
     # 1 first token + (k + 1) per step: fewer verifier forwards than tokens
     assert oracle.verifier_forwards == 1 + c.num_drafts < len(oracle.tokens)
+    # the per-step record (eval --output-streams) adds up to the counts and to the tokens made
+    assert oracle.accepted == [k] * c.num_drafts
+    made = 1 + sum(a + 1 for a in oracle.accepted)  # first token, then accepted + the verifier's per step
+    assert made - (k + 1) < len(oracle.tokens) <= made  # the last step may overshoot max_new_tokens
     rnd = speculative_generate(verifier, Eagle3Proposer(random_draft, verifier.vocab_size), PROMPTS[1], 25, k)
     assert rnd.counts.num_accepted_tokens <= 2  # a random draft almost never matches
     assert len(rnd.tokens) == 25
+    assert len(rnd.accepted) == rnd.counts.num_drafts and sum(rnd.accepted) == rnd.counts.num_accepted_tokens
 
 
 def test_eagle3_proposer_matches_the_models_own_greedy_chain(verifier, random_draft):

@@ -176,7 +176,10 @@ def test_long_prompts_end_the_conversation_with_a_counted_reason(tiny_llama, sou
 @pytest.mark.slow
 def test_vllm_backend_starts_a_server_and_agrees_with_transformers(tmp_path, capsys):
     """Real vLLM (CPU build here): regenerate starts `vllm serve`, and its greedy replies
-    match the transformers backend's (same verifier: the default one, head_dim 32)."""
+    equal the transformers backend's, every one (same verifier: the default one, head_dim 32):
+    vLLM's chat path renders and tokenizes the prompt as our template does, and the server
+    computes in float32 as the transformers backend does on the CPU (with vLLM's own bf16
+    default some replies differed)."""
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
@@ -184,15 +187,15 @@ def test_vllm_backend_starts_a_server_and_agrees_with_transformers(tmp_path, cap
     from speculators.tiny.default import default_verifier
 
     model = default_verifier()
-    common = ["--model", str(model), "--data", "sharegpt", "--max-samples", "4", "--max-tokens", "24",
+    common = ["--model", str(model), "--data", "sharegpt", "--max-samples", "8", "--max-tokens", "24",
               "--max-turns", "1", "--max-prompt-tokens", "192", "--seed", "0"]
     assert cli_main(["regenerate", *common, "--output", str(tmp_path / "hf.jsonl")]) == 0
     assert cli_main(["regenerate", *common, "--backend", "vllm", "--output", str(tmp_path / "vllm.jsonl"),
                      "--", "--max-model-len", "1024"]) == 0
     hf = {r["id"]: r for r in _lines(tmp_path / "hf.jsonl")}
     vl = {r["id"]: r for r in _lines(tmp_path / "vllm.jsonl")}
-    assert set(hf) == set(vl) and len(hf) >= 2
+    assert set(hf) == set(vl) and len(hf) >= 4
     assert all(r["regenerated"]["backend"] == "vllm" for r in vl.values())
     same = sum(hf[i]["conversations"][-1]["content"].strip() == vl[i]["conversations"][-1]["content"].strip()
                for i in hf)
-    assert same >= len(hf) - 1, (same, len(hf))
+    assert same == len(hf), (same, len(hf))

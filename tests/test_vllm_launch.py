@@ -143,7 +143,9 @@ def test_serve_dry_run_prints_the_explicit_form_for_new_vllm(tiny_llama, tmp_pat
     out = capsys.readouterr().out
     assert f"command: vllm serve {tiny_llama}" in out and "--speculative-config" in out and "--host 127.0.0.1" in out
     assert main(["serve", str(tmp_path / "ck"), "--dry-run", "--vllm-version", "0.32.0"]) == 0
-    assert f"command: vllm serve {(tmp_path / 'ck').resolve()} --host 127.0.0.1" in capsys.readouterr().out
+    out = capsys.readouterr().out  # (--dtype float32 comes first on a host without CUDA)
+    assert f"command: vllm serve {(tmp_path / 'ck').resolve()} " in out and "--host 127.0.0.1" in out
+    assert "--speculative-config" not in out
 
 
 @pytest.mark.parametrize("flag", ["--speculative-config", "--kv_transfer_config={}"])
@@ -196,3 +198,26 @@ def test_draft_config_applies_the_same_layer_rules(tiny_llama):
     assert Eagle3Config.from_verifier_config(vc, aux_layer_ids=[1, 3]).num_aux_layers == 2
     with pytest.raises(UserError, match="ascending"):
         Eagle3Config.from_verifier_config(vc, aux_layer_ids=[6, 1, 3])
+
+
+def test_cpu_servers_compute_in_float32_like_our_eval(monkeypatch):
+    """vLLM's `--dtype auto` downcasts a float32 checkpoint to bf16, also on the CPU, where our
+    eval, datagen and regenerate compute in float32: the demo's vLLM figure then came from other
+    greedy tokens (issue 11). Without CUDA every server we build gets --dtype float32, unless
+    the user (or $SPECULATORS_VLLM_ARGS) chose one; with CUDA vLLM's default stays."""
+    from speculators.vllm import launch
+
+    monkeypatch.delenv("SPECULATORS_VLLM_ARGS", raising=False)
+    monkeypatch.setattr(launch, "_has_cuda", lambda: False)
+    cmd = build_vllm_command("M", ["--port", "9"], entry=VllmEntry(["vllm"]))
+    assert cmd.argv[cmd.argv.index("--dtype") + 1] == "float32" and cmd.argv.count("--dtype") == 1
+    launch_cmd = HiddenStatesLaunch("M", [1, 2, 8], "/hs").build(entry=VllmEntry(["vllm"]))
+    assert launch_cmd.argv[launch_cmd.argv.index("--dtype") + 1] == "float32"
+    mine = build_vllm_command("M", ["--dtype=bfloat16"], entry=VllmEntry(["vllm"]))
+    assert "--dtype" not in mine.argv and "--dtype=bfloat16" in mine.argv
+    monkeypatch.setenv("SPECULATORS_VLLM_ARGS", "--dtype half")
+    env_cmd = build_vllm_command("M", [], entry=VllmEntry(["vllm"]))
+    assert env_cmd.argv[env_cmd.argv.index("--dtype") + 1] == "half" and env_cmd.argv.count("--dtype") == 1
+    monkeypatch.delenv("SPECULATORS_VLLM_ARGS")
+    monkeypatch.setattr(launch, "_has_cuda", lambda: True)
+    assert "--dtype" not in build_vllm_command("M", [], entry=VllmEntry(["vllm"])).argv

@@ -77,7 +77,7 @@ def stage_commands(args: argparse.Namespace, work: Path) -> list[tuple[str, list
         "--data", "sharegpt", "--num-speculative-tokens", str(args.ttt_steps),
         "--num-prompts", str(args.eval_prompts), "--skip-samples", str(args.max_samples),
         "--data-seed", "0", "--seq-length", str(args.seq_length),
-        "--output-json", str(work / "eval.json"),
+        "--output-json", str(work / "eval.json"), "--output-streams", str(work / "streams_pytorch.jsonl"),
     ]))
     return stages
 

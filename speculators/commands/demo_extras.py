@@ -98,7 +98,8 @@ def vllm_eval(args: argparse.Namespace, work: Path, times: dict[str, float]) -> 
             time.sleep(2)
         argv = ["eval", "--vllm-endpoint", url, "--data", "sharegpt", "--verifier", model,
                 "--skip-samples", str(args.max_samples), "--data-seed", "0", "--seq-length", str(args.seq_length),
-                "--num-prompts", str(args.eval_prompts), "--output-json", str(work / "eval_vllm.json")]
+                "--num-prompts", str(args.eval_prompts), "--output-json", str(work / "eval_vllm.json"),
+                "--output-streams", str(work / "streams_vllm.jsonl")]
         print(f"== vllm-eval: speculators {' '.join(argv)}", flush=True)
         rc = cli_main(argv)
         if rc != 0:
@@ -135,6 +136,21 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def stream_agreement(work: Path) -> dict[str, Any] | None:
+    """Prompts on which the PyTorch eval and vLLM saw the same prompt ids and generated the
+    same ids (None when either side wrote no streams)."""
+    from speculators.errors import UserError
+    from speculators.evaluate.streams import compare_streams, read_streams
+
+    a, b = work / "streams_pytorch.jsonl", work / "streams_vllm.jsonl"
+    if not (a.is_file() and b.is_file()):
+        return None
+    try:
+        return compare_streams(read_streams(a), read_streams(b))
+    except UserError as exc:
+        return {"error": str(exc)}
+
+
 def finish(args: argparse.Namespace, work: Path, times: dict[str, float],
            vllm_report: dict[str, Any] | None) -> int:
     """Print both acceptance figures and write WORKDIR/demo_summary.json."""
@@ -157,6 +173,7 @@ def finish(args: argparse.Namespace, work: Path, times: dict[str, float],
             "pytorch": torch_report and torch_report["acceptance_rate_per_position"],
             "vllm": vllm_report and vllm_report["acceptance_rate_per_position"],
         },
+        "token_streams": stream_agreement(work) if vllm_report is not None else None,
         "stage_seconds": times,
         "total_seconds": round(sum(times.values()), 1),
     }
@@ -171,6 +188,12 @@ def finish(args: argparse.Namespace, work: Path, times: dict[str, float],
     else:
         line += ", vLLM not measured"
     print(line)
+    agree = summary["token_streams"]
+    if agree and "error" not in agree:
+        print(f"token streams: prompt ids equal on {agree['prompt_ids_equal']}/{agree['prompts']} prompts, "
+              f"generated ids equal on {agree['tokens_equal']}/{agree['prompts']}"
+              + (f" (first difference: prompt {agree['first_difference']['prompt']}, token "
+                 f"{agree['first_difference']['position']})" if agree["first_difference"] else ""))
     print(f"summary: {work / 'demo_summary.json'}")
     print(f"serve it with:  speculators serve {work}/checkpoints/checkpoint_best")
     return 0

@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     p.add_argument("--api-key", default=None,
                    help="with --vllm-endpoint: the server's --api-key (default $VLLM_API_KEY)")
     p.add_argument("--output-json", default=None, help="write the report here (JSON)")
+    p.add_argument("--output-streams", default=None,
+                   help="write each prompt's ids and generated ids here (JSON lines; the PyTorch eval adds the "
+                        "tokens accepted per step), to compare two evals of the same prompts token by token")
     p.set_defaults(func=run)
 
 
@@ -64,6 +67,9 @@ def run(args) -> int:
     from speculators.evaluate.report import format_report, write_report
     from speculators.vllm.launch import api_key_from_env
 
+    streams: list | None = [] if args.output_streams else None
+    if args.output_streams and not args.data:
+        raise UserError("--output-streams needs --data (the prompts to generate from)")
     if args.vllm_endpoint and args.data:
         from speculators.evaluate.runner import load_prompts
         from speculators.vllm.metrics import drive_and_measure
@@ -73,7 +79,7 @@ def run(args) -> int:
         prompts = load_prompts(args.data, args.verifier or "", args.num_prompts, _heldout(args),
                                args.max_prompt_len, args.skip_samples, args.data_seed, args.seq_length)
         report = drive_and_measure(args.vllm_endpoint, prompts, args.max_new_tokens, args.temperature,
-                                   args.model_name, api_key=api_key_from_env(args.api_key))
+                                   args.model_name, api_key=api_key_from_env(args.api_key), streams=streams)
     elif args.vllm_endpoint:
         from speculators.vllm.metrics import report_from_metrics, scrape
 
@@ -97,8 +103,13 @@ def run(args) -> int:
         settings = EvalSettings(k, args.max_new_tokens, args.temperature, args.seed, args.draft_cost, args.device)
         report = evaluate_checkpoint(args.checkpoint, args.verifier, args.data, settings,
                                      args.num_prompts, indices, args.max_prompt_len,
-                                     args.skip_samples, args.data_seed, args.seq_length)
+                                     args.skip_samples, args.data_seed, args.seq_length, streams)
     print(format_report(report), flush=True)
+    if args.output_streams:
+        from speculators.evaluate.streams import write_streams
+
+        write_streams(args.output_streams, streams)
+        print(f"token streams written to {args.output_streams}")
     if args.output_json:
         write_report(args.output_json, report)
         print(f"report written to {args.output_json}")

@@ -135,8 +135,12 @@ def eos_ids_of(verifier_path: str) -> list[int]:
 
 
 def evaluate_prompts(verifier, proposer, prompts: Sequence[Sequence[int]], settings: EvalSettings,
-                     eos_token_ids: Sequence[int] = ()) -> tuple[SpecDecodeCounts, dict[str, Any]]:
-    """Run speculative decoding over every prompt; total counts plus run statistics."""
+                     eos_token_ids: Sequence[int] = (),
+                     streams: list[dict[str, Any]] | None = None) -> tuple[SpecDecodeCounts, dict[str, Any]]:
+    """Run speculative decoding over every prompt; total counts plus run statistics.
+
+    ``streams``: a list that gets, per prompt, its ids, the generated ids and the tokens
+    accepted at each step (`speculators.evaluate.streams`)."""
     from speculators.evaluate.spec_decode import speculative_generate
 
     total = SpecDecodeCounts()
@@ -158,6 +162,8 @@ def evaluate_prompts(verifier, proposer, prompts: Sequence[Sequence[int]], setti
         ]
         tokens += len(res.tokens)
         forwards += res.verifier_forwards
+        if streams is not None:
+            streams.append({"prompt_ids": list(prompt), "tokens": list(res.tokens), "accepted": list(res.accepted)})
     stats = {
         "num_prompts": len(prompts),
         "generated_tokens": tokens,
@@ -186,8 +192,10 @@ def load_prompts(data: str | Path, tokenizer_path: str, num_prompts: int | None 
 def evaluate_checkpoint(checkpoint: str | Path, verifier_path: str | None, data: str | Path,
                         settings: EvalSettings, num_prompts: int | None = None,
                         indices: Sequence[int] | None = None, max_prompt_len: int | None = None,
-                        skip_samples: int = 0, data_seed: int = 0, seq_length: int | None = None) -> dict[str, Any]:
-    """The PyTorch acceptance report of a speculator checkpoint on held-out prompts."""
+                        skip_samples: int = 0, data_seed: int = 0, seq_length: int | None = None,
+                        streams: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The PyTorch acceptance report of a speculator checkpoint on held-out prompts
+    (``streams``: see `evaluate_prompts`)."""
     from speculators.evaluate.proposers import Eagle3Proposer
     from speculators.evaluate.verifier import Verifier
     from speculators.models.eagle3 import default_aux_layer_ids
@@ -210,10 +218,11 @@ def evaluate_checkpoint(checkpoint: str | Path, verifier_path: str | None, data:
     prompts = load_prompts(data, verifier_path, num_prompts, indices, max_prompt_len, skip_samples, data_seed,
                            seq_length)
     torch.manual_seed(settings.seed)
-    counts, stats = evaluate_prompts(verifier, proposer, prompts, settings, eos_ids_of(verifier_path))
+    counts, stats = evaluate_prompts(verifier, proposer, prompts, settings, eos_ids_of(verifier_path), streams)
     return build_report(
         counts, "pytorch", settings.num_speculative_tokens, settings.draft_cost,
         checkpoint=str(ckpt), verifier=str(verifier_path), data=str(data),
         temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
-        aux_layer_ids=verifier.aux_layer_ids, device=str(device), **stats,
+        aux_layer_ids=verifier.aux_layer_ids, device=str(device), dtype=str(dtype).removeprefix("torch."),
+        **stats,
     )

@@ -87,6 +87,7 @@ class GenerationResult:
     tokens: list[int]
     counts: SpecDecodeCounts = field(default_factory=SpecDecodeCounts)
     verifier_forwards: int = 0
+    accepted: list[int] = field(default_factory=list)  # draft tokens accepted at each verification step
 
 
 def _stop_index(tokens: list[int], eos: set[int], max_new: int) -> int | None:
@@ -143,6 +144,7 @@ def speculative_generate(
                 raise ValueError("the proposer must return draft probabilities for temperature > 0")
             accepted, nxt = rejection_sample(_probs(scores, temperature), q.float().cpu(), draft, generator)
         result.counts.observe(k, accepted)
+        result.accepted.append(accepted)
         new += draft[:accepted].tolist() + [nxt]
         aux = aux_full[: n + accepted + 1]
     stop = _stop_index(new, eos, max_new_tokens)

@@ -157,6 +157,23 @@ def with_default_host(vllm_args: Sequence[str]) -> list[str]:
     return args
 
 
+# The dtype our PyTorch side computes in without CUDA (eval, datagen's transformers backend,
+# regenerate's transformers backend: bf16 on CUDA, float32 on the CPU). vLLM's `--dtype auto`
+# downcasts a float32 checkpoint to bf16 even on the CPU, so a CPU server would otherwise
+# decode different greedy tokens than our eval of the same checkpoint (issue 11: 3.458 vs 3.342).
+CPU_DTYPE = "float32"
+
+
+def with_host_dtype(vllm_args: Sequence[str], cuda: bool | None = None) -> list[str]:
+    """Put ``--dtype float32`` first on a host without CUDA unless ``--dtype`` is given."""
+    args = list(vllm_args)
+    if cuda is None:
+        cuda = _has_cuda()
+    if not cuda and _flag_value(args, ["--dtype"]) is None:
+        args = ["--dtype", CPU_DTYPE, *args]
+    return args
+
+
 def build_vllm_command(
     model: str,
     vllm_args: Sequence[str],
@@ -164,10 +181,12 @@ def build_vllm_command(
     api_key: str | None = None,
     entry: VllmEntry | None = None,
 ) -> VllmCommand:
-    """The one place a vLLM server command is made (launch-vllm, serve, datagen, worker)."""
+    """The one place a vLLM server command is made (launch-vllm, serve, datagen, worker).
+
+    Adds 127.0.0.1 as the host and, without CUDA, float32 as the dtype, unless given."""
     import shlex
 
-    args = with_default_host([*shlex.split(os.environ.get(EXTRA_ARGS_ENV, "")), *vllm_args])
+    args = with_host_dtype(with_default_host([*shlex.split(os.environ.get(EXTRA_ARGS_ENV, "")), *vllm_args]))
     entry = entry or vllm_entry(vllm_bin)
     return VllmCommand([*entry.prefix, *entry.model_args(model), *args], vllm_env(api_key=api_key),
                        endpoint_from_args(args))

@@ -116,11 +116,15 @@ def drive_and_measure(
     concurrency: int = 8,
     timeout_s: float = 600.0,
     api_key: str | None = None,
+    streams: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Send ``prompts`` (token ids) to a serving vLLM and report the spec-decode counters
     accumulated meanwhile (the difference of two ``/metrics`` scrapes).
 
     Other traffic on the server during the run is counted too; use a quiet server.
+    ``streams``: a list that gets, per prompt in order, the prompt ids the server decoded
+    from and the ids it generated (``return_token_ids``; the ids sent when the server does
+    not return them).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -136,15 +140,23 @@ def drive_and_measure(
         raise UserError(f"cannot list models at {base}/v1/models ({exc}); check --vllm-endpoint / --api-key") from exc
     before = spec_decode_counts(scrape(base, api_key=api_key), model_name)
 
-    def send(prompt: list[int]) -> int:
-        body = {"model": model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": temperature}
+    def send(prompt: list[int]) -> tuple[int, dict[str, Any]]:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": temperature,
+                "return_token_ids": True}
         resp = requests.post(base + "/v1/completions", json=body, timeout=timeout_s, headers=headers)
         if resp.status_code != 200:
             raise UserError(f"POST {base}/v1/completions -> HTTP {resp.status_code}: {resp.text[:300]}")
-        return int(resp.json().get("usage", {}).get("completion_tokens", 0))
+        data = resp.json()
+        choice = (data.get("choices") or [{}])[0]
+        stream = {"prompt_ids": choice.get("prompt_token_ids") or data.get("prompt_token_ids") or list(prompt),
+                  "tokens": choice.get("token_ids")}
+        return int(data.get("usage", {}).get("completion_tokens", 0)), stream
 
     with ThreadPoolExecutor(max(1, min(concurrency, len(prompts)))) as pool:
-        generated = sum(pool.map(send, prompts))
+        results = list(pool.map(send, prompts))
+    generated = sum(n for n, _ in results)
+    if streams is not None:
+        streams.extend(stream for _, stream in results)
     after = spec_decode_counts(scrape(base, api_key=api_key), model_name)
     return build_report(
         after.minus(before), source="vllm", endpoint=base, model=model, num_prompts=len(prompts),
