@@ -28,7 +28,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Iterator, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -145,9 +145,36 @@ class _CorruptPolicy:
                 if self.on_corrupt == "raise":
                     raise
                 self.bad.add(j)
-                warnings.warn(f"skipping corrupt sample: {exc}", stacklevel=3)
-                logger.warning("skipping corrupt sample: %s", exc)
+                _warn_skipped(exc, stacklevel=4)
         raise CorruptSampleError(f"every sample in the store is corrupt (last asked for index {i})")
+
+
+def _warn_skipped(exc: CorruptSampleError, stacklevel: int) -> None:
+    warnings.warn(f"skipping corrupt sample: {exc}", stacklevel=stacklevel)
+    logger.warning("skipping corrupt sample: %s", exc)
+
+
+def readable_samples(store: Any, on_corrupt: str, skipped: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A converter's pass over ``store`` in order: ``(sample index, sample)`` for each readable sample.
+
+    A corrupt sample raises (``on_corrupt="raise"``) or is warned about, its index appended to
+    ``skipped`` and passed over; when none was readable, a `UserError` says nothing was converted.
+    ``store`` is any of our stores (``sample_indices``, ``_read(i)`` and ``directory``).
+    """
+    found = False
+    for i in range(len(store)):
+        try:
+            sample = store._read(i)
+        except CorruptSampleError as exc:
+            if on_corrupt == "raise":
+                raise
+            _warn_skipped(exc, stacklevel=4)  # the converter's caller
+            skipped.append(store.sample_indices[i])
+            continue
+        found = True
+        yield store.sample_indices[i], sample
+    if not found:
+        raise UserError(f"{store.directory}: every sample was corrupt; nothing converted")
 
 
 class PtSampleStore:
@@ -468,24 +495,13 @@ def convert_pt_to_safetensors(
         shards.append({"file": name, "sample_index": [idx for idx, _ in buf], "lengths": lengths})
         buf, buf_tokens = [], 0
 
-    skipped = []
-    for i in range(len(store)):
-        try:
-            sample = store._read(i)
-        except CorruptSampleError as exc:
-            if on_corrupt == "raise":
-                raise
-            warnings.warn(f"skipping corrupt sample: {exc}", stacklevel=2)
-            logger.warning("skipping corrupt sample: %s", exc)
-            skipped.append(store.sample_indices[i])
-            continue
-        buf.append((store.sample_indices[i], sample))
+    skipped: list[int] = []
+    for index, sample in readable_samples(store, on_corrupt, skipped):
+        buf.append((index, sample))
         buf_tokens += int(sample["input_ids"].shape[0])
         if buf_tokens >= shard_tokens:
             flush()
     flush()
-    if not shards:
-        raise UserError(f"{src}: every sample was corrupt; nothing converted")
 
     new_config = dict(config)
     new_config.pop("lengths", None)
