@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Protocol, runtime_checkable
@@ -177,7 +178,33 @@ def readable_samples(store: Any, on_corrupt: str, skipped: list[int]) -> Iterato
         raise UserError(f"{store.directory}: every sample was corrupt; nothing converted")
 
 
-class PtSampleStore:
+class _OwnLayoutStore(ABC):
+    """What our two layouts share: the directory, its data_config.json (read unless given), the
+    sample schema, and `load` through the skip-or-raise policy around the layout's `_read`."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        on_corrupt: OnCorrupt = "skip",
+        config: dict[str, Any] | None = None,
+    ):
+        self.directory = Path(directory)
+        self.config = config if config is not None else read_data_config(self.directory)
+        self.schema = SampleSchema(len(self.config["layer_ids"]), int(self.config["hidden_size"]))
+        self._policy = _CorruptPolicy(on_corrupt)
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def _read(self, i: int) -> dict[str, Any]:
+        """Sample ``i`` (0..len-1), or `CorruptSampleError` naming what is wrong."""
+
+    def load(self, i: int) -> dict[str, Any]:
+        return self._policy.load_with_policy(i, len(self), self._read)
+
+
+class PtSampleStore(_OwnLayoutStore):
     """Reads ``data_<i>.pt`` files (data format version 1).
 
     ``on_corrupt="skip"`` warns naming the bad file and serves the next good sample
@@ -190,16 +217,13 @@ class PtSampleStore:
         on_corrupt: OnCorrupt = "skip",
         config: dict[str, Any] | None = None,
     ):
-        self.directory = Path(directory)
-        self.config = config if config is not None else read_data_config(self.directory)
-        self.schema = SampleSchema(len(self.config["layer_ids"]), int(self.config["hidden_size"]))
+        super().__init__(directory, on_corrupt, config)
         found = []
         for name in os.listdir(self.directory):
             m = _PT_NAME.match(name)
             if m:
                 found.append(int(m.group(1)))
         self.sample_indices: list[int] = sorted(found)
-        self._policy = _CorruptPolicy(on_corrupt)
         self._lengths: list[int] | None = None
 
     def __len__(self) -> int:
@@ -224,9 +248,6 @@ class PtSampleStore:
             "loss_mask": sample["loss_mask"].long(),
         }
 
-    def load(self, i: int) -> dict[str, Any]:
-        return self._policy.load_with_policy(i, len(self), self._read)
-
     def lengths(self) -> list[int]:
         """Token count per sample (from data_config.json when recorded, else read lazily)."""
         if self._lengths is None:
@@ -246,7 +267,7 @@ class PtSampleStore:
         return self._lengths
 
 
-class SafetensorsSampleStore:
+class SafetensorsSampleStore(_OwnLayoutStore):
     """Reads the sharded safetensors layout written by `convert_pt_to_safetensors`."""
 
     def __init__(
@@ -255,9 +276,7 @@ class SafetensorsSampleStore:
         on_corrupt: OnCorrupt = "skip",
         config: dict[str, Any] | None = None,
     ):
-        self.directory = Path(directory)
-        self.config = config if config is not None else read_data_config(self.directory)
-        self.schema = SampleSchema(len(self.config["layer_ids"]), int(self.config["hidden_size"]))
+        super().__init__(directory, on_corrupt, config)
         shards = self.config.get("shards")
         if not shards:
             raise UserError(f"{self.directory / DATA_CONFIG_NAME}: format is safetensors but lists no shards")
@@ -273,7 +292,6 @@ class SafetensorsSampleStore:
                 self._lengths.append(int(length))
         self._handles: dict[int, _MappedSafetensors] = {}
         self._pid = os.getpid()
-        self._policy = _CorruptPolicy(on_corrupt)
 
     def __len__(self) -> int:
         return len(self._where)
@@ -317,9 +335,6 @@ class SafetensorsSampleStore:
         if ids.shape[0] != b - a or mask.shape[0] != b - a or b - a < 2:
             raise CorruptSampleError(f"{where}: token range {a}:{b} does not fit the shard")
         return {"input_ids": ids.long(), "hidden_states": list(hidden.unbind(0)), "loss_mask": mask.long()}
-
-    def load(self, i: int) -> dict[str, Any]:
-        return self._policy.load_with_policy(i, len(self), self._read)
 
 
 _ST_DTYPES = {
