@@ -37,6 +37,7 @@ def render_all(directory: Path) -> str:
     import bench_datagen
     import bench_lmhead_kl
     import bench_optimizer
+    import bench_regenerate
     import bench_train
     import side_by_side
 
@@ -77,6 +78,10 @@ def render_all(directory: Path) -> str:
     lk = _load(directory, "lmhead_kl")
     for r in lk:
         parts += ["", "## lm_head + KL: eager vs fused (the default) vs chunked", "", bench_lmhead_kl.render(r)]
+        machines.append((r["benchmark"], r["machine"]))
+    for r in _load(directory, "regenerate"):
+        parts += ["", "## Regeneration throughput (`speculators regenerate`): vLLM CPU vs transformers", "",
+                  bench_regenerate.render(r)]
         machines.append((r["benchmark"], r["machine"]))
     for r in _load(directory, "optimizer"):
         parts += ["", "## Proposal: AdamW(fused=True) (before/after)", "", bench_optimizer.render(r)]
