@@ -3,6 +3,9 @@
 Both backends regenerate the same ShareGPT records with the same verifier
 (greedy, same --max-tokens / --max-turns); tokens/s counts generated tokens over
 the regeneration's wall time (the vLLM server's start-up is timed separately).
+Each backend runs --repeats times (one backend at a time, the server stopped before
+the other runs) and the median run is reported: on a shared 2-core machine one run
+can be off by 3x either way.
 Writes bench/results/regenerate.json (with the machine facts of `common.machine_info`);
 `bench/table.py` renders it into bench/results/summary.md.
 
@@ -12,6 +15,7 @@ Writes bench/results/regenerate.json (with the machine facts of `common.machine_
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -30,9 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--backends", nargs="+", default=["transformers", "vllm"])
+    p.add_argument("--repeats", type=int, default=3, help="runs per backend; the median is reported, every run kept")
     p.add_argument("--name", default="regenerate", help="results file <results-dir>/<name>.json")
     p.add_argument("--results-dir", default=str(RESULTS_DIR))
     args = p.parse_args(argv)
+
+    from contextlib import ExitStack
 
     from speculators.regenerate.backends import ChatServerBackend, TransformersBackend
     from speculators.regenerate.runner import RegenConfig, regenerate
@@ -40,30 +47,36 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model or str(default_verifier())
     results = {"model": model, "samples": args.samples, "max_tokens": args.max_tokens, "max_turns": 1,
-               "max_prompt_tokens": 192, "concurrency": args.concurrency, "backends": {}}
+               "max_prompt_tokens": 192, "concurrency": args.concurrency, "repeats": args.repeats,
+               "load_avg_at_start": [round(x, 2) for x in os.getloadavg()], "backends": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for backend in args.backends:
-            cfg = RegenConfig(model=model, data=["sharegpt"], output=f"{tmp}/{backend}.jsonl", backend=backend,
-                              max_tokens=args.max_tokens, concurrency=args.concurrency,
-                              max_samples=args.samples, max_turns=1, max_prompt_tokens=192)
-            if backend == "transformers":
-                summary = regenerate(cfg, TransformersBackend(model, "cpu"))
-                startup = 0.0
-            else:
-                from speculators.vllm.regen_server import started_chat_server
-
+        for name in args.backends:
+            with ExitStack() as server:  # one backend at a time: an idle vLLM server must not share the CPUs
                 t0 = time.time()
-                with started_chat_server(model, ["--max-model-len", "2048"], 900.0) as url:
-                    startup = time.time() - t0
+                if name == "transformers":
+                    backend = TransformersBackend(model, "cpu")
+                else:
                     from transformers import AutoTokenizer
 
-                    summary = regenerate(cfg, ChatServerBackend(url, model, concurrency=args.concurrency,
-                                                                tokenizer=AutoTokenizer.from_pretrained(model)))
-            row = {**summary.as_dict(), "server_startup_s": round(startup, 1)}
+                    from speculators.vllm.regen_server import started_chat_server
+
+                    url = server.enter_context(started_chat_server(model, ["--max-model-len", "2048"], 900.0))
+                    backend = ChatServerBackend(url, model, concurrency=args.concurrency,
+                                                tokenizer=AutoTokenizer.from_pretrained(model))
+                setup_s = time.time() - t0
+                runs = []
+                for r in range(args.repeats):
+                    cfg = RegenConfig(model=model, data=["sharegpt"], output=f"{tmp}/{name}-{r}.jsonl", backend=name,
+                                      max_tokens=args.max_tokens, concurrency=args.concurrency,
+                                      max_samples=args.samples, max_turns=1, max_prompt_tokens=192)
+                    runs.append(regenerate(cfg, backend))
+                    print(f"{name} run {r}: {runs[-1].tokens} tokens in {runs[-1].seconds:.1f}s = "
+                          f"{runs[-1].tokens_per_s:.1f} tokens/s", flush=True)
+            median = sorted(runs, key=lambda x: x.tokens_per_s)[len(runs) // 2]
+            row = {**median.as_dict(), "tokens_per_s_runs": [round(x.tokens_per_s, 1) for x in runs],
+                   "server_startup_s": 0.0 if name == "transformers" else round(setup_s, 1)}
             row.pop("output", None)
-            results["backends"][backend] = row
-            print(f"{backend}: {summary.tokens} tokens in {summary.seconds:.1f}s = {summary.tokens_per_s:.1f} "
-                  f"tokens/s (start-up {startup:.0f}s)", flush=True)
+            results["backends"][name] = row
     path = write_result(args.name, results, Path(args.results_dir))  # machine facts (load average included) taken at the end
     print(render(results))
     print(f"written to {path}")
@@ -71,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 BACKEND_LABELS = {
-    "vllm": "vLLM CPU build (OpenAI chat API, server started by the bench)",
+    "vllm": "vLLM (OpenAI chat API, server started by the bench)",
     "transformers": "transformers (one left-padded batch per call)",
 }
 
@@ -83,11 +96,12 @@ def render(payload: dict) -> str:
              f"{payload['max_tokens']} tokens per reply, prompts over {payload['max_prompt_tokens']} tokens "
              f"skipped, {payload['concurrency']} in flight",
              "",
-             "| backend | records | tokens | seconds | tokens/s | start-up s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| backend | records | tokens | seconds | tokens/s (median) | runs | start-up s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows.items():
         lines.append(f"| {BACKEND_LABELS.get(name, name)} | {r['written']} | {r['tokens']:,} | {fmt(r['seconds'])} | "
-                     f"**{fmt(r['tokens_per_s'])}** | {fmt(r['server_startup_s']) if r['server_startup_s'] else '-'} |")
+                     f"**{fmt(r['tokens_per_s'])}** | {', '.join(fmt(x) for x in r.get('tokens_per_s_runs', []))} | "
+                     f"{fmt(r['server_startup_s']) if r['server_startup_s'] else '-'} |")
     if {"vllm", "transformers"} <= rows.keys() and rows["transformers"]["tokens_per_s"]:
         ratio = rows["vllm"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"]
         lines += ["", f"vLLM / transformers tokens/s: {ratio:.1f}x"
