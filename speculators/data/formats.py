@@ -192,6 +192,11 @@ class _OwnLayoutStore(ABC):
         self.config = config if config is not None else read_data_config(self.directory)
         self.schema = SampleSchema(len(self.config["layer_ids"]), int(self.config["hidden_size"]))
         self._policy = _CorruptPolicy(on_corrupt)
+        self._index()
+
+    @abstractmethod
+    def _index(self) -> None:
+        """Find the samples (``sample_indices``) in the layout's files."""
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -211,13 +216,7 @@ class PtSampleStore(_OwnLayoutStore):
     instead, so one broken file does not end a long run; ``"raise"`` stops.
     """
 
-    def __init__(
-        self,
-        directory: str | os.PathLike,
-        on_corrupt: OnCorrupt = "skip",
-        config: dict[str, Any] | None = None,
-    ):
-        super().__init__(directory, on_corrupt, config)
+    def _index(self) -> None:
         found = []
         for name in os.listdir(self.directory):
             m = _PT_NAME.match(name)
@@ -270,13 +269,7 @@ class PtSampleStore(_OwnLayoutStore):
 class SafetensorsSampleStore(_OwnLayoutStore):
     """Reads the sharded safetensors layout written by `convert_pt_to_safetensors`."""
 
-    def __init__(
-        self,
-        directory: str | os.PathLike,
-        on_corrupt: OnCorrupt = "skip",
-        config: dict[str, Any] | None = None,
-    ):
-        super().__init__(directory, on_corrupt, config)
+    def _index(self) -> None:
         shards = self.config.get("shards")
         if not shards:
             raise UserError(f"{self.directory / DATA_CONFIG_NAME}: format is safetensors but lists no shards")
