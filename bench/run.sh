@@ -5,7 +5,9 @@
 #   bench/run.sh --full     # adds the Llama-3.1-8B-shaped draft on the CPU (~10 GB RAM, slow)
 #   bench/run.sh --gpu      # GPU set: CUDA checks (flex attention fwd+bwd, FSDP2 bf16 over NCCL),
 #                           # Llama-3.1-8B shape in bf16 at seq 2048 and 8192, MFU, CUDA memory
-#   bench/run.sh --only train,dataload   # any of: checks dataload datagen train sbs lmhead optim
+#   bench/run.sh --only train,dataload   # any of: checks dataload datagen train sbs lmhead optim regen
+#   (regen, regeneration tokens/s with vLLM CPU and transformers, runs only when asked: it starts a
+#   vLLM server, about 2 minutes on 2 cores)
 #
 # Results: bench/results/<name>.json (machine facts, load average, versions, git commit
 # in each) and summary.md. Timings on a shared machine are noisy: each JSON keeps every
@@ -22,7 +24,7 @@ while [[ $# -gt 0 ]]; do
     --full) MODE=full ;;
     --gpu) MODE=gpu ;;
     --only) ONLY="$2"; shift ;;
-    -h|--help) sed -n 2,12p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,14p "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -89,5 +91,8 @@ if want lmhead; then
 fi
 if want optim; then
   "$PY" bench/bench_optimizer.py --shape llama8b --scale $([[ $MODE == gpu ]] && echo 1 || echo 2)
+fi
+if want regen; then
+  "$PY" bench/bench_regenerate.py --samples 32 --max-tokens 64 --concurrency 32
 fi
 "$PY" bench/table.py

@@ -38,6 +38,7 @@ def render_all(directory: Path) -> str:
     import gpu_checks
     import bench_lmhead_kl
     import bench_optimizer
+    import bench_regenerate
     import bench_train
     import side_by_side
 
@@ -83,6 +84,10 @@ def render_all(directory: Path) -> str:
     lk = _load(directory, "lmhead_kl")
     for r in lk:
         parts += ["", "## lm_head + KL: eager vs fused (the default) vs chunked", "", bench_lmhead_kl.render(r)]
+        machines.append((r["benchmark"], r["machine"]))
+    for r in _load(directory, "regenerate"):
+        parts += ["", "## Regeneration throughput (`speculators regenerate`): vLLM CPU vs transformers", "",
+                  bench_regenerate.render(r)]
         machines.append((r["benchmark"], r["machine"]))
     for r in _load(directory, "optimizer"):
         parts += ["", "## Proposal: AdamW(fused=True) (before/after)", "", bench_optimizer.render(r)]

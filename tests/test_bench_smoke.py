@@ -99,3 +99,21 @@ def test_flops_model_counts_the_frozen_head_once():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_regenerate_bench_lands_in_the_summary(tiny_llama, tmp_path):
+    """bench_regenerate's JSON has what table.py renders: tokens/s per backend, in summary.md."""
+    import bench_regenerate
+    import table
+
+    assert bench_regenerate.main(["--model", str(tiny_llama), "--samples", "3", "--max-tokens", "4",
+                                  "--backends", "transformers", "--repeats", "2", "--results-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "regenerate.json").read_text())
+    row = result["backends"]["transformers"]
+    assert row["written"] >= 1 and row["tokens"] >= row["written"] and row["tokens_per_s"] > 0
+    assert len(row["tokens_per_s_runs"]) == 2  # the upper median of two runs is the faster one
+    assert row["tokens_per_s"] == pytest.approx(max(row["tokens_per_s_runs"]), abs=0.06)
+    assert result["machine"]["nproc"] >= 1
+    text = table.render_all(tmp_path)
+    assert "## Regeneration throughput" in text
+    assert f"**{table.fmt(row['tokens_per_s'])}**" in text and "- regenerate:" in text

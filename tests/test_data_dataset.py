@@ -203,3 +203,33 @@ def test_convert_refuses_same_dir(tmp_path):
     write_store(tmp_path / "pt", [4])
     with pytest.raises(UserError, match="differ"):
         convert_pt_to_safetensors(tmp_path / "pt", tmp_path / "pt")
+
+
+def test_public_conversions_skip_or_raise_on_corrupt_samples(tmp_path):
+    """Both public-layout converters share the pt converter's pass: warn + record a corrupt sample
+    (or raise), and refuse a source with no readable sample."""
+    from safetensors.torch import load_file
+
+    from speculators.data.public_format import convert_from_public, convert_to_public
+
+    samples = write_store(tmp_path / "pt", [6, 4, 9, 5])
+    (tmp_path / "pt" / "data_1.pt").write_bytes(b"\x00garbage")
+    with pytest.warns(UserWarning, match="data_1.pt"):
+        public = convert_to_public(tmp_path / "pt", tmp_path / "public")
+    assert public["skipped_corrupt"] == [1] and public["source_sample_index"] == [0, 2, 3]
+    with pytest.raises(CorruptSampleError, match="data_1.pt"):
+        convert_to_public(tmp_path / "pt", tmp_path / "public_raise", on_corrupt="raise")
+
+    # Row 1 of the public copy (source sample 2) is broken in turn.
+    (tmp_path / "public" / "hidden_states" / "hs_1.safetensors").write_bytes(b"\x00garbage")
+    with pytest.warns(UserWarning, match="hs_1.safetensors"):
+        back = convert_from_public(tmp_path / "public", tmp_path / "back")
+    assert back["skipped_corrupt"] == [1] and sorted(back["lengths"]) == ["0", "2"]
+    assert torch.equal(torch.load(tmp_path / "back" / "data_2.pt")["input_ids"], samples[3]["input_ids"])
+    assert load_file(str(tmp_path / "public" / "hidden_states" / "hs_0.safetensors"))["token_ids"].tolist() == \
+        samples[0]["input_ids"].tolist()
+
+    for k in (0, 2, 3):
+        (tmp_path / "pt" / f"data_{k}.pt").write_bytes(b"\x00garbage")
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="every sample was corrupt; nothing converted"):
+        convert_to_public(tmp_path / "pt", tmp_path / "none")

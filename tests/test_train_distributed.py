@@ -3,14 +3,10 @@ checkpoint, matches one uninterrupted process on the same batches."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import run_train_cli
 
 from speculators.train.metrics_stream import read_metrics
 from speculators.train.synthetic import write_synthetic_hidden_states
@@ -22,40 +18,22 @@ def _records(save, kind):
 
 @pytest.mark.slow
 def test_two_process_fsdp_matches_single_process(tiny_llama, tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    assert torchrun, "torchrun not found next to the interpreter"
     data = write_synthetic_hidden_states(tiny_llama, tmp_path / "hs", num_samples=16, seq_len=40)
     common = ["--verifier-name-or-path", str(tiny_llama), "--data-path", str(data), "--epochs", "2",
               "--lr", "3e-3", "--total-seq-len", "96", "--ttt-steps", "2", "--num-layers", "2",
               "--log-freq", "1000", "--train-data-ratio", "0.75"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     dist_dir = tmp_path / "dist"
 
-    def launch(*extra):
-        for attempt in range(2):  # one retry: a shared CI box can lose the rendezvous port race
-            run = subprocess.run(
-                [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "speculators.train", *common,
-                 "--save-path", str(dist_dir), *extra],
-                env=env, capture_output=True, text=True, timeout=400,
-            )
-            if run.returncode == 0:
-                return run
-            print(f"torchrun attempt {attempt} failed (rc {run.returncode}):\n{run.stderr[-3000:]}")
-        return run
-
     # Interrupted after step 2 of epoch 0 (checkpoints every step, FSDP collectives), then resumed.
-    dist = launch("--max-steps", "2", "--checkpoint-every-steps", "1")
+    dist = run_train_cli([*common, "--save-path", str(dist_dir), "--max-steps", "2", "--checkpoint-every-steps", "1"],
+                         nproc=2)
     assert dist.returncode == 0, dist.stderr[-3000:]
     assert (dist_dir / "0-step2").is_dir() and not (dist_dir / "0").exists()
-    dist = launch()
+    dist = run_train_cli([*common, "--save-path", str(dist_dir)], nproc=2)
     assert dist.returncode == 0, dist.stderr[-3000:]
     starts = [r for r in read_metrics(dist_dir / "metrics.jsonl") if r["type"] == "start"]
     assert [r["resumed_from"] for r in starts] == [None, "0-step2"]
-    single = subprocess.run(
-        [sys.executable, "-m", "speculators.train", *common, "--batches-per-step", "2",
-         "--save-path", str(tmp_path / "single")],
-        env=env, capture_output=True, text=True, timeout=400,
-    )
+    single = run_train_cli([*common, "--batches-per-step", "2", "--save-path", str(tmp_path / "single")])
     assert single.returncode == 0, single.stderr[-3000:]
 
     d_train, s_train = _records(dist_dir, "train"), _records(tmp_path / "single", "train")

@@ -3,15 +3,11 @@ master weights), and `torchrun` with 2 CPU processes matches one process within 
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from train_helpers import run_train_cli
 
 from speculators.train.distributed import DistInfo, shard
 from speculators.train.metrics_stream import read_metrics
@@ -60,29 +56,14 @@ def test_fsdp_computes_in_bf16_and_keeps_fp32_master_weights(one_rank_group, bf1
 
 @pytest.mark.slow
 def test_two_process_bf16_fsdp_matches_single_process(tiny_llama, tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    assert torchrun, "torchrun not found next to the interpreter"
     data = write_synthetic_hidden_states(tiny_llama, tmp_path / "hs", num_samples=16, seq_len=40)
     common = ["--verifier-name-or-path", str(tiny_llama), "--data-path", str(data), "--epochs", "2",
               "--lr", "3e-3", "--total-seq-len", "96", "--ttt-steps", "2", "--num-layers", "2",
               "--log-freq", "1000", "--train-data-ratio", "0.75", "--precision", "bf16"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for attempt in range(2):  # one retry: a shared CI box can lose the rendezvous port race
-        dist_dir = tmp_path / f"dist{attempt}"
-        run = subprocess.run(
-            [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "speculators.train", *common,
-             "--save-path", str(dist_dir)],
-            env=env, capture_output=True, text=True, timeout=400,
-        )
-        if run.returncode == 0:
-            break
-        print(f"torchrun attempt {attempt} failed (rc {run.returncode}):\n{run.stderr[-3000:]}")
+    dist_dir = tmp_path / "dist"
+    run = run_train_cli([*common, "--save-path", str(dist_dir)], nproc=2)
     assert run.returncode == 0, run.stderr[-3000:]
-    single = subprocess.run(
-        [sys.executable, "-m", "speculators.train", *common, "--batches-per-step", "2",
-         "--save-path", str(tmp_path / "single")],
-        env=env, capture_output=True, text=True, timeout=400,
-    )
+    single = run_train_cli([*common, "--batches-per-step", "2", "--save-path", str(tmp_path / "single")])
     assert single.returncode == 0, single.stderr[-3000:]
 
     def losses(save):

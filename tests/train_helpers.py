@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from speculators.train.config import TrainConfig
@@ -26,3 +30,29 @@ def train_losses(save: Path) -> dict[int, float]:
 def train_losses_of(verifier, data, save, **kw) -> dict[int, float]:
     run_training(make_cfg(verifier, data, save, epochs=2, **kw))
     return train_losses(save)
+
+
+def run_train_cli(args: list[str], nproc: int = 1, timeout: float = 400) -> subprocess.CompletedProcess:
+    """`python -m speculators.train ARGS` with OMP_NUM_THREADS=1: one process, or `nproc` under
+    `torchrun --standalone` (FSDP2 over gloo on the CPU).
+
+    A torchrun launch is retried once (a shared CI box can lose the rendezvous port race); a
+    --save-path the failed attempt created is removed first, so the retry starts as the first did.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        return subprocess.run([sys.executable, "-m", "speculators.train", *args], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    assert torchrun, "torchrun not found next to the interpreter"
+    save = Path(args[args.index("--save-path") + 1])
+    fresh = not save.exists()
+    for attempt in range(2):
+        run = subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(nproc), "-m", "speculators.train",
+                              *args], env=env, capture_output=True, text=True, timeout=timeout)
+        if run.returncode == 0:
+            return run
+        print(f"torchrun attempt {attempt} failed (rc {run.returncode}):\n{run.stderr[-3000:]}")
+        if fresh:
+            shutil.rmtree(save, ignore_errors=True)
+    return run

@@ -26,9 +26,10 @@ import logging
 import os
 import re
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Iterator, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -145,17 +146,41 @@ class _CorruptPolicy:
                 if self.on_corrupt == "raise":
                     raise
                 self.bad.add(j)
-                warnings.warn(f"skipping corrupt sample: {exc}", stacklevel=3)
-                logger.warning("skipping corrupt sample: %s", exc)
+                _warn_skipped(exc, stacklevel=4)
         raise CorruptSampleError(f"every sample in the store is corrupt (last asked for index {i})")
 
 
-class PtSampleStore:
-    """Reads ``data_<i>.pt`` files (data format version 1).
+def _warn_skipped(exc: CorruptSampleError, stacklevel: int) -> None:
+    warnings.warn(f"skipping corrupt sample: {exc}", stacklevel=stacklevel)
+    logger.warning("skipping corrupt sample: %s", exc)
 
-    ``on_corrupt="skip"`` warns naming the bad file and serves the next good sample
-    instead, so one broken file does not end a long run; ``"raise"`` stops.
+
+def readable_samples(store: Any, on_corrupt: str, skipped: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A converter's pass over ``store`` in order: ``(sample index, sample)`` for each readable sample.
+
+    A corrupt sample raises (``on_corrupt="raise"``) or is warned about, its index appended to
+    ``skipped`` and passed over; when none was readable, a `UserError` says nothing was converted.
+    ``store`` is any of our stores (``sample_indices``, ``_read(i)`` and ``directory``).
     """
+    found = False
+    for i in range(len(store)):
+        try:
+            sample = store._read(i)
+        except CorruptSampleError as exc:
+            if on_corrupt == "raise":
+                raise
+            _warn_skipped(exc, stacklevel=4)  # the converter's caller
+            skipped.append(store.sample_indices[i])
+            continue
+        found = True
+        yield store.sample_indices[i], sample
+    if not found:
+        raise UserError(f"{store.directory}: every sample was corrupt; nothing converted")
+
+
+class _OwnLayoutStore(ABC):
+    """What our two layouts share: the directory, its data_config.json (read unless given), the
+    sample schema, and `load` through the skip-or-raise policy around the layout's `_read`."""
 
     def __init__(
         self,
@@ -166,13 +191,38 @@ class PtSampleStore:
         self.directory = Path(directory)
         self.config = config if config is not None else read_data_config(self.directory)
         self.schema = SampleSchema(len(self.config["layer_ids"]), int(self.config["hidden_size"]))
+        self._policy = _CorruptPolicy(on_corrupt)
+        self._index()
+
+    @abstractmethod
+    def _index(self) -> None:
+        """Find the samples (``sample_indices``) in the layout's files."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def _read(self, i: int) -> dict[str, Any]:
+        """Sample ``i`` (0..len-1), or `CorruptSampleError` naming what is wrong."""
+
+    def load(self, i: int) -> dict[str, Any]:
+        return self._policy.load_with_policy(i, len(self), self._read)
+
+
+class PtSampleStore(_OwnLayoutStore):
+    """Reads ``data_<i>.pt`` files (data format version 1).
+
+    ``on_corrupt="skip"`` warns naming the bad file and serves the next good sample
+    instead, so one broken file does not end a long run; ``"raise"`` stops.
+    """
+
+    def _index(self) -> None:
         found = []
         for name in os.listdir(self.directory):
             m = _PT_NAME.match(name)
             if m:
                 found.append(int(m.group(1)))
         self.sample_indices: list[int] = sorted(found)
-        self._policy = _CorruptPolicy(on_corrupt)
         self._lengths: list[int] | None = None
 
     def __len__(self) -> int:
@@ -197,9 +247,6 @@ class PtSampleStore:
             "loss_mask": sample["loss_mask"].long(),
         }
 
-    def load(self, i: int) -> dict[str, Any]:
-        return self._policy.load_with_policy(i, len(self), self._read)
-
     def lengths(self) -> list[int]:
         """Token count per sample (from data_config.json when recorded, else read lazily)."""
         if self._lengths is None:
@@ -219,18 +266,10 @@ class PtSampleStore:
         return self._lengths
 
 
-class SafetensorsSampleStore:
+class SafetensorsSampleStore(_OwnLayoutStore):
     """Reads the sharded safetensors layout written by `convert_pt_to_safetensors`."""
 
-    def __init__(
-        self,
-        directory: str | os.PathLike,
-        on_corrupt: OnCorrupt = "skip",
-        config: dict[str, Any] | None = None,
-    ):
-        self.directory = Path(directory)
-        self.config = config if config is not None else read_data_config(self.directory)
-        self.schema = SampleSchema(len(self.config["layer_ids"]), int(self.config["hidden_size"]))
+    def _index(self) -> None:
         shards = self.config.get("shards")
         if not shards:
             raise UserError(f"{self.directory / DATA_CONFIG_NAME}: format is safetensors but lists no shards")
@@ -246,7 +285,6 @@ class SafetensorsSampleStore:
                 self._lengths.append(int(length))
         self._handles: dict[int, _MappedSafetensors] = {}
         self._pid = os.getpid()
-        self._policy = _CorruptPolicy(on_corrupt)
 
     def __len__(self) -> int:
         return len(self._where)
@@ -290,9 +328,6 @@ class SafetensorsSampleStore:
         if ids.shape[0] != b - a or mask.shape[0] != b - a or b - a < 2:
             raise CorruptSampleError(f"{where}: token range {a}:{b} does not fit the shard")
         return {"input_ids": ids.long(), "hidden_states": list(hidden.unbind(0)), "loss_mask": mask.long()}
-
-    def load(self, i: int) -> dict[str, Any]:
-        return self._policy.load_with_policy(i, len(self), self._read)
 
 
 _ST_DTYPES = {
@@ -468,24 +503,13 @@ def convert_pt_to_safetensors(
         shards.append({"file": name, "sample_index": [idx for idx, _ in buf], "lengths": lengths})
         buf, buf_tokens = [], 0
 
-    skipped = []
-    for i in range(len(store)):
-        try:
-            sample = store._read(i)
-        except CorruptSampleError as exc:
-            if on_corrupt == "raise":
-                raise
-            warnings.warn(f"skipping corrupt sample: {exc}", stacklevel=2)
-            logger.warning("skipping corrupt sample: %s", exc)
-            skipped.append(store.sample_indices[i])
-            continue
-        buf.append((store.sample_indices[i], sample))
+    skipped: list[int] = []
+    for index, sample in readable_samples(store, on_corrupt, skipped):
+        buf.append((index, sample))
         buf_tokens += int(sample["input_ids"].shape[0])
         if buf_tokens >= shard_tokens:
             flush()
     flush()
-    if not shards:
-        raise UserError(f"{src}: every sample was corrupt; nothing converted")
 
     new_config = dict(config)
     new_config.pop("lengths", None)

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -179,7 +178,7 @@ def convert_to_public(src: str | os.PathLike, dst: str | os.PathLike, on_corrupt
     """
     from safetensors.torch import save_file
 
-    from speculators.data.formats import DATA_CONFIG_NAME, CorruptSampleError, atomic_write_json, open_sample_store
+    from speculators.data.formats import DATA_CONFIG_NAME, atomic_write_json, open_sample_store, readable_samples
 
     src, dst = Path(src), Path(dst)
     _check_new_output(src, dst)
@@ -188,16 +187,9 @@ def convert_to_public(src: str | os.PathLike, dst: str | os.PathLike, on_corrupt
         raise UserError(f"{src} is already in the public layout")
     (dst / HS_DIR).mkdir(parents=True, exist_ok=True)
     rows: dict[str, list] = {"input_ids": [], "loss_mask": [], "seq_len": []}
-    source_index, skipped = [], []
-    for i in range(len(store)):
-        try:
-            sample = store._read(i)  # type: ignore[attr-defined]
-        except CorruptSampleError as exc:
-            if on_corrupt == "raise":
-                raise
-            warnings.warn(f"skipping corrupt sample: {exc}", stacklevel=2)
-            skipped.append(store.sample_indices[i])  # type: ignore[attr-defined]
-            continue
+    source_index: list[int] = []
+    skipped: list[int] = []
+    for index, sample in readable_samples(store, on_corrupt, skipped):
         row = len(rows["input_ids"])
         ids = sample["input_ids"].long().contiguous()
         stacked = torch.stack(list(sample["hidden_states"]), dim=1).contiguous()  # [L, K, H]
@@ -205,9 +197,7 @@ def convert_to_public(src: str | os.PathLike, dst: str | os.PathLike, on_corrupt
         rows["input_ids"].append(ids.tolist())
         rows["loss_mask"].append(sample["loss_mask"].long().tolist())
         rows["seq_len"].append(int(ids.shape[0]))
-        source_index.append(int(store.sample_indices[i]))  # type: ignore[attr-defined]
-    if not source_index:
-        raise UserError(f"{src}: every sample was corrupt; nothing converted")
+        source_index.append(int(index))
     _write_rows(dst, rows)
     config = {
         "format": PUBLIC_FORMAT,
@@ -239,8 +229,8 @@ def convert_from_public(
     from speculators.data.formats import (
         DATA_CONFIG_NAME,
         DATA_FORMAT_VERSION,
-        CorruptSampleError,
         atomic_write_json,
+        readable_samples,
         write_pt_sample,
     )
 
@@ -262,21 +252,11 @@ def convert_from_public(
         raise UserError(f"--layer-ids {ids_given} contradicts {src / DATA_CONFIG_NAME} ({recorded})")
     n_layers = num_hidden_layers if num_hidden_layers is not None else store.config.get("num_hidden_layers")
     dst.mkdir(parents=True, exist_ok=True)
-    lengths, skipped = {}, []
-    for i in range(len(store)):
-        index = store.sample_indices[i]
-        try:
-            sample = store._read(i)
-        except CorruptSampleError as exc:
-            if on_corrupt == "raise":
-                raise
-            warnings.warn(f"skipping corrupt sample: {exc}", stacklevel=2)
-            skipped.append(index)
-            continue
+    lengths: dict[str, int] = {}
+    skipped: list[int] = []
+    for index, sample in readable_samples(store, on_corrupt, skipped):
         write_pt_sample(dst, index, {**sample, "hidden_states": [h.contiguous() for h in sample["hidden_states"]]})
         lengths[str(index)] = int(sample["input_ids"].shape[0])
-    if not lengths:
-        raise UserError(f"{src}: every sample was corrupt; nothing converted")
     config: dict[str, Any] = {
         "version": DATA_FORMAT_VERSION,
         "format": "pt",
