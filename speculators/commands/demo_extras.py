@@ -22,8 +22,8 @@ def add_regen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regenerate", action=argparse.BooleanOptionalAction, default=True,
                    help="train on the verifier's own replies (speculators regenerate) instead of ShareGPT's")
     p.add_argument("--regen-backend", choices=["auto", "transformers", "vllm"], default="auto",
-                   help="backend of the regenerate stage (auto: vllm when importable; on 2 CPU cores it "
-                        "regenerated 16x faster than transformers after a 2-minute start)")
+                   help="backend of the regenerate stage (auto: vllm when importable, the serving path "
+                        "users run; in float32 its replies equal the transformers backend's)")
     p.add_argument("--regen-max-tokens", type=int, default=96, help="most tokens per regenerated reply")
     p.add_argument("--regen-max-turns", type=int, default=1,
                    help="assistant turns regenerated per conversation (later ones dropped)")
