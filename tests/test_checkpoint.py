@@ -46,9 +46,8 @@ def test_checkpoint_layout_links_and_vllm_keys(tiny_llama, hs_data, tmp_path):
     assert torch.equal(load_file(str(save / "2" / "model.safetensors"))["embed_tokens.weight"], w["embed"])
 
 
-def test_resume_continues_bit_for_bit(tiny_llama, hs_data, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run_training(make_cfg(tiny_llama, hs_data, straight))
+def test_resume_continues_bit_for_bit(tiny_llama, hs_data, straight_run, tmp_path):
+    straight, split = straight_run, tmp_path / "split"
     per_epoch = len([s for s in train_losses(straight)]) // 2
     first = run_training(make_cfg(tiny_llama, hs_data, split, max_steps=per_epoch))
     assert first["stopped"] and (split / "0").is_dir() and not (split / "1").exists()
@@ -148,14 +147,42 @@ def assert_same_training(a: Path, b: Path, final: str) -> None:
     assert train_losses(a) == train_losses(b)
 
 
-def test_step_checkpoints_resume_mid_epoch_bit_for_bit(tiny_llama, hs_data, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run_training(make_cfg(tiny_llama, hs_data, straight))
+@pytest.fixture(scope="module")
+def straight_run(tiny_llama, hs_data, tmp_path_factory):
+    """Two epochs (make_cfg's defaults) trained straight through, never stopped: the reference of the resume tests."""
+    save = tmp_path_factory.mktemp("straight") / "run"
+    run_training(make_cfg(tiny_llama, hs_data, save))
+    return save
+
+
+class Killed(BaseException):
+    """Ends a run the way a kill does: no handler in the trainer catches a BaseException of its own."""
+
+
+def kill_in_step(monkeypatch, step: int) -> None:
+    """Make the trainer die inside optimizer step `step` (before its update), like a process killed then."""
+    from speculators.train.trainer import Trainer
+
+    calls = iter(range(1, 1 << 30))
+    real = Trainer.train_step
+
+    def train_step(self, batch):
+        if next(calls) == step:
+            raise Killed(f"killed in step {step}")
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_step_checkpoints_resume_mid_epoch_bit_for_bit(tiny_llama, hs_data, straight_run, tmp_path, monkeypatch):
+    straight, split = straight_run, tmp_path / "split"
     per_epoch = len(train_losses(straight)) // 2
     assert per_epoch >= 4, "the test needs epochs of several steps"
     # A kill between checkpoints: step 3 is logged, the newest checkpoint holds step 2.
-    first = run_training(make_cfg(tiny_llama, hs_data, split, checkpoint_every_steps=2, max_steps=3))
-    assert first["stopped"] and first["signal"] is None
+    kill_in_step(monkeypatch, 4)
+    with pytest.raises(Killed):
+        run_training(make_cfg(tiny_llama, hs_data, split, checkpoint_every_steps=2))
+    monkeypatch.undo()
     assert ckpt.latest_checkpoint(split).name == "0-step2"
     assert max(train_losses(split)) == 3
     run_training(make_cfg(tiny_llama, hs_data, split, checkpoint_every_steps=2, keep_last_checkpoints=2))
@@ -170,6 +197,38 @@ def test_step_checkpoints_resume_mid_epoch_bit_for_bit(tiny_llama, hs_data, tmp_
     names = [p.name for p in ckpt.checkpoint_dirs(split)]
     assert names[-1] == "1" and best in names and len(set(names) - {best}) <= 2
     assert os.readlink(split / ckpt.LATEST_LINK) == "1"
+
+
+def test_max_steps_inside_an_epoch_checkpoints_that_step(tiny_llama, hs_data, straight_run, tmp_path):
+    """--max-steps N inside an epoch saves step N (once, also when an interval save falls on it), and the
+    run continued from there ends where the straight run does, bit for bit."""
+    straight, split = straight_run, tmp_path / "split"
+    per_epoch = len(train_losses(straight)) // 2
+    assert per_epoch >= 4, "the test needs epochs of several steps"
+    kw = dict(checkpoint_every_steps=2, keep_last_checkpoints=1)
+    first = run_training(make_cfg(tiny_llama, hs_data, split, max_steps=3, **kw))
+    assert first["stopped"] and first["signal"] is None and first["global_step"] == 3
+    assert [p.name for p in ckpt.checkpoint_dirs(split)] == ["0-step3"]  # keep-last 1 removed 0-step2
+    assert os.readlink(split / ckpt.LATEST_LINK) == "0-step3"
+    assert not os.path.lexists(split / ckpt.BEST_LINK)  # mid-epoch checkpoints are never validated, so never best
+    assert max(train_losses(split)) == 3
+    # The same command again: the checkpoint already holds step 3, so nothing is trained or saved.
+    again = run_training(make_cfg(tiny_llama, hs_data, split, max_steps=3, **kw))
+    assert again["stopped"] and again["global_step"] == 3 and again["history"] == []
+    assert [p.name for p in ckpt.checkpoint_dirs(split)] == ["0-step3"] and max(train_losses(split)) == 3
+    # Past the first epoch's end, stopping on a step the interval saves too (one save, not two).
+    stop = per_epoch + 1 + (per_epoch + 1) % 2
+    run_training(make_cfg(tiny_llama, hs_data, split, max_steps=stop, **kw))
+    assert [p.name for p in ckpt.checkpoint_dirs(split)] == ["0", f"1-step{stop}"]  # the best epoch end stays
+    assert os.readlink(split / ckpt.BEST_LINK) == "0" and os.readlink(split / ckpt.LATEST_LINK) == f"1-step{stop}"
+    run_training(make_cfg(tiny_llama, hs_data, split))
+    assert_same_training(straight, split, "1")
+    unique_step_records(split)
+    records = read_metrics(split / "metrics.jsonl")
+    assert [r["resumed_from"] for r in records if r["type"] == "start"] == [None, "0-step3", "0-step3", f"1-step{stop}"]
+    saves = [(r["step"], r["reason"]) for r in records if r["type"] == "step_checkpoint"]
+    assert saves == [(2, "interval"), (3, "max_steps")] + [(s, "interval") for s in range(4, stop, 2) if s != per_epoch] \
+        + [(stop, "max_steps")]
 
 
 def test_keep_last_never_deletes_the_best(tmp_path):

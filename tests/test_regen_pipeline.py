@@ -55,11 +55,11 @@ def _data(verifier, source, work, name):
 
 def _train(verifier, data, work, name, steps, lr="3e-3"):
     """`steps` optimizer steps at a constant lr after 4 warmup steps; the step-`steps` checkpoint is the
-    latest (an interval checkpoint, or the epoch end's when the step closes an epoch)."""
+    latest (--max-steps saves the step it stops at, or the epoch end does when the step closes an epoch)."""
     hs, vocab = data
     ckpt = work / f"{name}-ckpt"
     _ok(["train", "--verifier-name-or-path", verifier, "--data-path", hs, "--save-path", ckpt, "--epochs", 50,
-         "--max-steps", steps, "--checkpoint-every-steps", steps, "--scheduler", "none", "--warmup-steps", 4,
+         "--max-steps", steps, "--scheduler", "none", "--warmup-steps", 4,
          "--lr", lr, "--ttt-steps", 3, "--d2t-path", vocab / "d2t.npy", "--t2d-path", vocab / "t2d.npy",
          "--draft-vocab-size", 256, "--total-seq-len", 2 * SEQ, "--log-freq", 1000, "--train-data-ratio", 1.0])
     return ckpt

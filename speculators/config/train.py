@@ -93,7 +93,8 @@ class TrainConfig(TypedSettings):
     ttt_step_loss_decay: float = setting(1.0, "loss weight of step k is decay**k", group=TRAINING, ge=0.0)
     seed: int = setting(0, "seed of data order and initialisation", group=TRAINING, title="Seed",
                         ge=0, le=2**31 - 1)
-    max_steps: int | None = setting(None, "stop after this many optimizer steps", group=TRAINING, ge=1)
+    max_steps: int | None = setting(None, "stop after this many optimizer steps in all and checkpoint that step",
+                                   group=TRAINING, ge=1)
     device: str = setting("auto", "auto, cpu, cuda", group=TRAINING)
     attn_impl: Literal["auto", "sdpa", "flex"] = setting(
         "auto", "TTT attention: flex (CUDA default) or masked SDPA (CPU default)", group=TRAINING)

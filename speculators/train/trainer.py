@@ -422,6 +422,9 @@ class Trainer:
         )
         return point
 
+    def _reached_max_steps(self, global_step: int) -> bool:
+        return self.cfg.max_steps is not None and global_step >= self.cfg.max_steps
+
     def _agreed_stop(self, stop: StopRequest) -> int | None:
         """The stop signal if any rank got one (all ranks must stop at the same step)."""
         flag = torch.tensor(float(stop.signum or 0), device=self.device)
@@ -452,9 +455,14 @@ class Trainer:
             logger.info("resuming from %s (step %d)", self.resume_dir, global_step)
         history: list[dict[str, Any]] = []
         stopped, signum = False, None
+        if self._reached_max_steps(global_step):  # resumed a run that --max-steps already stopped there
+            stopped = True
+            if info.is_main:
+                logger.info("the checkpoint holds step %d, --max-steps is %d: nothing to train", global_step, cfg.max_steps)
+        last_epoch = point["epoch"] if stopped else cfg.epochs
         self.objective.train()
         with StopRequest() as stop:
-            for epoch in range(point["epoch"], cfg.epochs):
+            for epoch in range(point["epoch"], last_epoch):
                 plan = plan_epoch(self._train_sampler, epoch, self.batches_per_step)
                 resuming = epoch == point["epoch"]
                 done = point["done"] if resuming else 0
@@ -485,16 +493,19 @@ class Trainer:
                         if global_step % cfg.log_freq == 0:
                             print(format_console("train", metrics, epoch, lr), flush=True)
                     signum = self._agreed_stop(stop)
+                    at_max = self._reached_max_steps(global_step)
                     interval = cfg.checkpoint_every_steps > 0 and global_step % cfg.checkpoint_every_steps == 0
-                    if done < len(plan) and (signum or interval):  # the epoch end saves its own
+                    # A stop inside an epoch (signal, --max-steps) saves the step it reached, once,
+                    # whatever else asked for it; the epoch end saves its own.
+                    if done < len(plan) and (signum or at_max or interval):
+                        reason = signal_name(signum) if signum else "max_steps" if at_max else "interval"
                         state = {"steps_done_in_epoch": done, "epoch_stats": epoch_stats.detach().cpu()}
                         path = self.save(ckpt.mid_epoch_name(epoch, global_step), epoch, global_step, best, False, state)
-                        stream.write("step_checkpoint", epoch=epoch, step=global_step, path=str(path),
-                                     reason=signal_name(signum) if signum else "interval")
+                        stream.write("step_checkpoint", epoch=epoch, step=global_step, path=str(path), reason=reason)
                     t0 = time.perf_counter()
                     if signum:
                         break
-                    if cfg.max_steps is not None and global_step >= cfg.max_steps:
+                    if at_max:
                         stopped = True
                         break
                 if done < len(plan):
@@ -523,7 +534,7 @@ class Trainer:
         elif not stopped:
             stream.write("end", status="completed")
         elif info.is_main:
-            logger.info("stopped after --max-steps %d", cfg.max_steps)
+            logger.info("stopped after --max-steps %d; checkpointed step %d", cfg.max_steps, global_step)
         stream.close()
         exp.close()
         barrier(info)
