@@ -125,3 +125,35 @@ def test_default_verifier_replies_are_varied_and_its_card_says_so():
                                  pad_token_id=tok.pad_token_id)
         distinct.append(len(set(out[0, len(prompt[-256:]):].tolist())))
     assert sum(distinct) / len(distinct) >= 20, distinct
+
+
+def test_the_package_ships_the_default_recipe_build():
+    """A changed recipe must be rebuilt and shipped again (`python -m speculators.tiny.default
+    speculators/tiny/default_verifier`), or every machine would build its own bytes."""
+    shipped = d.shipped_build(d.DEFAULT_RECIPE)
+    assert shipped == d.SHIPPED, "speculators/tiny/default_verifier holds another recipe's build"
+    card = json.loads((shipped / d.CARD).read_text())
+    assert card["recipe"] == json.loads(json.dumps(d.asdict(d.DEFAULT_RECIPE)))
+    assert d.shipped_build(SMALL) is None
+
+
+def test_an_empty_cache_gets_the_packaged_bytes_without_building(tmp_path, monkeypatch):
+    """Every machine uses the same bytes (a build on another CPU's kernels differs; see the
+    module docstring), copied so nothing written to the cache reaches the package."""
+    monkeypatch.setenv("SPECULATORS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SPECULATORS_VERIFIER_FROM_RECIPE", raising=False)
+
+    def boom(*a, **k):
+        raise AssertionError("built although the package ships this recipe")
+
+    monkeypatch.setattr(d, "build_default_verifier", boom)
+    lines: list[str] = []
+    path = d.default_verifier(progress=lines.append)
+    assert path == tmp_path / "cache" / "verifiers" / d.DEFAULT_RECIPE.digest()
+    assert d.dir_hash(path) == d.dir_hash(d.SHIPPED)
+    assert "packaged build" in lines[0]
+    # asked to build from the recipe instead, it does
+    monkeypatch.setenv("SPECULATORS_CACHE", str(tmp_path / "other"))
+    monkeypatch.setenv("SPECULATORS_VERIFIER_FROM_RECIPE", "1")
+    with pytest.raises(AssertionError, match="built although"):
+        d.default_verifier()

@@ -6,18 +6,21 @@ and a draft trained against it measures nothing. This one is trained long enough
 that its greedy replies are varied (see `quality_report`), and it runs in vLLM's
 CPU attention (head_dim 32).
 
-Determinism (same bytes on any machine):
+Determinism:
 * the tokenizer and the training stream come from the first ShareGPT records in
   file order; batches are drawn from a seeded generator;
-* training runs on one thread in float64, so the only cross-machine differences
-  are float64 rounding in kernels (around 1e-16 relative);
-* the saved weights are rounded to the bfloat16 grid (stored as float32), which
-  absorbs those differences: a weight flips only if it sits within ~1e-12 of a
-  rounding boundary.
-`verify: speculators make-tiny-model --output A; ... --output B; compare dir_hash`.
+* training runs on one thread in float64 and the saved weights are rounded to the
+  bfloat16 grid (stored as float32), so two builds on one machine give the same bytes.
+* Across machines a build is NOT byte-stable: with torch's AVX2 kernels
+  (``ATEN_CPU_CAPABILITY=avx2``) instead of AVX-512 the 800 training steps amplify
+  float64 rounding into other weights, and the demo measured 2.490 instead of 2.898;
+  the same bytes under AVX2 gave 2.898 again. So the build of ``DEFAULT_RECIPE`` ships
+  in the package (``default_verifier/``, 5 MB) and every machine uses those bytes;
+  the recipe builds it (``python -m speculators.tiny.default OUT``) and a changed
+  recipe must be rebuilt and shipped again (a test compares the hashes).
 
 Cached under ``$SPECULATORS_CACHE`` (default ``~/.cache/speculators``) by a hash of
-the recipe, so it is built once per machine.
+the recipe, so other recipes are built once per machine.
 """
 
 from __future__ import annotations
@@ -233,19 +236,41 @@ def build_default_verifier(
     return output_dir
 
 
+SHIPPED = Path(__file__).resolve().parent / "default_verifier"
+
+
+def shipped_build(recipe: VerifierRecipe) -> Path | None:
+    """The packaged build of ``recipe``, if the package ships that recipe's bytes and
+    ``$SPECULATORS_VERIFIER_FROM_RECIPE`` does not ask to build it on this machine."""
+    if os.environ.get("SPECULATORS_VERIFIER_FROM_RECIPE", "") not in ("", "0"):
+        return None
+    try:
+        card = json.loads((SHIPPED / CARD).read_text())
+    except (OSError, ValueError):
+        return None
+    return SHIPPED if card.get("recipe_hash") == recipe.digest() else None
+
+
 def default_verifier(
     recipe: VerifierRecipe = DEFAULT_RECIPE,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """The cached build of ``recipe`` (built on first use; concurrent builders do not collide)."""
+    """The cached copy of ``recipe``'s verifier: the packaged bytes where the package ships
+    that recipe (the same on every machine), else built on first use (concurrent builders
+    do not collide)."""
     final = cache_root() / "verifiers" / recipe.digest()
     if (final / CARD).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{recipe.digest()}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    shipped = shipped_build(recipe)
     try:
-        build_default_verifier(tmp, recipe, progress)
+        if shipped is not None:  # a copy, so nothing a caller writes reaches the package
+            shutil.copytree(shipped, tmp)
+            _say(progress, f"verifier {recipe.digest()}: the packaged build ({shipped})")
+        else:
+            build_default_verifier(tmp, recipe, progress)
         try:
             tmp.rename(final)
         except OSError:  # another process finished first: keep theirs (same bytes)
