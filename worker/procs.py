@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,7 +69,13 @@ def stop_group(proc: subprocess.Popen | None, pid: int | None = None, grace_s: f
             pass
 
 
+# Terminal control sequences (colour, cursor moves): a child run with FORCE_COLOR, or a tool
+# that colours regardless of its output, must not put escape codes in the dashboard's log view.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
 def log_tail(path: Path | str | None, lines: int = 40, max_bytes: int = 64 * 1024) -> str:
+    """The last `lines` lines of a log file as plain text (no escape codes)."""
     if not path:
         return ""
     try:
@@ -79,7 +86,7 @@ def log_tail(path: Path | str | None, lines: int = 40, max_bytes: int = 64 * 102
             data = fh.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
-    return "\n".join(data.splitlines()[-lines:])
+    return "\n".join(_ANSI.sub("", data).splitlines()[-lines:])
 
 
 def error_summary(log_path: Path | str | None, returncode: int) -> str:
