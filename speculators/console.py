@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -63,15 +64,14 @@ def _paint(text: str, style: str, color: bool) -> str:
     return f"{_STYLE[style]}{text}{_RESET}" if color and style in _STYLE and text else text
 
 
+_FIELD = re.compile(r"([\w/.\-]+)=([^\s,]+)")
+
+
 def _paint_values(text: str, color: bool) -> str:
     """Colour the value of each `key=value` field (numbers and words alike)."""
     if not color:
         return text
-    out = []
-    for part in text.split(", "):
-        key, sep, value = part.partition("=")
-        out.append(f"{key}{sep}{_paint(value, 'value', True)}" if sep and key and " " not in key else part)
-    return ", ".join(out)
+    return _FIELD.sub(lambda m: f"{m.group(1)}={_paint(m.group(2), 'value', True)}", text)
 
 
 def render(record: logging.LogRecord, *, color: bool = False, width: int | None = None) -> str:
