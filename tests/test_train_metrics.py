@@ -165,3 +165,25 @@ def test_two_ranks_sum_to_one_rank_over_all_data(seed):
     # the rank-0 part alone equals the oracle over that row
     part0 = _oracle(batch, per_step, rows=[0])
     assert all(m0[k] == pytest.approx(float(v), abs=1e-12) for k, v in part0.items())
+
+
+def test_trackers_get_the_three_accuracies(tmp_path):
+    """The tensorboard tracker (the one installed here) records every metric under its name."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from speculators.train.loggers import ExperimentLogger
+
+    batch, per_step = _random_case(0)
+    metrics = summarize(_stats(batch, per_step), decay=1.0)
+    exp = ExperimentLogger("tensorboard", str(tmp_path), "run", {})
+    exp.log("train", metrics, step=3)
+    exp.close()
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for k in range(len(per_step)):
+        for name in ("full_acc", "cond_acc", "step_acc"):
+            (event,) = acc.Scalars(f"train/{name}_{k}")
+            assert event.step == 3 and event.value == pytest.approx(metrics[f"{name}_{k}"], rel=1e-6)
+    assert {"train/loss", "train/loss_0"} <= tags
