@@ -115,3 +115,25 @@ def test_setup_logging_installs_one_handler_for_every_logger(capsys):
     finally:
         root.handlers[:] = before[0]
         root.setLevel(before[1])
+
+
+def test_the_celery_worker_logs_in_the_same_format(tmp_path):
+    """A receiver of Celery's `setup_logging` signal replaces Celery's own log setup."""
+    from celery import signals
+
+    import worker.celery_app  # noqa: F401  (connects the receiver)
+
+    root = logging.getLogger()
+    before = list(root.handlers), root.level
+    log = tmp_path / "worker.log"
+    try:
+        replies = signals.setup_logging.send(sender=None, loglevel=logging.INFO, logfile=str(log),
+                                             format="", colorize=False)
+        assert replies  # Celery configures nothing itself when a receiver answered
+        logging.getLogger("celery.worker.consumer").info("gpu0@test ready.")
+        handler = next(h for h in root.handlers if isinstance(h, ConsoleHandler))
+        handler.stream.close()
+    finally:
+        root.handlers[:] = before[0]
+        root.setLevel(before[1])
+    assert re.match(r"^\[\d\d:\d\d:\d\d\] INFO     gpu0@test ready\.  test_console\.py:\d+$", log.read_text().strip())
