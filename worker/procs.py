@@ -101,8 +101,18 @@ def error_summary(log_path: Path | str | None, returncode: int) -> str:
             return f"{line[len('error:'):].strip()} (exit code {returncode})"
     for line in reversed(tail):
         if line.strip() and not line.startswith(("$ ", "=== ")):
-            return f"{line.strip()[:500]} (exit code {returncode})"
+            return f"{_log_message(line.strip())[:500]} (exit code {returncode})"
     return f"exit code {returncode}"
+
+
+# A line in the commands' log format (speculators/console.py): `[time] LEVEL message  file.py:N`.
+_LOG_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] [A-Z]+ +(?P<message>.*?)(?: {2,}[\w.-]+\.py:\d+)?$")
+
+
+def _log_message(line: str) -> str:
+    """The message of a log-format line (no time, level or file:line); other lines as they are."""
+    m = _LOG_LINE.match(line)
+    return m.group("message") if m and m.group("message") else line
 
 
 def killed_summary(returncode: int) -> str:
