@@ -12,11 +12,13 @@ import pandas as pd
 
 from runstore.models import Metric, Run, Stage, utcnow
 
-# Chart groups on the run page: a title and a test for the metric keys it plots.
+# Chart groups on the run page: a title and a test for the metric keys it plots. The
+# accuracies' meanings are defined in docs/training.md (Metrics); a title says which one.
 CHART_GROUPS: list[tuple[str, re.Pattern[str]]] = [
     ("Loss", re.compile(r"^loss(_\d+)?$")),
-    ("Full accuracy", re.compile(r"^full_acc_\d+$")),
-    ("Conditional accuracy", re.compile(r"^cond_acc_\d+$")),
+    ("Full accuracy: steps 0..k all right", re.compile(r"^full_acc_\d+$")),
+    ("Conditional accuracy: step k given 0..k-1 right", re.compile(r"^cond_acc_\d+$")),
+    ("Step accuracy: step k alone", re.compile(r"^step_acc_\d+$")),
     ("Learning rate", re.compile(r"^lr$")),
     ("Throughput (tokens/s)", re.compile(r"^tokens_per_s$")),
 ]

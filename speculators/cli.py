@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
+from speculators.console import setup_logging
 from speculators.errors import UserError
 
 # Module names under speculators.commands, in the order `--help` lists them.
@@ -85,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.passthrough = passthrough
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(str(args.log_level))
     try:
         rc = args.func(args)
     except UserError as exc:

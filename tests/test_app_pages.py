@@ -99,14 +99,16 @@ def _seed_run(home, run_id="r1", status="running", with_metrics=True):
             repo.outbox_sent(s, msg.id)
         log = home.runs_root / run_id / "train.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text("epoch 0 step 3 loss 1.23\n")
+        # a coloured line (a child run with FORCE_COLOR): the log view shows it plain
+        log.write_text("\x1b[2;36m[09:00:01]\x1b[0m \x1b[34mINFO    \x1b[0m epoch 0 step 3 loss 1.23\n")
         st = repo.start_stage(s, run_id, "train", worker="w", log_path=str(log))
         if with_metrics:
             recs = [{"type": "start", "ts": 100.0, "total_steps": 10}]
             for step in range(1, 5):
                 recs.append({"type": "train", "ts": 100.0 + step, "epoch": 0, "step": step, "total_steps": 10,
                              "metrics": {"loss": 2.0 / step, "loss_0": 1.0 / step, "full_acc_0": 0.1 * step,
-                                         "cond_acc_0": 0.2 * step, "lr": 1e-3, "tokens_per_s": 1000.0}})
+                                         "cond_acc_0": 0.2 * step, "step_acc_0": 0.1 * step, "lr": 1e-3,
+                                         "tokens_per_s": 1000.0}})
             recs.append({"type": "val", "ts": 105.0, "epoch": 0, "step": 4, "metrics": {"loss": 0.7}})
             recs.append({"type": "checkpoint", "ts": 105.5, "epoch": 0, "step": 4,
                          "path": str(home.runs_root / run_id / "checkpoints" / "0"), "val_loss": 0.7, "is_best": True})
@@ -171,14 +173,18 @@ def test_run_detail_charts_progress_checkpoints(home):
     at.run()
     assert not at.exception
     charts = at.get("vega_lite_chart")
-    assert len(charts) == 5  # loss, full acc, cond acc, lr, throughput
+    titles = [json.loads(c.proto.spec)["title"] for c in charts]
+    assert sorted(titles) == sorted(["Loss (log)", "Full accuracy: steps 0..k all right",
+                      "Conditional accuracy: step k given 0..k-1 right", "Step accuracy: step k alone",
+                      "Learning rate", "Throughput (tokens/s)"])  # (in two columns)
     progress = at.get("progress")[0]
     assert "training 40%" in progress.proto.text and "ETA" in progress.proto.text
     frames = [d.value for d in at.dataframe]
     stages, ckpts = frames[0], frames[1]
     assert list(stages["state"]) == ["succeeded"] * 3 + ["running"]
     assert ckpts.iloc[0]["val loss"] == pytest.approx(0.7) and ckpts.iloc[0]["best"] == "★"
-    assert any("epoch 0 step 3" in c.value for c in at.code)  # the train log tail
+    tail = [c.value for c in at.code if "epoch 0 step 3" in c.value]  # the train log tail
+    assert tail and "[09:00:01] INFO     epoch 0 step 3" in tail[0] and "\x1b" not in tail[0]
     serve = at.button(key="btn_serve")
     assert not serve.disabled
     serve.click().run()

@@ -181,3 +181,26 @@ def test_cancel_with_dead_worker_does_not_hang(factory):
         s.commit()
         repo.request_cancel(s, "r1")  # its worker died a while ago
         assert repo.get_run(s, "r1").status == "cancelled"
+
+
+def test_ingest_keeps_every_trainer_metric_key(factory):
+    """The trainer's own metric dict (full/cond/step accuracy per TTT step) is stored whole and
+    lands in the dashboard chart group of its meaning."""
+    import torch
+
+    from app import views
+    from speculators.train.losses import summarize
+
+    _run(factory)
+    stats = torch.tensor([[2.0, 4.0, 3.0, 3.0, 4.0], [3.0, 3.0, 2.0, 1.0, 3.0]])
+    metrics = {**summarize(stats, 1.0), "lr": 1e-3, "tokens_per_s": 10.0}
+    with factory() as s:
+        stage_id = repo.get_stage(s, "r1", "train").id
+        repo.ingest_records(s, "r1", [{"type": "train", "ts": 1.0, "epoch": 0, "step": 1, "total_steps": 4,
+                                       "metrics": metrics}], stage_id=stage_id)
+        rows = repo.metrics(s, "r1")
+    assert rows[0].values == metrics and rows[0].values["step_acc_1"] == pytest.approx(2 / 3)
+    groups = dict(views.chart_frames(views.metrics_long(rows)))
+    assert set(groups["Step accuracy: step k alone"]["metric"]) == {"step_acc_0", "step_acc_1"}
+    assert set(groups["Full accuracy: steps 0..k all right"]["metric"]) == {"full_acc_0", "full_acc_1"}
+    assert set(groups["Conditional accuracy: step k given 0..k-1 right"]["metric"]) == {"cond_acc_0", "cond_acc_1"}

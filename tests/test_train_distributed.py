@@ -39,11 +39,13 @@ def test_two_process_fsdp_matches_single_process(tiny_llama, tmp_path):
     d_train, s_train = _records(dist_dir, "train"), _records(tmp_path / "single", "train")
     assert len(d_train) >= 4 and d_train.keys() == s_train.keys()
     for step in d_train:
-        for key in ("loss", "loss_0", "loss_1", "full_acc_0", "cond_acc_1"):
+        for key in ("loss", "loss_0", "loss_1", "full_acc_0", "full_acc_1", "cond_acc_1", "step_acc_1"):
             assert d_train[step][key] == pytest.approx(s_train[step][key], rel=1e-4, abs=1e-6), (step, key)
     d_val, s_val = _records(dist_dir, "val"), _records(tmp_path / "single", "val")
     for step in d_val:
         assert d_val[step]["loss"] == pytest.approx(s_val[step]["loss"], rel=1e-4)
+        for key in ("full_acc_1", "cond_acc_1", "step_acc_1"):  # counts summed over ranks, not ratios
+            assert d_val[step][key] == pytest.approx(s_val[step][key], abs=1e-9), (step, key)
     a = load_file(str(dist_dir / "1" / "model.safetensors"))
     b = load_file(str(tmp_path / "single" / "1" / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 from speculators.errors import UserError
+from test_console import METRICS_LINE
 from speculators.train.config import TrainConfig
 from speculators.train.metrics_stream import read_metrics
 from speculators.train.synthetic import write_synthetic_hidden_states
@@ -40,19 +43,23 @@ def test_step0_accuracy_rises_well_above_chance(tiny_llama_trained, tmp_path):
     after = [h for h in result["history"] if h["type"] == "val"][-1]["metrics"]
     chance = 1.0 / trainer.draft.config.draft_vocab_size
     print(f"step-0 val accuracy before {before['full_acc_0']:.3f} after {after['full_acc_0']:.3f} "
-          f"(chance {chance:.4f}); val loss {before['loss']:.3f} -> {after['loss']:.3f}")
+          f"(chance {chance:.4f}); val loss {before['loss']:.3f} -> {after['loss']:.3f}; after: "
+          + ", ".join(f"{m}_{k}={after[f'{m}_{k}']:.3f}" for k in range(3) for m in ("full_acc", "cond_acc", "step_acc")))
     assert after["full_acc_0"] > 0.5
     assert after["full_acc_0"] > before["full_acc_0"] + 0.2
     assert after["loss"] < 0.5 * before["loss"]
-    assert after["full_acc_1"] > 0.3  # later TTT steps learn too
+    assert after["step_acc_1"] > 0.3 and after["step_acc_2"] > 0.3  # later TTT steps learn too
+    assert after["full_acc_0"] >= after["full_acc_1"] >= after["full_acc_2"] > 0.3  # and whole drafts get accepted
 
 
-def test_metrics_stream_and_console(tiny_llama, hs_small, tmp_path, capsys):
+def test_metrics_stream_and_console(tiny_llama, hs_small, tmp_path, caplog):
     save = tmp_path / "run"
-    run_training(cfg_for(tiny_llama, hs_small, save, epochs=2, log_freq=1, run_name="demo"))
-    out = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="speculators.train"):
+        run_training(cfg_for(tiny_llama, hs_small, save, epochs=2, log_freq=1, run_name="demo"))
+    lines = [r.getMessage() for r in caplog.records if r.filename == "trainer.py"]
+    out = "\n".join(lines)
     assert "train/loss_0=" in out and "train/full_acc_0=" in out and "epoch=0, lr=" in out
-    assert "val/cond_acc_2=" in out
+    assert "val/cond_acc_2=" in out and "val/step_acc_2=" in out
     records = read_metrics(save / "metrics.jsonl")
     assert all("ts" in r and "type" in r for r in records)
     start, end = records[0], records[-1]
@@ -62,7 +69,8 @@ def test_metrics_stream_and_console(tiny_llama, hs_small, tmp_path, capsys):
     train = [r for r in records if r["type"] == "train"]
     assert [r["step"] for r in train] == list(range(1, len(train) + 1))
     assert train[-1]["step"] == start["total_steps"] == train[-1]["total_steps"]
-    keys = {"loss", "lr", "tokens_per_s"} | {f"{m}_{k}" for m in ("loss", "full_acc", "cond_acc") for k in range(3)}
+    keys = {"loss", "lr", "tokens_per_s"} | {f"{m}_{k}" for m in ("loss", "full_acc", "cond_acc", "step_acc")
+                                             for k in range(3)}
     assert keys == set(train[0]["metrics"])
     val = [r for r in records if r["type"] == "val"]
     assert len(val) == 2 and "lr" not in val[0]["metrics"] and "full_acc_0" in val[0]["metrics"]
@@ -163,7 +171,13 @@ def test_cli_entry_points(tiny_llama, hs_small, tmp_path):
     out = subprocess.run([sys.executable, "-m", "speculators", "train", *args, "--save-path", str(tmp_path / "a")],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "train/loss_0=" in out.stdout
+    # stdout is a pipe: plain text, and every metrics line in the seeds' shape
+    assert "\x1b" not in out.stdout
+    metric_lines = [ln for ln in out.stdout.splitlines() if "train/" in ln or "val/" in ln]
+    assert metric_lines and all(METRICS_LINE.match(ln) for ln in metric_lines), metric_lines
+    assert sum("train/loss_0=" in ln for ln in metric_lines) >= 1 and sum("val/" in ln for ln in metric_lines) == 1
+    assert all(re.search(r"(?:, lr=\S+)  trainer\.py:\d+$", ln) for ln in metric_lines if "train/" in ln)
+    assert all("step_acc_1=" in ln and "full_acc_1=" in ln and "cond_acc_1=" in ln for ln in metric_lines)
     out = subprocess.run([sys.executable, "-m", "speculators.train", *args, "--save-path", str(tmp_path / "a"),
                           "--no-resume-from-checkpoint"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "error: --save-path" in out.stderr

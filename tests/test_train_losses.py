@@ -30,12 +30,16 @@ def test_kl_per_token_matches_definition():
 
 
 def test_summarize_ratios_and_decay():
-    stats = torch.tensor([[2.0, 4.0, 3.0, 3.0, 4.0], [3.0, 3.0, 1.0, 1.0, 2.0]])
+    # fields: loss_sum, count, correct, chain_correct (|A_k|), chain_total (|A_k-1|, |V_0| at k=0)
+    stats = torch.tensor([[2.0, 4.0, 3.0, 3.0, 4.0], [3.0, 3.0, 2.0, 1.0, 3.0]])
     m = summarize(stats, decay=0.5)
     assert m["loss_0"] == 0.5 and m["loss_1"] == 1.0
     assert m["loss"] == pytest.approx(0.5 + 0.5 * 1.0)
-    assert m["full_acc_0"] == 0.75 and m["full_acc_1"] == pytest.approx(1 / 3)
-    assert m["cond_acc_1"] == 0.5
+    assert m["full_acc_0"] == 0.75 and m["full_acc_1"] == 0.25  # |A_1| / |V_0|
+    assert m["cond_acc_0"] == 0.75 and m["cond_acc_1"] == pytest.approx(1 / 3)
+    assert m["step_acc_0"] == 0.75 and m["step_acc_1"] == pytest.approx(2 / 3)
+    # the seeds' console order: loss_k, full_acc_k, cond_acc_k, then the total loss
+    assert list(m)[:3] == ["loss_0", "full_acc_0", "cond_acc_0"] and list(m)[-1] == "loss"
 
 
 class _Oracle(Eagle3DraftModel):
@@ -76,10 +80,12 @@ def test_objective_counts_full_and_conditional_accuracy():
     assert counts.tolist() == [4.0, 3.0]
     _, stats = obj(batch, ttt_steps=2, decay=1.0, denominators=counts)
     m = summarize(stats, 1.0)
-    assert m["full_acc_0"] == 0.75
-    assert m["full_acc_1"] == pytest.approx(2 / 3)  # i=0 right, i=1 right, i=2 wrong
-    # conditional: among starts whose step 0 agreed (i=0, 2) -> step 1 right at i=0 only
-    assert m["cond_acc_1"] == 0.5
+    assert m["full_acc_0"] == m["cond_acc_0"] == m["step_acc_0"] == 0.75
+    assert m["step_acc_1"] == pytest.approx(2 / 3)  # step 1 alone: i=0 right, i=1 right, i=2 wrong
+    # steps 0 and 1 both right: i=0 only, of the 4 loss-masked starts (i=3 has no step 1)
+    assert m["full_acc_1"] == 0.25
+    # conditional: among starts whose step 0 agreed (i=0, 2, 3) -> step 1 right at i=0 only
+    assert m["cond_acc_1"] == pytest.approx(1 / 3)
 
 
 def test_lr_schedule_warmup_then_decay():

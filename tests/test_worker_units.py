@@ -294,3 +294,6 @@ def test_error_summary_names_the_signal(tmp_path):
     assert error_summary(log, 137).startswith("killed (signal 9: SIGKILL)")
     assert error_summary(log, -15).startswith("killed (signal 15: SIGTERM)")
     assert error_summary(log, 1) == "epoch 0 step 3 (exit code 1)"
+    # a last line in the commands' log format: its message, without time, level and file:line
+    log.write_text("$ speculators train ...\n[09:00:01] WARNING  disk almost full  trainer.py:12\n")
+    assert error_summary(log, 1) == "disk almost full (exit code 1)"

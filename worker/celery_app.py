@@ -10,9 +10,10 @@ one worker per GPU) and `vllm` for the controller in the vLLM container.
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, signals
 
 from runstore.settings import Settings
+from speculators.console import setup_logging
 
 GPU_QUEUE = "gpu"
 VLLM_QUEUE = "vllm"
@@ -59,6 +60,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+@signals.setup_logging.connect
+def _one_log_format(loglevel=None, logfile=None, **_):
+    """The worker logs in the format every `speculators` command uses (a receiver of this
+    signal replaces Celery's own logging setup)."""
+    stream = open(logfile, "a", encoding="utf-8", buffering=1) if logfile else None  # noqa: SIM115
+    setup_logging(loglevel or "INFO", stream=stream)
 
 
 app = make_celery()

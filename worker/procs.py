@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,7 +69,13 @@ def stop_group(proc: subprocess.Popen | None, pid: int | None = None, grace_s: f
             pass
 
 
+# Terminal control sequences (colour, cursor moves): a child run with FORCE_COLOR, or a tool
+# that colours regardless of its output, must not put escape codes in the dashboard's log view.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
 def log_tail(path: Path | str | None, lines: int = 40, max_bytes: int = 64 * 1024) -> str:
+    """The last `lines` lines of a log file as plain text (no escape codes)."""
     if not path:
         return ""
     try:
@@ -79,7 +86,7 @@ def log_tail(path: Path | str | None, lines: int = 40, max_bytes: int = 64 * 102
             data = fh.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
-    return "\n".join(data.splitlines()[-lines:])
+    return "\n".join(_ANSI.sub("", data).splitlines()[-lines:])
 
 
 def error_summary(log_path: Path | str | None, returncode: int) -> str:
@@ -94,8 +101,18 @@ def error_summary(log_path: Path | str | None, returncode: int) -> str:
             return f"{line[len('error:'):].strip()} (exit code {returncode})"
     for line in reversed(tail):
         if line.strip() and not line.startswith(("$ ", "=== ")):
-            return f"{line.strip()[:500]} (exit code {returncode})"
+            return f"{_log_message(line.strip())[:500]} (exit code {returncode})"
     return f"exit code {returncode}"
+
+
+# A line in the commands' log format (speculators/console.py): `[time] LEVEL message  file.py:N`.
+_LOG_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] [A-Z]+ +(?P<message>.*?)(?: {2,}[\w.-]+\.py:\d+)?$")
+
+
+def _log_message(line: str) -> str:
+    """The message of a log-format line (no time, level or file:line); other lines as they are."""
+    m = _LOG_LINE.match(line)
+    return m.group("message") if m and m.group("message") else line
 
 
 def killed_summary(returncode: int) -> str:

@@ -5,8 +5,12 @@ Flags, defaults, help and bounds come from `VocabConfig` (speculators.config.voc
 
 from __future__ import annotations
 
+import logging
+
 from speculators.config.base import add_arguments
 from speculators.config.vocab import VocabConfig
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -33,5 +37,5 @@ def run(args) -> int:
         target_vocab_size=cfg.target_vocab_size,
         target_model_path=cfg.target_model_path,
     )
-    print(f"build-vocab-mapping: draft vocab {len(d2t)} of {len(t2d)} target tokens -> {cfg.output_path}")
+    logger.info("build-vocab-mapping: draft vocab %d of %d target tokens -> %s", len(d2t), len(t2d), cfg.output_path)
     return 0

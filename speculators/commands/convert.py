@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -32,5 +35,5 @@ def run(args) -> int:
     from speculators.models.eagle3.specforge import convert_specforge
 
     out = convert_specforge(args.source, args.output, args.verifier, args.speculative_tokens)
-    print(f"convert: SpecForge draft {args.source} -> {out}")
+    logger.info("convert: SpecForge draft %s -> %s", args.source, out)
     return 0

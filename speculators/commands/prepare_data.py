@@ -5,8 +5,12 @@ Flags, defaults, help and bounds come from `PrepareConfig` (speculators.config.p
 
 from __future__ import annotations
 
+import logging
+
 from speculators.config.base import add_arguments
 from speculators.config.prepare import PrepareConfig
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -32,8 +36,8 @@ def run(args) -> int:
     result = prepare_data(cfg)
     dropped = sum(result.dropped.values())
     status = "cached" if result.cached else f"{result.seconds:.1f}s"
-    print(
-        f"prepare-data: {result.kept} samples, {result.total_tokens} tokens "
+    logger.info(
+        "%s", f"prepare-data: {result.kept} samples, {result.total_tokens} tokens "
         f"({result.assistant_tokens} assistant), truncated {result.truncated}, "
         f"dropped {dropped}{' ' + str(result.dropped) if dropped else ''} -> {result.output} [{status}]"
     )

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from speculators.config.base import add_arguments
 from speculators.config.regenerate import RegenConfig
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -49,7 +52,7 @@ def run(args) -> int:
 
         with started_chat_server(cfg.model, passthrough, cfg.ready_timeout, cfg.seed) as url:
             summary = regenerate(cfg, _server_backend(cfg, url))
-    print(format_summary(summary), flush=True)
+    logger.info("%s", format_summary(summary))
     if cfg.summary_json:
         with open(cfg.summary_json, "w") as f:
             json.dump(summary.as_dict(), f, indent=2)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -242,7 +241,7 @@ def _fmt_eta(seconds: float) -> str:
 def regenerate(cfg: RegenConfig, backend: Backend, progress: Callable[[str], None] | None = None,
                total_hint: int | None = None) -> RegenSummary:
     """Regenerate the selected records into ``cfg.output``, resuming past records already there."""
-    say = progress or (lambda s: print(s, file=sys.stderr, flush=True))
+    say = progress or logger.info
     # types and bounds were checked when `cfg` was built (speculators.config.regenerate)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)

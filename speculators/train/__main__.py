@@ -1,9 +1,9 @@
 """`python -m speculators.train ...` and `torchrun --nproc_per_node N -m speculators.train ...`."""
 
 import argparse
-import logging
 import sys
 
+from speculators.console import setup_logging
 from speculators.errors import UserError
 from speculators.train.cli import add_train_arguments, run_from_args
 
@@ -12,7 +12,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m speculators.train", description="Train an EAGLE-3 draft model.")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("INFO")
     try:
         return run_from_args(args)
     except UserError as exc:

@@ -1,8 +1,10 @@
 """Console lines and the optional experiment loggers (trackio, wandb, tensorboard).
 
-The console line follows the public speculators style:
-`train/loss_0=... train/full_acc_0=... epoch=0, lr=...`.  The optional loggers are
-imported only when chosen and give a clear error when their package is missing.
+The console line follows the public speculators style (its fields; the time, level and
+`file:line` come from `speculators.console`):
+`train/loss_0=1.980, train/full_acc_0=0.029, ..., train/loss=5.965, epoch=0, lr=2.47e-05`.
+The optional loggers are imported only when chosen and give a clear error when their
+package is missing; they get every metric key under `<prefix>/`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from speculators.console import format_fields
 from speculators.errors import UserError
 
 logger = logging.getLogger("speculators.train")
@@ -17,14 +20,13 @@ logger = logging.getLogger("speculators.train")
 LOGGER_PACKAGES = {"trackio": "trackio", "wandb": "wandb", "tensorboard": "tensorboard"}
 
 
-def format_console(prefix: str, metrics: dict[str, float], epoch: int, lr: float | None = None) -> str:
-    parts = [f"{prefix}/{k}={v:.4f}" for k, v in metrics.items() if k not in ("lr", "tokens_per_s")]
-    if "tokens_per_s" in metrics:
-        parts.append(f"{prefix}/tokens_per_s={metrics['tokens_per_s']:.1f}")
-    tail = f"epoch={epoch}"
+def metrics_line(prefix: str, metrics: dict[str, float], epoch: int, lr: float | None = None) -> str:
+    """`<prefix>/<key>=<value>, ..., epoch=<epoch>[, lr=<lr>]` in the metrics' own order."""
+    fields: dict[str, Any] = {f"{prefix}/{k}": v for k, v in metrics.items() if k != "lr"}
+    fields["epoch"] = epoch
     if lr is not None:
-        tail += f", lr={lr:.3e}"
-    return " ".join(parts) + " " + tail
+        fields["lr"] = lr
+    return format_fields(fields)
 
 
 class ExperimentLogger:

@@ -12,7 +12,7 @@ from torch import nn
 
 from speculators.models.eagle3.model import Eagle3DraftModel
 from speculators.train.lm_head_kl import check_loss_options, lm_head_kl
-from speculators.train.losses import STAT_FIELDS
+from speculators.train.losses import step_stats
 from speculators.models.eagle3.ttt_mask import step_valid_positions
 from speculators.train.verifier import VerifierHead
 
@@ -75,21 +75,5 @@ class TTTObjective(nn.Module):
         loss, kl, pred = lm_head_kl(torch.cat(hidden), self.draft.lm_head, tgt_logp, all_rows,
                                     torch.cat(weights), self.loss_impl, self.loss_chunk_rows)
 
-        stats = torch.zeros(ttt_steps, len(STAT_FIELDS), device=dev)
-        with torch.no_grad():
-            agree_all = pred == tgt_arg[all_rows]
-            prev_ok = torch.ones(b * t, dtype=torch.bool, device=dev)
-            start = 0
-            for k, idx in enumerate(positions):
-                end = start + idx.numel()
-                agree = agree_all[start:end]
-                ok_before = prev_ok[idx]
-                stats[k, 0] = kl[start:end].sum()
-                stats[k, 1] = idx.numel()
-                stats[k, 2] = agree.sum()
-                stats[k, 3] = (agree & ok_before).sum()
-                stats[k, 4] = ok_before.sum()
-                prev_ok = torch.zeros_like(prev_ok)
-                prev_ok[idx] = ok_before & agree
-                start = end
+        stats = step_stats(positions, pred == tgt_arg[all_rows], kl, b * t)
         return loss, stats

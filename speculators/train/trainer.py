@@ -38,7 +38,7 @@ from speculators.train.distributed import (
 )
 from speculators.train.interrupt import StopRequest, signal_name
 from speculators.train.lm_head_kl import LOSS_IMPLS
-from speculators.train.loggers import ExperimentLogger, format_console
+from speculators.train.loggers import ExperimentLogger, metrics_line
 from speculators.train.losses import STAT_FIELDS, summarize
 from speculators.train.metrics_stream import MetricsStream
 from speculators.train.objective import TTTObjective, step_token_counts
@@ -491,7 +491,7 @@ class Trainer:
                         stream.write("train", epoch=epoch, step=global_step, total_steps=self.total_steps, metrics=metrics)
                         exp.log("train", metrics, global_step)
                         if global_step % cfg.log_freq == 0:
-                            print(format_console("train", metrics, epoch, lr), flush=True)
+                            logger.info("%s", metrics_line("train", metrics, epoch, lr))
                     signum = self._agreed_stop(stop)
                     at_max = self._reached_max_steps(global_step)
                     interval = cfg.checkpoint_every_steps > 0 and global_step % cfg.checkpoint_every_steps == 0
@@ -521,7 +521,7 @@ class Trainer:
                     if info.is_main:
                         stream.write("val", epoch=epoch, step=global_step, metrics=val)
                         exp.log("val", val, global_step)
-                        print(format_console("val", val, epoch), flush=True)
+                        logger.info("%s", metrics_line("val", val, epoch))
                 path = self.save(ckpt.epoch_end_name(epoch), epoch, global_step, best, is_best, {})
                 stream.write("checkpoint", epoch=epoch, step=global_step, path=str(path), val_loss=score, is_best=is_best)
                 signum = signum or self._agreed_stop(stop)

@@ -9,9 +9,12 @@ bounded KV cache, each unless the user set it (environment, or flags after `--`)
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator, Sequence
 
 from speculators.vllm.launch import VllmCommand, _flag_value, _has_cuda, build_vllm_command
+
+logger = logging.getLogger(__name__)
 
 
 def chat_server_command(model: str, vllm_args: Sequence[str], port: int, seed: int, cpu: bool) -> VllmCommand:
@@ -36,6 +39,6 @@ def started_chat_server(model: str, vllm_args: Sequence[str], ready_timeout_s: f
     from speculators.vllm.readiness import ManagedServer, free_port
 
     cmd = chat_server_command(model, vllm_args, free_port(), seed, cpu=not _has_cuda())
-    print(f"regenerate: starting {' '.join(cmd.argv)} (ready in 1-3 minutes on a CPU)", flush=True)
+    logger.info("regenerate: starting %s (ready in 1-3 minutes on a CPU)", " ".join(cmd.argv))
     with ManagedServer(cmd.argv, cmd.url, ready_timeout_s, env=cmd.env):
         yield cmd.url
