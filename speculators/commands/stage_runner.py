@@ -1,7 +1,7 @@
 """Run a pipeline's stages as subprocesses, recording each one so a rerun continues.
 
-The record is WORK/pipeline.json (written atomically): per stage its command line, a
-fingerprint, its status (`running` from the moment it starts, then `done` or `failed`), start
+The record is WORK/pipeline.json (written atomically): per stage its `speculators` arguments
+(the work directory written `{work}`), the process it started, a fingerprint, its status (`running` from the moment it starts, then `done` or `failed`), start
 and finish times and its log. A stage's fingerprint covers its `speculators` arguments (with
 the work directory written as `{work}`, and without the launcher: a run may resume under
 torchrun with another process count) and the fingerprints of the stages whose outputs it reads
@@ -143,9 +143,9 @@ def plan(stages: list[Stage], record: dict[str, Any], work: Path) -> list[Step]:
             steps.append(Step(st, "resume", f"started at {rec.get('started_at')} but did not finish "
                               f"({rec.get('status')}); rerunning it in place", fp))
         elif rec:
-            old_args = rec.get("args") or []
-            if normalized(old_args, work) != normalized(st.args, work) and old_args:
-                why = "settings changed: " + _changed_flags(normalized(old_args, work), normalized(st.args, work))
+            old_args, new_args = rec.get("args") or [], normalized(st.args, work)
+            if old_args and old_args != new_args:
+                why = "settings changed: " + _changed_flags(old_args, new_args)
             else:
                 changed = redone_inputs or [u for u in st.inputs if (rec.get("inputs") or {}).get(u) != fps.get(u)
                                             and u in fps]
@@ -247,7 +247,8 @@ def run_stages(stages: list[Stage], work: Path, *, log_of: Callable[[str], Path]
             dest = move_aside(st.outputs, work, st.name)
             if dest is not None:
                 say(f"== {st.name}: its previous outputs moved to {dest}")
-        recs[st.name] = {"status": "running", "args": st.args, "argv": st.argv, "fingerprint": step.fingerprint,
+        recs[st.name] = {"status": "running", "args": normalized(st.args, work), "argv": st.argv,
+                         "fingerprint": step.fingerprint,
                          "inputs": {u: fps[u] for u in st.inputs if u in fps}, "started_at": _now(),
                          "log": str(log_of(st.name))}
         atomic_write_json(work / RECORD, record)
