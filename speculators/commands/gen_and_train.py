@@ -19,10 +19,12 @@ import argparse
 import json
 import shlex
 import sys
+from typing import Any, Callable
 
 from speculators.commands.stage_runner import Stage, StageFailed, plan, read_record, run_stages
 from speculators.config.base import add_arguments, cli_fields
 from speculators.config.gen_and_train import GenTrainConfig, load_settings
+from speculators.config.run import RunSettings
 from speculators.config.stages import STAGE_INPUTS, StagePaths, eval_args, launch_argv, pipeline_stages, stage_args
 from speculators.errors import UserError
 
@@ -50,16 +52,23 @@ def register(subparsers) -> None:
 
 def build_stages(cfg: GenTrainConfig, *, python: str = sys.executable) -> list[Stage]:
     """The pipeline's stages for these settings, in order (pure)."""
-    run = cfg.run_settings()
-    paths = StagePaths(cfg.work_path)
-    procs = cfg.nproc_per_node if cfg.nproc_per_node > 1 else None
+    return run_stages_for(cfg.run_settings(), StagePaths(cfg.work_path), extra_of=cfg.stage_extra,
+                          eval_prompts=cfg.eval_prompts if cfg.eval else None,
+                          torchrun_procs=cfg.nproc_per_node if cfg.nproc_per_node > 1 else None, python=python)
+
+
+def run_stages_for(run: RunSettings, paths: StagePaths, *, eval_prompts: int | None,
+                   extra_of: Callable[[str], dict[str, Any]] = lambda stage: {},
+                   torchrun_procs: int | None = None, python: str = sys.executable) -> list[Stage]:
+    """The stages of an offline run (the stage builder's commands, then eval unless
+    `eval_prompts` is None), as processes to start: `gen-and-train` and `demo` both run these."""
     stages = []
     for name in pipeline_stages(run):
-        args = stage_args(run, name, paths, extra=cfg.stage_extra(name))
-        stages.append(Stage(name, args, launch_argv(args, python=python, torchrun_procs=procs),
+        args = stage_args(run, name, paths, extra=extra_of(name))
+        stages.append(Stage(name, args, launch_argv(args, python=python, torchrun_procs=torchrun_procs),
                             STAGE_INPUTS[name], paths.outputs(name)))
-    if cfg.eval:
-        args = eval_args(run, paths, num_prompts=cfg.eval_prompts)
+    if eval_prompts is not None:
+        args = eval_args(run, paths, num_prompts=eval_prompts)
         stages.append(Stage("eval", args, launch_argv(args, python=python), STAGE_INPUTS["eval"],
                             paths.outputs("eval")))
     return stages
