@@ -29,6 +29,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,25 +179,34 @@ def move_aside(paths: list[Path], work: Path, stage: str) -> Path | None:
 
 def _stream(argv: list[str], log_path: Path, env: dict[str, str]) -> int:
     """Run `argv`, its output copied to the console and appended to `log_path`; its exit code.
-    SIGTERM to this process is passed on to the stage (the trainer checkpoints on it)."""
+
+    The stage stays in this process group, so Ctrl-C at a terminal reaches it directly (the
+    trainer checkpoints on it) while this process waits for it rather than killing it; a
+    SIGTERM sent to this process alone is passed on to the stage once.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"\n=== {_now()} {shlex.join(argv)}\n".encode())
         log.flush()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        previous = signal.getsignal(signal.SIGTERM)
 
         def forward(signum, frame):  # noqa: ARG001
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-        signal.signal(signal.SIGTERM, forward)
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+                        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
         try:
             out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
             assert proc.stdout is not None
             fd = proc.stdout.fileno()
             while True:
-                chunk = os.read(fd, 65536)
+                try:
+                    chunk = os.read(fd, 65536)
+                except InterruptedError:  # pragma: no cover - Python retries reads itself (PEP 475)
+                    continue
                 if not chunk:
                     break
                 log.write(chunk)
@@ -208,7 +218,8 @@ def _stream(argv: list[str], log_path: Path, env: dict[str, str]) -> int:
                     sys.stdout.write(chunk.decode(errors="replace"))
             return proc.wait()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
