@@ -284,3 +284,39 @@ def test_move_aside_keeps_everything(tmp_path):
     assert move_aside([tmp_path / "vocab"], tmp_path, "vocab") is None
     (tmp_path / "vocab").mkdir()
     assert move_aside([tmp_path / "vocab"], tmp_path, "vocab") != dest  # a second move in the same second
+
+
+def test_runner_streams_records_and_passes_sigterm_on(tmp_path, capfd):
+    """The runner with stand-in stages (plain Python processes): output on the console and in
+    the stage's log, a record per stage, and a SIGTERM sent to the runner reaches the stage."""
+    import threading
+
+    from speculators.commands.stage_runner import StageFailed, run_stages
+
+    ready = tmp_path / "ready"
+    child = ("import signal, sys, time, pathlib\n"
+             "def stop(*_):\n    print('stage got SIGTERM', flush=True); sys.exit(143)\n"
+             "signal.signal(signal.SIGTERM, stop)\n"
+             f"pathlib.Path({str(ready)!r}).touch(); print('working', flush=True); time.sleep(30)\n")
+    stages = [Stage("one", ["one"], [sys.executable, "-c", "print('first stage output')"]),
+              Stage("two", ["two"], [sys.executable, "-c", child], ("one",))]
+
+    def terminate_when_ready():
+        while not ready.exists():
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    waiter = threading.Thread(target=terminate_when_ready, daemon=True)
+    waiter.start()
+    with pytest.raises(StageFailed) as failed:
+        run_stages(stages, tmp_path, log_of=lambda s: tmp_path / "logs" / f"{s}.log")
+    waiter.join(5)
+    assert (failed.value.stage, failed.value.code) == ("two", 143) and "was interrupted" in str(failed.value)
+    out = capfd.readouterr().out
+    assert "first stage output" in out and "stage got SIGTERM" in out
+    assert "first stage output" in (tmp_path / "logs" / "one.log").read_text()
+    assert "stage got SIGTERM" in (tmp_path / "logs" / "two.log").read_text()
+    rec = _record(tmp_path)
+    assert (rec["one"]["status"], rec["two"]["status"], rec["two"]["exit_code"]) == ("done", "failed", 143)
+    # the runner's own SIGTERM handling is back to what it was
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

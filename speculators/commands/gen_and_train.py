@@ -93,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         times = run_stages(stages, work, log_of=paths.log, say=lambda line: print(line, flush=True))
     except StageFailed as exc:
-        print(f"gen-and-train stopped: {exc}. Fix the cause and rerun the same command: finished stages "
-              "are kept and skipped.", file=sys.stderr)
+        todo = "Rerun" if StageFailed.interrupted(exc.code) else "Fix the cause and rerun"
+        print(f"gen-and-train stopped: {exc}. {todo} the same command: finished stages are kept and skipped.",
+              file=sys.stderr)
         return exc.code if exc.code > 0 else 128 - exc.code
     print(f"\ngen-and-train finished in {work}/ (stages run now: "
           f"{', '.join(f'{k} {v:.0f}s' for k, v in times.items()) or 'none, all were done'})")

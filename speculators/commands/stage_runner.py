@@ -234,8 +234,14 @@ def display(st: Stage) -> str:
 
 class StageFailed(Exception):
     def __init__(self, stage: str, code: int, log: Path):
-        super().__init__(f"stage '{stage}' failed (exit {code}); its log: {log}")
+        what = "was interrupted" if self.interrupted(code) else "failed"
+        super().__init__(f"stage '{stage}' {what} (exit {code}); its log: {log}")
         self.stage, self.code, self.log = stage, code, log
+
+    @staticmethod
+    def interrupted(code: int) -> bool:
+        """Stopped by SIGINT/SIGTERM (the exit codes the trainer uses after checkpointing) or a signal."""
+        return code < 0 or code in (128 + signal.SIGINT, 128 + signal.SIGTERM)
 
 
 def run_stages(stages: list[Stage], work: Path, *, log_of: Callable[[str], Path],
