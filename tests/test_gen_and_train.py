@@ -98,6 +98,7 @@ def killed_then_resumed(tiny_llama, tmp_path_factory):
     return dict(root=root, data=data, work=work, flags=flags, before=before, stats=stats, second=second)
 
 
+@pytest.mark.slow
 def test_killed_run_continues_without_redoing_finished_stages(killed_then_resumed):
     r = killed_then_resumed
     second, work = r["second"], r["work"]
@@ -133,6 +134,7 @@ def test_killed_run_continues_without_redoing_finished_stages(killed_then_resume
     assert "stages run now: none" in third.stdout
 
 
+@pytest.mark.slow
 def test_changed_vocab_size_redoes_vocab_and_what_reads_it(killed_then_resumed):
     r = killed_then_resumed
     assert r["second"].returncode == 0
@@ -166,6 +168,7 @@ def test_changed_vocab_size_redoes_vocab_and_what_reads_it(killed_then_resumed):
     assert (train_dir / "checkpoints" / "checkpoint_best" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_failing_stage_stops_the_pipeline_naming_it_and_its_log(tiny_llama, tmp_path):
     work = tmp_path / "w"
     proc = subprocess.run(_cmd("--model", str(tiny_llama), "--data", str(tmp_path / "missing.jsonl"),
@@ -320,3 +323,20 @@ def test_runner_streams_records_and_passes_sigterm_on(tmp_path, capfd):
     assert (rec["one"]["status"], rec["two"]["status"], rec["two"]["exit_code"]) == ("done", "failed", 143)
     # the runner's own SIGTERM handling is back to what it was
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_stage_extras_are_the_commands_settings_and_never_the_runs(tmp_path):
+    from speculators.config.gen_and_train import GenTrainConfig
+    from speculators.config.stages import StagePaths, stage_args
+    from speculators.errors import UserError
+
+    cfg = GenTrainConfig(model="m", data="sharegpt", work_dir=str(tmp_path), datagen_backend="vllm",
+                         tensor_parallel_size=2, logger="tensorboard")
+    assert cfg.stage_extra("datagen") == {"backend": "vllm", "tensor_parallel_size": 2}  # defaults left out
+    assert cfg.stage_extra("train") == {"logger": "tensorboard"} and cfg.stage_extra("vocab") == {}
+    run, paths = cfg.run_settings(), StagePaths(tmp_path)
+    assert "--tensor-parallel-size=2" in stage_args(run, "datagen", paths, extra=cfg.stage_extra("datagen"))
+    with pytest.raises(UserError, match="train: lr is set from the pipeline's own settings"):
+        stage_args(run, "train", paths, extra={"lr": 0.5})
+    with pytest.raises(UserError, match="--tensor-parallel-size"):
+        stage_args(run, "datagen", paths, extra={"tensor_parallel_size": 0})
