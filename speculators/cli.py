@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "serve",
     "evaluate",
     "make_tiny_model",
+    "gen_and_train",
     "demo",
 )
 

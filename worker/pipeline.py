@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from speculators.config.stages import StagePaths, pipeline_stages, stage_args
+from speculators.config.stages import StagePaths, launch_argv, pipeline_stages, stage_args
 from worker.spec import RunSpec
 
 # Where a run's stages write: the same layout `speculators demo` uses.
@@ -28,11 +28,8 @@ def stage_argv(spec: RunSpec, stage: str, paths: RunPaths, *, python: str = sys.
     """The argument list that runs `stage` (not for `verifier`, which the worker does itself);
     the stage's flags come from the shared builder `speculators.config.stages.stage_args`."""
     args = stage_args(spec, stage, paths, verifier_url=verifier_url)
-    if stage == "train" and spec.gpus >= 1:
-        # torchrun (torch.distributed.run) starts one trainer per GPU.
-        return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(spec.gpus),
-                "-m", "speculators.train", *args[1:]]
-    return _cli(python) + args
+    # GPU training runs under torchrun, one trainer per GPU
+    return launch_argv(args, python=python, torchrun_procs=spec.gpus if spec.gpus >= 1 else None)
 
 
 def verifier_argv(model: str, layer_ids: list[int], port: int, hidden_dir: str, *,

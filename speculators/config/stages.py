@@ -1,7 +1,10 @@
 """The pipeline's command lines, built once from a run's settings.
 
-`speculators demo` and the dashboard's worker both take their stage commands from
-`stage_args`: regenerate (optional) -> prepare -> vocab -> datagen (offline) -> train.
+`speculators gen-and-train`, `speculators demo` and the dashboard's worker take their stage
+commands from `stage_args`: regenerate (optional) -> prepare -> vocab -> datagen (offline) ->
+train, then `eval_args`; `launch_argv` turns one into the process to start (torchrun for
+multi-process training). `STAGE_INPUTS` says which stages' outputs each stage reads (what
+gen-and-train redoes when one of them changed).
 Each stage's settings are the subcommand's own typed config (`stage_config`: RegenConfig,
 PrepareConfig, VocabConfig, DatagenConfig, TrainConfig), checked as the command checks
 them, and written out by the schema (`speculators.config.base`) as `--flag=value`, so no
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -22,10 +26,18 @@ from speculators.config.regenerate import RegenConfig
 from speculators.config.run import RunSettings
 from speculators.config.train import TrainConfig
 from speculators.config.vocab import VocabConfig
+from speculators.errors import UserError
 
 # stage -> the `speculators` subcommand that runs it
 COMMANDS = {"regenerate": "regenerate", "prepare": "prepare-data", "vocab": "build-vocab-mapping",
             "datagen": "datagen", "train": "train"}
+
+# stage -> the stages whose outputs it reads (vocab and datagen both read only prepare's output,
+# so their order does not matter; `verifier` is the worker's online hidden-state server)
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "regenerate": (), "prepare": ("regenerate",), "vocab": ("prepare",), "datagen": ("prepare",),
+    "verifier": ("prepare",), "train": ("vocab", "datagen", "verifier"), "eval": ("train",),
+}
 
 
 @dataclass(frozen=True)
@@ -66,8 +78,22 @@ class StagePaths:
     def logs(self) -> Path:
         return self.work_dir / "logs"
 
+    @property
+    def eval_report(self) -> Path:
+        return self.work_dir / "eval.json"
+
+    @property
+    def eval_streams(self) -> Path:
+        return self.work_dir / "streams_pytorch.jsonl"
+
     def log(self, stage: str) -> Path:
         return self.logs / f"{stage}.log"
+
+    def outputs(self, stage: str) -> list[Path]:
+        """What `stage` writes (its log aside): what a redo of the stage supersedes."""
+        return {"regenerate": [self.regenerated, self.regenerate_summary], "prepare": [self.prepared],
+                "vocab": [self.vocab], "datagen": [self.hidden], "train": [self.checkpoints],
+                "eval": [self.eval_report, self.eval_streams]}.get(stage, [])
 
 
 def pipeline_stages(run: RunSettings) -> list[str]:
@@ -97,9 +123,22 @@ def train_config_for(run: RunSettings, paths: StagePaths, verifier_url: str | No
     return TrainConfig(**values)
 
 
-def stage_config(run: RunSettings, stage: str, paths: StagePaths, *, verifier_url: str | None = None
-                 ) -> BaseModel:
-    """The typed settings of the subcommand that runs `stage` (checked like its flags)."""
+def stage_config(run: RunSettings, stage: str, paths: StagePaths, *, verifier_url: str | None = None,
+                 extra: dict[str, Any] | None = None) -> BaseModel:
+    """The typed settings of the subcommand that runs `stage` (checked like its flags);
+    `extra`: more of that command's settings (e.g. datagen's backend), none the run sets itself."""
+    cfg = _stage_config(run, stage, paths, verifier_url)
+    if not extra:
+        return cfg
+    clash = sorted(set(extra) & cfg.model_fields_set)
+    if clash:
+        raise UserError(f"{stage}: {', '.join(clash)} is set from the pipeline's own settings "
+                        "(the run's flags and the work directory's layout); change those instead")
+    given = {k: getattr(cfg, k) for k in cfg.model_fields_set}
+    return type(cfg)(**given, **extra)
+
+
+def _stage_config(run: RunSettings, stage: str, paths: StagePaths, verifier_url: str | None) -> BaseModel:
     if stage == "regenerate":
         return RegenConfig(
             model=run.model, data=[run.dataset], output=str(paths.regenerated), backend=run.regenerate_backend,
@@ -126,9 +165,29 @@ def stage_config(run: RunSettings, stage: str, paths: StagePaths, *, verifier_ur
     raise ValueError(f"stage {stage!r} has no command")
 
 
-def stage_args(run: RunSettings, stage: str, paths: StagePaths, *, verifier_url: str | None = None) -> list[str]:
+def stage_args(run: RunSettings, stage: str, paths: StagePaths, *, verifier_url: str | None = None,
+               extra: dict[str, Any] | None = None) -> list[str]:
     """The `speculators` subcommand and flags that run `stage`: the flags the builder chose,
     for train the values that differ from the trainer's defaults."""
-    cfg = stage_config(run, stage, paths, verifier_url=verifier_url)
+    cfg = stage_config(run, stage, paths, verifier_url=verifier_url, extra=extra)
     flags = to_argv(cfg) if stage == "train" else explicit_argv(cfg)
     return [COMMANDS[stage], *flags]
+
+
+def eval_args(run: RunSettings, paths: StagePaths, *, num_prompts: int) -> list[str]:
+    """`speculators eval` of the best checkpoint on held-out conversations of the run's dataset:
+    the same source, seed and sequence length as prepare, past the `max_samples` trained on."""
+    return ["eval", "--checkpoint", str(paths.checkpoints / "checkpoint_best"), "--verifier", run.model,
+            "--data", run.dataset, "--num-speculative-tokens", str(run.ttt_steps),
+            "--num-prompts", str(num_prompts), "--skip-samples", str(run.max_samples),
+            "--data-seed", str(run.seed), "--seq-length", str(run.seq_length),
+            "--output-json", str(paths.eval_report), "--output-streams", str(paths.eval_streams)]
+
+
+def launch_argv(args: list[str], *, python: str, torchrun_procs: int | None = None) -> list[str]:
+    """The process that runs `speculators ARGS`: `python -m speculators ...`, or for `train` with
+    `torchrun_procs` set, torchrun (torch.distributed.run) starting that many trainers."""
+    if args[0] == "train" and torchrun_procs:
+        return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun_procs),
+                "-m", "speculators.train", *args[1:]]
+    return [python, "-m", "speculators", *args]
