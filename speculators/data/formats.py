@@ -490,6 +490,14 @@ def open_sample_store(
                     f"{len(recorded['layer_ids'])} layers, {config['inferred_from']} holds {config['num_layers']}"
                 )
     else:
+        if not (directory / DATA_CONFIG_NAME).is_file() and finished_pt_indices(directory):
+            first = directory / pt_file_name(min(finished_pt_indices(directory)))
+            try:  # say what the files are when they are the older layout
+                check_layout(torch.load(first, map_location="cpu", weights_only=True, mmap=True), str(first), 1)
+            except DataFormatVersionError:
+                raise
+            except Exception:
+                pass
         config = read_data_config(directory)
     where = directory / DATA_CONFIG_NAME
     n_stored = len(config["layer_ids"]) if config.get("layer_ids") else int(config.get("num_layers", 0))
