@@ -371,6 +371,8 @@ class OnlineSampleStore:
     def _data_config(self, sample: dict[str, Any]) -> dict[str, Any]:
         import importlib.metadata as md
 
+        from speculators.data import data_config as dc
+
         def version(pkg: str) -> str | None:
             try:
                 return md.version(pkg)
