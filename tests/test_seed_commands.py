@@ -440,6 +440,7 @@ def launched(work, verifier, vocab_size, port, prepared):
         requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
 
 
+@pytest.mark.vllm
 def test_online_tutorial_single_gpu_fsdp_and_hybrid(work, verifier, vocab_size, port, prepared, launched,
                                                      monkeypatch):
     """001 step 3 (both training lines) and the hybrid line, against the launched server."""
@@ -464,6 +465,7 @@ def test_online_tutorial_single_gpu_fsdp_and_hybrid(work, verifier, vocab_size, 
     assert json.loads((cache / "data_config.json").read_text())["version"] == "2.0"
 
 
+@pytest.mark.vllm
 def test_launch_multi_gpu_line_starts_a_server(work, verifier, vocab_size, port, launched):
     """001 step 2's second line (data parallel size sized down to 1; the port is the test's).
     Runs after the first server has stopped its turn: one vLLM at a time on a 2-core box."""
@@ -497,6 +499,7 @@ def test_launch_variants_pass_their_flags_to_vllm(verifier, capsys):
         assert shlex.join(flag) in capsys.readouterr().out
 
 
+@pytest.mark.vllm
 def test_vllm_serve_checkpoint_best(work, verifier, vocab_size, port, monkeypatch):
     """001 step 5: `vllm serve ./checkpoints/checkpoint_best --port 8000`, from the directory
     that holds step 3's checkpoints (./output). The CPU build's `vllm` script cannot start
