@@ -6,6 +6,8 @@ import json
 import warnings
 
 import pytest
+
+from speculators.data import data_config as _data_config
 import torch
 
 from speculators.data.dataset import (
@@ -195,7 +197,7 @@ def test_convert_to_safetensors_roundtrip(tmp_path):
         a, b = ds_st[i], ds_pt[i]
         for key in ("hidden_states", "verifier_last_hidden_states", "input_ids", "loss_mask"):
             assert torch.equal(a[key], b[key])
-    meta = json.loads((tmp_path / "st" / "data_config.json").read_text())
+    meta = _data_config.load(tmp_path / "st" / "data_config.json")
     assert meta["layer_ids"] == LAYERS
 
 

@@ -6,6 +6,8 @@ import json
 import os
 
 import pytest
+
+from speculators.data import data_config as _data_config
 import torch
 
 from speculators.cli import main as cli_main
@@ -81,12 +83,12 @@ def test_hidden_states_equal_direct_forward(arch, request, tmp_path):
                                        output_dir=str(out), batch_size=3, device="cpu"))
     data = load_prepared(prep)
     assert result.generated == result.total == len(data)
-    config = json.loads((out / "data_config.json").read_text())
+    config = _data_config.load(out / "data_config.json")
     assert config["layer_ids"] == [2, 4, 5, 8] == default_layer_ids(8)
     assert config["hidden_size"] == 64 and config["num_hidden_layers"] == 8 and config["version"] == 1
     assert config["complete"] and config["format"] == "pt"
     assert {"torch", "transformers"} <= set(config["packages"]) and "generated_at" in config
-    assert "BEFORE the final norm" in config["schema"]["layer_convention"]
+    assert "BEFORE the final norm" in config["layer_convention"]
     for i in (0, 2, len(data) - 1):
         sample = torch.load(out / f"data_{i}.pt", weights_only=True)
         assert sample["input_ids"].tolist() == data[i]["input_ids"]
@@ -150,13 +152,13 @@ def test_resume_after_interrupted_run(tiny_llama, prep_llama, tmp_path):
     assert len(done) == 4  # two full batches of 2
     for name in done:
         torch.load(out / name, weights_only=True)  # every finished file is whole
-    assert not json.loads((out / "data_config.json").read_text())["complete"]
+    assert not _data_config.load(out / "data_config.json")["complete"]
 
     result = run_datagen(cfg)
     total = len(load_prepared(prep_llama))
     assert (result.skipped_existing, result.generated, result.total) == (4, total - 4, total)
     assert not list(out.glob(".*.tmp"))
-    assert json.loads((out / "data_config.json").read_text())["complete"]
+    assert _data_config.load(out / "data_config.json")["complete"]
 
     fresh = run_datagen(DatagenConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "fresh")}))
     assert fresh.generated == total
@@ -191,7 +193,7 @@ def test_safetensors_format_and_training_dataset(tiny_llama, prep_llama, tmp_pat
     st = open_sample_store(tmp_path / "st", expected_hidden_size=64, expected_num_layers=4)
     assert isinstance(pt, PtSampleStore) and isinstance(st, SafetensorsSampleStore)
     assert len(pt) == len(st) == len(load_prepared(prep_llama))
-    assert json.loads((tmp_path / "st" / "data_config.json").read_text())["layer_ids"] == [1, 3, 6, 8]
+    assert _data_config.load(tmp_path / "st" / "data_config.json")["layer_ids"] == [1, 3, 6, 8]
     for i in range(len(pt)):
         a, b = pt.load(i), st.load(i)
         assert torch.equal(a["input_ids"], b["input_ids"])

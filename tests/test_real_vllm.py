@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from speculators.data import data_config as _data_config
+
 from speculators.cli import main
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -154,7 +156,7 @@ def test_datagen_through_launch_vllm_equals_transformers(work, verifier, prepare
     monkeypatch.setenv("SPECULATORS_VLLM_ENDPOINT", hs_server.base_url)
     assert main([*common, "--output-dir", str(work / "hs_vllm"), "--backend", "vllm"]) == 0
     for name in ("hs_tf", "hs_vllm"):
-        assert json.loads((work / name / "data_config.json").read_text())["layer_ids"] == ALL_LAYERS
+        assert _data_config.load(work / name / "data_config.json")["layer_ids"] == ALL_LAYERS
     ref, got = _samples(work / "hs_tf"), _samples(work / "hs_vllm")
     assert sorted(ref) == sorted(got) == list(range(8))
     worst = 0.0
@@ -192,7 +194,7 @@ def online_checkpoint(work, verifier, prepared, hs_server) -> Path:
     assert _train(verifier, prepared, work / "hybrid", "--vllm-endpoint", url,
                   "--vllm-layer-ids", *map(str, ALL_LAYERS), "--on-missing", "generate",
                   "--on-generate", "cache", "--hidden-states-path", str(cache)) == 0
-    assert json.loads((cache / "data_config.json").read_text())["layer_ids"] == ALL_LAYERS
+    assert _data_config.load(cache / "data_config.json")["layer_ids"] == ALL_LAYERS
     assert len(list(cache.glob("data_*.pt"))) > 0
     return work / "hybrid"
 

@@ -317,7 +317,8 @@ def test_every_stage_command_parses_with_the_real_cli(tmp_path):
     dg = parser.parse_args(stage_args(run, "datagen", paths))
     train = parser.parse_args(stage_args(run, "train", paths))
     seen = {k: v for ns in (prep, vocab, dg, train) for k, v in vars(ns).items() if not callable(v)}
-    assert seen["seq_length"] == 128 and seen["draft_vocab_size"] == 64 and seen["run_name"] == "-dash"
+    assert prep.seq_length == 128 and seen["draft_vocab_size"] == 64 and seen["run_name"] == "-dash"
+    assert dg.seq_length is None and dg.train_data_path == [str(paths.prepared)]  # a prepared directory as is
     assert dg.layer_ids == [1, 3] and dg.batch_size == 2 and dg.output_dir == str(paths.hidden)
     assert vocab.output_path == str(paths.vocab) and prep.output == str(paths.prepared)
 

@@ -96,10 +96,12 @@ def _copy_data(src, dst):
 
 
 def _edit_config(data, **changes):
+    from speculators.data import data_config
+
     path = data / "data_config.json"
-    cfg = json.loads(path.read_text())
+    cfg = data_config.load(path)
     cfg.update(changes)
-    path.write_text(json.dumps(cfg))
+    data_config.write(path, cfg)
 
 
 def test_mismatched_hidden_size_and_layer_count(tiny_llama, hs_small, tmp_path):

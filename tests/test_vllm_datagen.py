@@ -6,6 +6,8 @@ hidden states against the transformers backend's: tests/test_real_vllm.py.
 """
 
 import pytest
+
+from speculators.data import data_config as _data_config
 import torch
 
 from speculators.datagen.base import GeneratorSpec
@@ -44,5 +46,5 @@ def test_vllm_backend_matches_transformers_backend(tiny_llama, tmp_path, monkeyp
             assert torch.equal(x, y)
     import json
 
-    cfg = json.loads((tmp_path / "vllm" / "data_config.json").read_text())
+    cfg = _data_config.load(tmp_path / "vllm" / "data_config.json")
     assert cfg["backend"]["name"] == "vllm" and cfg["backend"]["managed_server"] is True

@@ -44,17 +44,27 @@ def register(subparsers) -> None:
                    help="from the public layout: the verifier's layer count, recorded for checks")
     p.add_argument("--on-corrupt", choices=["skip", "raise"], default="skip",
                    help="what to do with an unreadable sample file")
+    p.add_argument("--data-format-version", type=int, choices=[0, 1], default=1,
+                   help="layout of --data-path's data_<i>.pt files: 1 = what datagen writes (a list of "
+                        "hidden_states), 0 = the older layout (hidden_state = aux layers concatenated, target = "
+                        "final layer); --to pt from version 0 rewrites it as version 1")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from speculators.data.formats import atomic_write_json, convert_pt_to_safetensors, read_data_config
+    from speculators.data import data_config as dc
+    from speculators.data.formats import convert_pt_to_safetensors, convert_v0_to_pt, read_data_config
     from speculators.data.public_format import convert_from_public, convert_to_public, is_public_layout
     from speculators.errors import UserError
 
     src, dst = Path(args.data_path), Path(args.output_dir)
-    public_src = is_public_layout(src)
-    if args.to == "public":
+    public_src = args.data_format_version == 1 and is_public_layout(src)
+    if args.data_format_version == 0 and args.to == "pt":
+        config = convert_v0_to_pt(src, dst, on_corrupt=args.on_corrupt)
+        n = config["num_samples"]
+    elif args.data_format_version == 0 and args.to != "safetensors":
+        raise UserError("--data-format-version 0: convert with --to pt (or --to safetensors) first")
+    elif args.to == "public":
         config = convert_to_public(src, dst, on_corrupt=args.on_corrupt)
         n = len(config["source_sample_index"])
     elif public_src and args.to == "pt":
@@ -66,10 +76,11 @@ def run(args) -> int:
             convert_from_public(src, staged, args.layer_ids, args.num_hidden_layers, args.on_corrupt)
             config = convert_pt_to_safetensors(staged, dst, shard_tokens=args.shard_tokens, on_corrupt="raise")
             config["converted_from"] = str(src)
-            atomic_write_json(dst / "data_config.json", config)
+            dc.write(dst / "data_config.json", config)
         n = sum(len(s["sample_index"]) for s in config["shards"])
     elif args.to == "safetensors":
-        config = convert_pt_to_safetensors(src, dst, shard_tokens=args.shard_tokens, on_corrupt=args.on_corrupt)
+        config = convert_pt_to_safetensors(src, dst, shard_tokens=args.shard_tokens, on_corrupt=args.on_corrupt,
+                                           data_format_version=args.data_format_version)
         n = sum(len(s["sample_index"]) for s in config["shards"])
     else:
         fmt = read_data_config(src).get("format", "pt")

@@ -15,7 +15,9 @@ def register(subparsers) -> None:
         help="generate verifier hidden states for a prepared dataset (resumable)",
         description=(
             "Runs the verifier over the prepared dataset and writes DIR/data_<i>.pt (or safetensors "
-            "shards) plus DIR/data_config.json. Rerunning skips finished samples. Layer id i < n is "
+            "shards), DIR/token_freq.pt and DIR/data_config.json. A --train-data-path that is not a "
+            "prepare-data output (sharegpt, ultrachat, a .jsonl, a hub id) is prepared first and cached "
+            "under --cache-dir by fingerprint. Rerunning skips finished samples. Layer id i < n is "
             "the residual stream entering decoder layer i; id n is the final layer before the norm. "
             "Arguments after a bare -- go to the backend (vLLM engine args)."
         ),

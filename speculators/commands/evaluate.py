@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--skip-samples", type=int, default=0,
                    help="skip the first N usable conversations/rows (prepare-data --max-samples N used them "
                         "for training)")
+    p.add_argument("--data-format-version", type=int, choices=[0, 1], default=1,
+                   help="when --data is a hidden-state directory (datagen output): the layout of its data_<i>.pt "
+                        "files, 1 = what datagen writes, 0 = the older hidden_state/target layout")
     p.add_argument("--data-seed", type=int, default=0, help="prepare-data's --seed, for a conversation source")
     p.add_argument("--seq-length", type=int, default=None,
                    help="prepare-data's --seq-length, for a conversation source (same kept/dropped decisions)")
@@ -77,7 +80,8 @@ def run(args) -> int:
         if not args.verifier and not Path(args.data).is_dir():
             raise UserError("--vllm-endpoint with a conversation --data needs --verifier (its tokenizer)")
         prompts = load_prompts(args.data, args.verifier or "", args.num_prompts, _heldout(args),
-                               args.max_prompt_len, args.skip_samples, args.data_seed, args.seq_length)
+                               args.max_prompt_len, args.skip_samples, args.data_seed, args.seq_length,
+                               args.data_format_version)
         report = drive_and_measure(args.vllm_endpoint, prompts, args.max_new_tokens, args.temperature,
                                    args.model_name, api_key=api_key_from_env(args.api_key), streams=streams)
     elif args.vllm_endpoint:
@@ -103,7 +107,8 @@ def run(args) -> int:
         settings = EvalSettings(k, args.max_new_tokens, args.temperature, args.seed, args.draft_cost, args.device)
         report = evaluate_checkpoint(args.checkpoint, args.verifier, args.data, settings,
                                      args.num_prompts, indices, args.max_prompt_len,
-                                     args.skip_samples, args.data_seed, args.seq_length, streams)
+                                     args.skip_samples, args.data_seed, args.seq_length, streams,
+                                     args.data_format_version)
     print(format_report(report), flush=True)
     if args.output_streams:
         from speculators.evaluate.streams import write_streams
@@ -129,6 +134,12 @@ def _heldout(args):
     from datasets import load_from_disk
 
     from speculators.data.dataset import split_indices
+    from speculators.evaluate.runner import is_hidden_state_dir
 
-    n = len(load_from_disk(args.data))
+    if is_hidden_state_dir(args.data):  # the trainer splits the sample store's positions
+        from speculators.data.formats import open_sample_store
+
+        n = len(open_sample_store(args.data, data_format_version=args.data_format_version))
+    else:
+        n = len(load_from_disk(args.data))
     return split_indices(n, args.val_fraction, args.split_seed)[1]

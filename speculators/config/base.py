@@ -244,6 +244,8 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], names
         choices = choices_of(info.annotation)
         if choices:
             kw["choices"] = list(choices)
+            if all(isinstance(c, int) and not isinstance(c, bool) for c in choices):
+                kw.update(type=int, metavar="{" + ",".join(map(str, choices)) + "}")
         elif get_origin(inner) is list:
             (item,) = get_args(inner)
             kw.update(nargs="+", type=item, metavar="N")

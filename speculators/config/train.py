@@ -54,6 +54,10 @@ class TrainConfig(TypedSettings):
     train_data_ratio: float = setting(0.9, "training fraction; the rest validates", group=DATA, gt=0.0, le=1.0)
     on_corrupt: Literal["skip", "raise"] = setting("skip", "a corrupt sample file: skip it with a warning "
                                                    "naming it, or stop", group=DATA)
+    data_format_version: Literal[0, 1] = setting(
+        1, "layout of the data_<i>.pt files: 1 = what datagen writes (a list of hidden_states, the final layer "
+        "last); 0 = the older layout (hidden_state = the aux layers concatenated, target = the final layer), kept "
+        "for backwards compatibility; a file in the other layout is refused naming it and its keys", group=DATA)
     data_source: str | None = setting(None, "sample store to use (default: disk, or online if --vllm-endpoint "
                                       "is set)", group=DATA)
 

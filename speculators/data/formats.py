@@ -34,12 +34,16 @@ from typing import Any, Iterator, Literal, Protocol, runtime_checkable
 import torch
 
 from speculators.atomic import atomic_write_bytes, atomic_write_json
+from speculators.data import data_config as dc
+from speculators.data.data_config import DATA_CONFIG_NAME
 from speculators.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 DATA_FORMAT_VERSION = 1
-DATA_CONFIG_NAME = "data_config.json"
+DATA_FORMAT_VERSIONS = (0, 1)
+V0_KEYS = ("input_ids", "loss_mask", "hidden_state", "target")
+V1_KEYS = ("input_ids", "hidden_states", "loss_mask")
 SHARD_DIR = "shards"
 _PT_NAME = re.compile(r"^data_(\d+)\.pt$")
 
@@ -71,16 +75,14 @@ def pt_file_name(index: int) -> str:
 
 
 def read_data_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The flat view (`speculators.data.data_config`) of DIR/data_config.json, either version."""
     path = Path(directory) / DATA_CONFIG_NAME
-    if not path.is_file():
+    config = dc.load(path)
+    if config is None:
         raise UserError(
             f"{path} not found: --data-path must be a directory written by "
             "`speculators datagen` (or `speculators convert-data`)"
         )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); regenerate it with `speculators datagen`")
     version = config.get("version")
     if version != DATA_FORMAT_VERSION:
         raise UserError(
@@ -90,6 +92,67 @@ def read_data_config(directory: str | os.PathLike) -> dict[str, Any]:
         if key not in config:
             raise UserError(f"{path} lacks {key!r}; regenerate the data with `speculators datagen`")
     return config
+
+
+class DataFormatVersionError(UserError):
+    """A sample file in the other layout than --data-format-version names (never skipped)."""
+
+
+def check_layout(sample: Any, where: str, data_format_version: int) -> None:
+    """Refuse a sample file that is not in the layout `data_format_version` names,
+    naming the file and the keys found."""
+    keys = sorted(sample) if isinstance(sample, dict) else None
+    want = V0_KEYS if data_format_version == 0 else V1_KEYS
+    if keys is not None and all(k in sample for k in want):
+        return
+    other = 1 if data_format_version == 0 else 0
+    hint = ""
+    if keys is not None and all(k in sample for k in (V1_KEYS if other == 1 else V0_KEYS)):
+        hint = f"; it is in data format version {other}: pass --data-format-version {other}"
+    found = f"keys {keys}" if keys is not None else f"a {type(sample).__name__}"
+    raise DataFormatVersionError(
+        f"{where}: not data format version {data_format_version} (expects keys {list(want)}), "
+        f"found {found}{hint}"
+    )
+
+
+def v0_to_v1(sample: dict[str, Any], where: str) -> dict[str, Any]:
+    """A version-0 sample (``hidden_state [L, K*H]`` = aux layers concatenated, ``target [L, H]``
+    = the final layer) as a version-1 sample (``hidden_states`` = K aux tensors, then the final)."""
+    hs, target = sample["hidden_state"], sample["target"]
+    if not isinstance(hs, torch.Tensor) or not isinstance(target, torch.Tensor) or hs.ndim != 2 or target.ndim != 2:
+        raise CorruptSampleError(f"{where}: hidden_state and target must be 2-D tensors")
+    hidden = int(target.shape[-1])
+    if hidden == 0 or hs.shape[-1] % hidden:
+        raise CorruptSampleError(
+            f"{where}: hidden_state has {hs.shape[-1]} columns, not a multiple of target's {hidden}"
+        )
+    return {
+        "input_ids": sample["input_ids"],
+        "hidden_states": [*hs.split(hidden, dim=-1), target],
+        "loss_mask": sample["loss_mask"],
+    }
+
+
+def infer_v0_config(directory: Path) -> dict[str, Any]:
+    """What data_config.json would say of a version-0 directory without one (from its first file)."""
+    indices = sorted(finished_pt_indices(directory))
+    if not indices:
+        raise UserError(f"{directory}: no data_<i>.pt files found (data format version 0)")
+    path = directory / pt_file_name(indices[0])
+    try:
+        sample = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot be read ({type(exc).__name__}: {_first_line(exc)})") from exc
+    check_layout(sample, str(path), 0)
+    converted = v0_to_v1(sample, str(path))
+    return {
+        "version": DATA_FORMAT_VERSION,
+        "format": "pt",
+        "hidden_size": int(sample["target"].shape[-1]),
+        "num_layers": len(converted["hidden_states"]),
+        "inferred_from": str(path),
+    }
 
 
 @dataclass(frozen=True)
@@ -187,10 +250,15 @@ class _OwnLayoutStore(ABC):
         directory: str | os.PathLike,
         on_corrupt: OnCorrupt = "skip",
         config: dict[str, Any] | None = None,
+        data_format_version: int = DATA_FORMAT_VERSION,
     ):
         self.directory = Path(directory)
+        if data_format_version not in DATA_FORMAT_VERSIONS:
+            raise UserError(f"--data-format-version {data_format_version!r}: choose 0 or 1")
+        self.data_format_version = data_format_version
         self.config = config if config is not None else read_data_config(self.directory)
-        self.schema = SampleSchema(len(self.config["layer_ids"]), int(self.config["hidden_size"]))
+        num_layers = len(self.config["layer_ids"]) if self.config.get("layer_ids") else int(self.config["num_layers"])
+        self.schema = SampleSchema(num_layers, int(self.config["hidden_size"]))
         self._policy = _CorruptPolicy(on_corrupt)
         self._index()
 
@@ -210,7 +278,8 @@ class _OwnLayoutStore(ABC):
 
 
 class PtSampleStore(_OwnLayoutStore):
-    """Reads ``data_<i>.pt`` files (data format version 1).
+    """Reads ``data_<i>.pt`` files (data format version 1, or 0 when opened with
+    ``data_format_version=0``: ``hidden_state`` [L, K*H] + ``target`` [L, H], served as version 1).
 
     ``on_corrupt="skip"`` warns naming the bad file and serves the next good sample
     instead, so one broken file does not end a long run; ``"raise"`` stops.
@@ -238,8 +307,9 @@ class PtSampleStore(_OwnLayoutStore):
             sample = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # any unpickling/zip error means the file is unusable
             raise CorruptSampleError(f"{path}: cannot be read ({type(exc).__name__}: {_first_line(exc)})") from exc
-        if not isinstance(sample, dict):
-            raise CorruptSampleError(f"{path}: expected a dict, found {type(sample).__name__}")
+        check_layout(sample, str(path), self.data_format_version)
+        if self.data_format_version == 0:
+            sample = v0_to_v1(sample, str(path))
         self.schema.check(sample, str(path))
         return {
             "input_ids": sample["input_ids"].long(),
@@ -378,17 +448,23 @@ def open_sample_store(
     on_corrupt: OnCorrupt = "skip",
     expected_hidden_size: int | None = None,
     expected_num_layers: int | None = None,
+    data_format_version: int = DATA_FORMAT_VERSION,
 ) -> PtSampleStore | SafetensorsSampleStore:
     """Open a datagen output directory whatever its layout.
 
     ``expected_hidden_size``/``expected_num_layers`` (the verifier's, when known) are
     checked against data_config.json so a mismatch fails before training starts.
     ``expected_num_layers`` counts all stored layers, the final one included.
+    ``data_format_version`` 0 reads the older per-sample layout (a directory of ``data_<i>.pt``
+    with ``hidden_state``/``target``; data_config.json optional); its first file is checked
+    here, so the wrong version fails before anything else, naming the file and its keys.
     """
     directory = Path(directory)
     from speculators.data.public_format import is_public_layout, open_public_store
 
-    if is_public_layout(directory):  # the public speculators package's layout, detected
+    if data_format_version not in DATA_FORMAT_VERSIONS:
+        raise UserError(f"--data-format-version {data_format_version!r}: choose 0 or 1")
+    if data_format_version == 1 and is_public_layout(directory):  # the public package's layout, detected
         public = open_public_store(directory, on_corrupt)
         where = directory / "hidden_states"
         if expected_hidden_size is not None and public.schema.hidden_size != int(expected_hidden_size):
@@ -401,21 +477,52 @@ def open_sample_store(
                 f"{where}: stores {public.schema.num_layers} layers, the draft model expects {expected_num_layers}"
             )
         return public  # type: ignore[return-value]
-    config = read_data_config(directory)
+    if data_format_version == 0:
+        config = infer_v0_config(directory)  # also refuses a version-1 first file
+        recorded = dc.load(directory / DATA_CONFIG_NAME)
+        if recorded is not None:  # e.g. one we wrote: keep its layer ids and model
+            for key in ("layer_ids", "num_hidden_layers", "model"):
+                if key in recorded:
+                    config[key] = recorded[key]
+            if recorded.get("layer_ids") and len(recorded["layer_ids"]) != config["num_layers"]:
+                raise UserError(
+                    f"{directory / DATA_CONFIG_NAME}: layer_ids {recorded['layer_ids']} name "
+                    f"{len(recorded['layer_ids'])} layers, {config['inferred_from']} holds {config['num_layers']}"
+                )
+    else:
+        if not (directory / DATA_CONFIG_NAME).is_file() and finished_pt_indices(directory):
+            first = directory / pt_file_name(min(finished_pt_indices(directory)))
+            try:  # say what the files are when they are the older layout
+                check_layout(torch.load(first, map_location="cpu", weights_only=True, mmap=True), str(first), 1)
+            except DataFormatVersionError:
+                raise
+            except Exception:
+                pass
+        config = read_data_config(directory)
     where = directory / DATA_CONFIG_NAME
+    n_stored = len(config["layer_ids"]) if config.get("layer_ids") else int(config.get("num_layers", 0))
     if expected_hidden_size is not None and int(config["hidden_size"]) != int(expected_hidden_size):
         raise UserError(
             f"{where}: hidden_size {config['hidden_size']} does not match the verifier's "
             f"{expected_hidden_size}; regenerate the data for this verifier"
         )
-    if expected_num_layers is not None and len(config["layer_ids"]) != int(expected_num_layers):
+    if expected_num_layers is not None and n_stored != int(expected_num_layers):
         raise UserError(
-            f"{where}: stores {len(config['layer_ids'])} layers {config['layer_ids']}, "
+            f"{where}: stores {n_stored} layers {config.get('layer_ids')}, "
             f"the draft model expects {expected_num_layers}"
         )
     fmt = config.get("format", "pt")
     if fmt == "pt":
-        store: PtSampleStore | SafetensorsSampleStore = PtSampleStore(directory, on_corrupt, config)
+        store: PtSampleStore | SafetensorsSampleStore = PtSampleStore(directory, on_corrupt, config,
+                                                                       data_format_version)
+        if data_format_version == 1 and len(store):
+            first = store.path(0)
+            try:
+                sample = torch.load(first, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:
+                sample = None  # unreadable: the corrupt-file policy deals with it when it is loaded
+            if sample is not None:
+                check_layout(sample, str(first), 1)
     elif fmt == "safetensors":
         store = SafetensorsSampleStore(directory, on_corrupt, config)
     else:
@@ -458,8 +565,10 @@ def convert_pt_to_safetensors(
     dst: str | os.PathLike,
     shard_tokens: int = 1 << 20,
     on_corrupt: OnCorrupt = "skip",
+    data_format_version: int = DATA_FORMAT_VERSION,
 ) -> dict[str, Any]:
-    """Copy a ``pt`` dataset into the sharded safetensors layout; returns the new data_config.
+    """Copy a ``pt`` dataset (data format version 1, or 0) into the sharded safetensors layout;
+    returns the new data_config (flat view).
 
     A shard closes once it holds at least ``shard_tokens`` tokens. Corrupt source
     files are skipped with a warning (or raise, per ``on_corrupt``); either way the
@@ -470,10 +579,10 @@ def convert_pt_to_safetensors(
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise UserError("--output-dir must differ from --data-path (convert-data writes a new directory)")
-    config = read_data_config(src)
-    if config.get("format", "pt") != "pt":
-        raise UserError(f"{src / DATA_CONFIG_NAME}: format is {config.get('format')!r}, expected 'pt'")
-    store = PtSampleStore(src, on_corrupt="raise", config=config)
+    store = open_sample_store(src, on_corrupt="raise", data_format_version=data_format_version)
+    if not isinstance(store, PtSampleStore):
+        raise UserError(f"{src / DATA_CONFIG_NAME}: format is {store.config.get('format')!r}, expected 'pt'")
+    config = dict(store.config)
     if len(store) == 0:
         raise UserError(f"{src}: no data_<i>.pt files to convert")
     (dst / SHARD_DIR).mkdir(parents=True, exist_ok=True)
@@ -517,5 +626,32 @@ def convert_pt_to_safetensors(
     new_config["converted_from"] = str(src)
     new_config["skipped_corrupt"] = skipped
     new_config["shards"] = shards
-    atomic_write_json(dst / DATA_CONFIG_NAME, new_config)
+    if data_format_version == 0:  # the shards hold version-1 samples now; say how many layers
+        new_config.pop("inferred_from", None)
+        new_config.setdefault("layer_ids", None)
+        new_config["num_layers"] = store.schema.num_layers
+    dc.write(dst / DATA_CONFIG_NAME, new_config)
     return new_config
+
+
+def convert_v0_to_pt(src: str | os.PathLike, dst: str | os.PathLike, on_corrupt: OnCorrupt = "skip") -> dict[str, Any]:
+    """Rewrite a data-format-version-0 directory as version 1 (what datagen writes today)."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise UserError("--output-dir must differ from --data-path (convert-data writes a new directory)")
+    if dst.exists() and any(dst.iterdir()):
+        raise UserError(f"--output-dir {dst} exists and is not empty; choose a new directory")
+    store = open_sample_store(src, on_corrupt="raise", data_format_version=0)
+    dst.mkdir(parents=True, exist_ok=True)
+    lengths: dict[str, int] = {}
+    skipped: list[int] = []
+    for index, sample in readable_samples(store, on_corrupt, skipped):
+        write_pt_sample(dst, index, sample)
+        lengths[str(index)] = int(sample["input_ids"].shape[0])
+    config = {k: v for k, v in store.config.items() if k not in ("inferred_from",)}
+    config.update({"version": DATA_FORMAT_VERSION, "format": "pt", "converted_from": str(src),
+                   "skipped_corrupt": skipped, "complete": True, "num_samples": len(lengths), "lengths": lengths})
+    config.setdefault("layer_ids", None)
+    config["num_layers"] = store.schema.num_layers
+    dc.write(dst / DATA_CONFIG_NAME, config)
+    return config

@@ -235,6 +235,28 @@ def _collect(spec: DataSpec, quota: int | None, tokenizer, eot: set[int], cfg: P
     return out
 
 
+def _plan(cfg: PrepareConfig):
+    """(tokenizer, end-of-turn ids, sources, fingerprint) of a prepare-data run."""
+    tokenizer = load_tokenizer(cfg.model)
+    eot = end_of_turn_ids(tokenizer, cfg.model)
+    specs = [resolve_data(d) for d in cfg.sources()]
+    return tokenizer, eot, specs, fingerprint(cfg, tokenizer_fingerprint(tokenizer, eot), specs)
+
+
+def prepare_fingerprint(cfg: PrepareConfig) -> str:
+    """The cache key prepare-data gives these settings (tokenizer, chat template, sources, parameters);
+    `cfg.output` plays no part, so a cache can be keyed by it before anything is written."""
+    return _plan(cfg)[3]
+
+
+def token_frequencies(input_ids, loss_masks) -> dict[int, int]:
+    """token id -> count over loss-masked tokens (what token_freq.pt holds)."""
+    freq: Counter[int] = Counter()
+    for ids, mask in zip(input_ids, loss_masks):
+        freq.update(int(i) for i, m in zip(ids, mask) if m)
+    return {int(k): int(v) for k, v in sorted(freq.items())}
+
+
 def prepare_data(cfg: PrepareConfig) -> PrepareResult:
     start = time.time()
     # types, bounds and choices were checked when `cfg` was built (speculators.config.prepare)
@@ -250,11 +272,8 @@ def prepare_data(cfg: PrepareConfig) -> PrepareResult:
             f"--output {output} is a non-empty directory not written by prepare-data; "
             "choose a new directory"
         )
-    tokenizer = load_tokenizer(cfg.model)
-    eot = end_of_turn_ids(tokenizer, cfg.model)
-    specs = [resolve_data(d) for d in cfg.sources()]
+    tokenizer, eot, specs, fp = _plan(cfg)
     quotas = source_quotas(specs, cfg.max_samples)
-    fp = fingerprint(cfg, tokenizer_fingerprint(tokenizer, eot), specs)
 
     cached = None if cfg.force else read_cached(output, fp)
     if cached is not None:
@@ -292,9 +311,7 @@ def prepare_data(cfg: PrepareConfig) -> PrepareResult:
         random.Random(cfg.seed).shuffle(order)
         input_ids = [input_ids[i] for i in order]
         loss_masks = [loss_masks[i] for i in order]
-    freq: Counter[int] = Counter()
-    for ids, mask in zip(input_ids, loss_masks):
-        freq.update(i for i, m in zip(ids, mask) if m)
+    freq = token_frequencies(input_ids, loss_masks)
 
     total_dropped = sum(dropped.values())
     if not input_ids:

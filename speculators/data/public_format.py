@@ -17,7 +17,6 @@ layers were captured; we keep them in an optional ``data_config.json`` beside it
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -89,7 +88,7 @@ class PublicSampleStore:
             "hidden_states_dtype": str(first["hidden_states"].dtype).replace("torch.", ""),
         }
         for key in ("layer_ids", "num_hidden_layers", "model"):
-            if config and key in config:
+            if config and config.get(key) is not None:
                 self.config[key] = config[key]
         if "layer_ids" in self.config and len(self.config["layer_ids"]) != num_layers:
             raise UserError(
@@ -178,7 +177,8 @@ def convert_to_public(src: str | os.PathLike, dst: str | os.PathLike, on_corrupt
     """
     from safetensors.torch import save_file
 
-    from speculators.data.formats import DATA_CONFIG_NAME, atomic_write_json, open_sample_store, readable_samples
+    from speculators.data import data_config as dc
+    from speculators.data.formats import DATA_CONFIG_NAME, open_sample_store, readable_samples
 
     src, dst = Path(src), Path(dst)
     _check_new_output(src, dst)
@@ -201,7 +201,7 @@ def convert_to_public(src: str | os.PathLike, dst: str | os.PathLike, on_corrupt
     _write_rows(dst, rows)
     config = {
         "format": PUBLIC_FORMAT,
-        "layer_ids": list(store.config["layer_ids"]),  # type: ignore[attr-defined]
+        "layer_ids": list(store.config["layer_ids"]) if store.config.get("layer_ids") else None,  # type: ignore[attr-defined]
         "hidden_size": int(store.config["hidden_size"]),  # type: ignore[attr-defined]
         "converted_from": str(src),
         "source_sample_index": source_index,
@@ -210,7 +210,7 @@ def convert_to_public(src: str | os.PathLike, dst: str | os.PathLike, on_corrupt
     for key in ("num_hidden_layers", "model"):
         if key in store.config:  # type: ignore[attr-defined]
             config[key] = store.config[key]  # type: ignore[attr-defined]
-    atomic_write_json(dst / DATA_CONFIG_NAME, config)
+    dc.write(dst / DATA_CONFIG_NAME, config)
     return config
 
 
@@ -226,13 +226,8 @@ def convert_from_public(
     The public layout does not say which verifier layers its K stored layers are;
     ``layer_ids`` (or the ``data_config.json`` our converter leaves there) must.
     """
-    from speculators.data.formats import (
-        DATA_CONFIG_NAME,
-        DATA_FORMAT_VERSION,
-        atomic_write_json,
-        readable_samples,
-        write_pt_sample,
-    )
+    from speculators.data import data_config as dc
+    from speculators.data.formats import DATA_CONFIG_NAME, DATA_FORMAT_VERSION, readable_samples, write_pt_sample
 
     src, dst = Path(src), Path(dst)
     _check_new_output(src, dst)
@@ -272,19 +267,15 @@ def convert_from_public(
     }
     if n_layers is not None:
         config["num_hidden_layers"] = int(n_layers)
-    atomic_write_json(dst / DATA_CONFIG_NAME, config)
+    dc.write(dst / DATA_CONFIG_NAME, config)
     return config
 
 
 def read_public_sidecar(directory: Path) -> dict[str, Any] | None:
-    path = directory / "data_config.json"
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
-    return config if config.get("format") == PUBLIC_FORMAT else None
+    from speculators.data import data_config as dc
+
+    config = dc.load(directory / "data_config.json")
+    return config if config is not None and config.get("format") == PUBLIC_FORMAT else None
 
 
 def open_public_store(directory: str | os.PathLike, on_corrupt: str = "skip") -> PublicSampleStore:

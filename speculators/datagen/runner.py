@@ -28,10 +28,10 @@ from typing import Any, Callable
 import torch
 
 from speculators.config.datagen import DatagenConfig
+from speculators.data import data_config as dc
 from speculators.data.formats import (
     DATA_CONFIG_NAME,
     DATA_FORMAT_VERSION,
-    atomic_write_json,
     convert_pt_to_safetensors,
     finished_pt_indices,
     write_pt_sample,
@@ -46,18 +46,13 @@ logger = logging.getLogger(__name__)
 STAGING = ".pt-staging"
 STORE_DTYPE = torch.bfloat16
 
-SCHEMA = {
-    "file": "data_<i>.pt, i = row of the prepared dataset",
-    "input_ids": "LongTensor[L]",
-    "loss_mask": "LongTensor[L], 1 on assistant tokens",
-    "hidden_states": "list of Tensor[L, hidden_size] bfloat16, one per layer_ids entry, in order",
-    "layer_convention": (
-        "id i < num_hidden_layers: residual stream entering decoder layer i (transformers "
-        "hidden_states[i], vLLM aux hidden state i; id 0 = embeddings); id num_hidden_layers: "
-        "output of the last decoder layer BEFORE the final norm. The last entry is always the "
-        "final layer; the trainer applies the verifier's norm + lm_head to it."
-    ),
-}
+LAYER_CONVENTION = (
+    "id i < num_hidden_layers: residual stream entering decoder layer i (transformers "
+    "hidden_states[i], vLLM aux hidden state i; id 0 = embeddings); id num_hidden_layers: "
+    "output of the last decoder layer BEFORE the final norm. The last entry is always the "
+    "final layer; the trainer applies the verifier's norm + lm_head to it. File data_<i>.pt "
+    "holds row i of the prepared dataset."
+)
 
 
 @dataclass
@@ -114,6 +109,23 @@ def _same_model(a: Any, b: Any) -> bool:
     return False
 
 
+def _command(cfg: DatagenConfig) -> str:
+    """The command line that reproduces this run (flags as given)."""
+    import shlex
+
+    from speculators.config.base import explicit_argv
+
+    extra = ["--", *cfg.extra_args] if cfg.extra_args else []
+    return shlex.join(["speculators", "datagen", *explicit_argv(cfg), *extra])
+
+
+def _gpu_name() -> str | None:
+    try:
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # a broken driver must not stop datagen from recording what it can
+        return None
+
+
 def _check_compatible(existing: dict[str, Any], new: dict[str, Any], where: Path) -> None:
     for key in ("model", "layer_ids", "hidden_size", "num_hidden_layers", "format"):
         if key == "model" and _same_model(existing.get(key), new.get(key)):
@@ -123,8 +135,9 @@ def _check_compatible(existing: dict[str, Any], new: dict[str, Any], where: Path
                 f"{where} was generated with {key}={existing.get(key)!r}, this run has "
                 f"{new.get(key)!r}; use a new --output-dir (or delete the old one)"
             )
-    old_fp = (existing.get("data") or {}).get("fingerprint")
-    new_fp = (new.get("data") or {}).get("fingerprint")
+    old_data, new_data = existing.get("data"), new.get("data")
+    old_fp = old_data.get("fingerprint") if isinstance(old_data, dict) else None
+    new_fp = new_data.get("fingerprint") if isinstance(new_data, dict) else None
     if old_fp and new_fp and old_fp != new_fp:
         raise UserError(
             f"{where} was generated from a different prepared dataset (fingerprint {old_fp} vs "
@@ -133,12 +146,14 @@ def _check_compatible(existing: dict[str, Any], new: dict[str, Any], where: Path
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """The flat view of an existing data_config.json (either version), None if absent or unreadable."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None  # a torn write cannot happen (atomic), but a hand edit can: rewrite it
+    return dc.flatten(raw) if isinstance(raw, dict) else None
 
 
 def _remove_stale_temps(directory: Path) -> int:
@@ -158,36 +173,67 @@ def run_datagen(
 
     ``generator_factory`` replaces the backend lookup (tests, custom backends).
     """
+    from speculators.datagen.prepare_input import (
+        CHAT_TEMPLATE_NOTE,
+        check_token_freq_target,
+        resolve_prepared_input,
+        token_freq_for,
+        write_token_freq,
+    )
+
     start = time.time()
     # types, bounds and choices were checked when `cfg` was built (speculators.config.datagen)
-    data = load_prepared(cfg.train_data_path)
-    for col in ("input_ids", "loss_mask"):
-        if col not in data.column_names:
-            raise UserError(f"--train-data-path {cfg.train_data_path}: dataset lacks column {col!r}")
-    total = len(data) if cfg.max_samples is None else min(cfg.max_samples, len(data))
-    if total == 0:
-        raise UserError(f"--train-data-path {cfg.train_data_path}: the prepared dataset is empty")
-
     num_layers, hidden_size = read_model_shape(cfg.target_model_path)
     layer_ids = resolve_layer_ids(cfg.layer_ids, num_layers, cfg.include_last_layer)
+    prepared = resolve_prepared_input(cfg)  # a source is prepared (or its cached copy found) here
+    data = load_prepared(prepared.path)
+    for col in ("input_ids", "loss_mask"):
+        if col not in data.column_names:
+            raise UserError(f"--train-data-path {prepared.path}: dataset lacks column {col!r}")
+    total = len(data) if cfg.max_samples is None else min(cfg.max_samples, len(data))
+    if total == 0:
+        raise UserError(f"--train-data-path {prepared.path}: the prepared dataset is empty")
+    freq = token_freq_for(prepared.path, data, total)
+    out_freq = Path(cfg.output_dir) / "token_freq.pt"
+    extra_freq = None
+    if cfg.token_freq_path and Path(cfg.token_freq_path).resolve() != out_freq.resolve():
+        extra_freq = check_token_freq_target(cfg.token_freq_path, freq)  # refused before any work
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = out / STAGING if cfg.format == "safetensors" else out
     work.mkdir(parents=True, exist_ok=True)
 
+    packages = _package_versions(cfg.backend)
+    sources = prepared.sources
     config: dict[str, Any] = {
         "version": DATA_FORMAT_VERSION,
         "format": "pt",
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "packages": _package_versions(cfg.backend),
+        "speculators_version": packages.get("speculators"),
+        "command": _command(cfg),
+        "packages": packages,
+        "gpu": _gpu_name(),
         "model": cfg.target_model_path,
-        "data": _data_identity(cfg.train_data_path),
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "max_model_len": cfg.max_model_len,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "data": {
+            **_data_identity(str(prepared.path)),
+            "train_data_path": sources[0] if len(sources) == 1 else sources,
+            "seq_length": prepared.params.get("seq_length"),
+            "max_samples": cfg.max_samples,
+            "seed": prepared.params.get("seed"),
+            "chat_template_note": CHAT_TEMPLATE_NOTE,
+        },
         "layer_ids": layer_ids,
         "hidden_size": hidden_size,
         "num_hidden_layers": num_layers,
         "hidden_states_dtype": "bfloat16",
-        "schema": SCHEMA,
+        "layer_convention": LAYER_CONVENTION,
+        "cache_dir": str(prepared.cache_dir) if prepared.cache_dir else None,
+        "batch_size": cfg.batch_size,
+        "schema": dc.tensor_schema(len(layer_ids), hidden_size, "bfloat16"),
         "complete": False,
     }
     config_path = work / DATA_CONFIG_NAME
@@ -215,7 +261,7 @@ def run_datagen(
     stale = _remove_stale_temps(work)
     if stale:
         logger.info("datagen: removed %d temp file(s) left by an interrupted run", stale)
-    atomic_write_json(config_path, config)
+    dc.write(config_path, config)
 
     finished = finished_pt_indices(work)
     lengths_all = [len(x) for x in data.select(range(total))["input_ids"]]
@@ -247,7 +293,7 @@ def run_datagen(
                     f"{generator.num_hidden_layers}; the config says {hidden_size}, {num_layers}"
                 )
             config["backend"] = {"name": cfg.backend, **generator.describe()}
-            atomic_write_json(config_path, config)
+            dc.write(config_path, config)
             last_log = time.time()
             for b in range(0, len(todo), cfg.batch_size):
                 idx = todo[b : b + cfg.batch_size]
@@ -283,11 +329,15 @@ def run_datagen(
     config["num_samples"] = total
     config["lengths"] = {str(i): lengths_all[i] for i in range(total)}
     config["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    atomic_write_json(config_path, config)
+    dc.write(config_path, config)
 
     if cfg.format == "safetensors":
         convert_pt_to_safetensors(work, out, on_corrupt="raise")
         shutil.rmtree(work)
+    write_token_freq(out_freq, freq)  # beside data_config.json, as the public scripts do
+    if extra_freq is not None:
+        write_token_freq(extra_freq, freq)
+        logger.info("datagen: token frequencies written to %s and %s", out_freq, extra_freq)
 
     seconds = time.time() - start
     tps = tokens / max(time.time() - gen_start, 1e-9) if tokens else 0.0

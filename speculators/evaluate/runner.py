@@ -173,10 +173,53 @@ def evaluate_prompts(verifier, proposer, prompts: Sequence[Sequence[int]], setti
     return total, stats
 
 
+def is_hidden_state_dir(path: str | Path) -> bool:
+    """A datagen output (data_config.json or data_<i>.pt files) rather than a prepared dataset."""
+    path = Path(path)
+    if not path.is_dir() or (path / "dataset_info.json").exists() or (path / "state.json").exists():
+        return False
+    return (path / "data_config.json").is_file() or any(path.glob("data_*.pt"))
+
+
+def prompts_from_samples(path: str | Path, data_format_version: int = 1, indices: Sequence[int] | None = None,
+                         limit: int | None = None, max_prompt_len: int | None = None,
+                         skip_samples: int = 0) -> list[list[int]]:
+    """Prompts from a hidden-state directory (either data format version): each sample's tokens
+    before its first loss-masked token, in sample order (``indices``: positions in that order)."""
+    from speculators.data.formats import open_sample_store
+
+    store = open_sample_store(path, on_corrupt="raise", data_format_version=data_format_version)
+    positions = range(len(store)) if indices is None else indices
+    prompts: list[list[int]] = []
+    for pos in positions:
+        if int(pos) < skip_samples:
+            continue
+        sample = store.load(int(pos))
+        mask = sample["loss_mask"].tolist()
+        if 1 not in mask or mask.index(1) == 0:
+            continue
+        prompt = sample["input_ids"][: mask.index(1)].tolist()
+        if max_prompt_len is not None and len(prompt) > max_prompt_len:
+            prompt = prompt[-max_prompt_len:]
+        prompts.append(prompt)
+        if limit is not None and len(prompts) >= limit:
+            break
+    if not prompts:
+        raise UserError(f"--data {path}: no sample has a prompt followed by an assistant turn")
+    return prompts
+
+
 def load_prompts(data: str | Path, tokenizer_path: str, num_prompts: int | None = None,
                  indices: Sequence[int] | None = None, max_prompt_len: int | None = None,
-                 skip_samples: int = 0, data_seed: int = 0, seq_length: int | None = None) -> list[list[int]]:
-    """A prepared dataset directory, or a conversation source tokenized like prepare-data."""
+                 skip_samples: int = 0, data_seed: int = 0, seq_length: int | None = None,
+                 data_format_version: int = 1) -> list[list[int]]:
+    """A prepared dataset directory, a hidden-state directory (datagen output, data format
+    version 0 or 1), or a conversation source tokenized like prepare-data."""
+    if is_hidden_state_dir(data):
+        return prompts_from_samples(data, data_format_version, indices, num_prompts, max_prompt_len, skip_samples)
+    if data_format_version != 1:
+        raise UserError(f"--data-format-version {data_format_version} applies to a hidden-state --data directory; "
+                        f"{data} is not one")
     if Path(data).is_dir() and ((Path(data) / "dataset_info.json").exists() or (Path(data) / "state.json").exists()):
         rows = indices
         if skip_samples:
@@ -193,7 +236,7 @@ def evaluate_checkpoint(checkpoint: str | Path, verifier_path: str | None, data:
                         settings: EvalSettings, num_prompts: int | None = None,
                         indices: Sequence[int] | None = None, max_prompt_len: int | None = None,
                         skip_samples: int = 0, data_seed: int = 0, seq_length: int | None = None,
-                        streams: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                        streams: list[dict[str, Any]] | None = None, data_format_version: int = 1) -> dict[str, Any]:
     """The PyTorch acceptance report of a speculator checkpoint on held-out prompts
     (``streams``: see `evaluate_prompts`)."""
     from speculators.evaluate.proposers import Eagle3Proposer
@@ -216,7 +259,7 @@ def evaluate_checkpoint(checkpoint: str | Path, verifier_path: str | None, data:
     if verifier.vocab_size != cfg.vocab_size:
         raise UserError(f"--verifier {verifier_path}: vocabulary {verifier.vocab_size} != draft's {cfg.vocab_size}")
     prompts = load_prompts(data, verifier_path, num_prompts, indices, max_prompt_len, skip_samples, data_seed,
-                           seq_length)
+                           seq_length, data_format_version)
     torch.manual_seed(settings.seed)
     counts, stats = evaluate_prompts(verifier, proposer, prompts, settings, eos_ids_of(verifier_path), streams)
     return build_report(

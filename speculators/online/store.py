@@ -203,17 +203,14 @@ class OnlineSampleStore:
 
     def _adopt_cache_config(self) -> None:
         """Cached samples from an earlier run or offline datagen must hold the same layers."""
-        import json
+        from speculators.data import data_config as dc
 
         if self.cache_dir is None:
             return
         path = self.cache_dir / "data_config.json"
-        if not path.is_file():
+        existing = dc.load(path)  # either version of the file
+        if existing is None:
             return
-        try:
-            existing = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} is not valid JSON ({exc}); delete it or the directory") from exc
         theirs = existing.get("layer_ids")
         c = self.online
         if theirs and c.layer_ids and list(theirs) != list(c.layer_ids):
@@ -349,7 +346,8 @@ class OnlineSampleStore:
         return sample
 
     def _write_cache(self, row: int, sample: dict[str, Any]) -> None:
-        from speculators.atomic import atomic_write_bytes, atomic_write_json
+        from speculators.atomic import atomic_write_bytes
+        from speculators.data import data_config as dc
 
         path = cached_file(self.cache_dir, row)  # type: ignore[arg-type]
         atomic_write_bytes(path, lambda tmp: torch.save(sample, tmp))
@@ -360,7 +358,7 @@ class OnlineSampleStore:
                 if not self._config_written:
                     cfg_path = self.cache_dir / "data_config.json"  # type: ignore[operator]
                     if not cfg_path.exists():
-                        atomic_write_json(cfg_path, self._data_config(sample))
+                        dc.write(cfg_path, self._data_config(sample))
                     self._config_written = True
 
     def _recorded_layer_ids(self) -> list[int] | None:
@@ -372,6 +370,8 @@ class OnlineSampleStore:
 
     def _data_config(self, sample: dict[str, Any]) -> dict[str, Any]:
         import importlib.metadata as md
+
+        from speculators.data import data_config as dc
 
         def version(pkg: str) -> str | None:
             try:
@@ -392,11 +392,8 @@ class OnlineSampleStore:
             "num_hidden_layers": self.online.num_hidden_layers,
             "hidden_states_dtype": str(self.online.hidden_dtype).replace("torch.", ""),
             "generator": {"backend": "vllm-online", "endpoint": self.online.endpoint},
-            "schema": {
-                "input_ids": "int64 [L]",
-                "hidden_states": f"list of {k} x {self.online.hidden_dtype} [L, H]",
-                "loss_mask": "int64 [L]",
-            },
+            "schema": dc.tensor_schema(k, int(sample["hidden_states"][0].shape[-1]),
+                                       str(self.online.hidden_dtype).replace("torch.", "")),
             **self.online.extra_config,
         }
 

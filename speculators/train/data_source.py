@@ -28,10 +28,14 @@ def _disk_store(cfg) -> Any:
 
     if not cfg.data_path:
         raise UserError("--data-path is required for offline training (the `speculators datagen` output directory)")
-    return open_sample_store(cfg.data_path, on_corrupt=cfg.on_corrupt)
+    return open_sample_store(cfg.data_path, on_corrupt=cfg.on_corrupt,
+                             data_format_version=getattr(cfg, "data_format_version", 1))
 
 
 def _online_store(cfg) -> Any:
+    if getattr(cfg, "data_format_version", 1) != 1:
+        raise UserError("--data-format-version 0 applies to offline data (--data-path); online training reads "
+                        "and caches version 1 (drop the flag or --vllm-endpoint)")
     try:
         module = importlib.import_module("speculators.online.cli_args")
         build = module.build_online_store

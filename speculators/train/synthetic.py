@@ -30,7 +30,7 @@ def write_synthetic_hidden_states(
 ) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from speculators.atomic import atomic_write_json
+    from speculators.data import data_config as dc
     from speculators.data.formats import DATA_CONFIG_NAME, write_pt_sample
 
     out = Path(out_dir)
@@ -61,7 +61,7 @@ def write_synthetic_hidden_states(
         }
         write_pt_sample(out, i, sample)
         lengths[str(i)] = seq_len
-    atomic_write_json(
+    dc.write(
         out / DATA_CONFIG_NAME,
         {
             "version": 1,

@@ -65,7 +65,13 @@ def check_data_against_verifier(data_config: dict[str, Any], vconf: Any, cfg: Tr
             f"{where}: num_hidden_layers {n_layers} does not match the verifier's {vconf.num_hidden_layers}; "
             "the data was generated with another model"
         )
-    layer_ids = [int(x) for x in data_config.get("layer_ids", [])]
+    layer_ids = [int(x) for x in data_config.get("layer_ids") or []]
+    if not layer_ids and data_config.get("num_layers") not in (None, 4):
+        raise UserError(
+            f"{where}: the data holds {data_config['num_layers']} layers but names no layer ids (data format "
+            "version 0); write its layer ids into data_config.json (hidden_states.layer_ids), or convert it with "
+            "`speculators convert-data --data-format-version 0 --to pt` and record them there"
+        )
     if layer_ids:
         from speculators.layers import check_layer_ids
 

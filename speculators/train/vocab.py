@@ -64,12 +64,34 @@ def load_vocab_mapping(
             d2t_path, t2d_path = str(cand / "d2t.npy"), str(cand / "t2d.npy")
     if d2t_path is None:
         if draft_vocab_size is not None and draft_vocab_size != verifier_vocab:
+            freq_path = Path(data_path) / "token_freq.pt" if data_path else None
+            if freq_path is not None and freq_path.is_file():
+                return mapping_from_token_freq(freq_path, verifier_vocab, draft_vocab_size)
             raise UserError(
                 f"--draft-vocab-size {draft_vocab_size} needs a vocab mapping: pass --d2t-path/--t2d-path "
-                "(from `speculators build-vocab-mapping`) or put d2t.npy/t2d.npy in --data-path"
+                "(from `speculators build-vocab-mapping`) or put d2t.npy/t2d.npy (or the token_freq.pt they are "
+                "built from) in --data-path"
             )
         return identity_mapping(verifier_vocab)
     d2t = torch.from_numpy(_load_npy(Path(d2t_path), "--d2t-path").astype(np.int64))
     t2d = torch.from_numpy(_load_npy(Path(t2d_path), "--t2d-path").astype(bool))
     check_mapping(d2t, t2d, verifier_vocab, draft_vocab_size)
     return d2t, t2d
+
+
+def mapping_from_token_freq(freq_path: Path, verifier_vocab: int, draft_vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mapping `speculators build-vocab-mapping` would build from `freq_path` (as the public
+    training script does when --data-path holds token_freq.pt but no d2t.npy/t2d.npy)."""
+    import logging
+
+    from speculators.data.vocab import build_mapping, load_token_freq, select_draft_tokens
+
+    if draft_vocab_size > verifier_vocab:
+        raise UserError(f"--draft-vocab-size {draft_vocab_size} exceeds the verifier vocabulary {verifier_vocab}")
+    chosen = select_draft_tokens(load_token_freq(freq_path), draft_vocab_size, verifier_vocab)
+    d2t, t2d = build_mapping(chosen, verifier_vocab)
+    logging.getLogger("speculators.train").info(
+        "vocab mapping: the %d most frequent tokens of %s (no d2t.npy/t2d.npy given)", draft_vocab_size, freq_path)
+    d2t_t, t2d_t = torch.from_numpy(d2t.astype(np.int64)), torch.from_numpy(t2d.astype(bool))
+    check_mapping(d2t_t, t2d_t, verifier_vocab, draft_vocab_size)
+    return d2t_t, t2d_t
