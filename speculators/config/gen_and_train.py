@@ -132,6 +132,22 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return out
 
 
+# The public package's `gen_and_train.py` is configured by editing the arguments section of the
+# script itself and then run with no arguments; ours reads this file from the working directory
+# when no --config is given, so the same habit (edit, then `speculators gen-and-train`) works.
+DEFAULT_CONFIG_NAMES = ("gen_and_train.yaml", "gen_and_train.yml", "gen_and_train.json")
+
+
+def default_config_file(cwd: str | Path = ".") -> Path | None:
+    """The settings file `gen-and-train` reads when given no --config: the first of
+    DEFAULT_CONFIG_NAMES in `cwd`, or None."""
+    for name in DEFAULT_CONFIG_NAMES:
+        path = Path(cwd) / name
+        if path.is_file():
+            return path
+    return None
+
+
 def load_settings(config_file: str | None, given: dict[str, Any]) -> GenTrainConfig:
     """The schema's defaults, then the config file's values, then the flags given."""
     values = read_config_file(config_file) if config_file else {}
@@ -139,5 +155,6 @@ def load_settings(config_file: str | None, given: dict[str, Any]) -> GenTrainCon
     try:
         return GenTrainConfig(**values)
     except UserError as exc:
-        where = f" (flags and --config {config_file})" if config_file else ""
+        where = (f" (flags and --config {config_file})" if config_file else
+                 f" (give it as a flag, or write it in ./{DEFAULT_CONFIG_NAMES[0]} or a --config file)")
         raise UserError(f"{exc}{where}") from None
