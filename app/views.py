@@ -56,16 +56,28 @@ def run_progress(run: Run) -> float:
     return sum(stage_fraction(s) for s in run.stages) / len(run.stages)
 
 
-_MD_SPECIAL = re.compile(r"[!-/:-@\[-`{-~]")  # all ASCII punctuation
+# Streamlit's own alert colours (light theme), so a plain-text alert looks like st.error & co.
+_ALERT_STYLE = {
+    "error": ("rgba(255, 43, 43, 0.09)", "rgb(125, 53, 59)"),
+    "warning": ("rgba(255, 227, 18, 0.1)", "rgb(146, 108, 5)"),
+    "info": ("rgba(28, 131, 225, 0.1)", "rgb(0, 66, 128)"),
+    "success": ("rgba(33, 195, 84, 0.1)", "rgb(23, 114, 51)"),
+}
 
 
-def plain(text: str) -> str:
-    """Text for a Markdown element with no Markdown syntax in effect: every ASCII punctuation
-    character written as a numeric character reference, shown as that character but never
-    read as a link, image, emphasis or LaTeX. A bare URL is still made a link by GFM's
-    autolinking (which runs on the decoded text), so a user's own text - a run name - goes
-    into non-Markdown elements instead (`heading_html`, `st.text`)."""
-    return _MD_SPECIAL.sub(lambda m: f"&#{ord(m.group(0))};", text)
+def alert_html(kind: str, text: str, icon: str = "") -> str:
+    """An alert box (`kind`: error, warning, info, success; `caption`: small grey text) whose
+    text is HTML-escaped and never read as Markdown, for `st.html`. `st.error` and friends
+    render Markdown, and escaping Markdown does not stop GFM from linking a bare URL, so any
+    message that may quote a user's text (a field error echoes the value typed) goes here."""
+    body = html.escape(f"{icon} {text}" if icon else text)
+    if kind == "caption":
+        return (f'<div data-spec-alert="caption" style="font-size: 0.875rem; color: rgba(49, 51, 63, 0.6); '
+                f'white-space: pre-wrap; overflow-wrap: anywhere">{body}</div>')
+    bg, fg = _ALERT_STYLE[kind]
+    return (f'<div data-spec-alert="{kind}" role="alert" style="background: {bg}; color: {fg}; '
+            f'padding: 0.75rem 1rem; border-radius: 0.5rem; white-space: pre-wrap; overflow-wrap: anywhere">'
+            f"{body}</div>")
 
 
 def heading_html(text: str) -> str:

@@ -25,12 +25,20 @@ class StoreError(Exception):
     """A change the store refuses (e.g. deleting a running run); the message is for the user."""
 
 
+class NameTaken(StoreError):
+    """A new run's name is already another run's."""
+
+
 # ---------------------------------------------------------------- runs
 
 
 def create_run(session: Session, *, run_id: str, name: str, spec: dict[str, Any],
-               stages: list[str], work_dir: str) -> Run:
-    """Insert a run, its stages and the outbox message that starts it, in one transaction."""
+               stages: list[str], work_dir: str, unique_name: bool = False) -> Run:
+    """Insert a run, its stages and the outbox message that starts it, in one transaction.
+    `unique_name`: refuse (NameTaken) a name another run has; the dashboard's runs are told
+    apart by name, so its form asks for this."""
+    if unique_name and session.scalar(select(Run.id).where(Run.name == name).limit(1)) is not None:
+        raise NameTaken("another run already has this name: choose a different one")
     run = Run(id=run_id, name=name, spec=spec, status="queued", work_dir=work_dir,
               cancel_requested=False)
     run.stages = [Stage(name=s, position=i, status="pending", attempts=0) for i, s in enumerate(stages)]
@@ -38,6 +46,10 @@ def create_run(session: Session, *, run_id: str, name: str, spec: dict[str, Any]
     session.add(OutboxMessage(kind="run_stages", payload={"run_id": run_id, "stages": stages}, attempts=0))
     session.commit()
     return run
+
+
+def run_names(session: Session) -> set[str]:
+    return set(session.scalars(select(Run.name)))
 
 
 def get_run(session: Session, run_id: str) -> Run | None:

@@ -4,7 +4,9 @@ live charts, checkpoints and the serve button with acceptance metrics."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -14,6 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from runstore import open_store, repo
 from runstore.settings import Settings
+from speculators.config.run import form_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ROOT / "app" / "pages"
@@ -31,7 +34,8 @@ def home(tmp_path, monkeypatch):
     model = s.models_root / "tiny-llama"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"num_hidden_layers": 8, "vocab_size": 512}))
-    (s.data_root / "chats.jsonl").write_text('{"conversations": [{"from": "human", "value": "hi"}]}\n')
+    chat = '{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}\n'
+    (s.data_root / "chats.jsonl").write_text(chat * form_defaults(cpu_only=True)["max_samples"])
     return s
 
 
@@ -40,8 +44,19 @@ def _page(name: str) -> AppTest:
     return at.run()
 
 
+def _alerts(at: AppTest, kind: str) -> list[str]:
+    """The texts of the plain-text alerts (`app.common.alert`) of one kind, as shown."""
+    out = []
+    for el in at.get("html"):
+        m = re.fullmatch(r'<div data-spec-alert="(\w+)"[^>]*>(.*)</div>', el.value, re.S)
+        if m and m.group(1) == kind:
+            assert "<" not in m.group(2)  # escaped: no tag of the user's inside
+            out.append(html.unescape(m.group(2)))
+    return out
+
+
 def _errors(at: AppTest) -> list[str]:
-    return [e.value for e in at.error]
+    return _alerts(at, "error") + [e.value for e in at.error]
 
 
 def test_form_shows_each_error_under_its_field(home):
@@ -49,7 +64,7 @@ def test_form_shows_each_error_under_its_field(home):
     assert not at.exception
     at.text_input(key="f_name").set_value("")
     at.text_input(key="f_layer_ids").set_value("2,99")
-    at.number_input(key="f_seq_length").set_value(3)
+    at.text_input(key="f_seq_length").set_value("3")
     at.text_input(key="f_lr").set_value("fast")
     at.radio(key="f_source").set_value("File under data root").run()
     at.text_input(key="f_path").set_value("../../etc/passwd.jsonl")
@@ -75,8 +90,8 @@ def test_submit_with_broker_down_keeps_the_run(home):
     at.text_input(key="f_path").set_value("chats.jsonl")
     at.button[0].click().run()
     assert _errors(at) == []
-    assert any("saved" in x.value for x in at.success)
-    assert any("not reachable" in w.value and "queued automatically" in w.value for w in at.warning)
+    assert any("saved" in x for x in _alerts(at, "success"))
+    assert any("not reachable" in w and "queued automatically" in w for w in _alerts(at, "warning"))
     with open_store(home.db_url)() as s:
         (run,) = repo.list_runs(s)
         assert run.name == "a; rm -rf ~ $(reboot)" and run.status == "queued"
