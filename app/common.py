@@ -76,6 +76,19 @@ def alert(kind: str, text: str, icon: str = "", where=st) -> None:
     where.html(alert_html(kind, text, icon))
 
 
+@st.cache_data(ttl=5, show_spinner=False)
+def _broker_down(url: str) -> str | None:
+    from worker.dispatch import probe_broker
+
+    return probe_broker(url, timeout=0.5)
+
+
+def broker_down() -> str | None:
+    """Why the broker does not answer (a TCP connect with a short timeout, cached a few seconds
+    so a page refreshing every 2 s costs nothing), or None when it does."""
+    return _broker_down(settings().broker_url)
+
+
 def broker_message(err: str) -> str:
     return (f"The task broker ({settings().broker_url}) is not reachable: {err.splitlines()[0][:200]}. "
             "Your request is saved and will be queued automatically when the broker is back.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import re
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -153,32 +154,96 @@ def stage_rows(stages: list[Stage], now: datetime | None = None) -> list[dict[st
     return rows
 
 
+MAX_POINTS = 400  # per series on a chart: a readable curve, cheap to send and to draw
+
+
 def metrics_long(metrics: list[Metric]) -> pd.DataFrame:
     """One row per (type, step, metric) for Altair; `series` is e.g. `train loss_0`."""
+    return pd.DataFrame(_long_rows(metrics), columns=["type", "step", "epoch", "metric", "value", "series"])
+
+
+def _long_rows(metrics: list[Metric]) -> list[dict[str, Any]]:
     rows = []
     for m in metrics:
         for key, value in (m.values or {}).items():
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 rows.append({"type": m.type, "step": m.step, "epoch": m.epoch, "metric": key,
                              "value": float(value), "series": f"{m.type} {key}"})
-    return pd.DataFrame(rows, columns=["type", "step", "epoch", "metric", "value", "series"])
+    return rows
 
 
-def chart_frames(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+@dataclass
+class MetricCache:
+    """One run's chart data, kept per browser session and extended on each refresh with the
+    rows written since (`after()` is what to ask the store for). A new attempt of the train
+    stage (a resume re-emits steps with new values) starts it over (`reset_for`)."""
+
+    key: tuple = ()
+    last: dict[str, int] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    train_points: list[tuple[int, float]] = field(default_factory=list)
+    version: int = 0
+    _frame: pd.DataFrame | None = None
+    _frame_version: int = -1
+
+    def reset_for(self, key: tuple) -> bool:
+        if key == self.key:
+            return False
+        self.key, self.last, self.rows, self.train_points = key, {}, [], []
+        self.version += 1
+        return True
+
+    def after(self) -> dict[str, int]:
+        return dict(self.last)
+
+    def add(self, metrics: list[Metric]) -> int:
+        """Append new rows (ignoring any at or before the last step seen of its type)."""
+        fresh = [m for m in metrics if m.step > self.last.get(m.type, -1)]
+        for m in fresh:
+            self.last[m.type] = max(self.last.get(m.type, -1), m.step)
+            if m.type == "train":
+                self.train_points.append((m.step, m.ts))
+        if fresh:
+            self.rows += _long_rows(fresh)
+            self.version += 1
+        return len(fresh)
+
+    def frame(self) -> pd.DataFrame:
+        if self._frame_version != self.version:
+            self._frame = pd.DataFrame(self.rows, columns=["type", "step", "epoch", "metric", "value", "series"])
+            self._frame_version = self.version
+        return self._frame
+
+
+def thin(df: pd.DataFrame, max_points: int = MAX_POINTS) -> pd.DataFrame:
+    """At most about `max_points` rows per series: every k-th step, the last one always kept."""
+    if df.empty or df.groupby("series").size().max() <= max_points:
+        return df
+    parts = []
+    for _, part in df.groupby("series", sort=False):
+        k = -(-len(part) // max_points)
+        keep = part.iloc[::k]
+        if keep.index[-1] != part.index[-1]:
+            keep = pd.concat([keep, part.iloc[[-1]]])
+        parts.append(keep)
+    return pd.concat(parts)
+
+
+def chart_frames(df: pd.DataFrame, max_points: int = MAX_POINTS) -> list[tuple[str, pd.DataFrame]]:
     out = []
     for title, pattern in CHART_GROUPS:
         part = df[df["metric"].map(lambda k, p=pattern: bool(p.match(k)))] if not df.empty else df
         if not part.empty:
-            out.append((title, part))
+            out.append((title, thin(part, max_points)))
     return out
 
 
-def train_eta(train: list[Metric], total_steps: int | None) -> tuple[float, float | None]:
-    """(fraction done, seconds left) from the train records' steps and timestamps. The rate
+def train_eta(points: list[tuple[int, float]], total_steps: int | None) -> tuple[float, float | None]:
+    """(fraction done, seconds left) from the train records' (step, timestamp) pairs. The rate
     uses the records since the last resume (a gap in time would skew it otherwise)."""
-    if not train or not total_steps:
+    if not points or not total_steps:
         return 0.0, None
-    pts = sorted((m.step, m.ts) for m in train)
+    pts = sorted(points)
     step, ts = pts[-1]
     frac = min(1.0, step / total_steps)
     # the newest contiguous stretch: stop at a backwards jump in time (a resume re-emits steps)
@@ -191,6 +256,24 @@ def train_eta(train: list[Metric], total_steps: int | None) -> tuple[float, floa
         return frac, None
     rate = (step - first_step) / (ts - first_ts)
     return frac, max(0.0, (total_steps - step) / rate)
+
+
+def prepare_summary(work_dir: str) -> tuple[str, bool] | None:
+    """(what the prepare stage kept and dropped, whether it dropped most), from the
+    `prepare_config.json` it wrote; None before it has run."""
+    import json
+    from pathlib import Path
+
+    try:
+        counts = json.loads((Path(work_dir) / "prepared" / "prepare_config.json").read_text())["counts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    kept, dropped = int(counts.get("kept", 0)), dict(counts.get("dropped") or {})
+    total = sum(dropped.values())
+    text = f"prepare kept {kept} conversations, truncated {counts.get('truncated', 0)}, dropped {total}"
+    if dropped:
+        text += " (" + "; ".join(f"{k}: {v}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1])) + ")"
+    return text, total > kept
 
 
 def acceptance_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -189,6 +189,14 @@ def note_stage(session: Session, stage_id: int, note: str) -> None:
     session.commit()
 
 
+def stage_progress(session: Session, stage_id: int, done: int, total: int) -> None:
+    """A stage's own progress (the `progress` lines of regenerate, prepare, datagen): the same
+    columns the trainer's step records fill, so every stage's bar reads them alike."""
+    session.execute(update(Stage).where(Stage.id == stage_id, Stage.status == "running")
+                    .values(current_step=done, total_steps=total))
+    session.commit()
+
+
 def heartbeat(session: Session, stage_id: int) -> bool:
     """Touch the stage; returns True when the user asked to cancel the run."""
     session.execute(update(Stage).where(Stage.id == stage_id).values(heartbeat_at=utcnow()))
@@ -366,6 +374,18 @@ def metrics(session: Session, run_id: str, kind: str | None = None) -> list[Metr
     if kind:
         q = q.where(Metric.type == kind)
     return list(session.scalars(q.order_by(Metric.type, Metric.step)))
+
+
+def metrics_after(session: Session, run_id: str, after: dict[str, int]) -> list[Metric]:
+    """The `train` and `val` rows past the step already seen of each type (`after`, default
+    none seen): a page refreshing its charts reads only what is new, through the
+    (run, type, step) index, never the whole table."""
+    out: list[Metric] = []
+    for kind in ("train", "val"):
+        q = select(Metric).where(Metric.run_id == run_id, Metric.type == kind,
+                                 Metric.step > after.get(kind, -1)).order_by(Metric.step)
+        out += session.scalars(q)
+    return out
 
 
 def checkpoints(session: Session, run_id: str) -> list[Checkpoint]:

@@ -152,7 +152,7 @@ def test_runs_table_and_actions(home):
     with factory() as s:
         assert repo.get_run(s, "r1").status == "queued"  # queued via the outbox; broker down
         assert repo.get_stage(s, "r1", "train").status == "pending"
-    assert any("queued automatically" in w.value for w in at.warning)
+    assert any("queued automatically" in w for w in _alerts(at, "warning"))
 
 
 def test_delete_needs_confirmation_and_keeps_files(home):
@@ -162,12 +162,12 @@ def test_delete_needs_confirmation_and_keeps_files(home):
     at.button(key="btn_delete").click().run()
     with factory() as s:
         assert repo.get_run(s, "r1") is not None  # not yet: asks first
-    assert any("Files in" in w.value for w in at.warning)
+    assert any("Files in" in w.value for w in at.warning)  # installation text only: st.warning
     at.button(key="btn_delete_confirm").click().run()
     with factory() as s:
         assert repo.get_run(s, "r1") is None
     assert work.exists()  # files kept: the box was not ticked
-    assert any("files kept" in x.value for x in at.success)
+    assert any("files kept" in x for x in _alerts(at, "success"))
 
 
 def test_delete_with_files_ticked(home):
