@@ -268,3 +268,139 @@ def test_uploads_are_kept_under_the_data_root(home):
     assert p.name.endswith("-evil_name_rm.jsonl") and "/" not in p.name[:-6]
     assert save_upload("other.txt", b"x").name.endswith("-other.txt.jsonl")
     assert save_upload("a.jsonl", b'{"conversations": []}\n') != p  # same bytes, other name: both kept
+
+
+# ------------------------------------------------ issue 19: the form never changes what it shows
+
+
+def _form(home, **fields) -> AppTest:
+    """The New run page with `fields` typed into their boxes and the dataset set to chats.jsonl."""
+    at = _page("1_New_run.py")
+    at.radio(key="f_source").set_value("File under data root").run()
+    at.text_input(key="f_path").set_value("chats.jsonl")
+    for name, value in fields.items():
+        at.text_input(key=f"f_{name}").set_value(value)
+    return at
+
+
+def _stored(home):
+    with open_store(home.db_url)() as s:
+        return repo.list_runs(s)
+
+
+def test_numbers_out_of_range_are_refused_as_typed(home):
+    """A number outside its bounds is refused under its field, quoting what was typed, and the
+    box keeps showing it; nothing is stored. A value in bounds is stored exactly as typed."""
+    usable = form_defaults(cpu_only=True)["max_samples"]  # the fixture's file holds this many chats
+    for typed, needle in [("99999999999999999999", "between 1 and 10000000"), ("3e9", "whole number"),
+                          ("0", "between 1 and"), (str(usable + 1), f"has {usable} usable conversations")]:
+        at = _form(home, max_samples=typed)
+        at.button[0].click().run()
+        errs = _errors(at)
+        assert any(needle in e for e in errs), (typed, errs)
+        if needle != f"has {usable} usable conversations":
+            assert any(repr(typed) in e for e in errs)  # the message quotes the value as typed
+        assert at.text_input(key="f_max_samples").value == typed  # the box still shows it
+        assert _stored(home) == []
+    at = _form(home, max_samples=str(usable), epochs="1000", seq_length="1048577")
+    at.button[0].click().run()
+    assert any("between 16 and 1048576" in e and "'1048577'" in e for e in _errors(at))
+    at.text_input(key="f_seq_length").set_value("64")
+    at.text_input(key="f_draft_vocab_size").set_value("64")
+    at.text_input(key="f_seed").set_value("2147483647").run()
+    at.button[0].click().run()
+    assert _errors(at) == []
+    (run,) = _stored(home)
+    assert (run.spec["max_samples"], run.spec["epochs"], run.spec["seq_length"], run.spec["seed"]) == \
+        (usable, 1000, 64, 2147483647)
+
+
+def test_builtin_dataset_bounds_the_samples(home):
+    """The built-in ShareGPT holds a fixed number of conversations: asking for more (within the
+    schema's maximum) is refused up front with the count, not prepared and dropped in a log."""
+    from speculators.data.census import count_usable
+
+    at = _page("1_New_run.py")
+    at.selectbox(key="f_builtin").set_value("sharegpt")
+    at.text_input(key="f_max_samples").set_value("1000000")
+    at.button[0].click().run()
+    census = count_usable("sharegpt")
+    assert census.complete and 0 < census.usable < 1_000_000
+    assert any(f"has {census.usable} usable conversations (of {census.records} records" in e and
+               f"use at most {census.usable}" in e for e in _errors(at)), _errors(at)
+    assert _stored(home) == []
+
+
+def test_duplicate_run_names_are_refused(home):
+    at = _form(home, name="my run")
+    at.button[0].click().run()
+    assert _errors(at) == [] and len(_stored(home)) == 1
+    at.button[0].click().run()  # the same form again: same name
+    assert any("another run already has this name" in e for e in _errors(at))
+    assert len(_stored(home)) == 1
+    at.text_input(key="f_name").set_value("my run 2")
+    at.button[0].click().run()
+    assert _errors(at) == [] and sorted(r.name for r in _stored(home)) == ["my run", "my run 2"]
+    # a client that skipped the form's check is refused by the store too
+    from app.common import submit
+    from worker.spec import RunSpec
+
+    with pytest.raises(repo.NameTaken):
+        submit(RunSpec(**{**RunSpec.from_dict(_stored(home)[0].spec).to_dict(), "name": "my run"}))
+
+
+EVIL = ("**bold** [a](http://evil.example/a) ![i](http://evil.example/i.png) <img src=x onerror=alert(1)> "
+        "<a href='http://evil.example/h'>h</a> http://evil.example/bare www.evil.example")
+EVIL_NAME = "**b** [a](http://evil.example/a) ![i](http://evil.example/i.png) <img src=x> www.evil.example"
+
+
+def _markdown_texts(at: AppTest) -> list[str]:
+    """Every text the page renders as Markdown: alerts, markdown, captions, titles, widget
+    labels and help."""
+    out = []
+    for kind in ("markdown", "caption", "error", "warning", "info", "success", "title", "header", "subheader"):
+        out += [str(e.value) for e in at.get(kind)]
+    for kind in ("text_input", "number_input", "selectbox", "radio", "checkbox", "button", "expander"):
+        for e in at.get(kind):
+            out += [str(getattr(e, "label", "") or ""), str(getattr(e, "help", "") or "")]
+    return out
+
+
+def _assert_plain(at: AppTest) -> None:
+    assert not [t for t in _markdown_texts(at) if "evil" in t]
+    for el in at.get("html"):  # the only markup is our wrapper: the text inside is escaped
+        m = re.fullmatch(r"<(div|h1)\b[^>]*>(.*)</\1>", el.value, re.S)
+        assert m and "<" not in m.group(2), el.value
+
+
+def test_user_text_is_plain_text_on_the_form_and_the_run_page(home):
+    """Markdown and HTML in a run name, in a value echoed by a field error and in a stored
+    run's error and model show as typed: only in escaped, non-Markdown elements."""
+    at = _form(home, name=EVIL_NAME, lr=EVIL)
+    at.button[0].click().run()
+    lr_err = [e for e in _alerts(at, "error") if "must be a number" in e]
+    assert lr_err and EVIL in lr_err[0]  # shown as typed, as text
+    _assert_plain(at)
+    at.text_input(key="f_lr").set_value("0.001")
+    at.button[0].click().run()
+    assert _errors(at) == []
+    assert any(EVIL_NAME in x for x in _alerts(at, "success"))
+    _assert_plain(at)
+    (run,) = _stored(home)
+    with open_store(home.db_url)() as s:
+        r = repo.get_run(s, run.id)
+        r.error = "stage prepare failed: " + EVIL
+        r.status = "failed"
+        r.spec = {**r.spec, "model": EVIL}
+        s.commit()
+    page = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+    page.query_params["run"] = run.id
+    page.run()
+    assert not page.exception
+    heading = [h.value for h in page.get("html") if h.value.startswith("<h1>")]
+    assert heading == ["<h1>" + html.escape(EVIL_NAME) + "</h1>"]
+    assert any(EVIL in e for e in _alerts(page, "error"))
+    assert any(EVIL in c for c in _alerts(page, "caption"))
+    _assert_plain(page)
+    runs = _page("2_Runs.py")
+    _assert_plain(runs)
