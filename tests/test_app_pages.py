@@ -404,3 +404,108 @@ def test_user_text_is_plain_text_on_the_form_and_the_run_page(home):
     _assert_plain(page)
     runs = _page("2_Runs.py")
     _assert_plain(runs)
+
+
+# ------------------------------------------------ issue 19: the run page tells the truth, stays light
+
+
+def _train_records(start: int, stop: int, total: int = 10) -> list[dict]:
+    return [{"type": "train", "ts": 100.0 + step, "epoch": 0, "step": step, "total_steps": total,
+             "metrics": {"loss": 2.0 / step, "loss_0": 1.0 / step, "lr": 1e-3}} for step in range(start, stop)]
+
+
+def test_run_page_reads_only_new_metric_rows(home, monkeypatch):
+    """Each refresh asks the store only for rows past the last step it has, never the whole
+    table; a new attempt of the train stage (a resume re-emits steps) starts over."""
+    factory = _seed_run(home, "r1")
+    calls: list[tuple[dict, int]] = []
+    real = repo.metrics_after
+
+    def spy(session, run_id, after):
+        rows = real(session, run_id, after)
+        calls.append((dict(after), len(rows)))
+        return rows
+
+    monkeypatch.setattr(repo, "metrics_after", spy)
+    monkeypatch.setattr(repo, "metrics", lambda *a, **k: pytest.fail("the run page read every metric row"))
+    at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+    at.query_params["run"] = "r1"
+    at.run()
+    assert not at.exception
+    assert calls == [({}, 5)]  # 4 train + 1 val rows, all new
+    with factory() as s:
+        stage = repo.get_stage(s, "r1", "train")
+        repo.ingest_records(s, "r1", _train_records(5, 8), stage_id=stage.id)
+    at.run()
+    assert calls[-1] == ({"train": 4, "val": 4}, 3)  # only steps 5-7
+    cache = at.session_state["metric_caches"]["r1"]
+    assert [p[0] for p in cache.train_points] == list(range(1, 8))
+    assert "training 70%" in at.get("progress")[0].proto.text
+    at.run()
+    assert calls[-1] == ({"train": 7, "val": 4}, 0)  # nothing new: nothing read
+    # a resumed train stage (attempt 2) re-emits step 5 with new values: read from the start again
+    with factory() as s:
+        repo.finish_stage(s, "r1", "train", "failed", "killed")
+        repo.resume_run(s, "r1")
+        st_ = repo.start_stage(s, "r1", "train", worker="w", log_path="/dev/null")
+        repo.ingest_records(s, "r1", [{**r, "metrics": {"loss": 9.0}} for r in _train_records(5, 6)],
+                            stage_id=st_.id)
+    at.run()
+    assert calls[-1][0] == {}
+    cache = at.session_state["metric_caches"]["r1"]
+    loss5 = [r["value"] for r in cache.rows if r["step"] == 5 and r["series"] == "train loss"]
+    assert loss5 == [9.0]
+
+
+def test_charts_are_thinned_but_keep_the_last_step():
+    import pandas as pd
+
+    from app.views import MAX_POINTS, thin
+
+    df = pd.DataFrame([{"type": "train", "step": s, "epoch": 0, "metric": m, "value": float(s),
+                        "series": f"train {m}"} for s in range(1, 5001) for m in ("loss", "lr")])
+    out = thin(df)
+    for series, part in out.groupby("series"):
+        assert len(part) <= MAX_POINTS + 1 and part["step"].max() == 5000 and part["step"].min() == 1
+    small = df[df["step"] <= 100]
+    assert thin(small).equals(small)
+
+
+def test_run_page_says_the_broker_is_unreachable(home):
+    """A run between stages while the broker is down says so, with the broker's address,
+    instead of only `waiting`."""
+    factory = open_store(home.db_url)
+    with factory() as s:
+        repo.create_run(s, run_id="w1", name="waits", spec={"mode": "offline", "model": "m"},
+                        stages=["prepare", "vocab"], work_dir=str(home.runs_root / "w1"))
+        repo.start_stage(s, "w1", "prepare", worker="w", log_path="/dev/null")
+        repo.finish_stage(s, "w1", "prepare", "succeeded")
+    at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+    at.query_params["run"] = "w1"
+    at.run()
+    status = [a for a in _alerts(at, "error") if a.startswith("Status: ")]
+    assert status == ["Status: waiting · next: vocab · broker unreachable: redis://127.0.0.1:1/0"], _alerts(at, "error")
+    assert any("cannot connect to Redis at 127.0.0.1:1" in c for c in _alerts(at, "caption"))
+    runs = _page("2_Runs.py")
+    assert any(a.startswith("broker unreachable: redis://127.0.0.1:1/0") for a in _alerts(runs, "error"))
+
+
+def test_run_page_shows_what_a_running_stage_waits_for_and_prepare_drops(home):
+    factory = open_store(home.db_url)
+    with factory() as s:
+        repo.create_run(s, run_id="o1", name="online", spec={"mode": "online", "model": "m"},
+                        stages=["prepare", "verifier"], work_dir=str(home.runs_root / "o1"))
+        repo.start_stage(s, "o1", "prepare", worker="w", log_path="/dev/null")
+        repo.finish_stage(s, "o1", "prepare", "succeeded")
+        st_ = repo.start_stage(s, "o1", "verifier", worker="w", log_path="/dev/null")
+        repo.note_stage(s, st_.id, "waiting: http://127.0.0.1:9/health: connection refused")
+    prepared = home.runs_root / "o1" / "prepared"
+    prepared.mkdir(parents=True)
+    (prepared / "prepare_config.json").write_text(json.dumps({"counts": {
+        "kept": 10, "truncated": 3, "dropped": {"no assistant turn": 4, "no assistant tokens after truncation": 30}}}))
+    at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+    at.query_params["run"] = "o1"
+    at.run()
+    assert "verifier: waiting: http://127.0.0.1:9/health: connection refused" in _alerts(at, "warning")
+    assert ("prepare kept 10 conversations, truncated 3, dropped 34 (no assistant tokens after truncation: 30; "
+            "no assistant turn: 4)") in _alerts(at, "warning")
