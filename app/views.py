@@ -184,12 +184,13 @@ class MetricCache:
     train_points: list[tuple[int, float]] = field(default_factory=list)
     version: int = 0
     _frame: pd.DataFrame | None = None
-    _frame_version: int = -1
+    _framed: int = 0  # rows already in _frame
 
     def reset_for(self, key: tuple) -> bool:
         if key == self.key:
             return False
         self.key, self.last, self.rows, self.train_points = key, {}, [], []
+        self._frame, self._framed = None, 0
         self.version += 1
         return True
 
@@ -209,9 +210,13 @@ class MetricCache:
         return len(fresh)
 
     def frame(self) -> pd.DataFrame:
-        if self._frame_version != self.version:
-            self._frame = pd.DataFrame(self.rows, columns=["type", "step", "epoch", "metric", "value", "series"])
-            self._frame_version = self.version
+        """All rows as a DataFrame; new rows are appended to the one built before."""
+        cols = ["type", "step", "epoch", "metric", "value", "series"]
+        if self._frame is None or self._framed < len(self.rows):
+            new = pd.DataFrame(self.rows[self._framed:], columns=cols)
+            self._frame = new if self._frame is None or self._frame.empty else \
+                pd.concat([self._frame, new], ignore_index=True)
+            self._framed = len(self.rows)
         return self._frame
 
 

@@ -376,15 +376,15 @@ def metrics(session: Session, run_id: str, kind: str | None = None) -> list[Metr
     return list(session.scalars(q.order_by(Metric.type, Metric.step)))
 
 
-def metrics_after(session: Session, run_id: str, after: dict[str, int]) -> list[Metric]:
-    """The `train` and `val` rows past the step already seen of each type (`after`, default
-    none seen): a page refreshing its charts reads only what is new, through the
-    (run, type, step) index, never the whole table."""
-    out: list[Metric] = []
+def metrics_after(session: Session, run_id: str, after: dict[str, int]) -> list[Any]:
+    """The `train` and `val` rows (type, step, epoch, ts, values; plain rows, not tracked
+    objects) past the step already seen of each type (`after`, default none seen): a page
+    refreshing its charts reads only what is new, through the (run, type, step) index."""
+    out: list[Any] = []
     for kind in ("train", "val"):
-        q = select(Metric).where(Metric.run_id == run_id, Metric.type == kind,
-                                 Metric.step > after.get(kind, -1)).order_by(Metric.step)
-        out += session.scalars(q)
+        q = select(Metric.type, Metric.step, Metric.epoch, Metric.ts, Metric.values).where(
+            Metric.run_id == run_id, Metric.type == kind, Metric.step > after.get(kind, -1)).order_by(Metric.step)
+        out += session.execute(q).all()
     return out
 
 
