@@ -432,12 +432,13 @@ def test_run_page_reads_only_new_metric_rows(home, monkeypatch):
     at.query_params["run"] = "r1"
     at.run()
     assert not at.exception
-    assert calls == [({}, 5)]  # 4 train + 1 val rows, all new
+    # the status fragment reads the 4 train + 1 val rows, the charts fragment then nothing new
+    assert calls == [({}, 5), ({"train": 4, "val": 4}, 0)]
     with factory() as s:
         stage = repo.get_stage(s, "r1", "train")
         repo.ingest_records(s, "r1", _train_records(5, 8), stage_id=stage.id)
     at.run()
-    assert calls[-1] == ({"train": 4, "val": 4}, 3)  # only steps 5-7
+    assert calls[-2:] == [({"train": 4, "val": 4}, 3), ({"train": 7, "val": 4}, 0)]  # only steps 5-7
     cache = at.session_state["metric_caches"]["r1"]
     assert [p[0] for p in cache.train_points] == list(range(1, 8))
     assert "training 70%" in at.get("progress")[0].proto.text
@@ -451,7 +452,7 @@ def test_run_page_reads_only_new_metric_rows(home, monkeypatch):
         repo.ingest_records(s, "r1", [{**r, "metrics": {"loss": 9.0}} for r in _train_records(5, 6)],
                             stage_id=st_.id)
     at.run()
-    assert calls[-1][0] == {}
+    assert calls[-2][0] == {}
     cache = at.session_state["metric_caches"]["r1"]
     loss5 = [r["value"] for r in cache.rows if r["step"] == 5 and r["series"] == "train loss"]
     assert loss5 == [9.0]

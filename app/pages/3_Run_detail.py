@@ -79,6 +79,8 @@ def status_line(run, stages) -> None:
         common.alert("error", run.error)  # plain text: it may quote the run's name or a URL
 
 
+# Three fragments, each redrawn on its own clock: status and progress every 2 s, charts every
+# 3 s (from this session's cache: only new rows are read), checkpoints and logs every 5 s.
 @st.fragment(run_every=2)
 def live() -> None:
     with factory() as session:
@@ -87,7 +89,6 @@ def live() -> None:
             st.warning("This run was deleted.")
             return
         stages = list(run.stages)
-        ckpts = repo.checkpoints(session, run_id)
     st.html(views.heading_html(run.name))  # the user's text as typed: never Markdown, never a link
     common.alert("caption", f"run {run.id} · {run.spec.get('mode')} · {run.spec.get('model')} · "
                  f"created {views.age(run.created_at)} ago")
@@ -110,8 +111,16 @@ def live() -> None:
     data = views.prepare_summary(run.work_dir)
     if data:
         common.alert("warning" if data[1] else "caption", data[0])
-    charts(cache)
 
+
+@st.fragment(run_every=5)
+def files() -> None:
+    with factory() as session:
+        run = repo.get_run(session, run_id)
+        if run is None:
+            return
+        stages = list(run.stages)
+        ckpts = repo.checkpoints(session, run_id)
     st.subheader("Checkpoints")
     if ckpts:
         st.dataframe(pd.DataFrame([{"epoch": c.epoch, "step": c.step, "val loss": c.val_loss,
@@ -127,10 +136,16 @@ def live() -> None:
                 st.code(log_tail(x.log_path, lines=30) or "(empty)", language=None)
 
 
-def charts(cache: views.MetricCache) -> None:
+@st.fragment(run_every=3)
+def charts() -> None:
     """The metric charts. Each chart object is rebuilt only when new rows arrived (kept per
     session with the data version), and each series is thinned to `views.MAX_POINTS`, so a
     refresh sends little and the browser redraws only what changed."""
+    with factory() as session:
+        run = repo.get_run(session, run_id)
+    if run is None:
+        return
+    cache = _metric_cache(run_id, next((x for x in run.stages if x.name == "train"), None))
     st.subheader("Training metrics")
     built = st.session_state.setdefault("built_charts", {})
     key = (run_id, cache.key, cache.version)
@@ -146,6 +161,8 @@ def charts(cache: views.MetricCache) -> None:
 
 
 live()
+charts()
+files()
 
 
 def acceptance(endpoint: str) -> dict | None:
