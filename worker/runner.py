@@ -65,6 +65,9 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
         # the data stages and the verifier stage's wait
         why = _endpoint_down(spec.vllm_endpoint)
         if why:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a", encoding="utf-8") as fh:
+                fh.write(f"error: {why}\n")
             with factory() as s:
                 repo.finish_stage(s, run_id, stage_name, "failed", why)
             return "failed"
