@@ -68,19 +68,41 @@ def flush() -> str | None:
     return err
 
 
+def alert(kind: str, text: str, icon: str = "", where=st) -> None:
+    """Show `text` as an alert (error, warning, info, success) or a caption, as plain text:
+    nothing in it becomes a link, an image or formatting (see `views.alert_html`)."""
+    from app.views import alert_html
+
+    where.html(alert_html(kind, text, icon))
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def _broker_down(url: str) -> str | None:
+    from worker.dispatch import probe_broker
+
+    return probe_broker(url, timeout=0.5)
+
+
+def broker_down() -> str | None:
+    """Why the broker does not answer (a TCP connect with a short timeout, cached a few seconds
+    so a page refreshing every 2 s costs nothing), or None when it does."""
+    return _broker_down(settings().broker_url)
+
+
 def broker_message(err: str) -> str:
     return (f"The task broker ({settings().broker_url}) is not reachable: {err.splitlines()[0][:200]}. "
             "Your request is saved and will be queued automatically when the broker is back.")
 
 
 def submit(spec: RunSpec) -> tuple[str, str | None]:
-    """Store the run and its start message in one transaction, then try to send it."""
+    """Store the run and its start message in one transaction, then try to send it. A name
+    another run has meanwhile taken raises `repo.NameTaken`."""
     s = settings()
     run_id = uuid.uuid4().hex[:12]
     work_dir = s.runs_root / run_id
     with store()() as session:
         repo.create_run(session, run_id=run_id, name=spec.name, spec=spec.to_dict(),
-                        stages=stages_for(spec), work_dir=str(work_dir))
+                        stages=stages_for(spec), work_dir=str(work_dir), unique_name=True)
     return run_id, flush()
 
 
@@ -132,7 +154,7 @@ def page_link(page: str, label: str, icon: str | None = None, query_params: dict
 def tiny_model_notice(where=st) -> None:
     """While the local mode builds the tiny verifier in the background: its latest output
     line and the time elapsed (the form's default model appears when it is done)."""
-    from app.views import fmt_duration, plain
+    from app.views import fmt_duration
     from worker.tinybuild import read_status
 
     model = Path(settings().default_model)
@@ -142,9 +164,9 @@ def tiny_model_notice(where=st) -> None:
     if status is None or status.state == "done":
         return
     if status.state == "building":
-        where.info(f"Building the tiny CPU verifier (first start only), {fmt_duration(status.elapsed_s)} elapsed: "
-                   f"{plain(status.last_line) or 'starting'}. Runs on other models can be launched meanwhile.",
-                   icon="⏳")
+        alert("info", f"Building the tiny CPU verifier (first start only), {fmt_duration(status.elapsed_s)} "
+              f"elapsed: {status.last_line or 'starting'}. Runs on other models can be launched meanwhile.",
+              icon="⏳", where=where)
     else:
-        where.error(f"Building the tiny CPU verifier failed after {fmt_duration(status.elapsed_s)}: "
-                    f"{plain(status.error or status.last_line)}. Restart `python -m worker.local` to try again.")
+        alert("error", f"Building the tiny CPU verifier failed after {fmt_duration(status.elapsed_s)}: "
+              f"{status.error or status.last_line}. Restart python -m worker.local to try again.", where=where)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import re
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -58,16 +59,28 @@ def run_progress(run: Run) -> float:
     return sum(stage_fraction(s) for s in run.stages) / len(run.stages)
 
 
-_MD_SPECIAL = re.compile(r"[!-/:-@\[-`{-~]")  # all ASCII punctuation
+# Streamlit's own alert colours (light theme), so a plain-text alert looks like st.error & co.
+_ALERT_STYLE = {
+    "error": ("rgba(255, 43, 43, 0.09)", "rgb(125, 53, 59)"),
+    "warning": ("rgba(255, 227, 18, 0.1)", "rgb(146, 108, 5)"),
+    "info": ("rgba(28, 131, 225, 0.1)", "rgb(0, 66, 128)"),
+    "success": ("rgba(33, 195, 84, 0.1)", "rgb(23, 114, 51)"),
+}
 
 
-def plain(text: str) -> str:
-    """Text for a Markdown element with no Markdown syntax in effect: every ASCII punctuation
-    character written as a numeric character reference, shown as that character but never
-    read as a link, image, emphasis or LaTeX. A bare URL is still made a link by GFM's
-    autolinking (which runs on the decoded text), so a user's own text - a run name - goes
-    into non-Markdown elements instead (`heading_html`, `st.text`)."""
-    return _MD_SPECIAL.sub(lambda m: f"&#{ord(m.group(0))};", text)
+def alert_html(kind: str, text: str, icon: str = "") -> str:
+    """An alert box (`kind`: error, warning, info, success; `caption`: small grey text) whose
+    text is HTML-escaped and never read as Markdown, for `st.html`. `st.error` and friends
+    render Markdown, and escaping Markdown does not stop GFM from linking a bare URL, so any
+    message that may quote a user's text (a field error echoes the value typed) goes here."""
+    body = html.escape(f"{icon} {text}" if icon else text)
+    if kind == "caption":
+        return (f'<div data-spec-alert="caption" style="font-size: 0.875rem; color: rgba(49, 51, 63, 0.6); '
+                f'white-space: pre-wrap; overflow-wrap: anywhere">{body}</div>')
+    bg, fg = _ALERT_STYLE[kind]
+    return (f'<div data-spec-alert="{kind}" role="alert" style="background: {bg}; color: {fg}; '
+            f'padding: 0.75rem 1rem; border-radius: 0.5rem; white-space: pre-wrap; overflow-wrap: anywhere">'
+            f"{body}</div>")
 
 
 def heading_html(text: str) -> str:
@@ -143,32 +156,101 @@ def stage_rows(stages: list[Stage], now: datetime | None = None) -> list[dict[st
     return rows
 
 
+MAX_POINTS = 400  # per series on a chart: a readable curve, cheap to send and to draw
+
+
 def metrics_long(metrics: list[Metric]) -> pd.DataFrame:
     """One row per (type, step, metric) for Altair; `series` is e.g. `train loss_0`."""
+    return pd.DataFrame(_long_rows(metrics), columns=["type", "step", "epoch", "metric", "value", "series"])
+
+
+def _long_rows(metrics: list[Metric]) -> list[dict[str, Any]]:
     rows = []
     for m in metrics:
         for key, value in (m.values or {}).items():
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 rows.append({"type": m.type, "step": m.step, "epoch": m.epoch, "metric": key,
                              "value": float(value), "series": f"{m.type} {key}"})
-    return pd.DataFrame(rows, columns=["type", "step", "epoch", "metric", "value", "series"])
+    return rows
 
 
-def chart_frames(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+@dataclass
+class MetricCache:
+    """One run's chart data, kept per browser session and extended on each refresh with the
+    rows written since (`after()` is what to ask the store for). A new attempt of the train
+    stage (a resume re-emits steps with new values) starts it over (`reset_for`)."""
+
+    key: tuple = ()
+    last: dict[str, int] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    train_points: list[tuple[int, float]] = field(default_factory=list)
+    version: int = 0
+    _frame: pd.DataFrame | None = None
+    _framed: int = 0  # rows already in _frame
+
+    def reset_for(self, key: tuple) -> bool:
+        if key == self.key:
+            return False
+        self.key, self.last, self.rows, self.train_points = key, {}, [], []
+        self._frame, self._framed = None, 0
+        self.version += 1
+        return True
+
+    def after(self) -> dict[str, int]:
+        return dict(self.last)
+
+    def add(self, metrics: list[Metric]) -> int:
+        """Append new rows (ignoring any at or before the last step seen of its type)."""
+        fresh = [m for m in metrics if m.step > self.last.get(m.type, -1)]
+        for m in fresh:
+            self.last[m.type] = max(self.last.get(m.type, -1), m.step)
+            if m.type == "train":
+                self.train_points.append((m.step, m.ts))
+        if fresh:
+            self.rows += _long_rows(fresh)
+            self.version += 1
+        return len(fresh)
+
+    def frame(self) -> pd.DataFrame:
+        """All rows as a DataFrame; new rows are appended to the one built before."""
+        cols = ["type", "step", "epoch", "metric", "value", "series"]
+        if self._frame is None or self._framed < len(self.rows):
+            new = pd.DataFrame(self.rows[self._framed:], columns=cols)
+            self._frame = new if self._frame is None or self._frame.empty else \
+                pd.concat([self._frame, new], ignore_index=True)
+            self._framed = len(self.rows)
+        return self._frame
+
+
+def thin(df: pd.DataFrame, max_points: int = MAX_POINTS) -> pd.DataFrame:
+    """At most about `max_points` rows per series: every k-th step, the last one always kept."""
+    if df.empty or df.groupby("series").size().max() <= max_points:
+        return df
+    parts = []
+    for _, part in df.groupby("series", sort=False):
+        k = -(-len(part) // max_points)
+        keep = part.iloc[::k]
+        if keep.index[-1] != part.index[-1]:
+            keep = pd.concat([keep, part.iloc[[-1]]])
+        parts.append(keep)
+    return pd.concat(parts)
+
+
+def chart_frames(df: pd.DataFrame, max_points: int = MAX_POINTS) -> list[tuple[str, pd.DataFrame]]:
     out = []
     for title, pattern in CHART_GROUPS:
         part = df[df["metric"].map(lambda k, p=pattern: bool(p.match(k)))] if not df.empty else df
         if not part.empty:
-            out.append((title, part))
+            out.append((title, thin(part, max_points)))
     return out
 
 
-def train_eta(train: list[Metric], total_steps: int | None) -> tuple[float, float | None]:
-    """(fraction done, seconds left) from the train records' steps and timestamps. The rate
+def train_eta(points: list[tuple[int, float]], total_steps: int | None) -> tuple[float, float | None]:
+    """(fraction done, seconds left) from the train records' (step, timestamp) pairs. The rate
     uses the records since the last resume (a gap in time would skew it otherwise)."""
-    if not train or not total_steps:
+    if not points or not total_steps:
         return 0.0, None
-    pts = sorted((m.step, m.ts) for m in train)
+    pts = sorted(points)
     step, ts = pts[-1]
     frac = min(1.0, step / total_steps)
     # the newest contiguous stretch: stop at a backwards jump in time (a resume re-emits steps)
@@ -181,6 +263,24 @@ def train_eta(train: list[Metric], total_steps: int | None) -> tuple[float, floa
         return frac, None
     rate = (step - first_step) / (ts - first_ts)
     return frac, max(0.0, (total_steps - step) / rate)
+
+
+def prepare_summary(work_dir: str) -> tuple[str, bool] | None:
+    """(what the prepare stage kept and dropped, whether it dropped most), from the
+    `prepare_config.json` it wrote; None before it has run."""
+    import json
+    from pathlib import Path
+
+    try:
+        counts = json.loads((Path(work_dir) / "prepared" / "prepare_config.json").read_text())["counts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    kept, dropped = int(counts.get("kept", 0)), dict(counts.get("dropped") or {})
+    total = sum(dropped.values())
+    text = f"prepare kept {kept} conversations, truncated {counts.get('truncated', 0)}, dropped {total}"
+    if dropped:
+        text += " (" + "; ".join(f"{k}: {v}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1])) + ")"
+    return text, total > kept
 
 
 def acceptance_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -25,12 +25,20 @@ class StoreError(Exception):
     """A change the store refuses (e.g. deleting a running run); the message is for the user."""
 
 
+class NameTaken(StoreError):
+    """A new run's name is already another run's."""
+
+
 # ---------------------------------------------------------------- runs
 
 
 def create_run(session: Session, *, run_id: str, name: str, spec: dict[str, Any],
-               stages: list[str], work_dir: str) -> Run:
-    """Insert a run, its stages and the outbox message that starts it, in one transaction."""
+               stages: list[str], work_dir: str, unique_name: bool = False) -> Run:
+    """Insert a run, its stages and the outbox message that starts it, in one transaction.
+    `unique_name`: refuse (NameTaken) a name another run has; the dashboard's runs are told
+    apart by name, so its form asks for this."""
+    if unique_name and session.scalar(select(Run.id).where(Run.name == name).limit(1)) is not None:
+        raise NameTaken("another run already has this name: choose a different one")
     run = Run(id=run_id, name=name, spec=spec, status="queued", work_dir=work_dir,
               cancel_requested=False)
     run.stages = [Stage(name=s, position=i, status="pending", attempts=0) for i, s in enumerate(stages)]
@@ -38,6 +46,10 @@ def create_run(session: Session, *, run_id: str, name: str, spec: dict[str, Any]
     session.add(OutboxMessage(kind="run_stages", payload={"run_id": run_id, "stages": stages}, attempts=0))
     session.commit()
     return run
+
+
+def run_names(session: Session) -> set[str]:
+    return set(session.scalars(select(Run.name)))
 
 
 def get_run(session: Session, run_id: str) -> Run | None:
@@ -174,6 +186,14 @@ def set_stage_pid(session: Session, stage_id: int, pid: int) -> None:
 def note_stage(session: Session, stage_id: int, note: str) -> None:
     """What a running stage is waiting for (shown in the stage's error column until it ends)."""
     session.execute(update(Stage).where(Stage.id == stage_id, Stage.status == "running").values(error=note[:2000]))
+    session.commit()
+
+
+def stage_progress(session: Session, stage_id: int, done: int, total: int) -> None:
+    """A stage's own progress (the `progress` lines of regenerate, prepare, datagen): the same
+    columns the trainer's step records fill, so every stage's bar reads them alike."""
+    session.execute(update(Stage).where(Stage.id == stage_id, Stage.status == "running")
+                    .values(current_step=done, total_steps=total))
     session.commit()
 
 
@@ -354,6 +374,18 @@ def metrics(session: Session, run_id: str, kind: str | None = None) -> list[Metr
     if kind:
         q = q.where(Metric.type == kind)
     return list(session.scalars(q.order_by(Metric.type, Metric.step)))
+
+
+def metrics_after(session: Session, run_id: str, after: dict[str, int]) -> list[Any]:
+    """The `train` and `val` rows (type, step, epoch, ts, values; plain rows, not tracked
+    objects) past the step already seen of each type (`after`, default none seen): a page
+    refreshing its charts reads only what is new, through the (run, type, step) index."""
+    out: list[Any] = []
+    for kind in ("train", "val"):
+        q = select(Metric.type, Metric.step, Metric.epoch, Metric.ts, Metric.values).where(
+            Metric.run_id == run_id, Metric.type == kind, Metric.step > after.get(kind, -1)).order_by(Metric.step)
+        out += session.execute(q).all()
+    return out
 
 
 def checkpoints(session: Session, run_id: str) -> list[Checkpoint]:

@@ -4,7 +4,9 @@ live charts, checkpoints and the serve button with acceptance metrics."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -14,6 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from runstore import open_store, repo
 from runstore.settings import Settings
+from speculators.config.run import form_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ROOT / "app" / "pages"
@@ -31,7 +34,8 @@ def home(tmp_path, monkeypatch):
     model = s.models_root / "tiny-llama"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"num_hidden_layers": 8, "vocab_size": 512}))
-    (s.data_root / "chats.jsonl").write_text('{"conversations": [{"from": "human", "value": "hi"}]}\n')
+    chat = '{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}\n'
+    (s.data_root / "chats.jsonl").write_text(chat * form_defaults(cpu_only=True)["max_samples"])
     return s
 
 
@@ -40,8 +44,19 @@ def _page(name: str) -> AppTest:
     return at.run()
 
 
+def _alerts(at: AppTest, kind: str) -> list[str]:
+    """The texts of the plain-text alerts (`app.common.alert`) of one kind, as shown."""
+    out = []
+    for el in at.get("html"):
+        m = re.fullmatch(r'<div data-spec-alert="(\w+)"[^>]*>(.*)</div>', el.value, re.S)
+        if m and m.group(1) == kind:
+            assert "<" not in m.group(2)  # escaped: no tag of the user's inside
+            out.append(html.unescape(m.group(2)))
+    return out
+
+
 def _errors(at: AppTest) -> list[str]:
-    return [e.value for e in at.error]
+    return _alerts(at, "error") + [e.value for e in at.error]
 
 
 def test_form_shows_each_error_under_its_field(home):
@@ -49,7 +64,7 @@ def test_form_shows_each_error_under_its_field(home):
     assert not at.exception
     at.text_input(key="f_name").set_value("")
     at.text_input(key="f_layer_ids").set_value("2,99")
-    at.number_input(key="f_seq_length").set_value(3)
+    at.text_input(key="f_seq_length").set_value("3")
     at.text_input(key="f_lr").set_value("fast")
     at.radio(key="f_source").set_value("File under data root").run()
     at.text_input(key="f_path").set_value("../../etc/passwd.jsonl")
@@ -75,8 +90,8 @@ def test_submit_with_broker_down_keeps_the_run(home):
     at.text_input(key="f_path").set_value("chats.jsonl")
     at.button[0].click().run()
     assert _errors(at) == []
-    assert any("saved" in x.value for x in at.success)
-    assert any("not reachable" in w.value and "queued automatically" in w.value for w in at.warning)
+    assert any("saved" in x for x in _alerts(at, "success"))
+    assert any("not reachable" in w and "queued automatically" in w for w in _alerts(at, "warning"))
     with open_store(home.db_url)() as s:
         (run,) = repo.list_runs(s)
         assert run.name == "a; rm -rf ~ $(reboot)" and run.status == "queued"
@@ -139,7 +154,7 @@ def test_runs_table_and_actions(home):
     with factory() as s:
         assert repo.get_run(s, "r1").status == "queued"  # queued via the outbox; broker down
         assert repo.get_stage(s, "r1", "train").status == "pending"
-    assert any("queued automatically" in w.value for w in at.warning)
+    assert any("queued automatically" in w for w in _alerts(at, "warning"))
 
 
 def test_delete_needs_confirmation_and_keeps_files(home):
@@ -149,12 +164,12 @@ def test_delete_needs_confirmation_and_keeps_files(home):
     at.button(key="btn_delete").click().run()
     with factory() as s:
         assert repo.get_run(s, "r1") is not None  # not yet: asks first
-    assert any("Files in" in w.value for w in at.warning)
+    assert any("Files in" in w.value for w in at.warning)  # installation text only: st.warning
     at.button(key="btn_delete_confirm").click().run()
     with factory() as s:
         assert repo.get_run(s, "r1") is None
     assert work.exists()  # files kept: the box was not ticked
-    assert any("files kept" in x.value for x in at.success)
+    assert any("files kept" in x for x in _alerts(at, "success"))
 
 
 def test_delete_with_files_ticked(home):
@@ -259,3 +274,245 @@ def test_uploads_are_kept_under_the_data_root(home):
     assert p.name.endswith("-evil_name_rm.jsonl") and "/" not in p.name[:-6]
     assert save_upload("other.txt", b"x").name.endswith("-other.txt.jsonl")
     assert save_upload("a.jsonl", b'{"conversations": []}\n') != p  # same bytes, other name: both kept
+
+
+# ------------------------------------------------ issue 19: the form never changes what it shows
+
+
+def _form(home, **fields) -> AppTest:
+    """The New run page with `fields` typed into their boxes and the dataset set to chats.jsonl."""
+    at = _page("1_New_run.py")
+    at.radio(key="f_source").set_value("File under data root").run()
+    at.text_input(key="f_path").set_value("chats.jsonl")
+    for name, value in fields.items():
+        at.text_input(key=f"f_{name}").set_value(value)
+    return at
+
+
+def _stored(home):
+    with open_store(home.db_url)() as s:
+        return repo.list_runs(s)
+
+
+def test_numbers_out_of_range_are_refused_as_typed(home):
+    """A number outside its bounds is refused under its field, quoting what was typed, and the
+    box keeps showing it; nothing is stored. A value in bounds is stored exactly as typed."""
+    usable = form_defaults(cpu_only=True)["max_samples"]  # the fixture's file holds this many chats
+    for typed, needle in [("99999999999999999999", "between 1 and 10000000"), ("3e9", "whole number"),
+                          ("0", "between 1 and"), (str(usable + 1), f"has {usable} usable conversations")]:
+        at = _form(home, max_samples=typed)
+        at.button[0].click().run()
+        errs = _errors(at)
+        assert any(needle in e for e in errs), (typed, errs)
+        if needle != f"has {usable} usable conversations":
+            assert any(repr(typed) in e for e in errs)  # the message quotes the value as typed
+        assert at.text_input(key="f_max_samples").value == typed  # the box still shows it
+        assert _stored(home) == []
+    at = _form(home, max_samples=str(usable), epochs="1000", seq_length="1048577")
+    at.button[0].click().run()
+    assert any("between 16 and 1048576" in e and "'1048577'" in e for e in _errors(at))
+    at.text_input(key="f_seq_length").set_value("64")
+    at.text_input(key="f_draft_vocab_size").set_value("64")
+    at.text_input(key="f_seed").set_value("2147483647").run()
+    at.button[0].click().run()
+    assert _errors(at) == []
+    (run,) = _stored(home)
+    assert (run.spec["max_samples"], run.spec["epochs"], run.spec["seq_length"], run.spec["seed"]) == \
+        (usable, 1000, 64, 2147483647)
+
+
+def test_builtin_dataset_bounds_the_samples(home):
+    """The built-in ShareGPT holds a fixed number of conversations: asking for more (within the
+    schema's maximum) is refused up front with the count, not prepared and dropped in a log."""
+    from speculators.data.census import count_usable
+
+    at = _page("1_New_run.py")
+    at.selectbox(key="f_builtin").set_value("sharegpt")
+    at.text_input(key="f_max_samples").set_value("1000000")
+    at.button[0].click().run()
+    census = count_usable("sharegpt")
+    assert census.complete and 0 < census.usable < 1_000_000
+    assert any(f"has {census.usable} usable conversations (of {census.records} records" in e and
+               f"use at most {census.usable}" in e for e in _errors(at)), _errors(at)
+    assert _stored(home) == []
+
+
+def test_duplicate_run_names_are_refused(home):
+    at = _form(home, name="my run")
+    at.button[0].click().run()
+    assert _errors(at) == [] and len(_stored(home)) == 1
+    at.button[0].click().run()  # the same form again: same name
+    assert any("another run already has this name" in e for e in _errors(at))
+    assert len(_stored(home)) == 1
+    at.text_input(key="f_name").set_value("my run 2")
+    at.button[0].click().run()
+    assert _errors(at) == [] and sorted(r.name for r in _stored(home)) == ["my run", "my run 2"]
+    # a client that skipped the form's check is refused by the store too
+    from app.common import submit
+    from worker.spec import RunSpec
+
+    with pytest.raises(repo.NameTaken):
+        submit(RunSpec(**{**RunSpec.from_dict(_stored(home)[0].spec).to_dict(), "name": "my run"}))
+
+
+EVIL = ("**bold** [a](http://evil.example/a) ![i](http://evil.example/i.png) <img src=x onerror=alert(1)> "
+        "<a href='http://evil.example/h'>h</a> http://evil.example/bare www.evil.example")
+EVIL_NAME = "**b** [a](http://evil.example/a) ![i](http://evil.example/i.png) <img src=x> www.evil.example"
+
+
+def _markdown_texts(at: AppTest) -> list[str]:
+    """Every text the page renders as Markdown: alerts, markdown, captions, titles, widget
+    labels and help."""
+    out = []
+    for kind in ("markdown", "caption", "error", "warning", "info", "success", "title", "header", "subheader"):
+        out += [str(e.value) for e in at.get(kind)]
+    for kind in ("text_input", "number_input", "selectbox", "radio", "checkbox", "button", "expander"):
+        for e in at.get(kind):
+            out += [str(getattr(e, "label", "") or ""), str(getattr(e, "help", "") or "")]
+    return out
+
+
+def _assert_plain(at: AppTest) -> None:
+    assert not [t for t in _markdown_texts(at) if "evil" in t]
+    for el in at.get("html"):  # the only markup is our wrapper: the text inside is escaped
+        m = re.fullmatch(r"<(div|h1)\b[^>]*>(.*)</\1>", el.value, re.S)
+        assert m and "<" not in m.group(2), el.value
+
+
+def test_user_text_is_plain_text_on_the_form_and_the_run_page(home):
+    """Markdown and HTML in a run name, in a value echoed by a field error and in a stored
+    run's error and model show as typed: only in escaped, non-Markdown elements."""
+    at = _form(home, name=EVIL_NAME, lr=EVIL)
+    at.button[0].click().run()
+    lr_err = [e for e in _alerts(at, "error") if "must be a number" in e]
+    assert lr_err and EVIL in lr_err[0]  # shown as typed, as text
+    _assert_plain(at)
+    at.text_input(key="f_lr").set_value("0.001")
+    at.button[0].click().run()
+    assert _errors(at) == []
+    assert any(EVIL_NAME in x for x in _alerts(at, "success"))
+    _assert_plain(at)
+    (run,) = _stored(home)
+    with open_store(home.db_url)() as s:
+        r = repo.get_run(s, run.id)
+        r.error = "stage prepare failed: " + EVIL
+        r.status = "failed"
+        r.spec = {**r.spec, "model": EVIL}
+        s.commit()
+    page = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+    page.query_params["run"] = run.id
+    page.run()
+    assert not page.exception
+    heading = [h.value for h in page.get("html") if h.value.startswith("<h1>")]
+    assert heading == ["<h1>" + html.escape(EVIL_NAME) + "</h1>"]
+    assert any(EVIL in e for e in _alerts(page, "error"))
+    assert any(EVIL in c for c in _alerts(page, "caption"))
+    _assert_plain(page)
+    runs = _page("2_Runs.py")
+    _assert_plain(runs)
+
+
+# ------------------------------------------------ issue 19: the run page tells the truth, stays light
+
+
+def _train_records(start: int, stop: int, total: int = 10) -> list[dict]:
+    return [{"type": "train", "ts": 100.0 + step, "epoch": 0, "step": step, "total_steps": total,
+             "metrics": {"loss": 2.0 / step, "loss_0": 1.0 / step, "lr": 1e-3}} for step in range(start, stop)]
+
+
+def test_run_page_reads_only_new_metric_rows(home, monkeypatch):
+    """Each refresh asks the store only for rows past the last step it has, never the whole
+    table; a new attempt of the train stage (a resume re-emits steps) starts over."""
+    factory = _seed_run(home, "r1")
+    calls: list[tuple[dict, int]] = []
+    real = repo.metrics_after
+
+    def spy(session, run_id, after):
+        rows = real(session, run_id, after)
+        calls.append((dict(after), len(rows)))
+        return rows
+
+    monkeypatch.setattr(repo, "metrics_after", spy)
+    monkeypatch.setattr(repo, "metrics", lambda *a, **k: pytest.fail("the run page read every metric row"))
+    at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+    at.query_params["run"] = "r1"
+    at.run()
+    assert not at.exception
+    # the status fragment reads the 4 train + 1 val rows, the charts fragment then nothing new
+    assert calls == [({}, 5), ({"train": 4, "val": 4}, 0)]
+    with factory() as s:
+        stage = repo.get_stage(s, "r1", "train")
+        repo.ingest_records(s, "r1", _train_records(5, 8), stage_id=stage.id)
+    at.run()
+    assert calls[-2:] == [({"train": 4, "val": 4}, 3), ({"train": 7, "val": 4}, 0)]  # only steps 5-7
+    cache = at.session_state["metric_caches"]["r1"]
+    assert [p[0] for p in cache.train_points] == list(range(1, 8))
+    assert "training 70%" in at.get("progress")[0].proto.text
+    at.run()
+    assert calls[-1] == ({"train": 7, "val": 4}, 0)  # nothing new: nothing read
+    # a resumed train stage (attempt 2) re-emits step 5 with new values: read from the start again
+    with factory() as s:
+        repo.finish_stage(s, "r1", "train", "failed", "killed")
+        repo.resume_run(s, "r1")
+        st_ = repo.start_stage(s, "r1", "train", worker="w", log_path="/dev/null")
+        repo.ingest_records(s, "r1", [{**r, "metrics": {"loss": 9.0}} for r in _train_records(5, 6)],
+                            stage_id=st_.id)
+    at.run()
+    assert calls[-2][0] == {}
+    cache = at.session_state["metric_caches"]["r1"]
+    loss5 = [r["value"] for r in cache.rows if r["step"] == 5 and r["series"] == "train loss"]
+    assert loss5 == [9.0]
+
+
+def test_charts_are_thinned_but_keep_the_last_step():
+    import pandas as pd
+
+    from app.views import MAX_POINTS, thin
+
+    df = pd.DataFrame([{"type": "train", "step": s, "epoch": 0, "metric": m, "value": float(s),
+                        "series": f"train {m}"} for s in range(1, 5001) for m in ("loss", "lr")])
+    out = thin(df)
+    for series, part in out.groupby("series"):
+        assert len(part) <= MAX_POINTS + 1 and part["step"].max() == 5000 and part["step"].min() == 1
+    small = df[df["step"] <= 100]
+    assert thin(small).equals(small)
+
+
+def test_run_page_says_the_broker_is_unreachable(home):
+    """A run between stages while the broker is down says so, with the broker's address,
+    instead of only `waiting`."""
+    factory = open_store(home.db_url)
+    with factory() as s:
+        repo.create_run(s, run_id="w1", name="waits", spec={"mode": "offline", "model": "m"},
+                        stages=["prepare", "vocab"], work_dir=str(home.runs_root / "w1"))
+        repo.start_stage(s, "w1", "prepare", worker="w", log_path="/dev/null")
+        repo.finish_stage(s, "w1", "prepare", "succeeded")
+    at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+    at.query_params["run"] = "w1"
+    at.run()
+    status = [a for a in _alerts(at, "error") if a.startswith("Status: ")]
+    assert status == ["Status: waiting · next: vocab · broker unreachable: redis://127.0.0.1:1/0"], _alerts(at, "error")
+    assert any("cannot connect to Redis at 127.0.0.1:1" in c for c in _alerts(at, "caption"))
+    runs = _page("2_Runs.py")
+    assert any(a.startswith("broker unreachable: redis://127.0.0.1:1/0") for a in _alerts(runs, "error"))
+
+
+def test_run_page_shows_what_a_running_stage_waits_for_and_prepare_drops(home):
+    factory = open_store(home.db_url)
+    with factory() as s:
+        repo.create_run(s, run_id="o1", name="online", spec={"mode": "online", "model": "m"},
+                        stages=["prepare", "verifier"], work_dir=str(home.runs_root / "o1"))
+        repo.start_stage(s, "o1", "prepare", worker="w", log_path="/dev/null")
+        repo.finish_stage(s, "o1", "prepare", "succeeded")
+        st_ = repo.start_stage(s, "o1", "verifier", worker="w", log_path="/dev/null")
+        repo.note_stage(s, st_.id, "waiting: http://127.0.0.1:9/health: connection refused")
+    prepared = home.runs_root / "o1" / "prepared"
+    prepared.mkdir(parents=True)
+    (prepared / "prepare_config.json").write_text(json.dumps({"counts": {
+        "kept": 10, "truncated": 3, "dropped": {"no assistant turn": 4, "no assistant tokens after truncation": 30}}}))
+    at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+    at.query_params["run"] = "o1"
+    at.run()
+    assert "verifier: waiting: http://127.0.0.1:9/health: connection refused" in _alerts(at, "warning")
+    assert ("prepare kept 10 conversations, truncated 3, dropped 34 (no assistant tokens after truncation: 30; "
+            "no assistant turn: 4)") in _alerts(at, "warning")

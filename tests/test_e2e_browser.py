@@ -25,6 +25,17 @@ CHROMIUM = os.environ.get("SPEC_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
 
 
+# a run name and a typed value with shell, Markdown and HTML syntax: shown as typed, nowhere a
+# link, image or formatting (issue 19)
+NAME = "e2e $(whoami) **b** [a](http://evil.example/a) ![i](http://evil.example/i.png) <img src=x>"
+EVIL_LR = "[fast](http://evil.example/lr) <img src=http://evil.example/lr.png> www.evil.example"
+
+
+def _assert_no_evil_markup(page) -> None:
+    for sel in ('a[href*="evil.example"]', 'img[src*="evil.example"]', 'img[src="x"]'):
+        assert page.locator(sel).count() == 0, sel
+
+
 def _healthy(url: str) -> bool:
     try:
         return urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200
@@ -73,20 +84,25 @@ def test_submit_from_form_and_see_live_chart(local_mode):
             name = page.get_by_role("textbox", name="Run name")
             name.wait_for(timeout=60_000)
             # a bad value first: the error appears next to its field and nothing is launched
+            # (its message quotes the value typed: Markdown/HTML in it stays text)
             lr = page.get_by_role("textbox", name="Learning rate")
-            lr.fill("fast")
+            lr.fill(EVIL_LR)
             lr.press("Enter")
             page.get_by_role("button", name="Launch run").click()
             page.get_by_text("must be a number").wait_for(timeout=30_000)
+            assert EVIL_LR in page.get_by_text("must be a number").inner_text()
+            _assert_no_evil_markup(page)
             lr.fill("0.003")
             lr.press("Enter")
-            name.fill("browser e2e; $(whoami)")
+            name.fill(NAME)
             name.press("Enter")
             page.get_by_role("button", name="Launch run").click()
             page.get_by_text("saved").wait_for(timeout=30_000)
+            _assert_no_evil_markup(page)
             page.screenshot(path=str(ARTIFACTS / "e2e-new-run.png"))
             page.get_by_role("link", name="Open the run").click()
-            page.get_by_role("heading", name="browser e2e; $(whoami)").wait_for(timeout=30_000)
+            page.get_by_role("heading", name=NAME).wait_for(timeout=30_000)
+            _assert_no_evil_markup(page)
             t0 = time.monotonic()
             page.locator('[data-testid="stVegaLiteChart"]').first.wait_for(timeout=240_000)
             page.wait_for_timeout(1500)  # let the chart draw
@@ -95,8 +111,8 @@ def test_submit_from_form_and_see_live_chart(local_mode):
             assert page.get_by_text("Training metrics").is_visible()
             page.goto(url + "/Runs")
             # the table is a canvas grid; its accessible cells are attached but not "visible"
-            page.locator("td", has_text="browser e2e; $(whoami)").first.wait_for(state="attached",
-                                                                                timeout=30_000)
+            page.locator("td", has_text=NAME).first.wait_for(state="attached", timeout=30_000)
+            _assert_no_evil_markup(page)
             page.screenshot(path=str(ARTIFACTS / "e2e-runs.png"))
         finally:
             browser.close()

@@ -3,7 +3,8 @@ fail on one that runs up the layering below, on an import cycle between two pack
 the same layer, and on any import of the dashboard/worker/store packages.
 
 Layers, lowest first (a package may import its own layer's packages and lower layers):
-  0  speculators (version), errors, atomic (file writes), console (the log format)
+  0  speculators (version), errors, atomic (file writes), console (the log format), progress
+     (stage progress lines)
   1  layers (layer-id rules), verifier (reading the verifier: config, weights, hidden states)
   2  data, models (core math and the draft model), config (the typed run settings)
   3  vllm, datagen, online, evaluate, regenerate, tiny (the stages' services and the embedded
@@ -19,7 +20,7 @@ import ast
 from pathlib import Path
 
 LAYERS: list[set[str]] = [
-    {"speculators", "speculators.errors", "speculators.atomic", "speculators.console"},
+    {"speculators", "speculators.errors", "speculators.atomic", "speculators.console", "speculators.progress"},
     {"speculators.layers", "speculators.verifier"},
     {"speculators.data", "speculators.models", "speculators.config"},
     {"speculators.vllm", "speculators.datagen", "speculators.online", "speculators.evaluate",

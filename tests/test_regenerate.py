@@ -150,7 +150,7 @@ def test_alias_and_bad_flags(tiny_llama, source, tmp_path, capsys):
     out = tmp_path / "o.jsonl"
     assert cli_main(["regenerate-responses", "--model", str(tiny_llama), "--data", str(source), "--output",
                      str(out), "--max-tokens", "0"]) == 2
-    assert "--max-tokens must be a whole number >= 1 (got 0)" in capsys.readouterr().err
+    assert "--max-tokens must be a whole number between 1 and 1048576 (got 0)" in capsys.readouterr().err
     assert cli_main(["regenerate", "--model", str(tiny_llama), "--data", str(source), "--output", str(out),
                      "--endpoint", "http://127.0.0.1:9"]) == 2
     assert "--backend vllm" in capsys.readouterr().err

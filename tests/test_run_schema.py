@@ -85,7 +85,8 @@ def home(tmp_path, monkeypatch):
     model = s.models_root / "tiny-llama"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(TINY_CONFIG))
-    (s.data_root / "chats.jsonl").write_text('{"conversations": [{"from": "human", "value": "hi"}]}\n')
+    chat = '{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}\n'
+    (s.data_root / "chats.jsonl").write_text(chat * RUN_DEFAULTS["max_samples"])  # as many as a run asks
     return s
 
 
@@ -94,7 +95,7 @@ def form(home) -> AppTest:
     assert not at.exception
     at.radio(key="f_source").set_value("File under data root").run()
     at.text_input(key="f_path").set_value("chats.jsonl")
-    at.number_input(key="f_draft_vocab_size").set_value(128)  # the tiny verifier's vocabulary is 512
+    at.text_input(key="f_draft_vocab_size").set_value("128")  # the tiny verifier's vocabulary is 512
     return at
 
 
@@ -206,10 +207,10 @@ def test_layer_ids_refused_at_the_form_as_the_cli_refuses_them(home, ids):
 
 def test_long_sequence_refused_at_the_form_with_the_estimate(home):
     at = form(home)
-    at.number_input(key="f_seq_length").set_value(131072)
-    at.number_input(key="f_gpus").set_value(0)  # a CPU run: checked against this machine's RAM
+    at.text_input(key="f_seq_length").set_value("131072")
+    at.text_input(key="f_gpus").set_value("0")  # a CPU run: checked against this machine's RAM
     at.button[0].click().run()
-    (msg,) = [e.value for e in at.error if "sequence length 131072" in e.value]
+    (msg,) = [e.value for e in at.get("html") if "sequence length 131072" in e.value]  # a plain-text alert
     assert "GiB" in msg and "attention (T^2)" in msg and "available RAM" in msg
     with open_store(home.db_url)() as s:
         assert repo.list_runs(s) == []
@@ -260,9 +261,9 @@ def test_regenerate_stage_runs_before_prepare(home, tmp_path):
 
 def test_form_offers_regeneration(home):
     at = form(home)
-    assert not [w for w in at.number_input if w.key == "f_regenerate_max_tokens"]
+    assert not [w for w in at.text_input if w.key == "f_regenerate_max_tokens"]
     at.checkbox(key="f_regenerate").check().run()
-    at.number_input(key="f_regenerate_max_tokens").set_value(32)
+    at.text_input(key="f_regenerate_max_tokens").set_value("32")
     at.button[0].click().run()
     with open_store(home.db_url)() as s:
         (run,) = repo.list_runs(s)

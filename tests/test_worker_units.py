@@ -34,7 +34,8 @@ def settings(tmp_path, monkeypatch):
 
 
 def _good(settings, **over):
-    (settings.data_root / "chats.jsonl").write_text('{"conversations": []}\n')
+    chat = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    (settings.data_root / "chats.jsonl").write_text((json.dumps(chat) + "\n") * 8)
     model = settings.models_root / "m"
     model.mkdir(exist_ok=True)
     (model / "config.json").write_text(json.dumps({"num_hidden_layers": 8, "vocab_size": 512}))
@@ -114,7 +115,8 @@ def test_dataset_symlink_out_of_root_rejected(settings, tmp_path):
 def test_online_needs_endpoint_or_gpu(settings):
     _, errors = validate_spec(_good(settings, mode="online"), settings)
     assert "vLLM server" in errors["mode"]
-    _, errors = validate_spec(_good(settings, mode="online", vllm_endpoint="http://vllm:8001"), settings)
+    _, errors = validate_spec(_good(settings, mode="online", vllm_endpoint="http://vllm:8001"), settings,
+                              check_endpoint=None)
     assert errors == {}
 
 
@@ -297,3 +299,59 @@ def test_error_summary_names_the_signal(tmp_path):
     # a last line in the commands' log format: its message, without time, level and file:line
     log.write_text("$ speculators train ...\n[09:00:01] WARNING  disk almost full  trainer.py:12\n")
     assert error_summary(log, 1) == "disk almost full (exit code 1)"
+
+
+def test_every_stage_reports_progress_to_its_bar(settings, tiny_llama):
+    """regenerate and prepare write progress lines ($SPECULATORS_PROGRESS_FILE, set by the
+    worker) that the worker reads into the stage's step columns, as the trainer's records
+    fill train's: their bars move too."""
+    from worker.runner import execute_stage
+    from worker.spec import RunSpec
+
+    spec = RunSpec(name="p", model=str(tiny_llama), dataset="sharegpt", seq_length=64, max_samples=3,
+                   draft_vocab_size=64, epochs=1, regenerate=True, regenerate_max_tokens=4)
+    factory = open_store(settings.db_url)
+    with factory() as s:
+        repo.create_run(s, run_id="p1", name="p", spec=spec.to_dict(), stages=stages_for(spec),
+                        work_dir=str(settings.runs_root / "p1"))
+    for stage in ("regenerate", "prepare"):
+        assert execute_stage(factory, settings, "p1", stage, worker="t") == "succeeded"
+        with factory() as s:
+            row = repo.get_stage(s, "p1", stage)
+            assert (row.current_step, row.total_steps) == (3, 3), (stage, row.current_step, row.total_steps)
+        lines = (RunPaths(settings.runs_root / "p1").logs / f"{stage}.progress.jsonl").read_text().splitlines()
+        assert json.loads(lines[-1])["done"] == 3
+
+
+def test_online_run_endpoint_checked_at_submit_and_before_the_first_stage(settings):
+    """A vLLM URL that accepts no connection is refused by the form's validation, and a run
+    stored anyway (another client) fails at its first stage saying so, before any data stage."""
+    import socket
+
+    from worker.runner import execute_stage
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, not listening: refused
+    server = _health_server()
+    live = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        _, errors = validate_spec(_good(settings, mode="online", vllm_endpoint=dead), settings)
+        assert "cannot reach" in errors["vllm_endpoint"] and "connection refused" in errors["vllm_endpoint"]
+        spec, errors = validate_spec(_good(settings, mode="online", vllm_endpoint=live), settings)
+        assert errors == {}
+        spec.vllm_endpoint = dead
+        factory = open_store(settings.db_url)
+        with factory() as s:
+            repo.create_run(s, run_id="e1", name="e", spec=spec.to_dict(), stages=stages_for(spec),
+                            work_dir=str(settings.runs_root / "e1"))
+        assert execute_stage(factory, settings, "e1", "prepare", worker="t") == "failed"
+        with factory() as s:
+            run = repo.get_run(s, "e1")
+            assert run.status == "failed"
+            assert f"the vLLM endpoint {dead} is unreachable (connection refused)" in run.error
+            assert repo.get_stage(s, "e1", "prepare").pid is None
+        assert not (settings.runs_root / "e1" / "prepared").exists()  # nothing ran
+    finally:
+        server.shutdown()
+        sock.close()

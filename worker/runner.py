@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from runstore import repo
 from runstore.models import utcnow
 from runstore.settings import Settings
+from speculators.progress import ENV as PROGRESS_ENV
 from worker import procs
 from worker.pipeline import RunPaths, stage_argv
 from worker.spec import RunSpec
@@ -54,9 +55,22 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
             return "blocked"  # another worker claimed it first
         stage_id = stage.id
         attempt = stage.attempts
+        first = stage.position == min(x.position for x in run.stages)
 
     if stage_name == "verifier":
         return _ensure_verifier(factory, settings, run_id, spec, paths, stage_id, dispatch)
+
+    if spec.online and spec.vllm_endpoint and first:
+        # an online run's own vLLM URL is needed later (verifier, train): fail now, not after
+        # the data stages and the verifier stage's wait
+        why = _endpoint_down(spec.vllm_endpoint)
+        if why:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a", encoding="utf-8") as fh:
+                fh.write(f"error: {why}\n")
+            with factory() as s:
+                repo.finish_stage(s, run_id, stage_name, "failed", why)
+            return "failed"
 
     try:
         verifier_url = _verifier_url(factory, run_id) if spec.mode in ("online", "hybrid") else None
@@ -70,8 +84,12 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
     with open(log_path, "a", encoding="utf-8") as fh:
         fh.write(f"\n=== {stage_name} attempt {attempt} on {worker} at {datetime.now().isoformat(timespec='seconds')}\n")
         fh.write("$ " + shlex.join(argv) + "\n")
+    env = procs.child_env(settings.train_threads)
+    progress_path = paths.logs / f"{stage_name}.progress.jsonl"
+    progress_path.unlink(missing_ok=True)  # this attempt's lines only
+    env[PROGRESS_ENV] = str(progress_path)
     try:
-        proc = procs.start(argv, log_path=log_path, cwd=paths.work_dir, env=procs.child_env(settings.train_threads))
+        proc = procs.start(argv, log_path=log_path, cwd=paths.work_dir, env=env)
     except OSError as exc:
         with factory() as s:
             repo.finish_stage(s, run_id, stage_name, "failed", f"could not start {argv[0]}: {exc}")
@@ -80,7 +98,7 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
         repo.set_stage_pid(s, stage_id, proc.pid)
 
     tail = JsonlTail(paths.metrics) if stage_name == "train" else None
-    status = _watch(factory, run_id, stage_id, proc, tail)
+    status = _watch(factory, run_id, stage_id, proc, tail, JsonlTail(progress_path))
     if status == "cancelled":
         with factory() as s:
             repo.finish_stage(s, run_id, stage_name, "cancelled", "cancelled by the user")
@@ -94,7 +112,8 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
         return "failed"
 
 
-def _watch(factory, run_id: str, stage_id: int, proc: subprocess.Popen, tail: JsonlTail | None) -> str:
+def _watch(factory, run_id: str, stage_id: int, proc: subprocess.Popen, tail: JsonlTail | None,
+           progress: JsonlTail | None = None) -> str:
     last_beat = 0.0
     while True:
         rc = proc.poll()
@@ -103,6 +122,12 @@ def _watch(factory, run_id: str, stage_id: int, proc: subprocess.Popen, tail: Js
             if records:
                 with factory() as s:
                     repo.ingest_records(s, run_id, records, stage_id=stage_id)
+        if progress is not None:
+            last = next((r for r in reversed(progress.read_new()) if r.get("type") == "progress"
+                         and isinstance(r.get("done"), int) and isinstance(r.get("total"), int)), None)
+            if last is not None:
+                with factory() as s:
+                    repo.stage_progress(s, stage_id, last["done"], last["total"])
         if rc is not None:
             return "exited"
         now = time.monotonic()
@@ -142,6 +167,20 @@ def probe_health(url: str, timeout: float = 2.0) -> tuple[bool, str]:
     except requests.RequestException as exc:
         return False, type(exc).__name__
     return code == 200, f"HTTP {code}"
+
+
+def _endpoint_down(url: str, tries: int = 3, pause_s: float = 1.0) -> str | None:
+    """The failure message when a user's vLLM URL accepts no connection (a few tries a second
+    apart, so a blip passes), or None. Any HTTP answer counts as reachable (503 while loading)."""
+    said = ""
+    for i in range(tries):
+        ok, said = probe_health(url)
+        if ok or said.startswith("HTTP"):
+            return None
+        if i + 1 < tries:
+            time.sleep(pause_s)
+    return (f"the vLLM endpoint {url.rstrip('/')} is unreachable ({said}), checked before the first stage: "
+            "start vLLM there or fix the URL, then press Resume")
 
 
 def unreachable_limit_s() -> float:

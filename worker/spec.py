@@ -9,10 +9,14 @@ models or data root, so `../../etc/passwd` or a symlink out never gets through.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
+
+from pydantic import TypeAdapter
 
 from runstore.settings import Settings
 from speculators.config.memory import VerifierDims, available_bytes, estimate_train_memory, refusal
@@ -87,14 +91,68 @@ def resolve_model(raw: str, settings: Settings) -> tuple[str, str | None]:
     return value, None
 
 
-def validate_spec(raw: dict[str, Any], settings: Settings, *, free_memory: int | None = None
-                  ) -> tuple[RunSpec | None, dict[str, str]]:
+def _int(value: Any) -> int:
+    """A form value the schema accepted as a whole number ("16", " 16 ", 16), as that number."""
+    return TypeAdapter(int).validate_python(value) if value not in (None, "") else 0
+
+
+def _source_key(dataset: str) -> tuple[str, int, int]:
+    """What identifies a dataset's content for the census cache: a file's size and mtime."""
+    p = Path(dataset)
+    try:
+        st = p.stat()
+        return dataset, st.st_size, st.st_mtime_ns
+    except OSError:
+        return dataset, 0, 0
+
+
+@functools.lru_cache(maxsize=64)
+def _census(key: tuple[str, int, int], need: int):
+    from speculators.data.census import count_usable
+
+    return count_usable(key[0], need)
+
+
+def samples_error(dataset: str, max_samples: int) -> str | None:
+    """The message for a sample count the dataset cannot give (counted before anything is
+    stored, so a run never prepares a whole dataset to drop most of it), or None."""
+    try:
+        census = _census(_source_key(dataset), max_samples)
+    except (UserError, OSError, ValueError) as exc:
+        return f"cannot read the dataset to count its conversations: {exc}"
+    if census is None or not census.complete or census.usable >= max_samples:
+        return None
+    why = "; ".join(f"{reason}: {n}" for reason, n in census.dropped.most_common(3))
+    found = (f"the dataset has {census.usable} usable conversations (of {census.records} records"
+             + (f"; not usable: {why}" if why else "") + ")")
+    if census.usable == 0:
+        return found + ": choose a dataset of chats with assistant replies"
+    return found + f": use at most {census.usable}"
+
+
+def endpoint_error(url: str, timeout_s: float = 2.0) -> str | None:
+    """Whether a user's vLLM URL accepts connections now (any HTTP answer counts: vLLM answers
+    503 while it loads). The message to show, or None."""
+    from worker.runner import probe_health
+
+    ok, said = probe_health(url, timeout=timeout_s)
+    if ok or said.startswith("HTTP"):
+        return None
+    return (f"cannot reach {url.rstrip('/')}/health ({said}): start vLLM there first "
+            "(`speculators launch-vllm MODEL`), fix the URL, or leave it empty and choose GPUs")
+
+
+def validate_spec(raw: dict[str, Any], settings: Settings, *, free_memory: int | None = None,
+                  names_taken: Collection[str] = (), check_endpoint: Callable[[str], str | None] | None
+                  = endpoint_error) -> tuple[RunSpec | None, dict[str, str]]:
     """Check every field; return the spec, or None and {field: message}.
 
     Types and bounds come from the schema (the messages `speculators train` gives); this adds
     what needs the installation: paths inside its roots, its GPU count, the verifier's layer
-    count and vocabulary, and whether the trainer's memory fits (`free_memory` overrides the
-    measured free bytes, for tests).
+    count and vocabulary, whether the trainer's memory fits (`free_memory` overrides the
+    measured free bytes, for tests), a name no other run has (`names_taken`), a sample count
+    the dataset can give, and an online run's vLLM URL answering (`check_endpoint`; None
+    skips it).
     """
     data = {k: v for k, v in raw.items() if k in RunSpec.model_fields}
     for key in ("name", "model", "dataset"):
@@ -108,13 +166,26 @@ def validate_spec(raw: dict[str, Any], settings: Settings, *, free_memory: int |
     if err:
         errors["dataset"] = err
     data.update(model=model, dataset=dataset)
-    if "gpus" not in errors and int(data.get("gpus") or 0) > max(settings.max_gpus, 0):
+    name = str(data.get("name") or "").strip()
+    if "name" not in errors and name in set(names_taken):
+        errors["name"] = "another run already has this name: choose a different one"
+    if "dataset" not in errors and "max_samples" not in errors:
+        samples = data.get("max_samples", RunSpec.model_fields["max_samples"].default)
+        err = samples_error(dataset, _int(samples))
+        if err:
+            errors["max_samples"] = err
+    if "gpus" not in errors and _int(data.get("gpus")) > max(settings.max_gpus, 0):
         errors["gpus"] = (f"must be between 0 and {settings.max_gpus}" if settings.max_gpus
                           else "this installation has no GPU worker: use 0 (CPU)")
     mode = str(data.get("mode") or "offline")
-    if mode in ("online", "hybrid") and "mode" not in errors and int(data.get("gpus") or 0) == 0 \
-            and not str(data.get("vllm_endpoint") or "").strip():
+    if mode in ("online", "hybrid") and "mode" not in errors and "gpus" not in errors \
+            and _int(data.get("gpus")) == 0 and not str(data.get("vllm_endpoint") or "").strip():
         errors["mode"] = f"{mode} training reads hidden states from a vLLM server: give its URL or choose GPUs"
+    url = str(data.get("vllm_endpoint") or "").strip()
+    if mode in ("online", "hybrid") and url and "vllm_endpoint" not in errors and check_endpoint is not None:
+        err = check_endpoint(url)
+        if err:
+            errors["vllm_endpoint"] = err
     cfg = model_config(model, settings) if "model" not in errors else None
     dims = _dims(cfg) if cfg else None
     if cfg:
@@ -128,7 +199,7 @@ def validate_spec(raw: dict[str, Any], settings: Settings, *, free_memory: int |
                     errors["layer_ids"] = str(exc)
         vocab = dims.vocab_size if dims else cfg.get("vocab_size")
         if isinstance(vocab, int) and "draft_vocab_size" not in errors \
-                and int(data.get("draft_vocab_size") or 0) > vocab:
+                and _int(data.get("draft_vocab_size")) > vocab:
             errors["draft_vocab_size"] = f"must not exceed the verifier's vocabulary ({vocab})"
     if errors:
         return None, errors

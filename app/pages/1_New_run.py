@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import streamlit as st
 
 from app import common
+from runstore import repo
 from speculators.config.base import choices_of, unwrap_optional
 from speculators.config.run import form_defaults
 from worker.spec import BUILTIN_DATASETS, RunSpec, validate_spec
@@ -38,7 +39,7 @@ def key(name: str) -> str:
 def field_error(name: str) -> None:
     msg = state["form_errors"].get(name)
     if msg:
-        st.error(msg, icon="⚠️")
+        common.alert("error", msg, icon="⚠️")  # plain text: messages quote what was typed
 
 
 def initial(name: str):
@@ -52,7 +53,9 @@ def initial(name: str):
 
 
 def widget(name: str) -> None:
-    """One schema field as a widget (text for floats and lists, so any typed text gets a message)."""
+    """One schema field as a widget. Numbers and lists are text boxes parsed by the schema:
+    what is typed is what is checked and stored, and a value out of bounds gets a message
+    (a number box would clamp it or silently keep its previous value)."""
     info = RunSpec.model_fields[name]
     label, help_text, value = info.title or name, info.description or None, initial(name)
     inner, _ = unwrap_optional(info.annotation)
@@ -63,7 +66,7 @@ def widget(name: str) -> None:
     elif inner is bool:
         st.checkbox(label, value=bool(value), key=key(name), help=help_text)
     elif inner is int:
-        st.number_input(label, value=int(value), step=1, key=key(name), help=help_text)
+        st.text_input(label, value=str(int(value)), key=key(name), help=help_text)
     elif inner is float:
         st.text_input(label, value=repr(float(value)), key=key(name), help=help_text)
     elif isinstance(value, list):
@@ -88,12 +91,18 @@ def _submit() -> None:
     raw["dataset"] = dataset
     if state.get(key("mode")) == "offline":
         raw.pop("vllm_endpoint", None)
-    spec, errors = validate_spec(raw, s)
+    with common.store()() as session:
+        taken = repo.run_names(session)
+    spec, errors = validate_spec(raw, s, names_taken=taken)
     state["form_errors"] = errors
     state["submitted"] = None
     if spec is None:
         return
-    run_id, broker_err = common.submit(spec)
+    try:
+        run_id, broker_err = common.submit(spec)
+    except repo.NameTaken as exc:  # another tab or client took the name meanwhile
+        state["form_errors"] = {"name": str(exc)}
+        return
     state["submitted"] = {"run_id": run_id, "name": spec.name, "broker_error": broker_err}
 
 
@@ -101,10 +110,9 @@ st.title("New run")
 common.tiny_model_notice()
 if state.get("submitted"):
     sub = state["submitted"]
-    st.success(f"Run {sub['run_id']} saved.")
-    st.text(sub["name"])  # the user's text, never Markdown
+    common.alert("success", f"Run {sub['run_id']} saved: {sub['name']}")  # the user's text, never Markdown
     if sub["broker_error"]:
-        st.warning(common.broker_message(sub["broker_error"]))
+        common.alert("warning", common.broker_message(sub["broker_error"]))
     common.page_link("pages/3_Run_detail.py", "Open the run", "📈", {"run": sub["run_id"]})
 
 left, right = st.columns(2)
@@ -138,4 +146,4 @@ with right:
 
 st.button("Launch run", type="primary", on_click=_submit)
 if state["form_errors"]:
-    st.error(f"Fix {len(state['form_errors'])} field(s) above before launching.")
+    common.alert("error", f"Fix {len(state['form_errors'])} field(s) above before launching.")

@@ -37,6 +37,10 @@ def _act(fn, *args, ok: str) -> None:
 def runs_table() -> None:
     with factory() as session:
         rows = views.runs_rows(repo.list_runs(session))
+    down = common.broker_down() if any(r["status"] in ("queued", "running", "waiting") for r in rows) else None
+    if down:
+        common.alert("error", f"broker unreachable: {common.settings().broker_url} ({down}). Waiting runs are "
+                     "queued as soon as it answers again.")
     if not rows:
         st.info("No runs yet.")
         common.page_link("pages/1_New_run.py", "Launch the first run", "🚀")
@@ -101,4 +105,4 @@ if runs:
 
 msg = state.pop("runs_msg", None)
 if msg:
-    getattr(st, msg[0])(msg[1])
+    common.alert(msg[0], msg[1])

@@ -45,6 +45,42 @@ def chart(title: str, df: pd.DataFrame) -> alt.Chart:
             .properties(height=220))
 
 
+def _metric_cache(run_id: str, train_stage) -> views.MetricCache:
+    """This session's chart data for the run, brought up to date with the rows written since
+    the last refresh (only those are read)."""
+    caches = st.session_state.setdefault("metric_caches", {})
+    cache = caches.setdefault(run_id, views.MetricCache())
+    attempt = (train_stage.attempts, train_stage.started_at) if train_stage is not None else (0, None)
+    cache.reset_for(attempt)
+    with factory() as session:
+        cache.add(repo.metrics_after(session, run_id, cache.after()))
+    return cache
+
+
+def status_line(run, stages) -> None:
+    status = views.display_status(run)
+    where = views.stage_label(run)
+    shown_where = where if where and status in ("running", "waiting") else ""
+    text = f"Status: {status}" + (f" · {'stage ' if status == 'running' else ''}{shown_where}" if shown_where else "")
+    kind = {"succeeded": "success", "failed": "error", "cancelled": "warning",
+            "interrupted": "warning"}.get(run.status, "info")
+    down = common.broker_down() if run.status in repo.ACTIVE_RUN else None
+    if down:  # nothing moves until the broker is back: say so, not just "waiting"
+        text += f" · broker unreachable: {s.broker_url}"
+        kind = "error" if status != "running" else "warning"
+    common.alert(kind, text)
+    if down:
+        common.alert("caption", f"{down}. Finished stages are kept and the next one is queued as soon as "
+                     "the broker answers again.")
+    for x in stages:
+        if x.status == "running" and x.error:  # what a running stage waits for, e.g. its vLLM URL
+            common.alert("warning", f"{x.name}: {x.error}")
+    if run.error:
+        common.alert("error", run.error)  # plain text: it may quote the run's name or a URL
+
+
+# Three fragments, each redrawn on its own clock: status and progress every 2 s, charts every
+# 3 s (from this session's cache: only new rows are read), checkpoints and logs every 5 s.
 @st.fragment(run_every=2)
 def live() -> None:
     with factory() as session:
@@ -52,43 +88,39 @@ def live() -> None:
         if run is None:
             st.warning("This run was deleted.")
             return
-        session.refresh(run)
         stages = list(run.stages)
-        train = repo.metrics(session, run_id, "train")
-        all_metrics = repo.metrics(session, run_id)
-        ckpts = repo.checkpoints(session, run_id)
     st.html(views.heading_html(run.name))  # the user's text as typed: never Markdown, never a link
-    st.caption(f"run {run.id} · {run.spec.get('mode')} · {run.spec.get('model')} · created {views.age(run.created_at)} ago")
-    badge = {"succeeded": st.success, "failed": st.error, "cancelled": st.warning,
-             "interrupted": st.warning}.get(run.status, st.info)
-    status = views.display_status(run)
-    where = views.stage_label(run)
-    shown_where = where if where and status in ("running", "waiting") else ""
-    badge(f"Status: **{status}**" + (f" · {'stage ' if status == 'running' else ''}{shown_where}" if shown_where else ""))
-    if run.error:
-        st.text(run.error)  # plain text: it may quote the run's name or a URL
+    common.alert("caption", f"run {run.id} · {run.spec.get('mode')} · {run.spec.get('model')} · "
+                 f"created {views.age(run.created_at)} ago")
+    status_line(run, stages)
 
     train_stage = next((x for x in stages if x.name == "train"), None)
-    frac, eta = views.train_eta(train, train_stage.total_steps if train_stage else None)
+    cache = _metric_cache(run_id, train_stage)
+    frac, eta = views.train_eta(cache.train_points, train_stage.total_steps if train_stage else None)
     overall = views.run_progress(run)
     label = f"overall {int(overall * 100)}%"  # floor: 100% only when everything has finished
-    if train:
+    live_stage = next((x for x in stages if x.status == "running"), None)
+    if cache.train_points:
         label += f" · training {int(frac * 100)}%" + (f" · ETA {views.fmt_duration(eta)}" if eta is not None and run.status == "running" else "")
+    elif live_stage is not None and live_stage.total_steps:
+        label += f" · {live_stage.name} {int(views.stage_fraction(live_stage) * 100)}%"
     st.progress(overall, text=label)
 
     st.subheader("Stages")
     st.dataframe(pd.DataFrame(views.stage_rows(stages)), hide_index=True, width="stretch")
+    data = views.prepare_summary(run.work_dir)
+    if data:
+        common.alert("warning" if data[1] else "caption", data[0])
 
-    st.subheader("Training metrics")
-    df = views.metrics_long(all_metrics)
-    frames = views.chart_frames(df)
-    if not frames:
-        st.info("Metrics appear here as soon as training logs its first step.")
-    else:
-        cols = st.columns(2)
-        for i, (title, part) in enumerate(frames):
-            cols[i % 2].altair_chart(chart(title, part), width="stretch")
 
+@st.fragment(run_every=5)
+def files() -> None:
+    with factory() as session:
+        run = repo.get_run(session, run_id)
+        if run is None:
+            return
+        stages = list(run.stages)
+        ckpts = repo.checkpoints(session, run_id)
     st.subheader("Checkpoints")
     if ckpts:
         st.dataframe(pd.DataFrame([{"epoch": c.epoch, "step": c.step, "val loss": c.val_loss,
@@ -104,7 +136,33 @@ def live() -> None:
                 st.code(log_tail(x.log_path, lines=30) or "(empty)", language=None)
 
 
+@st.fragment(run_every=3)
+def charts() -> None:
+    """The metric charts. Each chart object is rebuilt only when new rows arrived (kept per
+    session with the data version), and each series is thinned to `views.MAX_POINTS`, so a
+    refresh sends little and the browser redraws only what changed."""
+    with factory() as session:
+        run = repo.get_run(session, run_id)
+    if run is None:
+        return
+    cache = _metric_cache(run_id, next((x for x in run.stages if x.name == "train"), None))
+    st.subheader("Training metrics")
+    built = st.session_state.setdefault("built_charts", {})
+    key = (run_id, cache.key, cache.version)
+    if built.get("key") != key:
+        built["key"] = key
+        built["charts"] = [chart(title, part) for title, part in views.chart_frames(cache.frame())]
+    if not built["charts"]:
+        st.info("Metrics appear here as soon as training logs its first step.")
+        return
+    cols = st.columns(2)
+    for i, c in enumerate(built["charts"]):
+        cols[i % 2].altair_chart(c, width="stretch", key=f"chart_{i}")
+
+
 live()
+charts()
+files()
 
 
 def acceptance(endpoint: str) -> dict | None:

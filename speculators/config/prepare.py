@@ -12,6 +12,8 @@ from typing import Literal
 from speculators.config.base import TypedSettings, setting
 
 ROWS = ("per-conversation", "per-turn")
+# prepare-data holds every kept sample's token ids in memory: more samples than this is a typo
+MAX_SAMPLES = 10_000_000
 
 
 class PrepareConfig(TypedSettings):
@@ -31,7 +33,8 @@ class PrepareConfig(TypedSettings):
     output: str = setting(help="output directory", min_length=1)
     seq_length: int = setting(help="truncate each sample to this many tokens", ge=2)
     max_samples: int | None = setting(None, "keep at most this many samples (rows) in all; split between sources "
-                                      "by weight (default: all)", title="Samples", ge=1)
+                                      "by weight (default: all)", title="Samples", ge=1,
+                                      le=MAX_SAMPLES)
     seed: int = setting(0, "shuffle seed applied before --max-samples")
     batch_size: int = setting(512, "conversations tokenized per batch", cli=False, ge=1)
     force: bool = setting(False, "rebuild even if --output is up to date")

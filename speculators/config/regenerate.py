@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from speculators.config.base import TypedSettings, setting
+from speculators.config.prepare import MAX_SAMPLES
 
 
 class RegenConfig(TypedSettings):
@@ -24,15 +25,19 @@ class RegenConfig(TypedSettings):
     endpoint: str | None = setting(None, "with --backend vllm: a running OpenAI-compatible server (default: start "
                                    "one)")
     api_key: str | None = setting(None, "bearer token for --endpoint")
-    max_tokens: int = setting(256, "most tokens per regenerated turn", title="Regenerated reply tokens", ge=1)
-    temperature: float = setting(0.0, "sampling temperature (0: greedy)", title="Regeneration temperature", ge=0.0)
-    concurrency: int = setting(8, "conversations regenerated together (batch size / requests in flight)", ge=1)
-    max_samples: int | None = setting(None, "regenerate at most this many conversations", ge=1)
+    max_tokens: int = setting(256, "most tokens per regenerated turn", title="Regenerated reply tokens", ge=1,
+                         le=1 << 20)
+    temperature: float = setting(0.0, "sampling temperature (0: greedy)", title="Regeneration temperature",
+                                ge=0.0, le=2.0)
+    concurrency: int = setting(8, "conversations regenerated together (batch size / requests in flight)", ge=1,
+                              le=4096)
+    max_samples: int | None = setting(None, "regenerate at most this many conversations", ge=1,
+                                      le=MAX_SAMPLES)
     seed: int = setting(0, "shuffle seed for choosing records (as prepare-data --seed) and sampling seed")
     max_turns: int | None = setting(None, "regenerate at most this many assistant turns per conversation (later "
-                                    "turns dropped)", ge=1)
+                                    "turns dropped)", ge=1, le=10_000)
     max_prompt_tokens: int | None = setting(None, "a turn whose prompt is longer ends the conversation there (a "
-                                            "first turn: record skipped)", ge=1)
+                                            "first turn: record skipped)", ge=1, le=1 << 20)
     device: str = setting("auto", "transformers backend: auto, cpu or cuda[:N]")
     ready_timeout: float = setting(900.0, "seconds to wait for a started server", gt=0.0)
     summary_json: str | None = setting(None, "also write the summary here (JSON)")

@@ -136,8 +136,10 @@ class RunSettings(TypedSettings):
         return self.total_seq_len or self.seq_length
 
 
-# Values a CPU-only installation's form starts from (tiny verifier, minutes not hours).
-CPU_PRESET: dict[str, Any] = {"seq_length": 64, "max_samples": 16, "draft_vocab_size": 128, "epochs": 2,
+# Values a CPU-only installation's form starts from: on the embedded tiny verifier a run whose
+# training takes about 2.7 min of one core (4,604 steps of ~35 ms, val loss 1.95 -> 0.78 over 10 epochs on
+# 512 ShareGPT conversations), long enough to watch the curve fall live, short enough to wait for.
+CPU_PRESET: dict[str, Any] = {"seq_length": 256, "max_samples": 512, "draft_vocab_size": 128, "epochs": 10,
                               "lr": 1e-3, "gpus": 0}
 
 

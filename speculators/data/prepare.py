@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from speculators.data.chat import (
     Conversation,
@@ -41,6 +41,7 @@ from speculators.data.sources import (
 )
 from speculators.config.prepare import PrepareConfig
 from speculators.errors import UserError
+from speculators.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,8 @@ def _encode_batch(tokenizer, convs: list[Conversation], eot: set[int], cfg: Prep
         yield from rows
 
 
-def _collect(spec: DataSpec, quota: int | None, tokenizer, eot: set[int], cfg: PrepareConfig) -> _Collected:
+def _collect(spec: DataSpec, quota: int | None, tokenizer, eot: set[int], cfg: PrepareConfig,
+             progress: Callable[[int], None] = lambda kept: None) -> _Collected:
     out = _Collected()
     for raw_batch in _batches(ordered_records(spec, cfg.seed), cfg.batch_size):
         convs = []
@@ -230,6 +232,7 @@ def _collect(spec: DataSpec, quota: int | None, tokenizer, eot: set[int], cfg: P
             out.truncated += int(was_truncated)
             out.input_ids.append(ids)
             out.loss_masks.append(mask)
+            progress(len(out.input_ids))
             if quota is not None and len(out.input_ids) >= quota:
                 return out
     return out
@@ -296,8 +299,11 @@ def prepare_data(cfg: PrepareConfig) -> PrepareResult:
     dropped: Counter[str] = Counter()
     truncated = 0
     per_source = []
+    # the dashboard's stage bar: samples kept of those asked for (known only with a quota per source)
+    bar, goal = Progress(), (sum(quotas) if all(q is not None for q in quotas) else None)
     for spec, quota in zip(specs, quotas):
-        got = _collect(spec, quota, tokenizer, eot, cfg)
+        base = len(input_ids)
+        got = _collect(spec, quota, tokenizer, eot, cfg, lambda kept, base=base: bar.update(base + kept, goal))
         if quota is not None and len(got.input_ids) < quota:
             logger.warning("prepare-data: %s gave %d usable samples (asked for %d)", spec.name, len(got.input_ids), quota)
         input_ids += got.input_ids

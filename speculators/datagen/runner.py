@@ -40,6 +40,7 @@ from speculators.data.prepare import PREPARE_CONFIG, load_prepared
 from speculators.datagen.base import GeneratorSpec, HiddenStateGenerator, create_generator
 from speculators.errors import UserError
 from speculators.layers import resolve_layer_ids
+from speculators.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +296,8 @@ def run_datagen(
             config["backend"] = {"name": cfg.backend, **generator.describe()}
             dc.write(config_path, config)
             last_log = time.time()
+            progress = Progress()
+            progress.update(skipped, total)
             for b in range(0, len(todo), cfg.batch_size):
                 idx = todo[b : b + cfg.batch_size]
                 rows = data.select(idx)
@@ -316,6 +319,7 @@ def run_datagen(
                     )
                     generated += 1
                     tokens += len(ids)
+                progress.update(skipped + generated, total)
                 if time.time() - last_log > 30:
                     last_log = time.time()
                     logger.info(

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 from speculators.config.regenerate import RegenConfig
 from speculators.data.sources import BadConversation, normalize_record, resolve_data
 from speculators.errors import UserError
+from speculators.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -279,8 +280,10 @@ def regenerate(cfg: RegenConfig, backend: Backend, progress: Callable[[str], Non
 
     if done:
         say(f"regenerate: resuming {out}: {len(done)} records already written are skipped")
+    bar = Progress()  # the dashboard's stage bar (the log lines below are for people)
     with open(out, "a", encoding="utf-8") as f:
         for n, chunk in enumerate(chunks()):
+            bar.update(processed, total)
             for c in regenerate_chunk(backend, chunk, cfg, cfg.seed * 1_000_003 + n, heartbeat):
                 processed += 1
                 if c.error or c.turns == 0:
@@ -294,6 +297,7 @@ def regenerate(cfg: RegenConfig, backend: Backend, progress: Callable[[str], Non
                 summary.tokens += c.tokens
                 summary.cut_at_length += c.cut
             f.flush()
+            bar.update(processed, total)
             now = time.time()
             if now - last_say >= 2.0:
                 last_say = now
