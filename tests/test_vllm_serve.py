@@ -206,3 +206,19 @@ def test_a_dying_server_is_reported_with_its_cause_not_a_reinstall(tmp_path):
     msg = str(info.value)
     assert "exited with code 1" in msg and "ValueError: Available memory on node 0 (21.04/23.54 GiB)" in msg
     assert "less than desired" in msg and "make vllm" not in msg
+
+
+def test_the_cause_is_the_root_exception_not_the_engines_wrapper():
+    from speculators.vllm.logcause import cause_line
+
+    log = ["(APIServer pid=7) INFO 12-07 09:11:51 [api_server.py:1] vLLM API server version 0.32.0",
+           "(EngineCore pid=8) ERROR 12-07 09:12:51 [core.py:708] Traceback (most recent call last):",
+           "(EngineCore pid=8) ERROR 12-07 09:12:51 [core.py:708]   File \"x.py\", line 1, in f",
+           "(EngineCore pid=8) ERROR 12-07 09:12:51 [core.py:708] KeyError: 'rope_scaling'",
+           "Traceback (most recent call last):",
+           "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
+           "INFO: shutting down"]
+    assert cause_line(log) == "KeyError: 'rope_scaling'"
+    assert cause_line(log + ["error: the checkpoint is broken"]) == "the checkpoint is broken"
+    assert cause_line(["OSError: [Errno 98] Address already in use", "error: later"]).startswith("OSError: [Errno 98]")
+    assert cause_line(["all fine", "shutting down"]) is None

@@ -182,7 +182,7 @@ def start_deployment(factory: sessionmaker[Session], settings: Settings, deploym
         if proc.poll() is not None:
             with _LOCK:
                 _SERVERS.pop(deployment_id, None)
-            return _fail(factory, deployment_id, procs.error_summary(log_path, proc.returncode))
+            return _fail(factory, deployment_id, procs.error_summary(log_path, proc.returncode, cause_first=True))
         if _ours_answers(proc, port, local_url, served, api_key):
             with factory() as s:
                 repo.update_deployment(s, deployment_id, status="up", last_health_at=utcnow())
@@ -263,7 +263,7 @@ def check_servers(factory: sessionmaker[Session], settings: Settings) -> None:
             url = f"http://{_probe_host(settings)}:{port}"
             if proc.poll() is not None:
                 _SERVERS.pop(dep_id, None)
-                _fail(factory, dep_id, procs.error_summary(log_path, proc.returncode))
+                _fail(factory, dep_id, procs.error_summary(log_path, proc.returncode, cause_first=True))
                 continue
             if _ours_answers(proc, port, url, served, settings.vllm_api_key or None):
                 with factory() as s:

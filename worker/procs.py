@@ -96,21 +96,24 @@ def log_tail(path: Path | str | None, lines: int = 40, max_bytes: int = 64 * 102
     return "\n".join(_ANSI.sub("", data).splitlines()[-lines:])
 
 
-def error_summary(log_path: Path | str | None, returncode: int) -> str:
+def error_summary(log_path: Path | str | None, returncode: int, cause_first: bool = False) -> str:
     """The line that says what went wrong. A process ended by a signal says so first (its
     log's last line is whatever it printed before, often a header); otherwise a CLI
     `error: ...` line, else the cause found in the log (`speculators.vllm.logcause`: a
     vLLM start prints its real error mid-log, then wrappers and shutdown noise), else the
-    last line."""
+    last line. `cause_first` (a server's log) puts the cause before the `error:` line, which
+    for `speculators serve` only wraps it."""
     from speculators.vllm.logcause import cause_line, clean, read_lines
 
     if returncode < 0 or returncode in (128 + signal.SIGKILL, 128 + signal.SIGTERM):
         return killed_summary(returncode)
     lines = read_lines(log_path) if log_path else []
+    cause = cause_line(lines)
+    if cause_first and cause:
+        return f"{cause} (exit code {returncode})"
     for line in reversed(lines):
         if line.startswith("error:"):
             return f"{line[len('error:'):].strip()} (exit code {returncode})"
-    cause = cause_line(lines)
     if cause:
         return f"{cause} (exit code {returncode})"
     for line in reversed(lines):

@@ -39,19 +39,24 @@ def clean(line: str) -> str:
 
 
 def cause_line(lines: Iterable[str]) -> str | None:
-    """The most telling line: a known cause, else our CLI's last ``error:`` line, else the
-    last exception line that is not a wrapper; None when the log names no cause."""
+    """The most telling line: a known cause, else our CLI's last ``error:`` line (without
+    that prefix), else the last exception line that is not a wrapper; None when the log
+    names no cause."""
     cleaned = [clean(raw) for raw in lines]
     for line in cleaned:
         if any(k.lower() in line.lower() for k in KNOWN_CAUSES):
-            return line[:MAX_CHARS]
+            return _unprefixed(line)[:MAX_CHARS]
     errors = [line for line in cleaned if line.startswith("error:")]
     if errors:
-        return errors[-1][:MAX_CHARS]
+        return _unprefixed(errors[-1])[:MAX_CHARS]
     exceptions = [line for line in cleaned if _EXCEPTION.match(line) and not any(w in line for w in _WRAPPERS)]
     if exceptions:
         return exceptions[-1][:MAX_CHARS]
     return None
+
+
+def _unprefixed(line: str) -> str:
+    return line[len("error:"):].strip() if line.startswith("error:") else line
 
 
 def read_lines(path, max_bytes: int = 512 * 1024) -> list[str]:
