@@ -44,19 +44,36 @@ SERVER = textwrap.dedent("""
 """)
 
 
-# A stand-in with a child of its own in its process group (as vLLM's API server has its
-# engine process): both must go when the server is stopped or its controller dies.
-SERVER_WITH_CHILD = textwrap.dedent("""
-    import subprocess, sys
+# Stands in for `speculators serve`: it runs the server through the product's ManagedServer
+# (its own process group under a lifeline, as vLLM runs), and that server has a child of its
+# own (as vLLM's API server has its engine process). Nested like the real thing: the
+# listening socket belongs to a grandchild in another process group than the controller's.
+SERVER_INNER = textwrap.dedent("""
+    import json, subprocess, sys
     from http.server import BaseHTTPRequestHandler, HTTPServer
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     open(sys.argv[2], "w").write(str(child.pid))
     class H(BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+            body = json.dumps({"data": [{"id": "m"}]}).encode()
+            self.send_response(200); self.end_headers(); self.wfile.write(body)
         def log_message(self, *a): pass
     HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """)
+SERVE_LIKE = textwrap.dedent("""
+    import sys
+    from speculators.vllm.readiness import ManagedServer, exit_on_sigterm
+    exit_on_sigterm()
+    port, child_file, inner = sys.argv[1], sys.argv[2], sys.argv[3]
+    server = ManagedServer([sys.executable, "-c", inner, port, child_file], f"http://127.0.0.1:{port}", 60)
+    try:
+        server.start()
+        print("inner server ready", flush=True)
+        server.wait()
+    finally:
+        server.stop()
+""")
+
 
 # A program that is not ours on the port: answers /health like a vLLM would.
 FOREIGN = textwrap.dedent("""
@@ -227,31 +244,35 @@ _CONTROLLER = textwrap.dedent("""
 
 
 def test_a_killed_controller_takes_its_server_and_children_along(settings, tmp_path):
-    """SIGKILL the controller process while its server (with a child, like vLLM's engine)
-    runs: the port closes and both processes go; a restarted controller marks the
-    deployment stopped, saying why."""
+    """SIGKILL the controller process while its server runs, nested as `speculators serve`
+    runs vLLM (another process group, whose server has a child like vLLM's engine): the
+    deployment was up although the socket is a grandchild's, and after the kill the port
+    closes and every process goes; a restarted controller marks the deployment stopped,
+    saying why."""
     factory = open_store(settings.db_url)
     port = _port()
     child_file = tmp_path / "child.pid"
     with factory() as s:
         dep = repo.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
                                       endpoint=f"http://127.0.0.1:{port}")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), SPEC_VLLM_START_TIMEOUT="90")
     out = tmp_path / "controller.out"
     controller = subprocess.Popen([sys.executable, "-c", _CONTROLLER, str(dep.id), sys.executable, "-c",
-                                   SERVER_WITH_CHILD, str(port), str(child_file)], env=env,
+                                   SERVE_LIKE, str(port), str(child_file), SERVER_INNER], env=env,
                                   stdout=open(out, "w"), stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: "up" in out.read_text() or controller.poll() is not None, 60, what="deployment up")
-        assert out.read_text().strip() == "up"
+        wait_for(lambda: out.read_text().strip() or controller.poll() is not None, 120, what="deployment result")
+        assert out.read_text().strip() == "up"  # the grandchild holds the port: still ours
         with factory() as s:
             server_pid = repo.get_deployment(s, dep.id).pid
         child_pid = int(child_file.read_text())
+        holder = serving.port_holders(port)[0]
+        assert holder in serving.tree_pids(server_pid) and os.getpgid(holder) != server_pid
         assert _alive(server_pid) and _alive(child_pid) and serving.port_open(port)
         controller.kill()  # SIGKILL: no handler runs
         controller.wait()
-        wait_for(lambda: not serving.port_open(port) and not _alive(server_pid) and not _alive(child_pid), 60,
-                 what="the server and its child gone with their controller")
+        wait_for(lambda: not serving.port_open(port) and not any(map(_alive, (server_pid, holder, child_pid))), 60,
+                 what="the server, its nested vLLM stand-in and that one's child gone with their controller")
     finally:
         if controller.poll() is None:
             controller.kill()
@@ -367,3 +388,26 @@ def test_a_server_that_dies_later_is_marked_failed_with_its_cause(settings, tmp_
     assert d.error.startswith("ValueError: Available memory on node 0 (21.04/23.54 GiB) on startup is less than "
                               "desired CPU memory utilization"), d.error
     assert d.error.endswith("(exit code 1)")
+
+
+def test_a_sigkilled_serve_takes_its_vllm_group_along(tmp_path):
+    """`speculators serve` (here its stand-in, using the product's ManagedServer) killed with
+    SIGKILL, so no handler of its runs: the server it started in its own process group, and
+    that server's child, go with it (the lifeline), and the port closes."""
+    port = _port()
+    child_file = tmp_path / "child.pid"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    out = tmp_path / "serve.out"
+    serve = subprocess.Popen([sys.executable, "-c", SERVE_LIKE, str(port), str(child_file), SERVER_INNER], env=env,
+                             stdout=open(out, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "inner server ready" in out.read_text() or serve.poll() is not None, 60, what="ready")
+        holder, child_pid = serving.port_holders(port)[0], int(child_file.read_text())
+        assert _alive(holder) and _alive(child_pid) and os.getpgid(holder) != serve.pid
+        serve.kill()
+        serve.wait()
+        wait_for(lambda: not serving.port_open(port) and not _alive(holder) and not _alive(child_pid), 60,
+                 what="the server and its child gone with serve")
+    finally:
+        if serve.poll() is None:
+            serve.kill()

@@ -7,8 +7,8 @@ it while it runs, and stops it on request. One server per port: starting a new d
 server stops the previous one, since they share the GPU and the port.
 
 What the run store says is what is true:
-- "up" only while the process this controller started runs AND one of its processes holds
-  the port's listening socket (a port answered by an older server or another program is
+- "up" only while the process this controller started runs AND it or one of its
+  descendants holds the port's listening socket (a port answered by an older server or another program is
   reported, never taken for ours);
 - "stopped" only once the port is closed;
 - a server never outlives its controller: it runs under a lifeline
@@ -111,11 +111,12 @@ def checked_kv_cache_gib(value) -> int | None:
 
 
 def _ours_answers(proc: subprocess.Popen, port: int, url: str, served: str | None, api_key: str | None) -> bool:
-    """Our process runs, /health answers, and the listening socket is one of our group's
-    (where /proc cannot tell: /v1/models lists the name only this deployment serves)."""
+    """Our process runs, /health answers, and the listening socket is held by it or one of
+    its descendants (where /proc cannot tell: /v1/models lists the name only this
+    deployment serves)."""
     if proc.poll() is not None or not healthy(url):
         return False
-    mine = serving.group_listens_on(proc.pid, port)
+    mine = serving.tree_listens_on(proc.pid, port)
     if mine is None:
         return serving.check_endpoint(url, served, api_key).healthy
     return mine
@@ -270,7 +271,7 @@ def check_servers(factory: sessionmaker[Session], settings: Settings) -> None:
                     repo.update_deployment(s, dep_id, last_health_at=utcnow(), error=None)
                 continue
             why = (f"its process runs but port {port} is held by {serving.describe_holders(port)}"
-                   if serving.group_listens_on(proc.pid, port) is False and serving.port_open(port, _probe_host(settings))
+                   if serving.tree_listens_on(proc.pid, port) is False and serving.port_open(port, _probe_host(settings))
                    else "not answering /health")
             with factory() as s:
                 repo.update_deployment(s, dep_id, error=why)

@@ -130,12 +130,30 @@ def port_holders(port: int) -> list[int] | None:
     return sorted(pid for pid in _pids() if _socket_inodes(pid) & inodes)
 
 
-def group_listens_on(pgid: int, port: int) -> bool | None:
-    """Whether a process of group `pgid` holds the LISTEN socket on `port` (None: cannot tell)."""
+def tree_pids(root: int) -> list[int]:
+    """`root` and every live descendant. A served draft is nested: the controller's lifeline
+    runs `speculators serve`, which runs vLLM under a lifeline of its own (another process
+    group), whose API server holds the port and forks the engine."""
+    children: dict[int, list[int]] = {}
+    for pid in _pids():
+        f = _stat_fields(pid)
+        if f and len(f) > 1 and f[0] not in ("Z", "X"):
+            children.setdefault(int(f[1]), []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_listens_on(root: int, port: int) -> bool | None:
+    """Whether `root` or one of its descendants holds the LISTEN socket on `port` (None:
+    /proc cannot tell)."""
     inodes = listening_inodes(port)
     if inodes is None:
         return None
-    return any(_socket_inodes(pid) & inodes for pid in group_pids(pgid))
+    return any(_socket_inodes(pid) & inodes for pid in tree_pids(root))
 
 
 def describe_pid(pid: int) -> str:
