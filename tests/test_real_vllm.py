@@ -325,8 +325,9 @@ def test_serve_best_checkpoint_answers_with_speculative_decoding(served, verifie
     assert resp.status_code == 200, resp.text
     assert resp.json()["usage"]["completion_tokens"] >= 1
     metrics = requests.get(url + "/metrics", timeout=30).text
-    # Real vLLM labels the counters with the verifier's path, not the served id.
-    assert f'vllm:spec_decode_num_drafts_total{{engine="0",model_name="{verifier}"}}' in metrics
+    # Real vLLM labels the counters with the served model name (the verifier's path when no
+    # --served-model-name is given; the dashboard gives one per deployment).
+    assert f'vllm:spec_decode_num_drafts_total{{engine="0",model_name="{served_id}"}}' in metrics
 
 
 def test_vllm_acceptance_equals_pytorch_eval(served, prepared, verifier, work, capsys):
