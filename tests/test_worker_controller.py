@@ -411,3 +411,24 @@ def test_a_sigkilled_serve_takes_its_vllm_group_along(tmp_path):
     finally:
         if serve.poll() is None:
             serve.kill()
+
+
+def test_a_dead_server_left_as_a_zombie_is_not_taken_for_a_running_one():
+    """The controller died, so nobody reaps its server's lifeline at once: a zombie with the
+    recorded pid and start time. It holds nothing; recovery must say the server stopped with
+    the controller, not that it found one running (seen in local mode with the real engine)."""
+    import socket as _socket
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        rec = serving.ServerRecord(deployment_id=1, pid=proc.pid, pgid=proc.pid, port=1,
+                                   start_ticks=serving.start_time(proc.pid), boot_id=serving.boot_id(),
+                                   host=_socket.gethostname(), served_model=None, api_key_required=False,
+                                   kv_cache="automatic")
+        assert serving.record_alive(rec)
+        proc.stdin.close()  # it exits; not reaped (no wait yet): a zombie
+        wait_for(lambda: Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1][0] == "Z", 30, what="zombie")
+        assert not serving.record_alive(rec)
+    finally:
+        proc.wait()

@@ -234,9 +234,10 @@ def record_alive(rec: ServerRecord) -> bool:
     process group of that id exists). A bystander is never taken for it."""
     if rec.boot_id != boot_id() or rec.host != socket.gethostname() or rec.start_ticks is None:
         return False
-    leader = start_time(rec.pgid)
-    if leader is not None:
-        return leader == rec.start_ticks
+    f = _stat_fields(rec.pgid)
+    if f and f[0] not in ("Z", "X"):  # the leader runs: the same process only with the same start
+        return len(f) > 19 and int(f[19]) == rec.start_ticks
+    # gone, or a zombie nobody reaped (its parent, the controller, died): only members count
     return bool(group_pids(rec.pgid))
 
 
