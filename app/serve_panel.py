@@ -65,9 +65,11 @@ def render(factory, s: Settings, run_id: str) -> None:
         return
     public = f"http://{s.vllm_public_host}:{dep.port}"
     state, up = state_text(dep, s)
-    c3.markdown(f"**{state}** · endpoint `{public}/v1` · checkpoint `{dep.model_path}`")
+    # plain text (common.alert): the state may quote a foreign server's model ids, the error a log line
+    kind = "success" if up else "error" if dep.status == "failed" else "info"
+    common.alert(kind, f"{state} · endpoint {public}/v1 · checkpoint {dep.model_path}", where=c3)
     if dep.error:
-        st.text(f"Error: {dep.error}")  # the log's cause line, as plain text; the log tail is below
+        common.alert("error", f"Error: {dep.error}")  # the log's cause line first; the log tail is below
     if live_dep and st.button("Stop server", key="btn_stop"):
         with factory() as session:
             repo.request_stop(session, dep.id)

@@ -254,7 +254,7 @@ def test_served_checkpoint_shows_endpoint_and_acceptance(home):
         at.query_params["run"] = "r1"
         at.run()
         assert not at.exception
-        assert any("up, healthy" in m.value and f":{port}/v1" in m.value for m in at.markdown)
+        assert any("up, healthy" in h.value and f":{port}/v1" in h.value for h in at.get("html"))
         texts = [t.value for t in at.text]
         assert f"Model name to send: {_FakeVllm.MODEL}" in texts and "API key: none needed" in texts
         curl = [c.value for c in at.code if c.value.startswith("curl ")]
@@ -547,7 +547,7 @@ def test_a_port_answered_by_another_server_is_not_called_healthy(home):
         at.query_params["run"] = "r1"
         at.run()
         assert not at.exception
-        state = [m.value for m in at.markdown if f":{port}/v1" in m.value]
+        state = [h.value for h in at.get("html") if f":{port}/v1" in h.value]
         assert state and "up, healthy" not in state[0] and "another server holds it" in state[0], state
         assert not [m for m in at.metric if m.label == "Drafted tokens"]
     finally:
@@ -564,12 +564,13 @@ def test_a_failed_server_shows_its_cause_then_the_log(home, tmp_path):
         dep = repo.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=1, endpoint="x")
         repo.update_deployment(s, dep.id, status="failed", log_path=str(log),
                                error="ValueError: Available memory on node 0 (19.6/23.54 GiB) on startup is less "
-                                     "than desired CPU memory utilization [see](http://x.example) (exit code 1)")
+                                     "than desired CPU memory utilization [see](http://evil.example/e) (exit code 1)")
     at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
     at.query_params["run"] = "r1"
     at.run()
     assert not at.exception
-    errors = [t.value for t in at.text if t.value.startswith("Error: ")]
-    assert errors and "less than desired" in errors[0] and "[see](http://x.example)" in errors[0]
+    errors = [h.value for h in at.get("html") if "Error: " in h.value]
+    assert errors and "less than desired" in errors[0] and "[see](http://evil.example/e)" in errors[0]  # not a link
+    _assert_plain(at)
     assert any("noise line 99" in c.value for c in at.code)
     assert not at.button(key="btn_serve").disabled  # serve again
