@@ -444,6 +444,10 @@ def live_deployments(session: Session, kind: str | None = None) -> list[Deployme
     return list(session.scalars(q))
 
 
+def stopping_deployments(session: Session) -> list[Deployment]:
+    return list(session.scalars(select(Deployment).where(Deployment.status == "stopping")))
+
+
 # ---------------------------------------------------------------- outbox
 
 

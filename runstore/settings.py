@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     # --host for vLLM servers the controller starts ("" = the launcher's default, 127.0.0.1)
     vllm_bind: str = Field("", validation_alias=AliasChoices("vllm_bind", "SPEC_VLLM_BIND_HOST"))
     vllm_api_key: str = ""  # --api-key for those servers ("" = none)
+    # GiB of KV cache for a draft served on the CPU (VLLM_CPU_KVCACHE_SPACE); 0 = chosen from
+    # free memory (speculators.vllm.cpu_memory), the dashboard's serve field overrides it
+    vllm_kv_cache_gib: int = Field(0, ge=0, le=1024)
 
     @field_validator("home", "data_root", "runs_root", "models_root", mode="after")
     @classmethod

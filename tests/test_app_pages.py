@@ -220,9 +220,12 @@ class _FakeVllm(BaseHTTPRequestHandler):
         'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="d",position="2"} 3.0\n'
     )
 
+    MODEL = "set by the test"  # the model id it serves (/v1/models)
+
     def do_GET(self):
-        body = b"" if self.path == "/health" else self.METRICS.encode()
-        self.send_response(200 if self.path in ("/health", "/metrics") else 404)
+        body = (b"" if self.path == "/health" else self.METRICS.encode() if self.path == "/metrics"
+                else json.dumps({"data": [{"id": type(self).MODEL}]}).encode())
+        self.send_response(200 if self.path in ("/health", "/metrics", "/v1/models") else 404)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -232,8 +235,11 @@ class _FakeVllm(BaseHTTPRequestHandler):
 
 
 def test_served_checkpoint_shows_endpoint_and_acceptance(home):
-    """A deployment the controller reported up: the page checks /health and reads the
-    acceptance counters from the server's Prometheus /metrics (here a local HTTP server)."""
+    """A deployment the controller reported up: the page checks /health and that the port
+    serves this deployment's model name, shows how to call it, and reads the acceptance
+    counters from the server's Prometheus /metrics (here a local HTTP server)."""
+    from worker.serving import served_name
+
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeVllm)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -243,11 +249,16 @@ def test_served_checkpoint_shows_endpoint_and_acceptance(home):
             dep = repo.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=port,
                                           endpoint=f"http://127.0.0.1:{port}")
             repo.update_deployment(s, dep.id, status="up")
+        _FakeVllm.MODEL = served_name("r1", dep.id)
         at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
         at.query_params["run"] = "r1"
         at.run()
         assert not at.exception
-        assert any("up, healthy" in m.value and f":{port}/v1" in m.value for m in at.markdown)
+        assert any("up, healthy" in h.value and f":{port}/v1" in h.value for h in at.get("html"))
+        texts = [t.value for t in at.text]
+        assert f"Model name to send: {_FakeVllm.MODEL}" in texts and "API key: none needed" in texts
+        curl = [c.value for c in at.code if c.value.startswith("curl ")]
+        assert curl and f"http://127.0.0.1:{port}/v1/chat/completions" in curl[0] and _FakeVllm.MODEL in curl[0]
         metrics = {m.label: m.value for m in at.metric}
         assert metrics["Drafted tokens"] == "30" and metrics["Accepted tokens"] == "18"
         assert metrics["Mean acceptance length"] == "2.80"  # 1 + 18/10
@@ -516,3 +527,50 @@ def test_run_page_shows_what_a_running_stage_waits_for_and_prepare_drops(home):
     assert "verifier: waiting: http://127.0.0.1:9/health: connection refused" in _alerts(at, "warning")
     assert ("prepare kept 10 conversations, truncated 3, dropped 34 (no assistant tokens after truncation: 30; "
             "no assistant turn: 4)") in _alerts(at, "warning")
+
+
+def test_a_port_answered_by_another_server_is_not_called_healthy(home):
+    """The deployment says up, but the port is answered by a server of something else (an
+    older deployment left running, another program): the page says so and shows no
+    acceptance metrics, which would be that other server's."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeVllm)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        factory = _seed_run(home, "r1", status="succeeded")
+        port = server.server_address[1]
+        with factory() as s:
+            dep = repo.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=port,
+                                          endpoint=f"http://127.0.0.1:{port}")
+            repo.update_deployment(s, dep.id, status="up")
+        _FakeVllm.MODEL = "/runs/older/checkpoints/0"
+        at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+        at.query_params["run"] = "r1"
+        at.run()
+        assert not at.exception
+        state = [h.value for h in at.get("html") if f":{port}/v1" in h.value]
+        assert state and "up, healthy" not in state[0] and "another server holds it" in state[0], state
+        assert not [m for m in at.metric if m.label == "Drafted tokens"]
+    finally:
+        server.shutdown()
+
+
+def test_a_failed_server_shows_its_cause_then_the_log(home, tmp_path):
+    """A server that died: the cause line the controller found is shown as plain text above
+    the log tail."""
+    factory = _seed_run(home, "r1", status="succeeded")
+    log = tmp_path / "dep.log"
+    log.write_text("".join(f"noise line {i}\n" for i in range(100)))
+    with factory() as s:
+        dep = repo.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=1, endpoint="x")
+        repo.update_deployment(s, dep.id, status="failed", log_path=str(log),
+                               error="ValueError: Available memory on node 0 (19.6/23.54 GiB) on startup is less "
+                                     "than desired CPU memory utilization [see](http://evil.example/e) (exit code 1)")
+    at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+    at.query_params["run"] = "r1"
+    at.run()
+    assert not at.exception
+    errors = [h.value for h in at.get("html") if "Error: " in h.value]
+    assert errors and "less than desired" in errors[0] and "[see](http://evil.example/e)" in errors[0]  # not a link
+    _assert_plain(at)
+    assert any("noise line 99" in c.value for c in at.code)
+    assert not at.button(key="btn_serve").disabled  # serve again

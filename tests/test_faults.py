@@ -485,15 +485,19 @@ def test_children_restart_alone_and_the_run_finishes(redis_server, tiny_llama, t
 
 
 class _ZeroVllm(BaseHTTPRequestHandler):
-    """A served draft that has drafted nothing yet: every counter is 0."""
+    """A served draft that has drafted nothing yet: every counter is 0. It serves the model
+    name of the deployment the test records (the page checks it: MODEL)."""
+
+    MODEL = ""
 
     def do_GET(self):  # noqa: N802
-        body = b"" if self.path == "/health" else (
+        body = b"" if self.path == "/health" else json.dumps({"data": [{"id": type(self).MODEL}]}).encode() \
+            if self.path == "/v1/models" else (
             "# TYPE vllm:spec_decode_num_drafts counter\n"
             'vllm:spec_decode_num_drafts_total{engine="0",model_name="d"} 0.0\n'
             'vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="d"} 0.0\n'
             'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="d"} 0.0\n').encode()
-        self.send_response(200 if self.path in ("/health", "/metrics") else 404)
+        self.send_response(200 if self.path in ("/health", "/metrics", "/v1/models") else 404)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -542,6 +546,9 @@ def test_dashboard_shows_waiting_plain_names_and_no_fake_acceptance(tmp_path, mo
             repo.update_deployment(s, dep.id, status="up")
             for m in repo.pending_outbox(s):  # the controller must not start a real server for it
                 repo.outbox_sent(s, m.id)
+        from worker.serving import served_name
+
+        _ZeroVllm.MODEL = served_name("w1", dep.id)
         with _browser() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
             try:

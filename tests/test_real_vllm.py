@@ -261,6 +261,13 @@ def served(work, online_checkpoint, hs_server, tmp_path_factory, monkeypatch_mod
     home = tmp_path_factory.mktemp("spec_home")
     monkeypatch_module.setenv("SPEC_HOME", str(home))
     monkeypatch_module.setenv("SPEC_BROKER_URL", "redis://127.0.0.1:6379/14")
+    # The issue's refusal: vLLM's CPU backend reserves --gpu-memory-utilization of ALL memory
+    # and refuses when less is free (0.999 here: never free). The KV cache size the
+    # controller passes (its setting, as the dashboard's field does) must avoid it; the
+    # user's own VLLM_CPU_KVCACHE_SPACE is taken away so only the controller's value counts.
+    monkeypatch_module.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch_module.setenv("SPECULATORS_VLLM_ARGS", VLLM_ARGS + " --gpu-memory-utilization 0.999")
+    monkeypatch_module.setenv("SPEC_VLLM_KV_CACHE_GIB", "1")
     settings = Settings.from_env()
     settings.ensure_dirs()
     factory = open_store(settings.db_url)
@@ -276,8 +283,8 @@ def served(work, online_checkpoint, hs_server, tmp_path_factory, monkeypatch_mod
         log = Path(row.log_path).read_text()[-4000:] if row.log_path and Path(row.log_path).exists() else ""
         assert status == "up", f"{status}: {row.error}\n{log}"
     print(f"serve (dashboard path) ready in {time.monotonic() - t0:.0f}s", flush=True)
-    yield url, ckpt, Path(row.log_path)
-    stop_deployment(factory, dep.id)
+    yield url, ckpt, Path(row.log_path), dep.id
+    stop_deployment(factory, dep.id, settings)
     import requests
 
     with pytest.raises(requests.ConnectionError):  # stopping the deployment stopped vLLM
@@ -294,25 +301,37 @@ def monkeypatch_module():
 def test_serve_best_checkpoint_answers_with_speculative_decoding(served, verifier):
     import requests
 
-    url, ckpt, log = served
+    url, ckpt, log, dep_id = served
     deadline = time.monotonic() + 60  # the worker saw /health; serve prints once /v1/models answers too
     while "chat with it:" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(1)
     assert "chat with it:" in log.read_text()  # `speculators serve` printed how to talk to it
+    from worker.serving import curl_command, served_name
+
+    text = log.read_text()
+    assert "KV cache: 1 GiB (requested)" in text and "Explicitly set (1.0/" in text  # vLLM took it
     models = requests.get(url + "/v1/models", timeout=30).json()["data"]
-    served_id = str(Path(ckpt).resolve())  # serve resolves checkpoint_best to its epoch dir
+    served_id = served_name(None, dep_id)  # the name the dashboard shows for this deployment
     assert [m["id"] for m in models] == [served_id]
+    # the panel's ready-to-copy command, run as a user would paste it
+    import subprocess
+
+    out = subprocess.run(["bash", "-c", curl_command(url, served_id, api_key_required=False) + " --max-time 300"],
+                         capture_output=True, text=True, timeout=320)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["choices"][0]["message"]["role"] == "assistant"
     body = {"model": served_id, "prompt": "Hello, how are you", "max_tokens": 8, "temperature": 0}
     resp = requests.post(url + "/v1/completions", json=body, timeout=300)
     assert resp.status_code == 200, resp.text
     assert resp.json()["usage"]["completion_tokens"] >= 1
     metrics = requests.get(url + "/metrics", timeout=30).text
-    # Real vLLM labels the counters with the verifier's path, not the served id.
-    assert f'vllm:spec_decode_num_drafts_total{{engine="0",model_name="{verifier}"}}' in metrics
+    # Real vLLM labels the counters with the served model name (the verifier's path when no
+    # --served-model-name is given; the dashboard gives one per deployment).
+    assert f'vllm:spec_decode_num_drafts_total{{engine="0",model_name="{served_id}"}}' in metrics
 
 
 def test_vllm_acceptance_equals_pytorch_eval(served, prepared, verifier, work, capsys):
-    url, ckpt, _ = served
+    url, ckpt, _, _ = served
     from speculators.evaluate.streams import compare_streams, read_streams
 
     common = ["--data", str(prepared), "--num-prompts", str(NUM_PROMPTS),
@@ -337,3 +356,46 @@ def test_vllm_acceptance_equals_pytorch_eval(served, prepared, verifier, work, c
           flush=True)
     assert v["num_drafts"] > 0 and v["num_speculative_tokens"] == t["num_speculative_tokens"] == 3
     assert abs(v["mean_acceptance_length"] - t["mean_acceptance_length"]) <= ACCEPTANCE_TOLERANCE
+
+
+def test_the_auto_kv_cache_fits_what_vllm_counts_as_available():
+    """The automatic size, checked against the engine's own reading of free memory (the
+    figure vLLM compares a KV cache against before it allocates it)."""
+    from vllm.utils.cpu_resource_utils import get_memory_node_info
+
+    from speculators.vllm.cpu_memory import GIB, RESERVE_GIB, available_bytes, choose_kv_cache
+
+    choice = choose_kv_cache(None, {}, cuda=False)
+    vllm_free = get_memory_node_info(0).available_memory
+    print(f"auto KV cache {choice.reason}; vLLM counts {vllm_free / GIB:.2f} GiB available", flush=True)
+    assert choice.gib >= 1 and choice.gib * GIB + RESERVE_GIB * GIB <= max(vllm_free, 3 * GIB)
+    assert abs(available_bytes() - vllm_free) < 2 * GIB  # both read the same memory
+
+
+def test_a_refusing_engine_is_reported_by_its_cause(verifier, tmp_path):
+    """The real engine refusing to start (CPU memory utilization 0.999, no KV cache size: the
+    issue's "less than desired"): the error names vLLM's own ValueError line from the middle
+    of the log, not its last line, and does not say to reinstall vLLM."""
+    from speculators.vllm.launch import vllm_entry, vllm_env
+    from speculators.vllm.readiness import ManagedServer, ServerStartError
+    from worker.procs import error_summary
+
+    port = _free_port()
+    entry = vllm_entry()
+    argv = [*entry.prefix, *entry.model_args(str(verifier)), "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--gpu-memory-utilization", "0.999"]
+    env = vllm_env()
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    log = tmp_path / "refused.log"
+    with open(log, "w") as fh:
+        server = ManagedServer(argv, f"http://127.0.0.1:{port}", READY_TIMEOUT_S, env=env, log_file=fh)
+        with pytest.raises(ServerStartError) as info:
+            server.start()
+    msg = str(info.value)
+    lines = log.read_text().splitlines()
+    print(f"refused with a {len(lines)}-line log: {msg}", flush=True)
+    assert "ValueError: Available memory on node 0" in msg and "less than desired" in msg, msg
+    assert "make vllm" not in msg
+    assert not lines[-1].startswith("ValueError")  # the cause is not the last line
+    assert error_summary(log, 1).startswith("ValueError: Available memory on node 0")
+

@@ -2,15 +2,29 @@
 
 It starts `speculators serve CHECKPOINT` (a run's checkpoint_best) or
 `speculators launch-vllm MODEL` (the verifier for online training) as a child
-process, waits for `/health`, records the state in the run store, and stops the
-server on request. One server per kind: starting a new draft server stops the
-previous one, since they share the GPU and the port.
+process group, waits until that server answers, records the state in the run store, watches
+it while it runs, and stops it on request. One server per port: starting a new draft
+server stops the previous one, since they share the GPU and the port.
+
+What the run store says is what is true:
+- "up" only while the process this controller started runs AND it or one of its
+  descendants holds the port's listening socket (a port answered by an older server or another program is
+  reported, never taken for ours);
+- "stopped" only once the port is closed;
+- a server never outlives its controller: it runs under a lifeline
+  (`speculators.vllm.lifeline`) that kills its whole process group when the controller
+  dies, even by SIGKILL; and a restarted controller stops any server an earlier one left,
+  recognised by the record written at its start (pid, process start time, boot id), never
+  by a bare PID from the database.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -19,27 +33,48 @@ from sqlalchemy.orm import Session, sessionmaker
 from runstore import open_store, repo
 from runstore.models import utcnow
 from runstore.settings import Settings
-from worker import procs
+from worker import procs, serving
 from worker.celery_app import app
 from worker.pipeline import serve_argv, verifier_argv
 from worker.runner import healthy
 from worker.spec import inside
 
+log = logging.getLogger(__name__)
 START_TIMEOUT_S = float(os.environ.get("SPEC_VLLM_START_TIMEOUT", "1200"))
+# SIGTERM, then SIGKILL after this; vLLM needs a few seconds to shut its engine down
+STOP_GRACE_S = float(os.environ.get("SPEC_VLLM_STOP_GRACE_S", "20"))
+PORT_CLOSE_TIMEOUT_S = 30.0
+MONITOR_EVERY_S = float(os.environ.get("SPEC_VLLM_MONITOR_S", "5"))
 
-# The servers this controller process started, by deployment id. Stopping goes through these
-# handles only: a PID in the database may belong to another controller or, after a restart,
-# to an unrelated process. A server whose controller died was killed with it (pdeathsig).
+# The servers this controller process started, by deployment id. A server started by an
+# earlier controller process is reached only through its record (serving.ServerRecord).
 _SERVERS: dict[int, subprocess.Popen] = {}
+_LOCK = threading.RLock()
 
 
-def _stop_own(deployment_id: int) -> bool:
-    """Stop a server this process started; False when it holds no such server."""
-    proc = _SERVERS.pop(deployment_id, None)
-    if proc is None:
-        return False
-    procs.stop_group(proc)
-    return True
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _probe_host(settings: Settings) -> str:
+    bind = settings.vllm_bind or "127.0.0.1"
+    return "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
+
+
+def _stop_server_of(settings: Settings, deployment_id: int) -> str | None:
+    """Stop the server of a deployment: through this process's handle, else through the
+    record of an earlier controller process when that process group still runs. Returns
+    what was stopped, or None when nothing of it runs."""
+    with _LOCK:
+        proc = _SERVERS.pop(deployment_id, None)
+    if proc is not None:
+        procs.stop_group(proc, grace_s=STOP_GRACE_S)
+        return f"pid {proc.pid}"
+    rec = serving.read_record(settings.home, deployment_id)
+    if rec is not None and serving.record_alive(rec):
+        procs.stop_group(None, pid=rec.pgid, grace_s=STOP_GRACE_S)
+        return f"pid {rec.pid}, left by an earlier controller process"
+    return None
 
 
 class BadRequest(ValueError):
@@ -66,89 +101,194 @@ def checked_layer_ids(layer_ids) -> list[int]:
     return list(layer_ids)
 
 
+def checked_kv_cache_gib(value) -> int | None:
+    """The dashboard's KV cache field (GiB, 0 or None = automatic), from a broker message."""
+    if value in (None, 0):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
+        raise BadRequest(f"kv_cache_gib must be a whole number of GiB between 1 and 1024, got {value!r}")
+    return value
+
+
+def _ours_answers(proc: subprocess.Popen, port: int, url: str, served: str | None, api_key: str | None) -> bool:
+    """Our process runs, /health answers, and the listening socket is held by it or one of
+    its descendants (where /proc cannot tell: /v1/models lists the name only this
+    deployment serves)."""
+    if proc.poll() is not None or not healthy(url):
+        return False
+    mine = serving.tree_listens_on(proc.pid, port)
+    if mine is None:
+        return serving.check_endpoint(url, served, api_key).healthy
+    return mine
+
+
+def _fail(factory, deployment_id: int, error: str) -> str:
+    with factory() as s:
+        repo.update_deployment(s, deployment_id, status="failed", pid=None, error=error)
+    return "failed"
+
+
 def start_deployment(factory: sessionmaker[Session], settings: Settings, deployment_id: int,
                      layer_ids: list[int] | None = None, hidden_dir: str | None = None,
-                     argv: list[str] | None = None) -> str:
+                     argv: list[str] | None = None, kv_cache_gib: int | None = None) -> str:
     with factory() as s:
         dep = repo.get_deployment(s, deployment_id)
         if dep is None or dep.status not in ("requested",):
             return dep.status if dep else "missing"
-        for other in repo.live_deployments(s, kind=dep.kind):
-            if other.id != dep.id and other.port == dep.port:
-                _stop_own(other.id)
-                repo.update_deployment(s, other.id, status="stopped", pid=None,
-                                       error=f"replaced by deployment {dep.id}")
-        kind, model, port = dep.kind, dep.model_path, dep.port or settings.vllm_port
+        others = [(o.id, o.port) for o in repo.live_deployments(s, kind=dep.kind) if o.id != dep.id]
+        kind, model, port, run_id = dep.kind, dep.model_path, dep.port or settings.vllm_port, dep.run_id
+    probe_host = _probe_host(settings)
+    for other_id, other_port in others:
+        if other_port == port:
+            _stop_server_of(settings, other_id)
+            with factory() as s:
+                repo.update_deployment(s, other_id, status="stopped", pid=None,
+                                       error=f"replaced by deployment {deployment_id}")
+    if not serving.wait_port_closed(port, PORT_CLOSE_TIMEOUT_S if others else 0.0, probe_host):
+        return _fail(factory, deployment_id,
+                     f"port {port} is already in use by {serving.describe_holders(port)}, which this "
+                     "controller did not start; stop that process, or serve on another port (SPEC_VLLM_PORT)")
     host = settings.vllm_bind or "127.0.0.1"
     env = procs.child_env(os.cpu_count() or 1)
-    if argv is None:
-        try:
+    served = serving.served_name(run_id, deployment_id) if kind == "draft" else None
+    api_key = settings.vllm_api_key if kind == "draft" and settings.vllm_api_key else None
+    try:
+        kv = checked_kv_cache_gib(kv_cache_gib) or (settings.vllm_kv_cache_gib or None)
+        if argv is None:
             if kind == "draft":
-                argv = serve_argv(model, port, host=host)
+                argv = serve_argv(model, port, host=host, served_name=served, kv_cache_gib=kv)
             else:
                 argv = verifier_argv(model, checked_layer_ids(layer_ids), port,
                                      checked_hidden_dir(settings, hidden_dir), host=host)
-        except BadRequest as exc:
-            with factory() as s:
-                repo.update_deployment(s, deployment_id, status="failed", error=f"refused: {exc}")
-            return "failed"
-    if kind == "draft" and settings.vllm_api_key:
-        env["VLLM_API_KEY"] = settings.vllm_api_key  # via the environment: not in `ps` or the log
+    except BadRequest as exc:
+        return _fail(factory, deployment_id, f"refused: {exc}")
+    if api_key:
+        env["VLLM_API_KEY"] = api_key  # via the environment: not in `ps` or the log
     log_path = settings.home / "deployments" / f"{deployment_id}.log"
     try:
-        proc = procs.start(argv, log_path=log_path, cwd=settings.home, env=env)
+        proc = procs.start(argv, log_path=log_path, cwd=settings.home, env=env, group_lifeline=True)
     except OSError as exc:
-        with factory() as s:
-            repo.update_deployment(s, deployment_id, status="failed", error=f"could not start: {exc}")
-        return "failed"
-    _SERVERS[deployment_id] = proc
-    local_url = f"http://127.0.0.1:{port}"
+        return _fail(factory, deployment_id, f"could not start: {exc}")
+    with _LOCK:
+        _SERVERS[deployment_id] = proc
+    serving.write_record(settings.home, serving.ServerRecord(
+        deployment_id=deployment_id, pid=proc.pid, pgid=proc.pid, port=port, start_ticks=serving.start_time(proc.pid),
+        boot_id=serving.boot_id(), host=socket.gethostname(), served_model=served,
+        api_key_required=bool(api_key), kv_cache=f"{kv} GiB" if kv else "automatic"))
+    local_url = f"http://{probe_host}:{port}"
     with factory() as s:
-        repo.update_deployment(s, deployment_id, status="starting", pid=proc.pid, log_path=str(log_path))
+        repo.update_deployment(s, deployment_id, status="starting", pid=proc.pid, log_path=str(log_path), error=None)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            _SERVERS.pop(deployment_id, None)
-            with factory() as s:
-                repo.update_deployment(s, deployment_id, status="failed", pid=None,
-                                       error=procs.error_summary(log_path, proc.returncode))
-            return "failed"
-        if healthy(local_url):
+            with _LOCK:
+                _SERVERS.pop(deployment_id, None)
+            return _fail(factory, deployment_id, procs.error_summary(log_path, proc.returncode, cause_first=True))
+        if _ours_answers(proc, port, local_url, served, api_key):
             with factory() as s:
                 repo.update_deployment(s, deployment_id, status="up", last_health_at=utcnow())
             return "up"
         with factory() as s:
             if repo.get_deployment(s, deployment_id).status == "stopping":
-                _stop_own(deployment_id)
-                repo.update_deployment(s, deployment_id, status="stopped", pid=None)
-                return "stopped"
+                return _finish_stop(factory, settings, deployment_id, port)
         time.sleep(1.0)
-    _stop_own(deployment_id)
-    with factory() as s:
-        repo.update_deployment(s, deployment_id, status="failed", pid=None,
-                               error=f"/health did not answer within {START_TIMEOUT_S:.0f} s")
-    return "failed"
+    _stop_server_of(settings, deployment_id)
+    return _fail(factory, deployment_id, f"/health did not answer within {START_TIMEOUT_S:.0f} s")
 
 
-def stop_deployment(factory: sessionmaker[Session], deployment_id: int) -> str:
+def _finish_stop(factory, settings: Settings, deployment_id: int, port: int | None) -> str:
+    """Stop the deployment's server and say "stopped" only once its port is closed."""
+    _stop_server_of(settings, deployment_id)
+    if port and not serving.wait_port_closed(port, PORT_CLOSE_TIMEOUT_S, _probe_host(settings)):
+        with factory() as s:
+            repo.update_deployment(s, deployment_id, status="stopped", pid=None,
+                                   error=f"stopped; port {port} is still answered by "
+                                         f"{serving.describe_holders(port)}, which this controller did not start")
+        return "stopped"
     with factory() as s:
-        dep = repo.get_deployment(s, deployment_id)
-        if dep is None:
-            return "missing"
-        _stop_own(deployment_id)  # none held: it died with the controller that started it
         repo.update_deployment(s, deployment_id, status="stopped", pid=None)
     return "stopped"
 
 
-def recover_deployments(factory: sessionmaker[Session]) -> None:
-    """After a controller restart, servers it started are gone with it: say so."""
+def stop_deployment(factory: sessionmaker[Session], deployment_id: int, settings: Settings | None = None) -> str:
+    """Stop through the handle this process holds, or an earlier controller process's record;
+    never by the PID column alone (it may name a reused PID)."""
+    settings = settings or _settings()
     with factory() as s:
-        for dep in repo.live_deployments(s):
-            if dep.status == "requested":
-                continue  # its start message is still queued
-            if dep.id not in _SERVERS:  # started by an earlier controller process: gone with it
-                repo.update_deployment(s, dep.id, status="stopped", pid=None,
-                                       error="the vLLM controller restarted; serve again")
+        dep = repo.get_deployment(s, deployment_id)
+        if dep is None:
+            return "missing"
+        port = dep.port
+    return _finish_stop(factory, settings, deployment_id, port)
+
+
+def recover_deployments(factory: sessionmaker[Session], settings: Settings | None = None) -> None:
+    """At controller start: a server of an earlier controller process that still runs (its
+    lifeline could not take it along) is stopped; the deployment is marked stopped, with why."""
+    settings = settings or _settings()
+    with factory() as s:
+        found = [(d.id, d.port, d.status) for d in repo.live_deployments(s)]
+        found += [(d.id, d.port, d.status) for d in repo.stopping_deployments(s)]
+    for dep_id, port, status in found:
+        if status == "requested" or dep_id in _SERVERS:
+            continue  # its start message is still queued / it is ours
+        what = _stop_server_of(settings, dep_id)
+        if port and not serving.wait_port_closed(port, PORT_CLOSE_TIMEOUT_S if what else 0.0, _probe_host(settings)):
+            error = (f"the vLLM controller restarted; port {port} is answered by {serving.describe_holders(port)}, "
+                     "which this controller did not start; serve again once it is free")
+        elif what:
+            error = f"the vLLM controller restarted and stopped the server it found running ({what}); serve again"
+        else:
+            error = "the vLLM controller restarted; the server had stopped with it; serve again"
+        with factory() as s:
+            repo.update_deployment(s, dep_id, status="stopped", pid=None, error=error)
+    for port in {settings.vllm_port, settings.verifier_port}:
+        if serving.port_open(port, _probe_host(settings)):
+            log.warning("port %s is held by %s, which this controller did not start", port,
+                        serving.describe_holders(port))
+
+
+def check_servers(factory: sessionmaker[Session], settings: Settings) -> None:
+    """One pass of the watch on running servers: one that exited is marked failed with the
+    cause from its log; one that stops answering, or whose port another process took, gets
+    that as its error (cleared when it answers again)."""
+    with _LOCK:
+        for dep_id, proc in list(_SERVERS.items()):
+            with factory() as s:
+                dep = repo.get_deployment(s, dep_id)
+                if dep is None or dep.status != "up":
+                    continue
+                port, log_path = dep.port, dep.log_path
+            rec = serving.read_record(settings.home, dep_id)
+            served = rec.served_model if rec else None
+            url = f"http://{_probe_host(settings)}:{port}"
+            if proc.poll() is not None:
+                _SERVERS.pop(dep_id, None)
+                _fail(factory, dep_id, procs.error_summary(log_path, proc.returncode, cause_first=True))
+                continue
+            if _ours_answers(proc, port, url, served, settings.vllm_api_key or None):
+                with factory() as s:
+                    repo.update_deployment(s, dep_id, last_health_at=utcnow(), error=None)
+                continue
+            why = (f"its process runs but port {port} is held by {serving.describe_holders(port)}"
+                   if serving.tree_listens_on(proc.pid, port) is False and serving.port_open(port, _probe_host(settings))
+                   else "not answering /health")
+            with factory() as s:
+                repo.update_deployment(s, dep_id, error=why)
+
+
+def start_monitor(factory: sessionmaker[Session], settings: Settings) -> threading.Thread:
+    def loop() -> None:
+        while True:
+            time.sleep(MONITOR_EVERY_S)
+            try:
+                check_servers(factory, settings)
+            except Exception:  # the watch must outlive a locked database or a flaky probe
+                log.exception("checking the vLLM servers failed")
+
+    thread = threading.Thread(target=loop, name="vllm-monitor", daemon=True)
+    thread.start()
+    return thread
 
 
 def _store():
@@ -158,12 +298,14 @@ def _store():
 
 
 @app.task(name="worker.controller.start_server")
-def start_server(deployment_id: int, layer_ids: list[int] | None = None, hidden_dir: str | None = None) -> str:
+def start_server(deployment_id: int, layer_ids: list[int] | None = None, hidden_dir: str | None = None,
+                 kv_cache_gib: int | None = None) -> str:
     settings, factory = _store()
-    return start_deployment(factory, settings, deployment_id, layer_ids=layer_ids, hidden_dir=hidden_dir)
+    return start_deployment(factory, settings, deployment_id, layer_ids=layer_ids, hidden_dir=hidden_dir,
+                            kv_cache_gib=kv_cache_gib)
 
 
 @app.task(name="worker.controller.stop_server")
 def stop_server(deployment_id: int) -> str:
-    _, factory = _store()
-    return stop_deployment(factory, deployment_id)
+    settings, factory = _store()
+    return stop_deployment(factory, deployment_id, settings)

@@ -31,7 +31,8 @@ def _send(app: Celery, kind: str, payload: dict) -> None:
                       retry=False, ignore_result=True)
     elif kind == "serve":
         app.send_task("worker.controller.start_server", args=(payload["deployment_id"],),
-                      kwargs={"layer_ids": payload.get("layer_ids") or [], "hidden_dir": payload.get("hidden_dir")},
+                      kwargs={"layer_ids": payload.get("layer_ids") or [], "hidden_dir": payload.get("hidden_dir"),
+                              "kv_cache_gib": payload.get("kv_cache_gib")},
                       queue=VLLM_QUEUE, retry=False, ignore_result=True)
     elif kind == "stop_deployment":
         app.send_task("worker.controller.stop_server", args=(payload["deployment_id"],), queue=VLLM_QUEUE,

@@ -43,5 +43,12 @@ def verifier_argv(model: str, layer_ids: list[int], port: int, hidden_dir: str, 
     return argv + ["--", "--host", host, "--port", str(port), "--no-enable-chunked-prefill"]
 
 
-def serve_argv(checkpoint: str, port: int, *, python: str = sys.executable, host: str = "127.0.0.1") -> list[str]:
-    return _cli(python) + ["serve", checkpoint, "--", "--host", host, "--port", str(port)]
+def serve_argv(checkpoint: str, port: int, *, python: str = sys.executable, host: str = "127.0.0.1",
+               served_name: str | None = None, kv_cache_gib: int | None = None) -> list[str]:
+    """`speculators serve` for a run's checkpoint; `served_name` is the model id clients send,
+    `kv_cache_gib` the CPU KV cache (None: `speculators serve` decides)."""
+    argv = _cli(python) + ["serve", checkpoint]
+    if kv_cache_gib:
+        argv += ["--kv-cache-gib", str(int(kv_cache_gib))]
+    argv += ["--", "--host", host, "--port", str(port)]
+    return argv + (["--served-model-name", served_name] if served_name else [])

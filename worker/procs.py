@@ -11,13 +11,20 @@ import time
 from pathlib import Path
 
 
-def start(argv: list[str], *, log_path: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+def start(argv: list[str], *, log_path: Path, cwd: Path, env: dict[str, str], group_lifeline: bool = False) -> subprocess.Popen:
     """Start `argv` (never through a shell) in its own process group, output appended to
-    `log_path`. The child is killed by the kernel if the worker dies, and a worker restarted
-    later kills the whole group by the pid stored in the run store."""
+    `log_path`. The child is killed by the kernel if the worker dies (pdeathsig). With
+    `group_lifeline` the group is led by `speculators.vllm.lifeline`, which kills the whole
+    group (a server's forked children too) when the worker dies; the returned handle is the
+    lifeline's (pid = pgid), its exit code the command's."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cwd.mkdir(parents=True, exist_ok=True)
-    wrapped = [sys.executable, "-m", "worker.pdeathsig", str(os.getpid()), *argv]
+    if group_lifeline:
+        from speculators.vllm.lifeline import wrap
+
+        wrapped = wrap(argv)
+    else:
+        wrapped = [sys.executable, "-m", "worker.pdeathsig", str(os.getpid()), *argv]
     env = dict(env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                       env.get("PYTHONPATH", "")]))
@@ -89,19 +96,29 @@ def log_tail(path: Path | str | None, lines: int = 40, max_bytes: int = 64 * 102
     return "\n".join(_ANSI.sub("", data).splitlines()[-lines:])
 
 
-def error_summary(log_path: Path | str | None, returncode: int) -> str:
+def error_summary(log_path: Path | str | None, returncode: int, cause_first: bool = False) -> str:
     """The line that says what went wrong. A process ended by a signal says so first (its
     log's last line is whatever it printed before, often a header); otherwise a CLI
-    `error: ...` line, else the last line."""
+    `error: ...` line, else the cause found in the log (`speculators.vllm.logcause`: a
+    vLLM start prints its real error mid-log, then wrappers and shutdown noise), else the
+    last line. `cause_first` (a server's log) puts the cause before the `error:` line, which
+    for `speculators serve` only wraps it."""
+    from speculators.vllm.logcause import cause_line, clean, read_lines
+
     if returncode < 0 or returncode in (128 + signal.SIGKILL, 128 + signal.SIGTERM):
         return killed_summary(returncode)
-    tail = log_tail(log_path, lines=60).splitlines()
-    for line in reversed(tail):
+    lines = read_lines(log_path) if log_path else []
+    cause = cause_line(lines)
+    if cause_first and cause:
+        return f"{cause} (exit code {returncode})"
+    for line in reversed(lines):
         if line.startswith("error:"):
             return f"{line[len('error:'):].strip()} (exit code {returncode})"
-    for line in reversed(tail):
+    if cause:
+        return f"{cause} (exit code {returncode})"
+    for line in reversed(lines):
         if line.strip() and not line.startswith(("$ ", "=== ")):
-            return f"{_log_message(line.strip())[:500]} (exit code {returncode})"
+            return f"{_log_message(clean(line))[:500]} (exit code {returncode})"
     return f"exit code {returncode}"
 
 

@@ -58,9 +58,10 @@ def _recover(sender=None, **_kwargs) -> None:
     settings, factory = _store()
     start_beating(settings.home, getattr(sender, "hostname", None) or "worker")
     if VLLM_QUEUE in queues:
-        from worker.controller import recover_deployments
+        from worker.controller import recover_deployments, start_monitor
 
-        recover_deployments(factory)
+        recover_deployments(factory, settings)
+        start_monitor(factory, settings)
     if GPU_QUEUE not in queues:
         return
     # The GPU worker also sends the outbox, so a run submitted while Redis was down is queued

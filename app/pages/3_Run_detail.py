@@ -10,10 +10,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import altair as alt
 import pandas as pd
-import requests
 import streamlit as st
 
-from app import common, views
+from app import common, serve_panel, views
 from runstore import repo
 from worker.procs import log_tail
 
@@ -165,74 +164,9 @@ charts()
 files()
 
 
-def acceptance(endpoint: str) -> dict | None:
-    try:
-        from speculators.vllm.metrics import report_from_metrics, scrape
-
-        return report_from_metrics(scrape(endpoint, timeout_s=3))
-    except Exception as exc:  # no traffic yet, or the server is gone
-        return {"error": str(exc)}
-
-
 @st.fragment(run_every=5)
 def serving() -> None:
-    st.subheader("Serve in vLLM")
-    with factory() as session:
-        best = repo.best_checkpoint(session, run_id)
-        dep = repo.latest_deployment(session, run_id, kind="draft")
-        run = repo.get_run(session, run_id)
-    if run is None:
-        return
-    live_dep = dep is not None and dep.status in ("requested", "starting", "up", "stopping")
-    c1, c2 = st.columns([1, 3])
-    if c1.button("Serve best checkpoint", type="primary", disabled=best is None or live_dep, key="btn_serve",
-                 help=None if best else "available once training has saved a checkpoint"):
-        with factory() as session:
-            repo.request_deployment(session, kind="draft", model_path=best.path, run_id=run_id,
-                                    port=s.vllm_port, endpoint=f"http://{s.vllm_host}:{s.vllm_port}")
-        err = common.flush()
-        if err:
-            st.warning(common.broker_message(err))
-        st.rerun()
-    if dep is None:
-        c2.caption("Not served." if best else "No checkpoint yet.")
-        return
-    public = f"http://{s.vllm_public_host}:{dep.port}/v1"
-    up = False
-    if dep.status == "up":
-        try:
-            up = requests.get(f"{dep.endpoint}/health", timeout=2).status_code == 200
-        except requests.RequestException:
-            up = False
-    state = dep.status if dep.status != "up" else ("up, healthy" if up else "up, not answering /health")
-    c2.markdown(f"**{state}** · endpoint `{public}` · checkpoint `{dep.model_path}`")
-    if dep.error:
-        st.error(dep.error)
-    if live_dep and st.button("Stop server", key="btn_stop"):
-        with factory() as session:
-            repo.request_stop(session, dep.id)
-        common.flush()
-        st.rerun()
-    if up:
-        report = acceptance(dep.endpoint)
-        if report and "error" not in report:
-            m1, m2, m3 = st.columns(3)
-            m1.metric("Drafted tokens", report["num_draft_tokens"])
-            m2.metric("Accepted tokens", report["num_accepted_tokens"])
-            mean, note = views.acceptance_summary(report)
-            m3.metric("Mean acceptance length", mean)
-            if note:
-                st.caption(note)
-            rows = views.acceptance_rows(report)
-            if rows:
-                st.bar_chart(pd.DataFrame(rows), x="position", y="acceptance rate")
-            with factory() as session:
-                repo.update_deployment(session, dep.id, acceptance=report)
-        elif report:
-            st.caption(f"Acceptance metrics: {report['error']}")
-    if dep.log_path:
-        with st.expander("Server log"):
-            st.code(log_tail(dep.log_path, lines=30) or "(empty)", language=None)
+    serve_panel.render(factory, s, run_id)
 
 
 serving()

@@ -53,9 +53,8 @@ def _server_env() -> dict[str, str]:
         cuda = torch.cuda.is_available()
     except Exception:
         cuda = False
-    if not cuda:
+    if not cuda:  # the KV cache size is `speculators serve`'s own choice (cpu_memory.choose_kv_cache)
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return env
 
 

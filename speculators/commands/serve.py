@@ -23,6 +23,10 @@ def register(subparsers) -> None:
     p.add_argument("--api-key", default=None,
                    help="require this key from clients (given to vLLM as $VLLM_API_KEY; default $VLLM_API_KEY)")
     p.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds to wait for readiness")
+    p.add_argument("--kv-cache-gib", type=int, default=None, metavar="GIB",
+                   help="CPU only: GiB of memory for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE); default "
+                        "$VLLM_CPU_KVCACHE_SPACE if set, else a quarter of the free memory left after "
+                        "the weights and 2 GiB, within 1-32")
     p.add_argument("--exit-when-ready", action="store_true",
                    help="stop the server once it is ready (a smoke test that vLLM loads the checkpoint)")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
@@ -56,8 +60,11 @@ def run(args) -> int:
         check_passthrough(args.passthrough)
     api_key = api_key_from_env(args.api_key)
     entry = VllmEntry(["vllm"]) if args.dry_run else None
-    cmd = build_vllm_command(plan.model, [*plan.args, *args.passthrough], args.vllm_bin, api_key, entry)
+    cmd = build_vllm_command(plan.model, [*plan.args, *args.passthrough], args.vllm_bin, api_key, entry,
+                             kv_cache_gib=args.kv_cache_gib, model_paths=[str(ckpt), info["verifier"]])
     print("command:", " ".join(shlex.quote(c) for c in cmd.argv), flush=True)
+    if cmd.kv_cache:
+        print(f"KV cache: {cmd.kv_cache}", flush=True)
     print(f"speculator {ckpt}: verifier {info['verifier']}, "
           f"{info['num_speculative_tokens']} speculative tokens (vLLM {version}"
           f"{', verifier served explicitly' if plan.explicit else ''})", flush=True)

@@ -147,6 +147,7 @@ class VllmCommand:
     argv: list[str]
     env: dict[str, str]
     url: str
+    kv_cache: str = ""  # on the CPU: the KV cache size chosen and why (printed by the commands)
 
 
 def with_default_host(vllm_args: Sequence[str]) -> list[str]:
@@ -180,16 +181,28 @@ def build_vllm_command(
     vllm_bin: str | None = None,
     api_key: str | None = None,
     entry: VllmEntry | None = None,
+    kv_cache_gib: int | None = None,
+    model_paths: Sequence[str] = (),
 ) -> VllmCommand:
-    """The one place a vLLM server command is made (launch-vllm, serve, datagen, worker).
+    """The one place a vLLM server command is made (launch-vllm, serve, datagen, regenerate,
+    the dashboard's controller).
 
-    Adds 127.0.0.1 as the host and, without CUDA, float32 as the dtype, unless given."""
+    Adds 127.0.0.1 as the host and, without CUDA, float32 as the dtype, unless given; without
+    CUDA also ``VLLM_CPU_KVCACHE_SPACE`` (`cpu_memory.choose_kv_cache`: ``kv_cache_gib``, else
+    the user's variable, else from free memory minus the weights in ``model`` and
+    ``model_paths``)."""
     import shlex
+
+    from speculators.vllm.cpu_memory import KV_ENV, choose_kv_cache
 
     args = with_host_dtype(with_default_host([*shlex.split(os.environ.get(EXTRA_ARGS_ENV, "")), *vllm_args]))
     entry = entry or vllm_entry(vllm_bin)
-    return VllmCommand([*entry.prefix, *entry.model_args(model), *args], vllm_env(api_key=api_key),
-                       endpoint_from_args(args))
+    env = vllm_env(api_key=api_key)
+    choice = choose_kv_cache(kv_cache_gib, env, _has_cuda(), [model, *model_paths])
+    if choice.gib is not None:
+        env[KV_ENV] = str(choice.gib)
+    return VllmCommand([*entry.prefix, *entry.model_args(model), *args], env, endpoint_from_args(args),
+                       kv_cache=choice.reason)
 
 
 def api_key_from_env(explicit: str | None = None) -> str | None:

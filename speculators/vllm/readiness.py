@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import subprocess
+import sys
+import threading
 import time
 from typing import Callable
 
@@ -41,6 +44,35 @@ def probe(base_url: str, timeout_s: float = 5.0, api_key: str | None = None) -> 
         return None
 
 
+def port_in_use(base_url: str, timeout_s: float = 1.0) -> bool:
+    """Whether something already accepts connections at the URL's host and port."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(base_url)
+    try:
+        socket.create_connection((u.hostname or "127.0.0.1", u.port or 80), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def exit_message(base_url: str, returncode: int, cause: str | None) -> str:
+    """Why the server is gone: its log's cause line first; `make vllm` only for a broken install."""
+    from speculators.vllm.logcause import looks_like_a_broken_install
+
+    text = f"the vLLM process exited with code {returncode} before {base_url} was ready"
+    if cause:
+        text += f": {cause}"
+    else:
+        text += "; see its log above"
+    if cause is None or looks_like_a_broken_install(cause):
+        text += (". If vLLM itself failed to import or start, reinstall it with `make vllm` "
+                 "(python scripts/install_vllm.py); on a machine without CUDA it must run with "
+                 "VLLM_TARGET_DEVICE=cpu (speculators sets it)")
+    return text
+
+
 def wait_until_ready(
     base_url: str,
     timeout_s: float = 900.0,
@@ -48,19 +80,20 @@ def wait_until_ready(
     process: subprocess.Popen | None = None,
     sleep: Callable[[float], None] = time.sleep,
     api_key: str | None = None,
+    log_lines: Callable[[], list[str]] | None = None,
 ) -> list[str]:
-    """Poll until ready; fail fast if ``process`` exits, or after ``timeout_s``."""
+    """Poll until ready; fail fast if ``process`` exits (naming the cause found in
+    ``log_lines()``), or after ``timeout_s``. With a ``process``, a server that answers is
+    only believed while that process runs: a port answered by someone else never counts."""
+    from speculators.vllm.logcause import cause_line
+
     deadline = time.monotonic() + timeout_s
     while True:
         if process is not None and process.poll() is not None:
-            raise ServerStartError(
-                f"the vLLM process exited with code {process.returncode} before {base_url} was ready; "
-                "see its log above. If vLLM itself failed to import or start, reinstall it with "
-                "`make vllm` (python scripts/install_vllm.py); on a machine without CUDA it must run "
-                "with VLLM_TARGET_DEVICE=cpu (speculators sets it)"
-            )
+            cause = cause_line(log_lines()) if log_lines else None
+            raise ServerStartError(exit_message(base_url, process.returncode, cause))
         ids = probe(base_url, api_key=api_key)
-        if ids:
+        if ids and (process is None or process.poll() is None):
             return ids
         if time.monotonic() > deadline:
             raise ServerStartError(
@@ -83,7 +116,12 @@ def exit_on_sigterm() -> None:
 
 
 class ManagedServer:
-    """A server subprocess that is stopped (TERM, then KILL) when the block ends."""
+    """A server subprocess that is stopped (TERM, then KILL) when the block ends.
+
+    It runs under a lifeline (`speculators.vllm.lifeline`): its whole process group (vLLM's
+    engine and workers included) is killed when this process dies, even by SIGKILL. Its
+    output goes to ``log_file``, or is copied to our stdout with the last lines kept, so a
+    server that dies is reported with the line that says why (`logcause`)."""
 
     def __init__(self, command: list[str], base_url: str, ready_timeout_s: float = 900.0, env: dict | None = None,
                  api_key: str | None = None, log_file=None):
@@ -92,25 +130,63 @@ class ManagedServer:
         self.ready_timeout_s = ready_timeout_s
         self.env = env
         self.api_key = api_key
-        self.log_file = log_file  # an open file for the server's output (default: inherit)
+        self.log_file = log_file  # an open file for the server's output (default: our stdout)
         self.process: subprocess.Popen | None = None
         self.model_ids: list[str] = []
+        self._tail: "collections.deque[str]" = collections.deque(maxlen=2000)
+        self._pump: threading.Thread | None = None
 
     def spawn(self) -> subprocess.Popen:
-        """Start the process without waiting for readiness."""
+        """Start the process without waiting for readiness. Refused when the port already
+        answers: whatever holds it is not the server we are about to start."""
+        from speculators.vllm.lifeline import wrap
+
+        if port_in_use(self.base_url):
+            raise ServerStartError(
+                f"{self.base_url} is already in use by another process: a server started earlier "
+                "(stop it) or another program; pass a free --port after `--`")
+        out = self.log_file if self.log_file is not None else subprocess.PIPE
         try:
-            # Own process group: vLLM forks engine/worker processes that must stop with it.
-            self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True,
-                                            stdout=self.log_file, stderr=subprocess.STDOUT if self.log_file else None)
+            # Own process group led by the lifeline: vLLM forks engine/worker processes that
+            # must stop with it, and with us.
+            self.process = subprocess.Popen(wrap(self.command), env=self.env, start_new_session=True,
+                                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         except OSError as exc:
             raise ServerStartError(f"cannot run {self.command[0]!r}: {exc}") from exc
+        if self.log_file is None:
+            self._pump = threading.Thread(target=self._copy, args=(self.process.stdout,), daemon=True)
+            self._pump.start()
         return self.process
+
+    def _copy(self, stream) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            self._tail.append(line.rstrip("\n"))
+            try:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
+
+    def log_lines(self) -> list[str]:
+        """The server's output so far (its log file's end, or the lines copied to stdout)."""
+        from speculators.vllm.logcause import read_lines
+
+        if self.log_file is not None:
+            try:
+                self.log_file.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+            return read_lines(getattr(self.log_file, "name", None))
+        if self._pump is not None:
+            self._pump.join(timeout=2)  # the output of a process that just exited
+        return list(self._tail)
 
     def start(self) -> "ManagedServer":
         self.spawn()
         try:
             self.model_ids = wait_until_ready(self.base_url, self.ready_timeout_s, process=self.process,
-                                              api_key=self.api_key)
+                                              api_key=self.api_key, log_lines=self.log_lines)
         except BaseException:
             self.stop()
             raise

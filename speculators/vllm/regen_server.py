@@ -2,8 +2,9 @@
 
 The command comes from the one vLLM command builder (`launch.build_vllm_command`: entry
 module, ``VLLM_TARGET_DEVICE=cpu`` without CUDA, 127.0.0.1). Here only what a chat
-server for regeneration adds: a free port, the seed, and on the CPU eager mode and a
-bounded KV cache, each unless the user set it (environment, or flags after `--`).
+server for regeneration adds: a free port, the seed, and on the CPU eager mode, each
+unless the user set it (flags after `--`). The CPU KV cache size is the builder's, as for
+every server (`cpu_memory.choose_kv_cache`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,7 @@ def chat_server_command(model: str, vllm_args: Sequence[str], port: int, seed: i
         args += ["--seed", str(seed)]
     if cpu and "--enforce-eager" not in args:
         args.append("--enforce-eager")
-    cmd = build_vllm_command(model, args)
-    if cpu:
-        cmd.env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    return cmd
+    return build_vllm_command(model, args)
 
 
 @contextlib.contextmanager
@@ -39,6 +37,7 @@ def started_chat_server(model: str, vllm_args: Sequence[str], ready_timeout_s: f
     from speculators.vllm.readiness import ManagedServer, free_port
 
     cmd = chat_server_command(model, vllm_args, free_port(), seed, cpu=not _has_cuda())
-    logger.info("regenerate: starting %s (ready in 1-3 minutes on a CPU)", " ".join(cmd.argv))
+    kv = f"; KV cache {cmd.kv_cache}" if cmd.kv_cache and not cmd.kv_cache.startswith("GPU") else ""
+    logger.info("regenerate: starting %s (ready in 1-3 minutes on a CPU%s)", " ".join(cmd.argv), kv)
     with ManagedServer(cmd.argv, cmd.url, ready_timeout_s, env=cmd.env):
         yield cmd.url

@@ -1,0 +1,107 @@
+"""The run page's "Serve in vLLM" panel: serve the best checkpoint, say truthfully whether
+it is up (the deployment's own server answering, not whatever holds the port), how to call
+it (model name, curl, API key), why it failed (the log's cause line, then its tail), and
+the acceptance metrics read from its Prometheus /metrics."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app import common, views
+from runstore import repo
+from runstore.settings import Settings
+from worker import serving
+from worker.procs import log_tail
+
+LIVE = ("requested", "starting", "up", "stopping")
+
+
+def acceptance(endpoint: str) -> dict | None:
+    try:
+        from speculators.vllm.metrics import report_from_metrics, scrape
+
+        return report_from_metrics(scrape(endpoint, timeout_s=3))
+    except Exception as exc:  # no traffic yet, or the server is gone
+        return {"error": str(exc)}
+
+
+def state_text(dep, s: Settings) -> tuple[str, bool]:
+    """("up, healthy", True) only when the deployment's server answers with its own model
+    name; otherwise the status and what is wrong."""
+    if dep.status != "up":
+        return dep.status, False
+    verdict = serving.check_endpoint(dep.endpoint, serving.served_name(dep.run_id, dep.id), s.vllm_api_key or None)
+    return f"up, {verdict.text}", verdict.healthy
+
+
+def render(factory, s: Settings, run_id: str) -> None:
+    st.subheader("Serve in vLLM")
+    with factory() as session:
+        best = repo.best_checkpoint(session, run_id)
+        dep = repo.latest_deployment(session, run_id, kind="draft")
+        run = repo.get_run(session, run_id)
+    if run is None:
+        return
+    live_dep = dep is not None and dep.status in LIVE
+    c1, c2, c3 = st.columns([1, 1, 2])
+    kv = c2.number_input("CPU KV cache (GiB)", min_value=0, max_value=1024, value=int(s.vllm_kv_cache_gib), step=1,
+                         key="kv_cache_gib", disabled=live_dep,
+                         help="vLLM on a machine without a GPU: memory for its KV cache "
+                              "(VLLM_CPU_KVCACHE_SPACE). 0 = chosen from the free memory: a quarter of what "
+                              "the weights and 2 GiB leave, 1-32 GiB. Ignored on a GPU.")
+    if c1.button("Serve best checkpoint", type="primary", disabled=best is None or live_dep, key="btn_serve",
+                 help=None if best else "available once training has saved a checkpoint"):
+        with factory() as session:
+            repo.request_deployment(session, kind="draft", model_path=best.path, run_id=run_id,
+                                    port=s.vllm_port, endpoint=f"http://{s.vllm_host}:{s.vllm_port}",
+                                    extra={"kv_cache_gib": int(kv) or None})
+        err = common.flush()
+        if err:
+            st.warning(common.broker_message(err))
+        st.rerun()
+    if dep is None:
+        c3.caption("Not served." if best else "No checkpoint yet.")
+        return
+    public = f"http://{s.vllm_public_host}:{dep.port}"
+    state, up = state_text(dep, s)
+    # plain text (common.alert): the state may quote a foreign server's model ids, the error a log line
+    kind = "success" if up else "error" if dep.status == "failed" else "info"
+    common.alert(kind, f"{state} · endpoint {public}/v1 · checkpoint {dep.model_path}", where=c3)
+    if dep.error:
+        common.alert("error", f"Error: {dep.error}")  # the log's cause line first; the log tail is below
+    if live_dep and st.button("Stop server", key="btn_stop"):
+        with factory() as session:
+            repo.request_stop(session, dep.id)
+        common.flush()
+        st.rerun()
+    if dep.status in ("starting", "up"):
+        name = serving.served_name(dep.run_id, dep.id)
+        key_needed = bool(s.vllm_api_key)
+        st.text(f"Model name to send: {name}")
+        st.text("API key: required (send SPEC_VLLM_API_KEY as a Bearer token)" if key_needed
+                else "API key: none needed")
+        st.code(serving.curl_command(public, name, key_needed), language="bash")
+        rec = serving.read_record(s.home, dep.id)
+        if rec is not None and rec.kv_cache:
+            st.caption(f"CPU KV cache: {rec.kv_cache} (the server log's `KV cache:` line says what was used)")
+    if up:
+        report = acceptance(dep.endpoint)
+        if report and "error" not in report:
+            m1, m2, m3 = st.columns(3)
+            m1.metric("Drafted tokens", report["num_draft_tokens"])
+            m2.metric("Accepted tokens", report["num_accepted_tokens"])
+            mean, note = views.acceptance_summary(report)
+            m3.metric("Mean acceptance length", mean)
+            if note:
+                st.caption(note)
+            rows = views.acceptance_rows(report)
+            if rows:
+                st.bar_chart(pd.DataFrame(rows), x="position", y="acceptance rate")
+            with factory() as session:
+                repo.update_deployment(session, dep.id, acceptance=report)
+        elif report:
+            st.caption(f"Acceptance metrics: {report['error']}")
+    if dep.log_path:
+        with st.expander("Server log", expanded=dep.status == "failed"):
+            st.code(log_tail(dep.log_path, lines=30) or "(empty)", language=None)
