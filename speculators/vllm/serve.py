@@ -27,7 +27,7 @@ __all__ = ["resolve_checkpoint", "read_speculator_config", "serve_plan", "chat_i
 SUPPORTED_TYPES = ("eagle3",)
 # Supported vLLM range (pyproject's `vllm` extra and docs/vllm.md say the same).
 MIN_VLLM = (0, 22)
-MAX_VLLM_EXCLUSIVE = (0, 34)
+MAX_VLLM_EXCLUSIVE = (0, 35)
 # First vLLM that refuses a local verifier inside a speculator config.
 LOCAL_VERIFIER_REFUSED_FROM = (0, 33)
 
