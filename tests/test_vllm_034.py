@@ -190,6 +190,26 @@ def test_034_is_in_the_supported_range_and_refuses_local_verifiers():
         serve_plan(ckpt, info, "0.35.0")
 
 
+def test_the_range_reads_the_same_everywhere():
+    """pyproject's datagen extra, `make vllm`'s CUDA requirement, the README and docs/vllm.md
+    state the range `serve` enforces."""
+    import importlib.util
+    import tomllib
+
+    from speculators.vllm.serve import supported_requirement
+
+    root = HERE.parent
+    req = supported_requirement()
+    assert req == "vllm>=0.22,<0.35"
+    assert tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["datagen"] == [req]
+    spec = importlib.util.spec_from_file_location("install_vllm", root / "scripts" / "install_vllm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.CUDA_SPEC == req
+    for doc in ("README.md", "docs/vllm.md"):
+        assert "vLLM >= 0.22, < 0.35" in (root / doc).read_text(), doc
+
+
 def test_serve_command_means_the_same_to_vllm_034(report, drafts, tiny_llama):
     """`speculators serve` on 0.34: the verifier is the model, our checkpoint the eagle3 draft
     with K speculative tokens, read by 0.34's speculators config reader."""

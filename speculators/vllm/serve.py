@@ -43,13 +43,18 @@ def parse_version(version: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def supported_requirement() -> str:
+    """The range as a pip requirement: ``vllm>=0.22,<0.35``."""
+    lo = ".".join(map(str, MIN_VLLM))
+    hi = ".".join(map(str, MAX_VLLM_EXCLUSIVE))
+    return f"vllm>={lo},<{hi}"
+
+
 def check_supported(version: str) -> tuple[int, int]:
     """Refuse a vLLM outside the supported range, naming what to install."""
     v = parse_version(version)
     if not MIN_VLLM <= v < MAX_VLLM_EXCLUSIVE:
-        lo = ".".join(map(str, MIN_VLLM))
-        hi = ".".join(map(str, MAX_VLLM_EXCLUSIVE))
-        raise UserError(f"vLLM {version} is not supported: install vllm>={lo},<{hi} (`make vllm`)")
+        raise UserError(f"vLLM {version} is not supported: install {supported_requirement()} (`make vllm`)")
     return v
 
 
