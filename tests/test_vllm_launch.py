@@ -127,7 +127,9 @@ def test_serve_plan_follows_the_vllm_version(tmp_path):
     assert json.loads(new.args[1]) == {"model": str(ckpt), "method": "eagle3", "num_speculative_tokens": 3}
     remote = serve_plan(ckpt, {**info, "verifier": "org/some-model"}, "0.33.1")
     assert remote.model == str(ckpt) and not remote.explicit  # a hub id is still accepted there
-    for bad in ("0.21.0", "0.34.0", "1.0.0", "dev"):
+    top = serve_plan(ckpt, info, "0.34.0")  # the newest supported (tests/test_vllm_034.py runs its code)
+    assert top == serve_plan(ckpt, info, "0.34.1+cu130") and top.explicit and top.model == str(verifier.resolve())
+    for bad in ("0.21.0", "0.35.0", "0.35.0rc1", "1.0.0", "dev"):
         with pytest.raises(UserError, match="vLLM|version"):
             serve_plan(ckpt, info, bad)
 

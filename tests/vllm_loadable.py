@@ -18,11 +18,22 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+TREE_ENV = "SPECULATORS_TEST_VLLM_TREE"
 
 
-def vllm_load_reports(draft_dirs: list[Path], verifier_dir: Path, timeout: float = 600) -> list[dict]:
-    """One report per checkpoint: method, parameters, unloaded and mismatched ones, vLLM's config."""
+def vllm_load_reports(draft_dirs: list[Path], verifier_dir: Path, timeout: float = 600,
+                      vllm_tree: Path | None = None) -> list[dict]:
+    """One report per checkpoint: method, parameters, unloaded and mismatched ones, vLLM's config.
+
+    ``vllm_tree``: an unpacked vLLM wheel's Python files to use instead of the installed vLLM
+    (tests/test_vllm_034.py); its model cache goes to a temporary directory."""
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    if vllm_tree is not None:
+        import tempfile
+
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(vllm_tree), env.get("PYTHONPATH", "")) if p)
+        env[TREE_ENV] = str(vllm_tree)
+        env["VLLM_CACHE_ROOT"] = tempfile.mkdtemp(prefix="vllm-cache-")
     out = subprocess.run(
         [sys.executable, str(HERE), str(verifier_dir), *map(str, draft_dirs)],
         env=env, capture_output=True, text=True, timeout=timeout,
@@ -48,7 +59,15 @@ def assert_vllm_loadable(draft_dirs: list[Path], verifier_dir: Path, timeout: fl
 def _check(verifier_dir: str, draft_dirs: list[str]) -> list[dict]:
     import tempfile
 
+    if os.environ.get(TREE_ENV):
+        # An unpacked wheel has no compiled parts; its x86 CPU platform then refuses any
+        # VllmConfig without triton-cpu (a check for running the engine, not for building
+        # and loading a model's parameters, which is all this does).
+        import vllm.triton_utils
+
+        vllm.triton_utils.HAS_TRITON = True
     import torch
+    import vllm
     from safetensors.torch import load_file
     from vllm.config import DeviceConfig, ModelConfig, ParallelConfig, SpeculativeConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
@@ -113,6 +132,8 @@ def _check(verifier_dir: str, draft_dirs: list[str]) -> list[dict]:
         hf = spec.draft_model_config.hf_config
         reports.append({
             "method": spec.method,
+            "vllm_version": vllm.__version__,
+            "vllm_file": vllm.__file__,
             "params": sorted(params),
             "unloaded": sorted(n for n, p in params.items() if sentinel_left(p)),
             "mismatched": sorted(mismatched),

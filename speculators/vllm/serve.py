@@ -7,8 +7,9 @@ comes from ``speculators_config.proposal_methods[0].speculative_tokens``.
 
 vLLM 0.33 and later refuse a speculator whose verifier is a local directory
 (``maybe_override_with_speculators``: "Speculators verifier must name a remote model
-repository"); there the verifier is served explicitly, with the speculator as
-``--speculative-config``. `serve_plan` picks the form from the installed version.
+repository"; read in 0.34.0's source and run in tests/test_vllm_034.py); there the verifier
+is served explicitly, with the speculator as ``--speculative-config``. `serve_plan` picks the
+form from the installed version.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from speculators.models.locate import resolve_checkpoint
 __all__ = ["resolve_checkpoint", "read_speculator_config", "serve_plan", "chat_instructions"]
 
 SUPPORTED_TYPES = ("eagle3",)
-# Supported vLLM range (pyproject's `vllm` extra and docs/vllm.md say the same).
+# Supported vLLM range (pyproject's `datagen` extra, scripts/install_vllm.py and docs/vllm.md say the same).
 MIN_VLLM = (0, 22)
-MAX_VLLM_EXCLUSIVE = (0, 34)
+MAX_VLLM_EXCLUSIVE = (0, 35)
 # First vLLM that refuses a local verifier inside a speculator config.
 LOCAL_VERIFIER_REFUSED_FROM = (0, 33)
 
@@ -42,13 +43,18 @@ def parse_version(version: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def supported_requirement() -> str:
+    """The range as a pip requirement: ``vllm>=0.22,<0.35``."""
+    lo = ".".join(map(str, MIN_VLLM))
+    hi = ".".join(map(str, MAX_VLLM_EXCLUSIVE))
+    return f"vllm>={lo},<{hi}"
+
+
 def check_supported(version: str) -> tuple[int, int]:
     """Refuse a vLLM outside the supported range, naming what to install."""
     v = parse_version(version)
     if not MIN_VLLM <= v < MAX_VLLM_EXCLUSIVE:
-        lo = ".".join(map(str, MIN_VLLM))
-        hi = ".".join(map(str, MAX_VLLM_EXCLUSIVE))
-        raise UserError(f"vLLM {version} is not supported: install vllm>={lo},<{hi} (`make vllm`)")
+        raise UserError(f"vLLM {version} is not supported: install {supported_requirement()} (`make vllm`)")
     return v
 
 
