@@ -180,6 +180,7 @@ GPU_CPU_DIFFERENCES = [
     ("services", "*", "deploy"),                      # GPU reservations
     ("services", "*", "image"),                       # CPU builds get their own tags
     ("services", "*", "build", "args", "TORCH_SPEC"),  # torch's CPU build
+    ("services", "*", "build", "args", "APT_PACKAGES"),  # no gcc: it is there for Triton's GPU kernels
     ("services", "vllm", "build", "dockerfile"),      # vLLM's CPU build
     ("services", "vllm", "build", "args"),            # ... on a Python base, not the CUDA vLLM image
     ("services", "*", "environment", "SPEC_DEFAULT_MODEL"),
