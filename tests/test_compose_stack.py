@@ -177,7 +177,7 @@ def test_cpu_stack_run_serve_and_chat_in_the_browser(stack):
         shot(page, "compose-live-metrics.png")
         # live: the charts are there while the run still trains (the default run trains for minutes)
         assert page.get_by_text(re.compile(r"Status: running")).first.is_visible()
-        page.get_by_text(re.compile(r"Status: succeeded")).first.wait_for(timeout=1_200_000)
+        page.get_by_text(re.compile(r"Status: succeeded")).first.wait_for(timeout=2_400_000)
         run_s = time.monotonic() - t0
         shot(page, "compose-succeeded.png")
 
