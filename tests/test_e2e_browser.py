@@ -5,24 +5,21 @@ live metrics chart. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from browser_support import ARTIFACTS, CHROMIUM, ROOT, chromium_page, open_run
+from browser_support import dashboard_healthy as _healthy
 
 from speculators.vllm.readiness import free_port
 from worker.testing import wait_for, worker_env
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = os.environ.get("SPEC_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = ROOT / "test-artifacts"
 
 
 # a run name and a typed value with shell, Markdown and HTML syntax: shown as typed, nowhere a
@@ -34,13 +31,6 @@ EVIL_LR = "[fast](http://evil.example/lr) <img src=http://evil.example/lr.png> w
 def _assert_no_evil_markup(page) -> None:
     for sel in ('a[href*="evil.example"]', 'img[src*="evil.example"]', 'img[src="x"]'):
         assert page.locator(sel).count() == 0, sel
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture()
@@ -71,49 +61,40 @@ def local_mode(tmp_path, tiny_llama):
 def test_submit_from_form_and_see_live_chart(local_mode):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set SPEC_CHROMIUM)")
-    from playwright.sync_api import sync_playwright
-
     url, _home, log = local_mode
     assert "filesystem broker" in log.read_text()
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url + "/New_run")
-            name = page.get_by_role("textbox", name="Run name")
-            name.wait_for(timeout=60_000)
-            # a bad value first: the error appears next to its field and nothing is launched
-            # (its message quotes the value typed: Markdown/HTML in it stays text)
-            lr = page.get_by_role("textbox", name="Learning rate")
-            lr.fill(EVIL_LR)
-            lr.press("Enter")
-            page.get_by_role("button", name="Launch run").click()
-            page.get_by_text("must be a number").wait_for(timeout=30_000)
-            assert EVIL_LR in page.get_by_text("must be a number").inner_text()
-            _assert_no_evil_markup(page)
-            lr.fill("0.003")
-            lr.press("Enter")
-            name.fill(NAME)
-            name.press("Enter")
-            page.get_by_role("button", name="Launch run").click()
-            page.get_by_text("saved").wait_for(timeout=30_000)
-            _assert_no_evil_markup(page)
-            page.screenshot(path=str(ARTIFACTS / "e2e-new-run.png"))
-            page.get_by_role("link", name="Open the run").click()
-            page.get_by_role("heading", name=NAME).wait_for(timeout=30_000)
-            _assert_no_evil_markup(page)
-            t0 = time.monotonic()
-            page.locator('[data-testid="stVegaLiteChart"]').first.wait_for(timeout=240_000)
-            page.wait_for_timeout(1500)  # let the chart draw
-            page.screenshot(path=str(ARTIFACTS / "e2e-run-detail.png"))
-            assert time.monotonic() - t0 < 240
-            assert page.get_by_text("Training metrics").is_visible()
-            page.goto(url + "/Runs")
-            # the table is a canvas grid; its accessible cells are attached but not "visible"
-            page.locator("td", has_text=NAME).first.wait_for(state="attached", timeout=30_000)
-            _assert_no_evil_markup(page)
-            page.screenshot(path=str(ARTIFACTS / "e2e-runs.png"))
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        page.goto(url + "/New_run")
+        name = page.get_by_role("textbox", name="Run name")
+        name.wait_for(timeout=60_000)
+        # a bad value first: the error appears next to its field and nothing is launched
+        # (its message quotes the value typed: Markdown/HTML in it stays text)
+        lr = page.get_by_role("textbox", name="Learning rate")
+        lr.fill(EVIL_LR)
+        lr.press("Enter")
+        page.get_by_role("button", name="Launch run").click()
+        page.get_by_text("must be a number").wait_for(timeout=30_000)
+        assert EVIL_LR in page.get_by_text("must be a number").inner_text()
+        _assert_no_evil_markup(page)
+        lr.fill("0.003")
+        lr.press("Enter")
+        name.fill(NAME)
+        name.press("Enter")
+        page.get_by_role("button", name="Launch run").click()
+        page.get_by_text("saved").wait_for(timeout=30_000)
+        _assert_no_evil_markup(page)
+        page.screenshot(path=str(ARTIFACTS / "e2e-new-run.png"))
+        open_run(page, NAME)
+        _assert_no_evil_markup(page)
+        t0 = time.monotonic()
+        page.locator('[data-testid="stVegaLiteChart"]').first.wait_for(timeout=240_000)
+        page.wait_for_timeout(1500)  # let the chart draw
+        page.screenshot(path=str(ARTIFACTS / "e2e-run-detail.png"))
+        assert time.monotonic() - t0 < 240
+        assert page.get_by_text("Training metrics").is_visible()
+        page.goto(url + "/Runs")
+        # the table is a canvas grid; its accessible cells are attached but not "visible"
+        page.locator("td", has_text=NAME).first.wait_for(state="attached", timeout=30_000)
+        _assert_no_evil_markup(page)
+        page.screenshot(path=str(ARTIFACTS / "e2e-runs.png"))
     assert (ARTIFACTS / "e2e-run-detail.png").stat().st_size > 10_000
