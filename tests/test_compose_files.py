@@ -186,7 +186,6 @@ GPU_CPU_DIFFERENCES = [
     ("services", "*", "environment", "SPEC_DEFAULT_MODEL"),
     ("services", "*", "environment", "SPEC_MAX_GPUS"),
     ("services", "*", "environment", "SPEC_TRAIN_THREADS"),
-    ("services", "*", "environment", "VLLM_CPU_KVCACHE_SPACE"),
     ("services", "*", "environment", "SPECULATORS_VLLM_ARGS"),
 ]
 
@@ -215,8 +214,10 @@ def test_cpu_combination_runs_without_a_gpu(cpu):
         assert env["SPEC_MAX_GPUS"] == "0"
         assert env["SPEC_DEFAULT_MODEL"] == model
         assert Path(model).parent == Path(env["SPEC_MODELS_ROOT"])  # on the models volume
-        # vLLM's CPU backend asks for 92% of the memory without it, and refuses to start
-        assert float(env["VLLM_CPU_KVCACHE_SPACE"]) > 0
+        # vLLM's CPU backend asks for 92% of the memory without a KV cache size and refuses to
+        # start: the size is chosen per server from free memory (speculators.vllm.cpu_memory)
+        # unless SPEC_VLLM_KV_CACHE_GIB sets it; a fixed VLLM_CPU_KVCACHE_SPACE would override both
+        assert "VLLM_CPU_KVCACHE_SPACE" not in env and "SPEC_VLLM_KV_CACHE_GIB" in env
         assert "--enforce-eager" in env["SPECULATORS_VLLM_ARGS"]
         assert "+cpu" in s[name]["build"]["args"]["TORCH_SPEC"]
     assert s["vllm"]["build"]["dockerfile"] == "Dockerfile.vllm-cpu"
@@ -392,3 +393,10 @@ def test_train_and_vllm_cpu_images_share_the_torch_layer():
     train, cpu = prefix("Dockerfile.train"), prefix("Dockerfile.vllm-cpu")
     assert train == cpu
     assert '"$TORCH_SPEC"' in train[-1]
+
+
+def test_vllm_controller_has_an_init_to_reap_its_servers(combo):
+    """The controller kills a vLLM server's whole process group through its lifeline; Celery as
+    PID 1 reaps none of them, so without an init they stay as zombies in the container."""
+    _, cfg = combo
+    assert cfg["services"]["vllm"].get("init") is True
