@@ -215,7 +215,7 @@ def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path, spelling):
     assert prep["data"] == [str(work / "regenerated.jsonl")] and prep["output"] == str(work / "prepared")
     assert (vocab["draft_vocab_size"], vocab["token_freq_path"]) == (500, str(work / "prepared" / "token_freq.pt"))
     assert (gen["backend"], gen["train_data_path"], gen["output_dir"]) == (
-        "vllm", str(work / "prepared"), str(work / "hidden_states"))
+        "vllm", [str(work / "prepared")], str(work / "hidden_states"))  # repeatable, as prepare-data's --data
     assert train["epochs"] == 5  # the flag wins over the file's 3
     assert (train["data_path"], train["save_path"]) == (str(work / "hidden_states"), str(work / "checkpoints"))
     assert (train["d2t_path"], train["draft_vocab_size"]) == (str(work / "vocab" / "d2t.npy"), 500)
