@@ -17,6 +17,18 @@ from speculators.verifier import text_config
 logger = logging.getLogger(__name__)
 
 
+def prompt_before_reply(input_ids: list[int], loss_mask: list[int],
+                        max_prompt_len: int | None = None) -> list[int] | None:
+    """A row's tokens before its first loss-masked (assistant) token, keeping the last
+    ``max_prompt_len``; None when the row has no reply or no prompt before it."""
+    if 1 not in loss_mask or loss_mask.index(1) == 0:
+        return None
+    prompt = list(input_ids[: loss_mask.index(1)])
+    if max_prompt_len is not None and len(prompt) > max_prompt_len:
+        prompt = prompt[-max_prompt_len:]
+    return prompt
+
+
 def prompts_from_prepared(path: str | Path, indices: Sequence[int] | None = None, limit: int | None = None,
                           max_prompt_len: int | None = None) -> list[list[int]]:
     """Prompts = each row's tokens before its first loss-masked (assistant) token."""
@@ -34,15 +46,9 @@ def prompts_from_prepared(path: str | Path, indices: Sequence[int] | None = None
     prompts = []
     for i in rows:
         row = ds[int(i)]
-        mask = row["loss_mask"]
-        if 1 not in mask:
+        prompt = prompt_before_reply(list(row["input_ids"]), list(row["loss_mask"]), max_prompt_len)
+        if prompt is None:
             continue
-        start = mask.index(1)
-        if start == 0:
-            continue
-        prompt = list(row["input_ids"][:start])
-        if max_prompt_len is not None and len(prompt) > max_prompt_len:
-            prompt = prompt[-max_prompt_len:]
         prompts.append(prompt)
         if limit is not None and len(prompts) >= limit:
             break
@@ -195,12 +201,9 @@ def prompts_from_samples(path: str | Path, data_format_version: int = 1, indices
         if int(pos) < skip_samples:
             continue
         sample = store.load(int(pos))
-        mask = sample["loss_mask"].tolist()
-        if 1 not in mask or mask.index(1) == 0:
+        prompt = prompt_before_reply(sample["input_ids"].tolist(), sample["loss_mask"].tolist(), max_prompt_len)
+        if prompt is None:
             continue
-        prompt = sample["input_ids"][: mask.index(1)].tolist()
-        if max_prompt_len is not None and len(prompt) > max_prompt_len:
-            prompt = prompt[-max_prompt_len:]
         prompts.append(prompt)
         if limit is not None and len(prompts) >= limit:
             break
