@@ -199,3 +199,27 @@ def test_vllm_backend_starts_a_server_and_agrees_with_transformers(tmp_path, cap
     same = sum(hf[i]["conversations"][-1]["content"].strip() == vl[i]["conversations"][-1]["content"].strip()
                for i in hf)
     assert same == len(hf), (same, len(hf))
+
+
+def test_progress_lines_and_the_stage_bar_both_keep_going_on_a_long_run(tiny_llama, source, tmp_path, capsys,
+                                                                        monkeypatch):
+    """A run long enough for the people's progress line (every 2 s) to be printed between chunks
+    still feeds the dashboard's bar after it (the two once shared a variable name, and the chunk
+    after the first printed line crashed). The runner's clock is made to advance 3 s a call."""
+    import itertools
+    import types
+
+    from speculators.regenerate import runner
+
+    ticks = itertools.count(0.0, 3.0)
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(time=lambda: next(ticks)))
+    progress = tmp_path / "regen.progress.jsonl"
+    monkeypatch.setenv("SPECULATORS_PROGRESS_FILE", str(progress))
+    out = tmp_path / "out.jsonl"
+    # with a known total (as the demo and the dashboard's runs have) both the bar and the line run
+    assert _run(tiny_llama, source, out, "--concurrency", "1", "--max-samples", str(len(CONVS))) == 0
+    text = capsys.readouterr().out
+    assert text.count("regenerate: [") >= 2, text  # printed between chunks, more than once
+    last = json.loads(progress.read_text().splitlines()[-1])
+    assert last["done"] == last["total"] == len(CONVS)
+    assert len(_lines(out)) == 4

@@ -306,11 +306,13 @@ def regenerate(cfg: RegenConfig, backend: Backend, progress: Callable[[str], Non
                     frac = min(1.0, processed / total)
                     todo = max(0, total - processed)
                     per = (now - start) / max(1, processed - len(done)) if processed > len(done) else 0
-                    bar = "#" * int(frac * 20)
-                    say(f"regenerate: [{bar:<20}] {processed}/{total} records, {summary.tokens} tokens "
+                    ticks = "#" * int(frac * 20)
+                    say(f"regenerate: [{ticks:<20}] {processed}/{total} records, {summary.tokens} tokens "
                         f"({rate:.1f} tok/s), ETA {_fmt_eta(per * todo)}")
                 else:
                     say(f"regenerate: {processed} records, {summary.tokens} tokens ({rate:.1f} tok/s)")
+    if total:  # every record is written or skipped: the bar ends full (skipped ones never reach a chunk)
+        bar.update(total, total)
     summary.seconds = time.time() - start
     summary.skipped = dict(skipped)
     return summary
