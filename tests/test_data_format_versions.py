@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from chat_data import write_qa_chats
 
 from speculators.cli import main as cli_main
 from speculators.config.datagen import DatagenConfig
@@ -159,14 +160,7 @@ def _get(d, dotted):
 
 
 def _chats_jsonl(path: Path) -> Path:
-    lines = []
-    for chat in CHATS:
-        msgs = []
-        for q, a in chat:
-            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        lines.append(json.dumps({"messages": msgs}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_qa_chats(path, CHATS)
 
 
 def test_datagen_prepares_a_source_itself_and_reuses_the_cached_copy(tiny_llama, tmp_path, monkeypatch):

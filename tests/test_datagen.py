@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+from chat_data import write_qa_chats
 
 from speculators.data import data_config as _data_config
 import torch
@@ -32,14 +33,7 @@ CHATS = [
 
 def prepared(model, tmp_path_factory, name):
     d = tmp_path_factory.mktemp(name)
-    path = d / "chats.jsonl"
-    lines = []
-    for chat in CHATS:
-        msgs = []
-        for q, a in chat:
-            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        lines.append(json.dumps({"messages": msgs}))
-    path.write_text("\n".join(lines) + "\n")
+    path = write_qa_chats(d / "chats.jsonl", CHATS)
     prepare_data(PrepareConfig(model=str(model), data=str(path), output=str(d / "prep"), seq_length=48))
     return d / "prep"
 
