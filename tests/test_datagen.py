@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-from chat_data import write_qa_chats
 
 from speculators.data import data_config as _data_config
 import torch
@@ -19,6 +18,8 @@ from speculators.datagen.base import create_generator
 from speculators.datagen.runner import DatagenConfig, run_datagen
 from speculators.errors import UserError
 from speculators.layers import default_layer_ids, resolve_layer_ids
+
+from tests.support.chat_data import write_qa_chats
 
 CHATS = [
     [("What is 2+2?", "4, of course."), ("And 3+3?", "That is 6.")],

@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_support import ARTIFACTS, CHROMIUM, ROOT, chromium_page, open_run
-from browser_support import dashboard_healthy as _healthy
 
 from speculators.vllm.readiness import free_port
-from worker.testing import wait_for, worker_env
+
+from tests.support.browser_support import ARTIFACTS, CHROMIUM, ROOT, chromium_page, open_run
+from tests.support.browser_support import dashboard_healthy as _healthy
+from tests.support.workers import wait_for, worker_env
 
 pytestmark = pytest.mark.slow
 

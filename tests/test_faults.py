@@ -47,7 +47,8 @@ from worker.celery_app import make_celery
 from worker.dispatch import flush_outbox
 from worker.pipeline import stages_for
 from worker.spec import RunSpec
-from worker.testing import run_with_stages, start_worker, wait_for, worker_env
+
+from tests.support.workers import run_with_stages, start_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,8 @@ import pytest
 
 from speculators.cli import main
 from speculators.datagen.runner import DatagenConfig, run_datagen
-from hs_server import HiddenStatesTestServer, make_prepared_dataset
+
+from tests.support.hs_server import HiddenStatesTestServer, make_prepared_dataset
 
 LAYERS = [2, 4, 5, 8]
 

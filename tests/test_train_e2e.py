@@ -17,8 +17,9 @@ from speculators.errors import UserError
 from test_console import METRICS_LINE
 from speculators.train.config import TrainConfig
 from speculators.train.metrics_stream import read_metrics
-from speculators.train.synthetic import write_synthetic_hidden_states
 from speculators.train.trainer import Trainer, run_training
+
+from tests.support.synthetic import write_synthetic_hidden_states
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from speculators.train.config import TrainConfig
-from speculators.train.synthetic import write_synthetic_hidden_states
 from speculators.train.trainer import Trainer
+
+from tests.support.synthetic import write_synthetic_hidden_states
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import math
 
 import pytest
 import torch
-from train_helpers import make_cfg, train_losses
 
 from speculators.errors import UserError
 from speculators.train.trainer import Trainer, adamw_kernel, autocast_enabled
+
+from tests.support.train_helpers import make_cfg, train_losses
 
 
 def test_precision_rule():

@@ -306,7 +306,7 @@ def test_vllm_034_loads_our_weights(vllm034, drafts, tiny_llama):
     reduced-vocabulary one with fc_norm (d2t -> draft_id_to_target_id, t2d skipped) and one with
     norm_before_fc: every parameter loaded with the file's tensor (tests/vllm_loadable.py, run on
     the wheel's code)."""
-    from vllm_loadable import check_report, vllm_load_reports
+    from tests.support.vllm_loadable import check_report, vllm_load_reports
 
     dirs = [drafts["plain"], drafts["custom"], drafts["prenorm"]]
     reports = vllm_load_reports(dirs, tiny_llama, vllm_tree=vllm034)

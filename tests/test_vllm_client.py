@@ -8,7 +8,6 @@ import time
 import pytest
 import torch
 
-from hs_server import HiddenStatesTestServer, free_port, transformers_compute
 from speculators.vllm.client import (
     ClientConfig,
     HiddenStatesClient,
@@ -24,6 +23,8 @@ from speculators.vllm.retry import (
     TransientServerError,
     call_with_retries,
 )
+
+from tests.support.hs_server import HiddenStatesTestServer, free_port, transformers_compute
 
 LAYERS = [2, 4, 5, 8]
 TOKENS = [5, 17, 42, 99, 100, 7, 3, 250]

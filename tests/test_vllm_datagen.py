@@ -13,7 +13,8 @@ import torch
 from speculators.datagen.base import GeneratorSpec
 from speculators.datagen.runner import DatagenConfig, run_datagen
 from speculators.datagen.vllm_backend import server_args
-from hs_server import make_prepared_dataset, write_fake_vllm
+
+from tests.support.hs_server import make_prepared_dataset, write_fake_vllm
 
 
 def test_server_args_carry_engine_options_and_passthrough():

@@ -19,7 +19,8 @@ from worker.celery_app import make_celery
 from worker.dispatch import flush_outbox
 from worker.pipeline import RunPaths, stages_for
 from worker.spec import validate_spec
-from worker.testing import run_with_stages, start_worker, wait_for, worker_env
+
+from tests.support.workers import run_with_stages, start_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
 TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")

@@ -374,8 +374,8 @@ def write_fake_vllm(directory: str | os.PathLike) -> Path:
         f"#!{sys.executable}\n"
         "import signal, sys\n"
         "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
-        "from hs_server import main\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+        "from tests.support.hs_server import main\n"
         "sys.exit(main())\n"
     )
     path.chmod(0o755)
