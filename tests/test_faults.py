@@ -286,12 +286,11 @@ def test_busy_worker_is_healthy_and_an_unreachable_endpoint_fails_fast(redis_ser
         assert ping.returncode != 0 and "No nodes replied" in ping.stdout + ping.stderr, ping.stdout + ping.stderr
         server.shutdown()
         server.server_close()
-        t0 = time.monotonic()
         wait_for(lambda: _finished(factory, run_id), 60, what="run failed")
-        assert time.monotonic() - t0 < 40
         run, stages = run_with_stages(factory, run_id)
         assert run.status == "failed"
-        assert f"the vLLM endpoint {url} is unreachable (connection refused" in run.error
+        # failed by the unreachable rule with the limit set above, not by the 30-minute health wait
+        assert f"the vLLM endpoint {url} is unreachable (connection refused for 6 s)" in run.error
         assert stages["train"].attempts == 0
         assert f"{url}/health: HTTP 503" in Path(stages["verifier"].log_path).read_text()
     finally:

@@ -22,7 +22,7 @@ It speaks the subset of vLLM's HTTP protocol that speculators uses:
 Faults for retry tests: `fail_next(n, status)` answers the next ``n`` requests
 with an HTTP error. `stop()` then `start()` on the same port simulates a restart.
 
-Run ``python tests/hs_server.py serve MODEL [vLLM-style flags]`` to use it as a fake
+Run ``python tests/support/hs_server.py serve MODEL [vLLM-style flags]`` to use it as a fake
 ``vllm`` executable (unknown flags are ignored).
 """
 
