@@ -1,4 +1,4 @@
-"""Helpers for tests and demos that drive real worker processes."""
+"""Helpers for tests that drive real worker processes (Celery workers started as subprocesses)."""
 
 from __future__ import annotations
 
