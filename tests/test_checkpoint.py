@@ -50,9 +50,9 @@ def test_resume_continues_bit_for_bit(tiny_llama, hs_data, straight_run, tmp_pat
     straight, split = straight_run, tmp_path / "split"
     per_epoch = len([s for s in train_losses(straight)]) // 2
     first = run_training(make_cfg(tiny_llama, hs_data, split, max_steps=per_epoch))
-    assert first["stopped"] and (split / "0").is_dir() and not (split / "1").exists()
+    assert first.stopped and (split / "0").is_dir() and not (split / "1").exists()
     second = run_training(make_cfg(tiny_llama, hs_data, split))
-    assert not second["stopped"]
+    assert not second.stopped
     a = load_file(str(straight / "1" / "model.safetensors"))
     b = load_file(str(split / "1" / "model.safetensors"))
     for k in a:
@@ -207,14 +207,17 @@ def test_max_steps_inside_an_epoch_checkpoints_that_step(tiny_llama, hs_data, st
     assert per_epoch >= 4, "the test needs epochs of several steps"
     kw = dict(checkpoint_every_steps=2, keep_last_checkpoints=1)
     first = run_training(make_cfg(tiny_llama, hs_data, split, max_steps=3, **kw))
-    assert first["stopped"] and first["signal"] is None and first["global_step"] == 3
+    assert first.stopped and first.signal is None and first.global_step == 3
     assert [p.name for p in ckpt.checkpoint_dirs(split)] == ["0-step3"]  # keep-last 1 removed 0-step2
     assert os.readlink(split / ckpt.LATEST_LINK) == "0-step3"
     assert not os.path.lexists(split / ckpt.BEST_LINK)  # mid-epoch checkpoints are never validated, so never best
     assert max(train_losses(split)) == 3
     # The same command again: the checkpoint already holds step 3, so nothing is trained or saved.
     again = run_training(make_cfg(tiny_llama, hs_data, split, max_steps=3, **kw))
-    assert again["stopped"] and again["global_step"] == 3 and again["history"] == []
+    assert again.stopped and again.global_step == 3
+    records = read_metrics(split / "metrics.jsonl")
+    last_start = max(i for i, r in enumerate(records) if r["type"] == "start")
+    assert [r["type"] for r in records[last_start:]] == ["start"]  # nothing trained, saved or ended
     assert [p.name for p in ckpt.checkpoint_dirs(split)] == ["0-step3"] and max(train_losses(split)) == 3
     # Past the first epoch's end, stopping on a step the interval saves too (one save, not two).
     stop = per_epoch + 1 + (per_epoch + 1) % 2
@@ -311,7 +314,5 @@ def test_from_pretrained_starts_from_that_checkpoint(tiny_llama, hs_data, tmp_pa
 
 @pytest.mark.parametrize("flag", ["checkpoint_every_steps", "keep_last_checkpoints"])
 def test_negative_checkpoint_counts_are_refused(tiny_llama, hs_data, tmp_path, flag):
-    from speculators.train.trainer import Trainer
-
     with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} must be a whole number >= 0"):
-        Trainer(make_cfg(tiny_llama, hs_data, tmp_path / "run", **{flag: -1}))
+        make_cfg(tiny_llama, hs_data, tmp_path / "run", **{flag: -1})
