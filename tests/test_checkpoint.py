@@ -199,6 +199,11 @@ def test_step_checkpoints_resume_mid_epoch_bit_for_bit(tiny_llama, hs_data, stra
     assert os.readlink(split / ckpt.LATEST_LINK) == "1"
 
 
+# trainer_state.pt of an epoch end as the releases before the Stateful trainer wrote it (a
+# mid-epoch one adds epoch_stats); the resume of such checkpoints was checked against that code.
+OLD_TRAINER_KEYS = {"epoch", "global_step", "steps_done_in_epoch", "rng", "best_val_loss", "best_epoch", "run_id"}
+
+
 def test_max_steps_inside_an_epoch_checkpoints_that_step(tiny_llama, hs_data, straight_run, tmp_path):
     """--max-steps N inside an epoch saves step N (once, also when an interval save falls on it), and the
     run continued from there ends where the straight run does, bit for bit."""
@@ -211,6 +216,9 @@ def test_max_steps_inside_an_epoch_checkpoints_that_step(tiny_llama, hs_data, st
     assert [p.name for p in ckpt.checkpoint_dirs(split)] == ["0-step3"]  # keep-last 1 removed 0-step2
     assert os.readlink(split / ckpt.LATEST_LINK) == "0-step3"
     assert not os.path.lexists(split / ckpt.BEST_LINK)  # mid-epoch checkpoints are never validated, so never best
+    mid = torch.load(split / "0-step3" / ckpt.TRAINER_FILE, weights_only=True)
+    assert set(mid) == OLD_TRAINER_KEYS | {"epoch_stats"}  # the layout earlier releases resume
+    assert (mid["epoch"], mid["global_step"], mid["steps_done_in_epoch"]) == (0, 3, 3)
     assert max(train_losses(split)) == 3
     # The same command again: the checkpoint already holds step 3, so nothing is trained or saved.
     again = run_training(make_cfg(tiny_llama, hs_data, split, max_steps=3, **kw))
@@ -227,6 +235,9 @@ def test_max_steps_inside_an_epoch_checkpoints_that_step(tiny_llama, hs_data, st
     run_training(make_cfg(tiny_llama, hs_data, split))
     assert_same_training(straight, split, "1")
     unique_step_records(split)
+    end = torch.load(split / "1" / ckpt.TRAINER_FILE, weights_only=True)
+    assert set(end) == OLD_TRAINER_KEYS
+    assert (end["epoch"], end["global_step"], end["steps_done_in_epoch"]) == (1, 2 * per_epoch, None)
     records = read_metrics(split / "metrics.jsonl")
     assert [r["resumed_from"] for r in records if r["type"] == "start"] == [None, "0-step3", "0-step3", f"1-step{stop}"]
     saves = [(r["step"], r["reason"]) for r in records if r["type"] == "step_checkpoint"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from speculators.errors import UserError
+from speculators.metric_records import parse_line
 from test_console import METRICS_LINE
 from speculators.train.components import build_components
 from speculators.train.config import TrainConfig
@@ -63,6 +64,8 @@ def test_metrics_stream_and_console(tiny_llama, hs_small, tmp_path, caplog):
     assert "val/cond_acc_2=" in out and "val/step_acc_2=" in out
     records = read_metrics(save / "metrics.jsonl")
     assert all("ts" in r and "type" in r for r in records)
+    typed = [parse_line(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [type(t).TYPE if t else None for t in typed] == [r["type"] for r in records]  # each line a typed record
     start, end = records[0], records[-1]
     assert start["type"] == "start" and start["run_name"] == "demo" and start["resumed_from"] is None
     assert start["epochs"] == 2 and start["total_steps"] >= 2 and start["steps_per_epoch"] >= 1
