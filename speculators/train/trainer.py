@@ -51,35 +51,6 @@ logger = logging.getLogger("speculators.train")
 
 
 # --------------------------------------------------------------------- data
-def check_data_against_verifier(data_config: dict[str, Any], vconf: Any, cfg: TrainConfig) -> list[int]:
-    """Validate the hidden-state data for this verifier; return its layer ids."""
-    where = f"{cfg.data_path or cfg.hidden_states_path}/data_config.json"
-    if "hidden_size" in data_config and int(data_config["hidden_size"]) != int(vconf.hidden_size):
-        raise UserError(
-            f"{where}: hidden_size {data_config['hidden_size']} does not match the verifier's {vconf.hidden_size}; "
-            "the data was generated with another model"
-        )
-    n_layers = data_config.get("num_hidden_layers")
-    if n_layers is not None and int(n_layers) != int(vconf.num_hidden_layers):
-        raise UserError(
-            f"{where}: num_hidden_layers {n_layers} does not match the verifier's {vconf.num_hidden_layers}; "
-            "the data was generated with another model"
-        )
-    layer_ids = [int(x) for x in data_config.get("layer_ids") or []]
-    if not layer_ids and data_config.get("num_layers") not in (None, 4):
-        raise UserError(
-            f"{where}: the data holds {data_config['num_layers']} layers but names no layer ids (data format "
-            "version 0); write its layer ids into data_config.json (hidden_states.layer_ids), or convert it with "
-            "`speculators convert-data --data-format-version 0 --to pt` and record them there"
-        )
-    if layer_ids:
-        from speculators.layers import check_layer_ids
-
-        # The same rules datagen, launch-vllm and Eagle3Config apply (any number of aux layers >= 1).
-        check_layer_ids(layer_ids, vconf.num_hidden_layers, flag=f"{where}: layer_ids")
-    return layer_ids
-
-
 def plan_epoch(sampler_factory, epoch: int, batches_per_step: int) -> list[list[list[int]]]:
     """Global steps of one epoch: each a list of `batches_per_step` index lists (tail dropped)."""
     sampler = sampler_factory()
@@ -187,9 +158,8 @@ class Trainer:
         self._seed()
         vconf = read_verifier_config(cfg.verifier_name_or_path)
         self.vconf = vconf
-        self.store = build_sample_store(cfg)
-        data_config = dict(getattr(self.store, "config", {}) or {})
-        layer_ids = check_data_against_verifier(data_config, vconf, cfg)
+        self.store = build_sample_store(cfg, vconf)
+        layer_ids = self.store.layer_ids
 
         # Run identity / resume decision (rank 0 decides, everyone follows).
         args = cfg.to_dict()
@@ -287,7 +257,7 @@ class Trainer:
         self.train_ds = Eagle3Dataset(self.store, max_len=cfg.total_seq_len, indices=train_idx, dtype=self.data_dtype)
         self.val_ds = Eagle3Dataset(self.store, max_len=cfg.total_seq_len, indices=val_idx, dtype=self.data_dtype) if val_idx else None
         self.collate = Eagle3Collator(cfg.total_seq_len, pack=True)
-        train_lengths = self._lengths(self.train_ds)
+        train_lengths = self.train_ds.lengths()
         self._train_sampler = lambda: PackedBatchSampler(
             train_lengths, cfg.total_seq_len, rows=cfg.rows_per_batch, shuffle=True, seed=cfg.seed
         )
@@ -302,17 +272,10 @@ class Trainer:
             )
         self.total_steps = sum(self.steps_per_epoch)
         if self.val_ds is not None:
-            val_sampler = PackedBatchSampler(self._lengths(self.val_ds), cfg.total_seq_len, rows=cfg.rows_per_batch, shuffle=False)
+            val_sampler = PackedBatchSampler(self.val_ds.lengths(), cfg.total_seq_len, rows=cfg.rows_per_batch, shuffle=False)
             self.val_batches = list(val_sampler)
         else:
             self.val_batches = []
-
-    @staticmethod
-    def _lengths(ds) -> list[int]:
-        try:
-            return ds.lengths()
-        except UserError:
-            return [ds[i]["length"] for i in range(len(ds))]
 
     # ---------------------------------------------------------------- state
     def _full_model_state(self) -> dict[str, torch.Tensor]:
@@ -356,13 +319,12 @@ class Trainer:
 
     def _epoch_loader(self, plan: list[list[list[int]]]):
         w, r = self.info.world_size, self.info.rank
-        prefetch = getattr(self.store, "prefetch", None)
-        if prefetch is not None:  # online store: request this rank's samples in training order
-            prefetch([self.train_ds.indices[i] for step in plan for idx in step[r::w] for i in idx])
+        # this rank's samples in training order (the online store requests them ahead)
+        self.store.prefetch([self.train_ds.indices[i] for step in plan for idx in step[r::w] for i in idx])
         steps = _StepBatches(self.train_ds, plan, self.collate, r, w)
         return torch.utils.data.DataLoader(
             steps, batch_size=None, shuffle=False,
-            num_workers=loader_workers(self.cfg.num_workers, self.device, online=prefetch is not None),
+            num_workers=loader_workers(self.cfg.num_workers, self.device, online=self.store.fetches_ahead),
             pin_memory=self.device.type == "cuda",
         )
 
@@ -584,7 +546,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         return trainer.fit()
     finally:
         # An online store's prefetch requests must not outlive a failed run (they retry for minutes).
-        close = getattr(getattr(trainer, "store", None), "close", None)
-        if close is not None:
-            close()
+        store = getattr(trainer, "store", None)  # None when the build failed before the store
+        if store is not None:
+            store.close()
         cleanup(info)
