@@ -86,6 +86,15 @@ def test_a_cached_file_that_breaks_the_schema_is_requested_again_or_refused(prep
         strict.load(0)
 
 
+def test_a_cache_made_for_another_verifier_is_refused_where_the_store_is_opened(prepared, server, tmp_path):
+    cache = tmp_path / "cache"
+    _store(prepared, server.url, hidden_states_path=str(cache), on_generate="cache").load(0)  # hidden size 64
+    other = _store(prepared, server.url, hidden_states_path=str(cache), hidden_size=32, num_hidden_layers=8)
+    with pytest.raises(UserError, match=f"{cache}/data_config.json: hidden_size 64 does not match the verifier's 32"):
+        other.check_verifier(hidden_size=32, num_hidden_layers=8)
+    _store(prepared, server.url, hidden_states_path=str(cache), hidden_size=64).check_verifier(hidden_size=64)
+
+
 def test_skip_and_raise_use_only_what_is_on_disk(prepared, server, tmp_path):
     cache = tmp_path / "cache"
     warm = _store(prepared, server.url, hidden_states_path=str(cache), on_generate="cache")

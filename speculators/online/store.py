@@ -208,7 +208,9 @@ class OnlineSampleStore(SampleStore):
         return self._client
 
     def _adopt_cache_config(self) -> None:
-        """Cached samples from an earlier run or offline datagen must hold the same layers."""
+        """Cached samples from an earlier run or offline datagen must hold the same layers; the
+        dimensions they record are what `config` reports, so `check_verifier` compares the files'."""
+        self._cached_dims: dict[str, int] = {}
         if self.cache_dir is None:
             return
         path = self.cache_dir / DATA_CONFIG_NAME
@@ -226,6 +228,7 @@ class OnlineSampleStore(SampleStore):
             c.layer_ids = [int(i) for i in theirs]
         if existing.get("format", "pt") != "pt":
             raise UserError(f"{path}: format {existing.get('format')!r}; online caching needs the pt layout")
+        self._cached_dims = {k: int(existing[k]) for k in ("hidden_size", "num_hidden_layers") if existing.get(k)}
         c.hidden_size = c.hidden_size or existing.get("hidden_size")
         c.num_hidden_layers = c.num_hidden_layers or existing.get("num_hidden_layers")
 
@@ -240,6 +243,7 @@ class OnlineSampleStore(SampleStore):
             out["hidden_size"] = c.hidden_size
         if c.num_hidden_layers:
             out["num_hidden_layers"] = c.num_hidden_layers
+        out.update(self._cached_dims)
         return out
 
     @property
@@ -255,7 +259,8 @@ class OnlineSampleStore(SampleStore):
     def _cache_schema(self) -> SampleSchema | None:
         """What a cached sample must hold, once the layers and the hidden size are known."""
         c = self.online
-        return SampleSchema(len(c.layer_ids), int(c.hidden_size)) if c.layer_ids and c.hidden_size else None
+        hidden = self._cached_dims.get("hidden_size", c.hidden_size)
+        return SampleSchema(len(c.layer_ids), int(hidden)) if c.layer_ids and hidden else None
 
     # -- protocol -------------------------------------------------------------------
     def __len__(self) -> int:
