@@ -23,7 +23,6 @@ conversions to and from it are in `speculators.data.public_convert`.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from abc import abstractmethod
@@ -46,14 +45,13 @@ from speculators.data.sample_store import (
 )
 from speculators.errors import UserError
 
-logger = logging.getLogger(__name__)
-
 DATA_FORMAT_VERSION = 1
 DATA_FORMAT_VERSIONS = (0, 1)
 V0_KEYS = ("input_ids", "loss_mask", "hidden_state", "target")
 V1_KEYS = ("input_ids", "hidden_states", "loss_mask")
 SHARD_DIR = "shards"
 _PT_NAME = re.compile(r"^data_(\d+)\.pt$")
+
 
 def pt_file_name(index: int) -> str:
     """The one file-name rule of the pt layout (datagen, the stores and the online cache use it)."""
