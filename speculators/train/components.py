@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from speculators.data.sample_store import SampleStore
 from speculators.errors import UserError
 from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
 from speculators.train import checkpoint as ckpt
@@ -46,7 +47,7 @@ class Components:
     run_id: str
     run_name: str
     resume_dir: Path | None
-    store: Any
+    store: SampleStore
     draft: Eagle3DraftModel
     objective: torch.nn.Module
     params: list[torch.nn.Parameter]
@@ -61,11 +62,9 @@ class Components:
         close_store(self.store)
 
 
-def close_store(store: Any) -> None:
+def close_store(store: SampleStore) -> None:
     # An online store's prefetch requests must not outlive a failed run (they retry for minutes).
-    close = getattr(store, "close", None)
-    if close is not None:
-        close()
+    store.close()
 
 
 # ------------------------------------------------------------------ rules
@@ -100,35 +99,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def check_data_against_verifier(data_config: dict[str, Any], vconf: Any, cfg: TrainConfig) -> list[int]:
-    """Validate the hidden-state data for this verifier; return its layer ids."""
-    where = f"{cfg.data_path or cfg.hidden_states_path}/data_config.json"
-    if "hidden_size" in data_config and int(data_config["hidden_size"]) != int(vconf.hidden_size):
-        raise UserError(
-            f"{where}: hidden_size {data_config['hidden_size']} does not match the verifier's {vconf.hidden_size}; "
-            "the data was generated with another model"
-        )
-    n_layers = data_config.get("num_hidden_layers")
-    if n_layers is not None and int(n_layers) != int(vconf.num_hidden_layers):
-        raise UserError(
-            f"{where}: num_hidden_layers {n_layers} does not match the verifier's {vconf.num_hidden_layers}; "
-            "the data was generated with another model"
-        )
-    layer_ids = [int(x) for x in data_config.get("layer_ids") or []]
-    if not layer_ids and data_config.get("num_layers") not in (None, 4):
-        raise UserError(
-            f"{where}: the data holds {data_config['num_layers']} layers but names no layer ids (data format "
-            "version 0); write its layer ids into data_config.json (hidden_states.layer_ids), or convert it with "
-            "`speculators convert-data --data-format-version 0 --to pt` and record them there"
-        )
-    if layer_ids:
-        from speculators.layers import check_layer_ids
-
-        # The same rules datagen, launch-vllm and Eagle3Config apply (any number of aux layers >= 1).
-        check_layer_ids(layer_ids, vconf.num_hidden_layers, flag=f"{where}: layer_ids")
-    return layer_ids
 
 
 def check_pretrained(draft: Eagle3DraftModel, vconf: Any, source: Path, cfg: TrainConfig) -> None:
@@ -210,7 +180,7 @@ def build_components(cfg: TrainConfig, info: DistInfo) -> Components:
     bps = batches_per_step(cfg, info)
     seed_everything(cfg.seed)
     vconf = read_verifier_config(cfg.verifier_name_or_path)
-    store = build_sample_store(cfg)
+    store = build_sample_store(cfg, vconf)
     try:
         return _build_around(cfg, info, vconf, store, autocast, bps)
     except BaseException:
@@ -218,9 +188,9 @@ def build_components(cfg: TrainConfig, info: DistInfo) -> Components:
         raise
 
 
-def _build_around(cfg: TrainConfig, info: DistInfo, vconf: Any, store: Any, autocast: bool, bps: int) -> Components:
+def _build_around(cfg: TrainConfig, info: DistInfo, vconf: Any, store: SampleStore, autocast: bool, bps: int) -> Components:
     """Everything built around an open sample store (closed by the caller if this fails)."""
-    layer_ids = check_data_against_verifier(dict(getattr(store, "config", {}) or {}), vconf, cfg)
+    layer_ids = store.layer_ids
 
     # Run identity / resume decision (rank 0 decides, everyone follows).
     args = cfg.to_dict()

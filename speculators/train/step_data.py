@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from speculators.data.sample_store import SampleStore
 from speculators.errors import UserError
 from speculators.train.distributed import DistInfo
 
@@ -75,13 +76,6 @@ class _StepBatches(torch.utils.data.Dataset):
         return self.collate([self.ds[i] for idx in mine for i in idx])
 
 
-def _lengths(ds) -> list[int]:
-    try:
-        return ds.lengths()
-    except UserError:
-        return [ds[i]["length"] for i in range(len(ds))]
-
-
 @dataclass
 class StepData:
     """Train and validation batches of one run, addressed by global step."""
@@ -96,7 +90,7 @@ class StepData:
     info: DistInfo
     seed: int
     num_workers: int | None
-    prefetch: Callable[[list[int]], None] | None
+    store: SampleStore
 
     @classmethod
     def build(cls, store, cfg, info: DistInfo, batches_per_step: int, dtype: torch.dtype) -> StepData:
@@ -105,7 +99,7 @@ class StepData:
         train_idx, val_idx = split_indices(len(store), 1.0 - cfg.train_data_ratio, cfg.seed)
         train_ds = Eagle3Dataset(store, max_len=cfg.total_seq_len, indices=train_idx, dtype=dtype)
         val_ds = Eagle3Dataset(store, max_len=cfg.total_seq_len, indices=val_idx, dtype=dtype) if val_idx else None
-        train_lengths = _lengths(train_ds)
+        train_lengths = train_ds.lengths()
 
         def train_sampler():
             return PackedBatchSampler(train_lengths, cfg.total_seq_len, rows=cfg.rows_per_batch, shuffle=True,
@@ -119,12 +113,12 @@ class StepData:
             )
         val_batches = []
         if val_ds is not None:
-            val_batches = list(PackedBatchSampler(_lengths(val_ds), cfg.total_seq_len, rows=cfg.rows_per_batch,
+            val_batches = list(PackedBatchSampler(val_ds.lengths(), cfg.total_seq_len, rows=cfg.rows_per_batch,
                                                   shuffle=False))
         return cls(train_ds=train_ds, val_ds=val_ds, collate=Eagle3Collator(cfg.total_seq_len, pack=True),
                    train_sampler=train_sampler, val_batches=val_batches, batches_per_step=batches_per_step,
                    steps_per_epoch=steps_per_epoch, info=info, seed=cfg.seed, num_workers=cfg.num_workers,
-                   prefetch=getattr(store, "prefetch", None))
+                   store=store)
 
     # ---------------------------------------------------------------- where a step falls
     @property
@@ -160,11 +154,11 @@ class StepData:
         leaves the global RNG alone and a resume restores it once, wherever in an epoch it falls.
         """
         w, r = self.info.world_size, self.info.rank
-        if self.prefetch is not None:  # online store: request this rank's samples in training order
-            self.prefetch([self.train_ds.indices[i] for step in plan for idx in step[r::w] for i in idx])
+        # A store that fetches ahead (online) gets this rank's samples in training order.
+        self.store.prefetch([self.train_ds.indices[i] for step in plan for idx in step[r::w] for i in idx])
         return torch.utils.data.DataLoader(
             _StepBatches(self.train_ds, plan, self.collate, r, w), batch_size=None, shuffle=False,
-            num_workers=loader_workers(self.num_workers, self.info.device, online=self.prefetch is not None),
+            num_workers=loader_workers(self.num_workers, self.info.device, online=self.store.fetches_ahead),
             pin_memory=self.info.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.seed + epoch),
         )
