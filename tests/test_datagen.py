@@ -184,8 +184,10 @@ def test_safetensors_format_and_training_dataset(tiny_llama, prep_llama, tmp_pat
                    "safetensors", "--device", "cpu"])
     assert rc == 0
     assert not (tmp_path / "st" / ".pt-staging").exists()
-    pt = open_sample_store(tmp_path / "pt", expected_hidden_size=64, expected_num_layers=4)
-    st = open_sample_store(tmp_path / "st", expected_hidden_size=64, expected_num_layers=4)
+    pt = open_sample_store(tmp_path / "pt")
+    st = open_sample_store(tmp_path / "st")
+    for store in (pt, st):
+        store.check_verifier(hidden_size=64, num_layers=4)
     assert isinstance(pt, PtSampleStore) and isinstance(st, SafetensorsSampleStore)
     assert len(pt) == len(st) == len(load_prepared(prep_llama))
     assert _data_config.load(tmp_path / "st" / "data_config.json")["layer_ids"] == [1, 3, 6, 8]
