@@ -60,7 +60,7 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
                   freeze_lm_head: bool = False, fused_adamw: bool = False, loss_impl: str = "fused"):
     from speculators.data.formats import open_sample_store
     from speculators.models.eagle3 import Eagle3DraftModel
-    from speculators.train.config import TrainConfig
+    from speculators.config.train import TrainConfig
     from speculators.train.objective import TTTObjective
     from speculators.train.schedule import build_scheduler
     from speculators.train.trainer import Trainer, adamw_kernel

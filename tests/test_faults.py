@@ -45,8 +45,8 @@ from runstore.settings import Settings
 from speculators.vllm.readiness import free_port
 from worker.celery_app import make_celery
 from worker.dispatch import flush_outbox
-from worker.pipeline import stages_for
-from worker.spec import RunSpec
+from speculators.config.stages import pipeline_stages
+from speculators.config.run import RunSettings
 from worker.testing import run_with_stages, start_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
@@ -114,11 +114,11 @@ def _submit(settings: Settings, model: Path, *, send: bool = True, **over):
     fields = dict(name="fault run", model=str(local), dataset="sharegpt", seq_length=64, max_samples=8,
                   draft_vocab_size=64, epochs=1, lr=3e-3, ttt_steps=2, num_layers=1, mode="offline", gpus=0)
     fields.update(over)
-    spec = RunSpec(**fields)
+    spec = RunSettings(**fields)
     factory = open_store(settings.db_url)
     run_id = uuid.uuid4().hex[:12]
     with factory() as s:
-        repo.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=stages_for(spec),
+        repo.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=pipeline_stages(spec),
                         work_dir=str(settings.runs_root / run_id))
     if send:
         assert flush_outbox(factory, make_celery(settings)) == (1, None)

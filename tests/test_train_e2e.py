@@ -15,7 +15,7 @@ import pytest
 
 from speculators.errors import UserError
 from test_console import METRICS_LINE
-from speculators.train.config import TrainConfig
+from speculators.config.train import TrainConfig
 from speculators.train.metrics_stream import read_metrics
 from speculators.train.synthetic import write_synthetic_hidden_states
 from speculators.train.trainer import Trainer, run_training

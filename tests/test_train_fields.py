@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from speculators.train.config import TrainConfig
+from speculators.config.train import TrainConfig
 from speculators.train.synthetic import write_synthetic_hidden_states
 from speculators.train.trainer import Trainer
 

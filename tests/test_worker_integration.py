@@ -17,7 +17,7 @@ from runstore import open_store, repo
 from runstore.settings import Settings
 from worker.celery_app import make_celery
 from worker.dispatch import flush_outbox
-from worker.pipeline import RunPaths, stages_for
+from speculators.config.stages import StagePaths, pipeline_stages
 from worker.spec import validate_spec
 from worker.testing import run_with_stages, start_worker, wait_for, worker_env
 
@@ -65,7 +65,7 @@ def _submit(env, model, **over):
     factory = open_store(settings.db_url)
     run_id = uuid.uuid4().hex[:12]
     with factory() as s:
-        repo.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=stages_for(spec),
+        repo.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=pipeline_stages(spec),
                         work_dir=str(settings.runs_root / run_id))
     assert flush_outbox(factory, make_celery(settings)) == (1, None)
     return factory, run_id
@@ -98,7 +98,7 @@ def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):
         assert all(x.status == "succeeded" for x in stages.values())
         assert stages["train"].attempts == 2 and stages["prepare"].attempts == 1
 
-        paths = RunPaths(__import__("pathlib").Path(run.work_dir))
+        paths = StagePaths(__import__("pathlib").Path(run.work_dir))
         records = [json.loads(line) for line in paths.metrics.read_text().splitlines() if line.strip()]
         starts = [r for r in records if r["type"] == "start"]
         assert len(starts) == 2 and starts[0]["resumed_from"] is None and starts[1]["resumed_from"] is not None

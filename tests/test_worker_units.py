@@ -13,7 +13,8 @@ from runstore import open_store, repo
 from runstore.settings import Settings
 from worker.celery_app import make_celery
 from worker.dispatch import broker_reachable, flush_outbox
-from worker.pipeline import RunPaths, serve_argv, stage_argv, stages_for, verifier_argv
+from speculators.config.stages import StagePaths, pipeline_stages
+from worker.pipeline import serve_argv, stage_argv, verifier_argv
 from worker.procs import error_summary
 from worker.spec import validate_spec
 from worker.tail import JsonlTail
@@ -124,8 +125,8 @@ def test_stage_commands_are_argument_lists(settings, tmp_path):
     name = 'x; rm -rf / && $(touch pwned) `id` "q" \'s\''
     spec, errors = validate_spec(_good(settings, name=name), settings)
     assert errors == {}
-    paths = RunPaths(tmp_path / "w")
-    assert stages_for(spec) == ["prepare", "vocab", "datagen", "train"]
+    paths = StagePaths(tmp_path / "w")
+    assert pipeline_stages(spec) == ["prepare", "vocab", "datagen", "train"]
     train = stage_argv(spec, "train", paths, python="py")
     assert train[:4] == ["py", "-m", "speculators", "train"]
     assert _value(train, "--run-name") == name  # one argument, untouched
@@ -142,8 +143,8 @@ def test_stage_commands_are_argument_lists(settings, tmp_path):
 
 def test_online_train_command(settings, tmp_path):
     spec, _ = validate_spec(_good(settings, mode="hybrid", gpus=1), settings)
-    assert stages_for(spec) == ["prepare", "vocab", "verifier", "train"]
-    argv = stage_argv(spec, "train", RunPaths(tmp_path), python="py", verifier_url="http://vllm:8001")
+    assert pipeline_stages(spec) == ["prepare", "vocab", "verifier", "train"]
+    argv = stage_argv(spec, "train", StagePaths(tmp_path), python="py", verifier_url="http://vllm:8001")
     assert _value(argv, "--vllm-endpoint") == "http://vllm:8001"
     assert _value(argv, "--on-generate") == "cache"
     v = verifier_argv(spec.model, [2, 4], 8001, "/hs", python="py")
@@ -163,7 +164,7 @@ def test_outbox_survives_broker_down_and_flushes_when_back(settings, monkeypatch
     factory = open_store(settings.db_url)
     spec, _ = validate_spec(_good(settings), settings)
     with factory() as s:
-        repo.create_run(s, run_id="out1", name="r", spec=spec.to_dict(), stages=stages_for(spec),
+        repo.create_run(s, run_id="out1", name="r", spec=spec.to_dict(), stages=pipeline_stages(spec),
                         work_dir=str(settings.runs_root / "out1"))
 
     monkeypatch.setenv("SPEC_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens on port 1
@@ -306,20 +307,20 @@ def test_every_stage_reports_progress_to_its_bar(settings, tiny_llama):
     worker) that the worker reads into the stage's step columns, as the trainer's records
     fill train's: their bars move too."""
     from worker.runner import execute_stage
-    from worker.spec import RunSpec
+    from speculators.config.run import RunSettings
 
-    spec = RunSpec(name="p", model=str(tiny_llama), dataset="sharegpt", seq_length=64, max_samples=3,
+    spec = RunSettings(name="p", model=str(tiny_llama), dataset="sharegpt", seq_length=64, max_samples=3,
                    draft_vocab_size=64, epochs=1, regenerate=True, regenerate_max_tokens=4)
     factory = open_store(settings.db_url)
     with factory() as s:
-        repo.create_run(s, run_id="p1", name="p", spec=spec.to_dict(), stages=stages_for(spec),
+        repo.create_run(s, run_id="p1", name="p", spec=spec.to_dict(), stages=pipeline_stages(spec),
                         work_dir=str(settings.runs_root / "p1"))
     for stage in ("regenerate", "prepare"):
         assert execute_stage(factory, settings, "p1", stage, worker="t") == "succeeded"
         with factory() as s:
             row = repo.get_stage(s, "p1", stage)
             assert (row.current_step, row.total_steps) == (3, 3), (stage, row.current_step, row.total_steps)
-        lines = (RunPaths(settings.runs_root / "p1").logs / f"{stage}.progress.jsonl").read_text().splitlines()
+        lines = (StagePaths(settings.runs_root / "p1").logs / f"{stage}.progress.jsonl").read_text().splitlines()
         assert json.loads(lines[-1])["done"] == 3
 
 
@@ -343,7 +344,7 @@ def test_online_run_endpoint_checked_at_submit_and_before_the_first_stage(settin
         spec.vllm_endpoint = dead
         factory = open_store(settings.db_url)
         with factory() as s:
-            repo.create_run(s, run_id="e1", name="e", spec=spec.to_dict(), stages=stages_for(spec),
+            repo.create_run(s, run_id="e1", name="e", spec=spec.to_dict(), stages=pipeline_stages(spec),
                             work_dir=str(settings.runs_root / "e1"))
         assert execute_stage(factory, settings, "e1", "prepare", worker="t") == "failed"
         with factory() as s:
