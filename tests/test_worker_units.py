@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import redis
 
 from runstore import open_store, repo
 from runstore.settings import Settings
+from speculators.config.stages import StagePaths, pipeline_stages
 from worker.celery_app import make_celery
 from worker.dispatch import broker_reachable, flush_outbox
-from speculators.config.stages import StagePaths, pipeline_stages
 from worker.pipeline import serve_argv, stage_argv, verifier_argv
 from worker.procs import error_summary
 from worker.spec import validate_spec
@@ -47,14 +48,9 @@ def _good(settings, **over):
     return raw
 
 
-def _value(argv: list[str], flag: str) -> str:
-    """The value of `flag` in an argument list (`--flag=value` or `--flag value`)."""
-    for i, arg in enumerate(argv):
-        if arg == flag:
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg[len(flag) + 1:]
-    raise AssertionError(f"{flag} not in {argv}")
+def _settings(argv: list[str]) -> dict:
+    """The settings a stage's process reads: the file its `--config` names."""
+    return json.loads(Path(argv[argv.index("--config") + 1]).read_text())
 
 
 def test_tail_returns_complete_lines_only(tmp_path):
@@ -128,25 +124,26 @@ def test_stage_commands_are_argument_lists(settings, tmp_path):
     paths = StagePaths(tmp_path / "w")
     assert pipeline_stages(spec) == ["prepare", "vocab", "datagen", "train"]
     train = stage_argv(spec, "train", paths, python="py")
-    assert train[:4] == ["py", "-m", "speculators", "train"]
-    assert _value(train, "--run-name") == name  # one argument, untouched
-    assert _value(train, "--d2t-path") == str(paths.vocab / "d2t.npy")
+    # the settings travel as a file in the run's folder, the command line only names it
+    assert train == ["py", "-m", "speculators", "train", "--config", str(tmp_path / "w" / "settings" / "train.json")]
+    assert _settings(train)["run_name"] == name  # one value, untouched
+    assert _settings(train)["d2t_path"] == str(paths.vocab / "d2t.npy")
     dg = stage_argv(spec, "datagen", paths, python="py")
-    assert dg[dg.index("--layer-ids") + 1:dg.index("--layer-ids") + 4] == ["2", "4", "7"]
+    assert _settings(dg)["layer_ids"] == [2, 4, 7]
     prep = stage_argv(spec, "prepare", paths, python="py")
-    assert _value(prep, "--data") == spec.dataset
+    assert _settings(prep)["data"] == spec.dataset
     spec.gpus = 2
     multi = stage_argv(spec, "train", paths, python="py")
     assert multi[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    assert multi[6:8] == ["-m", "speculators.train"]
+    assert multi[6:] == ["-m", "speculators.train", "--config", str(paths.settings("train"))]
 
 
 def test_online_train_command(settings, tmp_path):
     spec, _ = validate_spec(_good(settings, mode="hybrid", gpus=1), settings)
     assert pipeline_stages(spec) == ["prepare", "vocab", "verifier", "train"]
     argv = stage_argv(spec, "train", StagePaths(tmp_path), python="py", verifier_url="http://vllm:8001")
-    assert _value(argv, "--vllm-endpoint") == "http://vllm:8001"
-    assert _value(argv, "--on-generate") == "cache"
+    assert _settings(argv)["vllm_endpoint"] == "http://vllm:8001"
+    assert _settings(argv)["on_generate"] == "cache"
     v = verifier_argv(spec.model, [2, 4], 8001, "/hs", python="py")
     assert v[3:7] == ["launch-vllm", spec.model, "--hidden-states-path", "/hs"]
     assert v[v.index("--") + 1:] == ["--host", "127.0.0.1", "--port", "8001", "--no-enable-chunked-prefill"]
