@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = GenTrainConfig.from_args(args)
     except UserError as exc:
-        where = " (flags and --config FILE)" if args.config else \
+        where = f" (flags and --config {args.config})" if args.config else \
             f" (give it as a flag, or write it in ./{DEFAULT_CONFIG_NAMES[0]} or a --config file)"
         raise UserError(f"{exc}{where}") from None
     work = cfg.work_path
