@@ -52,7 +52,7 @@ def demo_run_settings(args: argparse.Namespace, model: Path) -> RunSettings:
     return RunSettings(
         name="demo", model=str(model), dataset="sharegpt", seq_length=args.seq_length,
         max_samples=args.max_samples, draft_vocab_size=args.draft_vocab_size, epochs=args.epochs, lr=args.lr,
-        ttt_steps=args.ttt_steps, batch_size=8, seed=0, total_seq_len=args.seq_length * 2, **regen,
+        ttt_steps=args.ttt_steps, total_seq_len=args.seq_length * 2, **regen,
     )
 
 
