@@ -559,3 +559,15 @@ def test_settings_file_round_trips_every_train_setting(tmp_path):
     path = write_settings_file(tmp_path / "settings" / "train.json", cfg)
     assert set(json.loads(path.read_text())) == cfg.model_fields_set
     assert parse_train(["train", "--config", str(path)]) == cfg
+
+
+def test_help_and_version_print_once_and_unchanged(capsys):
+    """Reading the command line for --config must not act on it: --help prints the command's
+    usage once, with its required flags still required; --version prints once."""
+    with pytest.raises(SystemExit):
+        cli_main(["prepare-data", "--help"])
+    out = capsys.readouterr().out
+    assert out.count("usage:") == 1 and "--model MODEL --data DATA" in out and "[--model" not in out
+    with pytest.raises(SystemExit):
+        cli_main(["--version"])
+    assert capsys.readouterr().out.count("EAGLE-3 trainer + dashboard project") == 1

@@ -79,6 +79,18 @@ class _ProbeParser(argparse.ArgumentParser):
         raise _ProbeError(message)
 
 
+class _Inert(argparse.Action):
+    """In the probe, an option that acts when seen (--help, --version) does nothing."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        pass
+
+
+_STORING = (argparse._StoreAction, argparse._StoreConstAction, argparse._AppendAction,
+            argparse._AppendConstAction, argparse._CountAction, argparse.BooleanOptionalAction,
+            argparse._SubParsersAction)
+
+
 def add_config_option(parser: argparse.ArgumentParser) -> None:
     """Give `parser` the `--config FILE` option (once)."""
     if not any(a.dest == "config" for a in parser._actions):
@@ -109,6 +121,8 @@ def _given(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     for p in _parsers(probe):
         p.__class__ = _ProbeParser
         for action in p._actions:
+            if not isinstance(action, _STORING):
+                action.__class__ = _Inert
             if action.option_strings:
                 action.default, action.required = argparse.SUPPRESS, False
     try:
