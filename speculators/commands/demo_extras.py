@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from speculators.config.device import resolve_device
 from speculators.config.stages import StagePaths
 
 
@@ -32,13 +33,7 @@ def _vllm_importable() -> bool:
 
 def _server_env() -> dict[str, str]:
     env = dict(os.environ)
-    try:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    except Exception:
-        cuda = False
-    if not cuda:  # the KV cache size is `speculators serve`'s own choice (cpu_memory.choose_kv_cache)
+    if resolve_device("auto") == "cpu":  # the KV cache size is `speculators serve`'s own choice (cpu_memory.choose_kv_cache)
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
     return env
 
