@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from app import common, views
-from runstore import repo
+from runstore import deployments, metrics, runs
 from runstore.settings import Settings
 from worker import serving
 from worker.procs import log_tail
@@ -38,9 +38,9 @@ def state_text(dep, s: Settings) -> tuple[str, bool]:
 def render(factory, s: Settings, run_id: str) -> None:
     st.subheader("Serve in vLLM")
     with factory() as session:
-        best = repo.best_checkpoint(session, run_id)
-        dep = repo.latest_deployment(session, run_id, kind="draft")
-        run = repo.get_run(session, run_id)
+        best = metrics.best_checkpoint(session, run_id)
+        dep = deployments.latest_deployment(session, run_id, kind="draft")
+        run = runs.get_run(session, run_id)
     if run is None:
         return
     live_dep = dep is not None and dep.status in LIVE
@@ -53,7 +53,7 @@ def render(factory, s: Settings, run_id: str) -> None:
     if c1.button("Serve best checkpoint", type="primary", disabled=best is None or live_dep, key="btn_serve",
                  help=None if best else "available once training has saved a checkpoint"):
         with factory() as session:
-            repo.request_deployment(session, kind="draft", model_path=best.path, run_id=run_id,
+            deployments.request_deployment(session, kind="draft", model_path=best.path, run_id=run_id,
                                     port=s.vllm_port, endpoint=f"http://{s.vllm_host}:{s.vllm_port}",
                                     extra={"kv_cache_gib": int(kv) or None})
         err = common.flush()
@@ -72,7 +72,7 @@ def render(factory, s: Settings, run_id: str) -> None:
         common.alert("error", f"Error: {dep.error}")  # the log's cause line first; the log tail is below
     if live_dep and st.button("Stop server", key="btn_stop"):
         with factory() as session:
-            repo.request_stop(session, dep.id)
+            deployments.request_stop(session, dep.id)
         common.flush()
         st.rerun()
     if dep.status in ("starting", "up"):
@@ -99,7 +99,7 @@ def render(factory, s: Settings, run_id: str) -> None:
             if rows:
                 st.bar_chart(pd.DataFrame(rows), x="position", y="acceptance rate")
             with factory() as session:
-                repo.update_deployment(session, dep.id, acceptance=report)
+                deployments.update_deployment(session, dep.id, acceptance=report)
         elif report:
             st.caption(f"Acceptance metrics: {report['error']}")
     if dep.log_path:

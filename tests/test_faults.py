@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from runstore import open_store, repo
+from runstore import deployments, metrics, open_store, outbox, runs, stages
 from runstore.settings import Settings
 from speculators.vllm.readiness import free_port
 from worker.celery_app import make_celery
@@ -118,7 +118,7 @@ def _submit(settings: Settings, model: Path, *, send: bool = True, **over):
     factory = open_store(settings.db_url)
     run_id = uuid.uuid4().hex[:12]
     with factory() as s:
-        repo.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=stages_for(spec),
+        runs.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=stages_for(spec),
                         work_dir=str(settings.runs_root / run_id))
     if send:
         assert flush_outbox(factory, make_celery(settings)) == (1, None)
@@ -158,7 +158,7 @@ def test_broker_blip_while_a_stage_finishes(redis_server, tiny_llama, tmp_path, 
         run, stages = run_with_stages(factory, run_id)
         assert stages["prepare"].status == "succeeded", stages["prepare"].error
         with factory() as s:
-            pending = repo.pending_outbox(s)
+            pending = outbox.pending(s)
         assert [m.payload["stages"][0] for m in pending] == ["vocab"]  # kept, not lost
         assert run.status == "queued" and run.current_stage == "vocab"
         time.sleep(3)
@@ -228,7 +228,7 @@ def test_two_installations_share_a_redis_without_crosstalk(redis_server, tiny_ll
         wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].status in ("running", "succeeded"), 120,
                  what="A's worker takes A's run")
         with factory() as s:
-            repo.request_cancel(s, run_id)
+            runs.request_cancel(s, run_id)
         wait_for(lambda: _finished(factory, run_id), 60, what="cancelled")
     finally:
         _stop(worker_a)
@@ -261,11 +261,11 @@ def test_busy_worker_is_healthy_and_an_unreachable_endpoint_fails_fast(redis_ser
     factory, run_id = _submit(settings, tiny_llama, send=False, mode="online", vllm_endpoint=url)
     with factory() as s:  # prepare and vocab done earlier: start at the verifier stage
         for name in ("prepare", "vocab"):
-            repo.start_stage(s, run_id, name, worker="earlier", log_path="/dev/null")
-            repo.finish_stage(s, run_id, name, "succeeded")
-        for m in repo.pending_outbox(s):
-            repo.outbox_sent(s, m.id)
-        assert repo.requeue(s, run_id) == ["verifier", "train"]
+            stages.start_stage(s, run_id, name, worker="earlier", log_path="/dev/null")
+            stages.finish_stage(s, run_id, name, "succeeded")
+        for m in outbox.pending(s):
+            outbox.mark_sent(s, m.id)
+        assert runs.requeue(s, run_id) == ["verifier", "train"]
     assert flush_outbox(factory, make_celery(settings))[1] is None
     env = worker_env(settings.home, redis_server.url, SPEC_ENDPOINT_UNREACHABLE_S="6")
     worker = start_worker(env, log_path=tmp_path / "worker.log")
@@ -316,8 +316,8 @@ def test_sigkilled_stage_says_killed_signal_9(redis_server, tiny_llama, tmp_path
         assert stages["prepare"].error.startswith("killed (signal 9: SIGKILL)"), stages["prepare"].error
         assert "out-of-memory" in stages["prepare"].error and "===" not in run.error
         with factory() as s:  # nothing lost: it resumes from the killed stage
-            assert repo.resume_run(s, run_id) == ["prepare", "vocab", "datagen", "train"]
-            repo.request_cancel(s, run_id)
+            assert runs.resume_run(s, run_id) == ["prepare", "vocab", "datagen", "train"]
+            runs.request_cancel(s, run_id)
     finally:
         _stop(worker)
 
@@ -334,24 +334,24 @@ def test_recovery_and_controller_never_signal_a_pid_from_the_database(tmp_path, 
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
     try:
         with factory() as s:
-            repo.create_run(s, run_id="r1", name="r", spec={}, stages=["prepare"], work_dir=str(tmp_path / "r1"))
-            stage = repo.start_stage(s, "r1", "prepare", worker="gpu0@elsewhere", log_path="/dev/null")
-            repo.set_stage_pid(s, stage.id, bystander.pid)
-            stage = repo.get_stage(s, "r1", "prepare")
+            runs.create_run(s, run_id="r1", name="r", spec={}, stages=["prepare"], work_dir=str(tmp_path / "r1"))
+            stage = stages.start_stage(s, "r1", "prepare", worker="gpu0@elsewhere", log_path="/dev/null")
+            stages.set_stage_pid(s, stage.id, bystander.pid)
+            stage = stages.get_stage(s, "r1", "prepare")
             stage.heartbeat_at = stage.heartbeat_at.replace(year=2000)
             s.commit()
-            assert repo.recover_interrupted(s, worker="gpu0@here", stale_after_s=60) == [("r1", "prepare")]
-            assert repo.get_run(s, "r1").status == "interrupted"
+            assert stages.recover_interrupted(s, worker="gpu0@here", stale_after_s=60) == [("r1", "prepare")]
+            assert runs.get_run(s, "r1").status == "interrupted"
         from worker.controller import stop_deployment
 
         with factory() as s:
-            dep = repo.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=1, endpoint="x")
-            repo.update_deployment(s, dep.id, status="up", pid=bystander.pid)
+            dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=1, endpoint="x")
+            deployments.update_deployment(s, dep.id, status="up", pid=bystander.pid)
         assert stop_deployment(factory, dep.id) == "stopped"
         time.sleep(0.5)
         assert bystander.poll() is None  # still running: nobody signalled it
         with factory() as s:
-            assert repo.get_deployment(s, dep.id).status == "stopped"
+            assert deployments.get_deployment(s, dep.id).status == "stopped"
     finally:
         bystander.kill()
         bystander.wait()
@@ -366,18 +366,18 @@ def test_controller_refuses_hidden_dir_outside_the_runs_root(tmp_path, monkeypat
 
     for bad in ("/etc", str(settings.runs_root / ".." / "x"), "relative/dir"):
         with factory() as s:
-            dep = repo.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=free_port(),
+            dep = deployments.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=free_port(),
                                           endpoint="x")
         assert start_deployment(factory, settings, dep.id, layer_ids=[1, 2], hidden_dir=bad) == "failed"
         with factory() as s:
-            d = repo.get_deployment(s, dep.id)
+            d = deployments.get_deployment(s, dep.id)
             assert d.error.startswith("refused: hidden_dir") and "runs root" in d.error and d.pid is None
     with factory() as s:
-        dep = repo.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=free_port(), endpoint="x")
+        dep = deployments.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=free_port(), endpoint="x")
     assert start_deployment(factory, settings, dep.id, layer_ids=["1; rm -rf /"],
                             hidden_dir=str(settings.runs_root / "r" / "hidden")) == "failed"
     with factory() as s:
-        assert "layer_ids must be a list of non-negative integers" in repo.get_deployment(s, dep.id).error
+        assert "layer_ids must be a list of non-negative integers" in deployments.get_deployment(s, dep.id).error
 
 
 # ----------------------------------------------------------------- 1, 2, 7: the local mode in a browser
@@ -477,7 +477,7 @@ def test_children_restart_alone_and_the_run_finishes(redis_server, tiny_llama, t
         assert stages["train"].attempts == 2
         assert _children(home)["worker"]["starts"] == 2
         with factory() as s:
-            steps = [m.step for m in repo.metrics(s, run_id, "train")]
+            steps = [m.step for m in metrics.step_records(s, run_id, "train")]
         assert steps == list(range(1, stages["train"].total_steps + 1))  # none lost, none twice
     finally:
         _stop(proc, 60)
@@ -518,19 +518,19 @@ def test_dashboard_shows_waiting_plain_names_and_no_fake_acceptance(tmp_path, mo
     name = "[click me](http://evil.example/x) ![img](http://evil.example/i.png) **bold**"
     factory = open_store(settings.db_url)
     with factory() as s:
-        repo.create_run(s, run_id="w1", name=name, spec={"mode": "offline", "model": "m"},
+        runs.create_run(s, run_id="w1", name=name, spec={"mode": "offline", "model": "m"},
                         stages=["prepare", "vocab", "datagen", "train"], work_dir=str(settings.runs_root / "w1"))
-        repo.start_stage(s, "w1", "prepare", worker="w", log_path="/dev/null")
-        repo.finish_stage(s, "w1", "prepare", "succeeded")
-        run = repo.get_run(s, "w1")
+        stages.start_stage(s, "w1", "prepare", worker="w", log_path="/dev/null")
+        stages.finish_stage(s, "w1", "prepare", "succeeded")
+        run = runs.get_run(s, "w1")
         run.error = "an earlier try failed, see http://evil.example/e and www.evil.example"
         s.commit()
         ckpt = settings.runs_root / "w1" / "checkpoints" / "0"
-        repo.ingest_records(s, "w1", [{"type": "checkpoint", "epoch": 0, "step": 1, "path": str(ckpt),
+        metrics.ingest_records(s, "w1", [{"type": "checkpoint", "epoch": 0, "step": 1, "path": str(ckpt),
                                        "val_loss": 1.0, "is_best": True, "ts": 1.0}])
     with factory() as s:
-        for m in repo.pending_outbox(s):  # keep the worker off this seeded run
-            repo.outbox_sent(s, m.id)
+        for m in outbox.pending(s):  # keep the worker off this seeded run
+            outbox.mark_sent(s, m.id)
     vllm = ThreadingHTTPServer(("127.0.0.1", 0), _ZeroVllm)
     threading.Thread(target=vllm.serve_forever, daemon=True).start()
     # filesystem broker (no Redis at port 1); no reconciling: this seeded run must stay waiting
@@ -541,11 +541,11 @@ def test_dashboard_shows_waiting_plain_names_and_no_fake_acceptance(tmp_path, mo
         # the controller marks servers of an earlier controller stopped at its start: serve after it
         wait_for(lambda: re.search(r"vllm@\S+ ready\.", log.read_text()), 180, what="controller ready")
         with factory() as s:
-            dep = repo.request_deployment(s, kind="draft", model_path=str(ckpt), run_id="w1", port=vllm.server_address[1],
+            dep = deployments.request_deployment(s, kind="draft", model_path=str(ckpt), run_id="w1", port=vllm.server_address[1],
                                           endpoint=f"http://127.0.0.1:{vllm.server_address[1]}")
-            repo.update_deployment(s, dep.id, status="up")
-            for m in repo.pending_outbox(s):  # the controller must not start a real server for it
-                repo.outbox_sent(s, m.id)
+            deployments.update_deployment(s, dep.id, status="up")
+            for m in outbox.pending(s):  # the controller must not start a real server for it
+                outbox.mark_sent(s, m.id)
         from worker.serving import served_name
 
         _ZeroVllm.MODEL = served_name("w1", dep.id)

@@ -13,7 +13,7 @@ import uuid
 import pytest
 import redis
 
-from runstore import open_store, repo
+from runstore import metrics, open_store, runs, stages
 from runstore.settings import Settings
 from worker.celery_app import make_celery
 from worker.dispatch import flush_outbox
@@ -65,7 +65,7 @@ def _submit(env, model, **over):
     factory = open_store(settings.db_url)
     run_id = uuid.uuid4().hex[:12]
     with factory() as s:
-        repo.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=stages_for(spec),
+        runs.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=stages_for(spec),
                         work_dir=str(settings.runs_root / run_id))
     assert flush_outbox(factory, make_celery(settings)) == (1, None)
     return factory, run_id
@@ -79,10 +79,10 @@ def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):
         # wait until training has written a checkpoint and is still going
         def mid_train():
             with factory() as s:
-                return len(repo.checkpoints(s, run_id)) >= 2 and run_with_stages(factory, run_id)[0].status == "running"
+                return len(metrics.checkpoints(s, run_id)) >= 2 and run_with_stages(factory, run_id)[0].status == "running"
         wait_for(mid_train, 240, what="two checkpoints")
         with factory() as s:
-            trainer_pid = repo.get_stage(s, run_id, "train").pid
+            trainer_pid = stages.get_stage(s, run_id, "train").pid
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)
         # the trainer dies with its worker (no orphan keeps writing)
@@ -104,9 +104,9 @@ def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):
         assert len(starts) == 2 and starts[0]["resumed_from"] is None and starts[1]["resumed_from"] is not None
         total = starts[0]["total_steps"]
         with factory() as s:
-            train = repo.metrics(s, run_id, "train")
-            val = repo.metrics(s, run_id, "val")
-            ckpts = repo.checkpoints(s, run_id)
+            train = metrics.step_records(s, run_id, "train")
+            val = metrics.step_records(s, run_id, "val")
+            ckpts = metrics.checkpoints(s, run_id)
         assert [m.step for m in train] == list(range(1, total + 1))  # none lost, none twice
         assert len(val) == 16 and len({m.step for m in val}) == 16
         assert [c.epoch for c in ckpts] == list(range(16))
@@ -128,7 +128,7 @@ def test_cancel_stops_the_running_stage(env, tiny_llama, tmp_path):
             return stages["prepare"].pid
         pid = wait_for(running_pid, 60, interval=0.1, what="prepare running")
         with factory() as s:
-            repo.request_cancel(s, run_id)
+            runs.request_cancel(s, run_id)
         wait_for(lambda: run_with_stages(factory, run_id)[0].status == "cancelled", 30, what="cancelled")
         _, stages = run_with_stages(factory, run_id)
         assert stages["prepare"].status == "cancelled"
@@ -138,9 +138,9 @@ def test_cancel_stops_the_running_stage(env, tiny_llama, tmp_path):
             os.killpg(pid, 0)
         # and it can be resumed afterwards from the cancelled stage
         with factory() as s:
-            assert repo.resume_run(s, run_id) == ["prepare", "vocab", "datagen", "train"]
+            assert runs.resume_run(s, run_id) == ["prepare", "vocab", "datagen", "train"]
         with factory() as s:
-            repo.request_cancel(s, run_id)
+            runs.request_cancel(s, run_id)
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(30)
