@@ -207,3 +207,177 @@ def test_ingest_keeps_every_trainer_metric_key(factory):
     assert set(groups["Step accuracy: step k alone"]["metric"]) == {"step_acc_0", "step_acc_1"}
     assert set(groups["Full accuracy: steps 0..k all right"]["metric"]) == {"full_acc_0", "full_acc_1"}
     assert set(groups["Conditional accuracy: step k given 0..k-1 right"]["metric"]) == {"cond_acc_0", "cond_acc_1"}
+
+
+def _columns(con, table):
+    return {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+
+
+def _indexes(con, table):
+    return {r[1] for r in con.execute(f"PRAGMA index_list({table})")}
+
+
+def test_upgrade_from_previous_release_fills_new_columns_and_downgrades(tmp_path):
+    """A database made by the previous release (0002) with rows in every table: the upgrade
+    keeps them, fills outbox.run_id and metrics.total_steps, adds the index; downgrade works."""
+    path = tmp_path / "prev.sqlite"
+    url = f"sqlite:///{path}"
+    upgrade_database(url, "0002")
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO runs (id, name, spec, status, work_dir, cancel_requested, created_at, updated_at) "
+                "VALUES ('old1', 'before upgrade', '{}', 'running', '/w', 0, '2026-01-01 00:00:00', "
+                "'2026-01-01 00:00:00')")
+    con.execute("INSERT INTO stages (run_id, name, position, status, attempts, total_steps) "
+                "VALUES ('old1', 'prepare', 0, 'succeeded', 1, 7), ('old1', 'train', 1, 'pending', 0, 40)")
+    con.execute("INSERT INTO metrics (run_id, type, step, epoch, ts, \"values\") VALUES "
+                "('old1', 'train', 3, 0, 1.0, '{\"loss\": 2.5}'), ('old1', 'val', 3, 0, 2.0, '{\"loss\": 2.7}')")
+    con.execute("INSERT INTO outbox (kind, payload, created_at, sent_at, attempts) VALUES "
+                "('run_stages', '{\"run_id\": \"old1\", \"stages\": [\"train\"]}', '2026-01-01 00:00:00', "
+                "'2026-01-01 00:00:01', 1), "
+                "('serve', '{\"deployment_id\": 4}', '2026-01-01 00:00:00', NULL, 0)")
+    con.execute("INSERT INTO deployments (kind, model_path, status, created_at, updated_at) "
+                "VALUES ('draft', '/ck', 'stopped', '2026-01-01 00:00:00', '2026-01-01 00:00:00')")
+    con.commit()
+    assert "run_id" not in _columns(con, "outbox") and "ix_outbox_run_kind_sent" not in _indexes(con, "outbox")
+    con.close()
+
+    upgrade_database(url)
+    con = sqlite3.connect(path)
+    assert "ix_outbox_run_kind_sent" in _indexes(con, "outbox")
+    assert sorted(con.execute("SELECT kind, run_id FROM outbox")) == [("run_stages", "old1"), ("serve", None)]
+    assert sorted(con.execute("SELECT type, step, total_steps FROM metrics")) == [("train", 3, 40),
+                                                                                ("val", 3, None)]
+    assert con.execute("SELECT count(*) FROM deployments").fetchone() == (1,)
+    con.close()
+    factory = open_store(url, migrate=False)
+    with factory() as s:
+        assert [(type(r), r.step, r.metrics["loss"]) for r in metrics.step_records(s, "old1")] == [
+            (TrainRecord, 3, 2.5), (ValRecord, 3, 2.7)]
+        assert metrics.step_records(s, "old1", kind="train")[0].total_steps == 40
+        # the old message was sent long ago and nothing runs: the migrated run is due
+        assert runs.due_runs(s, grace_s=30) == [("old1", "train")]
+
+    from alembic import command
+
+    from runstore.db import alembic_config
+
+    command.downgrade(alembic_config(url), "0002")
+    con = sqlite3.connect(path)
+    assert "run_id" not in _columns(con, "outbox") and "total_steps" not in _columns(con, "metrics")
+    assert "ix_outbox_run_kind_sent" not in _indexes(con, "outbox")
+    assert con.execute("SELECT count(*) FROM outbox").fetchone() == (2,)
+    assert con.execute("SELECT count(*) FROM metrics").fetchone() == (2,)
+    con.close()
+    assert current_revision(make_engine(url)) == "0002"
+
+
+def _age(factory, run_id, *, sent_s=None, finished_s=None):
+    """Move a run's messages' delivery (and its stages' ends) `sent_s` (`finished_s`) seconds into the past."""
+    from runstore.models import OutboxMessage
+
+    with factory() as s:
+        if sent_s is not None:
+            for m in s.query(OutboxMessage).filter(OutboxMessage.run_id == run_id):
+                m.sent_at = utcnow() - timedelta(seconds=sent_s)
+        if finished_s is not None:
+            for st in s.query(Stage).filter(Stage.run_id == run_id, Stage.finished_at.is_not(None)):
+                st.finished_at = utcnow() - timedelta(seconds=finished_s)
+        s.commit()
+
+
+def test_due_runs_rules(factory):
+    """Each thing that says a run's next stage is on its way keeps it off the due list."""
+    for rid in ("unsent", "sent_long_ago", "sent_recently", "live", "stale", "cancelling", "done"):
+        _run(factory, rid, stages=("prepare", "train"))
+    _age(factory, "unsent")  # its start message is still pending
+    _age(factory, "sent_long_ago", sent_s=600)
+    _age(factory, "sent_recently", sent_s=5)
+    for rid in ("live", "stale", "cancelling", "done"):
+        _age(factory, rid, sent_s=600)
+    with factory() as s:
+        stages.start_stage(s, "live", "prepare", worker="w", log_path="/l")
+        stages.start_stage(s, "stale", "prepare", worker="w", log_path="/l")
+        stages.get_stage(s, "stale", "prepare").heartbeat_at = utcnow() - timedelta(seconds=120)
+        runs.get_run(s, "cancelling").cancel_requested = True
+        s.commit()
+        for name in ("prepare", "train"):
+            stages.start_stage(s, "done", name, worker="w", log_path="/l")
+            stages.finish_stage(s, "done", name, "succeeded")
+    _age(factory, "done", sent_s=600, finished_s=600)
+    with factory() as s:
+        due = runs.due_runs(s, grace_s=30)
+    assert sorted(due) == [("sent_long_ago", "prepare"), ("stale", "prepare")]
+
+    # a stage that ended within the grace period: its successor's message may be on its way
+    with factory() as s:
+        stages.finish_stage(s, "sent_long_ago", "prepare", "succeeded")
+    _age(factory, "sent_long_ago", sent_s=600)
+    with factory() as s:
+        assert runs.due_runs(s, grace_s=30) == [("stale", "prepare")]
+    _age(factory, "sent_long_ago", finished_s=600)
+    with factory() as s:
+        assert sorted(runs.due_runs(s, grace_s=30)) == [("sent_long_ago", "train"), ("stale", "prepare")]
+        # the reconciler's action queues the unfinished stages again; then nothing is due
+        assert runs.requeue(s, "stale") == ["prepare", "train"]
+        assert runs.requeue(s, "sent_long_ago") == ["train"]
+        assert runs.due_runs(s, grace_s=30) == []
+
+
+def test_due_runs_reads_the_outbox_through_its_index(factory):
+    """The due-run query is one statement that finds a run's messages by the (run_id, kind,
+    sent_at) index instead of reading every message (SQLite's own query plan says which)."""
+    from sqlalchemy import event
+
+    _run(factory)
+    seen: list[tuple[str, object]] = []
+    with factory() as s:
+        engine = s.get_bind()
+
+        def capture(conn, cursor, statement, parameters, context, executemany):
+            seen.append((statement, parameters))
+
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            runs.due_runs(s, grace_s=30)
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+        (statement, params), = seen
+        raw = s.connection().connection.driver_connection
+        plan = " | ".join(row[-1] for row in raw.execute("EXPLAIN QUERY PLAN " + statement, params))
+    assert "INDEX ix_outbox_run_kind_sent" in plan, plan
+    assert "SCAN outbox" not in plan, plan
+
+
+def test_outbox_rows_are_pruned_after_delivery(factory):
+    from runstore.models import OutboxMessage
+
+    for rid in ("a", "b", "c"):
+        _run(factory, rid)
+    with factory() as s:
+        ids = [m.id for m in outbox.pending(s)]
+        outbox.mark_sent(s, ids[0])
+        outbox.mark_sent(s, ids[1])
+        s.get(OutboxMessage, ids[0]).sent_at = utcnow() - timedelta(seconds=outbox.KEEP_SENT_S + 60)
+        s.get(OutboxMessage, ids[1]).sent_at = utcnow() - timedelta(seconds=outbox.KEEP_SENT_S - 60)
+        s.commit()
+        assert s.query(OutboxMessage).count() == 3  # nothing is pruned until the next delivery
+        outbox.mark_sent(s, ids[2])
+        left = sorted(m.id for m in s.query(OutboxMessage))
+    assert left == [ids[1], ids[2]]  # the one delivered past the bound is gone
+    _run(factory, "d")
+    with factory() as s:
+        (waiting,) = outbox.pending(s)
+        outbox.mark_sent(s, ids[2], keep_s=0)  # everything delivered before now goes
+        assert sorted(m.id for m in s.query(OutboxMessage)) == [ids[2], waiting.id]  # an unsent one never does
+
+
+def test_a_stage_alive_elsewhere_cannot_be_claimed_until_its_heartbeat_is_stale(factory):
+    _run(factory)
+    with factory() as s:
+        assert stages.start_stage(s, "r1", "prepare", worker="a", log_path="/l") is not None
+        assert stages.start_stage(s, "r1", "prepare", worker="b", log_path="/l") is None
+        assert stages.any_live(s, "r1")
+        stages.get_stage(s, "r1", "prepare").heartbeat_at = utcnow() - timedelta(seconds=stages.STALE_AFTER_S + 1)
+        s.commit()
+        assert not stages.any_live(s, "r1")
+        assert stages.start_stage(s, "r1", "prepare", worker="b", log_path="/l").worker == "b"
