@@ -11,7 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from runstore import errors, open_store, runs
+from runstore import open_store, runs
 from runstore.settings import Settings
 from worker.pipeline import stages_for
 from worker.spec import RunSpec, inside
@@ -96,7 +96,7 @@ def broker_message(err: str) -> str:
 
 def submit(spec: RunSpec) -> tuple[str, str | None]:
     """Store the run and its start message in one transaction, then try to send it. A name
-    another run has meanwhile taken raises `errors.NameTaken`."""
+    another run has meanwhile taken raises `runstore.errors.NameTaken`."""
     s = settings()
     run_id = uuid.uuid4().hex[:12]
     work_dir = s.runs_root / run_id

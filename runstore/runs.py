@@ -19,7 +19,6 @@ from runstore.models import (
     Metric,
     OutboxMessage,
     Run,
-    RunStatus,
     Stage,
     StageStatus,
     utcnow,

@@ -195,8 +195,8 @@ def test_run_detail_charts_progress_checkpoints(home):
     progress = at.get("progress")[0]
     assert "training 40%" in progress.proto.text and "ETA" in progress.proto.text
     frames = [d.value for d in at.dataframe]
-    stages, ckpts = frames[0], frames[1]
-    assert list(stages["state"]) == ["succeeded"] * 3 + ["running"]
+    by_stage, ckpts = frames[0], frames[1]
+    assert list(by_stage["state"]) == ["succeeded"] * 3 + ["running"]
     assert ckpts.iloc[0]["val loss"] == pytest.approx(0.7) and ckpts.iloc[0]["best"] == "★"
     tail = [c.value for c in at.code if "epoch 0 step 3" in c.value]  # the train log tail
     assert tail and "[09:00:01] INFO     epoch 0 step 3" in tail[0] and "\x1b" not in tail[0]
@@ -259,9 +259,9 @@ def test_served_checkpoint_shows_endpoint_and_acceptance(home):
         assert f"Model name to send: {_FakeVllm.MODEL}" in texts and "API key: none needed" in texts
         curl = [c.value for c in at.code if c.value.startswith("curl ")]
         assert curl and f"http://127.0.0.1:{port}/v1/chat/completions" in curl[0] and _FakeVllm.MODEL in curl[0]
-        metrics = {m.label: m.value for m in at.metric}
-        assert metrics["Drafted tokens"] == "30" and metrics["Accepted tokens"] == "18"
-        assert metrics["Mean acceptance length"] == "2.80"  # 1 + 18/10
+        shown = {m.label: m.value for m in at.metric}
+        assert shown["Drafted tokens"] == "30" and shown["Accepted tokens"] == "18"
+        assert shown["Mean acceptance length"] == "2.80"  # 1 + 18/10
         assert at.button(key="btn_serve").disabled  # already served
         at.button(key="btn_stop").click().run()
         with factory() as s:
@@ -419,8 +419,8 @@ def test_user_text_is_plain_text_on_the_form_and_the_run_page(home):
     assert any(EVIL in e for e in _alerts(page, "error"))
     assert any(EVIL in c for c in _alerts(page, "caption"))
     _assert_plain(page)
-    runs = _page("2_Runs.py")
-    _assert_plain(runs)
+    runs_page = _page("2_Runs.py")
+    _assert_plain(runs_page)
 
 
 # ------------------------------------------------ issue 19: the run page tells the truth, stays light
@@ -443,8 +443,7 @@ def test_run_page_reads_only_new_metric_rows(home, monkeypatch):
         calls.append((dict(after), len(rows)))
         return rows
 
-    monkeypatch.setattr(repo, "metrics_after", spy)
-    monkeypatch.setattr(repo, "metrics", lambda *a, **k: pytest.fail("the run page read every metric row"))
+    monkeypatch.setattr(metrics, "step_records", spy)
     at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
     at.query_params["run"] = "r1"
     at.run()
@@ -504,8 +503,8 @@ def test_run_page_says_the_broker_is_unreachable(home):
     status = [a for a in _alerts(at, "error") if a.startswith("Status: ")]
     assert status == ["Status: waiting · next: vocab · broker unreachable: redis://127.0.0.1:1/0"], _alerts(at, "error")
     assert any("cannot connect to Redis at 127.0.0.1:1" in c for c in _alerts(at, "caption"))
-    runs = _page("2_Runs.py")
-    assert any(a.startswith("broker unreachable: redis://127.0.0.1:1/0") for a in _alerts(runs, "error"))
+    runs_page = _page("2_Runs.py")
+    assert any(a.startswith("broker unreachable: redis://127.0.0.1:1/0") for a in _alerts(runs_page, "error"))
 
 
 def test_run_page_shows_what_a_running_stage_waits_for_and_prepare_drops(home):
@@ -569,8 +568,8 @@ def test_a_failed_server_shows_its_cause_then_the_log(home, tmp_path):
     at.query_params["run"] = "r1"
     at.run()
     assert not at.exception
-    errors = [h.value for h in at.get("html") if "Error: " in h.value]
-    assert errors and "less than desired" in errors[0] and "[see](http://evil.example/e)" in errors[0]  # not a link
+    errs = [h.value for h in at.get("html") if "Error: " in h.value]
+    assert errs and "less than desired" in errs[0] and "[see](http://evil.example/e)" in errs[0]  # not a link
     _assert_plain(at)
     assert any("noise line 99" in c.value for c in at.code)
     assert not at.button(key="btn_serve").disabled  # serve again

@@ -155,8 +155,8 @@ def test_broker_blip_while_a_stage_finishes(redis_server, tiny_llama, tmp_path, 
         wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].status == "running", 120, what="prepare running")
         redis_server.stop()
         wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].status != "running", 300, what="prepare end")
-        run, stages = run_with_stages(factory, run_id)
-        assert stages["prepare"].status == "succeeded", stages["prepare"].error
+        run, by_stage = run_with_stages(factory, run_id)
+        assert by_stage["prepare"].status == "succeeded", by_stage["prepare"].error
         with factory() as s:
             pending = outbox.pending(s)
         assert [m.payload["stages"][0] for m in pending] == ["vocab"]  # kept, not lost
@@ -164,9 +164,9 @@ def test_broker_blip_while_a_stage_finishes(redis_server, tiny_llama, tmp_path, 
         time.sleep(3)
         redis_server.start()
         wait_for(lambda: _finished(factory, run_id), 600, what="run end")
-        run, stages = run_with_stages(factory, run_id)
+        run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "succeeded", (run.error, (tmp_path / "worker.log").read_text()[-3000:])
-        assert {n: x.attempts for n, x in stages.items()} == {n: 1 for n in stages}
+        assert {n: x.attempts for n, x in by_stage.items()} == {n: 1 for n in by_stage}
     finally:
         _stop(worker)
 
@@ -191,9 +191,9 @@ def test_reconciler_requeues_a_lost_run_once(redis_server, tiny_llama, tmp_path,
     worker = start_worker(env, log_path=tmp_path / "worker.log")
     try:
         wait_for(lambda: _finished(factory, run_id), 600, what="run end")
-        run, stages = run_with_stages(factory, run_id)
+        run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "succeeded", (run.error, (tmp_path / "worker.log").read_text()[-3000:])
-        assert {n: x.attempts for n, x in stages.items()} == {n: 1 for n in stages}
+        assert {n: x.attempts for n, x in by_stage.items()} == {n: 1 for n in by_stage}
         assert "was due but not queued" in (tmp_path / "worker.log").read_text()
         assert reconcile(factory, app, grace_s=0) == []  # finished: never queued again
     finally:
@@ -288,11 +288,11 @@ def test_busy_worker_is_healthy_and_an_unreachable_endpoint_fails_fast(redis_ser
         t0 = time.monotonic()
         wait_for(lambda: _finished(factory, run_id), 60, what="run failed")
         assert time.monotonic() - t0 < 40
-        run, stages = run_with_stages(factory, run_id)
+        run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "failed"
         assert f"the vLLM endpoint {url} is unreachable (connection refused" in run.error
-        assert stages["train"].attempts == 0
-        assert f"{url}/health: HTTP 503" in Path(stages["verifier"].log_path).read_text()
+        assert by_stage["train"].attempts == 0
+        assert f"{url}/health: HTTP 503" in Path(by_stage["verifier"].log_path).read_text()
     finally:
         _stop(worker)
         server.server_close()
@@ -311,10 +311,10 @@ def test_sigkilled_stage_says_killed_signal_9(redis_server, tiny_llama, tmp_path
         pid = wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].pid, 120, interval=0.1, what="prepare pid")
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: _finished(factory, run_id), 60, what="run failed")
-        run, stages = run_with_stages(factory, run_id)
+        run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "failed"
-        assert stages["prepare"].error.startswith("killed (signal 9: SIGKILL)"), stages["prepare"].error
-        assert "out-of-memory" in stages["prepare"].error and "===" not in run.error
+        assert by_stage["prepare"].error.startswith("killed (signal 9: SIGKILL)"), by_stage["prepare"].error
+        assert "out-of-memory" in by_stage["prepare"].error and "===" not in run.error
         with factory() as s:  # nothing lost: it resumes from the killed stage
             assert runs.resume_run(s, run_id) == ["prepare", "vocab", "datagen", "train"]
             runs.request_cancel(s, run_id)
@@ -471,14 +471,14 @@ def test_children_restart_alone_and_the_run_finishes(redis_server, tiny_llama, t
         wait_for(lambda: run_with_stages(factory, run_id)[1]["train"].pid, 600, interval=0.5, what="train running")
         os.kill(_children(home)["worker"]["pid"], signal.SIGKILL)
         wait_for(lambda: _finished(factory, run_id), 900, what="run end")
-        run, stages = run_with_stages(factory, run_id)
+        run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "succeeded", (run.error, (tmp_path / "local.log").read_text()[-3000:])
-        assert [stages[n].attempts for n in ("prepare", "vocab", "datagen")] == [1, 1, 1]
-        assert stages["train"].attempts == 2
+        assert [by_stage[n].attempts for n in ("prepare", "vocab", "datagen")] == [1, 1, 1]
+        assert by_stage["train"].attempts == 2
         assert _children(home)["worker"]["starts"] == 2
         with factory() as s:
-            steps = [m.step for m in metrics.step_records(s, run_id, "train")]
-        assert steps == list(range(1, stages["train"].total_steps + 1))  # none lost, none twice
+            steps = [m.step for m in metrics.step_records(s, run_id, kind="train")]
+        assert steps == list(range(1, by_stage["train"].total_steps + 1))  # none lost, none twice
     finally:
         _stop(proc, 60)
     assert proc.returncode == 0

@@ -24,9 +24,9 @@ def factory(tmp_path):
     return open_store(f"sqlite:///{tmp_path / 'runs.sqlite'}")
 
 
-def _run(factory, run_id="r1", stages=("prepare", "vocab", "datagen", "train")):
+def _run(factory, run_id="r1", names=("prepare", "vocab", "datagen", "train")):
     with factory() as s:
-        return runs.create_run(s, run_id=run_id, name="demo", spec={"mode": "offline"}, stages=list(stages),
+        return runs.create_run(s, run_id=run_id, name="demo", spec={"mode": "offline"}, stages=list(names),
                                work_dir=f"/tmp/{run_id}")
 
 
@@ -288,7 +288,7 @@ def _age(factory, run_id, *, sent_s=None, finished_s=None):
 def test_due_runs_rules(factory):
     """Each thing that says a run's next stage is on its way keeps it off the due list."""
     for rid in ("unsent", "sent_long_ago", "sent_recently", "live", "stale", "cancelling", "done"):
-        _run(factory, rid, stages=("prepare", "train"))
+        _run(factory, rid, names=("prepare", "train"))
     _age(factory, "unsent")  # its start message is still pending
     _age(factory, "sent_long_ago", sent_s=600)
     _age(factory, "sent_recently", sent_s=5)

@@ -88,15 +88,15 @@ def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):
         # the trainer dies with its worker (no orphan keeps writing)
         wait_for(lambda: not os.path.exists(f"/proc/{trainer_pid}") or
                  open(f"/proc/{trainer_pid}/stat").read().split()[2] == "Z", 10, what="trainer exit")
-        run, stages = run_with_stages(factory, run_id)
-        assert stages["train"].status == "running"  # nobody has noticed yet
+        run, by_stage = run_with_stages(factory, run_id)
+        assert by_stage["train"].status == "running"  # nobody has noticed yet
 
         worker = start_worker(env, log_path=log)  # same name: recovery resumes the run
         wait_for(lambda: run_with_stages(factory, run_id)[0].status in ("succeeded", "failed"), 240, what="run end")
-        run, stages = run_with_stages(factory, run_id)
-        assert run.status == "succeeded", (run.error, open(stages["train"].log_path).read()[-3000:])
-        assert all(x.status == "succeeded" for x in stages.values())
-        assert stages["train"].attempts == 2 and stages["prepare"].attempts == 1
+        run, by_stage = run_with_stages(factory, run_id)
+        assert run.status == "succeeded", (run.error, open(by_stage["train"].log_path).read()[-3000:])
+        assert all(x.status == "succeeded" for x in by_stage.values())
+        assert by_stage["train"].attempts == 2 and by_stage["prepare"].attempts == 1
 
         paths = RunPaths(__import__("pathlib").Path(run.work_dir))
         records = [json.loads(line) for line in paths.metrics.read_text().splitlines() if line.strip()]
@@ -104,8 +104,8 @@ def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):
         assert len(starts) == 2 and starts[0]["resumed_from"] is None and starts[1]["resumed_from"] is not None
         total = starts[0]["total_steps"]
         with factory() as s:
-            train = metrics.step_records(s, run_id, "train")
-            val = metrics.step_records(s, run_id, "val")
+            train = metrics.step_records(s, run_id, kind="train")
+            val = metrics.step_records(s, run_id, kind="val")
             ckpts = metrics.checkpoints(s, run_id)
         assert [m.step for m in train] == list(range(1, total + 1))  # none lost, none twice
         assert len(val) == 16 and len({m.step for m in val}) == 16
@@ -124,15 +124,15 @@ def test_cancel_stops_the_running_stage(env, tiny_llama, tmp_path):
     worker = start_worker(env, log_path=tmp_path / "worker.log")
     try:
         def running_pid():
-            _, stages = run_with_stages(factory, run_id)
-            return stages["prepare"].pid
+            _, by_stage = run_with_stages(factory, run_id)
+            return by_stage["prepare"].pid
         pid = wait_for(running_pid, 60, interval=0.1, what="prepare running")
         with factory() as s:
             runs.request_cancel(s, run_id)
         wait_for(lambda: run_with_stages(factory, run_id)[0].status == "cancelled", 30, what="cancelled")
-        _, stages = run_with_stages(factory, run_id)
-        assert stages["prepare"].status == "cancelled"
-        assert all(stages[n].status == "cancelled" and stages[n].started_at is None
+        _, by_stage = run_with_stages(factory, run_id)
+        assert by_stage["prepare"].status == "cancelled"
+        assert all(by_stage[n].status == "cancelled" and by_stage[n].started_at is None
                    for n in ("vocab", "datagen", "train"))
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)

@@ -93,8 +93,8 @@ def _submit() -> None:
         raw.pop("vllm_endpoint", None)
     with common.store()() as session:
         taken = runs.run_names(session)
-    spec, errors = validate_spec(raw, s, names_taken=taken)
-    state["form_errors"] = errors
+    spec, errs = validate_spec(raw, s, names_taken=taken)
+    state["form_errors"] = errs
     state["submitted"] = None
     if spec is None:
         return
