@@ -10,6 +10,7 @@ import streamlit as st
 
 from app import common, views
 from runstore import deployments, metrics, runs
+from runstore.models import DeploymentStatus
 from runstore.settings import Settings
 from worker import serving
 from worker.procs import log_tail
@@ -29,7 +30,7 @@ def acceptance(endpoint: str) -> dict | None:
 def state_text(dep, s: Settings) -> tuple[str, bool]:
     """("up, healthy", True) only when the deployment's server answers with its own model
     name; otherwise the status and what is wrong."""
-    if dep.status != "up":
+    if dep.status != DeploymentStatus.UP:
         return dep.status, False
     verdict = serving.check_endpoint(dep.endpoint, serving.served_name(dep.run_id, dep.id), s.vllm_api_key or None)
     return f"up, {verdict.text}", verdict.healthy
@@ -66,7 +67,7 @@ def render(factory, s: Settings, run_id: str) -> None:
     public = f"http://{s.vllm_public_host}:{dep.port}"
     state, up = state_text(dep, s)
     # plain text (common.alert): the state may quote a foreign server's model ids, the error a log line
-    kind = "success" if up else "error" if dep.status == "failed" else "info"
+    kind = "success" if up else "error" if dep.status == DeploymentStatus.FAILED else "info"
     common.alert(kind, f"{state} · endpoint {public}/v1 · checkpoint {dep.model_path}", where=c3)
     if dep.error:
         common.alert("error", f"Error: {dep.error}")  # the log's cause line first; the log tail is below
@@ -75,7 +76,7 @@ def render(factory, s: Settings, run_id: str) -> None:
             deployments.request_stop(session, dep.id)
         common.flush()
         st.rerun()
-    if dep.status in ("starting", "up"):
+    if dep.status in (DeploymentStatus.STARTING, DeploymentStatus.UP):
         name = serving.served_name(dep.run_id, dep.id)
         key_needed = bool(s.vllm_api_key)
         st.text(f"Model name to send: {name}")
@@ -103,5 +104,5 @@ def render(factory, s: Settings, run_id: str) -> None:
         elif report:
             st.caption(f"Acceptance metrics: {report['error']}")
     if dep.log_path:
-        with st.expander("Server log", expanded=dep.status == "failed"):
+        with st.expander("Server log", expanded=dep.status == DeploymentStatus.FAILED):
             st.code(log_tail(dep.log_path, lines=30) or "(empty)", language=None)

@@ -15,7 +15,6 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from runstore import deployments, errors, metrics, open_store, outbox, runs, stages
-from runstore.settings import Settings
 from speculators.config.run import form_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,14 +22,8 @@ PAGES = ROOT / "app" / "pages"
 
 
 @pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEC_HOME", str(tmp_path))
-    monkeypatch.setenv("SPEC_BROKER_URL", "redis://127.0.0.1:1/0")  # broker down unless a test says otherwise
-    monkeypatch.setenv("SPEC_MAX_GPUS", "0")
-    for k in ("SPEC_DB_URL", "SPEC_DATA_ROOT", "SPEC_RUNS_ROOT", "SPEC_MODELS_ROOT", "SPEC_DEFAULT_MODEL"):
-        monkeypatch.delenv(k, raising=False)
-    s = Settings.from_env()
-    s.ensure_dirs()
+def home(tmp_path, spec_home):
+    s = spec_home(tmp_path, BROKER_URL="redis://127.0.0.1:1/0", MAX_GPUS=0)  # broker down unless a test says otherwise
     model = s.models_root / "tiny-llama"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"num_hidden_layers": 8, "vocab_size": 512}))

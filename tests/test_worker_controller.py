@@ -22,7 +22,6 @@ import pytest
 import redis
 
 from runstore import deployments, open_store
-from runstore.settings import Settings
 from worker.celery_app import make_celery
 from worker import serving
 from worker.controller import check_servers, recover_deployments, start_deployment, stop_deployment
@@ -109,12 +108,8 @@ def _port() -> int:
 
 
 @pytest.fixture()
-def settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEC_HOME", str(tmp_path))
-    monkeypatch.setenv("SPEC_BROKER_URL", TEST_REDIS)
-    s = Settings.from_env()
-    s.ensure_dirs()
-    return s
+def settings(tmp_path, spec_home):
+    return spec_home(tmp_path, BROKER_URL=TEST_REDIS)
 
 
 def test_start_waits_for_health_then_stop_kills_it(settings):

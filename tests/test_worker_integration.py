@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import uuid
 
 import pytest
 import redis
+from support.store import local_model, submit_run
 
-from runstore import metrics, open_store, runs, stages
+from runstore import metrics, runs, stages
 from runstore.settings import Settings
-from worker.celery_app import make_celery
-from worker.dispatch import flush_outbox
-from worker.pipeline import RunPaths, stages_for
+from worker.pipeline import RunPaths
 from worker.spec import validate_spec
 from worker.testing import run_with_stages, start_worker, wait_for, worker_env
 
@@ -55,20 +52,10 @@ def _submit(env, model, **over):
            "max_samples": 12, "layer_ids": "", "draft_vocab_size": 64, "epochs": 2, "lr": "3e-3",
            "ttt_steps": 2, "num_layers": 1, "mode": "offline", "gpus": 0}
     raw.update(over)
-    # the form accepts local models under the models root only: copy the tiny one in
-    local = settings.models_root / "tiny"
-    if not local.exists():
-        shutil.copytree(model, local)
-    raw["model"] = str(local)
+    raw["model"] = str(local_model(settings, model))  # the form accepts local models under the models root only
     spec, errors = validate_spec(raw, settings)
     assert errors == {}
-    factory = open_store(settings.db_url)
-    run_id = uuid.uuid4().hex[:12]
-    with factory() as s:
-        runs.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=stages_for(spec),
-                        work_dir=str(settings.runs_root / run_id))
-    assert flush_outbox(factory, make_celery(settings)) == (1, None)
-    return factory, run_id
+    return submit_run(settings, spec)
 
 
 def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):

@@ -23,14 +23,8 @@ TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 
 
 @pytest.fixture()
-def settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEC_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("SPEC_MAX_GPUS", "2")
-    for k in ("SPEC_DB_URL", "SPEC_DATA_ROOT", "SPEC_RUNS_ROOT", "SPEC_MODELS_ROOT", "SPEC_BROKER_URL"):
-        monkeypatch.delenv(k, raising=False)
-    s = Settings.from_env()
-    s.ensure_dirs()
-    return s
+def settings(tmp_path, spec_home):
+    return spec_home(tmp_path / "home", MAX_GPUS=2)
 
 
 def _good(settings, **over):

@@ -11,7 +11,8 @@ import pandas as pd
 import streamlit as st
 
 from app import common, views
-from runstore import errors, models, runs
+from runstore import errors, runs
+from runstore.models import ACTIVE_RUN, RESUMABLE_RUN, StageStatus
 
 st.set_page_config(page_title="Runs", page_icon="📋", layout="wide")
 common.ensure_dispatcher()
@@ -63,20 +64,20 @@ if all_runs:
     run_id = st.selectbox("Run", list(labels), format_func=labels.get, key="runs_selected")
     run = next(r for r in all_runs if r.id == run_id)
     c1, c2, c3, c4, c5 = st.columns(5)
-    if c1.button("Cancel", disabled=run.status not in models.ACTIVE_RUN, key="btn_cancel"):
+    if c1.button("Cancel", disabled=run.status not in ACTIVE_RUN, key="btn_cancel"):
         _act(runs.request_cancel, run.id, ok="Cancel requested; the stage stops within seconds.")
         st.rerun()
-    failed = next((x.name for x in run.stages if x.status == "failed"), None)
+    failed = next((x.name for x in run.stages if x.status == StageStatus.FAILED), None)
     if c2.button(f"Retry {failed or 'failed stage'}", disabled=failed is None, key="btn_retry"):
         _act(lambda sess, rid: runs.resume_run(sess, rid, from_stage=failed), run.id,
              ok=f"Stage {failed} queued again.")
         st.rerun()
-    if c3.button("Resume", disabled=run.status not in models.RESUMABLE_RUN, key="btn_resume",
+    if c3.button("Resume", disabled=run.status not in RESUMABLE_RUN, key="btn_resume",
                  help="continue from the first unfinished stage; training resumes from its last checkpoint"):
         _act(runs.resume_run, run.id, ok="Run queued; it resumes from its first unfinished stage.")
         st.rerun()
     common.page_link("pages/3_Run_detail.py", "Details", "📈", {"run": run.id}, where=c4)
-    if c5.button("Delete…", disabled=run.status in models.ACTIVE_RUN, key="btn_delete"):
+    if c5.button("Delete…", disabled=run.status in ACTIVE_RUN, key="btn_delete"):
         state["confirm_delete"] = run.id
 
     if state.get("confirm_delete") == run.id:

@@ -13,7 +13,8 @@ import pandas as pd
 import streamlit as st
 
 from app import common, serve_panel, views
-from runstore import metrics, models, runs
+from runstore import metrics, runs
+from runstore.models import ACTIVE_RUN, RunStatus, StageStatus
 from worker.procs import log_tail
 
 st.set_page_config(page_title="Run detail", page_icon="📈", layout="wide")
@@ -63,7 +64,7 @@ def status_line(run, stages) -> None:
     text = f"Status: {status}" + (f" · {'stage ' if status == 'running' else ''}{shown_where}" if shown_where else "")
     kind = {"succeeded": "success", "failed": "error", "cancelled": "warning",
             "interrupted": "warning"}.get(run.status, "info")
-    down = common.broker_down() if run.status in models.ACTIVE_RUN else None
+    down = common.broker_down() if run.status in ACTIVE_RUN else None
     if down:  # nothing moves until the broker is back: say so, not just "waiting"
         text += f" · broker unreachable: {s.broker_url}"
         kind = "error" if status != "running" else "warning"
@@ -72,7 +73,7 @@ def status_line(run, stages) -> None:
         common.alert("caption", f"{down}. Finished stages are kept and the next one is queued as soon as "
                      "the broker answers again.")
     for x in stages:
-        if x.status == "running" and x.error:  # what a running stage waits for, e.g. its vLLM URL
+        if x.status == StageStatus.RUNNING and x.error:  # what a running stage waits for, e.g. its vLLM URL
             common.alert("warning", f"{x.name}: {x.error}")
     if run.error:
         common.alert("error", run.error)  # plain text: it may quote the run's name or a URL
@@ -98,9 +99,9 @@ def live() -> None:
     frac, eta = views.train_eta(cache.train_points, train_stage.total_steps if train_stage else None)
     overall = views.run_progress(run)
     label = f"overall {int(overall * 100)}%"  # floor: 100% only when everything has finished
-    live_stage = next((x for x in stages if x.status == "running"), None)
+    live_stage = next((x for x in stages if x.status == StageStatus.RUNNING), None)
     if cache.train_points:
-        label += f" · training {int(frac * 100)}%" + (f" · ETA {views.fmt_duration(eta)}" if eta is not None and run.status == "running" else "")
+        label += f" · training {int(frac * 100)}%" + (f" · ETA {views.fmt_duration(eta)}" if eta is not None and run.status == RunStatus.RUNNING else "")
     elif live_stage is not None and live_stage.total_steps:
         label += f" · {live_stage.name} {int(views.stage_fraction(live_stage) * 100)}%"
     st.progress(overall, text=label)
@@ -131,7 +132,7 @@ def files() -> None:
     st.subheader("Logs")
     for x in stages:
         if x.log_path:
-            with st.expander(f"{x.name} ({x.status})", expanded=x.status in ("running", "failed")):
+            with st.expander(f"{x.name} ({x.status})", expanded=x.status in (StageStatus.RUNNING, StageStatus.FAILED)):
                 st.code(log_tail(x.log_path, lines=30) or "(empty)", language=None)
 
 
