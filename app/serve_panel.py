@@ -55,8 +55,8 @@ def render(factory, s: Settings, run_id: str) -> None:
                  help=None if best else "available once training has saved a checkpoint"):
         with factory() as session:
             deployments.request_deployment(session, kind="draft", model_path=best.path, run_id=run_id,
-                                    port=s.vllm_port, endpoint=f"http://{s.vllm_host}:{s.vllm_port}",
-                                    extra={"kv_cache_gib": int(kv) or None})
+                                           port=s.vllm_port, endpoint=f"http://{s.vllm_host}:{s.vllm_port}",
+                                           extra={"kv_cache_gib": int(kv) or None})
         err = common.flush()
         if err:
             st.warning(common.broker_message(err))

@@ -240,7 +240,7 @@ def test_served_checkpoint_shows_endpoint_and_acceptance(home):
         port = server.server_address[1]
         with factory() as s:
             dep = deployments.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=port,
-                                          endpoint=f"http://127.0.0.1:{port}")
+                                                 endpoint=f"http://127.0.0.1:{port}")
             deployments.update_deployment(s, dep.id, status="up")
         _FakeVllm.MODEL = served_name("r1", dep.id)
         at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
@@ -459,7 +459,7 @@ def test_run_page_reads_only_new_metric_rows(home, monkeypatch):
         runs.resume_run(s, "r1")
         st_ = stages.start_stage(s, "r1", "train", worker="w", log_path="/dev/null")
         metrics.ingest_records(s, "r1", [{**r, "metrics": {"loss": 9.0}} for r in _train_records(5, 6)],
-                            stage_id=st_.id)
+                               stage_id=st_.id)
     at.run()
     assert calls[-2][0] == {}
     cache = at.session_state["metric_caches"]["r1"]
@@ -532,7 +532,7 @@ def test_a_port_answered_by_another_server_is_not_called_healthy(home):
         port = server.server_address[1]
         with factory() as s:
             dep = deployments.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=port,
-                                          endpoint=f"http://127.0.0.1:{port}")
+                                                 endpoint=f"http://127.0.0.1:{port}")
             deployments.update_deployment(s, dep.id, status="up")
         _FakeVllm.MODEL = "/runs/older/checkpoints/0"
         at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
@@ -555,8 +555,8 @@ def test_a_failed_server_shows_its_cause_then_the_log(home, tmp_path):
     with factory() as s:
         dep = deployments.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=1, endpoint="x")
         deployments.update_deployment(s, dep.id, status="failed", log_path=str(log),
-                               error="ValueError: Available memory on node 0 (19.6/23.54 GiB) on startup is less "
-                                     "than desired CPU memory utilization [see](http://evil.example/e) (exit code 1)")
+                                      error="ValueError: Available memory on node 0 (19.6/23.54 GiB) on startup is less "
+                                            "than desired CPU memory utilization [see](http://evil.example/e) (exit code 1)")
     at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
     at.query_params["run"] = "r1"
     at.run()

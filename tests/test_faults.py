@@ -345,7 +345,7 @@ def test_controller_refuses_hidden_dir_outside_the_runs_root(tmp_path, spec_home
     for bad in ("/etc", str(settings.runs_root / ".." / "x"), "relative/dir"):
         with factory() as s:
             dep = deployments.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=free_port(),
-                                          endpoint="x")
+                                                 endpoint="x")
         assert start_deployment(factory, settings, dep.id, layer_ids=[1, 2], hidden_dir=bad) == "failed"
         with factory() as s:
             d = deployments.get_deployment(s, dep.id)
@@ -498,7 +498,7 @@ def test_dashboard_shows_waiting_plain_names_and_no_fake_acceptance(tmp_path, sp
         s.commit()
         ckpt = settings.runs_root / "w1" / "checkpoints" / "0"
         metrics.ingest_records(s, "w1", [{"type": "checkpoint", "epoch": 0, "step": 1, "path": str(ckpt),
-                                       "val_loss": 1.0, "is_best": True, "ts": 1.0}])
+                                          "val_loss": 1.0, "is_best": True, "ts": 1.0}])
     with factory() as s:
         for m in outbox.pending(s):  # keep the worker off this seeded run
             outbox.mark_sent(s, m.id)
@@ -513,7 +513,7 @@ def test_dashboard_shows_waiting_plain_names_and_no_fake_acceptance(tmp_path, sp
         wait_for(lambda: re.search(r"vllm@\S+ ready\.", log.read_text()), 180, what="controller ready")
         with factory() as s:
             dep = deployments.request_deployment(s, kind="draft", model_path=str(ckpt), run_id="w1", port=vllm.server_address[1],
-                                          endpoint=f"http://127.0.0.1:{vllm.server_address[1]}")
+                                                 endpoint=f"http://127.0.0.1:{vllm.server_address[1]}")
             deployments.update_deployment(s, dep.id, status="up")
             for m in outbox.pending(s):  # the controller must not start a real server for it
                 outbox.mark_sent(s, m.id)

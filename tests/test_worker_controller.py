@@ -117,7 +117,7 @@ def test_start_waits_for_health_then_stop_kills_it(settings):
     port = _port()
     with factory() as s:
         dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
-                                      endpoint=f"http://127.0.0.1:{port}")
+                                             endpoint=f"http://127.0.0.1:{port}")
     argv = [sys.executable, "-c", SERVER, str(port)]
     assert start_deployment(factory, settings, dep.id, argv=argv) == "up"
     with factory() as s:
@@ -128,7 +128,7 @@ def test_start_waits_for_health_then_stop_kills_it(settings):
     # a second draft deployment on the same port replaces the first
     with factory() as s:
         dep2 = deployments.request_deployment(s, kind="draft", model_path="/ck2", run_id=None, port=port,
-                                       endpoint=f"http://127.0.0.1:{port}")
+                                              endpoint=f"http://127.0.0.1:{port}")
     assert start_deployment(factory, settings, dep2.id, argv=argv) == "up"
     with factory() as s:
         assert deployments.get_deployment(s, dep.id).status == "stopped"
@@ -161,7 +161,7 @@ def test_serve_button_path_through_celery_without_vllm(settings, tmp_path):
     (ckpt / "config.json").write_text("{}")
     with factory() as s:
         dep = deployments.request_deployment(s, kind="draft", model_path=str(ckpt), run_id=None, port=_port(),
-                                      endpoint="http://127.0.0.1:1")
+                                             endpoint="http://127.0.0.1:1")
     assert flush_outbox(factory, make_celery(settings)) == (1, None)
     worker = start_worker(worker_env(settings.home, TEST_REDIS), queue="vllm", name="vllm@test",
                           log_path=tmp_path / "w.log")
@@ -191,7 +191,7 @@ def test_a_port_held_by_another_process_is_reported_and_never_called_up(settings
     try:
         with factory() as s:
             dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
-                                          endpoint=f"http://127.0.0.1:{port}")
+                                                 endpoint=f"http://127.0.0.1:{port}")
         assert start_deployment(factory, settings, dep.id, argv=[sys.executable, "-c", SERVER, str(port)]) == "failed"
         with factory() as s:
             d = deployments.get_deployment(s, dep.id)
@@ -249,7 +249,7 @@ def test_a_killed_controller_takes_its_server_and_children_along(settings, tmp_p
     child_file = tmp_path / "child.pid"
     with factory() as s:
         dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
-                                      endpoint=f"http://127.0.0.1:{port}")
+                                             endpoint=f"http://127.0.0.1:{port}")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), SPEC_VLLM_START_TIMEOUT="90")
     out = tmp_path / "controller.out"
     controller = subprocess.Popen([sys.executable, "-c", _CONTROLLER, str(dep.id), sys.executable, "-c",
@@ -295,10 +295,10 @@ def test_a_restarted_controller_stops_the_server_an_earlier_one_left(settings, m
         wait_for(lambda: serving.port_open(port), 30, what="left-over server")
         with factory() as s:
             dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
-                                          endpoint=f"http://127.0.0.1:{port}")
+                                                 endpoint=f"http://127.0.0.1:{port}")
             deployments.update_deployment(s, dep.id, status="up", pid=left.pid)
             other = deployments.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=_port(),
-                                            endpoint="x")
+                                                   endpoint="x")
             deployments.update_deployment(s, other.id, status="up", pid=bystander.pid)
         for d, proc, ticks in ((dep.id, left, serving.start_time(left.pid)),
                                (other.id, bystander, serving.start_time(bystander.pid) + 1)):
@@ -329,7 +329,7 @@ def test_stop_leaves_a_foreign_process_alone_and_says_the_port_is_still_taken(se
     try:
         with factory() as s:
             dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
-                                          endpoint=f"http://127.0.0.1:{port}")
+                                                 endpoint=f"http://127.0.0.1:{port}")
             deployments.update_deployment(s, dep.id, status="up", pid=foreign.pid)
         assert stop_deployment(factory, dep.id, settings) == "stopped"
         assert foreign.poll() is None
@@ -366,7 +366,7 @@ def test_a_server_that_dies_later_is_marked_failed_with_its_cause(settings, tmp_
     """)
     with factory() as s:
         dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
-                                      endpoint=f"http://127.0.0.1:{port}")
+                                             endpoint=f"http://127.0.0.1:{port}")
     assert start_deployment(factory, settings, dep.id, argv=[sys.executable, "-c", script]) == "up"
     check_servers(factory, settings)
     with factory() as s:

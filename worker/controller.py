@@ -143,7 +143,7 @@ def start_deployment(factory: sessionmaker[Session], settings: Settings, deploym
             _stop_server_of(settings, other_id)
             with factory() as s:
                 deployments.update_deployment(s, other_id, status="stopped", pid=None,
-                                       error=f"replaced by deployment {deployment_id}")
+                                              error=f"replaced by deployment {deployment_id}")
     if not serving.wait_port_closed(port, PORT_CLOSE_TIMEOUT_S if others else 0.0, probe_host):
         return _fail(factory, deployment_id,
                      f"port {port} is already in use by {serving.describe_holders(port)}, which this "
@@ -202,8 +202,8 @@ def _finish_stop(factory, settings: Settings, deployment_id: int, port: int | No
     if port and not serving.wait_port_closed(port, PORT_CLOSE_TIMEOUT_S, _probe_host(settings)):
         with factory() as s:
             deployments.update_deployment(s, deployment_id, status="stopped", pid=None,
-                                   error=f"stopped; port {port} is still answered by "
-                                         f"{serving.describe_holders(port)}, which this controller did not start")
+                                          error=f"stopped; port {port} is still answered by "
+                                                f"{serving.describe_holders(port)}, which this controller did not start")
         return "stopped"
     with factory() as s:
         deployments.update_deployment(s, deployment_id, status="stopped", pid=None)

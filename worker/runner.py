@@ -216,8 +216,8 @@ def _ensure_verifier(factory, settings: Settings, run_id: str, spec: RunSpec, pa
             if first_refused is not None and time.monotonic() - first_refused >= unreachable_limit_s():
                 with factory() as s:
                     stages.finish_stage(s, run_id, "verifier", "failed",
-                                      f"the vLLM endpoint {url} is unreachable ({said} for "
-                                      f"{unreachable_limit_s():.0f} s); check the URL and that vLLM runs there")
+                                        f"the vLLM endpoint {url} is unreachable ({said} for "
+                                        f"{unreachable_limit_s():.0f} s); check the URL and that vLLM runs there")
                 return "failed"
             with factory() as s:
                 stages.note_stage(s, stage_id, f"waiting: {url}/health: {said}")
@@ -227,7 +227,7 @@ def _ensure_verifier(factory, settings: Settings, run_id: str, spec: RunSpec, pa
             time.sleep(2)
         with factory() as s:
             stages.finish_stage(s, run_id, "verifier", "failed",
-                              f"{url}/health did not answer 200 in 30 min (last: {last})")
+                                f"{url}/health did not answer 200 in 30 min (last: {last})")
         return "failed"
 
     with factory() as s:
