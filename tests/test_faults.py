@@ -351,7 +351,8 @@ def test_controller_refuses_hidden_dir_outside_the_runs_root(tmp_path, spec_home
             d = deployments.get_deployment(s, dep.id)
             assert d.error.startswith("refused: hidden_dir") and "runs root" in d.error and d.pid is None
     with factory() as s:
-        dep = deployments.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=free_port(), endpoint="x")
+        dep = deployments.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=free_port(),
+                                             endpoint="x")
     assert start_deployment(factory, settings, dep.id, layer_ids=["1; rm -rf /"],
                             hidden_dir=str(settings.runs_root / "r" / "hidden")) == "failed"
     with factory() as s:

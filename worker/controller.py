@@ -177,7 +177,8 @@ def start_deployment(factory: sessionmaker[Session], settings: Settings, deploym
         api_key_required=bool(api_key), kv_cache=f"{kv} GiB" if kv else "automatic"))
     local_url = f"http://{probe_host}:{port}"
     with factory() as s:
-        deployments.update_deployment(s, deployment_id, status="starting", pid=proc.pid, log_path=str(log_path), error=None)
+        deployments.update_deployment(s, deployment_id, status="starting", pid=proc.pid, log_path=str(log_path),
+                                      error=None)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:

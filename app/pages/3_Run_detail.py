@@ -101,7 +101,8 @@ def live() -> None:
     label = f"overall {int(overall * 100)}%"  # floor: 100% only when everything has finished
     live_stage = next((x for x in stages if x.status == StageStatus.RUNNING), None)
     if cache.train_points:
-        label += f" · training {int(frac * 100)}%" + (f" · ETA {views.fmt_duration(eta)}" if eta is not None and run.status == RunStatus.RUNNING else "")
+        eta_text = f" · ETA {views.fmt_duration(eta)}" if eta is not None and run.status == RunStatus.RUNNING else ""
+        label += f" · training {int(frac * 100)}%" + eta_text
     elif live_stage is not None and live_stage.total_steps:
         label += f" · {live_stage.name} {int(views.stage_fraction(live_stage) * 100)}%"
     st.progress(overall, text=label)
