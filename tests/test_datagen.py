@@ -7,6 +7,7 @@ import os
 
 import pytest
 from chat_data import write_qa_chats
+from support.interrupt import Killed
 
 from speculators.data import data_config as _data_config
 import torch
@@ -113,10 +114,6 @@ def test_cli_layer_out_of_range_is_clear(tiny_llama, prep_llama, tmp_path, capsy
     assert rc == 2
     assert "--layer-ids [12] out of range" in capsys.readouterr().err
     assert not (tmp_path / "hs" / "data_0.pt").exists()
-
-
-class Killed(BaseException):
-    """Stands in for SIGKILL/KeyboardInterrupt in the middle of a run."""
 
 
 def test_resume_after_interrupted_run(tiny_llama, prep_llama, tmp_path):

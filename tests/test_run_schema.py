@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from runstore import open_store, repo
+from runstore import open_store, runs
 from runstore.settings import Settings
 from speculators.cli import build_parser
 from speculators.cli import main as cli_main
@@ -124,7 +124,7 @@ def test_form_cli_and_worker_share_defaults(home):
     at = form(home)
     at.button[0].click().run()
     with open_store(home.db_url)() as s:
-        (run,) = repo.list_runs(s)
+        (run,) = runs.list_runs(s)
     stored = RunSettings.from_dict(run.spec)
     argv = stage_argv(stored, "train", RunPaths(Path(home.runs_root) / "x"), python="py")
     assert stored.gpus == 1 and argv[:3] == ["py", "-m", "torch.distributed.run"]
@@ -213,7 +213,7 @@ def test_long_sequence_refused_at_the_form_with_the_estimate(home):
     (msg,) = [e.value for e in at.get("html") if "sequence length 131072" in e.value]  # a plain-text alert
     assert "GiB" in msg and "attention (T^2)" in msg and "available RAM" in msg
     with open_store(home.db_url)() as s:
-        assert repo.list_runs(s) == []
+        assert runs.list_runs(s) == []
     # a short run on the same model fits
     spec, errors = validate_spec(good(home, seq_length=64), home)
     assert errors == {} and spec is not None
@@ -266,7 +266,7 @@ def test_form_offers_regeneration(home):
     at.text_input(key="f_regenerate_max_tokens").set_value("32")
     at.button[0].click().run()
     with open_store(home.db_url)() as s:
-        (run,) = repo.list_runs(s)
+        (run,) = runs.list_runs(s)
         assert [st.name for st in sorted(run.stages, key=lambda st: st.position)][0] == "regenerate"
     assert run.spec["regenerate"] is True and run.spec["regenerate_max_tokens"] == 32
 
@@ -338,7 +338,7 @@ def test_stage_settings_share_defaults_with_their_commands(home, tmp_path):
     at.checkbox(key="f_regenerate").check().run()
     at.button[0].click().run()
     with open_store(home.db_url)() as s:
-        (run,) = repo.list_runs(s)
+        (run,) = runs.list_runs(s)
     stored = RunSettings.from_dict(run.spec)
     paths = RunPaths(tmp_path)
     parsed = {command: vars(build_parser().parse_args(stage_argv(stored, stage, paths, python="py")[3:]))
