@@ -21,6 +21,7 @@ from speculators.train import checkpoint as ckpt
 from speculators.train.metrics_stream import read_metrics
 from speculators.train.synthetic import write_synthetic_hidden_states
 from speculators.train.trainer import run_training
+from support.interrupt import Killed
 
 
 def test_checkpoint_layout_links_and_vllm_keys(tiny_llama, hs_data, tmp_path):
@@ -153,10 +154,6 @@ def straight_run(tiny_llama, hs_data, tmp_path_factory):
     save = tmp_path_factory.mktemp("straight") / "run"
     run_training(make_cfg(tiny_llama, hs_data, save))
     return save
-
-
-class Killed(BaseException):
-    """Ends a run the way a kill does: no handler in the trainer catches a BaseException of its own."""
 
 
 def kill_in_step(monkeypatch, step: int) -> None:
