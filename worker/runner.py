@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -18,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from runstore import repo
 from runstore.models import utcnow
 from runstore.settings import Settings
+from speculators import process
 from speculators.progress import ENV as PROGRESS_ENV
 from worker import procs
 from worker.pipeline import RunPaths, stage_argv
@@ -89,7 +89,9 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
     progress_path.unlink(missing_ok=True)  # this attempt's lines only
     env[PROGRESS_ENV] = str(progress_path)
     try:
-        proc = procs.start(argv, log_path=log_path, cwd=paths.work_dir, env=env)
+        paths.work_dir.mkdir(parents=True, exist_ok=True)
+        # the stage dies with this worker even when the worker is SIGKILLed
+        proc = process.start(argv, log=log_path, cwd=paths.work_dir, env=env, lifeline=process.Lifeline.COMMAND)
     except OSError as exc:
         with factory() as s:
             repo.finish_stage(s, run_id, stage_name, "failed", f"could not start {argv[0]}: {exc}")
@@ -112,7 +114,7 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
         return "failed"
 
 
-def _watch(factory, run_id: str, stage_id: int, proc: subprocess.Popen, tail: JsonlTail | None,
+def _watch(factory, run_id: str, stage_id: int, proc: process.Process, tail: JsonlTail | None,
            progress: JsonlTail | None = None) -> str:
     last_beat = 0.0
     while True:
@@ -135,7 +137,7 @@ def _watch(factory, run_id: str, stage_id: int, proc: subprocess.Popen, tail: Js
             last_beat = now
             with factory() as s:
                 if repo.heartbeat(s, stage_id):
-                    procs.stop_group(proc)
+                    proc.stop(grace_s=10.0)
                     if tail is not None:
                         with factory() as s2:
                             repo.ingest_records(s2, run_id, tail.read_new(), stage_id=stage_id)
