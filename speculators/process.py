@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Callable, Iterable, Sequence, TypeVar, Union
+from typing import IO, Callable, Iterable, Sequence, TypeVar
 
 from speculators.errors import UserError
 

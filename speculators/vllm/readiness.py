@@ -7,7 +7,7 @@ import time
 from typing import Callable
 
 from speculators.errors import UserError
-from speculators.process import Process
+from speculators.process import ExitedEarly, Lifeline, Process, TimedOut, start, wait_ready
 
 
 class ServerStartError(UserError):
@@ -83,7 +83,6 @@ def wait_until_ready(
     """The served model ids once ready; fail fast if ``process`` exits (naming the cause found
     in ``log_lines()``), or after ``timeout_s``. With a ``process``, a server that answers is
     only believed while that process runs: a port answered by someone else never counts."""
-    from speculators.process import ExitedEarly, TimedOut, wait_ready
     from speculators.vllm.logcause import cause_line
 
     try:
@@ -132,8 +131,6 @@ class ManagedServer:
     def spawn(self) -> Process:
         """Start the process without waiting for readiness. Refused when the port already
         answers: whatever holds it is not the server we are about to start."""
-        from speculators.process import Lifeline, start
-
         if port_in_use(self.base_url):
             raise ServerStartError(
                 f"{self.base_url} is already in use by another process: a server started earlier "
