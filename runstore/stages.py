@@ -175,7 +175,7 @@ def recover_interrupted(session: Session, *, worker: str,
     """Mark stages left running by a worker that died as interrupted and their runs
     resumable. A stage counts as orphaned when it belongs to `worker` (restarted under the
     same name) or is not `live`. No process is signalled here: a PID in the database may by
-    now belong to anything; the stage's process died with its worker (see worker.pdeathsig).
+    now belong to anything; the stage's process died with its worker (the command lifeline of speculators.process).
     Returns (run_id, stage) pairs."""
     found: list[tuple[str, str]] = []
     orphaned = select(Stage).where(Stage.status == StageStatus.RUNNING,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from runstore import deployments, metrics, runs, stages
 from runstore.settings import Settings
+from speculators import process
 from speculators.metric_records import ProgressRecord, parse_record
 from speculators.progress import ENV as PROGRESS_ENV
 from worker import procs
@@ -86,7 +86,9 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
     progress_path.unlink(missing_ok=True)  # this attempt's lines only
     env[PROGRESS_ENV] = str(progress_path)
     try:
-        proc = procs.start(argv, log_path=log_path, cwd=paths.work_dir, env=env)
+        paths.work_dir.mkdir(parents=True, exist_ok=True)
+        # the stage dies with this worker even when the worker is SIGKILLed
+        proc = process.start(argv, log=log_path, cwd=paths.work_dir, env=env, lifeline=process.Lifeline.COMMAND)
     except OSError as exc:
         with factory() as s:
             stages.finish_stage(s, run_id, stage_name, "failed", f"could not start {argv[0]}: {exc}")
@@ -109,7 +111,7 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
         return "failed"
 
 
-def _watch(factory, run_id: str, stage_id: int, proc: subprocess.Popen, tail: JsonlTail | None,
+def _watch(factory, run_id: str, stage_id: int, proc: process.Process, tail: JsonlTail | None,
            progress: JsonlTail | None = None) -> str:
     last_beat = 0.0
     while True:
@@ -132,7 +134,7 @@ def _watch(factory, run_id: str, stage_id: int, proc: subprocess.Popen, tail: Js
             last_beat = now
             with factory() as s:
                 if stages.heartbeat(s, stage_id):
-                    procs.stop_group(proc)
+                    proc.stop(grace_s=10.0)
                     if tail is not None:
                         with factory() as s2:
                             metrics.ingest_records(s2, run_id, tail.read_new(), stage_id=stage_id)
