@@ -137,14 +137,14 @@ def check_fsdp(seq: int = 2048, steps: int = 6, shape_name: str = "llama8b", dev
             shard(tr.objective, DistInfo(rank=0, world_size=2, device=tr.device), bf16=True)
             tr.params = [p for p in tr.objective.parameters() if p.requires_grad]
             tr.optimizer = torch.optim.AdamW(tr.params, lr=1e-4, weight_decay=0.0, foreach=True)
-            tr.scheduler = build_scheduler(tr.optimizer, tr.total_steps, 0, "none")
+            tr.scheduler = build_scheduler(tr.optimizer, tr.data.total_steps, 0, "none")
             tr.draft.layers[0].register_forward_pre_hook(
                 lambda m, a: seen.append(m.self_attn.q_proj.weight.dtype) if hasattr(m, "self_attn") else None)
             for p in tr.params:
                 p.register_post_accumulate_grad_hook(lambda p: grad_dtypes.add(str(p.grad.dtype)))
         else:
             tr.optimizer = torch.optim.AdamW(tr.params, lr=1e-4, weight_decay=0.0, foreach=True)
-            tr.scheduler = build_scheduler(tr.optimizer, tr.total_steps, 0, "none")
+            tr.scheduler = build_scheduler(tr.optimizer, tr.data.total_steps, 0, "none")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         losses, times = [], []

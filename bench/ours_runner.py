@@ -2,9 +2,9 @@
 
 The counterpart of `bench/public_runner.py`: same draft shape, same starting weights
 (`bench/shared_init.py`), same data, same number of steps, constant LR, no weight decay,
-grad-norm clip 1.0, AdamW. The trainer is built with `Trainer.__init__` and the draft,
-verifier head, optimizer and data are attached the way `Trainer.build` does it, minus
-reading a verifier checkpoint (the shapes here are synthetic); every step is the real
+grad-norm clip 1.0, AdamW. The trainer's components (draft, verifier head, optimizer, step
+data) are built the way `build_components` does it, minus reading a verifier checkpoint (the
+shapes here are synthetic), and handed to the `Trainer`; every step is the real
 `Trainer.train_step` (collate, loss, backward, clip, optimizer, scheduler).
 
     python bench/ours_runner.py --data DIR --shape tiny --seq-len 256 --steps 20 --out r.json
@@ -60,10 +60,16 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
                   freeze_lm_head: bool = False, fused_adamw: bool = False, loss_impl: str = "fused"):
     from speculators.data.formats import open_sample_store
     from speculators.models.eagle3 import Eagle3DraftModel
+    from speculators.train.components import (Components, adamw_kernel, autocast_enabled, batches_per_step,
+                                              seed_everything)
     from speculators.config.train import TrainConfig
+    from speculators.train.distributed import setup_distributed
+    from speculators.train.loggers import ExperimentLogger
     from speculators.train.objective import TTTObjective
     from speculators.train.schedule import build_scheduler
-    from speculators.train.trainer import Trainer, adamw_kernel
+    from speculators.train.sink import MetricsSink
+    from speculators.train.step_data import StepData
+    from speculators.train.trainer import Trainer
     from speculators.train.verifier import VerifierHead
 
     cfg = TrainConfig(
@@ -87,9 +93,10 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
         optimizer_impl="fused" if fused_adamw else "auto",
         loss_impl=loss_impl,
     )
-    tr = Trainer(cfg)  # applies --precision (autocast, data dtype) itself
-    tr._seed()
-    tr.store = open_sample_store(data)
+    info = setup_distributed(cfg.device)
+    autocast = autocast_enabled(cfg.precision, info.device)  # --precision: autocast and the data dtype
+    seed_everything(cfg.seed)
+    store = open_sample_store(data)
     config = draft_config(shape)
     draft = Eagle3DraftModel(config)
     init_stats = apply_shared_init(draft, seed=seed, rename=lambda n: None if n.startswith("rotary.") else n)
@@ -103,32 +110,29 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
         init_tensor("verifier_lm_head.weight", (shape.draft_vocab, shape.hidden_size), seed),
         shape.rms_norm_eps,
     )
-    tr.draft = draft
-    tr.objective = TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows).to(tr.device)
-    tr.params = [p for p in tr.objective.parameters() if p.requires_grad]
-    # the optimizer kernel Trainer.build picks (--optimizer-impl; fused in one process)
-    tr.optimizer = torch.optim.AdamW(tr.params, lr=lr, weight_decay=0.0,
-                                     **adamw_kernel(cfg.optimizer_impl, 1))
-    tr._build_data()
-    tr.scheduler = build_scheduler(tr.optimizer, tr.total_steps, 0, "none")
+    objective = TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows).to(info.device)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    # the optimizer kernel build_components picks (--optimizer-impl; fused in one process)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **adamw_kernel(cfg.optimizer_impl, 1))
+    step_data = StepData.build(store, cfg, info, batches_per_step(cfg, info),
+                               torch.bfloat16 if autocast else torch.float32)
+    scheduler = build_scheduler(optimizer, step_data.total_steps, 0, "none")
+    sink = MetricsSink("unused", ExperimentLogger(None, "", "", {}), cfg.log_freq, is_main=False)  # writes nothing
+    tr = Trainer(Components(cfg=cfg, info=info, run_id="bench", run_name="bench", resume_dir=None, store=store,
+                            draft=draft, objective=objective, params=params, optimizer=optimizer,
+                            scheduler=scheduler, data=step_data, sink=sink, autocast=autocast))
     return tr, init_stats
 
 
 def iter_steps(tr, steps: int):
     """Yield `steps` training batches the way `Trainer.fit` produces them (epoch plans, its
     DataLoader over packed steps); the time to fetch each one is part of the step."""
-    from speculators.train.trainer import plan_epoch
-
     done, epoch = 0, 0
-    while done < steps:
-        plan = plan_epoch(tr._train_sampler, epoch, tr.batches_per_step)
+    while done < steps:  # past --epochs if --steps asks for more: the epochs' plans go on
+        plan = tr.data.plan(epoch)
         if not plan:
             raise SystemExit("the training split packs into no batches; add samples")
-        if hasattr(tr, "_epoch_loader"):
-            source = iter(tr._epoch_loader(plan))
-        else:  # older trainer: train_step takes the step's index lists
-            source = iter(plan)
-        for item in source:
+        for item in tr.data.epoch_loader(plan, epoch):
             yield item
             done += 1
             if done >= steps:

@@ -110,6 +110,12 @@ class EndRecord(Record):
     status: str
     signal: str | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.signal is None:  # a completed run's line has no `signal` key (as the trainer always wrote it)
+            del out["signal"]
+        return out
+
 
 @dataclass(frozen=True)
 class ProgressRecord(Record):

@@ -21,6 +21,7 @@ from speculators.train import checkpoint as ckpt
 from speculators.train.metrics_stream import read_metrics
 from speculators.train.synthetic import write_synthetic_hidden_states
 from speculators.train.trainer import run_training
+from support.interrupt import Killed
 
 
 def test_checkpoint_layout_links_and_vllm_keys(tiny_llama, hs_data, tmp_path):
@@ -50,9 +51,9 @@ def test_resume_continues_bit_for_bit(tiny_llama, hs_data, straight_run, tmp_pat
     straight, split = straight_run, tmp_path / "split"
     per_epoch = len([s for s in train_losses(straight)]) // 2
     first = run_training(make_cfg(tiny_llama, hs_data, split, max_steps=per_epoch))
-    assert first["stopped"] and (split / "0").is_dir() and not (split / "1").exists()
+    assert first.stopped and (split / "0").is_dir() and not (split / "1").exists()
     second = run_training(make_cfg(tiny_llama, hs_data, split))
-    assert not second["stopped"]
+    assert not second.stopped
     a = load_file(str(straight / "1" / "model.safetensors"))
     b = load_file(str(split / "1" / "model.safetensors"))
     for k in a:
@@ -155,10 +156,6 @@ def straight_run(tiny_llama, hs_data, tmp_path_factory):
     return save
 
 
-class Killed(BaseException):
-    """Ends a run the way a kill does: no handler in the trainer catches a BaseException of its own."""
-
-
 def kill_in_step(monkeypatch, step: int) -> None:
     """Make the trainer die inside optimizer step `step` (before its update), like a process killed then."""
     from speculators.train.trainer import Trainer
@@ -199,6 +196,11 @@ def test_step_checkpoints_resume_mid_epoch_bit_for_bit(tiny_llama, hs_data, stra
     assert os.readlink(split / ckpt.LATEST_LINK) == "1"
 
 
+# trainer_state.pt of an epoch end as the releases before the Stateful trainer wrote it (a
+# mid-epoch one adds epoch_stats); the resume of such checkpoints was checked against that code.
+OLD_TRAINER_KEYS = {"epoch", "global_step", "steps_done_in_epoch", "rng", "best_val_loss", "best_epoch", "run_id"}
+
+
 def test_max_steps_inside_an_epoch_checkpoints_that_step(tiny_llama, hs_data, straight_run, tmp_path):
     """--max-steps N inside an epoch saves step N (once, also when an interval save falls on it), and the
     run continued from there ends where the straight run does, bit for bit."""
@@ -207,14 +209,20 @@ def test_max_steps_inside_an_epoch_checkpoints_that_step(tiny_llama, hs_data, st
     assert per_epoch >= 4, "the test needs epochs of several steps"
     kw = dict(checkpoint_every_steps=2, keep_last_checkpoints=1)
     first = run_training(make_cfg(tiny_llama, hs_data, split, max_steps=3, **kw))
-    assert first["stopped"] and first["signal"] is None and first["global_step"] == 3
+    assert first.stopped and first.signal is None and first.global_step == 3
     assert [p.name for p in ckpt.checkpoint_dirs(split)] == ["0-step3"]  # keep-last 1 removed 0-step2
     assert os.readlink(split / ckpt.LATEST_LINK) == "0-step3"
     assert not os.path.lexists(split / ckpt.BEST_LINK)  # mid-epoch checkpoints are never validated, so never best
+    mid = torch.load(split / "0-step3" / ckpt.TRAINER_FILE, weights_only=True)
+    assert set(mid) == OLD_TRAINER_KEYS | {"epoch_stats"}  # the layout earlier releases resume
+    assert (mid["epoch"], mid["global_step"], mid["steps_done_in_epoch"]) == (0, 3, 3)
     assert max(train_losses(split)) == 3
     # The same command again: the checkpoint already holds step 3, so nothing is trained or saved.
     again = run_training(make_cfg(tiny_llama, hs_data, split, max_steps=3, **kw))
-    assert again["stopped"] and again["global_step"] == 3 and again["history"] == []
+    assert again.stopped and again.global_step == 3
+    records = read_metrics(split / "metrics.jsonl")
+    last_start = max(i for i, r in enumerate(records) if r["type"] == "start")
+    assert [r["type"] for r in records[last_start:]] == ["start"]  # nothing trained, saved or ended
     assert [p.name for p in ckpt.checkpoint_dirs(split)] == ["0-step3"] and max(train_losses(split)) == 3
     # Past the first epoch's end, stopping on a step the interval saves too (one save, not two).
     stop = per_epoch + 1 + (per_epoch + 1) % 2
@@ -224,6 +232,9 @@ def test_max_steps_inside_an_epoch_checkpoints_that_step(tiny_llama, hs_data, st
     run_training(make_cfg(tiny_llama, hs_data, split))
     assert_same_training(straight, split, "1")
     unique_step_records(split)
+    end = torch.load(split / "1" / ckpt.TRAINER_FILE, weights_only=True)
+    assert set(end) == OLD_TRAINER_KEYS
+    assert (end["epoch"], end["global_step"], end["steps_done_in_epoch"]) == (1, 2 * per_epoch, None)
     records = read_metrics(split / "metrics.jsonl")
     assert [r["resumed_from"] for r in records if r["type"] == "start"] == [None, "0-step3", "0-step3", f"1-step{stop}"]
     saves = [(r["step"], r["reason"]) for r in records if r["type"] == "step_checkpoint"]
@@ -311,7 +322,5 @@ def test_from_pretrained_starts_from_that_checkpoint(tiny_llama, hs_data, tmp_pa
 
 @pytest.mark.parametrize("flag", ["checkpoint_every_steps", "keep_last_checkpoints"])
 def test_negative_checkpoint_counts_are_refused(tiny_llama, hs_data, tmp_path, flag):
-    from speculators.train.trainer import Trainer
-
     with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} must be a whole number >= 0"):
-        Trainer(make_cfg(tiny_llama, hs_data, tmp_path / "run", **{flag: -1}))
+        make_cfg(tiny_llama, hs_data, tmp_path / "run", **{flag: -1})

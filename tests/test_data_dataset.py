@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 
+from speculators.atomic import atomic_write_json
 from speculators.data import data_config as _data_config
 import torch
 
@@ -19,14 +20,13 @@ from speculators.data.dataset import (
     split_indices,
 )
 from speculators.data.formats import (
-    CorruptSampleError,
     PtSampleStore,
     SafetensorsSampleStore,
-    atomic_write_json,
     convert_pt_to_safetensors,
     open_sample_store,
     write_pt_sample,
 )
+from speculators.data.sample_store import CorruptSampleError, SampleStore
 from speculators.errors import UserError
 
 H = 8
@@ -128,7 +128,7 @@ def test_split_indices_deterministic_and_disjoint():
 
 def test_pt_store_and_dataset_end_to_end(tmp_path):
     samples = write_store(tmp_path / "d", [6, 4, 9])
-    ds = Eagle3Dataset.from_path(tmp_path / "d", max_len=16, expected_hidden_size=H, expected_num_layers=4)
+    ds = Eagle3Dataset.from_path(tmp_path / "d", max_len=16)
     assert len(ds) == 3 and ds.lengths() == [5, 3, 8]
     item = ds[2]
     assert torch.equal(item["input_ids"], samples[2]["input_ids"][1:])
@@ -141,13 +141,89 @@ def test_pt_store_and_dataset_end_to_end(tmp_path):
 
 
 def test_store_validates_against_verifier(tmp_path):
-    write_store(tmp_path / "d", [4])
-    with pytest.raises(UserError, match="hidden_size"):
-        open_sample_store(tmp_path / "d", expected_hidden_size=H + 1)
-    with pytest.raises(UserError, match="layers"):
-        open_sample_store(tmp_path / "d", expected_num_layers=3)
+    """`check_verifier` is the one dimension check: each recorded value against the verifier's."""
+    write_store(tmp_path / "d", [4])  # hidden_size 8, num_hidden_layers 8, layer ids 2,4,5,8
+    store = open_sample_store(tmp_path / "d")
+    store.check_verifier(hidden_size=H, num_hidden_layers=8, num_layers=4)  # the matching verifier
+    config = str(tmp_path / "d" / "data_config.json")
+    with pytest.raises(UserError, match=f"{config}: hidden_size 8 does not match the verifier's 9"):
+        store.check_verifier(hidden_size=H + 1)
+    with pytest.raises(UserError, match="num_hidden_layers 8 does not match the verifier's 12"):
+        store.check_verifier(hidden_size=H, num_hidden_layers=12)
+    with pytest.raises(UserError, match=r"stores 4 layers \[2, 4, 5, 8\], the draft model expects 3"):
+        store.check_verifier(num_layers=3)
     with pytest.raises(UserError, match="data_config.json"):
         open_sample_store(tmp_path / "missing")
+
+
+def test_verifier_check_applies_the_layer_id_rules(tmp_path):
+    write_store(tmp_path / "d", [4])
+    config = json.loads((tmp_path / "d" / "data_config.json").read_text())
+    config.pop("num_hidden_layers")  # recorded by datagen; older data may lack it
+    atomic_write_json(tmp_path / "d" / "data_config.json", config)
+    store = open_sample_store(tmp_path / "d")
+    with pytest.raises(UserError, match="layer_ids"):  # layer 8 is past a 6-layer verifier's final layer
+        store.check_verifier(hidden_size=H, num_hidden_layers=6)
+    store.config = {"hidden_size": H, "num_layers": 3}  # version-0 data without layer ids
+    with pytest.raises(UserError, match="names no layer ids"):
+        store.check_verifier(hidden_size=H, num_hidden_layers=8)
+    store.check_verifier(hidden_size=H)  # without the verifier's layer count nothing else is checked
+
+
+class _CountingStore(SampleStore):
+    """Only what the protocol requires; counts the loads."""
+
+    def __init__(self, lengths):
+        self.samples = [make_sample(n, seed=n) for n in lengths]
+        self.loads = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i):
+        self.loads += 1
+        return self.samples[i]
+
+
+def test_a_store_with_only_len_and_load_gets_the_protocol_defaults():
+    store = _CountingStore([6, 3, 9])
+    assert store.lengths() == [6, 3, 9] and store.loads == 3  # read from the samples
+    assert Eagle3Dataset(store, max_len=4, indices=[2, 0]).lengths() == [4, 4]  # shifted, truncated
+    assert store.fetches_ahead is False and store.layer_ids == [] and dict(store.config) == {}
+    store.prefetch([2, 1, 0])
+    store.close()
+    assert store.loads == 6
+    store.check_verifier(hidden_size=H, num_hidden_layers=8)  # nothing recorded: nothing to refuse
+
+
+def test_build_sample_store_checks_the_verifier_once_for_any_source(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from speculators.train import data_source
+    from speculators.train.data_source import build_sample_store
+
+    def register(name, builder):  # undone after the test
+        monkeypatch.setitem(data_source._SOURCES, name, builder)
+
+    write_store(tmp_path / "d", [4, 5])
+    cfg = SimpleNamespace(data_source=None, vllm_endpoint=None, data_path=str(tmp_path / "d"), on_corrupt="skip",
+                          data_format_version=1)
+    verifier = SimpleNamespace(hidden_size=H, num_hidden_layers=8)
+    assert build_sample_store(cfg, verifier).layer_ids == LAYERS
+    with pytest.raises(UserError, match="hidden_size 8 does not match the verifier's 16"):
+        build_sample_store(cfg, SimpleNamespace(hidden_size=16, num_hidden_layers=8))
+    calls = []
+
+    class Recorded(_CountingStore):
+        def check_verifier(self, **kw):
+            calls.append(kw)
+
+    register("test-recorded", lambda c: Recorded([4]))
+    build_sample_store(SimpleNamespace(**{**vars(cfg), "data_source": "test-recorded"}), verifier)
+    assert calls == [{"hidden_size": H, "num_hidden_layers": 8}]
+    register("test-not-a-store", lambda c: [1, 2])
+    with pytest.raises(TypeError, match="not a SampleStore"):
+        build_sample_store(SimpleNamespace(**{**vars(cfg), "data_source": "test-not-a-store"}))
 
 
 def test_sample_with_wrong_shape_is_corrupt(tmp_path):
@@ -212,7 +288,7 @@ def test_public_conversions_skip_or_raise_on_corrupt_samples(tmp_path):
     (or raise), and refuse a source with no readable sample."""
     from safetensors.torch import load_file
 
-    from speculators.data.public_format import convert_from_public, convert_to_public
+    from speculators.data.public_convert import convert_from_public, convert_to_public
 
     samples = write_store(tmp_path / "pt", [6, 4, 9, 5])
     (tmp_path / "pt" / "data_1.pt").write_bytes(b"\x00garbage")

@@ -7,6 +7,7 @@ import os
 
 import pytest
 from chat_data import write_qa_chats
+from support.interrupt import Killed
 
 from speculators.data import data_config as _data_config
 import torch
@@ -115,10 +116,6 @@ def test_cli_layer_out_of_range_is_clear(tiny_llama, prep_llama, tmp_path, capsy
     assert not (tmp_path / "hs" / "data_0.pt").exists()
 
 
-class Killed(BaseException):
-    """Stands in for SIGKILL/KeyboardInterrupt in the middle of a run."""
-
-
 def test_resume_after_interrupted_run(tiny_llama, prep_llama, tmp_path):
     out = tmp_path / "hs"
     cfg = DatagenConfig(target_model_path=str(tiny_llama), train_data_path=str(prep_llama),
@@ -183,8 +180,10 @@ def test_safetensors_format_and_training_dataset(tiny_llama, prep_llama, tmp_pat
                    "safetensors", "--device", "cpu"])
     assert rc == 0
     assert not (tmp_path / "st" / ".pt-staging").exists()
-    pt = open_sample_store(tmp_path / "pt", expected_hidden_size=64, expected_num_layers=4)
-    st = open_sample_store(tmp_path / "st", expected_hidden_size=64, expected_num_layers=4)
+    pt = open_sample_store(tmp_path / "pt")
+    st = open_sample_store(tmp_path / "st")
+    for store in (pt, st):
+        store.check_verifier(hidden_size=64, num_layers=4)
     assert isinstance(pt, PtSampleStore) and isinstance(st, SafetensorsSampleStore)
     assert len(pt) == len(st) == len(load_prepared(prep_llama))
     assert _data_config.load(tmp_path / "st" / "data_config.json")["layer_ids"] == [1, 3, 6, 8]

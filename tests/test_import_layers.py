@@ -4,7 +4,8 @@ the same layer, and on any import of the dashboard/worker/store packages.
 
 Layers, lowest first (a package may import its own layer's packages and lower layers):
   0  speculators (version), errors, atomic (file writes), console (the log format), progress
-     (stage progress lines), metric_records (the typed metrics.jsonl records)
+     (stage progress lines), metric_records (the typed metrics.jsonl records), process (managed
+     child processes: start, readiness, stop, lifelines)
   1  layers (layer-id rules), verifier (reading the verifier: config, weights, hidden states)
   2  data, models (core math and the draft model), config (the typed run settings)
   3  vllm, datagen, online, evaluate, regenerate, tiny (the stages' services and the embedded
@@ -21,7 +22,7 @@ from pathlib import Path
 
 LAYERS: list[set[str]] = [
     {"speculators", "speculators.errors", "speculators.atomic", "speculators.console", "speculators.progress",
-     "speculators.metric_records"},
+     "speculators.metric_records", "speculators.process"},
     {"speculators.layers", "speculators.verifier"},
     {"speculators.data", "speculators.models", "speculators.config"},
     {"speculators.vllm", "speculators.datagen", "speculators.online", "speculators.evaluate",
@@ -134,6 +135,56 @@ def test_allow_list_holds_only_live_violations():
         live.update((me, t) for t in imports_of(path, root))
     stale = sorted((a, b) for a, b in ALLOWED if not any(m == a and (t == b or t.startswith(b + ".")) for m, t in live))
     assert not stale, f"no longer imported, remove from ALLOWED: {stale}"
+
+
+def module_problems(package: Path) -> list[str]:
+    """Inside one package: import cycles between its modules, and a module importing a sibling's
+    private (``_name``) name; the shared pieces belong in a module both import, under a public name."""
+    root = package
+    while (root.parent / "__init__.py").exists():
+        root = root.parent
+    mods = {module_name(p, root): p for p in sorted(package.glob("*.py")) if p.name != "__init__.py"}
+    graph: dict[str, set[str]] = {}
+    problems = []
+    for me, path in mods.items():
+        graph[me] = {t for t in imports_of(path, root) if t in mods and t != me}
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module in mods and node.module != me:
+                problems += [f"{me} imports the private name {a.name} from {node.module}" for a in node.names
+                             if a.name.startswith("_") and not a.name.startswith("__")]
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                problems.append("import cycle: " + " -> ".join(path[path.index(t):] + [t]))
+            elif t not in state:
+                visit(t, path + [t])
+        state[m] = 2
+
+    for m in sorted(mods):
+        if m not in state:
+            visit(m, [m])
+    return problems
+
+
+def test_data_modules_form_no_cycle_and_share_no_private_names():
+    problems = module_problems(REPO / "speculators" / "data")
+    assert not problems, "\n".join(problems)
+
+
+def test_module_checker_catches_cycles_and_private_names(tmp_path):
+    pkg = tmp_path / "speculators"
+    _write(pkg, "__init__.py", "")
+    _write(pkg, "data/__init__.py", "")
+    _write(pkg, "data/a.py", "from speculators.data.b import _hidden\n")
+    _write(pkg, "data/b.py", "def f():\n    from .a import x\n")  # lazy and relative: still a cycle
+    _write(pkg, "data/c.py", "from speculators.data.a import y\n")
+    found = module_problems(pkg / "data")
+    assert "speculators.data.a imports the private name _hidden from speculators.data.b" in found
+    assert "import cycle: speculators.data.a -> speculators.data.b -> speculators.data.a" in found
+    assert len(found) == 2
 
 
 def _write(root: Path, rel: str, text: str) -> None:

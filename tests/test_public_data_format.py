@@ -60,7 +60,8 @@ def test_both_directions_against_the_public_package(tiny_llama, public_speculato
     assert store.lengths() == [12, 20, 9]
     for i in range(3):
         _assert_same(store.load(i), written, i)
-    items = Eagle3Dataset.from_path(tmp_path / "theirs", expected_hidden_size=conf.hidden_size, expected_num_layers=4)
+    store.check_verifier(hidden_size=conf.hidden_size, num_layers=4)
+    items = Eagle3Dataset.from_path(tmp_path / "theirs")
     assert items[1]["hidden_states"].shape == (19, 3 * conf.hidden_size)
 
     # ... and converted to our pt layout (the layer ids must be named: the public layout has none).
@@ -115,5 +116,5 @@ def test_public_layout_problems_are_clear(tmp_path):
 
     with pytest.raises(UserError, match="token_ids differ from row 1"):
         store.load(1)
-    with pytest.raises(UserError, match="hidden size 4 does not match the verifier's 8"):
-        open_sample_store(d, expected_hidden_size=8)
+    with pytest.raises(UserError, match="hidden_states: hidden_size 4 does not match the verifier's 8"):
+        store.check_verifier(hidden_size=8)

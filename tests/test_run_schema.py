@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from runstore import open_store, repo
+from runstore import open_store, runs
 from runstore.settings import Settings
 from speculators.cli import build_parser
 from speculators.cli import main as cli_main
@@ -139,7 +139,7 @@ def test_form_cli_and_worker_share_defaults(home):
     at = form(home)
     at.button[0].click().run()
     with open_store(home.db_url)() as s:
-        (run,) = repo.list_runs(s)
+        (run,) = runs.list_runs(s)
     stored = RunSettings.from_dict(run.spec)
     assert stored.gpus == 1  # trains under torchrun
     worker_cfg = config_from_args(worker_stage(stored, "train", StagePaths(Path(home.runs_root) / "x")))
@@ -247,7 +247,7 @@ def test_long_sequence_refused_at_the_form_with_the_estimate(home):
     (msg,) = [e.value for e in at.get("html") if "sequence length 131072" in e.value]  # a plain-text alert
     assert "GiB" in msg and "attention (T^2)" in msg and "available RAM" in msg
     with open_store(home.db_url)() as s:
-        assert repo.list_runs(s) == []
+        assert runs.list_runs(s) == []
     # a short run on the same model fits
     spec, errors = validate_spec(good(home, seq_length=64), home)
     assert errors == {} and spec is not None
@@ -300,7 +300,7 @@ def test_form_offers_regeneration(home):
     at.text_input(key="f_regenerate_max_tokens").set_value("32")
     at.button[0].click().run()
     with open_store(home.db_url)() as s:
-        (run,) = repo.list_runs(s)
+        (run,) = runs.list_runs(s)
         assert [st.name for st in sorted(run.stages, key=lambda st: st.position)][0] == "regenerate"
     assert run.spec["regenerate"] is True and run.spec["regenerate_max_tokens"] == 32
 
@@ -393,7 +393,7 @@ def test_stage_settings_share_defaults_with_their_commands(home, tmp_path):
     at.checkbox(key="f_regenerate").check().run()
     at.button[0].click().run()
     with open_store(home.db_url)() as s:
-        (run,) = repo.list_runs(s)
+        (run,) = runs.list_runs(s)
     stored = RunSettings.from_dict(run.spec)
     paths = StagePaths(tmp_path)
     parsed = {command: vars(worker_stage(stored, stage, paths))

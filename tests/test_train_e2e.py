@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 from speculators.errors import UserError
+from speculators.metric_records import parse_line
 from test_console import METRICS_LINE
+from speculators.train.components import build_components
 from speculators.config.train import TrainConfig
+from speculators.train.distributed import DistInfo
 from speculators.train.metrics_stream import read_metrics
 from speculators.train.synthetic import write_synthetic_hidden_states
 from speculators.train.trainer import Trainer, run_training
@@ -36,11 +39,10 @@ def cfg_for(verifier, data, save, **kw) -> TrainConfig:
 @pytest.mark.slow
 def test_step0_accuracy_rises_well_above_chance(tiny_llama_trained, tmp_path):
     data = write_synthetic_hidden_states(tiny_llama_trained, tmp_path / "hs", num_samples=48, seq_len=64)
-    trainer = Trainer(cfg_for(tiny_llama_trained, data, tmp_path / "run", epochs=5))
-    trainer.build()
+    trainer = Trainer(build_components(cfg_for(tiny_llama_trained, data, tmp_path / "run", epochs=5), DistInfo()))
     before = trainer.validate()
-    result = trainer.fit()
-    after = [h for h in result["history"] if h["type"] == "val"][-1]["metrics"]
+    trainer.fit()
+    after = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["type"] == "val"][-1]["metrics"]
     chance = 1.0 / trainer.draft.config.draft_vocab_size
     print(f"step-0 val accuracy before {before['full_acc_0']:.3f} after {after['full_acc_0']:.3f} "
           f"(chance {chance:.4f}); val loss {before['loss']:.3f} -> {after['loss']:.3f}; after: "
@@ -62,6 +64,8 @@ def test_metrics_stream_and_console(tiny_llama, hs_small, tmp_path, caplog):
     assert "val/cond_acc_2=" in out and "val/step_acc_2=" in out
     records = read_metrics(save / "metrics.jsonl")
     assert all("ts" in r and "type" in r for r in records)
+    typed = [parse_line(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [type(t).TYPE if t else None for t in typed] == [r["type"] for r in records]  # each line a typed record
     start, end = records[0], records[-1]
     assert start["type"] == "start" and start["run_name"] == "demo" and start["resumed_from"] is None
     assert start["epochs"] == 2 and start["total_steps"] >= 2 and start["steps_per_epoch"] >= 1
@@ -80,12 +84,13 @@ def test_metrics_stream_and_console(tiny_llama, hs_small, tmp_path, caplog):
 
 
 def test_truncated_metrics_line_is_repaired_on_append(tmp_path):
+    from speculators.metric_records import EndRecord
     from speculators.train.metrics_stream import MetricsStream
 
     path = tmp_path / "m.jsonl"
     path.write_text('{"type": "start", "ts": 1}\n{"type": "tra')
     stream = MetricsStream(path)
-    stream.write("end", status="completed")
+    stream.write(EndRecord(status="completed"))
     stream.close()
     assert [r["type"] for r in read_metrics(path)] == ["start", "end"]
 
@@ -131,7 +136,7 @@ def test_vocab_mapping_disagreeing_with_draft_vocab_size(tiny_llama, hs_small, t
     assert not (tmp_path / "ok" / "run.json").exists()  # a failed start leaves the save path unclaimed
     # consistent mapping trains a 64-token draft head
     result = run_training(cfg_for(tiny_llama, hs_small, tmp_path / "ok", draft_vocab_size=64, **kw))
-    assert result["global_step"] >= 1
+    assert result.global_step >= 1
     cfg = json.loads((tmp_path / "ok" / "0" / "config.json").read_text())
     assert cfg["draft_vocab_size"] == 64
 
@@ -151,7 +156,7 @@ def test_corrupt_sample_skipped_with_warning_or_raised(tiny_llama, hs_small, tmp
     (bad / "data_3.pt").write_bytes(b"not a torch file")
     with pytest.warns(UserWarning, match="data_3.pt"):
         result = run_training(cfg_for(tiny_llama, bad, tmp_path / "r", train_data_ratio=1.0))
-    assert result["global_step"] >= 1
+    assert result.global_step >= 1
     with pytest.raises(UserError, match="data_3.pt"):
         run_training(cfg_for(tiny_llama, bad, tmp_path / "r2", on_corrupt="raise", train_data_ratio=1.0))
 

@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 
+from speculators.train.components import build_components
 from speculators.config.train import TrainConfig
+from speculators.train.distributed import DistInfo
 from speculators.train.synthetic import write_synthetic_hidden_states
 from speculators.train.trainer import Trainer
 
@@ -24,28 +26,53 @@ def built(tiny_llama, hs, tmp_path, **kw) -> Trainer:
     base = dict(verifier_name_or_path=str(tiny_llama), data_path=str(hs), save_path=str(tmp_path / "ck"), epochs=1,
                 lr=1e-2, total_seq_len=64, ttt_steps=3, log_freq=1000, train_data_ratio=0.75, seed=0)
     base.update(kw)
-    trainer = Trainer(TrainConfig(**base))
-    trainer.build()
-    return trainer
+    return Trainer(build_components(TrainConfig(**base), DistInfo()))
 
 
 def first_batch(trainer: Trainer) -> dict[str, torch.Tensor]:
-    from speculators.train.trainer import plan_epoch
+    return next(trainer.data.batches(0))
 
-    plan = plan_epoch(trainer._train_sampler, 0, trainer.batches_per_step)
-    return next(iter(trainer._epoch_loader(plan)))
+
+def reference_ttt_loss(trainer: Trainer, batch: dict[str, torch.Tensor], decay: float) -> tuple[float, list[float]]:
+    """The TTT loss written out in plain PyTorch from the draft's logits and the verifier's targets:
+    step k at position i is counted when i + k is in the row, in i's document and loss-masked; its
+    loss is KL(verifier(i + k) || draft step k (i)); loss_k is the mean over counted positions and the
+    loss is sum_k decay**k * loss_k."""
+    draft, head = trainer.draft, trainer.objective.verifier_head
+    k_steps = trainer.cfg.ttt_steps
+    with torch.no_grad():
+        x = batch["verifier_last_hidden_states"].double()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + head.eps)
+        target_logp = torch.log_softmax((head.norm_weight.double() * x) @ head.weight.double().t(), dim=-1)
+        draft_logp = [torch.log_softmax(draft.lm_head(h).double(), dim=-1) for _, h in draft.iter_ttt(
+            batch["hidden_states"], batch["input_ids"], batch["document_ids"], batch["position_ids"], k_steps)]
+    docs, mask = batch["document_ids"].tolist(), batch["loss_mask"].tolist()
+    per_step = []
+    for k in range(k_steps):
+        kls = []
+        for b, row in enumerate(docs):
+            for i in range(len(row) - k):
+                if row[i] != -1 and row[i + k] == row[i] and mask[b][i + k]:
+                    p = target_logp[b, i + k]
+                    kls.append(float((p.exp() * (p - draft_logp[k][b, i])).sum()))
+        per_step.append(sum(kls) / len(kls))
+    return sum(decay**k * loss_k for k, loss_k in enumerate(per_step)), per_step
 
 
 def test_ttt_step_loss_decay_weights_step_k_by_decay_to_the_k(tiny_llama, hs, tmp_path):
+    from speculators.train.losses import summarize
+    from speculators.train.step_data import to_device
+
     trainer = built(tiny_llama, hs, tmp_path, ttt_step_loss_decay=0.5)
-    batch = first_batch(trainer)
-    den = trainer._denominators(batch)
+    batch = to_device(first_batch(trainer), trainer.device, trainer.data_dtype)
     with torch.no_grad():
-        loss, stats = trainer._forward(batch, den)
-    per_step = stats[:, 0] / den  # mean KL of each step
-    expected = sum(0.5**k * per_step[k] for k in range(3))
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
-    assert float(loss) < float(per_step.sum()) * 0.99  # decay 1.0 would give the plain sum
+        loss, stats = trainer._forward(batch, trainer._denominators(batch))
+    expected, per_step = reference_ttt_loss(trainer, batch, decay=0.5)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    metrics = summarize(stats, 0.5)
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+    assert [metrics[f"loss_{k}"] for k in range(3)] == pytest.approx(per_step, rel=1e-5)
+    assert expected < sum(per_step) * 0.99  # decay 1.0 would give the plain sum
 
 
 def test_rows_per_batch_packs_that_many_rows(tiny_llama, hs, tmp_path):
@@ -65,7 +92,7 @@ def lr_oracle(step: int, total: int, warmup: int, kind: str) -> float:
 @pytest.mark.parametrize("kind,ratio", [("linear", 0.5), ("cosine", 0.25), ("none", 0.0)])
 def test_scheduler_and_warmup_ratio_shape_the_learning_rate(tiny_llama, hs, tmp_path, kind, ratio):
     trainer = built(tiny_llama, hs, tmp_path, scheduler=kind, warmup_ratio=ratio, epochs=4)
-    total = trainer.total_steps
+    total = trainer.data.total_steps
     warmup = int(ratio * total)
     assert total >= 8
     lrs = []
@@ -95,20 +122,17 @@ def test_max_grad_norm_clips_the_update(tiny_llama, hs, tmp_path):
 
 
 def test_num_workers_reaches_the_data_loader(tiny_llama, hs, tmp_path):
-    from speculators.train.trainer import plan_epoch
-
     trainer = built(tiny_llama, hs, tmp_path, num_workers=2)
-    loader = trainer._epoch_loader(plan_epoch(trainer._train_sampler, 0, trainer.batches_per_step))
-    assert loader.num_workers == 2
+    assert trainer.data.epoch_loader(trainer.data.plan(0), 0).num_workers == 2
     unset = built(tiny_llama, hs, tmp_path / "unset")
-    assert unset._epoch_loader(plan_epoch(unset._train_sampler, 0, unset.batches_per_step)).num_workers == 0
+    assert unset.data.epoch_loader(unset.data.plan(0), 0).num_workers == 0
 
 
 def test_unset_num_workers_prefetches_only_on_cuda_disk_data():
     """On CUDA the next steps' hidden states load in workers (they took half of an H200 step
     without them); on the CPU workers would take the step's cores, and the online store
     prefetches over HTTP itself."""
-    from speculators.train.trainer import loader_workers
+    from speculators.train.step_data import loader_workers
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert loader_workers(None, cuda, online=False) == 4

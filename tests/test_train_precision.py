@@ -12,7 +12,9 @@ import torch
 from train_helpers import make_cfg, train_losses
 
 from speculators.errors import UserError
-from speculators.train.trainer import Trainer, adamw_kernel, autocast_enabled
+from speculators.train.components import adamw_kernel, autocast_enabled, build_components
+from speculators.train.distributed import DistInfo
+from speculators.train.trainer import Trainer
 
 
 def test_precision_rule():
@@ -33,8 +35,7 @@ def test_optimizer_kernel_rule():
 
 def train(verifier, data, save, **kw) -> tuple[Trainer, dict[int, float], list[torch.dtype]]:
     """Train 2 epochs; return the trainer, its losses and the dtypes the draft's fc produced."""
-    trainer = Trainer(make_cfg(verifier, data, save, epochs=2, **kw))
-    trainer.build()
+    trainer = Trainer(build_components(make_cfg(verifier, data, save, epochs=2, **kw), DistInfo()))
     seen: list[torch.dtype] = []
     hook = trainer.draft.fc.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from runstore import open_store, repo
+from runstore import deployments, open_store, outbox, runs, stages
 from runstore.settings import Settings
 from speculators.config.stages import StagePaths, pipeline_stages
 from worker.celery_app import make_celery
@@ -25,14 +25,8 @@ TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 
 
 @pytest.fixture()
-def settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEC_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("SPEC_MAX_GPUS", "2")
-    for k in ("SPEC_DB_URL", "SPEC_DATA_ROOT", "SPEC_RUNS_ROOT", "SPEC_MODELS_ROOT", "SPEC_BROKER_URL"):
-        monkeypatch.delenv(k, raising=False)
-    s = Settings.from_env()
-    s.ensure_dirs()
-    return s
+def settings(tmp_path, spec_home):
+    return spec_home(tmp_path / "home", MAX_GPUS=2)
 
 
 def _good(settings, **over):
@@ -161,7 +155,7 @@ def test_outbox_survives_broker_down_and_flushes_when_back(settings, monkeypatch
     factory = open_store(settings.db_url)
     spec, _ = validate_spec(_good(settings), settings)
     with factory() as s:
-        repo.create_run(s, run_id="out1", name="r", spec=spec.to_dict(), stages=pipeline_stages(spec),
+        runs.create_run(s, run_id="out1", name="r", spec=spec.to_dict(), stages=pipeline_stages(spec),
                         work_dir=str(settings.runs_root / "out1"))
 
     monkeypatch.setenv("SPEC_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens on port 1
@@ -170,9 +164,9 @@ def test_outbox_survives_broker_down_and_flushes_when_back(settings, monkeypatch
     sent, err = flush_outbox(factory, down)
     assert sent == 0 and err
     with factory() as s:
-        (msg,) = repo.pending_outbox(s)
+        (msg,) = outbox.pending(s)
         assert "cannot connect to Redis" in msg.last_error
-        assert repo.get_run(s, "out1").status == "queued"  # nothing lost
+        assert runs.get_run(s, "out1").status == "queued"  # nothing lost
 
     client = redis.Redis.from_url(TEST_REDIS)
     client.flushdb()
@@ -180,7 +174,7 @@ def test_outbox_survives_broker_down_and_flushes_when_back(settings, monkeypatch
     up = make_celery(Settings.from_env())
     assert flush_outbox(factory, up) == (1, None)
     with factory() as s:
-        assert repo.pending_outbox(s) == []
+        assert outbox.pending(s) == []
     # the queue key carries the installation's namespace (two homes on one Redis stay apart)
     assert client.llen("gpu") == 0
     queued = [json.loads(m) for m in client.lrange(f"{up.conf.broker_transport_options['global_keyprefix']}gpu", 0, -1)]
@@ -221,23 +215,23 @@ def test_verifier_stage_with_user_endpoint_and_with_controller(settings):
         spec, errors = validate_spec(_good(settings, mode="online", vllm_endpoint=url), settings)
         assert errors == {}
         with factory() as s:
-            repo.create_run(s, run_id="v1", name="r", spec=spec.to_dict(), stages=["verifier"],
+            runs.create_run(s, run_id="v1", name="r", spec=spec.to_dict(), stages=["verifier"],
                             work_dir=str(settings.runs_root / "v1"))
         assert execute_stage(factory, settings, "v1", "verifier", worker="t") == "succeeded"
 
         spec, errors = validate_spec(_good(settings, mode="hybrid", gpus=1), settings)
         assert errors == {}
         with factory() as s:
-            repo.create_run(s, run_id="v2", name="r", spec=spec.to_dict(), stages=["verifier"],
+            runs.create_run(s, run_id="v2", name="r", spec=spec.to_dict(), stages=["verifier"],
                             work_dir=str(settings.runs_root / "v2"))
 
         def controller():  # plays the vLLM controller: reports the requested server up
             def requested():
                 with factory() as s:
-                    return repo.latest_deployment(s, "v2", kind="verifier")
+                    return deployments.latest_deployment(s, "v2", kind="verifier")
             dep = wait_for(requested, 10, interval=0.05, what="verifier request")
             with factory() as s:
-                repo.update_deployment(s, dep.id, status="up", endpoint=url)
+                deployments.update_deployment(s, dep.id, status="up", endpoint=url)
         t = threading.Thread(target=controller)
         t.start()
         sent = []
@@ -246,7 +240,7 @@ def test_verifier_stage_with_user_endpoint_and_with_controller(settings):
         t.join()
         assert sent == [1]
         with factory() as s:
-            (msg,) = [m for m in repo.pending_outbox(s) if m.kind == "serve"]
+            (msg,) = [m for m in outbox.pending(s) if m.kind == "serve"]
             assert msg.payload["hidden_dir"] == str(settings.runs_root / "v2" / "hidden_states")
         assert _verifier_url(factory, "v2") == url
     finally:
@@ -310,12 +304,12 @@ def test_every_stage_reports_progress_to_its_bar(settings, tiny_llama):
                    draft_vocab_size=64, epochs=1, regenerate=True, regenerate_max_tokens=4)
     factory = open_store(settings.db_url)
     with factory() as s:
-        repo.create_run(s, run_id="p1", name="p", spec=spec.to_dict(), stages=pipeline_stages(spec),
+        runs.create_run(s, run_id="p1", name="p", spec=spec.to_dict(), stages=pipeline_stages(spec),
                         work_dir=str(settings.runs_root / "p1"))
     for stage in ("regenerate", "prepare"):
         assert execute_stage(factory, settings, "p1", stage, worker="t") == "succeeded"
         with factory() as s:
-            row = repo.get_stage(s, "p1", stage)
+            row = stages.get_stage(s, "p1", stage)
             assert (row.current_step, row.total_steps) == (3, 3), (stage, row.current_step, row.total_steps)
         lines = (StagePaths(settings.runs_root / "p1").logs / f"{stage}.progress.jsonl").read_text().splitlines()
         assert json.loads(lines[-1])["done"] == 3
@@ -341,14 +335,14 @@ def test_online_run_endpoint_checked_at_submit_and_before_the_first_stage(settin
         spec.vllm_endpoint = dead
         factory = open_store(settings.db_url)
         with factory() as s:
-            repo.create_run(s, run_id="e1", name="e", spec=spec.to_dict(), stages=pipeline_stages(spec),
+            runs.create_run(s, run_id="e1", name="e", spec=spec.to_dict(), stages=pipeline_stages(spec),
                             work_dir=str(settings.runs_root / "e1"))
         assert execute_stage(factory, settings, "e1", "prepare", worker="t") == "failed"
         with factory() as s:
-            run = repo.get_run(s, "e1")
+            run = runs.get_run(s, "e1")
             assert run.status == "failed"
             assert f"the vLLM endpoint {dead} is unreachable (connection refused)" in run.error
-            assert repo.get_stage(s, "e1", "prepare").pid is None
+            assert stages.get_stage(s, "e1", "prepare").pid is None
         assert not (settings.runs_root / "e1" / "prepared").exists()  # nothing ran
     finally:
         server.shutdown()

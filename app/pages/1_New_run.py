@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import streamlit as st
 
 from app import common
-from runstore import repo
+from runstore import errors, runs
 from speculators.config.base import choices_of, unwrap_optional
 from speculators.config.run import BUILTIN_DATASETS, RunSettings, form_defaults
 from worker.spec import validate_spec
@@ -92,15 +92,15 @@ def _submit() -> None:
     if state.get(key("mode")) == "offline":
         raw.pop("vllm_endpoint", None)
     with common.store()() as session:
-        taken = repo.run_names(session)
-    spec, errors = validate_spec(raw, s, names_taken=taken)
-    state["form_errors"] = errors
+        taken = runs.run_names(session)
+    spec, errs = validate_spec(raw, s, names_taken=taken)
+    state["form_errors"] = errs
     state["submitted"] = None
     if spec is None:
         return
     try:
         run_id, broker_err = common.submit(spec)
-    except repo.NameTaken as exc:  # another tab or client took the name meanwhile
+    except errors.NameTaken as exc:  # another tab or client took the name meanwhile
         state["form_errors"] = {"name": str(exc)}
         return
     state["submitted"] = {"run_id": run_id, "name": spec.name, "broker_error": broker_err}

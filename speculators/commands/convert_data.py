@@ -54,7 +54,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from speculators.data import data_config as dc
     from speculators.data.formats import convert_pt_to_safetensors, convert_v0_to_pt, read_data_config
-    from speculators.data.public_format import convert_from_public, convert_to_public, is_public_layout
+    from speculators.data.public_convert import convert_from_public, convert_to_public
+    from speculators.data.public_format import is_public_layout
     from speculators.errors import UserError
 
     src, dst = Path(args.data_path), Path(args.output_dir)

@@ -1,6 +1,6 @@
 """Training samples for EAGLE-3: the shift, packing and padding.
 
-A *sample store* (see `speculators.data.formats.SampleStore`) yields raw samples
+A *sample store* (see `speculators.data.sample_store.SampleStore`) yields raw samples
 ``{"input_ids": [L], "hidden_states": [[L,H] x K], "loss_mask": [L]}`` where the
 last of the K hidden-state layers is the verifier's final layer (pre final norm).
 
@@ -27,7 +27,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from speculators.data.formats import OnCorrupt, SampleStore, open_sample_store
+from speculators.data.formats import open_sample_store
+from speculators.data.sample_store import OnCorrupt, SampleStore
 from speculators.errors import UserError
 
 BatchType = dict[str, torch.Tensor]
@@ -89,10 +90,7 @@ class Eagle3Dataset(Dataset):
 
     def lengths(self) -> list[int]:
         """Shifted (and truncated) length of every item, for `PackedBatchSampler`."""
-        get = getattr(self.store, "lengths", None)
-        if get is None:
-            raise UserError("this sample store does not report lengths; use a plain batch size")
-        all_lengths = get()
+        all_lengths = self.store.lengths()
         out = []
         for idx in self.indices:
             n = max(int(all_lengths[idx]) - 1, 0)
@@ -105,12 +103,9 @@ class Eagle3Dataset(Dataset):
         path: str | os.PathLike,
         max_len: int | None = None,
         on_corrupt: OnCorrupt = "skip",
-        expected_hidden_size: int | None = None,
-        expected_num_layers: int | None = None,
         dtype: torch.dtype | None = None,
     ) -> "Eagle3Dataset":
-        store = open_sample_store(path, on_corrupt, expected_hidden_size, expected_num_layers)
-        return cls(store, max_len=max_len, dtype=dtype)
+        return cls(open_sample_store(path, on_corrupt), max_len=max_len, dtype=dtype)
 
 
 def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:

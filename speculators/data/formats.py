@@ -1,6 +1,6 @@
 """On-disk hidden-state layouts and the sample stores that read them.
 
-Two layouts live behind one protocol (`SampleStore`: `__len__`, `load(i)`):
+Two layouts live behind the sample-store protocol (`speculators.data.sample_store.SampleStore`):
 
 * ``pt`` (data format version 1): one ``data_<i>.pt`` per sample holding
   ``{"input_ids": LongTensor[L], "hidden_states": [Tensor[L,H], ...],
@@ -16,29 +16,34 @@ Two layouts live behind one protocol (`SampleStore`: `__len__`, `load(i)`):
 Both directories carry ``data_config.json``; `open_sample_store` reads it and
 returns the right store, so callers never look at the layout. A third layout, the
 public `speculators` package's (``hidden_states/hs_<i>.safetensors`` beside an arrow
-dataset), is detected by its shape and read by `speculators.data.public_format`.
+dataset), is detected by its shape and read by `speculators.data.public_format`; the
+conversions to and from it are in `speculators.data.public_convert`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-import warnings
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Iterator, Literal, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
-from speculators.atomic import atomic_write_bytes, atomic_write_json
+from speculators.atomic import atomic_write_bytes
 from speculators.data import data_config as dc
 from speculators.data.data_config import DATA_CONFIG_NAME
+from speculators.data.public_format import PublicSampleStore, is_public_layout, open_public_store
+from speculators.data.sample_store import (
+    CorruptSampleError,
+    FileSampleStore,
+    OnCorrupt,
+    SampleSchema,
+    first_line,
+    readable_samples,
+)
 from speculators.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 DATA_FORMAT_VERSION = 1
 DATA_FORMAT_VERSIONS = (0, 1)
@@ -47,30 +52,9 @@ V1_KEYS = ("input_ids", "hidden_states", "loss_mask")
 SHARD_DIR = "shards"
 _PT_NAME = re.compile(r"^data_(\d+)\.pt$")
 
-OnCorrupt = Literal["skip", "raise"]
-
-
-@runtime_checkable
-class SampleStore(Protocol):
-    """Anything the training `Dataset` can read samples from (disk or online)."""
-
-    def __len__(self) -> int: ...
-
-    def load(self, i: int) -> dict[str, Any]:
-        """Return ``{"input_ids": [L] long, "hidden_states": [[L,H], ...], "loss_mask": [L] long}``."""
-        ...
-
-
-class CorruptSampleError(UserError):
-    """A sample file cannot be read or does not match the dataset's schema."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines() or [""])[0][:200]
-
 
 def pt_file_name(index: int) -> str:
+    """The one file-name rule of the pt layout (datagen, the stores and the online cache use it)."""
     return f"data_{index}.pt"
 
 
@@ -143,7 +127,7 @@ def infer_v0_config(directory: Path) -> dict[str, Any]:
     try:
         sample = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
-        raise UserError(f"{path}: cannot be read ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise UserError(f"{path}: cannot be read ({type(exc).__name__}: {first_line(exc)})") from exc
     check_layout(sample, str(path), 0)
     converted = v0_to_v1(sample, str(path))
     return {
@@ -155,95 +139,30 @@ def infer_v0_config(directory: Path) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class SampleSchema:
-    """What every sample of a dataset must look like."""
-
-    num_layers: int
-    hidden_size: int
-
-    def check(self, sample: dict[str, Any], where: str) -> None:
-        """Raise `CorruptSampleError` naming ``where`` when ``sample`` breaks the schema."""
-        for key in ("input_ids", "hidden_states", "loss_mask"):
-            if key not in sample:
-                raise CorruptSampleError(f"{where}: missing key {key!r}")
-        ids, mask, hs = sample["input_ids"], sample["loss_mask"], sample["hidden_states"]
-        if not isinstance(ids, torch.Tensor) or ids.ndim != 1:
-            raise CorruptSampleError(f"{where}: input_ids must be a 1-D tensor")
-        length = ids.shape[0]
-        if length < 2:
-            raise CorruptSampleError(f"{where}: needs at least 2 tokens, has {length}")
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (length,):
-            raise CorruptSampleError(f"{where}: loss_mask shape must be [{length}]")
-        if len(hs) != self.num_layers:
-            raise CorruptSampleError(
-                f"{where}: has {len(hs)} hidden-state layers, data_config.json says {self.num_layers}"
-            )
-        for k, h in enumerate(hs):
-            if tuple(h.shape) != (length, self.hidden_size):
-                raise CorruptSampleError(
-                    f"{where}: hidden_states[{k}] has shape {tuple(h.shape)}, "
-                    f"expected ({length}, {self.hidden_size})"
-                )
+def read_pt_sample(path: Path, schema: SampleSchema | None, data_format_version: int = DATA_FORMAT_VERSION) -> dict[str, Any]:
+    """The one reader of a ``data_<i>.pt`` file: its layout and (given a schema) its dimensions
+    checked, a version-0 file served as version 1; `CorruptSampleError` naming the file otherwise.
+    ``schema`` None checks the layout only (an online cache whose dimensions are not known yet)."""
+    try:
+        # mmap: tensors are views of the page cache; the Dataset's shift copies them once.
+        sample = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # any unpickling/zip error means the file is unusable
+        raise CorruptSampleError(f"{path}: cannot be read ({type(exc).__name__}: {first_line(exc)})") from exc
+    check_layout(sample, str(path), data_format_version)
+    if data_format_version == 0:
+        sample = v0_to_v1(sample, str(path))
+    if schema is not None:
+        schema.check(sample, str(path))
+    return {
+        "input_ids": sample["input_ids"].long(),
+        "hidden_states": list(sample["hidden_states"]),
+        "loss_mask": sample["loss_mask"].long(),
+    }
 
 
-class _CorruptPolicy:
-    """Shared skip-or-raise behaviour: a skipped sample is replaced by the next good one."""
-
-    def __init__(self, on_corrupt: OnCorrupt):
-        if on_corrupt not in ("skip", "raise"):
-            raise UserError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
-        self.on_corrupt = on_corrupt
-        self.bad: set[int] = set()
-
-    def load_with_policy(self, i: int, n: int, read) -> dict[str, Any]:
-        if n == 0:
-            raise IndexError("empty sample store")
-        for step in range(n):
-            j = (i + step) % n
-            if j in self.bad:
-                continue
-            try:
-                return read(j)
-            except CorruptSampleError as exc:
-                if self.on_corrupt == "raise":
-                    raise
-                self.bad.add(j)
-                _warn_skipped(exc, stacklevel=4)
-        raise CorruptSampleError(f"every sample in the store is corrupt (last asked for index {i})")
-
-
-def _warn_skipped(exc: CorruptSampleError, stacklevel: int) -> None:
-    warnings.warn(f"skipping corrupt sample: {exc}", stacklevel=stacklevel)
-    logger.warning("skipping corrupt sample: %s", exc)
-
-
-def readable_samples(store: Any, on_corrupt: str, skipped: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """A converter's pass over ``store`` in order: ``(sample index, sample)`` for each readable sample.
-
-    A corrupt sample raises (``on_corrupt="raise"``) or is warned about, its index appended to
-    ``skipped`` and passed over; when none was readable, a `UserError` says nothing was converted.
-    ``store`` is any of our stores (``sample_indices``, ``_read(i)`` and ``directory``).
-    """
-    found = False
-    for i in range(len(store)):
-        try:
-            sample = store._read(i)
-        except CorruptSampleError as exc:
-            if on_corrupt == "raise":
-                raise
-            _warn_skipped(exc, stacklevel=4)  # the converter's caller
-            skipped.append(store.sample_indices[i])
-            continue
-        found = True
-        yield store.sample_indices[i], sample
-    if not found:
-        raise UserError(f"{store.directory}: every sample was corrupt; nothing converted")
-
-
-class _OwnLayoutStore(ABC):
-    """What our two layouts share: the directory, its data_config.json (read unless given), the
-    sample schema, and `load` through the skip-or-raise policy around the layout's `_read`."""
+class _OwnLayoutStore(FileSampleStore):
+    """What our two layouts share: the directory, its data_config.json (read unless given) and the
+    sample schema; `load` serves the layout's `read_sample` through the skip-or-raise policy."""
 
     def __init__(
         self,
@@ -252,29 +171,22 @@ class _OwnLayoutStore(ABC):
         config: dict[str, Any] | None = None,
         data_format_version: int = DATA_FORMAT_VERSION,
     ):
-        self.directory = Path(directory)
+        super().__init__(directory, on_corrupt)
         if data_format_version not in DATA_FORMAT_VERSIONS:
             raise UserError(f"--data-format-version {data_format_version!r}: choose 0 or 1")
         self.data_format_version = data_format_version
         self.config = config if config is not None else read_data_config(self.directory)
-        num_layers = len(self.config["layer_ids"]) if self.config.get("layer_ids") else int(self.config["num_layers"])
+        self.where = str(self.directory / DATA_CONFIG_NAME)
+        num_layers = self.num_stored_layers
+        if num_layers is None:
+            raise UserError(f"{self.where} names neither layer_ids nor num_layers; regenerate the data with "
+                            "`speculators datagen`")
         self.schema = SampleSchema(num_layers, int(self.config["hidden_size"]))
-        self._policy = _CorruptPolicy(on_corrupt)
         self._index()
 
     @abstractmethod
     def _index(self) -> None:
         """Find the samples (``sample_indices``) in the layout's files."""
-
-    @abstractmethod
-    def __len__(self) -> int: ...
-
-    @abstractmethod
-    def _read(self, i: int) -> dict[str, Any]:
-        """Sample ``i`` (0..len-1), or `CorruptSampleError` naming what is wrong."""
-
-    def load(self, i: int) -> dict[str, Any]:
-        return self._policy.load_with_policy(i, len(self), self._read)
 
 
 class PtSampleStore(_OwnLayoutStore):
@@ -286,36 +198,14 @@ class PtSampleStore(_OwnLayoutStore):
     """
 
     def _index(self) -> None:
-        found = []
-        for name in os.listdir(self.directory):
-            m = _PT_NAME.match(name)
-            if m:
-                found.append(int(m.group(1)))
-        self.sample_indices: list[int] = sorted(found)
+        self.sample_indices = sorted(finished_pt_indices(self.directory))
         self._lengths: list[int] | None = None
-
-    def __len__(self) -> int:
-        return len(self.sample_indices)
 
     def path(self, i: int) -> Path:
         return self.directory / pt_file_name(self.sample_indices[i])
 
-    def _read(self, i: int) -> dict[str, Any]:
-        path = self.path(i)
-        try:
-            # mmap: tensors are views of the page cache; the Dataset's shift copies them once.
-            sample = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # any unpickling/zip error means the file is unusable
-            raise CorruptSampleError(f"{path}: cannot be read ({type(exc).__name__}: {_first_line(exc)})") from exc
-        check_layout(sample, str(path), self.data_format_version)
-        if self.data_format_version == 0:
-            sample = v0_to_v1(sample, str(path))
-        self.schema.check(sample, str(path))
-        return {
-            "input_ids": sample["input_ids"].long(),
-            "hidden_states": list(sample["hidden_states"]),
-            "loss_mask": sample["loss_mask"].long(),
-        }
+    def read_sample(self, i: int) -> dict[str, Any]:
+        return read_pt_sample(self.path(i), self.schema, self.data_format_version)
 
     def lengths(self) -> list[int]:
         """Token count per sample (from data_config.json when recorded, else read lazily)."""
@@ -345,19 +235,16 @@ class SafetensorsSampleStore(_OwnLayoutStore):
             raise UserError(f"{self.directory / DATA_CONFIG_NAME}: format is safetensors but lists no shards")
         self._shards: list[dict[str, Any]] = shards
         # Flat index -> (shard number, row within shard).
-        self._where: list[tuple[int, int]] = []
+        self._position: list[tuple[int, int]] = []
         self._lengths: list[int] = []
         self.sample_indices: list[int] = []
         for k, shard in enumerate(shards):
             for row, (idx, length) in enumerate(zip(shard["sample_index"], shard["lengths"])):
-                self._where.append((k, row))
+                self._position.append((k, row))
                 self.sample_indices.append(int(idx))
                 self._lengths.append(int(length))
         self._handles: dict[int, _MappedSafetensors] = {}
         self._pid = os.getpid()
-
-    def __len__(self) -> int:
-        return len(self._where)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -375,11 +262,11 @@ class SafetensorsSampleStore(_OwnLayoutStore):
             try:
                 self._handles[k] = _MappedSafetensors(path)
             except Exception as exc:
-                raise CorruptSampleError(f"{path}: cannot be opened ({type(exc).__name__}: {_first_line(exc)})") from exc
+                raise CorruptSampleError(f"{path}: cannot be opened ({type(exc).__name__}: {first_line(exc)})") from exc
         return self._handles[k]
 
-    def _read(self, i: int) -> dict[str, Any]:
-        k, row = self._where[i]
+    def read_sample(self, i: int) -> dict[str, Any]:
+        k, row = self._position[i]
         shard = self._shard(k)
         where = f"{shard.path} row {row}"
         try:
@@ -389,7 +276,7 @@ class SafetensorsSampleStore(_OwnLayoutStore):
             ids = shard.tensor("input_ids")[a:b]
             mask = shard.tensor("loss_mask")[a:b]
         except Exception as exc:
-            raise CorruptSampleError(f"{where}: unreadable ({type(exc).__name__}: {_first_line(exc)})") from exc
+            raise CorruptSampleError(f"{where}: unreadable ({type(exc).__name__}: {first_line(exc)})") from exc
         if hidden.ndim != 3 or (hidden.shape[0], hidden.shape[2]) != (self.schema.num_layers, self.schema.hidden_size):
             raise CorruptSampleError(
                 f"{where}: hidden_states has shape {tuple(hidden.shape)}, expected "
@@ -446,37 +333,20 @@ class _MappedSafetensors:
 def open_sample_store(
     directory: str | os.PathLike,
     on_corrupt: OnCorrupt = "skip",
-    expected_hidden_size: int | None = None,
-    expected_num_layers: int | None = None,
     data_format_version: int = DATA_FORMAT_VERSION,
-) -> PtSampleStore | SafetensorsSampleStore:
+) -> PtSampleStore | SafetensorsSampleStore | PublicSampleStore:
     """Open a datagen output directory whatever its layout.
 
-    ``expected_hidden_size``/``expected_num_layers`` (the verifier's, when known) are
-    checked against data_config.json so a mismatch fails before training starts.
-    ``expected_num_layers`` counts all stored layers, the final one included.
     ``data_format_version`` 0 reads the older per-sample layout (a directory of ``data_<i>.pt``
     with ``hidden_state``/``target``; data_config.json optional); its first file is checked
     here, so the wrong version fails before anything else, naming the file and its keys.
+    The data's dimensions are checked against a verifier by ``store.check_verifier``.
     """
     directory = Path(directory)
-    from speculators.data.public_format import is_public_layout, open_public_store
-
     if data_format_version not in DATA_FORMAT_VERSIONS:
         raise UserError(f"--data-format-version {data_format_version!r}: choose 0 or 1")
     if data_format_version == 1 and is_public_layout(directory):  # the public package's layout, detected
-        public = open_public_store(directory, on_corrupt)
-        where = directory / "hidden_states"
-        if expected_hidden_size is not None and public.schema.hidden_size != int(expected_hidden_size):
-            raise UserError(
-                f"{where}: hidden size {public.schema.hidden_size} does not match the verifier's "
-                f"{expected_hidden_size}; regenerate the data for this verifier"
-            )
-        if expected_num_layers is not None and public.schema.num_layers != int(expected_num_layers):
-            raise UserError(
-                f"{where}: stores {public.schema.num_layers} layers, the draft model expects {expected_num_layers}"
-            )
-        return public  # type: ignore[return-value]
+        return open_public_store(directory, on_corrupt)
     if data_format_version == 0:
         config = infer_v0_config(directory)  # also refuses a version-1 first file
         recorded = dc.load(directory / DATA_CONFIG_NAME)
@@ -500,17 +370,6 @@ def open_sample_store(
                 pass
         config = read_data_config(directory)
     where = directory / DATA_CONFIG_NAME
-    n_stored = len(config["layer_ids"]) if config.get("layer_ids") else int(config.get("num_layers", 0))
-    if expected_hidden_size is not None and int(config["hidden_size"]) != int(expected_hidden_size):
-        raise UserError(
-            f"{where}: hidden_size {config['hidden_size']} does not match the verifier's "
-            f"{expected_hidden_size}; regenerate the data for this verifier"
-        )
-    if expected_num_layers is not None and n_stored != int(expected_num_layers):
-        raise UserError(
-            f"{where}: stores {n_stored} layers {config.get('layer_ids')}, "
-            f"the draft model expects {expected_num_layers}"
-        )
     fmt = config.get("format", "pt")
     if fmt == "pt":
         store: PtSampleStore | SafetensorsSampleStore = PtSampleStore(directory, on_corrupt, config,
@@ -560,6 +419,14 @@ def finished_pt_indices(directory: str | os.PathLike) -> set[int]:
     return out
 
 
+def check_new_output(src: Path, dst: Path, empty: bool = True) -> None:
+    """A converter writes a new directory: never --data-path itself, and (``empty``) none with files in it."""
+    if src.resolve() == dst.resolve():
+        raise UserError("--output-dir must differ from --data-path (convert-data writes a new directory)")
+    if empty and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise UserError(f"--output-dir {dst} exists and is not empty; choose a new directory")
+
+
 def convert_pt_to_safetensors(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -577,8 +444,7 @@ def convert_pt_to_safetensors(
     from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise UserError("--output-dir must differ from --data-path (convert-data writes a new directory)")
+    check_new_output(src, dst, empty=False)  # datagen converts into its own output directory
     store = open_sample_store(src, on_corrupt="raise", data_format_version=data_format_version)
     if not isinstance(store, PtSampleStore):
         raise UserError(f"{src / DATA_CONFIG_NAME}: format is {store.config.get('format')!r}, expected 'pt'")
@@ -637,10 +503,7 @@ def convert_pt_to_safetensors(
 def convert_v0_to_pt(src: str | os.PathLike, dst: str | os.PathLike, on_corrupt: OnCorrupt = "skip") -> dict[str, Any]:
     """Rewrite a data-format-version-0 directory as version 1 (what datagen writes today)."""
     src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise UserError("--output-dir must differ from --data-path (convert-data writes a new directory)")
-    if dst.exists() and any(dst.iterdir()):
-        raise UserError(f"--output-dir {dst} exists and is not empty; choose a new directory")
+    check_new_output(src, dst)
     store = open_sample_store(src, on_corrupt="raise", data_format_version=0)
     dst.mkdir(parents=True, exist_ok=True)
     lengths: dict[str, int] = {}

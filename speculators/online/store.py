@@ -1,9 +1,10 @@
 """Online / hybrid sample store: hidden states requested from vLLM while training runs.
 
-`OnlineSampleStore` implements the sample-store protocol (`__len__`, `load(i)`) over
-the rows of a prepared dataset (``input_ids``, ``loss_mask``). For a row whose
-hidden states are not in ``hidden_states_path`` (``data_<row>.pt``, datagen's
-format) it follows ``on_missing``:
+`OnlineSampleStore` implements the sample-store protocol
+(`speculators.data.sample_store.SampleStore`) over the rows of a prepared dataset
+(``input_ids``, ``loss_mask``). Its cache ``hidden_states_path`` is a pt-layout directory
+(``data_<row>.pt``, datagen's format) read and written with `speculators.data.formats`'
+functions. For a row whose hidden states are not there it follows ``on_missing``:
 
 * ``generate``: request them from the vLLM server (retried with backoff, bounded
   wait); ``on_generate="cache"`` then writes ``data_<row>.pt`` so later epochs and
@@ -11,10 +12,9 @@ format) it follows ``on_missing``:
 * ``skip``: the store only covers rows already on disk.
 * ``raise``: refuse to start when any row is missing.
 
-Prefetch: `prefetch(order)` tells the store which rows come next (a trainer calls
-it once per epoch with its sampler's order, see `PrefetchingBatchSampler`); up to
-``prefetch_depth`` requests then run ahead of `load` on a thread pool so the
-accelerator does not wait on the server.
+Prefetch: `prefetch(order)` tells the store which rows come next (the trainer calls
+it once per epoch with this rank's sample order); up to ``prefetch_depth`` requests
+then run ahead of `load` on a thread pool so the accelerator does not wait on the server.
 """
 
 from __future__ import annotations
@@ -27,11 +27,21 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Iterable, Literal
 
 import torch
 
 from speculators.config.train import TrainConfig
+from speculators.data import data_config as dc
+from speculators.data.data_config import DATA_CONFIG_NAME
+from speculators.data.formats import (
+    DATA_FORMAT_VERSION,
+    finished_pt_indices,
+    pt_file_name,
+    read_pt_sample,
+    write_pt_sample,
+)
+from speculators.data.sample_store import CorruptSampleError, SampleSchema, SampleStore
 from speculators.errors import UserError
 from speculators.vllm.client import ClientConfig, HiddenStatesClient
 from speculators.vllm.retry import RetryPolicy
@@ -113,11 +123,7 @@ class PreparedRows:
         return [len(r["input_ids"]) for r in self.rows]
 
 
-def cached_file(directory: Path, row: int) -> Path:
-    return directory / f"data_{row}.pt"
-
-
-class OnlineSampleStore:
+class OnlineSampleStore(SampleStore):
     """See the module docstring. Safe to pickle into DataLoader workers (pools restart lazily)."""
 
     def __init__(self, rows: PreparedRows, config: OnlineConfig, client: HiddenStatesClient | None = None):
@@ -129,7 +135,7 @@ class OnlineSampleStore:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._adopt_cache_config()
         n = len(rows)
-        on_disk = self._scan_cache(n)
+        on_disk = {row for row in finished_pt_indices(self.cache_dir) if row < n} if self.cache_dir else set()
         if config.on_missing == "skip":
             self.index = sorted(on_disk)
             if not self.index:
@@ -163,7 +169,7 @@ class OnlineSampleStore:
         self._plan_pos = 0  # next plan entry not yet submitted
         self._plan_where: dict[int, int] = {}
         self._mutex = threading.Lock()
-        self._config_written = self.cache_dir is not None and (self.cache_dir / "data_config.json").exists()
+        self._config_written = self.cache_dir is not None and (self.cache_dir / DATA_CONFIG_NAME).exists()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -204,12 +210,12 @@ class OnlineSampleStore:
         return self._client
 
     def _adopt_cache_config(self) -> None:
-        """Cached samples from an earlier run or offline datagen must hold the same layers."""
-        from speculators.data import data_config as dc
-
+        """Cached samples from an earlier run or offline datagen must hold the same layers; the
+        dimensions they record are what `config` reports, so `check_verifier` compares the files'."""
+        self._cached_dims: dict[str, int] = {}
         if self.cache_dir is None:
             return
-        path = self.cache_dir / "data_config.json"
+        path = self.cache_dir / DATA_CONFIG_NAME
         existing = dc.load(path)  # either version of the file
         if existing is None:
             return
@@ -224,6 +230,7 @@ class OnlineSampleStore:
             c.layer_ids = [int(i) for i in theirs]
         if existing.get("format", "pt") != "pt":
             raise UserError(f"{path}: format {existing.get('format')!r}; online caching needs the pt layout")
+        self._cached_dims = {k: int(existing[k]) for k in ("hidden_size", "num_hidden_layers") if existing.get(k)}
         c.hidden_size = c.hidden_size or existing.get("hidden_size")
         c.num_hidden_layers = c.num_hidden_layers or existing.get("num_hidden_layers")
 
@@ -231,28 +238,31 @@ class OnlineSampleStore:
     def config(self) -> dict[str, Any]:
         """What the trainer checks, shaped like datagen's data_config.json."""
         c = self.online
-        out: dict[str, Any] = {"version": 1, "format": "online"}
+        out: dict[str, Any] = {"version": DATA_FORMAT_VERSION, "format": "online"}
         if c.layer_ids:
             out["layer_ids"] = list(c.layer_ids)
         if c.hidden_size:
             out["hidden_size"] = c.hidden_size
         if c.num_hidden_layers:
             out["num_hidden_layers"] = c.num_hidden_layers
+        out.update(self._cached_dims)
         return out
 
-    def _scan_cache(self, n: int) -> set[int]:
-        if self.cache_dir is None or not self.cache_dir.is_dir():
-            return set()
-        found = set()
-        for name in os.listdir(self.cache_dir):
-            if name.startswith("data_") and name.endswith(".pt"):
-                try:
-                    row = int(name[5:-3])
-                except ValueError:
-                    continue
-                if 0 <= row < n:
-                    found.add(row)
-        return found
+    @property
+    def where(self) -> str:  # type: ignore[override]
+        if self.cache_dir is not None:
+            return str(self.cache_dir / DATA_CONFIG_NAME)
+        return f"the vLLM server at {self.online.endpoint}"
+
+    @property
+    def fetches_ahead(self) -> bool:
+        return True
+
+    def _cache_schema(self) -> SampleSchema | None:
+        """What a cached sample must hold, once the layers and the hidden size are known."""
+        c = self.online
+        hidden = self._cached_dims.get("hidden_size", c.hidden_size)
+        return SampleSchema(len(c.layer_ids), int(hidden)) if c.layer_ids and hidden else None
 
     # -- protocol -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -309,7 +319,7 @@ class OnlineSampleStore:
                 if i in self._futures:
                     continue
                 row = self.index[i]
-                if self.cache_dir is not None and cached_file(self.cache_dir, row).exists():
+                if self.cache_dir is not None and (self.cache_dir / pt_file_name(row)).exists():
                     continue
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self.online.workers, thread_name_prefix="online-hs")
@@ -319,20 +329,15 @@ class OnlineSampleStore:
     def _read_cached(self, row: int) -> dict[str, Any] | None:
         if self.cache_dir is None:
             return None
-        path = cached_file(self.cache_dir, row)
+        path = self.cache_dir / pt_file_name(row)
         if not path.exists():
             return None
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            return {
-                "input_ids": data["input_ids"].long(),
-                "hidden_states": list(data["hidden_states"]),
-                "loss_mask": data["loss_mask"].long(),
-            }
-        except Exception as exc:  # a corrupt cache file: regenerate rather than stop
+            return read_pt_sample(path, self._cache_schema())
+        except CorruptSampleError as exc:  # a corrupt cache file: regenerate rather than stop
             if self.online.on_missing != "generate":
-                raise UserError(f"{path}: cannot be read ({exc}); delete it or use --on-missing generate") from exc
-            logger.warning("%s unreadable (%s); requesting it again", path, exc)
+                raise UserError(f"{exc}; delete it or use --on-missing generate") from exc
+            logger.warning("%s; requesting it again", exc)
             return None
 
     def _generate(self, row: int) -> dict[str, Any]:
@@ -348,17 +353,14 @@ class OnlineSampleStore:
         return sample
 
     def _write_cache(self, row: int, sample: dict[str, Any]) -> None:
-        from speculators.atomic import atomic_write_bytes
-        from speculators.data import data_config as dc
-
-        path = cached_file(self.cache_dir, row)  # type: ignore[arg-type]
-        atomic_write_bytes(path, lambda tmp: torch.save(sample, tmp))
+        assert self.cache_dir is not None
+        write_pt_sample(self.cache_dir, row, sample)
         with self._mutex:
             self.stats["cached"] += 1
         if not self._config_written:
             with self._mutex:
                 if not self._config_written:
-                    cfg_path = self.cache_dir / "data_config.json"  # type: ignore[operator]
+                    cfg_path = self.cache_dir / DATA_CONFIG_NAME
                     if not cfg_path.exists():
                         dc.write(cfg_path, self._data_config(sample))
                     self._config_written = True
@@ -373,8 +375,6 @@ class OnlineSampleStore:
     def _data_config(self, sample: dict[str, Any]) -> dict[str, Any]:
         import importlib.metadata as md
 
-        from speculators.data import data_config as dc
-
         def version(pkg: str) -> str | None:
             try:
                 return md.version(pkg)
@@ -383,7 +383,7 @@ class OnlineSampleStore:
 
         k = len(sample["hidden_states"])
         return {
-            "version": 1,
+            "version": DATA_FORMAT_VERSION,
             "format": "pt",
             "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "packages": {p: version(p) for p in ("speculators", "torch", "transformers")},
@@ -399,27 +399,3 @@ class OnlineSampleStore:
             **self.online.extra_config,
         }
 
-
-class PrefetchingBatchSampler:
-    """Wrap a batch sampler: at the start of each epoch, tell the store the whole order.
-
-    ``to_store_index`` maps the sampler's dataset indices to store indices (e.g.
-    ``dataset.indices.__getitem__`` for a subset). A store without `prefetch` is left alone.
-    """
-
-    def __init__(self, batch_sampler: Iterable[Sequence[int]], store: Any, to_store_index=None):
-        self.batch_sampler = batch_sampler
-        self.store = store
-        self.to_store_index = to_store_index or (lambda i: i)
-
-    def __iter__(self) -> Iterator[Sequence[int]]:
-        batches = list(iter(self.batch_sampler))
-        if hasattr(self.store, "prefetch"):
-            self.store.prefetch(self.to_store_index(i) for batch in batches for i in batch)
-        return iter(batches)
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:  # set_epoch etc. reach the wrapped sampler
-        return getattr(self.batch_sampler, name)

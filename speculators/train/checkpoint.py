@@ -3,7 +3,8 @@
 `<save-path>/<epoch>/` is the checkpoint at the end of an epoch, `<save-path>/<epoch>-step<N>/`
 one taken inside epoch `<epoch>` after global optimizer step `N` (`--checkpoint-every-steps`,
 or on SIGTERM/SIGINT).  Each holds `config.json` + `model.safetensors` (loadable by
-`vllm serve`), `optimizer_state_dict.pt`, `scheduler_state_dict.pt` and `trainer_state.pt`.
+`vllm serve`), `optimizer_state_dict.pt`, `scheduler_state_dict.pt` and `trainer_state.pt`:
+the training state map (speculators.train.state) the `Checkpointer` saves and restores.
 A checkpoint is written under a temporary name and renamed into place, so a killed run
 never leaves a half checkpoint that resume would pick up.  `checkpoint_latest` points at
 the newest checkpoint, `checkpoint_best` at the epoch end with the best validation loss
@@ -14,6 +15,7 @@ deletes all but the newest K, never the best.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -25,9 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.stateful import Stateful
 
 from speculators.atomic import atomic_symlink, atomic_write_json
 from speculators.errors import UserError
+from speculators.train.distributed import DistInfo, barrier
+
+logger = logging.getLogger("speculators.train")
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -135,18 +141,21 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ------------------------------------------------------------------ symlinks
-def write_checkpoint(
-    save_path: str | os.PathLike,
-    name: str,
-    draft,
-    draft_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
-    scheduler_state: dict[str, Any],
-    trainer_state: dict[str, Any],
-    is_best: bool,
-) -> Path:
-    """Write `<save-path>/<name>` atomically and move the symlinks."""
+# ------------------------------------------------------------------ the state map on disk
+# Where each entry of the training state map lives. `model` is written by the draft itself
+# (config.json + model.safetensors, the layout vLLM reads); the entries in TRAINER_ENTRIES
+# share trainer_state.pt as one flat dict (their keys are disjoint), the layout earlier
+# releases wrote and read.
+ENTRY_FILES = {"optimizer": OPTIMIZER_FILE, "scheduler": SCHEDULER_FILE}
+TRAINER_ENTRIES = ("progress", "rng")
+
+
+def write_checkpoint(save_path: str | os.PathLike, name: str, draft, state: dict[str, Any],
+                     extra: dict[str, Any], is_best: bool) -> Path:
+    """Write the state map as `<save-path>/<name>` atomically and move the symlinks.
+
+    `extra` joins trainer_state.pt as information only (which run wrote it); resume ignores it.
+    """
     if checkpoint_order(name) is None:
         raise ValueError(f"checkpoint name {name!r}: expected <epoch> or <epoch>-step<N>")
     root = Path(save_path)
@@ -154,9 +163,12 @@ def write_checkpoint(
     final = root / name
     tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    draft.save_pretrained(tmp, draft_state)
-    torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-    torch.save(scheduler_state, tmp / SCHEDULER_FILE)
+    draft.save_pretrained(tmp, state["model"])
+    for key, file in ENTRY_FILES.items():
+        torch.save(state[key], tmp / file)
+    trainer_state = dict(extra)
+    for key in TRAINER_ENTRIES:
+        trainer_state.update(state[key])
     torch.save(trainer_state, tmp / TRAINER_FILE)
     if final.exists():
         shutil.rmtree(final)
@@ -167,16 +179,47 @@ def write_checkpoint(
     return final
 
 
-def load_trainer_state(directory: Path) -> dict[str, Any]:
-    return torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=True)
+def read_checkpoint(directory: Path) -> dict[str, Any]:
+    """The state map `write_checkpoint` wrote into `directory` (each entry's state dict)."""
+    from speculators.models.eagle3 import Eagle3DraftModel
+
+    def load(file: str) -> Any:
+        return torch.load(directory / file, map_location="cpu", weights_only=True)
+
+    # The draft's own reader fills in what the vLLM layout leaves out (an identity vocab mapping).
+    state: dict[str, Any] = {"model": Eagle3DraftModel.from_pretrained(directory).state_dict()}
+    state.update({key: load(file) for key, file in ENTRY_FILES.items()})
+    trainer_state = load(TRAINER_FILE)
+    state.update({key: trainer_state for key in TRAINER_ENTRIES})
+    return state
 
 
-def load_optimizer_state(directory: Path) -> dict[str, Any]:
-    return torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+class Checkpointer:
+    """Saves and restores the training state map (`Stateful` objects by name) as one checkpoint.
 
+    Every rank calls `save` (the full model and optimizer state are collectives under FSDP2);
+    rank 0 writes, then everyone waits for it. `load` runs on every rank.
+    """
 
-def load_scheduler_state(directory: Path) -> dict[str, Any]:
-    return torch.load(directory / SCHEDULER_FILE, map_location="cpu", weights_only=True)
+    def __init__(self, save_path: str | os.PathLike, states: dict[str, Stateful], draft, run_id: str,
+                 keep_last: int, info: DistInfo):
+        self.save_path, self.states, self.draft = Path(save_path), states, draft
+        self.run_id, self.keep_last, self.info = run_id, keep_last, info
+
+    def save(self, name: str, is_best: bool) -> Path:
+        state = {key: obj.state_dict() for key, obj in self.states.items()}
+        path = self.save_path / name
+        if self.info.is_main:
+            write_checkpoint(self.save_path, name, self.draft, state, {"run_id": self.run_id}, is_best)
+            for old in prune_checkpoints(self.save_path, self.keep_last):
+                logger.info("--keep-last-checkpoints %d: deleted %s", self.keep_last, old, stacklevel=2)
+        barrier(self.info)
+        return path
+
+    def load(self, directory: Path) -> None:
+        state = read_checkpoint(directory)
+        for key, obj in self.states.items():
+            obj.load_state_dict(state[key])
 
 
 # ------------------------------------------------------------------ run guard

@@ -29,6 +29,6 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     check_train_memory(cfg)
-    summary = run_training(cfg)
+    result = run_training(cfg)
     # Stopped by SIGTERM/SIGINT (after checkpointing): not a success, the shell's code for it.
-    return 128 + summary["signal"] if summary.get("signal") else 0
+    return 128 + result.signal if result.signal else 0

@@ -73,7 +73,6 @@ class ExperimentLogger:
             return
         if self.kind == "tensorboard":
             self._backend.close()
-        elif self.kind == "wandb":
-            self._backend.finish()
         else:
             self._backend.finish()
+        self._backend = None

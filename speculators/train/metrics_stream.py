@@ -1,27 +1,19 @@
 """The machine-readable metrics stream (`metrics.jsonl`, see docs/ARCHITECTURE.md).
 
 One JSON object per line, appended and flushed, so a dashboard tailing the file sees each
-record as soon as it is written.  Only rank 0 writes.
+record as soon as it is written.  Each line is one typed record of
+`speculators.metric_records`; the metrics sink (speculators.train.sink) is its one writer.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from speculators.atomic import atomic_write_text
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    return value
+from speculators.metric_records import Record
 
 
 class MetricsStream:
@@ -66,11 +58,10 @@ class MetricsStream:
             self._fh = open(self.path, "a", encoding="utf-8")
         return dropped
 
-    def write(self, record_type: str, **fields: Any) -> None:
+    def write(self, record: Record) -> None:
         if self._fh is None:
             return
-        record = {"type": record_type, "ts": time.time(), **_clean(fields)}
-        self._fh.write(json.dumps(record) + "\n")
+        self._fh.write(record.to_json() + "\n")
         self._fh.flush()
 
     def close(self) -> None:
