@@ -353,10 +353,10 @@ def test_duplicate_run_names_are_refused(home):
     assert _errors(at) == [] and sorted(r.name for r in _stored(home)) == ["my run", "my run 2"]
     # a client that skipped the form's check is refused by the store too
     from app.common import submit
-    from worker.spec import RunSpec
+    from speculators.config.run import RunSettings
 
     with pytest.raises(errors.NameTaken):
-        submit(RunSpec(**{**RunSpec.from_dict(_stored(home)[0].spec).to_dict(), "name": "my run"}))
+        submit(RunSettings(**{**RunSettings.from_dict(_stored(home)[0].spec).to_dict(), "name": "my run"}))
 
 
 EVIL = ("**bold** [a](http://evil.example/a) ![i](http://evil.example/i.png) <img src=x onerror=alert(1)> "

@@ -45,7 +45,7 @@ from runstore.settings import Settings
 from speculators.vllm.readiness import free_port
 from worker.celery_app import make_celery
 from worker.dispatch import flush_outbox
-from worker.spec import RunSpec
+from speculators.config.run import RunSettings
 from worker.testing import run_with_stages, start_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
@@ -100,7 +100,7 @@ def _submit(settings: Settings, model: Path, *, send: bool = True, **over):
                   max_samples=8, draft_vocab_size=64, epochs=1, lr=3e-3, ttt_steps=2, num_layers=1, mode="offline",
                   gpus=0)
     fields.update(over)
-    return submit_run(settings, RunSpec(**fields), send=send)
+    return submit_run(settings, RunSettings(**fields), send=send)
 
 
 def _finished(factory, run_id):

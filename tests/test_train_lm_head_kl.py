@@ -8,7 +8,7 @@ from train_helpers import train_losses_of
 from torch import nn
 
 from speculators.errors import UserError
-from speculators.train.config import TrainConfig
+from speculators.config.train import TrainConfig
 from speculators.train.lm_head_kl import LOSS_IMPLS, lm_head_kl
 
 N, H, V, M = 37, 16, 50, 61  # M != N: the target table is not mistaken for an [N, V] tensor

@@ -14,7 +14,7 @@ from support.store import local_model, submit_run
 
 from runstore import metrics, runs, stages
 from runstore.settings import Settings
-from worker.pipeline import RunPaths
+from speculators.config.stages import StagePaths
 from worker.spec import validate_spec
 from worker.testing import run_with_stages, start_worker, wait_for, worker_env
 
@@ -85,7 +85,7 @@ def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):
         assert all(x.status == "succeeded" for x in by_stage.values())
         assert by_stage["train"].attempts == 2 and by_stage["prepare"].attempts == 1
 
-        paths = RunPaths(__import__("pathlib").Path(run.work_dir))
+        paths = StagePaths(__import__("pathlib").Path(run.work_dir))
         records = [json.loads(line) for line in paths.metrics.read_text().splitlines() if line.strip()]
         starts = [r for r in records if r["type"] == "start"]
         assert len(starts) == 2 and starts[0]["resumed_from"] is None and starts[1]["resumed_from"] is not None

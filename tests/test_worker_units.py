@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import redis
 
 from runstore import deployments, open_store, outbox, runs, stages
 from runstore.settings import Settings
+from speculators.config.stages import StagePaths, pipeline_stages
 from worker.celery_app import make_celery
 from worker.dispatch import broker_reachable, flush_outbox
-from worker.pipeline import RunPaths, serve_argv, stage_argv, stages_for, verifier_argv
+from worker.pipeline import serve_argv, stage_argv, verifier_argv
 from worker.procs import error_summary
 from worker.spec import validate_spec
 from worker.tail import JsonlTail
@@ -40,14 +42,9 @@ def _good(settings, **over):
     return raw
 
 
-def _value(argv: list[str], flag: str) -> str:
-    """The value of `flag` in an argument list (`--flag=value` or `--flag value`)."""
-    for i, arg in enumerate(argv):
-        if arg == flag:
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg[len(flag) + 1:]
-    raise AssertionError(f"{flag} not in {argv}")
+def _settings(argv: list[str]) -> dict:
+    """The settings a stage's process reads: the file its `--config` names."""
+    return json.loads(Path(argv[argv.index("--config") + 1]).read_text())
 
 
 def test_tail_returns_complete_lines_only(tmp_path):
@@ -118,28 +115,29 @@ def test_stage_commands_are_argument_lists(settings, tmp_path):
     name = 'x; rm -rf / && $(touch pwned) `id` "q" \'s\''
     spec, errors = validate_spec(_good(settings, name=name), settings)
     assert errors == {}
-    paths = RunPaths(tmp_path / "w")
-    assert stages_for(spec) == ["prepare", "vocab", "datagen", "train"]
+    paths = StagePaths(tmp_path / "w")
+    assert pipeline_stages(spec) == ["prepare", "vocab", "datagen", "train"]
     train = stage_argv(spec, "train", paths, python="py")
-    assert train[:4] == ["py", "-m", "speculators", "train"]
-    assert _value(train, "--run-name") == name  # one argument, untouched
-    assert _value(train, "--d2t-path") == str(paths.vocab / "d2t.npy")
+    # the settings travel as a file in the run's folder, the command line only names it
+    assert train == ["py", "-m", "speculators", "train", "--config", str(tmp_path / "w" / "settings" / "train.json")]
+    assert _settings(train)["run_name"] == name  # one value, untouched
+    assert _settings(train)["d2t_path"] == str(paths.vocab / "d2t.npy")
     dg = stage_argv(spec, "datagen", paths, python="py")
-    assert dg[dg.index("--layer-ids") + 1:dg.index("--layer-ids") + 4] == ["2", "4", "7"]
+    assert _settings(dg)["layer_ids"] == [2, 4, 7]
     prep = stage_argv(spec, "prepare", paths, python="py")
-    assert _value(prep, "--data") == spec.dataset
+    assert _settings(prep)["data"] == spec.dataset
     spec.gpus = 2
     multi = stage_argv(spec, "train", paths, python="py")
     assert multi[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    assert multi[6:8] == ["-m", "speculators.train"]
+    assert multi[6:] == ["-m", "speculators.train", "--config", str(paths.settings("train"))]
 
 
 def test_online_train_command(settings, tmp_path):
     spec, _ = validate_spec(_good(settings, mode="hybrid", gpus=1), settings)
-    assert stages_for(spec) == ["prepare", "vocab", "verifier", "train"]
-    argv = stage_argv(spec, "train", RunPaths(tmp_path), python="py", verifier_url="http://vllm:8001")
-    assert _value(argv, "--vllm-endpoint") == "http://vllm:8001"
-    assert _value(argv, "--on-generate") == "cache"
+    assert pipeline_stages(spec) == ["prepare", "vocab", "verifier", "train"]
+    argv = stage_argv(spec, "train", StagePaths(tmp_path), python="py", verifier_url="http://vllm:8001")
+    assert _settings(argv)["vllm_endpoint"] == "http://vllm:8001"
+    assert _settings(argv)["on_generate"] == "cache"
     v = verifier_argv(spec.model, [2, 4], 8001, "/hs", python="py")
     assert v[3:7] == ["launch-vllm", spec.model, "--hidden-states-path", "/hs"]
     assert v[v.index("--") + 1:] == ["--host", "127.0.0.1", "--port", "8001", "--no-enable-chunked-prefill"]
@@ -157,7 +155,7 @@ def test_outbox_survives_broker_down_and_flushes_when_back(settings, monkeypatch
     factory = open_store(settings.db_url)
     spec, _ = validate_spec(_good(settings), settings)
     with factory() as s:
-        runs.create_run(s, run_id="out1", name="r", spec=spec.to_dict(), stages=stages_for(spec),
+        runs.create_run(s, run_id="out1", name="r", spec=spec.to_dict(), stages=pipeline_stages(spec),
                         work_dir=str(settings.runs_root / "out1"))
 
     monkeypatch.setenv("SPEC_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens on port 1
@@ -300,20 +298,20 @@ def test_every_stage_reports_progress_to_its_bar(settings, tiny_llama):
     worker) that the worker reads into the stage's step columns, as the trainer's records
     fill train's: their bars move too."""
     from worker.runner import execute_stage
-    from worker.spec import RunSpec
+    from speculators.config.run import RunSettings
 
-    spec = RunSpec(name="p", model=str(tiny_llama), dataset="sharegpt", seq_length=64, max_samples=3,
+    spec = RunSettings(name="p", model=str(tiny_llama), dataset="sharegpt", seq_length=64, max_samples=3,
                    draft_vocab_size=64, epochs=1, regenerate=True, regenerate_max_tokens=4)
     factory = open_store(settings.db_url)
     with factory() as s:
-        runs.create_run(s, run_id="p1", name="p", spec=spec.to_dict(), stages=stages_for(spec),
+        runs.create_run(s, run_id="p1", name="p", spec=spec.to_dict(), stages=pipeline_stages(spec),
                         work_dir=str(settings.runs_root / "p1"))
     for stage in ("regenerate", "prepare"):
         assert execute_stage(factory, settings, "p1", stage, worker="t") == "succeeded"
         with factory() as s:
             row = stages.get_stage(s, "p1", stage)
             assert (row.current_step, row.total_steps) == (3, 3), (stage, row.current_step, row.total_steps)
-        lines = (RunPaths(settings.runs_root / "p1").logs / f"{stage}.progress.jsonl").read_text().splitlines()
+        lines = (StagePaths(settings.runs_root / "p1").logs / f"{stage}.progress.jsonl").read_text().splitlines()
         assert json.loads(lines[-1])["done"] == 3
 
 
@@ -337,7 +335,7 @@ def test_online_run_endpoint_checked_at_submit_and_before_the_first_stage(settin
         spec.vllm_endpoint = dead
         factory = open_store(settings.db_url)
         with factory() as s:
-            runs.create_run(s, run_id="e1", name="e", spec=spec.to_dict(), stages=stages_for(spec),
+            runs.create_run(s, run_id="e1", name="e", spec=spec.to_dict(), stages=pipeline_stages(spec),
                             work_dir=str(settings.runs_root / "e1"))
         assert execute_stage(factory, settings, "e1", "prepare", worker="t") == "failed"
         with factory() as s:

@@ -17,11 +17,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from runstore import deployments, metrics, runs, stages
 from runstore.settings import Settings
 from speculators import process
+from speculators.config.run import RunSettings
+from speculators.config.stages import StagePaths
 from speculators.metric_records import ProgressRecord, parse_record
 from speculators.progress import ENV as PROGRESS_ENV
 from worker import procs
-from worker.pipeline import RunPaths, stage_argv
-from worker.spec import RunSpec
+from worker.pipeline import stage_argv
 from worker.tail import JsonlTail
 
 HEARTBEAT_S = 1.0
@@ -44,8 +45,8 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
             return "blocked"  # a duplicate message; the stage runs elsewhere
         if any(x.status != "succeeded" for x in run.stages if x.position < stage.position):
             return "blocked"
-        spec = RunSpec.from_dict(run.spec)
-        paths = RunPaths(Path(run.work_dir))
+        spec = RunSettings.from_dict(run.spec)
+        paths = StagePaths(Path(run.work_dir))
         log_path = paths.log(stage_name)
         stage = stages.start_stage(s, run_id, stage_name, worker=worker, log_path=str(log_path))
         if stage is None:
@@ -188,7 +189,7 @@ def unreachable_limit_s() -> float:
     return float(os.environ.get("SPEC_ENDPOINT_UNREACHABLE_S", "60"))
 
 
-def _ensure_verifier(factory, settings: Settings, run_id: str, spec: RunSpec, paths: RunPaths,
+def _ensure_verifier(factory, settings: Settings, run_id: str, spec: RunSettings, paths: StagePaths,
                      stage_id: int, dispatch) -> str:
     """Make sure a vLLM server with hidden-state extraction serves the verifier: the user's
     URL, or one the controller in the vLLM container starts for this run. A user URL that

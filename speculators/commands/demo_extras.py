@@ -1,4 +1,4 @@
-"""The demo's regeneration flags, its vLLM acceptance check and its summary.
+"""The demo's regeneration backend, its vLLM acceptance check and its summary.
 
 The regenerate stage itself comes from the shared stage builder (speculators.config.stages)
 through the demo's run settings (`demo.demo_run_settings`); these steps stay the demo's own.
@@ -14,22 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from speculators.config.device import resolve_device
 from speculators.config.stages import StagePaths
-
-
-def add_regen_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--regenerate", action=argparse.BooleanOptionalAction, default=True,
-                   help="train on the verifier's own replies (speculators regenerate) instead of ShareGPT's")
-    p.add_argument("--regen-backend", choices=["auto", "transformers", "vllm"], default="auto",
-                   help="backend of the regenerate stage (auto: vllm when importable, the serving path "
-                        "users run; in float32 its replies equal the transformers backend's)")
-    p.add_argument("--regen-max-tokens", type=int, default=96, help="most tokens per regenerated reply")
-    p.add_argument("--regen-max-turns", type=int, default=1,
-                   help="assistant turns regenerated per conversation (later ones dropped)")
-    p.add_argument("--regen-concurrency", type=int, default=64)
-    p.add_argument("--vllm-eval", action=argparse.BooleanOptionalAction, default=None,
-                   help="also measure acceptance in a real vLLM server (default: when vLLM is importable)")
-    p.add_argument("--vllm-ready-timeout", type=float, default=900.0)
 
 
 def regen_backend(args: argparse.Namespace) -> str:
@@ -46,13 +32,7 @@ def _vllm_importable() -> bool:
 
 def _server_env() -> dict[str, str]:
     env = dict(os.environ)
-    try:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    except Exception:
-        cuda = False
-    if not cuda:  # the KV cache size is `speculators serve`'s own choice (cpu_memory.choose_kv_cache)
+    if resolve_device("auto") == "cpu":  # the KV cache size is `speculators serve`'s own choice (cpu_memory.choose_kv_cache)
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
     return env
 

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Literal
 
 import torch
 
+from speculators.config.train import TrainConfig
 from speculators.data import data_config as dc
 from speculators.data.data_config import DATA_CONFIG_NAME
 from speculators.data.formats import (
@@ -53,15 +54,16 @@ OnGenerate = Literal["delete", "cache"]
 
 @dataclass
 class OnlineConfig:
+    # the defaults are the `speculators train` flags' (speculators.config.train), decided there once
     endpoint: str | None = None
     hidden_states_path: str | None = None
-    on_missing: OnMissing = "generate"
-    on_generate: OnGenerate = "delete"
-    prefetch_depth: int = 8
-    workers: int = 4
+    on_missing: OnMissing = TrainConfig.model_fields["on_missing"].default
+    on_generate: OnGenerate = TrainConfig.model_fields["on_generate"].default
+    prefetch_depth: int = TrainConfig.model_fields["prefetch"].default
+    workers: int = TrainConfig.model_fields["vllm_workers"].default
     model: str | None = None
-    request_timeout_s: float = 120.0
-    max_wait_s: float = 300.0
+    request_timeout_s: float = TrainConfig.model_fields["vllm_timeout"].default
+    max_wait_s: float = TrainConfig.model_fields["vllm_max_wait"].default
     layer_ids: list[int] | None = None  # the server's layer ids: checked by value, recorded in data_config.json
     api_key: str | None = None  # the server's --api-key ($VLLM_API_KEY)
     hidden_size: int | None = None

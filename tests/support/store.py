@@ -9,10 +9,10 @@ from pathlib import Path
 
 from runstore import open_store, runs
 from runstore.settings import Settings
+from speculators.config.run import RunSettings
+from speculators.config.stages import pipeline_stages
 from worker.celery_app import make_celery
 from worker.dispatch import flush_outbox
-from worker.pipeline import stages_for
-from worker.spec import RunSpec
 
 
 def local_model(settings: Settings, model: Path) -> Path:
@@ -23,13 +23,13 @@ def local_model(settings: Settings, model: Path) -> Path:
     return local
 
 
-def submit_run(settings: Settings, spec: RunSpec, *, send: bool = True):
+def submit_run(settings: Settings, spec: RunSettings, *, send: bool = True):
     """Store a run of `spec` with its start message and, unless `send` is False, send that
     message to the broker. Returns (session factory, run id)."""
     factory = open_store(settings.db_url)
     run_id = uuid.uuid4().hex[:12]
     with factory() as s:
-        runs.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=stages_for(spec),
+        runs.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=pipeline_stages(spec),
                         work_dir=str(settings.runs_root / run_id))
     if send:
         assert flush_outbox(factory, make_celery(settings)) == (1, None)
