@@ -74,18 +74,13 @@ class OnlineConfig:
     extra_config: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.on_missing not in ("generate", "skip", "raise"):
-            raise UserError(f"--on-missing must be generate, skip or raise, got {self.on_missing!r}")
-        if self.on_generate not in ("delete", "cache"):
-            raise UserError(f"--on-generate must be delete or cache, got {self.on_generate!r}")
+        """The rules between the online settings (each one's choices and bounds are the schema's)."""
         if self.on_missing == "generate" and not self.endpoint:
             raise UserError("--on-missing generate needs --vllm-endpoint URL (a `speculators launch-vllm` server)")
         if self.on_missing != "generate" and not self.hidden_states_path:
             raise UserError(f"--on-missing {self.on_missing} needs --hidden-states-path DIR (the cached samples)")
         if self.on_generate == "cache" and not self.hidden_states_path:
             raise UserError("--on-generate cache needs --hidden-states-path DIR to cache into")
-        if self.prefetch_depth < 0 or self.workers < 1:
-            raise UserError("--prefetch must be >= 0 and --vllm-workers >= 1")
 
 
 class PreparedRows:
