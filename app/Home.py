@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `app`, `worke
 import streamlit as st
 
 from app import common
-from runstore import repo
+from runstore import runs
 
 st.set_page_config(page_title="Speculators", page_icon="⚡", layout="wide")
 common.ensure_dispatcher()
@@ -29,9 +29,9 @@ st.write("Train a speculative-decoding draft model for a verifier, watch it lear
          "best checkpoint in vLLM.")
 
 with common.store()() as session:
-    runs = repo.list_runs(session)
+    all_runs = runs.list_runs(session)
 counts: dict[str, int] = {}
-for r in runs:
+for r in all_runs:
     counts[r.status] = counts.get(r.status, 0) + 1
 cols = st.columns(4)
 for col, key in zip(cols, ("running", "queued", "succeeded", "failed")):

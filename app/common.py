@@ -11,10 +11,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from runstore import open_store, repo
+from runstore import open_store, runs
 from runstore.settings import Settings
-from worker.pipeline import stages_for
-from worker.spec import RunSpec, inside
+from speculators.config.run import RunSettings
+from speculators.config.stages import pipeline_stages
+from worker.spec import inside
 
 
 def settings() -> Settings:
@@ -94,15 +95,15 @@ def broker_message(err: str) -> str:
             "Your request is saved and will be queued automatically when the broker is back.")
 
 
-def submit(spec: RunSpec) -> tuple[str, str | None]:
+def submit(spec: RunSettings) -> tuple[str, str | None]:
     """Store the run and its start message in one transaction, then try to send it. A name
-    another run has meanwhile taken raises `repo.NameTaken`."""
+    another run has meanwhile taken raises `runstore.errors.NameTaken`."""
     s = settings()
     run_id = uuid.uuid4().hex[:12]
     work_dir = s.runs_root / run_id
     with store()() as session:
-        repo.create_run(session, run_id=run_id, name=spec.name, spec=spec.to_dict(),
-                        stages=stages_for(spec), work_dir=str(work_dir), unique_name=True)
+        runs.create_run(session, run_id=run_id, name=spec.name, spec=spec.to_dict(),
+                        stages=pipeline_stages(spec), work_dir=str(work_dir), unique_name=True)
     return run_id, flush()
 
 

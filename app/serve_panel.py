@@ -9,7 +9,8 @@ import pandas as pd
 import streamlit as st
 
 from app import common, views
-from runstore import repo
+from runstore import deployments, metrics, runs
+from runstore.models import DeploymentStatus
 from runstore.settings import Settings
 from worker import serving
 from worker.procs import log_tail
@@ -29,7 +30,7 @@ def acceptance(endpoint: str) -> dict | None:
 def state_text(dep, s: Settings) -> tuple[str, bool]:
     """("up, healthy", True) only when the deployment's server answers with its own model
     name; otherwise the status and what is wrong."""
-    if dep.status != "up":
+    if dep.status != DeploymentStatus.UP:
         return dep.status, False
     verdict = serving.check_endpoint(dep.endpoint, serving.served_name(dep.run_id, dep.id), s.vllm_api_key or None)
     return f"up, {verdict.text}", verdict.healthy
@@ -38,9 +39,9 @@ def state_text(dep, s: Settings) -> tuple[str, bool]:
 def render(factory, s: Settings, run_id: str) -> None:
     st.subheader("Serve in vLLM")
     with factory() as session:
-        best = repo.best_checkpoint(session, run_id)
-        dep = repo.latest_deployment(session, run_id, kind="draft")
-        run = repo.get_run(session, run_id)
+        best = metrics.best_checkpoint(session, run_id)
+        dep = deployments.latest_deployment(session, run_id, kind="draft")
+        run = runs.get_run(session, run_id)
     if run is None:
         return
     live_dep = dep is not None and dep.status in LIVE
@@ -53,9 +54,9 @@ def render(factory, s: Settings, run_id: str) -> None:
     if c1.button("Serve best checkpoint", type="primary", disabled=best is None or live_dep, key="btn_serve",
                  help=None if best else "available once training has saved a checkpoint"):
         with factory() as session:
-            repo.request_deployment(session, kind="draft", model_path=best.path, run_id=run_id,
-                                    port=s.vllm_port, endpoint=f"http://{s.vllm_host}:{s.vllm_port}",
-                                    extra={"kv_cache_gib": int(kv) or None})
+            deployments.request_deployment(session, kind="draft", model_path=best.path, run_id=run_id,
+                                           port=s.vllm_port, endpoint=f"http://{s.vllm_host}:{s.vllm_port}",
+                                           extra={"kv_cache_gib": int(kv) or None})
         err = common.flush()
         if err:
             st.warning(common.broker_message(err))
@@ -66,16 +67,16 @@ def render(factory, s: Settings, run_id: str) -> None:
     public = f"http://{s.vllm_public_host}:{dep.port}"
     state, up = state_text(dep, s)
     # plain text (common.alert): the state may quote a foreign server's model ids, the error a log line
-    kind = "success" if up else "error" if dep.status == "failed" else "info"
+    kind = "success" if up else "error" if dep.status == DeploymentStatus.FAILED else "info"
     common.alert(kind, f"{state} · endpoint {public}/v1 · checkpoint {dep.model_path}", where=c3)
     if dep.error:
         common.alert("error", f"Error: {dep.error}")  # the log's cause line first; the log tail is below
     if live_dep and st.button("Stop server", key="btn_stop"):
         with factory() as session:
-            repo.request_stop(session, dep.id)
+            deployments.request_stop(session, dep.id)
         common.flush()
         st.rerun()
-    if dep.status in ("starting", "up"):
+    if dep.status in (DeploymentStatus.STARTING, DeploymentStatus.UP):
         name = serving.served_name(dep.run_id, dep.id)
         key_needed = bool(s.vllm_api_key)
         st.text(f"Model name to send: {name}")
@@ -99,9 +100,9 @@ def render(factory, s: Settings, run_id: str) -> None:
             if rows:
                 st.bar_chart(pd.DataFrame(rows), x="position", y="acceptance rate")
             with factory() as session:
-                repo.update_deployment(session, dep.id, acceptance=report)
+                deployments.update_deployment(session, dep.id, acceptance=report)
         elif report:
             st.caption(f"Acceptance metrics: {report['error']}")
     if dep.log_path:
-        with st.expander("Server log", expanded=dep.status == "failed"):
+        with st.expander("Server log", expanded=dep.status == DeploymentStatus.FAILED):
             st.code(log_tail(dep.log_path, lines=30) or "(empty)", language=None)

@@ -11,7 +11,10 @@ from typing import Any
 
 import pandas as pd
 
-from runstore.models import Metric, Run, Stage, utcnow
+from runstore.models import ACTIVE_RUN, Run, RunStatus, Stage, StageStatus, utcnow
+from speculators.metric_records import TrainRecord, ValRecord
+
+StepRecord = TrainRecord | ValRecord
 
 # Chart groups on the run page: a title and a test for the metric keys it plots. The
 # accuracies' meanings are defined in docs/training.md (Metrics); a title says which one.
@@ -45,9 +48,9 @@ def age(ts: datetime | None, now: datetime | None = None) -> str:
 
 
 def stage_fraction(stage: Stage) -> float:
-    if stage.status == "succeeded":
+    if stage.status == StageStatus.SUCCEEDED:
         return 1.0
-    if stage.status == "running" and stage.total_steps and stage.current_step:
+    if stage.status == StageStatus.RUNNING and stage.total_steps and stage.current_step:
         return min(0.99, stage.current_step / stage.total_steps)  # 100% only once it has finished
     return 0.0
 
@@ -91,23 +94,24 @@ def heading_html(text: str) -> str:
 def display_status(run: Run) -> str:
     """The state a user should see. A run between stages (its next stage queued, or nothing
     running while it is marked running) is `waiting`, not `running` with a stale stage."""
-    if run.status in ("queued", "running"):
-        live = any(s.status == "running" for s in run.stages)
-        started = any(s.status == "succeeded" or s.started_at for s in run.stages)
+    if run.status in ACTIVE_RUN:
+        live = any(s.status == StageStatus.RUNNING for s in run.stages)
+        started = any(s.status == StageStatus.SUCCEEDED or s.started_at for s in run.stages)
         if not live and started:
             return "waiting"
-        if run.status == "running" and not live:
+        if run.status == RunStatus.RUNNING and not live:
             return "waiting"
     return run.status
 
 
 def stage_label(run: Run) -> str:
     """The running stage, or for a waiting run the stage it waits to start."""
-    live = next((s.name for s in run.stages if s.status == "running"), None)
+    live = next((s.name for s in run.stages if s.status == StageStatus.RUNNING), None)
     if live:
         return live
-    if run.status in ("queued", "running"):
-        nxt = next((s.name for s in sorted(run.stages, key=lambda x: x.position) if s.status != "succeeded"), None)
+    if run.status in ACTIVE_RUN:
+        nxt = next((s.name for s in sorted(run.stages, key=lambda x: x.position) if s.status != StageStatus.SUCCEEDED),
+                   None)
         return f"next: {nxt}" if nxt else ""
     return run.current_stage or ""
 
@@ -143,7 +147,7 @@ def stage_rows(stages: list[Stage], now: datetime | None = None) -> list[dict[st
     now = now or utcnow()
     rows = []
     for s in stages:
-        end = s.finished_at or (now if s.status == "running" else None)
+        end = s.finished_at or (now if s.status == StageStatus.RUNNING else None)
         rows.append({
             "stage": s.name,
             "state": s.status,
@@ -159,18 +163,18 @@ def stage_rows(stages: list[Stage], now: datetime | None = None) -> list[dict[st
 MAX_POINTS = 400  # per series on a chart: a readable curve, cheap to send and to draw
 
 
-def metrics_long(metrics: list[Metric]) -> pd.DataFrame:
+def metrics_long(records: list[StepRecord]) -> pd.DataFrame:
     """One row per (type, step, metric) for Altair; `series` is e.g. `train loss_0`."""
-    return pd.DataFrame(_long_rows(metrics), columns=["type", "step", "epoch", "metric", "value", "series"])
+    return pd.DataFrame(_long_rows(records), columns=["type", "step", "epoch", "metric", "value", "series"])
 
 
-def _long_rows(metrics: list[Metric]) -> list[dict[str, Any]]:
+def _long_rows(records: list[StepRecord]) -> list[dict[str, Any]]:
     rows = []
-    for m in metrics:
-        for key, value in (m.values or {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                rows.append({"type": m.type, "step": m.step, "epoch": m.epoch, "metric": key,
-                             "value": float(value), "series": f"{m.type} {key}"})
+    for rec in records:
+        for key, value in rec.metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):  # null: a non-finite value
+                rows.append({"type": rec.TYPE, "step": rec.step, "epoch": rec.epoch, "metric": key,
+                             "value": float(value), "series": f"{rec.TYPE} {key}"})
     return rows
 
 
@@ -199,13 +203,13 @@ class MetricCache:
     def after(self) -> dict[str, int]:
         return dict(self.last)
 
-    def add(self, metrics: list[Metric]) -> int:
-        """Append new rows (ignoring any at or before the last step seen of its type)."""
-        fresh = [m for m in metrics if m.step > self.last.get(m.type, -1)]
-        for m in fresh:
-            self.last[m.type] = max(self.last.get(m.type, -1), m.step)
-            if m.type == "train":
-                self.train_points.append((m.step, m.ts))
+    def add(self, records: list[StepRecord]) -> int:
+        """Append new records' rows (ignoring any at or before the last step seen of its type)."""
+        fresh = [r for r in records if r.step > self.last.get(r.TYPE, -1)]
+        for r in fresh:
+            self.last[r.TYPE] = max(self.last.get(r.TYPE, -1), r.step)
+            if isinstance(r, TrainRecord):
+                self.train_points.append((r.step, r.ts))
         if fresh:
             self.rows += _long_rows(fresh)
             self.version += 1

@@ -62,7 +62,7 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
     from speculators.models.eagle3 import Eagle3DraftModel
     from speculators.train.components import (Components, adamw_kernel, autocast_enabled, batches_per_step,
                                               seed_everything)
-    from speculators.train.config import TrainConfig
+    from speculators.config.train import TrainConfig
     from speculators.train.distributed import setup_distributed
     from speculators.train.loggers import ExperimentLogger
     from speculators.train.objective import TTTObjective

@@ -3,14 +3,55 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+# The statuses are str-valued enums: a member equals (and is stored as) the same string the
+# database has always held, so old rows read back unchanged and no migration is needed.
+
+
+class RunStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+class StageStatus(StrEnum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+class DeploymentStatus(StrEnum):
+    REQUESTED = "requested"
+    STARTING = "starting"
+    UP = "up"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+ACTIVE_RUN = (RunStatus.QUEUED, RunStatus.RUNNING)
+RESUMABLE_RUN = (RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.INTERRUPTED)
+LIVE_DEPLOYMENT = (DeploymentStatus.REQUESTED, DeploymentStatus.STARTING, DeploymentStatus.UP)
+
+#: The outbox message that asks a worker to run a run's stages (payload: run_id, stages).
+RUN_STAGES = "run_stages"
 
 
 class Base(DeclarativeBase):
@@ -23,8 +64,7 @@ class Run(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    # queued | running | succeeded | failed | cancelled | interrupted
-    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(20), default=RunStatus.QUEUED, index=True)  # a RunStatus
     current_stage: Mapped[str | None] = mapped_column(String(40), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     work_dir: Mapped[str] = mapped_column(Text)
@@ -46,8 +86,7 @@ class Stage(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(40))
     position: Mapped[int] = mapped_column(Integer)
-    # pending | queued | running | succeeded | failed | cancelled | interrupted
-    status: Mapped[str] = mapped_column(String(20), default="pending")
+    status: Mapped[str] = mapped_column(String(20), default=StageStatus.PENDING)  # a StageStatus
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -63,7 +102,8 @@ class Stage(Base):
 
 
 class Metric(Base):
-    """One `train` or `val` record of the trainer's metrics.jsonl; unique per (run, type, step)."""
+    """One `train` or `val` record of the trainer's metrics.jsonl (speculators.metric_records);
+    unique per (run, type, step). `values` holds the record's `metrics`."""
 
     __tablename__ = "metrics"
     __table_args__ = (UniqueConstraint("run_id", "type", "step", name="uq_metric_run_type_step"),)
@@ -74,6 +114,7 @@ class Metric(Base):
     step: Mapped[int] = mapped_column(Integer)
     epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
     ts: Mapped[float] = mapped_column(Float)
+    total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)  # train records only
     values: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
@@ -100,8 +141,7 @@ class Deployment(Base):
     run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"), nullable=True, index=True)
     kind: Mapped[str] = mapped_column(String(20))  # draft | verifier
     model_path: Mapped[str] = mapped_column(Text)
-    # requested | starting | up | stopping | stopped | failed
-    status: Mapped[str] = mapped_column(String(20), default="requested")
+    status: Mapped[str] = mapped_column(String(20), default=DeploymentStatus.REQUESTED)  # a DeploymentStatus
     endpoint: Mapped[str | None] = mapped_column(Text, nullable=True)
     port: Mapped[int | None] = mapped_column(Integer, nullable=True)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -118,10 +158,14 @@ class OutboxMessage(Base):
     it, so a broker that is down loses nothing: the dispatcher sends it when Redis is back."""
 
     __tablename__ = "outbox"
+    # the reconciler's question "is a run_stages message for this run unsent or recent?"
+    __table_args__ = (Index("ix_outbox_run_kind_sent", "run_id", "kind", "sent_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(40))  # run_stages | serve | stop_deployment
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # the run a run_stages message is for (also in the payload); a column so SQL can find it
+    run_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from speculators.config.files import add_config_option, parse_args
 from speculators.console import setup_logging
 from speculators.errors import UserError
 
@@ -66,13 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"speculators.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"speculators.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"speculators.commands.{name}").register(sub)
+    for command in sub.choices.values():
+        add_config_option(command)  # every command reads a settings file the same way
     return parser
 
 
@@ -83,11 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1 :]
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.passthrough = passthrough
-    setup_logging(str(args.log_level))
     try:
+        args = parse_args(build_parser(), argv)
+        args.passthrough = passthrough
+        setup_logging(str(args.log_level))
         rc = args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -68,3 +68,31 @@ def hs_data(tiny_llama, tmp_path_factory):
     from tests.support.synthetic import write_synthetic_hidden_states
 
     return write_synthetic_hidden_states(tiny_llama, tmp_path_factory.mktemp("hs_ckpt"), num_samples=12, seq_len=32)
+
+
+# ============================================================ run store and worker settings
+# (helper "runstore"): one SPEC_* home per test for the dashboard, worker and fault tests.
+
+_SPEC_VARS = ("SPEC_DB_URL", "SPEC_DATA_ROOT", "SPEC_RUNS_ROOT", "SPEC_MODELS_ROOT", "SPEC_DEFAULT_MODEL",
+              "SPEC_RESULT_BACKEND", "SPEC_BROKER_NAMESPACE", "SPEC_BROKER_URL", "SPEC_MAX_GPUS")
+
+
+@pytest.fixture()
+def spec_home(monkeypatch):
+    """`use(home, **variables)`: point the SPEC_* settings at `home`, set the given variables
+    (`BROKER_URL=...` sets SPEC_BROKER_URL), unset the others so they follow the home, and
+    return the Settings with their folders made. A test may call it again to switch homes."""
+    from runstore.settings import Settings
+
+    def use(home, **variables):
+        for name in _SPEC_VARS:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("SPEC_HOME", str(home))
+        for name, value in variables.items():
+            monkeypatch.setenv(f"SPEC_{name}", str(value))
+        settings = Settings.from_env()
+        settings.ensure_dirs()
+        return settings
+
+    return use
+# ============================================================ end of the run store block

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from runstore import open_store, repo
-from runstore.settings import Settings
+from runstore import deployments, errors, metrics, open_store, outbox, runs, stages
 from speculators.config.run import form_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,14 +22,8 @@ PAGES = ROOT / "app" / "pages"
 
 
 @pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEC_HOME", str(tmp_path))
-    monkeypatch.setenv("SPEC_BROKER_URL", "redis://127.0.0.1:1/0")  # broker down unless a test says otherwise
-    monkeypatch.setenv("SPEC_MAX_GPUS", "0")
-    for k in ("SPEC_DB_URL", "SPEC_DATA_ROOT", "SPEC_RUNS_ROOT", "SPEC_MODELS_ROOT", "SPEC_DEFAULT_MODEL"):
-        monkeypatch.delenv(k, raising=False)
-    s = Settings.from_env()
-    s.ensure_dirs()
+def home(tmp_path, spec_home):
+    s = spec_home(tmp_path, BROKER_URL="redis://127.0.0.1:1/0", MAX_GPUS=0)  # broker down unless a test says otherwise
     model = s.models_root / "tiny-llama"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"num_hidden_layers": 8, "vocab_size": 512}))
@@ -80,7 +73,7 @@ def test_form_shows_each_error_under_its_field(home):
     idx = next(i for i, v in enumerate(flat) if isinstance(v, str) and "inside the data root" in v)
     assert flat[idx - 1].startswith("Path (relative to the data root)")
     with open_store(home.db_url)() as s:
-        assert repo.list_runs(s) == []  # nothing stored
+        assert runs.list_runs(s) == []  # nothing stored
 
 
 def test_submit_with_broker_down_keeps_the_run(home):
@@ -93,30 +86,30 @@ def test_submit_with_broker_down_keeps_the_run(home):
     assert any("saved" in x for x in _alerts(at, "success"))
     assert any("not reachable" in w and "queued automatically" in w for w in _alerts(at, "warning"))
     with open_store(home.db_url)() as s:
-        (run,) = repo.list_runs(s)
+        (run,) = runs.list_runs(s)
         assert run.name == "a; rm -rf ~ $(reboot)" and run.status == "queued"
         assert run.spec["dataset"] == str((home.data_root / "chats.jsonl").resolve())
-        (msg,) = repo.pending_outbox(s)
+        (msg,) = outbox.pending(s)
         assert msg.payload["run_id"] == run.id and msg.last_error
 
 
 def _seed_run(home, run_id="r1", status="running", with_metrics=True):
     factory = open_store(home.db_url)
     with factory() as s:
-        repo.create_run(s, run_id=run_id, name=f"seeded {run_id}", spec={"mode": "offline", "model": "m"},
+        runs.create_run(s, run_id=run_id, name=f"seeded {run_id}", spec={"mode": "offline", "model": "m"},
                         stages=["prepare", "vocab", "datagen", "train"], work_dir=str(home.runs_root / run_id))
-        for msg in repo.pending_outbox(s):
-            repo.outbox_sent(s, msg.id)
+        for msg in outbox.pending(s):
+            outbox.mark_sent(s, msg.id)
         for name in ("prepare", "vocab", "datagen"):
-            repo.start_stage(s, run_id, name, worker="w", log_path=str(home.runs_root / run_id / f"{name}.log"))
-            repo.finish_stage(s, run_id, name, "succeeded")
-        for msg in repo.pending_outbox(s):  # the next-stage messages a worker would have sent
-            repo.outbox_sent(s, msg.id)
+            stages.start_stage(s, run_id, name, worker="w", log_path=str(home.runs_root / run_id / f"{name}.log"))
+            stages.finish_stage(s, run_id, name, "succeeded")
+        for msg in outbox.pending(s):  # the next-stage messages a worker would have sent
+            outbox.mark_sent(s, msg.id)
         log = home.runs_root / run_id / "train.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         # a coloured line (a child run with FORCE_COLOR): the log view shows it plain
         log.write_text("\x1b[2;36m[09:00:01]\x1b[0m \x1b[34mINFO    \x1b[0m epoch 0 step 3 loss 1.23\n")
-        st = repo.start_stage(s, run_id, "train", worker="w", log_path=str(log))
+        st = stages.start_stage(s, run_id, "train", worker="w", log_path=str(log))
         if with_metrics:
             recs = [{"type": "start", "ts": 100.0, "total_steps": 10}]
             for step in range(1, 5):
@@ -127,9 +120,9 @@ def _seed_run(home, run_id="r1", status="running", with_metrics=True):
             recs.append({"type": "val", "ts": 105.0, "epoch": 0, "step": 4, "metrics": {"loss": 0.7}})
             recs.append({"type": "checkpoint", "ts": 105.5, "epoch": 0, "step": 4,
                          "path": str(home.runs_root / run_id / "checkpoints" / "0"), "val_loss": 0.7, "is_best": True})
-            repo.ingest_records(s, run_id, recs, stage_id=st.id)
+            metrics.ingest_records(s, run_id, recs, stage_id=st.id)
         if status != "running":
-            repo.finish_stage(s, run_id, "train", status, "boom" if status == "failed" else None)
+            stages.finish_stage(s, run_id, "train", status, "boom" if status == "failed" else None)
     return factory
 
 
@@ -147,13 +140,13 @@ def test_runs_table_and_actions(home):
     at.selectbox(key="runs_selected").set_value("r2").run()
     at.button(key="btn_cancel").click().run()
     with factory() as s:
-        assert repo.get_run(s, "r2").cancel_requested
+        assert runs.get_run(s, "r2").cancel_requested
     at.selectbox(key="runs_selected").set_value("r1").run()
     assert at.button(key="btn_cancel").disabled
     at.button(key="btn_retry").click().run()
     with factory() as s:
-        assert repo.get_run(s, "r1").status == "queued"  # queued via the outbox; broker down
-        assert repo.get_stage(s, "r1", "train").status == "pending"
+        assert runs.get_run(s, "r1").status == "queued"  # queued via the outbox; broker down
+        assert stages.get_stage(s, "r1", "train").status == "pending"
     assert any("queued automatically" in w for w in _alerts(at, "warning"))
 
 
@@ -163,11 +156,11 @@ def test_delete_needs_confirmation_and_keeps_files(home):
     at = _page("2_Runs.py")
     at.button(key="btn_delete").click().run()
     with factory() as s:
-        assert repo.get_run(s, "r1") is not None  # not yet: asks first
+        assert runs.get_run(s, "r1") is not None  # not yet: asks first
     assert any("Files in" in w.value for w in at.warning)  # installation text only: st.warning
     at.button(key="btn_delete_confirm").click().run()
     with factory() as s:
-        assert repo.get_run(s, "r1") is None
+        assert runs.get_run(s, "r1") is None
     assert work.exists()  # files kept: the box was not ticked
     assert any("files kept" in x for x in _alerts(at, "success"))
 
@@ -195,8 +188,8 @@ def test_run_detail_charts_progress_checkpoints(home):
     progress = at.get("progress")[0]
     assert "training 40%" in progress.proto.text and "ETA" in progress.proto.text
     frames = [d.value for d in at.dataframe]
-    stages, ckpts = frames[0], frames[1]
-    assert list(stages["state"]) == ["succeeded"] * 3 + ["running"]
+    by_stage, ckpts = frames[0], frames[1]
+    assert list(by_stage["state"]) == ["succeeded"] * 3 + ["running"]
     assert ckpts.iloc[0]["val loss"] == pytest.approx(0.7) and ckpts.iloc[0]["best"] == "★"
     tail = [c.value for c in at.code if "epoch 0 step 3" in c.value]  # the train log tail
     assert tail and "[09:00:01] INFO     epoch 0 step 3" in tail[0] and "\x1b" not in tail[0]
@@ -204,9 +197,9 @@ def test_run_detail_charts_progress_checkpoints(home):
     assert not serve.disabled
     serve.click().run()
     with open_store(home.db_url)() as s:
-        dep = repo.latest_deployment(s, "r1")
+        dep = deployments.latest_deployment(s, "r1")
         assert dep.kind == "draft" and dep.model_path.endswith("checkpoints/0") and dep.status == "requested"
-        assert [m.kind for m in repo.pending_outbox(s)] == ["serve"]
+        assert [m.kind for m in outbox.pending(s)] == ["serve"]
 
 
 class _FakeVllm(BaseHTTPRequestHandler):
@@ -246,9 +239,9 @@ def test_served_checkpoint_shows_endpoint_and_acceptance(home):
         factory = _seed_run(home, "r1", status="succeeded")
         port = server.server_address[1]
         with factory() as s:
-            dep = repo.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=port,
-                                          endpoint=f"http://127.0.0.1:{port}")
-            repo.update_deployment(s, dep.id, status="up")
+            dep = deployments.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=port,
+                                                 endpoint=f"http://127.0.0.1:{port}")
+            deployments.update_deployment(s, dep.id, status="up")
         _FakeVllm.MODEL = served_name("r1", dep.id)
         at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
         at.query_params["run"] = "r1"
@@ -259,13 +252,13 @@ def test_served_checkpoint_shows_endpoint_and_acceptance(home):
         assert f"Model name to send: {_FakeVllm.MODEL}" in texts and "API key: none needed" in texts
         curl = [c.value for c in at.code if c.value.startswith("curl ")]
         assert curl and f"http://127.0.0.1:{port}/v1/chat/completions" in curl[0] and _FakeVllm.MODEL in curl[0]
-        metrics = {m.label: m.value for m in at.metric}
-        assert metrics["Drafted tokens"] == "30" and metrics["Accepted tokens"] == "18"
-        assert metrics["Mean acceptance length"] == "2.80"  # 1 + 18/10
+        shown = {m.label: m.value for m in at.metric}
+        assert shown["Drafted tokens"] == "30" and shown["Accepted tokens"] == "18"
+        assert shown["Mean acceptance length"] == "2.80"  # 1 + 18/10
         assert at.button(key="btn_serve").disabled  # already served
         at.button(key="btn_stop").click().run()
         with factory() as s:
-            assert repo.get_deployment(s, dep.id).status == "stopping"
+            assert deployments.get_deployment(s, dep.id).status == "stopping"
     finally:
         server.shutdown()
 
@@ -302,7 +295,7 @@ def _form(home, **fields) -> AppTest:
 
 def _stored(home):
     with open_store(home.db_url)() as s:
-        return repo.list_runs(s)
+        return runs.list_runs(s)
 
 
 def test_numbers_out_of_range_are_refused_as_typed(home):
@@ -360,10 +353,10 @@ def test_duplicate_run_names_are_refused(home):
     assert _errors(at) == [] and sorted(r.name for r in _stored(home)) == ["my run", "my run 2"]
     # a client that skipped the form's check is refused by the store too
     from app.common import submit
-    from worker.spec import RunSpec
+    from speculators.config.run import RunSettings
 
-    with pytest.raises(repo.NameTaken):
-        submit(RunSpec(**{**RunSpec.from_dict(_stored(home)[0].spec).to_dict(), "name": "my run"}))
+    with pytest.raises(errors.NameTaken):
+        submit(RunSettings(**{**RunSettings.from_dict(_stored(home)[0].spec).to_dict(), "name": "my run"}))
 
 
 EVIL = ("**bold** [a](http://evil.example/a) ![i](http://evil.example/i.png) <img src=x onerror=alert(1)> "
@@ -405,7 +398,7 @@ def test_user_text_is_plain_text_on_the_form_and_the_run_page(home):
     _assert_plain(at)
     (run,) = _stored(home)
     with open_store(home.db_url)() as s:
-        r = repo.get_run(s, run.id)
+        r = runs.get_run(s, run.id)
         r.error = "stage prepare failed: " + EVIL
         r.status = "failed"
         r.spec = {**r.spec, "model": EVIL}
@@ -419,8 +412,8 @@ def test_user_text_is_plain_text_on_the_form_and_the_run_page(home):
     assert any(EVIL in e for e in _alerts(page, "error"))
     assert any(EVIL in c for c in _alerts(page, "caption"))
     _assert_plain(page)
-    runs = _page("2_Runs.py")
-    _assert_plain(runs)
+    runs_page = _page("2_Runs.py")
+    _assert_plain(runs_page)
 
 
 # ------------------------------------------------ issue 19: the run page tells the truth, stays light
@@ -436,15 +429,14 @@ def test_run_page_reads_only_new_metric_rows(home, monkeypatch):
     table; a new attempt of the train stage (a resume re-emits steps) starts over."""
     factory = _seed_run(home, "r1")
     calls: list[tuple[dict, int]] = []
-    real = repo.metrics_after
+    real = metrics.step_records
 
     def spy(session, run_id, after):
         rows = real(session, run_id, after)
         calls.append((dict(after), len(rows)))
         return rows
 
-    monkeypatch.setattr(repo, "metrics_after", spy)
-    monkeypatch.setattr(repo, "metrics", lambda *a, **k: pytest.fail("the run page read every metric row"))
+    monkeypatch.setattr(metrics, "step_records", spy)
     at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
     at.query_params["run"] = "r1"
     at.run()
@@ -452,8 +444,8 @@ def test_run_page_reads_only_new_metric_rows(home, monkeypatch):
     # the status fragment reads the 4 train + 1 val rows, the charts fragment then nothing new
     assert calls == [({}, 5), ({"train": 4, "val": 4}, 0)]
     with factory() as s:
-        stage = repo.get_stage(s, "r1", "train")
-        repo.ingest_records(s, "r1", _train_records(5, 8), stage_id=stage.id)
+        stage = stages.get_stage(s, "r1", "train")
+        metrics.ingest_records(s, "r1", _train_records(5, 8), stage_id=stage.id)
     at.run()
     assert calls[-2:] == [({"train": 4, "val": 4}, 3), ({"train": 7, "val": 4}, 0)]  # only steps 5-7
     cache = at.session_state["metric_caches"]["r1"]
@@ -463,11 +455,11 @@ def test_run_page_reads_only_new_metric_rows(home, monkeypatch):
     assert calls[-1] == ({"train": 7, "val": 4}, 0)  # nothing new: nothing read
     # a resumed train stage (attempt 2) re-emits step 5 with new values: read from the start again
     with factory() as s:
-        repo.finish_stage(s, "r1", "train", "failed", "killed")
-        repo.resume_run(s, "r1")
-        st_ = repo.start_stage(s, "r1", "train", worker="w", log_path="/dev/null")
-        repo.ingest_records(s, "r1", [{**r, "metrics": {"loss": 9.0}} for r in _train_records(5, 6)],
-                            stage_id=st_.id)
+        stages.finish_stage(s, "r1", "train", "failed", "killed")
+        runs.resume_run(s, "r1")
+        st_ = stages.start_stage(s, "r1", "train", worker="w", log_path="/dev/null")
+        metrics.ingest_records(s, "r1", [{**r, "metrics": {"loss": 9.0}} for r in _train_records(5, 6)],
+                               stage_id=st_.id)
     at.run()
     assert calls[-2][0] == {}
     cache = at.session_state["metric_caches"]["r1"]
@@ -494,29 +486,29 @@ def test_run_page_says_the_broker_is_unreachable(home):
     instead of only `waiting`."""
     factory = open_store(home.db_url)
     with factory() as s:
-        repo.create_run(s, run_id="w1", name="waits", spec={"mode": "offline", "model": "m"},
+        runs.create_run(s, run_id="w1", name="waits", spec={"mode": "offline", "model": "m"},
                         stages=["prepare", "vocab"], work_dir=str(home.runs_root / "w1"))
-        repo.start_stage(s, "w1", "prepare", worker="w", log_path="/dev/null")
-        repo.finish_stage(s, "w1", "prepare", "succeeded")
+        stages.start_stage(s, "w1", "prepare", worker="w", log_path="/dev/null")
+        stages.finish_stage(s, "w1", "prepare", "succeeded")
     at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
     at.query_params["run"] = "w1"
     at.run()
     status = [a for a in _alerts(at, "error") if a.startswith("Status: ")]
     assert status == ["Status: waiting · next: vocab · broker unreachable: redis://127.0.0.1:1/0"], _alerts(at, "error")
     assert any("cannot connect to Redis at 127.0.0.1:1" in c for c in _alerts(at, "caption"))
-    runs = _page("2_Runs.py")
-    assert any(a.startswith("broker unreachable: redis://127.0.0.1:1/0") for a in _alerts(runs, "error"))
+    runs_page = _page("2_Runs.py")
+    assert any(a.startswith("broker unreachable: redis://127.0.0.1:1/0") for a in _alerts(runs_page, "error"))
 
 
 def test_run_page_shows_what_a_running_stage_waits_for_and_prepare_drops(home):
     factory = open_store(home.db_url)
     with factory() as s:
-        repo.create_run(s, run_id="o1", name="online", spec={"mode": "online", "model": "m"},
+        runs.create_run(s, run_id="o1", name="online", spec={"mode": "online", "model": "m"},
                         stages=["prepare", "verifier"], work_dir=str(home.runs_root / "o1"))
-        repo.start_stage(s, "o1", "prepare", worker="w", log_path="/dev/null")
-        repo.finish_stage(s, "o1", "prepare", "succeeded")
-        st_ = repo.start_stage(s, "o1", "verifier", worker="w", log_path="/dev/null")
-        repo.note_stage(s, st_.id, "waiting: http://127.0.0.1:9/health: connection refused")
+        stages.start_stage(s, "o1", "prepare", worker="w", log_path="/dev/null")
+        stages.finish_stage(s, "o1", "prepare", "succeeded")
+        st_ = stages.start_stage(s, "o1", "verifier", worker="w", log_path="/dev/null")
+        stages.note_stage(s, st_.id, "waiting: http://127.0.0.1:9/health: connection refused")
     prepared = home.runs_root / "o1" / "prepared"
     prepared.mkdir(parents=True)
     (prepared / "prepare_config.json").write_text(json.dumps({"counts": {
@@ -539,9 +531,9 @@ def test_a_port_answered_by_another_server_is_not_called_healthy(home):
         factory = _seed_run(home, "r1", status="succeeded")
         port = server.server_address[1]
         with factory() as s:
-            dep = repo.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=port,
-                                          endpoint=f"http://127.0.0.1:{port}")
-            repo.update_deployment(s, dep.id, status="up")
+            dep = deployments.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=port,
+                                                 endpoint=f"http://127.0.0.1:{port}")
+            deployments.update_deployment(s, dep.id, status="up")
         _FakeVllm.MODEL = "/runs/older/checkpoints/0"
         at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
         at.query_params["run"] = "r1"
@@ -561,16 +553,16 @@ def test_a_failed_server_shows_its_cause_then_the_log(home, tmp_path):
     log = tmp_path / "dep.log"
     log.write_text("".join(f"noise line {i}\n" for i in range(100)))
     with factory() as s:
-        dep = repo.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=1, endpoint="x")
-        repo.update_deployment(s, dep.id, status="failed", log_path=str(log),
-                               error="ValueError: Available memory on node 0 (19.6/23.54 GiB) on startup is less "
-                                     "than desired CPU memory utilization [see](http://evil.example/e) (exit code 1)")
+        dep = deployments.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=1, endpoint="x")
+        deployments.update_deployment(s, dep.id, status="failed", log_path=str(log),
+                                      error="ValueError: Available memory on node 0 (19.6/23.54 GiB) on startup is less "
+                                            "than desired CPU memory utilization [see](http://evil.example/e) (exit code 1)")
     at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
     at.query_params["run"] = "r1"
     at.run()
     assert not at.exception
-    errors = [h.value for h in at.get("html") if "Error: " in h.value]
-    assert errors and "less than desired" in errors[0] and "[see](http://evil.example/e)" in errors[0]  # not a link
+    errs = [h.value for h in at.get("html") if "Error: " in h.value]
+    assert errs and "less than desired" in errs[0] and "[see](http://evil.example/e)" in errs[0]  # not a link
     _assert_plain(at)
     assert any("noise line 99" in c.value for c in at.code)
     assert not at.button(key="btn_serve").disabled  # serve again

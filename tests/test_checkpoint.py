@@ -19,6 +19,7 @@ from speculators.train import checkpoint as ckpt
 from speculators.train.metrics_stream import read_metrics
 from speculators.train.trainer import run_training
 
+from tests.support.interrupt import Killed
 from tests.support.synthetic import write_synthetic_hidden_states
 from tests.support.train_helpers import make_cfg, train_losses
 from tests.support.vllm_loadable import assert_vllm_loadable
@@ -154,10 +155,6 @@ def straight_run(tiny_llama, hs_data, tmp_path_factory):
     save = tmp_path_factory.mktemp("straight") / "run"
     run_training(make_cfg(tiny_llama, hs_data, save))
     return save
-
-
-class Killed(BaseException):
-    """Ends a run the way a kill does: no handler in the trainer catches a BaseException of its own."""
 
 
 def kill_in_step(monkeypatch, step: int) -> None:

@@ -6,11 +6,10 @@ import json
 import os
 
 import pytest
-
-from speculators.data import data_config as _data_config
 import torch
 
 from speculators.cli import main as cli_main
+from speculators.data import data_config as _data_config
 from speculators.data.dataset import Eagle3Collator, Eagle3Dataset
 from speculators.data.formats import PtSampleStore, SafetensorsSampleStore, open_sample_store
 from speculators.data.prepare import PrepareConfig, load_prepared, prepare_data
@@ -20,6 +19,7 @@ from speculators.errors import UserError
 from speculators.layers import default_layer_ids, resolve_layer_ids
 
 from tests.support.chat_data import write_qa_chats
+from tests.support.interrupt import Killed
 
 CHATS = [
     [("What is 2+2?", "4, of course."), ("And 3+3?", "That is 6.")],
@@ -114,10 +114,6 @@ def test_cli_layer_out_of_range_is_clear(tiny_llama, prep_llama, tmp_path, capsy
     assert rc == 2
     assert "--layer-ids [12] out of range" in capsys.readouterr().err
     assert not (tmp_path / "hs" / "data_0.pt").exists()
-
-
-class Killed(BaseException):
-    """Stands in for SIGKILL/KeyboardInterrupt in the middle of a run."""
 
 
 def test_resume_after_interrupted_run(tiny_llama, prep_llama, tmp_path):

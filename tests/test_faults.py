@@ -32,22 +32,21 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import redis
 
-from runstore import open_store, repo
+from runstore import deployments, metrics, open_store, outbox, runs, stages
 from runstore.settings import Settings
+from speculators.config.run import RunSettings
 from speculators.vllm.readiness import free_port
 from worker.celery_app import make_celery
 from worker.dispatch import flush_outbox
-from worker.pipeline import stages_for
-from worker.spec import RunSpec
 
+from tests.support.browser_support import dashboard_healthy
+from tests.support.store import local_model, submit_run
 from tests.support.workers import run_with_stages, start_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
@@ -96,34 +95,13 @@ def redis_server(tmp_path):
     server.stop()
 
 
-def _use_home(monkeypatch, home: Path, broker_url: str) -> Settings:
-    monkeypatch.setenv("SPEC_HOME", str(home))
-    monkeypatch.setenv("SPEC_BROKER_URL", broker_url)
-    for k in ("SPEC_DB_URL", "SPEC_DATA_ROOT", "SPEC_RUNS_ROOT", "SPEC_MODELS_ROOT", "SPEC_DEFAULT_MODEL",
-              "SPEC_RESULT_BACKEND", "SPEC_BROKER_NAMESPACE"):
-        monkeypatch.delenv(k, raising=False)
-    settings = Settings.from_env()
-    settings.ensure_dirs()
-    return settings
-
-
 def _submit(settings: Settings, model: Path, *, send: bool = True, **over):
     """A tiny offline run stored with its start message, as the form does."""
-    local = settings.models_root / "tiny"
-    if not local.exists():
-        shutil.copytree(model, local)
-    fields = dict(name="fault run", model=str(local), dataset="sharegpt", seq_length=64, max_samples=8,
-                  draft_vocab_size=64, epochs=1, lr=3e-3, ttt_steps=2, num_layers=1, mode="offline", gpus=0)
+    fields = dict(name="fault run", model=str(local_model(settings, model)), dataset="sharegpt", seq_length=64,
+                  max_samples=8, draft_vocab_size=64, epochs=1, lr=3e-3, ttt_steps=2, num_layers=1, mode="offline",
+                  gpus=0)
     fields.update(over)
-    spec = RunSpec(**fields)
-    factory = open_store(settings.db_url)
-    run_id = uuid.uuid4().hex[:12]
-    with factory() as s:
-        repo.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=stages_for(spec),
-                        work_dir=str(settings.runs_root / run_id))
-    if send:
-        assert flush_outbox(factory, make_celery(settings)) == (1, None)
-    return factory, run_id
+    return submit_run(settings, RunSettings(**fields), send=send)
 
 
 def _finished(factory, run_id):
@@ -144,11 +122,11 @@ def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 # ----------------------------------------------------------------- 3: broker blip, reconciler
 
 
-def test_broker_blip_while_a_stage_finishes(redis_server, tiny_llama, tmp_path, monkeypatch):
+def test_broker_blip_while_a_stage_finishes(redis_server, tiny_llama, tmp_path, spec_home):
     """Redis dies while `prepare` runs and is back (empty: no persistence) after it ended. The
     next stage was written to the outbox with prepare's success, so the worker's dispatcher
     sends it when Redis answers again: the run finishes, each stage ran once."""
-    settings = _use_home(monkeypatch, tmp_path / "home", redis_server.url)
+    settings = spec_home(tmp_path / "home", BROKER_URL=redis_server.url)
     factory, run_id = _submit(settings, tiny_llama)
     env = worker_env(settings.home, redis_server.url)
     worker = start_worker(env, log_path=tmp_path / "worker.log")
@@ -156,28 +134,28 @@ def test_broker_blip_while_a_stage_finishes(redis_server, tiny_llama, tmp_path, 
         wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].status == "running", 120, what="prepare running")
         redis_server.stop()
         wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].status != "running", 300, what="prepare end")
-        run, stages = run_with_stages(factory, run_id)
-        assert stages["prepare"].status == "succeeded", stages["prepare"].error
+        run, by_stage = run_with_stages(factory, run_id)
+        assert by_stage["prepare"].status == "succeeded", by_stage["prepare"].error
         with factory() as s:
-            pending = repo.pending_outbox(s)
+            pending = outbox.pending(s)
         assert [m.payload["stages"][0] for m in pending] == ["vocab"]  # kept, not lost
         assert run.status == "queued" and run.current_stage == "vocab"
         time.sleep(3)
         redis_server.start()
         wait_for(lambda: _finished(factory, run_id), 600, what="run end")
-        run, stages = run_with_stages(factory, run_id)
+        run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "succeeded", (run.error, (tmp_path / "worker.log").read_text()[-3000:])
-        assert {n: x.attempts for n, x in stages.items()} == {n: 1 for n in stages}
+        assert {n: x.attempts for n, x in by_stage.items()} == {n: 1 for n in by_stage}
     finally:
         _stop(worker)
 
 
-def test_reconciler_requeues_a_lost_run_once(redis_server, tiny_llama, tmp_path, monkeypatch):
+def test_reconciler_requeues_a_lost_run_once(redis_server, tiny_llama, tmp_path, spec_home):
     """The start message is sent, then lost in the broker (its queue deleted). Restart
     recovery finds nothing (no stage was running); the reconciler in the worker sees the run
     due, an empty queue and no pending message, and queues it once: the run finishes with
     every stage run once. Reconciling a run that has its message is a no-op."""
-    settings = _use_home(monkeypatch, tmp_path / "home", redis_server.url)
+    settings = spec_home(tmp_path / "home", BROKER_URL=redis_server.url)
     factory, run_id = _submit(settings, tiny_llama)
     app = make_celery(settings)
     client = redis.Redis.from_url(redis_server.url)
@@ -192,9 +170,9 @@ def test_reconciler_requeues_a_lost_run_once(redis_server, tiny_llama, tmp_path,
     worker = start_worker(env, log_path=tmp_path / "worker.log")
     try:
         wait_for(lambda: _finished(factory, run_id), 600, what="run end")
-        run, stages = run_with_stages(factory, run_id)
+        run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "succeeded", (run.error, (tmp_path / "worker.log").read_text()[-3000:])
-        assert {n: x.attempts for n, x in stages.items()} == {n: 1 for n in stages}
+        assert {n: x.attempts for n, x in by_stage.items()} == {n: 1 for n in by_stage}
         assert "was due but not queued" in (tmp_path / "worker.log").read_text()
         assert reconcile(factory, app, grace_s=0) == []  # finished: never queued again
     finally:
@@ -204,16 +182,16 @@ def test_reconciler_requeues_a_lost_run_once(redis_server, tiny_llama, tmp_path,
 # ----------------------------------------------------------------- 4: namespaces
 
 
-def test_two_installations_share_a_redis_without_crosstalk(redis_server, tiny_llama, tmp_path, monkeypatch):
+def test_two_installations_share_a_redis_without_crosstalk(redis_server, tiny_llama, tmp_path, spec_home):
     """Home B's worker runs on the same Redis DB as home A. A's run is not taken by B (before
     the fix B consumed it, found no such run in its database and dropped it); A's own worker
     then runs it."""
-    settings_b = _use_home(monkeypatch, tmp_path / "b", redis_server.url)
+    settings_b = spec_home(tmp_path / "b", BROKER_URL=redis_server.url)
     worker_b = start_worker(worker_env(settings_b.home, redis_server.url), name="gpu0@b",
                             log_path=tmp_path / "b.log")
     try:
         wait_for(lambda: "ready" in (tmp_path / "b.log").read_text(), 120, what="worker B ready")
-        settings_a = _use_home(monkeypatch, tmp_path / "a", redis_server.url)
+        settings_a = spec_home(tmp_path / "a", BROKER_URL=redis_server.url)
         assert settings_a.broker_namespace != settings_b.broker_namespace
         factory, run_id = _submit(settings_a, tiny_llama)
         time.sleep(8)
@@ -229,7 +207,7 @@ def test_two_installations_share_a_redis_without_crosstalk(redis_server, tiny_ll
         wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].status in ("running", "succeeded"), 120,
                  what="A's worker takes A's run")
         with factory() as s:
-            repo.request_cancel(s, run_id)
+            runs.request_cancel(s, run_id)
         wait_for(lambda: _finished(factory, run_id), 60, what="cancelled")
     finally:
         _stop(worker_a)
@@ -250,7 +228,7 @@ class _Verifier(BaseHTTPRequestHandler):
 
 
 def test_busy_worker_is_healthy_and_an_unreachable_endpoint_fails_fast(redis_server, tiny_llama, tmp_path,
-                                                                       monkeypatch):
+                                                                       spec_home):
     """An online run's verifier stage waits on a user's vLLM URL that answers 503 (loading):
     the stage shows the endpoint's health, the busy worker's liveness file stays fresh (while
     `celery inspect ping`, the old healthcheck, gets no reply), and once the URL stops
@@ -258,15 +236,15 @@ def test_busy_worker_is_healthy_and_an_unreachable_endpoint_fails_fast(redis_ser
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Verifier)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
-    settings = _use_home(monkeypatch, tmp_path / "home", redis_server.url)
+    settings = spec_home(tmp_path / "home", BROKER_URL=redis_server.url)
     factory, run_id = _submit(settings, tiny_llama, send=False, mode="online", vllm_endpoint=url)
     with factory() as s:  # prepare and vocab done earlier: start at the verifier stage
         for name in ("prepare", "vocab"):
-            repo.start_stage(s, run_id, name, worker="earlier", log_path="/dev/null")
-            repo.finish_stage(s, run_id, name, "succeeded")
-        for m in repo.pending_outbox(s):
-            repo.outbox_sent(s, m.id)
-        assert repo.requeue(s, run_id) == ["verifier", "train"]
+            stages.start_stage(s, run_id, name, worker="earlier", log_path="/dev/null")
+            stages.finish_stage(s, run_id, name, "succeeded")
+        for m in outbox.pending(s):
+            outbox.mark_sent(s, m.id)
+        assert runs.requeue(s, run_id) == ["verifier", "train"]
     assert flush_outbox(factory, make_celery(settings))[1] is None
     env = worker_env(settings.home, redis_server.url, SPEC_ENDPOINT_UNREACHABLE_S="6")
     worker = start_worker(env, log_path=tmp_path / "worker.log")
@@ -287,12 +265,12 @@ def test_busy_worker_is_healthy_and_an_unreachable_endpoint_fails_fast(redis_ser
         server.shutdown()
         server.server_close()
         wait_for(lambda: _finished(factory, run_id), 60, what="run failed")
-        run, stages = run_with_stages(factory, run_id)
+        run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "failed"
         # failed by the unreachable rule with the limit set above, not by the 30-minute health wait
         assert f"the vLLM endpoint {url} is unreachable (connection refused for 6 s)" in run.error
-        assert stages["train"].attempts == 0
-        assert f"{url}/health: HTTP 503" in Path(stages["verifier"].log_path).read_text()
+        assert by_stage["train"].attempts == 0
+        assert f"{url}/health: HTTP 503" in Path(by_stage["verifier"].log_path).read_text()
     finally:
         _stop(worker)
         server.server_close()
@@ -301,23 +279,23 @@ def test_busy_worker_is_healthy_and_an_unreachable_endpoint_fails_fast(redis_ser
 # ----------------------------------------------------------------- 7: killed stages
 
 
-def test_sigkilled_stage_says_killed_signal_9(redis_server, tiny_llama, tmp_path, monkeypatch):
+def test_sigkilled_stage_says_killed_signal_9(redis_server, tiny_llama, tmp_path, spec_home):
     """The OOM killer's SIGKILL, simulated on the stage's process: the run fails with
     `killed (signal 9: SIGKILL)` and the OOM hint, not a log header line."""
-    settings = _use_home(monkeypatch, tmp_path / "home", redis_server.url)
+    settings = spec_home(tmp_path / "home", BROKER_URL=redis_server.url)
     factory, run_id = _submit(settings, tiny_llama)
     worker = start_worker(worker_env(settings.home, redis_server.url), log_path=tmp_path / "worker.log")
     try:
         pid = wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].pid, 120, interval=0.1, what="prepare pid")
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: _finished(factory, run_id), 60, what="run failed")
-        run, stages = run_with_stages(factory, run_id)
+        run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "failed"
-        assert stages["prepare"].error.startswith("killed (signal 9: SIGKILL)"), stages["prepare"].error
-        assert "out-of-memory" in stages["prepare"].error and "===" not in run.error
+        assert by_stage["prepare"].error.startswith("killed (signal 9: SIGKILL)"), by_stage["prepare"].error
+        assert "out-of-memory" in by_stage["prepare"].error and "===" not in run.error
         with factory() as s:  # nothing lost: it resumes from the killed stage
-            assert repo.resume_run(s, run_id) == ["prepare", "vocab", "datagen", "train"]
-            repo.request_cancel(s, run_id)
+            assert runs.resume_run(s, run_id) == ["prepare", "vocab", "datagen", "train"]
+            runs.request_cancel(s, run_id)
     finally:
         _stop(worker)
 
@@ -325,69 +303,63 @@ def test_sigkilled_stage_says_killed_signal_9(redis_server, tiny_llama, tmp_path
 # ----------------------------------------------------------------- 9: process control, hidden_dir
 
 
-def test_recovery_and_controller_never_signal_a_pid_from_the_database(tmp_path, monkeypatch):
+def test_recovery_and_controller_never_signal_a_pid_from_the_database(tmp_path, spec_home):
     """A stage row and a deployment row name the PID of an unrelated process (a PID reused, or
     one recorded by another worker). Restart recovery and the controller's stop leave it
     alone; the run is still marked interrupted and resumable, the deployment stopped."""
-    settings = _use_home(monkeypatch, tmp_path / "home", "redis://127.0.0.1:1/0")
+    settings = spec_home(tmp_path / "home", BROKER_URL="redis://127.0.0.1:1/0")
     factory = open_store(settings.db_url)
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
     try:
         with factory() as s:
-            repo.create_run(s, run_id="r1", name="r", spec={}, stages=["prepare"], work_dir=str(tmp_path / "r1"))
-            stage = repo.start_stage(s, "r1", "prepare", worker="gpu0@elsewhere", log_path="/dev/null")
-            repo.set_stage_pid(s, stage.id, bystander.pid)
-            stage = repo.get_stage(s, "r1", "prepare")
+            runs.create_run(s, run_id="r1", name="r", spec={}, stages=["prepare"], work_dir=str(tmp_path / "r1"))
+            stage = stages.start_stage(s, "r1", "prepare", worker="gpu0@elsewhere", log_path="/dev/null")
+            stages.set_stage_pid(s, stage.id, bystander.pid)
+            stage = stages.get_stage(s, "r1", "prepare")
             stage.heartbeat_at = stage.heartbeat_at.replace(year=2000)
             s.commit()
-            assert repo.recover_interrupted(s, worker="gpu0@here", stale_after_s=60) == [("r1", "prepare")]
-            assert repo.get_run(s, "r1").status == "interrupted"
+            assert stages.recover_interrupted(s, worker="gpu0@here", stale_after_s=60) == [("r1", "prepare")]
+            assert runs.get_run(s, "r1").status == "interrupted"
         from worker.controller import stop_deployment
 
         with factory() as s:
-            dep = repo.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=1, endpoint="x")
-            repo.update_deployment(s, dep.id, status="up", pid=bystander.pid)
+            dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=1, endpoint="x")
+            deployments.update_deployment(s, dep.id, status="up", pid=bystander.pid)
         assert stop_deployment(factory, dep.id) == "stopped"
         time.sleep(0.5)
         assert bystander.poll() is None  # still running: nobody signalled it
         with factory() as s:
-            assert repo.get_deployment(s, dep.id).status == "stopped"
+            assert deployments.get_deployment(s, dep.id).status == "stopped"
     finally:
         bystander.kill()
         bystander.wait()
 
 
-def test_controller_refuses_hidden_dir_outside_the_runs_root(tmp_path, monkeypatch):
+def test_controller_refuses_hidden_dir_outside_the_runs_root(tmp_path, spec_home):
     """The verifier's hidden-state directory comes from a broker message: one outside the
     runs root (or with `..`) is refused before anything starts."""
-    settings = _use_home(monkeypatch, tmp_path / "home", "redis://127.0.0.1:1/0")
+    settings = spec_home(tmp_path / "home", BROKER_URL="redis://127.0.0.1:1/0")
     factory = open_store(settings.db_url)
     from worker.controller import start_deployment
 
     for bad in ("/etc", str(settings.runs_root / ".." / "x"), "relative/dir"):
         with factory() as s:
-            dep = repo.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=free_port(),
-                                          endpoint="x")
+            dep = deployments.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=free_port(),
+                                                 endpoint="x")
         assert start_deployment(factory, settings, dep.id, layer_ids=[1, 2], hidden_dir=bad) == "failed"
         with factory() as s:
-            d = repo.get_deployment(s, dep.id)
+            d = deployments.get_deployment(s, dep.id)
             assert d.error.startswith("refused: hidden_dir") and "runs root" in d.error and d.pid is None
     with factory() as s:
-        dep = repo.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=free_port(), endpoint="x")
+        dep = deployments.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=free_port(),
+                                             endpoint="x")
     assert start_deployment(factory, settings, dep.id, layer_ids=["1; rm -rf /"],
                             hidden_dir=str(settings.runs_root / "r" / "hidden")) == "failed"
     with factory() as s:
-        assert "layer_ids must be a list of non-negative integers" in repo.get_deployment(s, dep.id).error
+        assert "layer_ids must be a list of non-negative integers" in deployments.get_deployment(s, dep.id).error
 
 
 # ----------------------------------------------------------------- 1, 2, 7: the local mode in a browser
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200
-    except OSError:
-        return False
 
 
 def _local_mode(home: Path, redis_url: str, log_path: Path, **extra: str) -> tuple[subprocess.Popen, str]:
@@ -426,7 +398,7 @@ def test_dashboard_answers_while_the_tiny_verifier_builds(redis_server, tmp_path
                             SPECULATORS_CACHE=str(tmp_path / "empty-cache"), SPECULATORS_VERIFIER_FROM_RECIPE="1")
     model = home / "models" / "tiny-llama"
     try:
-        wait_for(lambda: _healthy(url) or proc.poll() is not None, 180, what="dashboard health")
+        wait_for(lambda: dashboard_healthy(url) or proc.poll() is not None, 180, what="dashboard health")
         assert proc.poll() is None, (tmp_path / "local.log").read_text()[-3000:]
         status = json.loads((home / "models" / "tiny-llama.build.json").read_text())
         assert status["state"] == "building", status  # the dashboard did not wait for the build
@@ -450,7 +422,7 @@ def test_dashboard_answers_while_the_tiny_verifier_builds(redis_server, tmp_path
         _stop(proc, 60)
 
 
-def test_children_restart_alone_and_the_run_finishes(redis_server, tiny_llama, tmp_path, monkeypatch):
+def test_children_restart_alone_and_the_run_finishes(redis_server, tiny_llama, tmp_path, spec_home):
     """Local mode: the dashboard is killed while a stage runs (restarted alone; the stage
     goes on, attempts 1), then the worker is killed during training (restarted; the run
     resumes from its checkpoint). The run finishes with no metric row lost or doubled."""
@@ -458,27 +430,27 @@ def test_children_restart_alone_and_the_run_finishes(redis_server, tiny_llama, t
     shutil.copytree(tiny_llama, home / "models" / "tiny-llama")
     proc, url = _local_mode(home, redis_server.url, tmp_path / "local.log")
     try:
-        wait_for(lambda: _healthy(url) or proc.poll() is not None, 180, what="dashboard health")
+        wait_for(lambda: dashboard_healthy(url) or proc.poll() is not None, 180, what="dashboard health")
         assert proc.poll() is None, (tmp_path / "local.log").read_text()[-3000:]
-        settings = _use_home(monkeypatch, home, redis_server.url)
+        settings = spec_home(home, BROKER_URL=redis_server.url)
         factory, run_id = _submit(settings, tiny_llama, epochs=3, max_samples=16)
         wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].status == "running", 180, what="prepare running")
         first = _children(home)
         os.kill(first["dashboard"]["pid"], signal.SIGKILL)
-        wait_for(lambda: (_children(home).get("dashboard") or {}).get("starts", 0) == 2 and _healthy(url), 180,
+        wait_for(lambda: (_children(home).get("dashboard") or {}).get("starts", 0) == 2 and dashboard_healthy(url), 180,
                  what="dashboard restarted")
         assert _children(home)["worker"]["pid"] == first["worker"]["pid"]  # the worker never noticed
         wait_for(lambda: run_with_stages(factory, run_id)[1]["train"].pid, 600, interval=0.5, what="train running")
         os.kill(_children(home)["worker"]["pid"], signal.SIGKILL)
         wait_for(lambda: _finished(factory, run_id), 900, what="run end")
-        run, stages = run_with_stages(factory, run_id)
+        run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "succeeded", (run.error, (tmp_path / "local.log").read_text()[-3000:])
-        assert [stages[n].attempts for n in ("prepare", "vocab", "datagen")] == [1, 1, 1]
-        assert stages["train"].attempts == 2
+        assert [by_stage[n].attempts for n in ("prepare", "vocab", "datagen")] == [1, 1, 1]
+        assert by_stage["train"].attempts == 2
         assert _children(home)["worker"]["starts"] == 2
         with factory() as s:
-            steps = [m.step for m in repo.metrics(s, run_id, "train")]
-        assert steps == list(range(1, stages["train"].total_steps + 1))  # none lost, none twice
+            steps = [m.step for m in metrics.step_records(s, run_id, kind="train")]
+        assert steps == list(range(1, by_stage["train"].total_steps + 1))  # none lost, none twice
     finally:
         _stop(proc, 60)
     assert proc.returncode == 0
@@ -506,46 +478,46 @@ class _ZeroVllm(BaseHTTPRequestHandler):
         pass
 
 
-def test_dashboard_shows_waiting_plain_names_and_no_fake_acceptance(tmp_path, monkeypatch):
+def test_dashboard_shows_waiting_plain_names_and_no_fake_acceptance(tmp_path, spec_home):
     """In a browser: a run named with Markdown link and image syntax shows as typed (no link,
     no image), a run between stages shows `waiting` with its next stage, and a served draft
     with 0 drafted tokens shows no mean acceptance length."""
     home = tmp_path / "home"
-    settings = _use_home(monkeypatch, home, "filesystem://")
+    settings = spec_home(home, BROKER_URL="filesystem://")
     ARTIFACTS.mkdir(exist_ok=True)
     (settings.models_root / "tiny-llama").mkdir(parents=True)
     (settings.models_root / "tiny-llama" / "config.json").write_text("{}")  # no build needed for this test
     name = "[click me](http://evil.example/x) ![img](http://evil.example/i.png) **bold**"
     factory = open_store(settings.db_url)
     with factory() as s:
-        repo.create_run(s, run_id="w1", name=name, spec={"mode": "offline", "model": "m"},
+        runs.create_run(s, run_id="w1", name=name, spec={"mode": "offline", "model": "m"},
                         stages=["prepare", "vocab", "datagen", "train"], work_dir=str(settings.runs_root / "w1"))
-        repo.start_stage(s, "w1", "prepare", worker="w", log_path="/dev/null")
-        repo.finish_stage(s, "w1", "prepare", "succeeded")
-        run = repo.get_run(s, "w1")
+        stages.start_stage(s, "w1", "prepare", worker="w", log_path="/dev/null")
+        stages.finish_stage(s, "w1", "prepare", "succeeded")
+        run = runs.get_run(s, "w1")
         run.error = "an earlier try failed, see http://evil.example/e and www.evil.example"
         s.commit()
         ckpt = settings.runs_root / "w1" / "checkpoints" / "0"
-        repo.ingest_records(s, "w1", [{"type": "checkpoint", "epoch": 0, "step": 1, "path": str(ckpt),
-                                       "val_loss": 1.0, "is_best": True, "ts": 1.0}])
+        metrics.ingest_records(s, "w1", [{"type": "checkpoint", "epoch": 0, "step": 1, "path": str(ckpt),
+                                          "val_loss": 1.0, "is_best": True, "ts": 1.0}])
     with factory() as s:
-        for m in repo.pending_outbox(s):  # keep the worker off this seeded run
-            repo.outbox_sent(s, m.id)
+        for m in outbox.pending(s):  # keep the worker off this seeded run
+            outbox.mark_sent(s, m.id)
     vllm = ThreadingHTTPServer(("127.0.0.1", 0), _ZeroVllm)
     threading.Thread(target=vllm.serve_forever, daemon=True).start()
     # filesystem broker (no Redis at port 1); no reconciling: this seeded run must stay waiting
     log = tmp_path / "local.log"
     proc, url = _local_mode(home, "redis://127.0.0.1:1/0", log, SPEC_RECONCILE_EVERY_S="100000")
     try:
-        wait_for(lambda: _healthy(url) or proc.poll() is not None, 180, what="dashboard health")
+        wait_for(lambda: dashboard_healthy(url) or proc.poll() is not None, 180, what="dashboard health")
         # the controller marks servers of an earlier controller stopped at its start: serve after it
         wait_for(lambda: re.search(r"vllm@\S+ ready\.", log.read_text()), 180, what="controller ready")
         with factory() as s:
-            dep = repo.request_deployment(s, kind="draft", model_path=str(ckpt), run_id="w1", port=vllm.server_address[1],
-                                          endpoint=f"http://127.0.0.1:{vllm.server_address[1]}")
-            repo.update_deployment(s, dep.id, status="up")
-            for m in repo.pending_outbox(s):  # the controller must not start a real server for it
-                repo.outbox_sent(s, m.id)
+            dep = deployments.request_deployment(s, kind="draft", model_path=str(ckpt), run_id="w1", port=vllm.server_address[1],
+                                                 endpoint=f"http://127.0.0.1:{vllm.server_address[1]}")
+            deployments.update_deployment(s, dep.id, status="up")
+            for m in outbox.pending(s):  # the controller must not start a real server for it
+                outbox.mark_sent(s, m.id)
         from worker.serving import served_name
 
         _ZeroVllm.MODEL = served_name("w1", dep.id)

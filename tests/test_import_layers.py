@@ -4,7 +4,8 @@ the same layer, and on any import of the dashboard/worker/store packages.
 
 Layers, lowest first (a package may import its own layer's packages and lower layers):
   0  speculators (version), errors, atomic (file writes), console (the log format), progress
-     (stage progress lines), metric_records (the typed metrics.jsonl records)
+     (stage progress lines), metric_records (the typed metrics.jsonl records), process (managed
+     child processes: start, readiness, stop, lifelines)
   1  layers (layer-id rules), verifier (reading the verifier: config, weights, hidden states)
   2  data, models (core math and the draft model), config (the typed run settings)
   3  vllm, datagen, online, evaluate, regenerate, tiny (the stages' services and the embedded
@@ -21,7 +22,7 @@ from pathlib import Path
 
 LAYERS: list[set[str]] = [
     {"speculators", "speculators.errors", "speculators.atomic", "speculators.console", "speculators.progress",
-     "speculators.metric_records"},
+     "speculators.metric_records", "speculators.process"},
     {"speculators.layers", "speculators.verifier"},
     {"speculators.data", "speculators.models", "speculators.config"},
     {"speculators.vllm", "speculators.datagen", "speculators.online", "speculators.evaluate",

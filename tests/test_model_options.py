@@ -15,7 +15,7 @@ from speculators.errors import UserError
 from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
 from speculators.models.eagle3.attention import ttt_attention_flex, ttt_attention_sdpa, windowed
 from speculators.models.eagle3.config_keys import LAYER_IMPLEMENTED, TOP_LEVEL_IMPLEMENTED
-from speculators.train.ttt_mask import context_mask, ttt_mask_dense
+from speculators.models.eagle3.ttt_mask import context_mask, ttt_mask_dense
 
 OPTION_SETS = {
     "qwen3": dict(draft_arch="qwen3"),
@@ -186,7 +186,7 @@ def hs_data(tiny_qwen3, tmp_path_factory):
 
 
 def test_trainer_trains_and_writes_the_options(tiny_qwen3, hs_data, tmp_path):
-    from speculators.train.config import TrainConfig
+    from speculators.config.train import TrainConfig
     from speculators.train.metrics_stream import read_metrics
     from speculators.train.trainer import run_training
 

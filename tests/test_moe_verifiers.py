@@ -66,7 +66,7 @@ def test_moe_verifier_pipeline(arch, tmp_path, capsys):
     normed = model.model.norm(sample["hidden_states"][-1].float())
     assert torch.allclose(normed, last, atol=0.05, rtol=0.05)
 
-    from speculators.train.config import TrainConfig
+    from speculators.config.train import TrainConfig
     from speculators.train.trainer import run_training
 
     run_training(TrainConfig(verifier_name_or_path=str(verifier), data_path=str(hs), save_path=str(tmp_path / "run"),

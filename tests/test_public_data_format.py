@@ -88,7 +88,7 @@ def test_both_directions_against_the_public_package(tiny_llama, public_speculato
                                                          for s in (store.load(i) for i in range(3))]
 
     # Our trainer trains on the public layout directly.
-    from speculators.train.config import TrainConfig
+    from speculators.config.train import TrainConfig
     from speculators.train.trainer import run_training
 
     run_training(TrainConfig(verifier_name_or_path=str(tiny_llama), data_path=str(tmp_path / "theirs"),

@@ -254,7 +254,7 @@ def served(work, online_checkpoint, hs_server, tmp_path_factory, monkeypatch_mod
     """The dashboard's serve button: the worker's controller starts `speculators serve` on
     the run's checkpoint_best and waits for /health."""
     hs_server.stop()  # one vLLM at a time on a 2-core machine
-    from runstore import open_store, repo
+    from runstore import deployments, open_store
     from runstore.settings import Settings
     from worker.controller import start_deployment, stop_deployment
 
@@ -275,11 +275,11 @@ def served(work, online_checkpoint, hs_server, tmp_path_factory, monkeypatch_mod
     url = f"http://127.0.0.1:{port}"
     ckpt = str(online_checkpoint / "checkpoint_best")
     with factory() as s:
-        dep = repo.request_deployment(s, kind="draft", model_path=ckpt, run_id=None, port=port, endpoint=url)
+        dep = deployments.request_deployment(s, kind="draft", model_path=ckpt, run_id=None, port=port, endpoint=url)
     t0 = time.monotonic()
     status = start_deployment(factory, settings, dep.id)
     with factory() as s:
-        row = repo.get_deployment(s, dep.id)
+        row = deployments.get_deployment(s, dep.id)
         log = Path(row.log_path).read_text()[-4000:] if row.log_path and Path(row.log_path).exists() else ""
         assert status == "up", f"{status}: {row.error}\n{log}"
     print(f"serve (dashboard path) ready in {time.monotonic() - t0:.0f}s", flush=True)

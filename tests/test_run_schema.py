@@ -1,6 +1,7 @@
-"""One typed schema for a run: the CLI, the dashboard form and the worker's argv agree,
-bad input is refused at the form with the CLI's rules, and runs that cannot fit in memory
-are refused before they start (form and CLI, with the estimate in the message)."""
+"""One typed schema for a run: the CLI, the dashboard form and the worker's stage settings
+agree, bad input is refused at the form with the CLI's rules, runs that cannot fit in memory
+are refused before they start (form and CLI, with the estimate in the message), and every
+command reads a `--config` settings file the same way (the worker hands its stages one)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,23 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from runstore import open_store, repo
+from runstore import open_store, runs
 from runstore.settings import Settings
 from speculators.cli import build_parser
 from speculators.cli import main as cli_main
-from speculators.config.base import bounds_of
+from speculators.config.base import bounds_of, to_argv
+from speculators.config.files import add_config_option, parse_args, write_settings_file
 from speculators.config.datagen import DatagenConfig
 from speculators.config.prepare import PrepareConfig
 from speculators.config.regenerate import RegenConfig
 from speculators.config.vocab import VocabConfig
 from speculators.config.memory import check_train_memory
 from speculators.config.run import CPU_PRESET, RunSettings
-from speculators.config.stages import StagePaths, stage_args
 from speculators.config.train import TrainConfig
 from speculators.errors import UserError
-from speculators.layers import resolve_layer_ids
+from speculators.config.stages import StagePaths, pipeline_stages, stage_args
 from speculators.train.cli import add_train_arguments, config_from_args
-from worker.pipeline import RunPaths, stage_argv, stages_for
+from worker.pipeline import stage_argv
 from worker.spec import validate_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +71,21 @@ def train_parser() -> argparse.ArgumentParser:
 def parse_train(argv: list[str]) -> TrainConfig:
     """What `speculators train` makes of an argument list (the real parser and config)."""
     assert argv[0] == "train"
-    return config_from_args(train_parser().parse_args(argv[1:]))
+    return config_from_args(parse_args(build_parser(), argv))
+
+
+def worker_stage(spec: RunSettings, stage: str, paths: StagePaths, **kw) -> argparse.Namespace:
+    """What the worker's process for `stage` parses: the command line only names the settings
+    file in the run's folder; the real CLI reads it (`python -m speculators.train` under torchrun)."""
+    argv = stage_argv(spec, stage, paths, python="py", **kw)
+    if argv[1:3] == ["-m", "torch.distributed.run"]:
+        assert argv[argv.index("-m", 3):][:2] == ["-m", "speculators.train"]
+        args = ["train", *argv[argv.index("speculators.train") + 1:]]
+    else:
+        assert argv[:3] == ["py", "-m", "speculators"]
+        args = argv[3:]
+    assert args[1:] == ["--config", str(paths.work_dir / "settings" / f"{stage}.json")]
+    return parse_args(build_parser(), args)
 
 
 @pytest.fixture()
@@ -124,11 +139,10 @@ def test_form_cli_and_worker_share_defaults(home):
     at = form(home)
     at.button[0].click().run()
     with open_store(home.db_url)() as s:
-        (run,) = repo.list_runs(s)
+        (run,) = runs.list_runs(s)
     stored = RunSettings.from_dict(run.spec)
-    argv = stage_argv(stored, "train", RunPaths(Path(home.runs_root) / "x"), python="py")
-    assert stored.gpus == 1 and argv[:3] == ["py", "-m", "torch.distributed.run"]
-    worker_cfg = parse_train(["train", *argv[argv.index("speculators.train") + 1:]])
+    assert stored.gpus == 1  # trains under torchrun
+    worker_cfg = config_from_args(worker_stage(stored, "train", StagePaths(Path(home.runs_root) / "x")))
     for run_name, train_name in SHARED.items():
         expected = getattr(cli_defaults, train_name)
         form_value = widget_value(at, run_name)
@@ -191,18 +205,38 @@ def test_run_name_starting_with_dash(home, tmp_path):
     assert parse_train(["train", *to_argv(cfg)]).run_name == "--epochs"
 
 
-@pytest.mark.parametrize("ids", ["8", "4,2", "2,8,4", "7,6,8"])
-def test_layer_ids_refused_at_the_form_as_the_cli_refuses_them(home, ids):
-    as_list = [int(x) for x in ids.split(",")]
-    try:
-        resolve_layer_ids(as_list, 8, include_last_layer=True, flag="layer ids")
-        cli_error = None
-    except UserError as exc:
-        cli_error = str(exc)
-    spec, errors = validate_spec(good(home, layer_ids=ids), home)
-    assert errors.get("layer_ids") == cli_error
-    if ids == "8":  # the final layer alone: no aux layer to train on
-        assert "aux layer" in errors["layer_ids"]
+def layer_rule(ids: list[int], n: int = 8) -> str | None:
+    """The layer-id rule, written out independently: the final layer n is appended when absent;
+    then every id in [0, n], no repeats, ascending, n last, and at least one aux layer. The
+    word the refusal must contain, or None when the ids are accepted."""
+    full = ids + ([n] if n not in ids else [])
+    if any(not 0 <= i <= n for i in full):
+        return "out of range"
+    if len(set(full)) != len(full):
+        return "repeats"
+    if full != sorted(full):
+        return "ascending"
+    if len(full) < 2:
+        return "aux layer"
+    return None
+
+
+def test_layer_ids_refused_at_the_form_by_the_rule(home):
+    """Every list of one to three ids over {0, 2, 4, 7, 8, 9} against the rule above."""
+    import itertools
+
+    values = (0, 2, 4, 7, 8, 9)
+    cases = [list(c) for k in (1, 2, 3) for c in itertools.product(values, repeat=k)]
+    verdicts = set()
+    for ids in cases:
+        spec, errors = validate_spec(good(home, layer_ids=",".join(map(str, ids))), home)
+        want = layer_rule(ids)
+        verdicts.add(want)
+        if want is None:
+            assert errors == {} and spec.layer_ids == ids, ids
+        else:
+            assert spec is None and want in errors.get("layer_ids", ""), (ids, want, errors)
+    assert verdicts == {None, "out of range", "repeats", "ascending", "aux layer"}  # every branch was met
 
 
 def test_long_sequence_refused_at_the_form_with_the_estimate(home):
@@ -213,7 +247,7 @@ def test_long_sequence_refused_at_the_form_with_the_estimate(home):
     (msg,) = [e.value for e in at.get("html") if "sequence length 131072" in e.value]  # a plain-text alert
     assert "GiB" in msg and "attention (T^2)" in msg and "available RAM" in msg
     with open_store(home.db_url)() as s:
-        assert repo.list_runs(s) == []
+        assert runs.list_runs(s) == []
     # a short run on the same model fits
     spec, errors = validate_spec(good(home, seq_length=64), home)
     assert errors == {} and spec is not None
@@ -245,18 +279,18 @@ def test_regenerate_stage_runs_before_prepare(home, tmp_path):
     spec, errors = validate_spec(good(home, regenerate=True, regenerate_max_tokens=64,
                                       regenerate_temperature="0.5", regenerate_backend="vllm"), home)
     assert errors == {}
-    assert stages_for(spec) == ["regenerate", "prepare", "vocab", "datagen", "train"]
-    paths = RunPaths(tmp_path)
-    regen = stage_argv(spec, "regenerate", paths, python="py")
-    assert regen[:4] == ["py", "-m", "speculators", "regenerate"]
-    args = build_parser().parse_args(regen[3:])
-    assert (args.model, args.data, args.output) == (spec.model, [spec.dataset], str(paths.regenerated))
+    assert pipeline_stages(spec) == ["regenerate", "prepare", "vocab", "datagen", "train"]
+    paths = StagePaths(tmp_path)
+    args = worker_stage(spec, "regenerate", paths)
+    assert (args.command, args.model, args.data, args.output) == (
+        "regenerate", spec.model, [spec.dataset], str(tmp_path / "regenerated.jsonl"))
     assert (args.backend, args.max_tokens, args.temperature, args.max_samples) == ("vllm", 64, 0.5, 8)
-    prep = stage_argv(spec, "prepare", paths, python="py")
-    assert f"--data={paths.regenerated}" in prep
+    prep = PrepareConfig.from_args(worker_stage(spec, "prepare", paths))
+    assert prep.sources() == [str(tmp_path / "regenerated.jsonl")] and prep.force  # replies changed: rebuilt
     off, _ = validate_spec(good(home), home)
-    assert "regenerate" not in stages_for(off)
-    assert f"--data={off.dataset}" in stage_argv(off, "prepare", paths, python="py")
+    assert "regenerate" not in pipeline_stages(off)
+    prep = PrepareConfig.from_args(worker_stage(off, "prepare", paths))
+    assert prep.sources() == [str(home.data_root / "chats.jsonl")] and not prep.force
 
 
 def test_form_offers_regeneration(home):
@@ -266,7 +300,7 @@ def test_form_offers_regeneration(home):
     at.text_input(key="f_regenerate_max_tokens").set_value("32")
     at.button[0].click().run()
     with open_store(home.db_url)() as s:
-        (run,) = repo.list_runs(s)
+        (run,) = runs.list_runs(s)
         assert [st.name for st in sorted(run.stages, key=lambda st: st.position)][0] == "regenerate"
     assert run.spec["regenerate"] is True and run.spec["regenerate_max_tokens"] == 32
 
@@ -274,26 +308,47 @@ def test_form_offers_regeneration(home):
 def test_online_run_trains_on_the_layers_it_asked_for(home, tmp_path):
     spec, errors = validate_spec(good(home, mode="hybrid", gpus=1, layer_ids="1,4,8"), home)
     assert errors == {}
-    paths = RunPaths(tmp_path)
-    cfg = parse_train(stage_args(spec, "train", paths, verifier_url="http://v:8001"))
-    assert cfg.vllm_layer_ids == [1, 4, 8] and cfg.prepared_data == str(paths.prepared)
+    paths = StagePaths(tmp_path)
+    cfg = config_from_args(worker_stage(spec, "train", paths, verifier_url="http://v:8001"))
+    assert cfg.vllm_layer_ids == [1, 4, 8] and cfg.prepared_data == str(tmp_path / "prepared")
     assert (cfg.vllm_endpoint, cfg.on_generate) == ("http://v:8001", "cache")
 
 
-def test_demo_and_worker_build_the_same_commands(tmp_path):
+def test_demo_and_worker_run_the_demo_settings(tmp_path):
+    """The demo's command lines (flags) and the worker's stage files (--config) for the same run
+    settings, each read by the real CLI, against the values written out here."""
     from speculators.commands.demo import stage_commands
 
     args = argparse.Namespace(model=str(tmp_path / "v"), max_samples=32, seq_length=128, draft_vocab_size=64,
                               epochs=2, ttt_steps=3, lr=3e-3, eval_prompts=4)
-    stages = dict(stage_commands(args, tmp_path))
-    assert list(stages) == ["prepare", "vocab", "datagen", "train", "eval"]
+    demo = dict(stage_commands(args, tmp_path))
+    assert list(demo) == ["prepare", "vocab", "datagen", "train", "eval"]
     run = RunSettings(name="demo", model=str(tmp_path / "v"), dataset="sharegpt", seq_length=128, max_samples=32,
                       draft_vocab_size=64, epochs=2, lr=3e-3, ttt_steps=3, batch_size=8, total_seq_len=256)
-    for name in ("prepare", "vocab", "datagen", "train"):
-        assert stages[name] == stage_argv(run, name, StagePaths(tmp_path), python="py")[3:]
-    cfg = parse_train(stages["train"])
-    assert (cfg.total_seq_len, cfg.epochs, cfg.lr, cfg.ttt_steps, cfg.run_name) == (256, 2, 3e-3, 3, "demo")
-    assert cfg.data_path == str(tmp_path / "hidden_states")
+    w, v = tmp_path, str(tmp_path / "v")
+    expected = {
+        "prepare": {"model": v, "data": "sharegpt", "output": f"{w}/prepared", "max_samples": 32,
+                    "seq_length": 128, "seed": 0, "force": False},
+        "vocab": {"token_freq_path": f"{w}/prepared/token_freq.pt", "draft_vocab_size": 64,
+                  "target_model_path": v, "output_path": f"{w}/vocab"},
+        "datagen": {"target_model_path": v, "train_data_path": f"{w}/prepared", "output_dir": f"{w}/hidden_states",
+                    "batch_size": 8, "max_samples": 32, "layer_ids": None},
+        "train": {"verifier_name_or_path": v, "data_path": f"{w}/hidden_states", "save_path": f"{w}/checkpoints",
+                  "epochs": 2, "lr": 3e-3, "ttt_steps": 3, "num_layers": 1, "d2t_path": f"{w}/vocab/d2t.npy",
+                  "t2d_path": f"{w}/vocab/t2d.npy", "draft_vocab_size": 64, "total_seq_len": 256, "seed": 0,
+                  "run_name": "demo", "vllm_endpoint": None},
+    }
+    models = {"prepare": PrepareConfig, "vocab": VocabConfig, "datagen": DatagenConfig, "train": TrainConfig}
+    for stage, want in expected.items():
+        for how, parsed in (("demo", parse_args(build_parser(), demo[stage])),
+                            ("worker", worker_stage(run, stage, StagePaths(tmp_path)))):
+            cfg = models[stage].from_args(parsed)
+            got = {k: getattr(cfg, k) for k in want}
+            if stage in ("prepare", "datagen"):  # one source, given as a flag (a list) or in the file
+                key = "data" if stage == "prepare" else "train_data_path"
+                got[key] = cfg.sources()
+                want = {**want, key: [want[key]] if isinstance(want[key], str) else want[key]}
+            assert got == want, (how, stage)
 
 
 def test_stored_records_of_older_versions_still_load(tmp_path):
@@ -338,10 +393,10 @@ def test_stage_settings_share_defaults_with_their_commands(home, tmp_path):
     at.checkbox(key="f_regenerate").check().run()
     at.button[0].click().run()
     with open_store(home.db_url)() as s:
-        (run,) = repo.list_runs(s)
+        (run,) = runs.list_runs(s)
     stored = RunSettings.from_dict(run.spec)
-    paths = RunPaths(tmp_path)
-    parsed = {command: vars(build_parser().parse_args(stage_argv(stored, stage, paths, python="py")[3:]))
+    paths = StagePaths(tmp_path)
+    parsed = {command: vars(worker_stage(stored, stage, paths))
               for stage, command in (("prepare", "prepare-data"), ("vocab", "build-vocab-mapping"),
                                      ("datagen", "datagen"), ("regenerate", "regenerate"))}
     for run_name, (command, config, name) in STAGE_SHARED.items():
@@ -435,3 +490,84 @@ print(RunSettings.errors_of(dict(name="r", model="m", dataset="d", batch_size=65
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["5 77", "5 77", "--batch-size=5 --max-tokens=77",
                                        "must be a whole number between 1 and 64 (got 65)"]
+
+
+# --------------------------------------------------------------- --config FILE, every command
+def test_config_file_yaml_and_json_with_flags_overriding(tmp_path):
+    """A settings file (YAML or JSON, field names with _ or -) gives a command its settings,
+    required ones included; a flag on the command line wins over the file."""
+    (tmp_path / "p.yaml").write_text("model: m\ndata: [a.jsonl, b.jsonl]\noutput: OUT\nseq-length: 64\n"
+                                     "max_samples: 7\nrows: per-turn\ntrain_reasoning: false\n")
+    (tmp_path / "p.json").write_text(json.dumps({"model": "m", "data": ["a.jsonl"], "output": "OUT",
+                                                 "seq_length": 64, "max-samples": 7, "seed": 3}))
+    for name in ("p.yaml", "p.json"):
+        args = parse_args(build_parser(), ["prepare-data", "--config", str(tmp_path / name)])
+        cfg = PrepareConfig.from_args(args)
+        assert (cfg.model, cfg.output, cfg.seq_length, cfg.max_samples) == ("m", "OUT", 64, 7), name
+    cfg = PrepareConfig.from_args(parse_args(build_parser(), ["prepare-data", "--config", str(tmp_path / "p.yaml")]))
+    assert (cfg.sources(), cfg.rows, cfg.train_reasoning) == (["a.jsonl", "b.jsonl"], "per-turn", False)
+    over = PrepareConfig.from_args(parse_args(build_parser(), [
+        "prepare-data", "--max-samples", "9", "--data", "c.jsonl", "--config", str(tmp_path / "p.json")]))
+    assert (over.max_samples, over.sources(), over.seed) == (9, ["c.jsonl"], 3)  # flags win, a list is replaced
+    # a command whose flags are plain argparse options reads the same kind of file
+    (tmp_path / "e.yaml").write_text("data: sharegpt\nnum_prompts: 5\ntemperature: 0\ndevice: cpu\n")
+    ev = parse_args(build_parser(), ["eval", "--config", str(tmp_path / "e.yaml"), "--num-prompts", "6"])
+    assert (ev.data, ev.num_prompts, ev.temperature, ev.device, ev.seed) == ("sharegpt", 6, 0.0, "cpu", 0)
+    # python -m speculators.train (torchrun's entry) too
+    (tmp_path / "t.json").write_text(json.dumps({"verifier_name_or_path": "m", "epochs": 3, "resume": False}))
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    add_config_option(p)
+    cfg = config_from_args(parse_args(p, ["--config", str(tmp_path / "t.json"), "--lr", "0.5"]))
+    assert (cfg.verifier_name_or_path, cfg.epochs, cfg.resume, cfg.lr) == ("m", 3, False, 0.5)
+
+
+def test_every_command_accepts_config():
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in sub.choices.items():
+        assert "--config" in command.format_help(), name
+
+
+@pytest.mark.parametrize("command,body,words", [
+    ("prepare-data", {"seq_lenght": 64}, ["unknown setting(s) seq_lenght"]),
+    ("prepare-data", {"seq_length": 1}, ["seq_length must be a whole number >= 2 (got 1)"]),
+    ("train", {"ttt_steps": 40}, ["ttt_steps must be a whole number between 1 and 16 (got 40)"]),
+    ("eval", {"num_prompts": "many"}, ["num_prompts", "many"]),
+    ("eval", {"data_format_version": 5}, ["data_format_version", "choose one of 0, 1"]),
+    ("serve", {"exit_when_ready": "yes"}, ["exit_when_ready must be true or false"]),
+])
+def test_config_file_errors_name_the_file_and_key(tmp_path, capsys, command, body, words):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(body))
+    positional = {"serve": ["ck"]}.get(command, [])
+    assert cli_main([command, *positional, "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--config {path}" in err and all(w in err for w in words), err
+    (tmp_path / "broken.yaml").write_text("a: [1,\n")
+    assert cli_main([command, *positional, "--config", str(tmp_path / "broken.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_settings_file_round_trips_every_train_setting(tmp_path):
+    """A TrainConfig written as the worker writes it, read by `speculators train --config`: the same config."""
+    cfg = TrainConfig(
+        verifier_name_or_path="m", data_path=str(tmp_path), epochs=3, lr=2.5e-4, ttt_steps=5, resume=False,
+        norm_before_residual=False, vllm_layer_ids=[1, 3, 8], scheduler="linear", warmup_ratio=0.2,
+        data_format_version=0, logger="tensorboard", run_name="-starts-with-dash", prefetch=3, vllm_timeout=9.5,
+    )
+    path = write_settings_file(tmp_path / "settings" / "train.json", cfg)
+    assert set(json.loads(path.read_text())) == cfg.model_fields_set
+    assert parse_train(["train", "--config", str(path)]) == cfg
+
+
+def test_help_and_version_print_once_and_unchanged(capsys):
+    """Reading the command line for --config must not act on it: --help prints the command's
+    usage once, with its required flags still required; --version prints once."""
+    with pytest.raises(SystemExit):
+        cli_main(["prepare-data", "--help"])
+    out = capsys.readouterr().out
+    assert out.count("usage:") == 1 and "--model MODEL --data DATA" in out and "[--model" not in out
+    with pytest.raises(SystemExit):
+        cli_main(["--version"])
+    assert capsys.readouterr().out.count("EAGLE-3 trainer + dashboard project") == 1

@@ -11,9 +11,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from runstore import repo
+from runstore import deployments, errors, metrics, outbox, runs, stages
 from runstore.db import current_revision, make_engine, open_store, upgrade_database
 from runstore.models import Base, Stage, utcnow
+from speculators.metric_records import TrainRecord, ValRecord
+
+HEAD = "0003"
 
 
 @pytest.fixture()
@@ -21,9 +24,9 @@ def factory(tmp_path):
     return open_store(f"sqlite:///{tmp_path / 'runs.sqlite'}")
 
 
-def _run(factory, run_id="r1", stages=("prepare", "vocab", "datagen", "train")):
+def _run(factory, run_id="r1", names=("prepare", "vocab", "datagen", "train")):
     with factory() as s:
-        return repo.create_run(s, run_id=run_id, name="demo", spec={"mode": "offline"}, stages=list(stages),
+        return runs.create_run(s, run_id=run_id, name="demo", spec={"mode": "offline"}, stages=list(names),
                                work_dir=f"/tmp/{run_id}")
 
 
@@ -43,13 +46,13 @@ def test_upgrade_from_first_revision_keeps_runs(tmp_path):
 
     upgrade_database(url)  # what open_store does at startup
     engine = make_engine(url)
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == HEAD
     factory = open_store(url, migrate=False)
     with factory() as s:
-        run = repo.get_run(s, "old1")
+        run = runs.get_run(s, "old1")
         assert run.name == "before upgrade" and run.status == "succeeded"
-        assert [m.values["loss"] for m in repo.metrics(s, "old1")] == [2.5]
-        assert repo.latest_deployment(s, "old1") is None  # new table usable
+        assert [m.metrics["loss"] for m in metrics.step_records(s, "old1")] == [2.5]
+        assert deployments.latest_deployment(s, "old1") is None  # new table usable
 
 
 def test_models_match_migrations(tmp_path):
@@ -69,7 +72,7 @@ def test_concurrent_startup_migrations(tmp_path):
     code = f"from runstore.db import upgrade_database; upgrade_database({url!r})"
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
     assert [p.wait(60) for p in procs] == [0, 0]
-    assert current_revision(make_engine(url)) == "0002"
+    assert current_revision(make_engine(url)) == HEAD
 
 
 def test_ingest_dedups_and_keeps_newest(factory):
@@ -80,63 +83,63 @@ def test_ingest_dedups_and_keeps_newest(factory):
             {"type": "val", "ts": 2.5, "epoch": 0, "step": 2, "metrics": {"loss": 2.2}},
             {"type": "checkpoint", "ts": 2.6, "epoch": 0, "step": 2, "path": "/c/0", "val_loss": 2.2, "is_best": True}]
     with factory() as s:
-        stage_id = repo.get_stage(s, "r1", "train").id
-        repo.ingest_records(s, "r1", recs, stage_id=stage_id)
-        repo.ingest_records(s, "r1", recs, stage_id=stage_id)  # a re-read after restart
+        stage_id = stages.get_stage(s, "r1", "train").id
+        metrics.ingest_records(s, "r1", recs, stage_id=stage_id)
+        metrics.ingest_records(s, "r1", recs, stage_id=stage_id)  # a re-read after restart
         # a resumed trainer re-emits step 2 with new values, then goes on
-        repo.ingest_records(s, "r1", [
+        metrics.ingest_records(s, "r1", [
             {"type": "train", "ts": 9.0, "epoch": 1, "step": 2, "total_steps": 4, "metrics": {"loss": 1.9}},
             {"type": "checkpoint", "ts": 9.5, "epoch": 1, "step": 4, "path": "/c/1", "val_loss": 1.0, "is_best": True}],
             stage_id=stage_id)
-        rows = repo.metrics(s, "r1")
-        assert [(m.type, m.step) for m in rows] == [("train", 1), ("train", 2), ("val", 2)]
-        assert rows[1].values["loss"] == 1.9
-        ck = repo.checkpoints(s, "r1")
+        rows = metrics.step_records(s, "r1")
+        assert [(type(m), m.step) for m in rows] == [(TrainRecord, 1), (TrainRecord, 2), (ValRecord, 2)]
+        assert rows[1].metrics["loss"] == 1.9 and rows[1].epoch == 1 and rows[1].total_steps == 4
+        ck = metrics.checkpoints(s, "r1")
         assert [(c.epoch, c.is_best) for c in ck] == [(0, False), (1, True)]
-        assert repo.best_checkpoint(s, "r1").path == "/c/1"
-        st = repo.get_stage(s, "r1", "train")
+        assert metrics.best_checkpoint(s, "r1").path == "/c/1"
+        st = stages.get_stage(s, "r1", "train")
         assert (st.current_step, st.total_steps) == (2, 4)
 
 
 def test_cancel_resume_delete_rules(factory):
     _run(factory)
     with factory() as s:
-        repo.request_cancel(s, "r1")  # nothing running: cancelled at once
-        run = repo.get_run(s, "r1")
+        runs.request_cancel(s, "r1")  # nothing running: cancelled at once
+        run = runs.get_run(s, "r1")
         assert run.status == "cancelled"
         assert {x.status for x in run.stages} == {"cancelled"}
-        with pytest.raises(repo.StoreError):
-            repo.request_cancel(s, "r1")
-        todo = repo.resume_run(s, "r1")
+        with pytest.raises(errors.StoreError):
+            runs.request_cancel(s, "r1")
+        todo = runs.resume_run(s, "r1")
         assert todo == ["prepare", "vocab", "datagen", "train"]
-        with pytest.raises(repo.StoreError, match="cancel it before deleting"):
-            repo.delete_run(s, "r1")
-        repo.start_stage(s, "r1", "prepare", worker="w", log_path="/l")
-        repo.finish_stage(s, "r1", "prepare", "succeeded")
-        repo.start_stage(s, "r1", "vocab", worker="w", log_path="/l")
-        repo.finish_stage(s, "r1", "vocab", "failed", "boom")
-        run = repo.get_run(s, "r1")
+        with pytest.raises(errors.StoreError, match="cancel it before deleting"):
+            runs.delete_run(s, "r1")
+        stages.start_stage(s, "r1", "prepare", worker="w", log_path="/l")
+        stages.finish_stage(s, "r1", "prepare", "succeeded")
+        stages.start_stage(s, "r1", "vocab", worker="w", log_path="/l")
+        stages.finish_stage(s, "r1", "vocab", "failed", "boom")
+        run = runs.get_run(s, "r1")
         assert run.status == "failed" and "vocab" in run.error and "boom" in run.error
-        assert repo.resume_run(s, "r1", from_stage="vocab") == ["vocab", "datagen", "train"]
-        assert repo.get_stage(s, "r1", "prepare").status == "succeeded"
+        assert runs.resume_run(s, "r1", from_stage="vocab") == ["vocab", "datagen", "train"]
+        assert stages.get_stage(s, "r1", "prepare").status == "succeeded"
         # the outbox holds the original start, the resume, the next stage queued in the same
         # transaction as prepare's success, and the retry
-        assert [m.payload["stages"][0] for m in repo.pending_outbox(s)] == ["prepare", "prepare", "vocab", "vocab"]
-        repo.request_cancel(s, "r1")
-        assert repo.delete_run(s, "r1") == "/tmp/r1"
-        assert repo.get_run(s, "r1") is None
+        assert [m.payload["stages"][0] for m in outbox.pending(s)] == ["prepare", "prepare", "vocab", "vocab"]
+        runs.request_cancel(s, "r1")
+        assert runs.delete_run(s, "r1") == "/tmp/r1"
+        assert runs.get_run(s, "r1") is None
 
 
 def test_outbox_claim_is_exclusive(factory):
     _run(factory)
     with factory() as s:
-        (msg,) = repo.pending_outbox(s)
-        assert repo.claim_outbox(s, msg.id)
-        assert not repo.claim_outbox(s, msg.id)  # a second dispatcher skips it
-        repo.outbox_failed(s, msg.id, "broker down")
-        assert repo.claim_outbox(s, msg.id)
-        repo.outbox_sent(s, msg.id)
-        assert repo.pending_outbox(s) == []
+        (msg,) = outbox.pending(s)
+        assert outbox.claim(s, msg.id)
+        assert not outbox.claim(s, msg.id)  # a second dispatcher skips it
+        outbox.mark_failed(s, msg.id, "broker down")
+        assert outbox.claim(s, msg.id)
+        outbox.mark_sent(s, msg.id)
+        assert outbox.pending(s) == []
 
 
 def test_recover_interrupted_marks_run_resumable(factory):
@@ -144,16 +147,16 @@ def test_recover_interrupted_marks_run_resumable(factory):
     _run(factory, "b")
     with factory() as s:
         for rid in ("a", "b"):
-            repo.start_stage(s, rid, "prepare", worker="gpu0@host" if rid == "a" else "gpu1@other", log_path="/l")
+            stages.start_stage(s, rid, "prepare", worker="gpu0@host" if rid == "a" else "gpu1@other", log_path="/l")
         # b's worker is alive elsewhere (fresh heartbeat): untouched
-        found = repo.recover_interrupted(s, worker="gpu0@host", stale_after_s=60)
+        found = stages.recover_interrupted(s, worker="gpu0@host", stale_after_s=60)
         assert found == [("a", "prepare")]
-        assert repo.get_run(s, "a").status == "interrupted"
-        assert repo.get_run(s, "b").status == "running"
-        stage = repo.get_stage(s, "b", "prepare")
+        assert runs.get_run(s, "a").status == "interrupted"
+        assert runs.get_run(s, "b").status == "running"
+        stage = stages.get_stage(s, "b", "prepare")
         stage.heartbeat_at = utcnow() - timedelta(seconds=120)
         s.commit()
-        assert repo.recover_interrupted(s, worker="gpu0@host", stale_after_s=60) == [("b", "prepare")]
+        assert stages.recover_interrupted(s, worker="gpu0@host", stale_after_s=60) == [("b", "prepare")]
 
 
 def test_wal_reader_not_blocked_by_writer(factory, tmp_path):
@@ -163,7 +166,7 @@ def test_wal_reader_not_blocked_by_writer(factory, tmp_path):
         writer.add(Stage(run_id="r1", name="extra", position=9, status="pending", attempts=0))
         writer.flush()  # write transaction open
         t0 = time.monotonic()
-        assert len(repo.list_runs(reader)) == 1
+        assert len(runs.list_runs(reader)) == 1
         assert time.monotonic() - t0 < 1.0
         writer.rollback()
 
@@ -171,16 +174,16 @@ def test_wal_reader_not_blocked_by_writer(factory, tmp_path):
 def test_cancel_with_dead_worker_does_not_hang(factory):
     _run(factory)
     with factory() as s:
-        repo.start_stage(s, "r1", "prepare", worker="gone@host", log_path="/l")
-        repo.request_cancel(s, "r1")
-        assert repo.get_run(s, "r1").status == "running"  # live worker: it stops the stage
-        stage = repo.get_stage(s, "r1", "prepare")
+        stages.start_stage(s, "r1", "prepare", worker="gone@host", log_path="/l")
+        runs.request_cancel(s, "r1")
+        assert runs.get_run(s, "r1").status == "running"  # live worker: it stops the stage
+        stage = stages.get_stage(s, "r1", "prepare")
         stage.heartbeat_at = utcnow() - timedelta(seconds=300)
-        run = repo.get_run(s, "r1")
+        run = runs.get_run(s, "r1")
         run.cancel_requested = False
         s.commit()
-        repo.request_cancel(s, "r1")  # its worker died a while ago
-        assert repo.get_run(s, "r1").status == "cancelled"
+        runs.request_cancel(s, "r1")  # its worker died a while ago
+        assert runs.get_run(s, "r1").status == "cancelled"
 
 
 def test_ingest_keeps_every_trainer_metric_key(factory):
@@ -193,14 +196,188 @@ def test_ingest_keeps_every_trainer_metric_key(factory):
 
     _run(factory)
     stats = torch.tensor([[2.0, 4.0, 3.0, 3.0, 4.0], [3.0, 3.0, 2.0, 1.0, 3.0]])
-    metrics = {**summarize(stats, 1.0), "lr": 1e-3, "tokens_per_s": 10.0}
+    values = {**summarize(stats, 1.0), "lr": 1e-3, "tokens_per_s": 10.0}
     with factory() as s:
-        stage_id = repo.get_stage(s, "r1", "train").id
-        repo.ingest_records(s, "r1", [{"type": "train", "ts": 1.0, "epoch": 0, "step": 1, "total_steps": 4,
-                                       "metrics": metrics}], stage_id=stage_id)
-        rows = repo.metrics(s, "r1")
-    assert rows[0].values == metrics and rows[0].values["step_acc_1"] == pytest.approx(2 / 3)
+        stage_id = stages.get_stage(s, "r1", "train").id
+        metrics.ingest_records(s, "r1", [{"type": "train", "ts": 1.0, "epoch": 0, "step": 1, "total_steps": 4,
+                                          "metrics": values}], stage_id=stage_id)
+        rows = metrics.step_records(s, "r1")
+    assert rows[0].metrics == values and rows[0].metrics["step_acc_1"] == pytest.approx(2 / 3)
     groups = dict(views.chart_frames(views.metrics_long(rows)))
     assert set(groups["Step accuracy: step k alone"]["metric"]) == {"step_acc_0", "step_acc_1"}
     assert set(groups["Full accuracy: steps 0..k all right"]["metric"]) == {"full_acc_0", "full_acc_1"}
     assert set(groups["Conditional accuracy: step k given 0..k-1 right"]["metric"]) == {"cond_acc_0", "cond_acc_1"}
+
+
+def _columns(con, table):
+    return {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+
+
+def _indexes(con, table):
+    return {r[1] for r in con.execute(f"PRAGMA index_list({table})")}
+
+
+def test_upgrade_from_previous_release_fills_new_columns_and_downgrades(tmp_path):
+    """A database made by the previous release (0002) with rows in every table: the upgrade
+    keeps them, fills outbox.run_id and metrics.total_steps, adds the index; downgrade works."""
+    path = tmp_path / "prev.sqlite"
+    url = f"sqlite:///{path}"
+    upgrade_database(url, "0002")
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO runs (id, name, spec, status, work_dir, cancel_requested, created_at, updated_at) "
+                "VALUES ('old1', 'before upgrade', '{}', 'running', '/w', 0, '2026-01-01 00:00:00', "
+                "'2026-01-01 00:00:00')")
+    con.execute("INSERT INTO stages (run_id, name, position, status, attempts, total_steps) "
+                "VALUES ('old1', 'prepare', 0, 'succeeded', 1, 7), ('old1', 'train', 1, 'pending', 0, 40)")
+    con.execute("INSERT INTO metrics (run_id, type, step, epoch, ts, \"values\") VALUES "
+                "('old1', 'train', 3, 0, 1.0, '{\"loss\": 2.5}'), ('old1', 'val', 3, 0, 2.0, '{\"loss\": 2.7}')")
+    con.execute("INSERT INTO outbox (kind, payload, created_at, sent_at, attempts) VALUES "
+                "('run_stages', '{\"run_id\": \"old1\", \"stages\": [\"train\"]}', '2026-01-01 00:00:00', "
+                "'2026-01-01 00:00:01', 1), "
+                "('serve', '{\"deployment_id\": 4}', '2026-01-01 00:00:00', NULL, 0)")
+    con.execute("INSERT INTO deployments (kind, model_path, status, created_at, updated_at) "
+                "VALUES ('draft', '/ck', 'stopped', '2026-01-01 00:00:00', '2026-01-01 00:00:00')")
+    con.commit()
+    assert "run_id" not in _columns(con, "outbox") and "ix_outbox_run_kind_sent" not in _indexes(con, "outbox")
+    con.close()
+
+    upgrade_database(url)
+    con = sqlite3.connect(path)
+    assert "ix_outbox_run_kind_sent" in _indexes(con, "outbox")
+    assert sorted(con.execute("SELECT kind, run_id FROM outbox")) == [("run_stages", "old1"), ("serve", None)]
+    assert sorted(con.execute("SELECT type, step, total_steps FROM metrics")) == [("train", 3, 40),
+                                                                                ("val", 3, None)]
+    assert con.execute("SELECT count(*) FROM deployments").fetchone() == (1,)
+    con.close()
+    factory = open_store(url, migrate=False)
+    with factory() as s:
+        assert [(type(r), r.step, r.metrics["loss"]) for r in metrics.step_records(s, "old1")] == [
+            (TrainRecord, 3, 2.5), (ValRecord, 3, 2.7)]
+        assert metrics.step_records(s, "old1", kind="train")[0].total_steps == 40
+        # the old message was sent long ago and nothing runs: the migrated run is due
+        assert runs.due_runs(s, grace_s=30) == [("old1", "train")]
+
+    from alembic import command
+
+    from runstore.db import alembic_config
+
+    command.downgrade(alembic_config(url), "0002")
+    con = sqlite3.connect(path)
+    assert "run_id" not in _columns(con, "outbox") and "total_steps" not in _columns(con, "metrics")
+    assert "ix_outbox_run_kind_sent" not in _indexes(con, "outbox")
+    assert con.execute("SELECT count(*) FROM outbox").fetchone() == (2,)
+    assert con.execute("SELECT count(*) FROM metrics").fetchone() == (2,)
+    con.close()
+    assert current_revision(make_engine(url)) == "0002"
+
+
+def _age(factory, run_id, *, sent_s=None, finished_s=None):
+    """Move a run's messages' delivery (and its stages' ends) `sent_s` (`finished_s`) seconds into the past."""
+    from runstore.models import OutboxMessage
+
+    with factory() as s:
+        if sent_s is not None:
+            for m in s.query(OutboxMessage).filter(OutboxMessage.run_id == run_id):
+                m.sent_at = utcnow() - timedelta(seconds=sent_s)
+        if finished_s is not None:
+            for st in s.query(Stage).filter(Stage.run_id == run_id, Stage.finished_at.is_not(None)):
+                st.finished_at = utcnow() - timedelta(seconds=finished_s)
+        s.commit()
+
+
+def test_due_runs_rules(factory):
+    """Each thing that says a run's next stage is on its way keeps it off the due list."""
+    for rid in ("unsent", "sent_long_ago", "sent_recently", "live", "stale", "cancelling", "done"):
+        _run(factory, rid, names=("prepare", "train"))
+    _age(factory, "unsent")  # its start message is still pending
+    _age(factory, "sent_long_ago", sent_s=600)
+    _age(factory, "sent_recently", sent_s=5)
+    for rid in ("live", "stale", "cancelling", "done"):
+        _age(factory, rid, sent_s=600)
+    with factory() as s:
+        stages.start_stage(s, "live", "prepare", worker="w", log_path="/l")
+        stages.start_stage(s, "stale", "prepare", worker="w", log_path="/l")
+        stages.get_stage(s, "stale", "prepare").heartbeat_at = utcnow() - timedelta(seconds=120)
+        runs.get_run(s, "cancelling").cancel_requested = True
+        s.commit()
+        for name in ("prepare", "train"):
+            stages.start_stage(s, "done", name, worker="w", log_path="/l")
+            stages.finish_stage(s, "done", name, "succeeded")
+    _age(factory, "done", sent_s=600, finished_s=600)
+    with factory() as s:
+        due = runs.due_runs(s, grace_s=30)
+    assert sorted(due) == [("sent_long_ago", "prepare"), ("stale", "prepare")]
+
+    # a stage that ended within the grace period: its successor's message may be on its way
+    with factory() as s:
+        stages.finish_stage(s, "sent_long_ago", "prepare", "succeeded")
+    _age(factory, "sent_long_ago", sent_s=600)
+    with factory() as s:
+        assert runs.due_runs(s, grace_s=30) == [("stale", "prepare")]
+    _age(factory, "sent_long_ago", finished_s=600)
+    with factory() as s:
+        assert sorted(runs.due_runs(s, grace_s=30)) == [("sent_long_ago", "train"), ("stale", "prepare")]
+        # the reconciler's action queues the unfinished stages again; then nothing is due
+        assert runs.requeue(s, "stale") == ["prepare", "train"]
+        assert runs.requeue(s, "sent_long_ago") == ["train"]
+        assert runs.due_runs(s, grace_s=30) == []
+
+
+def test_due_runs_reads_the_outbox_through_its_index(factory):
+    """The due-run query is one statement that finds a run's messages by the (run_id, kind,
+    sent_at) index instead of reading every message (SQLite's own query plan says which)."""
+    from sqlalchemy import event
+
+    _run(factory)
+    seen: list[tuple[str, object]] = []
+    with factory() as s:
+        engine = s.get_bind()
+
+        def capture(conn, cursor, statement, parameters, context, executemany):
+            seen.append((statement, parameters))
+
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            runs.due_runs(s, grace_s=30)
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+        (statement, params), = seen
+        raw = s.connection().connection.driver_connection
+        plan = " | ".join(row[-1] for row in raw.execute("EXPLAIN QUERY PLAN " + statement, params))
+    assert "INDEX ix_outbox_run_kind_sent" in plan, plan
+    assert "SCAN outbox" not in plan, plan
+
+
+def test_outbox_rows_are_pruned_after_delivery(factory):
+    from runstore.models import OutboxMessage
+
+    for rid in ("a", "b", "c"):
+        _run(factory, rid)
+    with factory() as s:
+        ids = [m.id for m in outbox.pending(s)]
+        outbox.mark_sent(s, ids[0])
+        outbox.mark_sent(s, ids[1])
+        s.get(OutboxMessage, ids[0]).sent_at = utcnow() - timedelta(seconds=outbox.KEEP_SENT_S + 60)
+        s.get(OutboxMessage, ids[1]).sent_at = utcnow() - timedelta(seconds=outbox.KEEP_SENT_S - 60)
+        s.commit()
+        assert s.query(OutboxMessage).count() == 3  # nothing is pruned until the next delivery
+        outbox.mark_sent(s, ids[2])
+        left = sorted(m.id for m in s.query(OutboxMessage))
+    assert left == [ids[1], ids[2]]  # the one delivered past the bound is gone
+    _run(factory, "d")
+    with factory() as s:
+        (waiting,) = outbox.pending(s)
+        outbox.mark_sent(s, ids[2], keep_s=0)  # everything delivered before now goes
+        assert sorted(m.id for m in s.query(OutboxMessage)) == [ids[2], waiting.id]  # an unsent one never does
+
+
+def test_a_stage_alive_elsewhere_cannot_be_claimed_until_its_heartbeat_is_stale(factory):
+    _run(factory)
+    with factory() as s:
+        assert stages.start_stage(s, "r1", "prepare", worker="a", log_path="/l") is not None
+        assert stages.start_stage(s, "r1", "prepare", worker="b", log_path="/l") is None
+        assert stages.any_live(s, "r1")
+        stages.get_stage(s, "r1", "prepare").heartbeat_at = utcnow() - timedelta(seconds=stages.STALE_AFTER_S + 1)
+        s.commit()
+        assert not stages.any_live(s, "r1")
+        assert stages.start_stage(s, "r1", "prepare", worker="b", log_path="/l").worker == "b"

@@ -17,7 +17,7 @@ from speculators.errors import UserError
 from speculators.metric_records import parse_line
 from test_console import METRICS_LINE
 from speculators.train.components import build_components
-from speculators.train.config import TrainConfig
+from speculators.config.train import TrainConfig
 from speculators.train.distributed import DistInfo
 from speculators.train.metrics_stream import read_metrics
 from speculators.train.trainer import Trainer, run_training

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from speculators.train.components import build_components
-from speculators.train.config import TrainConfig
+from speculators.config.train import TrainConfig
 from speculators.train.distributed import DistInfo
 from speculators.train.trainer import Trainer
 

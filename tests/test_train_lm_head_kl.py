@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from speculators.errors import UserError
-from speculators.train.config import TrainConfig
+from speculators.config.train import TrainConfig
 from speculators.train.lm_head_kl import LOSS_IMPLS, lm_head_kl
 
 from tests.support.train_helpers import train_losses_of

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from runstore import open_store, repo
-from runstore.settings import Settings
+from runstore import deployments, open_store
 from worker.celery_app import make_celery
 from worker import serving
 from worker.controller import check_servers, recover_deployments, start_deployment, stop_deployment
@@ -110,49 +109,45 @@ def _port() -> int:
 
 
 @pytest.fixture()
-def settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEC_HOME", str(tmp_path))
-    monkeypatch.setenv("SPEC_BROKER_URL", TEST_REDIS)
-    s = Settings.from_env()
-    s.ensure_dirs()
-    return s
+def settings(tmp_path, spec_home):
+    return spec_home(tmp_path, BROKER_URL=TEST_REDIS)
 
 
 def test_start_waits_for_health_then_stop_kills_it(settings):
     factory = open_store(settings.db_url)
     port = _port()
     with factory() as s:
-        dep = repo.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
-                                      endpoint=f"http://127.0.0.1:{port}")
+        dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
+                                             endpoint=f"http://127.0.0.1:{port}")
     argv = [sys.executable, "-c", SERVER, str(port)]
     assert start_deployment(factory, settings, dep.id, argv=argv) == "up"
     with factory() as s:
-        d = repo.get_deployment(s, dep.id)
+        d = deployments.get_deployment(s, dep.id)
         assert d.status == "up" and d.pid and d.last_health_at
         pid = d.pid
     os.killpg(pid, 0)  # running in its own process group
     # a second draft deployment on the same port replaces the first
     with factory() as s:
-        dep2 = repo.request_deployment(s, kind="draft", model_path="/ck2", run_id=None, port=port,
-                                       endpoint=f"http://127.0.0.1:{port}")
+        dep2 = deployments.request_deployment(s, kind="draft", model_path="/ck2", run_id=None, port=port,
+                                              endpoint=f"http://127.0.0.1:{port}")
     assert start_deployment(factory, settings, dep2.id, argv=argv) == "up"
     with factory() as s:
-        assert repo.get_deployment(s, dep.id).status == "stopped"
+        assert deployments.get_deployment(s, dep.id).status == "stopped"
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
     assert stop_deployment(factory, dep2.id) == "stopped"
     with factory() as s:
-        assert repo.get_deployment(s, dep2.id).status == "stopped"
+        assert deployments.get_deployment(s, dep2.id).status == "stopped"
 
 
 def test_server_that_exits_is_reported_failed(settings):
     factory = open_store(settings.db_url)
     with factory() as s:
-        dep = repo.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=_port(), endpoint="x")
+        dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=_port(), endpoint="x")
     argv = [sys.executable, "-c", "import sys; print('error: CUDA out of memory'); sys.exit(3)"]
     assert start_deployment(factory, settings, dep.id, argv=argv) == "failed"
     with factory() as s:
-        assert repo.get_deployment(s, dep.id).error == "CUDA out of memory (exit code 3)"
+        assert deployments.get_deployment(s, dep.id).error == "CUDA out of memory (exit code 3)"
 
 
 @pytest.mark.slow
@@ -166,15 +161,15 @@ def test_serve_button_path_through_celery_without_vllm(settings, tmp_path):
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
     with factory() as s:
-        dep = repo.request_deployment(s, kind="draft", model_path=str(ckpt), run_id=None, port=_port(),
-                                      endpoint="http://127.0.0.1:1")
+        dep = deployments.request_deployment(s, kind="draft", model_path=str(ckpt), run_id=None, port=_port(),
+                                             endpoint="http://127.0.0.1:1")
     assert flush_outbox(factory, make_celery(settings)) == (1, None)
     worker = start_worker(worker_env(settings.home, TEST_REDIS), queue="vllm", name="vllm@test",
                           log_path=tmp_path / "w.log")
     try:
         def done():
             with factory() as s:
-                d = repo.get_deployment(s, dep.id)
+                d = deployments.get_deployment(s, dep.id)
                 return d if d.status in ("failed", "up") else None
         d = wait_for(done, 90, what="deployment result")
         assert d.status == "failed"
@@ -196,11 +191,11 @@ def test_a_port_held_by_another_process_is_reported_and_never_called_up(settings
     foreign = _foreign(port)
     try:
         with factory() as s:
-            dep = repo.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
-                                          endpoint=f"http://127.0.0.1:{port}")
+            dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
+                                                 endpoint=f"http://127.0.0.1:{port}")
         assert start_deployment(factory, settings, dep.id, argv=[sys.executable, "-c", SERVER, str(port)]) == "failed"
         with factory() as s:
-            d = repo.get_deployment(s, dep.id)
+            d = deployments.get_deployment(s, dep.id)
         assert d.status == "failed" and f"port {port} is already in use by pid {foreign.pid}" in d.error, d.error
         assert foreign.poll() is None
     finally:
@@ -254,8 +249,8 @@ def test_a_killed_controller_takes_its_server_and_children_along(settings, tmp_p
     port = _port()
     child_file = tmp_path / "child.pid"
     with factory() as s:
-        dep = repo.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
-                                      endpoint=f"http://127.0.0.1:{port}")
+        dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
+                                             endpoint=f"http://127.0.0.1:{port}")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), SPEC_VLLM_START_TIMEOUT="90")
     out = tmp_path / "controller.out"
     controller = subprocess.Popen([sys.executable, "-c", _CONTROLLER, str(dep.id), sys.executable, "-c",
@@ -265,7 +260,7 @@ def test_a_killed_controller_takes_its_server_and_children_along(settings, tmp_p
         wait_for(lambda: out.read_text().strip() or controller.poll() is not None, 120, what="deployment result")
         assert out.read_text().strip() == "up"  # the grandchild holds the port: still ours
         with factory() as s:
-            server_pid = repo.get_deployment(s, dep.id).pid
+            server_pid = deployments.get_deployment(s, dep.id).pid
         child_pid = int(child_file.read_text())
         holder = serving.port_holders(port)[0]
         assert holder in serving.tree_pids(server_pid) and os.getpgid(holder) != server_pid
@@ -279,7 +274,7 @@ def test_a_killed_controller_takes_its_server_and_children_along(settings, tmp_p
             controller.kill()
     recover_deployments(factory, settings)
     with factory() as s:
-        d = repo.get_deployment(s, dep.id)
+        d = deployments.get_deployment(s, dep.id)
     assert d.status == "stopped" and "the vLLM controller restarted" in d.error
 
 
@@ -300,12 +295,12 @@ def test_a_restarted_controller_stops_the_server_an_earlier_one_left(settings, m
     try:
         wait_for(lambda: serving.port_open(port), 30, what="left-over server")
         with factory() as s:
-            dep = repo.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
-                                          endpoint=f"http://127.0.0.1:{port}")
-            repo.update_deployment(s, dep.id, status="up", pid=left.pid)
-            other = repo.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=_port(),
-                                            endpoint="x")
-            repo.update_deployment(s, other.id, status="up", pid=bystander.pid)
+            dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
+                                                 endpoint=f"http://127.0.0.1:{port}")
+            deployments.update_deployment(s, dep.id, status="up", pid=left.pid)
+            other = deployments.request_deployment(s, kind="verifier", model_path="m", run_id=None, port=_port(),
+                                                   endpoint="x")
+            deployments.update_deployment(s, other.id, status="up", pid=bystander.pid)
         for d, proc, ticks in ((dep.id, left, serving.start_time(left.pid)),
                                (other.id, bystander, serving.start_time(bystander.pid) + 1)):
             serving.write_record(settings.home, serving.ServerRecord(
@@ -316,9 +311,9 @@ def test_a_restarted_controller_stops_the_server_an_earlier_one_left(settings, m
         assert not serving.port_open(port) and left.wait(10) is not None
         assert bystander.poll() is None  # its record's start time is not its own: not ours
         with factory() as s:
-            d = repo.get_deployment(s, dep.id)
+            d = deployments.get_deployment(s, dep.id)
             assert d.status == "stopped" and f"stopped the server it found running (pid {left.pid}" in d.error
-            assert repo.get_deployment(s, other.id).status == "stopped"
+            assert deployments.get_deployment(s, other.id).status == "stopped"
     finally:
         for proc in (left, bystander):
             if proc.poll() is None:
@@ -334,13 +329,13 @@ def test_stop_leaves_a_foreign_process_alone_and_says_the_port_is_still_taken(se
     foreign = _foreign(port)
     try:
         with factory() as s:
-            dep = repo.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
-                                          endpoint=f"http://127.0.0.1:{port}")
-            repo.update_deployment(s, dep.id, status="up", pid=foreign.pid)
+            dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
+                                                 endpoint=f"http://127.0.0.1:{port}")
+            deployments.update_deployment(s, dep.id, status="up", pid=foreign.pid)
         assert stop_deployment(factory, dep.id, settings) == "stopped"
         assert foreign.poll() is None
         with factory() as s:
-            d = repo.get_deployment(s, dep.id)
+            d = deployments.get_deployment(s, dep.id)
         assert f"port {port} is still answered by pid {foreign.pid}" in d.error, d.error
     finally:
         foreign.kill()
@@ -371,18 +366,18 @@ def test_a_server_that_dies_later_is_marked_failed_with_its_cause(settings, tmp_
         sys.exit(1)
     """)
     with factory() as s:
-        dep = repo.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
-                                      endpoint=f"http://127.0.0.1:{port}")
+        dep = deployments.request_deployment(s, kind="draft", model_path="/ck", run_id=None, port=port,
+                                             endpoint=f"http://127.0.0.1:{port}")
     assert start_deployment(factory, settings, dep.id, argv=[sys.executable, "-c", script]) == "up"
     check_servers(factory, settings)
     with factory() as s:
-        assert repo.get_deployment(s, dep.id).status == "up"
+        assert deployments.get_deployment(s, dep.id).status == "up"
     trigger.write_text("")
 
     def failed():
         check_servers(factory, settings)
         with factory() as s:
-            d = repo.get_deployment(s, dep.id)
+            d = deployments.get_deployment(s, dep.id)
         return d if d.status == "failed" else None
 
     d = wait_for(failed, 30, what="deployment failed")

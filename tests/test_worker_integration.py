@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import uuid
 
 import pytest
 import redis
 
-from runstore import open_store, repo
+from runstore import metrics, runs, stages
 from runstore.settings import Settings
-from worker.celery_app import make_celery
-from worker.dispatch import flush_outbox
-from worker.pipeline import RunPaths, stages_for
+from speculators.config.stages import StagePaths
 from worker.spec import validate_spec
 
+from tests.support.store import local_model, submit_run
 from tests.support.workers import run_with_stages, start_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
@@ -56,20 +53,10 @@ def _submit(env, model, **over):
            "max_samples": 12, "layer_ids": "", "draft_vocab_size": 64, "epochs": 2, "lr": "3e-3",
            "ttt_steps": 2, "num_layers": 1, "mode": "offline", "gpus": 0}
     raw.update(over)
-    # the form accepts local models under the models root only: copy the tiny one in
-    local = settings.models_root / "tiny"
-    if not local.exists():
-        shutil.copytree(model, local)
-    raw["model"] = str(local)
+    raw["model"] = str(local_model(settings, model))  # the form accepts local models under the models root only
     spec, errors = validate_spec(raw, settings)
     assert errors == {}
-    factory = open_store(settings.db_url)
-    run_id = uuid.uuid4().hex[:12]
-    with factory() as s:
-        repo.create_run(s, run_id=run_id, name=spec.name, spec=spec.to_dict(), stages=stages_for(spec),
-                        work_dir=str(settings.runs_root / run_id))
-    assert flush_outbox(factory, make_celery(settings)) == (1, None)
-    return factory, run_id
+    return submit_run(settings, spec)
 
 
 def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):
@@ -80,34 +67,34 @@ def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):
         # wait until training has written a checkpoint and is still going
         def mid_train():
             with factory() as s:
-                return len(repo.checkpoints(s, run_id)) >= 2 and run_with_stages(factory, run_id)[0].status == "running"
+                return len(metrics.checkpoints(s, run_id)) >= 2 and run_with_stages(factory, run_id)[0].status == "running"
         wait_for(mid_train, 240, what="two checkpoints")
         with factory() as s:
-            trainer_pid = repo.get_stage(s, run_id, "train").pid
+            trainer_pid = stages.get_stage(s, run_id, "train").pid
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)
         # the trainer dies with its worker (no orphan keeps writing)
         wait_for(lambda: not os.path.exists(f"/proc/{trainer_pid}") or
                  open(f"/proc/{trainer_pid}/stat").read().split()[2] == "Z", 10, what="trainer exit")
-        run, stages = run_with_stages(factory, run_id)
-        assert stages["train"].status == "running"  # nobody has noticed yet
+        run, by_stage = run_with_stages(factory, run_id)
+        assert by_stage["train"].status == "running"  # nobody has noticed yet
 
         worker = start_worker(env, log_path=log)  # same name: recovery resumes the run
         wait_for(lambda: run_with_stages(factory, run_id)[0].status in ("succeeded", "failed"), 240, what="run end")
-        run, stages = run_with_stages(factory, run_id)
-        assert run.status == "succeeded", (run.error, open(stages["train"].log_path).read()[-3000:])
-        assert all(x.status == "succeeded" for x in stages.values())
-        assert stages["train"].attempts == 2 and stages["prepare"].attempts == 1
+        run, by_stage = run_with_stages(factory, run_id)
+        assert run.status == "succeeded", (run.error, open(by_stage["train"].log_path).read()[-3000:])
+        assert all(x.status == "succeeded" for x in by_stage.values())
+        assert by_stage["train"].attempts == 2 and by_stage["prepare"].attempts == 1
 
-        paths = RunPaths(__import__("pathlib").Path(run.work_dir))
+        paths = StagePaths(__import__("pathlib").Path(run.work_dir))
         records = [json.loads(line) for line in paths.metrics.read_text().splitlines() if line.strip()]
         starts = [r for r in records if r["type"] == "start"]
         assert len(starts) == 2 and starts[0]["resumed_from"] is None and starts[1]["resumed_from"] is not None
         total = starts[0]["total_steps"]
         with factory() as s:
-            train = repo.metrics(s, run_id, "train")
-            val = repo.metrics(s, run_id, "val")
-            ckpts = repo.checkpoints(s, run_id)
+            train = metrics.step_records(s, run_id, kind="train")
+            val = metrics.step_records(s, run_id, kind="val")
+            ckpts = metrics.checkpoints(s, run_id)
         assert [m.step for m in train] == list(range(1, total + 1))  # none lost, none twice
         assert len(val) == 16 and len({m.step for m in val}) == 16
         assert [c.epoch for c in ckpts] == list(range(16))
@@ -125,23 +112,23 @@ def test_cancel_stops_the_running_stage(env, tiny_llama, tmp_path):
     worker = start_worker(env, log_path=tmp_path / "worker.log")
     try:
         def running_pid():
-            _, stages = run_with_stages(factory, run_id)
-            return stages["prepare"].pid
+            _, by_stage = run_with_stages(factory, run_id)
+            return by_stage["prepare"].pid
         pid = wait_for(running_pid, 60, interval=0.1, what="prepare running")
         with factory() as s:
-            repo.request_cancel(s, run_id)
+            runs.request_cancel(s, run_id)
         wait_for(lambda: run_with_stages(factory, run_id)[0].status == "cancelled", 30, what="cancelled")
-        _, stages = run_with_stages(factory, run_id)
-        assert stages["prepare"].status == "cancelled"
-        assert all(stages[n].status == "cancelled" and stages[n].started_at is None
+        _, by_stage = run_with_stages(factory, run_id)
+        assert by_stage["prepare"].status == "cancelled"
+        assert all(by_stage[n].status == "cancelled" and by_stage[n].started_at is None
                    for n in ("vocab", "datagen", "train"))
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)
         # and it can be resumed afterwards from the cancelled stage
         with factory() as s:
-            assert repo.resume_run(s, run_id) == ["prepare", "vocab", "datagen", "train"]
+            assert runs.resume_run(s, run_id) == ["prepare", "vocab", "datagen", "train"]
         with factory() as s:
-            repo.request_cancel(s, run_id)
+            runs.request_cancel(s, run_id)
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(30)

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import redis
 
-from runstore import open_store, repo
+from runstore import deployments, open_store, outbox, runs, stages
 from runstore.settings import Settings
+from speculators.config.stages import StagePaths, pipeline_stages
 from worker.celery_app import make_celery
 from worker.dispatch import broker_reachable, flush_outbox
-from worker.pipeline import RunPaths, serve_argv, stage_argv, stages_for, verifier_argv
+from worker.pipeline import serve_argv, stage_argv, verifier_argv
 from worker.procs import error_summary
 from worker.spec import validate_spec
 from worker.tail import JsonlTail
@@ -24,14 +26,8 @@ TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 
 
 @pytest.fixture()
-def settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEC_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("SPEC_MAX_GPUS", "2")
-    for k in ("SPEC_DB_URL", "SPEC_DATA_ROOT", "SPEC_RUNS_ROOT", "SPEC_MODELS_ROOT", "SPEC_BROKER_URL"):
-        monkeypatch.delenv(k, raising=False)
-    s = Settings.from_env()
-    s.ensure_dirs()
-    return s
+def settings(tmp_path, spec_home):
+    return spec_home(tmp_path / "home", MAX_GPUS=2)
 
 
 def _good(settings, **over):
@@ -47,14 +43,9 @@ def _good(settings, **over):
     return raw
 
 
-def _value(argv: list[str], flag: str) -> str:
-    """The value of `flag` in an argument list (`--flag=value` or `--flag value`)."""
-    for i, arg in enumerate(argv):
-        if arg == flag:
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg[len(flag) + 1:]
-    raise AssertionError(f"{flag} not in {argv}")
+def _settings(argv: list[str]) -> dict:
+    """The settings a stage's process reads: the file its `--config` names."""
+    return json.loads(Path(argv[argv.index("--config") + 1]).read_text())
 
 
 def test_tail_returns_complete_lines_only(tmp_path):
@@ -125,28 +116,29 @@ def test_stage_commands_are_argument_lists(settings, tmp_path):
     name = 'x; rm -rf / && $(touch pwned) `id` "q" \'s\''
     spec, errors = validate_spec(_good(settings, name=name), settings)
     assert errors == {}
-    paths = RunPaths(tmp_path / "w")
-    assert stages_for(spec) == ["prepare", "vocab", "datagen", "train"]
+    paths = StagePaths(tmp_path / "w")
+    assert pipeline_stages(spec) == ["prepare", "vocab", "datagen", "train"]
     train = stage_argv(spec, "train", paths, python="py")
-    assert train[:4] == ["py", "-m", "speculators", "train"]
-    assert _value(train, "--run-name") == name  # one argument, untouched
-    assert _value(train, "--d2t-path") == str(paths.vocab / "d2t.npy")
+    # the settings travel as a file in the run's folder, the command line only names it
+    assert train == ["py", "-m", "speculators", "train", "--config", str(tmp_path / "w" / "settings" / "train.json")]
+    assert _settings(train)["run_name"] == name  # one value, untouched
+    assert _settings(train)["d2t_path"] == str(paths.vocab / "d2t.npy")
     dg = stage_argv(spec, "datagen", paths, python="py")
-    assert dg[dg.index("--layer-ids") + 1:dg.index("--layer-ids") + 4] == ["2", "4", "7"]
+    assert _settings(dg)["layer_ids"] == [2, 4, 7]
     prep = stage_argv(spec, "prepare", paths, python="py")
-    assert _value(prep, "--data") == spec.dataset
+    assert _settings(prep)["data"] == spec.dataset
     spec.gpus = 2
     multi = stage_argv(spec, "train", paths, python="py")
     assert multi[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    assert multi[6:8] == ["-m", "speculators.train"]
+    assert multi[6:] == ["-m", "speculators.train", "--config", str(paths.settings("train"))]
 
 
 def test_online_train_command(settings, tmp_path):
     spec, _ = validate_spec(_good(settings, mode="hybrid", gpus=1), settings)
-    assert stages_for(spec) == ["prepare", "vocab", "verifier", "train"]
-    argv = stage_argv(spec, "train", RunPaths(tmp_path), python="py", verifier_url="http://vllm:8001")
-    assert _value(argv, "--vllm-endpoint") == "http://vllm:8001"
-    assert _value(argv, "--on-generate") == "cache"
+    assert pipeline_stages(spec) == ["prepare", "vocab", "verifier", "train"]
+    argv = stage_argv(spec, "train", StagePaths(tmp_path), python="py", verifier_url="http://vllm:8001")
+    assert _settings(argv)["vllm_endpoint"] == "http://vllm:8001"
+    assert _settings(argv)["on_generate"] == "cache"
     v = verifier_argv(spec.model, [2, 4], 8001, "/hs", python="py")
     assert v[3:7] == ["launch-vllm", spec.model, "--hidden-states-path", "/hs"]
     assert v[v.index("--") + 1:] == ["--host", "127.0.0.1", "--port", "8001", "--no-enable-chunked-prefill"]
@@ -164,7 +156,7 @@ def test_outbox_survives_broker_down_and_flushes_when_back(settings, monkeypatch
     factory = open_store(settings.db_url)
     spec, _ = validate_spec(_good(settings), settings)
     with factory() as s:
-        repo.create_run(s, run_id="out1", name="r", spec=spec.to_dict(), stages=stages_for(spec),
+        runs.create_run(s, run_id="out1", name="r", spec=spec.to_dict(), stages=pipeline_stages(spec),
                         work_dir=str(settings.runs_root / "out1"))
 
     monkeypatch.setenv("SPEC_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens on port 1
@@ -173,9 +165,9 @@ def test_outbox_survives_broker_down_and_flushes_when_back(settings, monkeypatch
     sent, err = flush_outbox(factory, down)
     assert sent == 0 and err
     with factory() as s:
-        (msg,) = repo.pending_outbox(s)
+        (msg,) = outbox.pending(s)
         assert "cannot connect to Redis" in msg.last_error
-        assert repo.get_run(s, "out1").status == "queued"  # nothing lost
+        assert runs.get_run(s, "out1").status == "queued"  # nothing lost
 
     client = redis.Redis.from_url(TEST_REDIS)
     client.flushdb()
@@ -183,7 +175,7 @@ def test_outbox_survives_broker_down_and_flushes_when_back(settings, monkeypatch
     up = make_celery(Settings.from_env())
     assert flush_outbox(factory, up) == (1, None)
     with factory() as s:
-        assert repo.pending_outbox(s) == []
+        assert outbox.pending(s) == []
     # the queue key carries the installation's namespace (two homes on one Redis stay apart)
     assert client.llen("gpu") == 0
     queued = [json.loads(m) for m in client.lrange(f"{up.conf.broker_transport_options['global_keyprefix']}gpu", 0, -1)]
@@ -224,23 +216,23 @@ def test_verifier_stage_with_user_endpoint_and_with_controller(settings):
         spec, errors = validate_spec(_good(settings, mode="online", vllm_endpoint=url), settings)
         assert errors == {}
         with factory() as s:
-            repo.create_run(s, run_id="v1", name="r", spec=spec.to_dict(), stages=["verifier"],
+            runs.create_run(s, run_id="v1", name="r", spec=spec.to_dict(), stages=["verifier"],
                             work_dir=str(settings.runs_root / "v1"))
         assert execute_stage(factory, settings, "v1", "verifier", worker="t") == "succeeded"
 
         spec, errors = validate_spec(_good(settings, mode="hybrid", gpus=1), settings)
         assert errors == {}
         with factory() as s:
-            repo.create_run(s, run_id="v2", name="r", spec=spec.to_dict(), stages=["verifier"],
+            runs.create_run(s, run_id="v2", name="r", spec=spec.to_dict(), stages=["verifier"],
                             work_dir=str(settings.runs_root / "v2"))
 
         def controller():  # plays the vLLM controller: reports the requested server up
             def requested():
                 with factory() as s:
-                    return repo.latest_deployment(s, "v2", kind="verifier")
+                    return deployments.latest_deployment(s, "v2", kind="verifier")
             dep = wait_for(requested, 10, interval=0.05, what="verifier request")
             with factory() as s:
-                repo.update_deployment(s, dep.id, status="up", endpoint=url)
+                deployments.update_deployment(s, dep.id, status="up", endpoint=url)
         t = threading.Thread(target=controller)
         t.start()
         sent = []
@@ -249,7 +241,7 @@ def test_verifier_stage_with_user_endpoint_and_with_controller(settings):
         t.join()
         assert sent == [1]
         with factory() as s:
-            (msg,) = [m for m in repo.pending_outbox(s) if m.kind == "serve"]
+            (msg,) = [m for m in outbox.pending(s) if m.kind == "serve"]
             assert msg.payload["hidden_dir"] == str(settings.runs_root / "v2" / "hidden_states")
         assert _verifier_url(factory, "v2") == url
     finally:
@@ -307,20 +299,20 @@ def test_every_stage_reports_progress_to_its_bar(settings, tiny_llama):
     worker) that the worker reads into the stage's step columns, as the trainer's records
     fill train's: their bars move too."""
     from worker.runner import execute_stage
-    from worker.spec import RunSpec
+    from speculators.config.run import RunSettings
 
-    spec = RunSpec(name="p", model=str(tiny_llama), dataset="sharegpt", seq_length=64, max_samples=3,
+    spec = RunSettings(name="p", model=str(tiny_llama), dataset="sharegpt", seq_length=64, max_samples=3,
                    draft_vocab_size=64, epochs=1, regenerate=True, regenerate_max_tokens=4)
     factory = open_store(settings.db_url)
     with factory() as s:
-        repo.create_run(s, run_id="p1", name="p", spec=spec.to_dict(), stages=stages_for(spec),
+        runs.create_run(s, run_id="p1", name="p", spec=spec.to_dict(), stages=pipeline_stages(spec),
                         work_dir=str(settings.runs_root / "p1"))
     for stage in ("regenerate", "prepare"):
         assert execute_stage(factory, settings, "p1", stage, worker="t") == "succeeded"
         with factory() as s:
-            row = repo.get_stage(s, "p1", stage)
+            row = stages.get_stage(s, "p1", stage)
             assert (row.current_step, row.total_steps) == (3, 3), (stage, row.current_step, row.total_steps)
-        lines = (RunPaths(settings.runs_root / "p1").logs / f"{stage}.progress.jsonl").read_text().splitlines()
+        lines = (StagePaths(settings.runs_root / "p1").logs / f"{stage}.progress.jsonl").read_text().splitlines()
         assert json.loads(lines[-1])["done"] == 3
 
 
@@ -344,14 +336,14 @@ def test_online_run_endpoint_checked_at_submit_and_before_the_first_stage(settin
         spec.vllm_endpoint = dead
         factory = open_store(settings.db_url)
         with factory() as s:
-            repo.create_run(s, run_id="e1", name="e", spec=spec.to_dict(), stages=stages_for(spec),
+            runs.create_run(s, run_id="e1", name="e", spec=spec.to_dict(), stages=pipeline_stages(spec),
                             work_dir=str(settings.runs_root / "e1"))
         assert execute_stage(factory, settings, "e1", "prepare", worker="t") == "failed"
         with factory() as s:
-            run = repo.get_run(s, "e1")
+            run = runs.get_run(s, "e1")
             assert run.status == "failed"
             assert f"the vLLM endpoint {dead} is unreachable (connection refused)" in run.error
-            assert repo.get_stage(s, "e1", "prepare").pid is None
+            assert stages.get_stage(s, "e1", "prepare").pid is None
         assert not (settings.runs_root / "e1" / "prepared").exists()  # nothing ran
     finally:
         server.shutdown()

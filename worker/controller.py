@@ -11,8 +11,8 @@ What the run store says is what is true:
   descendants holds the port's listening socket (a port answered by an older server or another program is
   reported, never taken for ours);
 - "stopped" only once the port is closed;
-- a server never outlives its controller: it runs under a lifeline
-  (`speculators.vllm.lifeline`) that kills its whole process group when the controller
+- a server never outlives its controller: it runs under a group lifeline
+  (`speculators.process`) that kills its whole process group when the controller
   dies, even by SIGKILL; and a restarted controller stops any server an earlier one left,
   recognised by the record written at its start (pid, process start time, boot id), never
   by a bare PID from the database.
@@ -23,16 +23,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from runstore import open_store, repo
+from runstore import deployments, open_store
 from runstore.models import utcnow
 from runstore.settings import Settings
+from speculators import process
 from worker import procs, serving
 from worker.celery_app import app
 from worker.pipeline import serve_argv, verifier_argv
@@ -48,7 +48,7 @@ MONITOR_EVERY_S = float(os.environ.get("SPEC_VLLM_MONITOR_S", "5"))
 
 # The servers this controller process started, by deployment id. A server started by an
 # earlier controller process is reached only through its record (serving.ServerRecord).
-_SERVERS: dict[int, subprocess.Popen] = {}
+_SERVERS: dict[int, process.Process] = {}
 _LOCK = threading.RLock()
 
 
@@ -68,11 +68,11 @@ def _stop_server_of(settings: Settings, deployment_id: int) -> str | None:
     with _LOCK:
         proc = _SERVERS.pop(deployment_id, None)
     if proc is not None:
-        procs.stop_group(proc, grace_s=STOP_GRACE_S)
+        proc.stop(grace_s=STOP_GRACE_S)
         return f"pid {proc.pid}"
     rec = serving.read_record(settings.home, deployment_id)
     if rec is not None and serving.record_alive(rec):
-        procs.stop_group(None, pid=rec.pgid, grace_s=STOP_GRACE_S)
+        process.stop_group(rec.pgid, grace_s=STOP_GRACE_S)
         return f"pid {rec.pid}, left by an earlier controller process"
     return None
 
@@ -110,7 +110,7 @@ def checked_kv_cache_gib(value) -> int | None:
     return value
 
 
-def _ours_answers(proc: subprocess.Popen, port: int, url: str, served: str | None, api_key: str | None) -> bool:
+def _ours_answers(proc: process.Process, port: int, url: str, served: str | None, api_key: str | None) -> bool:
     """Our process runs, /health answers, and the listening socket is held by it or one of
     its descendants (where /proc cannot tell: /v1/models lists the name only this
     deployment serves)."""
@@ -124,7 +124,7 @@ def _ours_answers(proc: subprocess.Popen, port: int, url: str, served: str | Non
 
 def _fail(factory, deployment_id: int, error: str) -> str:
     with factory() as s:
-        repo.update_deployment(s, deployment_id, status="failed", pid=None, error=error)
+        deployments.update_deployment(s, deployment_id, status="failed", pid=None, error=error)
     return "failed"
 
 
@@ -132,18 +132,18 @@ def start_deployment(factory: sessionmaker[Session], settings: Settings, deploym
                      layer_ids: list[int] | None = None, hidden_dir: str | None = None,
                      argv: list[str] | None = None, kv_cache_gib: int | None = None) -> str:
     with factory() as s:
-        dep = repo.get_deployment(s, deployment_id)
+        dep = deployments.get_deployment(s, deployment_id)
         if dep is None or dep.status not in ("requested",):
             return dep.status if dep else "missing"
-        others = [(o.id, o.port) for o in repo.live_deployments(s, kind=dep.kind) if o.id != dep.id]
+        others = [(o.id, o.port) for o in deployments.live_deployments(s, kind=dep.kind) if o.id != dep.id]
         kind, model, port, run_id = dep.kind, dep.model_path, dep.port or settings.vllm_port, dep.run_id
     probe_host = _probe_host(settings)
     for other_id, other_port in others:
         if other_port == port:
             _stop_server_of(settings, other_id)
             with factory() as s:
-                repo.update_deployment(s, other_id, status="stopped", pid=None,
-                                       error=f"replaced by deployment {deployment_id}")
+                deployments.update_deployment(s, other_id, status="stopped", pid=None,
+                                              error=f"replaced by deployment {deployment_id}")
     if not serving.wait_port_closed(port, PORT_CLOSE_TIMEOUT_S if others else 0.0, probe_host):
         return _fail(factory, deployment_id,
                      f"port {port} is already in use by {serving.describe_holders(port)}, which this "
@@ -166,7 +166,7 @@ def start_deployment(factory: sessionmaker[Session], settings: Settings, deploym
         env["VLLM_API_KEY"] = api_key  # via the environment: not in `ps` or the log
     log_path = settings.home / "deployments" / f"{deployment_id}.log"
     try:
-        proc = procs.start(argv, log_path=log_path, cwd=settings.home, env=env, group_lifeline=True)
+        proc = process.start(argv, log=log_path, cwd=settings.home, env=env, lifeline=process.Lifeline.GROUP)
     except OSError as exc:
         return _fail(factory, deployment_id, f"could not start: {exc}")
     with _LOCK:
@@ -177,23 +177,28 @@ def start_deployment(factory: sessionmaker[Session], settings: Settings, deploym
         api_key_required=bool(api_key), kv_cache=f"{kv} GiB" if kv else "automatic"))
     local_url = f"http://{probe_host}:{port}"
     with factory() as s:
-        repo.update_deployment(s, deployment_id, status="starting", pid=proc.pid, log_path=str(log_path), error=None)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            with _LOCK:
-                _SERVERS.pop(deployment_id, None)
-            return _fail(factory, deployment_id, procs.error_summary(log_path, proc.returncode, cause_first=True))
+        deployments.update_deployment(s, deployment_id, status="starting", pid=proc.pid, log_path=str(log_path), error=None)
+
+    def up_or_stopping() -> str | None:
         if _ours_answers(proc, port, local_url, served, api_key):
-            with factory() as s:
-                repo.update_deployment(s, deployment_id, status="up", last_health_at=utcnow())
             return "up"
         with factory() as s:
-            if repo.get_deployment(s, deployment_id).status == "stopping":
-                return _finish_stop(factory, settings, deployment_id, port)
-        time.sleep(1.0)
-    _stop_server_of(settings, deployment_id)
-    return _fail(factory, deployment_id, f"/health did not answer within {START_TIMEOUT_S:.0f} s")
+            return "stopping" if deployments.get_deployment(s, deployment_id).status == "stopping" else None
+
+    try:
+        outcome = proc.wait_ready(up_or_stopping, START_TIMEOUT_S, poll_s=1.0)
+    except process.ExitedEarly as exc:
+        with _LOCK:
+            _SERVERS.pop(deployment_id, None)
+        return _fail(factory, deployment_id, procs.error_summary(log_path, exc.returncode, cause_first=True))
+    except process.TimedOut:
+        _stop_server_of(settings, deployment_id)
+        return _fail(factory, deployment_id, f"/health did not answer within {START_TIMEOUT_S:.0f} s")
+    if outcome == "stopping":
+        return _finish_stop(factory, settings, deployment_id, port)
+    with factory() as s:
+        deployments.update_deployment(s, deployment_id, status="up", last_health_at=utcnow())
+    return "up"
 
 
 def _finish_stop(factory, settings: Settings, deployment_id: int, port: int | None) -> str:
@@ -201,12 +206,12 @@ def _finish_stop(factory, settings: Settings, deployment_id: int, port: int | No
     _stop_server_of(settings, deployment_id)
     if port and not serving.wait_port_closed(port, PORT_CLOSE_TIMEOUT_S, _probe_host(settings)):
         with factory() as s:
-            repo.update_deployment(s, deployment_id, status="stopped", pid=None,
-                                   error=f"stopped; port {port} is still answered by "
-                                         f"{serving.describe_holders(port)}, which this controller did not start")
+            deployments.update_deployment(s, deployment_id, status="stopped", pid=None,
+                                          error=f"stopped; port {port} is still answered by "
+                                                f"{serving.describe_holders(port)}, which this controller did not start")
         return "stopped"
     with factory() as s:
-        repo.update_deployment(s, deployment_id, status="stopped", pid=None)
+        deployments.update_deployment(s, deployment_id, status="stopped", pid=None)
     return "stopped"
 
 
@@ -215,7 +220,7 @@ def stop_deployment(factory: sessionmaker[Session], deployment_id: int, settings
     never by the PID column alone (it may name a reused PID)."""
     settings = settings or _settings()
     with factory() as s:
-        dep = repo.get_deployment(s, deployment_id)
+        dep = deployments.get_deployment(s, deployment_id)
         if dep is None:
             return "missing"
         port = dep.port
@@ -227,8 +232,8 @@ def recover_deployments(factory: sessionmaker[Session], settings: Settings | Non
     lifeline could not take it along) is stopped; the deployment is marked stopped, with why."""
     settings = settings or _settings()
     with factory() as s:
-        found = [(d.id, d.port, d.status) for d in repo.live_deployments(s)]
-        found += [(d.id, d.port, d.status) for d in repo.stopping_deployments(s)]
+        found = [(d.id, d.port, d.status) for d in deployments.live_deployments(s)]
+        found += [(d.id, d.port, d.status) for d in deployments.stopping_deployments(s)]
     for dep_id, port, status in found:
         if status == "requested" or dep_id in _SERVERS:
             continue  # its start message is still queued / it is ours
@@ -241,7 +246,7 @@ def recover_deployments(factory: sessionmaker[Session], settings: Settings | Non
         else:
             error = "the vLLM controller restarted; the server had stopped with it; serve again"
         with factory() as s:
-            repo.update_deployment(s, dep_id, status="stopped", pid=None, error=error)
+            deployments.update_deployment(s, dep_id, status="stopped", pid=None, error=error)
     for port in {settings.vllm_port, settings.verifier_port}:
         if serving.port_open(port, _probe_host(settings)):
             log.warning("port %s is held by %s, which this controller did not start", port,
@@ -255,7 +260,7 @@ def check_servers(factory: sessionmaker[Session], settings: Settings) -> None:
     with _LOCK:
         for dep_id, proc in list(_SERVERS.items()):
             with factory() as s:
-                dep = repo.get_deployment(s, dep_id)
+                dep = deployments.get_deployment(s, dep_id)
                 if dep is None or dep.status != "up":
                     continue
                 port, log_path = dep.port, dep.log_path
@@ -268,13 +273,13 @@ def check_servers(factory: sessionmaker[Session], settings: Settings) -> None:
                 continue
             if _ours_answers(proc, port, url, served, settings.vllm_api_key or None):
                 with factory() as s:
-                    repo.update_deployment(s, dep_id, last_health_at=utcnow(), error=None)
+                    deployments.update_deployment(s, dep_id, last_health_at=utcnow(), error=None)
                 continue
             why = (f"its process runs but port {port} is held by {serving.describe_holders(port)}"
                    if serving.tree_listens_on(proc.pid, port) is False and serving.port_open(port, _probe_host(settings))
                    else "not answering /health")
             with factory() as s:
-                repo.update_deployment(s, dep_id, error=why)
+                deployments.update_deployment(s, dep_id, error=why)
 
 
 def start_monitor(factory: sessionmaker[Session], settings: Settings) -> threading.Thread:

@@ -17,16 +17,17 @@ from urllib.parse import urlparse
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from runstore import repo
+from runstore import outbox
+from runstore.models import RUN_STAGES
 from worker.celery_app import GPU_QUEUE, VLLM_QUEUE
 
 log = logging.getLogger(__name__)
 
 
 def _send(app: Celery, kind: str, payload: dict) -> None:
-    if kind == "run_stages":
+    if kind == RUN_STAGES:
         # One task for the first stage: when it succeeds, the worker writes the message for the
-        # next one into the outbox in the same transaction (runstore.repo.finish_stage).
+        # next one into the outbox in the same transaction (runstore.stages.finish_stage).
         app.send_task("worker.tasks.run_stage", args=(payload["run_id"], payload["stages"][0]), queue=GPU_QUEUE,
                       retry=False, ignore_result=True)
     elif kind == "serve":
@@ -60,29 +61,29 @@ def flush_outbox(factory: sessionmaker[Session], app: Celery) -> tuple[int, str 
     error since the rest would fail the same way."""
     sent = 0
     with factory() as s:
-        pending = [(m.id, m.kind, m.payload) for m in repo.pending_outbox(s)]
+        pending = [(m.id, m.kind, m.payload) for m in outbox.pending(s)]
     if not pending:
         return 0, None
     down = probe_broker(app.conf.broker_url)
     if down:
         with factory() as s:
             for mid, _, _ in pending:
-                repo.outbox_failed(s, mid, down)
+                outbox.mark_failed(s, mid, down)
         return 0, down
     for mid, kind, payload in pending:
         with factory() as s:
-            if not repo.claim_outbox(s, mid):
+            if not outbox.claim(s, mid):
                 continue
         try:
             _send(app, kind, payload)
         except Exception as exc:  # kombu raises several types for a dead broker
             err = f"{type(exc).__name__}: {exc}"
             with factory() as s:
-                repo.outbox_failed(s, mid, err)
+                outbox.mark_failed(s, mid, err)
             log.warning("broker unreachable, %d message(s) kept in the outbox: %s", len(pending) - sent, err)
             return sent, err
         with factory() as s:
-            repo.outbox_sent(s, mid)
+            outbox.mark_sent(s, mid)
         sent += 1
     return sent, None
 

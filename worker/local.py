@@ -16,12 +16,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from speculators import process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +85,7 @@ class Child:
     name: str
     argv: list[str]
     restart: bool = True
-    proc: subprocess.Popen | None = None
+    proc: process.Process | None = None
     started_at: float = 0.0
     backoff_s: float = 1.0
     next_start: float = 0.0
@@ -92,15 +93,9 @@ class Child:
     log: Path | None = None
 
     def start(self, env: dict[str, str]) -> None:
-        # pdeathsig: the child dies with this launcher even when it is SIGKILLed
-        wrapped = [sys.executable, "-m", "worker.pdeathsig", str(os.getpid()), *self.argv]
-        out = open(self.log, "ab") if self.log else None
-        try:
-            self.proc = subprocess.Popen(wrapped, env=env, cwd=str(ROOT), stdout=out,
-                                         stderr=subprocess.STDOUT if out else None)
-        finally:
-            if out:
-                out.close()
+        # the child dies with this launcher even when it is SIGKILLed; its output goes to its
+        # log, or through ours
+        self.proc = process.start(self.argv, log=self.log, env=env, cwd=ROOT, lifeline=process.Lifeline.COMMAND)
         self.started_at = time.monotonic()
         self.starts += 1
 
@@ -151,18 +146,7 @@ class Supervisor:
 
     def stop(self, grace_s: float = 20.0) -> None:
         self.stopping = True
-        for c in self.children:
-            if c.proc is not None and c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for c in self.children:
-            if c.proc is None:
-                continue
-            try:
-                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                c.proc.kill()
-                c.proc.wait()
+        process.stop_all([c.proc for c in self.children if c.proc is not None], grace_s)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,35 +1,30 @@
 """Which stages a run has and the exact command line of each.
 
-Commands are argument lists built from a validated `RunSpec`; nothing here
-ever goes through a shell, so a run name like `x; rm -rf /` is just a string.
+Commands are argument lists built from validated `RunSettings`; nothing here
+ever goes through a shell, so a run name like `x; rm -rf /` is just a string. A stage's
+settings travel as a file in the run's folder (`<run>/settings/<stage>.json`, read back with
+`speculators <command> --config FILE`), not as flags.
 """
 
 from __future__ import annotations
 
 import sys
 
-from speculators.config.stages import StagePaths, launch_argv, pipeline_stages, stage_args
-from worker.spec import RunSpec
-
-# Where a run's stages write: the same layout `speculators demo` uses.
-RunPaths = StagePaths
-
-
-def stages_for(spec: RunSpec) -> list[str]:
-    return pipeline_stages(spec)
+from speculators.config.run import RunSettings
+from speculators.config.stages import StagePaths, stage_launch
 
 
 def _cli(python: str) -> list[str]:
     return [python, "-m", "speculators"]
 
 
-def stage_argv(spec: RunSpec, stage: str, paths: RunPaths, *, python: str = sys.executable,
+def stage_argv(spec: RunSettings, stage: str, paths: StagePaths, *, python: str = sys.executable,
                verifier_url: str | None = None) -> list[str]:
-    """The argument list that runs `stage` (not for `verifier`, which the worker does itself);
-    the stage's flags come from the shared builder `speculators.config.stages.stage_args`."""
-    args = stage_args(spec, stage, paths, verifier_url=verifier_url)
-    # GPU training runs under torchrun, one trainer per GPU
-    return launch_argv(args, python=python, torchrun_procs=spec.gpus if spec.gpus >= 1 else None)
+    """The argument list that runs `stage` (not for `verifier`, which the worker does itself),
+    after writing its settings file (`speculators.config.stages.stage_launch`); GPU training
+    runs under torchrun, one trainer per GPU."""
+    return stage_launch(spec, stage, paths, python=python, torchrun_procs=spec.gpus if spec.gpus >= 1 else None,
+                        verifier_url=verifier_url)
 
 
 def verifier_argv(model: str, layer_ids: list[int], port: int, hidden_dir: str, *,

@@ -1,79 +1,13 @@
-"""Starting and stopping child processes: argument lists, own process group, no orphans."""
+"""What the worker says about its children: the error line of a stage's or server's log, a
+log's tail for the dashboard, the environment a child runs with. Starting, awaiting and
+stopping them is `speculators.process`."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
-
-
-def start(argv: list[str], *, log_path: Path, cwd: Path, env: dict[str, str], group_lifeline: bool = False) -> subprocess.Popen:
-    """Start `argv` (never through a shell) in its own process group, output appended to
-    `log_path`. The child is killed by the kernel if the worker dies (pdeathsig). With
-    `group_lifeline` the group is led by `speculators.vllm.lifeline`, which kills the whole
-    group (a server's forked children too) when the worker dies; the returned handle is the
-    lifeline's (pid = pgid), its exit code the command's."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    cwd.mkdir(parents=True, exist_ok=True)
-    if group_lifeline:
-        from speculators.vllm.lifeline import wrap
-
-        wrapped = wrap(argv)
-    else:
-        wrapped = [sys.executable, "-m", "worker.pdeathsig", str(os.getpid()), *argv]
-    env = dict(env)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                      env.get("PYTHONPATH", "")]))
-    with open(log_path, "ab", buffering=0) as log:
-        return subprocess.Popen(wrapped, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=str(cwd), env=env, start_new_session=True)
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any process of the group is left. A finished child of ours stays a zombie
-    (and counts as alive to kill(0)) until reaped, so reap it first when it is ours."""
-    try:
-        os.waitpid(pgid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def stop_group(proc: subprocess.Popen | None, pid: int | None = None, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after `grace_s`."""
-    pgid = pid if pid is not None else (proc.pid if proc else None)
-    if pgid is None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if proc is not None:
-                proc.poll()  # reaps the leader so it is not counted as alive
-            if not group_alive(pgid):
-                break
-            time.sleep(0.1)
-        else:
-            continue
-        break
-    if proc is not None:
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 # Terminal control sequences (colour, cursor moves): a child run with FORCE_COLOR, or a tool
@@ -103,7 +37,8 @@ def error_summary(log_path: Path | str | None, returncode: int, cause_first: boo
     vLLM start prints its real error mid-log, then wrappers and shutdown noise), else the
     last line. `cause_first` (a server's log) puts the cause before the `error:` line, which
     for `speculators serve` only wraps it."""
-    from speculators.vllm.logcause import cause_line, clean, read_lines
+    from speculators.process import read_lines
+    from speculators.vllm.logcause import cause_line, clean
 
     if returncode < 0 or returncode in (128 + signal.SIGKILL, 128 + signal.SIGTERM):
         return killed_summary(returncode)
@@ -150,7 +85,11 @@ def killed_summary(returncode: int) -> str:
 
 
 def child_env(threads: int) -> dict[str, str]:
+    """Our environment with thread counts set, unbuffered output, and this checkout first on
+    the path (a child runs the same `speculators` and `worker` code as the worker)."""
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                      env.get("PYTHONPATH", "")]))
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("MKL_NUM_THREADS", str(threads))
     env["PYTHONUNBUFFERED"] = "1"

@@ -2,10 +2,10 @@
 
 A run can be left waiting with no message anywhere: Redis restarted without its data, a
 message lost in transit, a worker gone for good with its stage marked running. The outbox
-covers a broker that is down when a stage ends (see runstore.repo.finish_stage); this pass
+covers a broker that is down when a stage ends (see runstore.stages.finish_stage); this pass
 covers the rest. It is idempotent: it acts only when the run has no live stage, no unsent or
 recently sent message, and the broker's stage queue is empty, and a stage handed out twice
-is run once (the claim in runstore.repo.start_stage, the skip of succeeded stages).
+is run once (the claim in runstore.stages.start_stage, the skip of succeeded stages).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from runstore import repo
+from runstore import runs
 from worker.celery_app import GPU_QUEUE
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def queue_size(app: Celery, queue: str = GPU_QUEUE, timeout: float = 2.0) -> int
 def reconcile(factory: sessionmaker[Session], app: Celery, *, grace_s: float = GRACE_S) -> list[str]:
     """One pass; returns the ids of the runs queued again (their messages go through the outbox)."""
     with factory() as s:
-        due = repo.due_runs(s, grace_s=grace_s)
+        due = runs.due_runs(s, grace_s=grace_s)
     if not due:
         return []
     waiting = queue_size(app)
@@ -62,7 +62,7 @@ def reconcile(factory: sessionmaker[Session], app: Celery, *, grace_s: float = G
     done = []
     for run_id, stage in due:
         with factory() as s:
-            if repo.requeue(s, run_id):
+            if runs.requeue(s, run_id):
                 log.warning("run %s: next stage %s was due but not queued; queued again", run_id, stage)
                 done.append(run_id)
     return done

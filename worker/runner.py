@@ -7,50 +7,48 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import requests
 from sqlalchemy.orm import Session, sessionmaker
 
-from runstore import repo
-from runstore.models import utcnow
+from runstore import deployments, metrics, runs, stages
 from runstore.settings import Settings
+from speculators import process
+from speculators.config.run import RunSettings
+from speculators.config.stages import StagePaths
+from speculators.metric_records import ProgressRecord, parse_record
 from speculators.progress import ENV as PROGRESS_ENV
 from worker import procs
-from worker.pipeline import RunPaths, stage_argv
-from worker.spec import RunSpec
+from worker.pipeline import stage_argv
 from worker.tail import JsonlTail
 
 HEARTBEAT_S = 1.0
-STALE_AFTER_S = repo.STALE_AFTER_S
 
 
 def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: str, stage_name: str,
                   *, worker: str, dispatch=None) -> str:
     """Returns succeeded | failed | cancelled | skipped | blocked."""
     with factory() as s:
-        run = repo.get_run(s, run_id)
+        run = runs.get_run(s, run_id)
         if run is None:
             return "skipped"
         s.refresh(run)
         if run.cancel_requested or run.status == "cancelled":
             return "cancelled"
-        stage = repo.get_stage(s, run_id, stage_name)
+        stage = stages.get_stage(s, run_id, stage_name)
         if stage is None or stage.status == "succeeded":
             return "skipped"
-        if stage.status == "running":
-            fresh = stage.heartbeat_at and stage.heartbeat_at > utcnow() - timedelta(seconds=STALE_AFTER_S)
-            if fresh and stage.worker != worker:
-                return "blocked"  # a duplicate message; the stage runs elsewhere
+        if stage.worker != worker and stages.any_live(s, run_id, stage_id=stage.id):
+            return "blocked"  # a duplicate message; the stage runs elsewhere
         if any(x.status != "succeeded" for x in run.stages if x.position < stage.position):
             return "blocked"
-        spec = RunSpec.from_dict(run.spec)
-        paths = RunPaths(Path(run.work_dir))
+        spec = RunSettings.from_dict(run.spec)
+        paths = StagePaths(Path(run.work_dir))
         log_path = paths.log(stage_name)
-        stage = repo.start_stage(s, run_id, stage_name, worker=worker, log_path=str(log_path))
+        stage = stages.start_stage(s, run_id, stage_name, worker=worker, log_path=str(log_path))
         if stage is None:
             return "blocked"  # another worker claimed it first
         stage_id = stage.id
@@ -69,7 +67,7 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
             with open(log_path, "a", encoding="utf-8") as fh:
                 fh.write(f"error: {why}\n")
             with factory() as s:
-                repo.finish_stage(s, run_id, stage_name, "failed", why)
+                stages.finish_stage(s, run_id, stage_name, "failed", why)
             return "failed"
 
     try:
@@ -77,7 +75,7 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
         argv = stage_argv(spec, stage_name, paths, verifier_url=verifier_url)
     except ValueError as exc:
         with factory() as s:
-            repo.finish_stage(s, run_id, stage_name, "failed", str(exc))
+            stages.finish_stage(s, run_id, stage_name, "failed", str(exc))
         return "failed"
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,30 +87,32 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
     progress_path.unlink(missing_ok=True)  # this attempt's lines only
     env[PROGRESS_ENV] = str(progress_path)
     try:
-        proc = procs.start(argv, log_path=log_path, cwd=paths.work_dir, env=env)
+        paths.work_dir.mkdir(parents=True, exist_ok=True)
+        # the stage dies with this worker even when the worker is SIGKILLed
+        proc = process.start(argv, log=log_path, cwd=paths.work_dir, env=env, lifeline=process.Lifeline.COMMAND)
     except OSError as exc:
         with factory() as s:
-            repo.finish_stage(s, run_id, stage_name, "failed", f"could not start {argv[0]}: {exc}")
+            stages.finish_stage(s, run_id, stage_name, "failed", f"could not start {argv[0]}: {exc}")
         return "failed"
     with factory() as s:
-        repo.set_stage_pid(s, stage_id, proc.pid)
+        stages.set_stage_pid(s, stage_id, proc.pid)
 
     tail = JsonlTail(paths.metrics) if stage_name == "train" else None
     status = _watch(factory, run_id, stage_id, proc, tail, JsonlTail(progress_path))
     if status == "cancelled":
         with factory() as s:
-            repo.finish_stage(s, run_id, stage_name, "cancelled", "cancelled by the user")
+            stages.finish_stage(s, run_id, stage_name, "cancelled", "cancelled by the user")
         return "cancelled"
     rc = proc.returncode
     with factory() as s:
         if rc == 0:
-            repo.finish_stage(s, run_id, stage_name, "succeeded")
+            stages.finish_stage(s, run_id, stage_name, "succeeded")
             return "succeeded"
-        repo.finish_stage(s, run_id, stage_name, "failed", procs.error_summary(log_path, rc))
+        stages.finish_stage(s, run_id, stage_name, "failed", procs.error_summary(log_path, rc))
         return "failed"
 
 
-def _watch(factory, run_id: str, stage_id: int, proc: subprocess.Popen, tail: JsonlTail | None,
+def _watch(factory, run_id: str, stage_id: int, proc: process.Process, tail: JsonlTail | None,
            progress: JsonlTail | None = None) -> str:
     last_beat = 0.0
     while True:
@@ -121,31 +121,31 @@ def _watch(factory, run_id: str, stage_id: int, proc: subprocess.Popen, tail: Js
             records = tail.read_new()
             if records:
                 with factory() as s:
-                    repo.ingest_records(s, run_id, records, stage_id=stage_id)
+                    metrics.ingest_records(s, run_id, records, stage_id=stage_id)
         if progress is not None:
-            last = next((r for r in reversed(progress.read_new()) if r.get("type") == "progress"
-                         and isinstance(r.get("done"), int) and isinstance(r.get("total"), int)), None)
+            last = next((r for r in map(parse_record, reversed(progress.read_new()))
+                         if isinstance(r, ProgressRecord)), None)
             if last is not None:
                 with factory() as s:
-                    repo.stage_progress(s, stage_id, last["done"], last["total"])
+                    stages.stage_progress(s, stage_id, last.done, last.total)
         if rc is not None:
             return "exited"
         now = time.monotonic()
         if now - last_beat >= HEARTBEAT_S:
             last_beat = now
             with factory() as s:
-                if repo.heartbeat(s, stage_id):
-                    procs.stop_group(proc)
+                if stages.heartbeat(s, stage_id):
+                    proc.stop(grace_s=10.0)
                     if tail is not None:
                         with factory() as s2:
-                            repo.ingest_records(s2, run_id, tail.read_new(), stage_id=stage_id)
+                            metrics.ingest_records(s2, run_id, tail.read_new(), stage_id=stage_id)
                     return "cancelled"
         time.sleep(0.25)
 
 
 def _verifier_url(factory, run_id: str) -> str | None:
     with factory() as s:
-        dep = repo.latest_deployment(s, run_id, kind="verifier")
+        dep = deployments.latest_deployment(s, run_id, kind="verifier")
         return dep.endpoint if dep is not None and dep.status == "up" else None
 
 
@@ -189,7 +189,7 @@ def unreachable_limit_s() -> float:
     return float(os.environ.get("SPEC_ENDPOINT_UNREACHABLE_S", "60"))
 
 
-def _ensure_verifier(factory, settings: Settings, run_id: str, spec: RunSpec, paths: RunPaths,
+def _ensure_verifier(factory, settings: Settings, run_id: str, spec: RunSettings, paths: StagePaths,
                      stage_id: int, dispatch) -> str:
     """Make sure a vLLM server with hidden-state extraction serves the verifier: the user's
     URL, or one the controller in the vLLM container starts for this run. A user URL that
@@ -208,7 +208,7 @@ def _ensure_verifier(factory, settings: Settings, run_id: str, spec: RunSpec, pa
             ok, said = probe_health(url)
             if ok:
                 with factory() as s:
-                    repo.finish_stage(s, run_id, "verifier", "succeeded")
+                    stages.finish_stage(s, run_id, "verifier", "succeeded")
                 return "succeeded"
             if said != last:
                 last = said
@@ -218,23 +218,23 @@ def _ensure_verifier(factory, settings: Settings, run_id: str, spec: RunSpec, pa
             first_refused = None if answered else (first_refused or time.monotonic())
             if first_refused is not None and time.monotonic() - first_refused >= unreachable_limit_s():
                 with factory() as s:
-                    repo.finish_stage(s, run_id, "verifier", "failed",
-                                      f"the vLLM endpoint {url} is unreachable ({said} for "
-                                      f"{unreachable_limit_s():.0f} s); check the URL and that vLLM runs there")
+                    stages.finish_stage(s, run_id, "verifier", "failed",
+                                        f"the vLLM endpoint {url} is unreachable ({said} for "
+                                        f"{unreachable_limit_s():.0f} s); check the URL and that vLLM runs there")
                 return "failed"
             with factory() as s:
-                repo.note_stage(s, stage_id, f"waiting: {url}/health: {said}")
-                if repo.heartbeat(s, stage_id):
-                    repo.finish_stage(s, run_id, "verifier", "cancelled", "cancelled by the user")
+                stages.note_stage(s, stage_id, f"waiting: {url}/health: {said}")
+                if stages.heartbeat(s, stage_id):
+                    stages.finish_stage(s, run_id, "verifier", "cancelled", "cancelled by the user")
                     return "cancelled"
             time.sleep(2)
         with factory() as s:
-            repo.finish_stage(s, run_id, "verifier", "failed",
-                              f"{url}/health did not answer 200 in 30 min (last: {last})")
+            stages.finish_stage(s, run_id, "verifier", "failed",
+                                f"{url}/health did not answer 200 in 30 min (last: {last})")
         return "failed"
 
     with factory() as s:
-        dep = repo.request_deployment(
+        dep = deployments.request_deployment(
             s, kind="verifier", model_path=spec.model, run_id=run_id, port=settings.verifier_port,
             endpoint=f"http://{settings.vllm_host}:{settings.verifier_port}",
             extra={"layer_ids": list(spec.layer_ids), "hidden_dir": str(paths.hidden)})
@@ -243,20 +243,20 @@ def _ensure_verifier(factory, settings: Settings, run_id: str, spec: RunSpec, pa
         dispatch()
     while time.monotonic() < deadline:
         with factory() as s:
-            dep = repo.get_deployment(s, dep_id)
+            dep = deployments.get_deployment(s, dep_id)
             if dep.status == "up":
-                repo.finish_stage(s, run_id, "verifier", "succeeded")
+                stages.finish_stage(s, run_id, "verifier", "succeeded")
                 return "succeeded"
             if dep.status in ("failed", "stopped"):
-                repo.finish_stage(s, run_id, "verifier", "failed", dep.error or "the verifier server stopped")
+                stages.finish_stage(s, run_id, "verifier", "failed", dep.error or "the verifier server stopped")
                 return "failed"
-            if repo.heartbeat(s, stage_id):
-                repo.request_stop(s, dep_id)
-                repo.finish_stage(s, run_id, "verifier", "cancelled", "cancelled by the user")
+            if stages.heartbeat(s, stage_id):
+                deployments.request_stop(s, dep_id)
+                stages.finish_stage(s, run_id, "verifier", "cancelled", "cancelled by the user")
                 if dispatch is not None:
                     dispatch()
                 return "cancelled"
         time.sleep(2)
     with factory() as s:
-        repo.finish_stage(s, run_id, "verifier", "failed", "the verifier server did not come up in 30 min")
+        stages.finish_stage(s, run_id, "verifier", "failed", "the verifier server did not come up in 30 min")
     return "failed"

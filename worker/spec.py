@@ -1,7 +1,7 @@
 """A run's parameters and their validation.
 
-The dashboard form and any other client build a `RunSpec` through
-`validate_spec(raw, settings)`, which returns per-field error messages so the
+The dashboard form and any other client build a run's settings (`RunSettings`, the schema of
+speculators.config.run) through `validate_spec(raw, settings)`, which returns per-field error messages so the
 form can show each one next to its field. Paths are confined to the configured
 roots: a dataset must resolve inside the data root, a local model inside the
 models or data root, so `../../etc/passwd` or a symlink out never gets through.
@@ -19,18 +19,16 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from runstore.settings import Settings
-from speculators.config.memory import VerifierDims, available_bytes, estimate_train_memory, refusal
-from speculators.config.run import BUILTIN_DATASETS, MODES, RunSettings, parse_layer_ids
+from speculators.config.device import resolve_device
+from speculators.config.memory import VerifierDims, check_train_memory
+from speculators.config.run import BUILTIN_DATASETS, RunSettings, parse_layer_ids
+from speculators.config.stages import StagePaths, train_config_for
 from speculators.errors import UserError
 from speculators.layers import resolve_layer_ids
 
-__all__ = ["BUILTIN_DATASETS", "MODES", "RunSpec", "validate_spec"]
+__all__ = ["memory_refusal", "validate_spec"]
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-
-# A run's settings are the typed schema of speculators.config.run: defaults, bounds, help and
-# labels live there; the stored record is its dict (`to_dict` / `RunSpec.from_dict`).
-RunSpec = RunSettings
 
 
 def inside(path: Path, root: Path) -> bool:
@@ -144,7 +142,7 @@ def endpoint_error(url: str, timeout_s: float = 2.0) -> str | None:
 
 def validate_spec(raw: dict[str, Any], settings: Settings, *, free_memory: int | None = None,
                   names_taken: Collection[str] = (), check_endpoint: Callable[[str], str | None] | None
-                  = endpoint_error) -> tuple[RunSpec | None, dict[str, str]]:
+                  = endpoint_error) -> tuple[RunSettings | None, dict[str, str]]:
     """Check every field; return the spec, or None and {field: message}.
 
     Types and bounds come from the schema (the messages `speculators train` gives); this adds
@@ -154,10 +152,10 @@ def validate_spec(raw: dict[str, Any], settings: Settings, *, free_memory: int |
     the dataset can give, and an online run's vLLM URL answering (`check_endpoint`; None
     skips it).
     """
-    data = {k: v for k, v in raw.items() if k in RunSpec.model_fields}
+    data = {k: v for k, v in raw.items() if k in RunSettings.model_fields}
     for key in ("name", "model", "dataset"):
         data.setdefault(key, "")
-    _, errors = RunSpec.errors_of(data)
+    _, errors = RunSettings.errors_of(data)
 
     model, err = resolve_model(str(raw.get("model") or ""), settings)
     if err:
@@ -170,7 +168,7 @@ def validate_spec(raw: dict[str, Any], settings: Settings, *, free_memory: int |
     if "name" not in errors and name in set(names_taken):
         errors["name"] = "another run already has this name: choose a different one"
     if "dataset" not in errors and "max_samples" not in errors:
-        samples = data.get("max_samples", RunSpec.model_fields["max_samples"].default)
+        samples = data.get("max_samples", RunSettings.model_fields["max_samples"].default)
         err = samples_error(dataset, _int(samples))
         if err:
             errors["max_samples"] = err
@@ -203,7 +201,7 @@ def validate_spec(raw: dict[str, Any], settings: Settings, *, free_memory: int |
             errors["draft_vocab_size"] = f"must not exceed the verifier's vocabulary ({vocab})"
     if errors:
         return None, errors
-    spec = RunSpec.model_validate(data)
+    spec = RunSettings.model_validate(data)
     if dims is not None:
         message = memory_refusal(spec, dims, free_memory)
         if message:
@@ -218,26 +216,20 @@ def _dims(cfg: dict[str, Any]) -> VerifierDims | None:
         return None
 
 
-def memory_refusal(spec: RunSpec, dims: VerifierDims, free_memory: int | None = None) -> str | None:
-    """The trainer's memory estimate against this machine (RAM for CPU runs; GPU runs only when
-    this process sees a GPU); the message `speculators train` gives, or None."""
+def memory_refusal(spec: RunSettings, dims: VerifierDims, free_memory: int | None = None) -> str | None:
+    """The trainer's own memory check (`check_train_memory`) of this run's training settings on
+    this machine (RAM for CPU runs; GPU runs only when this process sees a GPU); its message, or
+    None. `free_memory` overrides the measured free bytes (tests)."""
     on_gpu = spec.gpus > 0
+    if on_gpu and free_memory is None and resolve_device("auto") != "cuda":
+        return None  # the GPU worker's trainer checks before it trains
     ids = resolve_layer_ids(spec.layer_ids, dims.num_hidden_layers, include_last_layer=True, flag="layer ids")
-    if free_memory is None:
-        if on_gpu:
-            try:
-                import torch
-
-                if not torch.cuda.is_available():
-                    return None  # the GPU worker checks again before it trains
-            except ImportError:
-                return None
-        free_memory, where = available_bytes("cuda" if on_gpu else "cpu")
-    else:
-        where = "free GPU memory" if on_gpu else "available RAM"
-    est = estimate_train_memory(
-        dims, total_seq_len=spec.packed_len, ttt_steps=spec.ttt_steps, num_layers=spec.num_layers,
-        draft_vocab_size=spec.draft_vocab_size, num_aux_layers=len(ids) - 1,
-        on_gpu=on_gpu, bf16=on_gpu, flex=on_gpu,
-    )
-    return refusal(est, free_memory, where, "sequence length", spec.packed_len)
+    # the trainer's shapes do not depend on where its hidden states come from: the offline
+    # settings of the same run (no verifier URL needed yet)
+    train = train_config_for(spec.model_copy(update={"mode": "offline"}), StagePaths(Path(".")))
+    try:
+        check_train_memory(train, device="cuda" if on_gpu else "cpu", dims=dims, free=free_memory,
+                           num_aux_layers=len(ids) - 1, label="sequence length")
+    except UserError as exc:
+        return str(exc)
+    return None

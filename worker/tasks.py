@@ -8,12 +8,12 @@ import os
 from celery.exceptions import Ignore
 from celery.signals import worker_ready
 
-from runstore import open_store, repo
+from runstore import open_store, runs, stages
 from runstore.settings import Settings
 from worker.celery_app import GPU_QUEUE, VLLM_QUEUE, app
 from worker.dispatch import Dispatcher, flush_outbox
 from worker.health import start_beating
-from worker.runner import STALE_AFTER_S, execute_stage
+from worker.runner import execute_stage
 
 log = logging.getLogger(__name__)
 RECONCILE_EVERY_S = float(os.environ.get("SPEC_RECONCILE_EVERY_S", "15"))
@@ -68,11 +68,11 @@ def _recover(sender=None, **_kwargs) -> None:
     # when Redis returns even if no dashboard page is open.
     Dispatcher(factory, app, interval_s=5.0, reconcile_every_s=RECONCILE_EVERY_S).start()
     with factory() as s:
-        found = repo.recover_interrupted(s, worker=sender.hostname, stale_after_s=STALE_AFTER_S)
+        found = stages.recover_interrupted(s, worker=sender.hostname)
     for run_id, stage in found:
         log.warning("run %s: stage %s was interrupted by a worker restart", run_id, stage)
         if settings.auto_resume:
             with factory() as s:
-                repo.resume_run(s, run_id, from_stage=stage)
+                runs.resume_run(s, run_id, from_stage=stage)
     if found:
         flush_outbox(factory, app)

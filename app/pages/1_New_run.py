@@ -12,10 +12,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import streamlit as st
 
 from app import common
-from runstore import repo
+from runstore import errors, runs
 from speculators.config.base import choices_of, unwrap_optional
-from speculators.config.run import form_defaults
-from worker.spec import BUILTIN_DATASETS, RunSpec, validate_spec
+from speculators.config.run import BUILTIN_DATASETS, RunSettings, form_defaults
+from worker.spec import validate_spec
 
 st.set_page_config(page_title="New run", page_icon="🚀", layout="wide")
 common.ensure_dispatcher()
@@ -56,7 +56,7 @@ def widget(name: str) -> None:
     """One schema field as a widget. Numbers and lists are text boxes parsed by the schema:
     what is typed is what is checked and stored, and a value out of bounds gets a message
     (a number box would clamp it or silently keep its previous value)."""
-    info = RunSpec.model_fields[name]
+    info = RunSettings.model_fields[name]
     label, help_text, value = info.title or name, info.description or None, initial(name)
     inner, _ = unwrap_optional(info.annotation)
     choices = choices_of(info.annotation)
@@ -87,20 +87,20 @@ def _submit() -> None:
         dataset = str(common.save_upload(up.name, up.getvalue())) if up is not None else ""
     else:
         dataset = state["f_path"]
-    raw = {name: state[key(name)] for name in RunSpec.model_fields if key(name) in state}
+    raw = {name: state[key(name)] for name in RunSettings.model_fields if key(name) in state}
     raw["dataset"] = dataset
     if state.get(key("mode")) == "offline":
         raw.pop("vllm_endpoint", None)
     with common.store()() as session:
-        taken = repo.run_names(session)
-    spec, errors = validate_spec(raw, s, names_taken=taken)
-    state["form_errors"] = errors
+        taken = runs.run_names(session)
+    spec, errs = validate_spec(raw, s, names_taken=taken)
+    state["form_errors"] = errs
     state["submitted"] = None
     if spec is None:
         return
     try:
         run_id, broker_err = common.submit(spec)
-    except repo.NameTaken as exc:  # another tab or client took the name meanwhile
+    except errors.NameTaken as exc:  # another tab or client took the name meanwhile
         state["form_errors"] = {"name": str(exc)}
         return
     state["submitted"] = {"run_id": run_id, "name": spec.name, "broker_error": broker_err}

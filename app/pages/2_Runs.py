@@ -11,8 +11,8 @@ import pandas as pd
 import streamlit as st
 
 from app import common, views
-from runstore import repo
-from runstore.repo import StoreError
+from runstore import errors, runs
+from runstore.models import ACTIVE_RUN, RESUMABLE_RUN, StageStatus
 
 st.set_page_config(page_title="Runs", page_icon="📋", layout="wide")
 common.ensure_dispatcher()
@@ -26,7 +26,7 @@ def _act(fn, *args, ok: str) -> None:
     try:
         with factory() as session:
             fn(session, *args)
-    except StoreError as exc:
+    except errors.StoreError as exc:
         state["runs_msg"] = ("error", str(exc))
         return
     err = common.flush()
@@ -36,7 +36,7 @@ def _act(fn, *args, ok: str) -> None:
 @st.fragment(run_every=3)
 def runs_table() -> None:
     with factory() as session:
-        rows = views.runs_rows(repo.list_runs(session))
+        rows = views.runs_rows(runs.list_runs(session))
     down = common.broker_down() if any(r["status"] in ("queued", "running", "waiting") for r in rows) else None
     if down:
         common.alert("error", f"broker unreachable: {common.settings().broker_url} ({down}). Waiting runs are "
@@ -58,26 +58,26 @@ def runs_table() -> None:
 runs_table()
 
 with factory() as session:
-    runs = repo.list_runs(session)
-if runs:
-    labels = {r.id: f"{r.name} ({r.id}, {r.status})" for r in runs}
+    all_runs = runs.list_runs(session)
+if all_runs:
+    labels = {r.id: f"{r.name} ({r.id}, {r.status})" for r in all_runs}
     run_id = st.selectbox("Run", list(labels), format_func=labels.get, key="runs_selected")
-    run = next(r for r in runs if r.id == run_id)
+    run = next(r for r in all_runs if r.id == run_id)
     c1, c2, c3, c4, c5 = st.columns(5)
-    if c1.button("Cancel", disabled=run.status not in repo.ACTIVE_RUN, key="btn_cancel"):
-        _act(repo.request_cancel, run.id, ok="Cancel requested; the stage stops within seconds.")
+    if c1.button("Cancel", disabled=run.status not in ACTIVE_RUN, key="btn_cancel"):
+        _act(runs.request_cancel, run.id, ok="Cancel requested; the stage stops within seconds.")
         st.rerun()
-    failed = next((x.name for x in run.stages if x.status == "failed"), None)
+    failed = next((x.name for x in run.stages if x.status == StageStatus.FAILED), None)
     if c2.button(f"Retry {failed or 'failed stage'}", disabled=failed is None, key="btn_retry"):
-        _act(lambda sess, rid: repo.resume_run(sess, rid, from_stage=failed), run.id,
+        _act(lambda sess, rid: runs.resume_run(sess, rid, from_stage=failed), run.id,
              ok=f"Stage {failed} queued again.")
         st.rerun()
-    if c3.button("Resume", disabled=run.status not in repo.RESUMABLE_RUN, key="btn_resume",
+    if c3.button("Resume", disabled=run.status not in RESUMABLE_RUN, key="btn_resume",
                  help="continue from the first unfinished stage; training resumes from its last checkpoint"):
-        _act(repo.resume_run, run.id, ok="Run queued; it resumes from its first unfinished stage.")
+        _act(runs.resume_run, run.id, ok="Run queued; it resumes from its first unfinished stage.")
         st.rerun()
     common.page_link("pages/3_Run_detail.py", "Details", "📈", {"run": run.id}, where=c4)
-    if c5.button("Delete…", disabled=run.status in repo.ACTIVE_RUN, key="btn_delete"):
+    if c5.button("Delete…", disabled=run.status in ACTIVE_RUN, key="btn_delete"):
         state["confirm_delete"] = run.id
 
     if state.get("confirm_delete") == run.id:
@@ -91,11 +91,11 @@ if runs:
             if d1.button("Yes, delete", type="primary", key="btn_delete_confirm"):
                 try:
                     with factory() as session:
-                        work_dir = repo.delete_run(session, run.id)
+                        work_dir = runs.delete_run(session, run.id)
                     removed = common.delete_files(work_dir) if also_files else False
                     state["runs_msg"] = ("success", f"Run {run.id} deleted; files "
                                          + ("deleted." if removed else f"kept in {work_dir}."))
-                except StoreError as exc:
+                except errors.StoreError as exc:
                     state["runs_msg"] = ("error", str(exc))
                 state.pop("confirm_delete", None)
                 st.rerun()

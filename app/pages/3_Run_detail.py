@@ -13,7 +13,8 @@ import pandas as pd
 import streamlit as st
 
 from app import common, serve_panel, views
-from runstore import repo
+from runstore import metrics, runs
+from runstore.models import ACTIVE_RUN, RunStatus, StageStatus
 from worker.procs import log_tail
 
 st.set_page_config(page_title="Run detail", page_icon="📈", layout="wide")
@@ -22,14 +23,14 @@ s = common.settings()
 factory = common.store()
 
 with factory() as session:
-    runs = repo.list_runs(session)
-if not runs:
+    all_runs = runs.list_runs(session)
+if not all_runs:
     st.info("No runs yet.")
     common.page_link("pages/1_New_run.py", "Launch a run", "🚀")
     st.stop()
-ids = [r.id for r in runs]
+ids = [r.id for r in all_runs]
 wanted = st.query_params.get("run")
-labels = {r.id: f"{r.name} ({r.id})" for r in runs}
+labels = {r.id: f"{r.name} ({r.id})" for r in all_runs}
 run_id = st.selectbox("Run", ids, index=ids.index(wanted) if wanted in ids else 0, format_func=labels.get)
 st.query_params["run"] = run_id
 
@@ -52,7 +53,7 @@ def _metric_cache(run_id: str, train_stage) -> views.MetricCache:
     attempt = (train_stage.attempts, train_stage.started_at) if train_stage is not None else (0, None)
     cache.reset_for(attempt)
     with factory() as session:
-        cache.add(repo.metrics_after(session, run_id, cache.after()))
+        cache.add(metrics.step_records(session, run_id, cache.after()))
     return cache
 
 
@@ -63,7 +64,7 @@ def status_line(run, stages) -> None:
     text = f"Status: {status}" + (f" · {'stage ' if status == 'running' else ''}{shown_where}" if shown_where else "")
     kind = {"succeeded": "success", "failed": "error", "cancelled": "warning",
             "interrupted": "warning"}.get(run.status, "info")
-    down = common.broker_down() if run.status in repo.ACTIVE_RUN else None
+    down = common.broker_down() if run.status in ACTIVE_RUN else None
     if down:  # nothing moves until the broker is back: say so, not just "waiting"
         text += f" · broker unreachable: {s.broker_url}"
         kind = "error" if status != "running" else "warning"
@@ -72,7 +73,7 @@ def status_line(run, stages) -> None:
         common.alert("caption", f"{down}. Finished stages are kept and the next one is queued as soon as "
                      "the broker answers again.")
     for x in stages:
-        if x.status == "running" and x.error:  # what a running stage waits for, e.g. its vLLM URL
+        if x.status == StageStatus.RUNNING and x.error:  # what a running stage waits for, e.g. its vLLM URL
             common.alert("warning", f"{x.name}: {x.error}")
     if run.error:
         common.alert("error", run.error)  # plain text: it may quote the run's name or a URL
@@ -83,7 +84,7 @@ def status_line(run, stages) -> None:
 @st.fragment(run_every=2)
 def live() -> None:
     with factory() as session:
-        run = repo.get_run(session, run_id)
+        run = runs.get_run(session, run_id)
         if run is None:
             st.warning("This run was deleted.")
             return
@@ -98,9 +99,10 @@ def live() -> None:
     frac, eta = views.train_eta(cache.train_points, train_stage.total_steps if train_stage else None)
     overall = views.run_progress(run)
     label = f"overall {int(overall * 100)}%"  # floor: 100% only when everything has finished
-    live_stage = next((x for x in stages if x.status == "running"), None)
+    live_stage = next((x for x in stages if x.status == StageStatus.RUNNING), None)
     if cache.train_points:
-        label += f" · training {int(frac * 100)}%" + (f" · ETA {views.fmt_duration(eta)}" if eta is not None and run.status == "running" else "")
+        eta_text = f" · ETA {views.fmt_duration(eta)}" if eta is not None and run.status == RunStatus.RUNNING else ""
+        label += f" · training {int(frac * 100)}%" + eta_text
     elif live_stage is not None and live_stage.total_steps:
         label += f" · {live_stage.name} {int(views.stage_fraction(live_stage) * 100)}%"
     st.progress(overall, text=label)
@@ -115,11 +117,11 @@ def live() -> None:
 @st.fragment(run_every=5)
 def files() -> None:
     with factory() as session:
-        run = repo.get_run(session, run_id)
+        run = runs.get_run(session, run_id)
         if run is None:
             return
         stages = list(run.stages)
-        ckpts = repo.checkpoints(session, run_id)
+        ckpts = metrics.checkpoints(session, run_id)
     st.subheader("Checkpoints")
     if ckpts:
         st.dataframe(pd.DataFrame([{"epoch": c.epoch, "step": c.step, "val loss": c.val_loss,
@@ -131,7 +133,7 @@ def files() -> None:
     st.subheader("Logs")
     for x in stages:
         if x.log_path:
-            with st.expander(f"{x.name} ({x.status})", expanded=x.status in ("running", "failed")):
+            with st.expander(f"{x.name} ({x.status})", expanded=x.status in (StageStatus.RUNNING, StageStatus.FAILED)):
                 st.code(log_tail(x.log_path, lines=30) or "(empty)", language=None)
 
 
@@ -141,7 +143,7 @@ def charts() -> None:
     session with the data version), and each series is thinned to `views.MAX_POINTS`, so a
     refresh sends little and the browser redraws only what changed."""
     with factory() as session:
-        run = repo.get_run(session, run_id)
+        run = runs.get_run(session, run_id)
     if run is None:
         return
     cache = _metric_cache(run_id, next((x for x in run.stages if x.name == "train"), None))

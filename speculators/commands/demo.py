@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from speculators.commands.demo_extras import add_regen_args, regen_backend
+from speculators.commands.demo_extras import regen_backend
+from speculators.config.base import add_arguments
+from speculators.config.demo import DemoConfig
 from speculators.config.run import RunSettings
 from speculators.config.stages import StagePaths
 from speculators.errors import UserError
@@ -34,17 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="run prepare -> vocab -> datagen -> train -> eval on the CPU with a tiny local model",
     )
-    p.add_argument("--workdir", default="demo-output", help="where every stage writes (reused on rerun)")
-    p.add_argument("--model", default=None,
-                   help="verifier path (default: a tiny Llama built into WORKDIR/verifier)")
-    p.add_argument("--max-samples", type=int, default=256)
-    p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--draft-vocab-size", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--ttt-steps", type=int, default=3)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--eval-prompts", type=int, default=16)
-    add_regen_args(p)
+    add_arguments(p, DemoConfig)  # the demo's preset (speculators.config.demo)
     p.set_defaults(func=run)
 
 
@@ -60,7 +52,7 @@ def demo_run_settings(args: argparse.Namespace, model: Path) -> RunSettings:
     return RunSettings(
         name="demo", model=str(model), dataset="sharegpt", seq_length=args.seq_length,
         max_samples=args.max_samples, draft_vocab_size=args.draft_vocab_size, epochs=args.epochs, lr=args.lr,
-        ttt_steps=args.ttt_steps, batch_size=8, seed=0, total_seq_len=args.seq_length * 2, **regen,
+        ttt_steps=args.ttt_steps, total_seq_len=args.seq_length * 2, **regen,
     )
 
 
@@ -90,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from speculators.commands.demo_extras import finish, vllm_eval
     from speculators.commands.stage_runner import StageFailed, read_record, run_stages
 
+    DemoConfig.from_args(args)  # bounds checked before anything runs
     work = Path(args.workdir)
     model_dir = work / "verifier"
     if args.model is None and model_dir.exists() and not (model_dir / "config.json").exists():

@@ -1,4 +1,4 @@
-"""The demo's regeneration flags, its vLLM acceptance check and its summary.
+"""The demo's regeneration backend, its vLLM acceptance check and its summary.
 
 The regenerate stage itself comes from the shared stage builder (speculators.config.stages)
 through the demo's run settings (`demo.demo_run_settings`); these steps stay the demo's own.
@@ -9,28 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from speculators.config.device import resolve_device
 from speculators.config.stages import StagePaths
-
-
-def add_regen_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--regenerate", action=argparse.BooleanOptionalAction, default=True,
-                   help="train on the verifier's own replies (speculators regenerate) instead of ShareGPT's")
-    p.add_argument("--regen-backend", choices=["auto", "transformers", "vllm"], default="auto",
-                   help="backend of the regenerate stage (auto: vllm when importable, the serving path "
-                        "users run; in float32 its replies equal the transformers backend's)")
-    p.add_argument("--regen-max-tokens", type=int, default=96, help="most tokens per regenerated reply")
-    p.add_argument("--regen-max-turns", type=int, default=1,
-                   help="assistant turns regenerated per conversation (later ones dropped)")
-    p.add_argument("--regen-concurrency", type=int, default=64)
-    p.add_argument("--vllm-eval", action=argparse.BooleanOptionalAction, default=None,
-                   help="also measure acceptance in a real vLLM server (default: when vLLM is importable)")
-    p.add_argument("--vllm-ready-timeout", type=float, default=900.0)
 
 
 def regen_backend(args: argparse.Namespace) -> str:
@@ -47,13 +32,7 @@ def _vllm_importable() -> bool:
 
 def _server_env() -> dict[str, str]:
     env = dict(os.environ)
-    try:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    except Exception:
-        cuda = False
-    if not cuda:  # the KV cache size is `speculators serve`'s own choice (cpu_memory.choose_kv_cache)
+    if resolve_device("auto") == "cpu":  # the KV cache size is `speculators serve`'s own choice (cpu_memory.choose_kv_cache)
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
     return env
 
@@ -65,6 +44,7 @@ def vllm_eval(args: argparse.Namespace, work: Path, times: dict[str, float]) -> 
     if not enabled:
         print("== vllm-eval: skipped (vLLM is not importable here; --vllm-eval to insist)", flush=True)
         return None
+    from speculators import process
     from speculators.cli import main as cli_main
     from speculators.vllm.readiness import free_port, probe
 
@@ -77,55 +57,42 @@ def vllm_eval(args: argparse.Namespace, work: Path, times: dict[str, float]) -> 
              "--port", str(port), "--max-model-len", str(max(1024, args.seq_length * 2)), "--seed", "0",
              "--enforce-eager"]
     print(f"== vllm-eval: {' '.join(serve[2:])} (a CPU server takes 1-3 minutes to start)", flush=True)
-    log = open(work / "vllm_serve.log", "w")
-    proc = subprocess.Popen(serve, env=_server_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + args.vllm_ready_timeout
-        last = 0.0
-        while not probe(url):
-            if proc.poll() is not None:
-                print(f"demo: the vLLM server exited ({proc.returncode}) before it was ready; see "
+    last = [0.0]
+
+    def answers() -> bool:
+        if probe(url):
+            return True
+        if time.time() - last[0] >= 10:
+            last[0] = time.time()
+            print(f"   waiting for vLLM at {url} ({time.time() - start:.0f}s)", flush=True)
+        return False
+
+    with open(work / "vllm_serve.log", "wb") as log:
+        server = process.start(serve, log=log, env=_server_env())
+        try:
+            try:
+                server.wait_ready(answers, args.vllm_ready_timeout, poll_s=2)
+            except process.ExitedEarly as exc:
+                print(f"demo: the vLLM server exited ({exc.returncode}) before it was ready; see "
                       f"{work / 'vllm_serve.log'}", file=sys.stderr)
                 return None
-            if time.time() > deadline:
+            except process.TimedOut:
                 print(f"demo: the vLLM server was not ready after {args.vllm_ready_timeout:g}s", file=sys.stderr)
                 return None
-            if time.time() - last >= 10:
-                last = time.time()
-                print(f"   waiting for vLLM at {url} ({time.time() - start:.0f}s)", flush=True)
-            time.sleep(2)
-        argv = ["eval", "--vllm-endpoint", url, "--data", "sharegpt", "--verifier", model,
-                "--skip-samples", str(args.max_samples), "--data-seed", "0", "--seq-length", str(args.seq_length),
-                "--num-prompts", str(args.eval_prompts), "--output-json", str(work / "eval_vllm.json"),
-                "--output-streams", str(work / "streams_vllm.jsonl")]
-        print(f"== vllm-eval: speculators {' '.join(argv)}", flush=True)
-        rc = cli_main(argv)
-        if rc != 0:
-            print(f"demo: the vLLM eval failed (exit {rc})", file=sys.stderr)
-            return None
-    finally:
-        _stop(proc)
-        log.close()
+            argv = ["eval", "--vllm-endpoint", url, "--data", "sharegpt", "--verifier", model,
+                    "--skip-samples", str(args.max_samples), "--data-seed", "0", "--seq-length", str(args.seq_length),
+                    "--num-prompts", str(args.eval_prompts), "--output-json", str(work / "eval_vllm.json"),
+                    "--output-streams", str(work / "streams_vllm.jsonl")]
+            print(f"== vllm-eval: speculators {' '.join(argv)}", flush=True)
+            rc = cli_main(argv)
+            if rc != 0:
+                print(f"demo: the vLLM eval failed (exit {rc})", file=sys.stderr)
+                return None
+        finally:
+            server.stop(grace_s=30)
     times["vllm-eval"] = round(time.time() - start, 1)
     print(f"== vllm-eval: done in {times['vllm-eval']:.1f}s", flush=True)
     return json.loads((work / "eval_vllm.json").read_text())
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    import signal
-
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
 
 
 def _read(path: Path) -> dict[str, Any] | None:

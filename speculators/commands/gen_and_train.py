@@ -22,8 +22,9 @@ import sys
 from typing import Any, Callable
 
 from speculators.commands.stage_runner import Stage, StageFailed, plan, read_record, run_stages
-from speculators.config.base import add_arguments, cli_fields
-from speculators.config.gen_and_train import GenTrainConfig, default_config_file, load_settings
+from speculators.config.base import add_arguments
+from speculators.config.files import CONFIG_HELP
+from speculators.config.gen_and_train import DEFAULT_CONFIG_NAMES, GenTrainConfig
 from speculators.config.run import RunSettings
 from speculators.config.stages import STAGE_INPUTS, StagePaths, eval_args, launch_argv, pipeline_stages, stage_args
 from speculators.errors import UserError
@@ -38,17 +39,14 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", default=None, metavar="FILE",
-                   help="settings file (YAML .yaml/.yml or JSON) with the flags below as keys; flags given win. "
-                        "Without it, ./gen_and_train.yaml (or .yml/.json) is read when present")
+                   help=f"{CONFIG_HELP}. Without it, ./{DEFAULT_CONFIG_NAMES[0]} (or .yml/.json) is read when present")
     p.add_argument("--dry-run", action="store_true", help="print each stage's command, one per line; run nothing")
     add_arguments(p, GenTrainConfig)
-    # only the flags actually given are read, so a --config file's values are not overwritten by
-    # defaults; required settings are checked when the schema is built (flag or file)
+    # required settings may also come from ./gen_and_train.yaml: the schema checks them (flag or file)
     for action in p._actions:
         if action.dest in GenTrainConfig.model_fields:
-            action.default = argparse.SUPPRESS
             action.required = False
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, default_settings_files=DEFAULT_CONFIG_NAMES)
 
 
 def build_stages(cfg: GenTrainConfig, *, python: str = sys.executable) -> list[Stage]:
@@ -76,12 +74,12 @@ def run_stages_for(run: RunSettings, paths: StagePaths, *, eval_prompts: int | N
 
 
 def run(args: argparse.Namespace) -> int:
-    given = {k: getattr(args, k) for k in cli_fields(GenTrainConfig) if hasattr(args, k)}
-    config = args.config
-    if config is None and (found := default_config_file()) is not None:
-        config = str(found)
-        print(f"settings from ./{found.name} (flags given override it)", file=sys.stderr, flush=True)
-    cfg = load_settings(config, given)
+    try:
+        cfg = GenTrainConfig.from_args(args)
+    except UserError as exc:
+        where = f" (flags and --config {args.config})" if args.config else \
+            f" (give it as a flag, or write it in ./{DEFAULT_CONFIG_NAMES[0]} or a --config file)"
+        raise UserError(f"{exc}{where}") from None
     work = cfg.work_path
     if work.exists() and not work.is_dir():
         raise UserError(f"--work-dir {work} exists and is not a directory")

@@ -36,14 +36,22 @@ def setting(default: Any = ..., help: str = "", *, flag: str | None = None, grou
     return Field(default, description=help, title=title or None, json_schema_extra=extra, **constraints)
 
 
+_CONSTRAINTS = ("ge", "le", "gt", "lt", "min_length", "max_length")
+
+
 def from_field(model: type[BaseModel], name: str, **override: Any) -> FieldInfo:
-    """A copy of `model`'s field `name` (default, bounds, help, label, flag metadata) for
-    another model; `override` replaces attributes such as `title`, `description` or `default`."""
-    info = copy.deepcopy(model.model_fields[name])
-    for key, value in override.items():
-        setattr(info, key, value)
-        info._attributes_set[key] = value  # what pydantic reads when the copy becomes a field
-    return info
+    """A new field with `model`'s field `name`'s default, bounds, help, label and flag metadata,
+    for another model; `override` replaces `default`, `title`, `description` or `json_schema_extra`."""
+    info = model.model_fields[name]
+    kwargs: dict[str, Any] = {"default": info.default, "description": info.description, "title": info.title,
+                              "json_schema_extra": copy.deepcopy(info.json_schema_extra)}
+    for constraint in info.metadata:
+        found = {k: getattr(constraint, k) for k in _CONSTRAINTS if getattr(constraint, k, None) is not None}
+        if not found:
+            raise TypeError(f"{model.__name__}.{name}: from_field cannot copy the constraint {constraint!r}")
+        kwargs.update(found)
+    kwargs.update(override)
+    return Field(**kwargs)
 
 
 def cli_fields(model: type[BaseModel]) -> list[str]:
@@ -205,6 +213,8 @@ class TypedSettings(BaseModel):
         """The parsed flags (from `add_arguments(parser, cls)`) as a checked instance; `extra`
         sets the fields that have no flag. Bad values: one UserError naming each flag."""
         values = {k: getattr(args, k) for k in cli_fields(cls) if hasattr(args, k)}
+        # a required setting no flag gave is reported as missing, not as a wrong type
+        values = {k: v for k, v in values.items() if v is not None or not cls.model_fields[k].is_required()}
         return cls(**values, **extra)
 
 
@@ -216,6 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], names
     every other client get the same messages.
     """
     groups = groups if groups is not None else {}
+    parser.set_defaults(settings_model=model)  # a --config file is checked with the same model
     for name in names or cli_fields(model):
         info = model.model_fields[name]
         meta = _meta(info)

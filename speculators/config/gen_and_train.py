@@ -10,7 +10,6 @@ from a `--config` file (YAML or JSON, keys = field names; flags given override t
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +19,6 @@ from speculators.config.base import TypedSettings, from_field, setting
 from speculators.config.datagen import DatagenConfig
 from speculators.config.run import RunSettings
 from speculators.config.train import TrainConfig
-from speculators.errors import UserError
 
 PIPE, DATA, REGEN, DATAGEN, VOCAB, TRAIN, EVAL = (
     "pipeline", "data (prepare)", "regenerate", "hidden states (datagen)", "vocab", "training", "eval")
@@ -102,59 +100,8 @@ class GenTrainConfig(TypedSettings):
         return {k: v for k, v in values.items() if v != model.model_fields[k].get_default(call_default_factory=True)}
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A `--config` file's settings: a YAML (.yaml/.yml) or JSON mapping of field names
-    (`draft_vocab_size`, or the flag's spelling `draft-vocab-size`) to values."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UserError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # the parser's own message says where
-        raise UserError(f"--config {path}: not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}"
-                        f" ({exc})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"--config {path}: expected a mapping of setting names to values, got {type(data).__name__}")
-    out = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(k for k in out if k not in GenTrainConfig.model_fields)
-    if unknown:
-        raise UserError(f"--config {path}: unknown setting(s) {', '.join(unknown)} (known: the flags of "
-                        "`speculators gen-and-train --help`, written with _ or -)")
-    return out
-
-
 # The public package's `gen_and_train.py` is configured by editing the arguments section of the
 # script itself and then run with no arguments; ours reads this file from the working directory
-# when no --config is given, so the same habit (edit, then `speculators gen-and-train`) works.
+# when no --config is given (`speculators.config.files.parse_args`), so the same habit (edit, then
+# `speculators gen-and-train`) works.
 DEFAULT_CONFIG_NAMES = ("gen_and_train.yaml", "gen_and_train.yml", "gen_and_train.json")
-
-
-def default_config_file(cwd: str | Path = ".") -> Path | None:
-    """The settings file `gen-and-train` reads when given no --config: the first of
-    DEFAULT_CONFIG_NAMES in `cwd`, or None."""
-    for name in DEFAULT_CONFIG_NAMES:
-        path = Path(cwd) / name
-        if path.is_file():
-            return path
-    return None
-
-
-def load_settings(config_file: str | None, given: dict[str, Any]) -> GenTrainConfig:
-    """The schema's defaults, then the config file's values, then the flags given."""
-    values = read_config_file(config_file) if config_file else {}
-    values.update(given)
-    try:
-        return GenTrainConfig(**values)
-    except UserError as exc:
-        where = (f" (flags and --config {config_file})" if config_file else
-                 f" (give it as a flag, or write it in ./{DEFAULT_CONFIG_NAMES[0]} or a --config file)")
-        raise UserError(f"{exc}{where}") from None

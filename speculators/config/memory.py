@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from speculators.config.device import resolve_device
 from speculators.errors import UserError
 
 GiB = 1 << 30
@@ -123,17 +124,6 @@ def available_bytes(device: str) -> tuple[int, str]:
     return int(psutil.virtual_memory().available), "available RAM"
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        try:
-            import torch
-
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        except ImportError:
-            return "cpu"
-    return device
-
-
 def read_verifier_dims(name_or_path: str) -> VerifierDims | None:
     """Dims from a local model's config.json (None for hub ids or unreadable configs: no check)."""
     path = Path(name_or_path).expanduser() / "config.json"
@@ -154,25 +144,42 @@ def refusal(estimate: MemoryEstimate, free: int, where: str, flag: str, value: i
             "or train on a larger machine")
 
 
-def check_train_memory(cfg: Any, free: int | None = None) -> MemoryEstimate | None:
-    """Refuse a TrainConfig that cannot fit this machine (UserError with the estimate)."""
-    dims = read_verifier_dims(cfg.verifier_name_or_path)
+def train_memory_estimate(cfg: Any, dims: VerifierDims, device: str,
+                          num_aux_layers: int | None = None) -> MemoryEstimate:
+    """The estimate for a TrainConfig on `device` (resolved, not "auto"), with the precision and
+    attention the trainer picks there for "auto"; `num_aux_layers` defaults to the config's
+    --vllm-layer-ids, else the default three."""
+    on_gpu = device.startswith("cuda")
+    if num_aux_layers is None:
+        num_aux_layers = len(cfg.vllm_layer_ids) - 1 if cfg.vllm_layer_ids else 3
+    return estimate_train_memory(
+        dims, total_seq_len=cfg.total_seq_len, ttt_steps=cfg.ttt_steps, num_layers=cfg.num_layers,
+        draft_vocab_size=cfg.draft_vocab_size, rows_per_batch=cfg.rows_per_batch, num_aux_layers=num_aux_layers,
+        on_gpu=on_gpu, bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu),
+        flex=cfg.attn_impl == "flex" or (cfg.attn_impl == "auto" and on_gpu), loss_impl=cfg.loss_impl,
+    )
+
+
+def check_train_memory(cfg: Any, *, device: str | None = None, dims: VerifierDims | None = None,
+                       free: int | None = None, num_aux_layers: int | None = None,
+                       label: str = "--total-seq-len") -> MemoryEstimate | None:
+    """Refuse a TrainConfig that cannot fit (UserError with the estimate, naming `label`); the
+    estimate, or None when the verifier's shapes are unknown (a hub id: no check).
+
+    `device` defaults to the config's (resolved); `dims` to the verifier's config.json; `free`
+    to what `available_bytes` measures there. The trainer checks its flags with it before it
+    starts, the dashboard a run's settings before it stores the run.
+    """
+    dims = dims or read_verifier_dims(cfg.verifier_name_or_path)
     if dims is None:
         return None
-    device = resolve_device(cfg.device)
-    on_gpu = device.startswith("cuda")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
-    flex = cfg.attn_impl == "flex" or (cfg.attn_impl == "auto" and on_gpu)
-    est = estimate_train_memory(
-        dims, total_seq_len=cfg.total_seq_len, ttt_steps=cfg.ttt_steps, num_layers=cfg.num_layers,
-        draft_vocab_size=cfg.draft_vocab_size, rows_per_batch=cfg.rows_per_batch,
-        num_aux_layers=len(cfg.vllm_layer_ids) - 1 if cfg.vllm_layer_ids else 3,
-        on_gpu=on_gpu, bf16=bf16, flex=flex, loss_impl=cfg.loss_impl,
-    )
-    where = None
+    device = resolve_device(device or cfg.device)
+    est = train_memory_estimate(cfg, dims, device, num_aux_layers)
     if free is None:
         free, where = available_bytes(device)
-    message = refusal(est, free, where or "memory available", "--total-seq-len", cfg.total_seq_len)
+    else:
+        where = "free GPU memory" if device.startswith("cuda") else "available RAM"
+    message = refusal(est, free, where, label, cfg.total_seq_len)
     if message:
         raise UserError(message)
     return est

@@ -21,7 +21,7 @@ from speculators.config.base import TypedSettings, from_field, setting
 from speculators.config.datagen import DatagenConfig
 from speculators.config.prepare import PrepareConfig
 from speculators.config.regenerate import RegenConfig
-from speculators.config.train import TrainConfig
+from speculators.config.train import SEQ_LEN_MAX, SEQ_LEN_MIN, TrainConfig
 from speculators.config.vocab import VocabConfig
 
 MODES = ("offline", "online", "hybrid")
@@ -85,7 +85,7 @@ class RunSettings(TypedSettings):
     regenerate_max_prompt_tokens: int | None = from_field(RegenConfig, "max_prompt_tokens")
     regenerate_concurrency: int = from_field(RegenConfig, "concurrency")
     total_seq_len: int | None = setting(None, "tokens per packed training row (default: the sequence length)",
-                                        ge=16, le=1 << 20)
+                                        ge=SEQ_LEN_MIN, le=SEQ_LEN_MAX)
 
     @field_validator("name", mode="before")
     @classmethod

@@ -3,7 +3,8 @@
 `speculators gen-and-train`, `speculators demo` and the dashboard's worker take their stage
 commands from `stage_args`: regenerate (optional) -> prepare -> vocab -> datagen (offline) ->
 train, then `eval_args`; `launch_argv` turns one into the process to start (torchrun for
-multi-process training). `STAGE_INPUTS` says which stages' outputs each stage reads (what
+multi-process training), `stage_launch` the worker's process, which reads its settings from
+a file (`--config`) instead. `STAGE_INPUTS` says which stages' outputs each stage reads (what
 gen-and-train redoes when one of them changed).
 Each stage's settings are the subcommand's own typed config (`stage_config`: RegenConfig,
 PrepareConfig, VocabConfig, DatagenConfig, TrainConfig), checked as the command checks
@@ -21,6 +22,7 @@ from pydantic import BaseModel
 
 from speculators.config.base import explicit_argv, to_argv
 from speculators.config.datagen import DatagenConfig
+from speculators.config.files import write_settings_file
 from speculators.config.prepare import PrepareConfig
 from speculators.config.regenerate import RegenConfig
 from speculators.config.run import RunSettings
@@ -85,6 +87,10 @@ class StagePaths:
     @property
     def eval_streams(self) -> Path:
         return self.work_dir / "streams_pytorch.jsonl"
+
+    def settings(self, stage: str) -> Path:
+        """The settings file the worker hands `stage`'s command (`--config`)."""
+        return self.work_dir / "settings" / f"{stage}.json"
 
     def log(self, stage: str) -> Path:
         return self.logs / f"{stage}.log"
@@ -172,6 +178,16 @@ def stage_args(run: RunSettings, stage: str, paths: StagePaths, *, verifier_url:
     cfg = stage_config(run, stage, paths, verifier_url=verifier_url, extra=extra)
     flags = to_argv(cfg) if stage == "train" else explicit_argv(cfg)
     return [COMMANDS[stage], *flags]
+
+
+def stage_launch(run: RunSettings, stage: str, paths: StagePaths, *, python: str,
+                 torchrun_procs: int | None = None, verifier_url: str | None = None) -> list[str]:
+    """The process that runs `stage` with its settings handed over as a file: the stage's typed
+    settings (`stage_config`) are written to `paths.settings(stage)` and the command reads them
+    back with `--config` (`speculators.config.files`), one schema on both sides."""
+    cfg = stage_config(run, stage, paths, verifier_url=verifier_url)
+    path = write_settings_file(paths.settings(stage), cfg)
+    return launch_argv([COMMANDS[stage], "--config", str(path)], python=python, torchrun_procs=torchrun_procs)
 
 
 def eval_args(run: RunSettings, paths: StagePaths, *, num_prompts: int) -> list[str]:

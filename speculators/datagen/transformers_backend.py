@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from speculators.config.device import resolve_device
 from speculators.datagen.base import GeneratorSpec, HiddenStateGenerator
 from speculators.errors import UserError
 from speculators.verifier import capture_hidden_states, decoder_parts, text_config
@@ -23,9 +24,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return torch.device(resolve_device(device))
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:

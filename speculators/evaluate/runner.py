@@ -242,14 +242,14 @@ def evaluate_checkpoint(checkpoint: str | Path, verifier_path: str | None, data:
                         streams: list[dict[str, Any]] | None = None, data_format_version: int = 1) -> dict[str, Any]:
     """The PyTorch acceptance report of a speculator checkpoint on held-out prompts
     (``streams``: see `evaluate_prompts`)."""
+    from speculators.config.device import resolve_device
     from speculators.evaluate.proposers import Eagle3Proposer
     from speculators.evaluate.verifier import Verifier
     from speculators.models.eagle3 import default_aux_layer_ids
     from speculators.models.locate import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
-    device = torch.device("cuda" if settings.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if settings.device == "auto" else settings.device))
+    device = torch.device(resolve_device(settings.device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     proposer = Eagle3Proposer.from_checkpoint(ckpt, device=device, dtype=dtype)
     cfg = proposer.model.config

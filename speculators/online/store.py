@@ -31,6 +31,7 @@ from typing import Any, Iterable, Literal
 
 import torch
 
+from speculators.config.train import TrainConfig
 from speculators.data import data_config as dc
 from speculators.data.data_config import DATA_CONFIG_NAME
 from speculators.data.formats import (
@@ -53,15 +54,16 @@ OnGenerate = Literal["delete", "cache"]
 
 @dataclass
 class OnlineConfig:
+    # the defaults are the `speculators train` flags' (speculators.config.train), decided there once
     endpoint: str | None = None
     hidden_states_path: str | None = None
-    on_missing: OnMissing = "generate"
-    on_generate: OnGenerate = "delete"
-    prefetch_depth: int = 8
-    workers: int = 4
+    on_missing: OnMissing = TrainConfig.model_fields["on_missing"].default
+    on_generate: OnGenerate = TrainConfig.model_fields["on_generate"].default
+    prefetch_depth: int = TrainConfig.model_fields["prefetch"].default
+    workers: int = TrainConfig.model_fields["vllm_workers"].default
     model: str | None = None
-    request_timeout_s: float = 120.0
-    max_wait_s: float = 300.0
+    request_timeout_s: float = TrainConfig.model_fields["vllm_timeout"].default
+    max_wait_s: float = TrainConfig.model_fields["vllm_max_wait"].default
     layer_ids: list[int] | None = None  # the server's layer ids: checked by value, recorded in data_config.json
     api_key: str | None = None  # the server's --api-key ($VLLM_API_KEY)
     hidden_size: int | None = None
@@ -72,18 +74,13 @@ class OnlineConfig:
     extra_config: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.on_missing not in ("generate", "skip", "raise"):
-            raise UserError(f"--on-missing must be generate, skip or raise, got {self.on_missing!r}")
-        if self.on_generate not in ("delete", "cache"):
-            raise UserError(f"--on-generate must be delete or cache, got {self.on_generate!r}")
+        """The rules between the online settings (each one's choices and bounds are the schema's)."""
         if self.on_missing == "generate" and not self.endpoint:
             raise UserError("--on-missing generate needs --vllm-endpoint URL (a `speculators launch-vllm` server)")
         if self.on_missing != "generate" and not self.hidden_states_path:
             raise UserError(f"--on-missing {self.on_missing} needs --hidden-states-path DIR (the cached samples)")
         if self.on_generate == "cache" and not self.hidden_states_path:
             raise UserError("--on-generate cache needs --hidden-states-path DIR to cache into")
-        if self.prefetch_depth < 0 or self.workers < 1:
-            raise UserError("--prefetch must be >= 0 and --vllm-workers >= 1")
 
 
 class PreparedRows:

@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Callable, Sequence
 
-from speculators.regenerate.runner import Messages, Reply
+from speculators.config.device import resolve_device
 from speculators.errors import UserError
+from speculators.regenerate.runner import Messages, Reply
 
 
 class TransformersBackend:
@@ -30,8 +31,7 @@ class TransformersBackend:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if device == "auto" else device))
+        self.device = torch.device(resolve_device(device))
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         try:
             self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(self.device).eval()

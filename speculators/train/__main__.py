@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from speculators.config.files import add_config_option, parse_args
 from speculators.console import setup_logging
 from speculators.errors import UserError
 from speculators.train.cli import add_train_arguments, run_from_args
@@ -11,9 +12,10 @@ from speculators.train.cli import add_train_arguments, run_from_args
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m speculators.train", description="Train an EAGLE-3 draft model.")
     add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging("INFO")
+    add_config_option(parser)
     try:
+        args = parse_args(parser, argv)
+        setup_logging("INFO")
         return run_from_args(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from speculators.config.base import add_arguments
-from speculators.train.config import TrainConfig
+from speculators.config.train import TrainConfig
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

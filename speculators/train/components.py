@@ -23,7 +23,7 @@ from speculators.data.sample_store import SampleStore
 from speculators.errors import UserError
 from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
 from speculators.train import checkpoint as ckpt
-from speculators.train.config import TrainConfig
+from speculators.config.train import TrainConfig
 from speculators.train.data_source import build_sample_store
 from speculators.train.distributed import DistInfo, broadcast_object, shard
 from speculators.train.loggers import ExperimentLogger

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from speculators.config.device import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -33,11 +35,11 @@ class DistInfo:
 
 
 def setup_distributed(device: str = "auto") -> DistInfo:
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    device = resolve_device(device)
+    use_cuda = device.startswith("cuda")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        dev = torch.device("cuda" if use_cuda else "cpu") if device == "auto" else torch.device(device)
-        return DistInfo(device=dev)
+        return DistInfo(device=torch.device(device))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)

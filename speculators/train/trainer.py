@@ -31,7 +31,7 @@ from speculators.metric_records import (
 )
 from speculators.train import checkpoint as ckpt
 from speculators.train.components import Components, build_components
-from speculators.train.config import TrainConfig
+from speculators.config.train import TrainConfig
 from speculators.train.distributed import all_reduce_max, all_reduce_sum, barrier, cleanup, setup_distributed
 from speculators.train.interrupt import StopRequest, signal_name
 from speculators.train.losses import STAT_FIELDS, summarize

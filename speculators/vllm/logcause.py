@@ -59,19 +59,6 @@ def _unprefixed(line: str) -> str:
     return line[len("error:"):].strip() if line.startswith("error:") else line
 
 
-def read_lines(path, max_bytes: int = 512 * 1024) -> list[str]:
-    """The last `max_bytes` of a log file as lines ([] when it does not exist)."""
-    import os
-
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - max_bytes))
-            return fh.read().decode("utf-8", errors="replace").splitlines()
-    except (OSError, TypeError):
-        return []
-
-
 def looks_like_a_broken_install(line: str | None) -> bool:
     """Whether the cause is vLLM itself failing to import (what `make vllm` fixes)."""
     return bool(line) and any(k in line for k in ("ImportError", "ModuleNotFoundError", "undefined symbol",

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import collections
 import subprocess
-import sys
-import threading
 import time
 from typing import Callable
 
 from speculators.errors import UserError
+from speculators.process import ExitedEarly, Lifeline, Process, TimedOut, start, wait_ready
 
 
 class ServerStartError(UserError):
@@ -77,30 +75,26 @@ def wait_until_ready(
     base_url: str,
     timeout_s: float = 900.0,
     poll_s: float = 2.0,
-    process: subprocess.Popen | None = None,
+    process: Process | subprocess.Popen | None = None,
     sleep: Callable[[float], None] = time.sleep,
     api_key: str | None = None,
     log_lines: Callable[[], list[str]] | None = None,
 ) -> list[str]:
-    """Poll until ready; fail fast if ``process`` exits (naming the cause found in
-    ``log_lines()``), or after ``timeout_s``. With a ``process``, a server that answers is
+    """The served model ids once ready; fail fast if ``process`` exits (naming the cause found
+    in ``log_lines()``), or after ``timeout_s``. With a ``process``, a server that answers is
     only believed while that process runs: a port answered by someone else never counts."""
     from speculators.vllm.logcause import cause_line
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process is not None and process.poll() is not None:
-            cause = cause_line(log_lines()) if log_lines else None
-            raise ServerStartError(exit_message(base_url, process.returncode, cause))
-        ids = probe(base_url, api_key=api_key)
-        if ids and (process is None or process.poll() is None):
-            return ids
-        if time.monotonic() > deadline:
-            raise ServerStartError(
-                f"{base_url} not ready after {timeout_s:g}s (/health and /v1/models); "
-                "raise --ready-timeout for large models or check the server log"
-            )
-        sleep(poll_s)
+    try:
+        return wait_ready(lambda: probe(base_url, api_key=api_key), timeout_s, poll_s, process=process,
+                          log_lines=log_lines, cause=cause_line, sleep=sleep)
+    except ExitedEarly as exc:
+        raise ServerStartError(exit_message(base_url, exc.returncode, exc.cause)) from None
+    except TimedOut:
+        raise ServerStartError(
+            f"{base_url} not ready after {timeout_s:g}s (/health and /v1/models); "
+            "raise --ready-timeout for large models or check the server log"
+        ) from None
 
 
 def exit_on_sigterm() -> None:
@@ -116,12 +110,12 @@ def exit_on_sigterm() -> None:
 
 
 class ManagedServer:
-    """A server subprocess that is stopped (TERM, then KILL) when the block ends.
+    """A vLLM server (`speculators.process`) that is stopped (TERM, then KILL) when the block ends.
 
-    It runs under a lifeline (`speculators.vllm.lifeline`): its whole process group (vLLM's
-    engine and workers included) is killed when this process dies, even by SIGKILL. Its
-    output goes to ``log_file``, or is copied to our stdout with the last lines kept, so a
-    server that dies is reported with the line that says why (`logcause`)."""
+    It runs under a group lifeline: its whole process group (vLLM's engine and workers
+    included) is killed when this process dies, even by SIGKILL. Its output goes to
+    ``log_file``, or is copied to our stdout with the last lines kept, so a server that dies
+    is reported with the line that says why (`logcause`)."""
 
     def __init__(self, command: list[str], base_url: str, ready_timeout_s: float = 900.0, env: dict | None = None,
                  api_key: str | None = None, log_file=None):
@@ -131,62 +125,24 @@ class ManagedServer:
         self.env = env
         self.api_key = api_key
         self.log_file = log_file  # an open file for the server's output (default: our stdout)
-        self.process: subprocess.Popen | None = None
+        self.process: Process | None = None
         self.model_ids: list[str] = []
-        self._tail: "collections.deque[str]" = collections.deque(maxlen=2000)
-        self._pump: threading.Thread | None = None
 
-    def spawn(self) -> subprocess.Popen:
+    def spawn(self) -> Process:
         """Start the process without waiting for readiness. Refused when the port already
         answers: whatever holds it is not the server we are about to start."""
-        from speculators.vllm.lifeline import wrap
-
         if port_in_use(self.base_url):
             raise ServerStartError(
                 f"{self.base_url} is already in use by another process: a server started earlier "
                 "(stop it) or another program; pass a free --port after `--`")
-        out = self.log_file if self.log_file is not None else subprocess.PIPE
-        try:
-            # Own process group led by the lifeline: vLLM forks engine/worker processes that
-            # must stop with it, and with us.
-            self.process = subprocess.Popen(wrap(self.command), env=self.env, start_new_session=True,
-                                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        except OSError as exc:
-            raise ServerStartError(f"cannot run {self.command[0]!r}: {exc}") from exc
-        if self.log_file is None:
-            self._pump = threading.Thread(target=self._copy, args=(self.process.stdout,), daemon=True)
-            self._pump.start()
+        self.process = start(self.command, log=self.log_file, env=self.env, lifeline=Lifeline.GROUP)
         return self.process
-
-    def _copy(self, stream) -> None:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", errors="replace")
-            self._tail.append(line.rstrip("\n"))
-            try:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            except (OSError, ValueError):
-                pass
-
-    def log_lines(self) -> list[str]:
-        """The server's output so far (its log file's end, or the lines copied to stdout)."""
-        from speculators.vllm.logcause import read_lines
-
-        if self.log_file is not None:
-            try:
-                self.log_file.flush()
-            except (OSError, ValueError, AttributeError):
-                pass
-            return read_lines(getattr(self.log_file, "name", None))
-        if self._pump is not None:
-            self._pump.join(timeout=2)  # the output of a process that just exited
-        return list(self._tail)
 
     def start(self) -> "ManagedServer":
         self.spawn()
         try:
             self.model_ids = wait_until_ready(self.base_url, self.ready_timeout_s, process=self.process,
-                                              api_key=self.api_key, log_lines=self.log_lines)
+                                              api_key=self.api_key, log_lines=self.process.log_lines)
         except BaseException:
             self.stop()
             raise
@@ -197,27 +153,8 @@ class ManagedServer:
         return self.process.wait()
 
     def stop(self, grace_s: float = 20.0) -> None:
-        import os
-        import signal
-
-        proc = self.process
-        if proc is None:
-            return
-
-        def signal_group(sig: int) -> None:
-            try:
-                os.killpg(proc.pid, sig)  # the group we created (pgid == pid)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-        if proc.poll() is None:
-            signal_group(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                signal_group(signal.SIGKILL)
-                proc.wait()
-        signal_group(signal.SIGKILL)  # stragglers of an exited leader
+        if self.process is not None:
+            self.process.stop(grace_s)
 
     def __enter__(self) -> "ManagedServer":
         return self.start()

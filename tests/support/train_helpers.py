@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from speculators.train.config import TrainConfig
+from speculators.config.train import TrainConfig
 from speculators.train.metrics_stream import read_metrics
 from speculators.train.trainer import run_training
 

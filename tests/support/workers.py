@@ -46,9 +46,9 @@ def wait_for(check: Callable[[], T], timeout: float, interval: float = 0.3, what
 
 def run_with_stages(factory, run_id: str):
     """A run fresh from the store and its stages by name (tests poll this)."""
-    from runstore import repo
+    from runstore import runs
 
     with factory() as s:
-        run = repo.get_run(s, run_id)
+        run = runs.get_run(s, run_id)
         s.refresh(run)
         return run, {x.name: x for x in run.stages}

@@ -1,0 +1,84 @@
+"""A training run's metrics stream in the store: `ingest_records` keeps the typed records of
+`metrics.jsonl` (speculators.metric_records), `step_records` gives the dashboard the same
+typed records back, and the checkpoints the trainer announced."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from runstore.models import Checkpoint, Metric, Stage
+from speculators.metric_records import (
+    STEP_METRIC_TYPES,
+    CheckpointRecord,
+    StartRecord,
+    TrainRecord,
+    ValRecord,
+    parse_record,
+)
+
+
+def ingest_records(session: Session, run_id: str, records: Iterable[Any], stage_id: int | None = None) -> int:
+    """Store the decoded JSON objects of a trainer's metrics.jsonl; what `parse_record` does
+    not recognise is skipped. Train and val records upsert on (run, type, step), so a re-read
+    or a resumed trainer that re-emits a step never duplicates it and the row holds the newest
+    values; train and start records also set the stage's step counters. Returns how many
+    metric rows were written."""
+    written = 0
+    for rec in map(parse_record, records):
+        if isinstance(rec, (TrainRecord, ValRecord)):
+            total = rec.total_steps if isinstance(rec, TrainRecord) else None
+            stmt = sqlite_insert(Metric).values(run_id=run_id, type=rec.TYPE, step=rec.step, epoch=rec.epoch,
+                                                ts=rec.ts, total_steps=total, values=dict(rec.metrics))
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["run_id", "type", "step"],
+                set_={k: stmt.excluded[k] for k in ("epoch", "ts", "total_steps", "values")},
+            )
+            session.execute(stmt)
+            written += 1
+            if isinstance(rec, TrainRecord) and stage_id is not None:
+                session.execute(update(Stage).where(Stage.id == stage_id)
+                                .values(current_step=rec.step, total_steps=rec.total_steps))
+        elif isinstance(rec, CheckpointRecord):
+            if rec.is_best:
+                session.execute(update(Checkpoint).where(Checkpoint.run_id == run_id).values(is_best=False))
+            stmt = sqlite_insert(Checkpoint).values(run_id=run_id, epoch=rec.epoch, step=rec.step, path=rec.path,
+                                                    val_loss=rec.val_loss, is_best=rec.is_best, ts=rec.ts)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["run_id", "epoch"],
+                set_={k: stmt.excluded[k] for k in ("step", "path", "val_loss", "is_best", "ts")},
+            )
+            session.execute(stmt)
+        elif isinstance(rec, StartRecord) and stage_id is not None:
+            session.execute(update(Stage).where(Stage.id == stage_id).values(total_steps=rec.total_steps))
+    session.commit()
+    return written
+
+
+def step_records(session: Session, run_id: str, after: dict[str, int] | None = None,
+                 kind: str | None = None) -> list[TrainRecord | ValRecord]:
+    """The run's train and val records, each type by step, past the step already seen of each
+    type (`after`, default none seen; `kind`: one type only): a page refreshing its charts
+    reads only what is new, through the (run, type, step) index."""
+    after = after or {}
+    out: list[TrainRecord | ValRecord] = []
+    for typ in STEP_METRIC_TYPES if kind is None else (kind,):
+        q = select(Metric.type, Metric.ts, Metric.epoch, Metric.step, Metric.total_steps, Metric.values).where(
+            Metric.run_id == run_id, Metric.type == typ, Metric.step > after.get(typ, -1)).order_by(Metric.step)
+        for row in session.execute(q).mappings():
+            rec = parse_record({**row, "metrics": row["values"]})
+            if isinstance(rec, (TrainRecord, ValRecord)):
+                out.append(rec)
+    return out
+
+
+def checkpoints(session: Session, run_id: str) -> list[Checkpoint]:
+    return list(session.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.epoch)))
+
+
+def best_checkpoint(session: Session, run_id: str) -> Checkpoint | None:
+    return session.scalar(select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.is_best.is_(True)))
