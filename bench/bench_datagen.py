@@ -7,7 +7,7 @@ ids of fixed length, and times
 * `end2end`  - `speculators.datagen.runner.run_datagen` (read dataset, generate, check,
                write `data_<i>.pt` atomically, data_config.json): what `speculators datagen` does.
 
-Verifiers: `tiny` (speculators.testing.tiny: hidden 64, 8 layers, vocab ~512) and `small`
+Verifiers: `tiny` (speculators.tiny.builders: hidden 64, 8 layers, vocab ~512) and `small`
 (random Llama, hidden 1024, 8 layers, 16 heads, vocab 32000; about 0.2B parameters).
 `--backend vllm` times the vLLM backend instead (GPU machines with vLLM installed).
 
@@ -35,7 +35,7 @@ from synthetic import dir_bytes  # noqa: E402
 
 def build_verifier(kind: str, path: Path) -> Path:
     if kind == "tiny":
-        from speculators.testing.tiny import build_tiny_verifier
+        from speculators.tiny.builders import build_tiny_verifier
 
         return build_tiny_verifier(path, arch="llama")
     if kind == "small":

@@ -3,7 +3,7 @@
 `llama8b` is a single-layer EAGLE-3 draft for Llama-3.1-8B (H=4096, 32 heads, 8 KV heads,
 intermediate 14336, target vocab 128256, draft vocab 32000, TTT 3) and is meant for a GPU
 at seq 2048/8192; on a CPU it runs at a much shorter sequence (see `cpu_seq_len`).
-`tiny` matches the tiny verifiers in `speculators.testing.tiny` (hidden 64, vocab 512).
+`tiny` matches the tiny verifiers in `speculators.tiny.builders` (hidden 64, vocab 512).
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the synthetic data writer lives in tests/support
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -24,8 +26,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from speculators.config.memory import estimate_train_memory, read_verifier_dims
-    from speculators.testing.tiny import build_tiny_verifier
-    from speculators.train.synthetic import write_synthetic_hidden_states
+    from speculators.tiny.builders import build_tiny_verifier
+    from tests.support.synthetic import write_synthetic_hidden_states
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = ap.parse_args(argv)
 
     from speculators.cli import main as cli
-    from speculators.testing.tiny import build_tiny_verifier
+    from speculators.tiny.builders import build_tiny_verifier
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @dataclass
 class Recipe:
@@ -95,17 +93,16 @@ def main(example: Example, argv: list[str] | None = None) -> dict | None:
 
 
 def tiny_family_verifier(out: Path, family: str, arch: str) -> Path:
-    """A tiny verifier with a template family written for the tests (tests/chat_families.py)."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    """A tiny verifier with one of the chat-template families of `speculators.tiny.families`."""
     if arch in ("gpt_oss", "qwen3_moe"):
-        from moe_verifiers import build_tiny_moe_verifier
+        from speculators.tiny.moe import build_tiny_moe_verifier
 
         return build_tiny_moe_verifier(out, arch)
     import torch
-    from chat_families import end_of_turn, family_tokenizer
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from speculators.testing.tiny import tiny_config
+    from speculators.tiny.builders import tiny_config
+    from speculators.tiny.families import end_of_turn, family_tokenizer
 
     tok = family_tokenizer(family)
     eos = sorted(end_of_turn(tok, family))

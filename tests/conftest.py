@@ -15,7 +15,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     """Random-weight 8-layer Llama (hidden 64) with a Llama-3-style chat template."""
-    from speculators.testing.tiny import build_tiny_verifier
+    from speculators.tiny.builders import build_tiny_verifier
 
     return build_tiny_verifier(tmp_path_factory.mktemp("tiny_llama"), arch="llama")
 
@@ -23,7 +23,7 @@ def tiny_llama(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory):
     """Random-weight 8-layer Qwen3 (hidden 64) with a ChatML chat template."""
-    from speculators.testing.tiny import build_tiny_verifier
+    from speculators.tiny.builders import build_tiny_verifier
 
     return build_tiny_verifier(tmp_path_factory.mktemp("tiny_qwen3"), arch="qwen3")
 
@@ -31,7 +31,7 @@ def tiny_qwen3(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama_trained(tmp_path_factory):
     """The tiny Llama after 200 steps on ShareGPT chat text: peaked, learnable outputs."""
-    from speculators.testing.tiny import build_tiny_verifier
+    from speculators.tiny.builders import build_tiny_verifier
 
     return build_tiny_verifier(
         tmp_path_factory.mktemp("tiny_llama_trained"), arch="llama", pretrain_steps=200
@@ -65,7 +65,7 @@ def public_speculators_python():
 @pytest.fixture(scope="session")
 def hs_data(tiny_llama, tmp_path_factory):
     """12 synthetic hidden-state samples of 32 tokens from the tiny Llama (training tests)."""
-    from speculators.train.synthetic import write_synthetic_hidden_states
+    from tests.support.synthetic import write_synthetic_hidden_states
 
     return write_synthetic_hidden_states(tiny_llama, tmp_path_factory.mktemp("hs_ckpt"), num_samples=12, seq_len=32)
 

@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import make_cfg, train_losses
-from vllm_loadable import assert_vllm_loadable
 
 from speculators.errors import UserError
 from speculators.train import checkpoint as ckpt
 from speculators.train.metrics_stream import read_metrics
-from speculators.train.synthetic import write_synthetic_hidden_states
 from speculators.train.trainer import run_training
-from support.interrupt import Killed
+
+from tests.support.interrupt import Killed
+from tests.support.synthetic import write_synthetic_hidden_states
+from tests.support.train_helpers import make_cfg, train_losses
+from tests.support.vllm_loadable import assert_vllm_loadable
 
 
 def test_checkpoint_layout_links_and_vllm_keys(tiny_llama, hs_data, tmp_path):

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from chat_families import AGENT_CONV, HARMONY_SYSTEM, TOOLS, end_of_turn, family_tokenizer, tools_json
 from speculators.data.chat import Conversation, encode_conversations, encode_turn_rows
+from speculators.tiny.families import HARMONY_SYSTEM, end_of_turn, family_tokenizer
+
+from tests.support.chat_families import AGENT_CONV, TOOLS, tools_json
 
 CALL = '{"city": "Paris"}'
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from chat_data import write_qa_chats
 
 from speculators.cli import main as cli_main
 from speculators.config.datagen import DatagenConfig
@@ -25,7 +24,9 @@ from speculators.data.prepare import PrepareConfig, load_prepared, prepare_data
 from speculators.datagen.runner import run_datagen
 from speculators.errors import UserError
 from speculators.train.metrics_stream import read_metrics
-from speculators.train.synthetic import write_synthetic_hidden_states
+
+from tests.support.chat_data import write_qa_chats
+from tests.support.synthetic import write_synthetic_hidden_states
 
 CHATS = [
     [("What is 2+2?", "4, of course."), ("And 3+3?", "That is 6.")],

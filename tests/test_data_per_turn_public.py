@@ -11,9 +11,11 @@ import json
 
 import pytest
 
-from chat_families import AGENT_CONV, TOOLS, family_tokenizer
-from public_pkg import run_public
 from speculators.data.prepare import PrepareConfig, load_prepared, prepare_data
+from speculators.tiny.families import family_tokenizer
+
+from tests.support.chat_families import AGENT_CONV, TOOLS
+from tests.support.public_pkg import run_public
 
 PLAIN = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour"},

@@ -13,7 +13,7 @@ from speculators.data.chat import encode_conversations, end_of_turn_ids
 from speculators.data.prepare import PrepareConfig, load_prepared, prepare_data
 from speculators.data.sources import BadConversation, normalize_record
 from speculators.errors import UserError
-from speculators.testing.tiny import build_tiny_tokenizer
+from speculators.tiny.builders import build_tiny_tokenizer
 
 CONV = [
     {"role": "system", "content": "Be brief."},

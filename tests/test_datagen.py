@@ -6,13 +6,10 @@ import json
 import os
 
 import pytest
-from chat_data import write_qa_chats
-from support.interrupt import Killed
-
-from speculators.data import data_config as _data_config
 import torch
 
 from speculators.cli import main as cli_main
+from speculators.data import data_config as _data_config
 from speculators.data.dataset import Eagle3Collator, Eagle3Dataset
 from speculators.data.formats import PtSampleStore, SafetensorsSampleStore, open_sample_store
 from speculators.data.prepare import PrepareConfig, load_prepared, prepare_data
@@ -20,6 +17,9 @@ from speculators.datagen.base import create_generator
 from speculators.datagen.runner import DatagenConfig, run_datagen
 from speculators.errors import UserError
 from speculators.layers import default_layer_ids, resolve_layer_ids
+
+from tests.support.chat_data import write_qa_chats
+from tests.support.interrupt import Killed
 
 CHATS = [
     [("What is 2+2?", "4, of course."), ("And 3+3?", "That is 6.")],

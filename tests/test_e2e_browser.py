@@ -9,15 +9,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from browser_support import ARTIFACTS, CHROMIUM, ROOT, chromium_page, open_run
-from browser_support import dashboard_healthy as _healthy
 
 from speculators.vllm.readiness import free_port
-from worker.testing import wait_for, worker_env
+
+from tests.support.browser_support import ARTIFACTS, CHROMIUM, ROOT, chromium_page, open_run
+from tests.support.browser_support import dashboard_healthy as _healthy
+from tests.support.workers import wait_for, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -86,11 +86,9 @@ def test_submit_from_form_and_see_live_chart(local_mode):
         page.screenshot(path=str(ARTIFACTS / "e2e-new-run.png"))
         open_run(page, NAME)
         _assert_no_evil_markup(page)
-        t0 = time.monotonic()
         page.locator('[data-testid="stVegaLiteChart"]').first.wait_for(timeout=240_000)
         page.wait_for_timeout(1500)  # let the chart draw
         page.screenshot(path=str(ARTIFACTS / "e2e-run-detail.png"))
-        assert time.monotonic() - t0 < 240
         assert page.get_by_text("Training metrics").is_visible()
         page.goto(url + "/Runs")
         # the table is a canvas grid; its accessible cells are attached but not "visible"

@@ -12,8 +12,9 @@ from transformers import AutoConfig
 
 from speculators.cli import main
 from speculators.datagen.runner import DatagenConfig, run_datagen
-from speculators.evaluate.self_distill import save_prepared, self_distilled_rows
 from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
+
+from tests.support.self_distill import save_prepared, self_distilled_rows
 
 
 @pytest.mark.slow

@@ -37,16 +37,17 @@ from pathlib import Path
 
 import pytest
 import redis
-from browser_support import dashboard_healthy
-from support.store import local_model, submit_run
 
 from runstore import deployments, metrics, open_store, outbox, runs, stages
 from runstore.settings import Settings
+from speculators.config.run import RunSettings
 from speculators.vllm.readiness import free_port
 from worker.celery_app import make_celery
 from worker.dispatch import flush_outbox
-from speculators.config.run import RunSettings
-from worker.testing import run_with_stages, start_worker, wait_for, worker_env
+
+from tests.support.browser_support import dashboard_healthy
+from tests.support.store import local_model, submit_run
+from tests.support.workers import run_with_stages, start_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,12 +264,11 @@ def test_busy_worker_is_healthy_and_an_unreachable_endpoint_fails_fast(redis_ser
         assert ping.returncode != 0 and "No nodes replied" in ping.stdout + ping.stderr, ping.stdout + ping.stderr
         server.shutdown()
         server.server_close()
-        t0 = time.monotonic()
         wait_for(lambda: _finished(factory, run_id), 60, what="run failed")
-        assert time.monotonic() - t0 < 40
         run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "failed"
-        assert f"the vLLM endpoint {url} is unreachable (connection refused" in run.error
+        # failed by the unreachable rule with the limit set above, not by the 30-minute health wait
+        assert f"the vLLM endpoint {url} is unreachable (connection refused for 6 s)" in run.error
         assert by_stage["train"].attempts == 0
         assert f"{url}/health: HTTP 503" in Path(by_stage["verifier"].log_path).read_text()
     finally:

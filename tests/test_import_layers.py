@@ -11,8 +11,8 @@ Layers, lowest first (a package may import its own layer's packages and lower la
   3  vllm, datagen, online, evaluate, regenerate, tiny (the stages' services and the embedded
      verifier builders; no cycles among them)
   4  train
-  5  testing (test helpers: no product module imports them)
-  6  commands, cli, __main__ (the command line)
+  5  commands, cli, __main__ (the command line)
+Test helpers live in tests/support/, outside the package (the `tests` root is forbidden).
 """
 
 from __future__ import annotations
@@ -28,14 +28,12 @@ LAYERS: list[set[str]] = [
     {"speculators.vllm", "speculators.datagen", "speculators.online", "speculators.evaluate",
      "speculators.regenerate", "speculators.tiny"},
     {"speculators.train"},
-    {"speculators.testing"},
     {"speculators.commands", "speculators.cli", "speculators.__main__"},
 ]
 FORBIDDEN_ROOTS = ("app", "worker", "runstore", "tests")
 
-# Known violations another helper's branch removes (helper "vllm": the vllm <-> evaluate cycle
-# and a product command using speculators/testing).  Entries are (importing module, imported
-# module); an entry that no longer occurs fails the test so the list only shrinks.
+# Known violations another helper's branch removes (helper "vllm": the vllm <-> evaluate cycle).
+# Entries are (importing module, imported module); an entry that no longer occurs fails the test so the list only shrinks.
 ALLOWED: set[tuple[str, str]] = {
     ("speculators.vllm.metrics", "speculators.evaluate.report"),
 }

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from specforge_layout import build_specforge_draft
 
 from speculators.cli import main
 from speculators.errors import UserError
 from speculators.models.eagle3 import Eagle3DraftModel
 from speculators.models.eagle3.specforge import convert_specforge
+
+from tests.support.specforge_layout import build_specforge_draft
 
 
 @pytest.fixture()

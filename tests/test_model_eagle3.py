@@ -21,10 +21,10 @@ def tiny_config(**kw) -> Eagle3Config:
 
 @pytest.mark.slow
 def test_vllm_loads_saved_checkpoints(tiny_llama, tmp_path):
-    """vLLM's own config reader and Eagle3 Llama loader (tests/vllm_loadable.py) take 1- and
+    """vLLM's own config reader and Eagle3 Llama loader (tests/support/vllm_loadable.py) take 1- and
     2-layer checkpoints, reduced or whole vocabulary; a checkpoint missing a tensor or naming one wrongly is caught."""
     from safetensors.torch import load_file, save_file
-    from vllm_loadable import check_report, vllm_load_reports
+    from tests.support.vllm_loadable import check_report, vllm_load_reports
 
     from speculators.verifier import read_verifier_config
 

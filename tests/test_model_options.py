@@ -180,7 +180,7 @@ def test_train_flags_reach_the_config():
 
 @pytest.fixture(scope="module")
 def hs_data(tiny_qwen3, tmp_path_factory):
-    from speculators.train.synthetic import write_synthetic_hidden_states
+    from tests.support.synthetic import write_synthetic_hidden_states
 
     return write_synthetic_hidden_states(tiny_qwen3, tmp_path_factory.mktemp("hs_opts"), num_samples=12, seq_len=32)
 

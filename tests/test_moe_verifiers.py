@@ -10,10 +10,11 @@ import json
 import pytest
 import torch
 
-from chat_families import AGENT_CONV, TOOLS
-from moe_verifiers import build_tiny_moe_verifier
 from speculators.cli import main as cli
 from speculators.data.prepare import load_prepared
+from speculators.tiny.moe import build_tiny_moe_verifier
+
+from tests.support.chat_families import AGENT_CONV, TOOLS
 
 REASONING = [
     {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},

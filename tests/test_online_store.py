@@ -11,8 +11,9 @@ from speculators.data.formats import open_sample_store, write_pt_sample
 from speculators.errors import UserError
 from speculators.online.cli_args import add_online_args, build_online_store
 from speculators.online.store import OnlineConfig, OnlineSampleStore, PreparedRows
-from hs_server import HiddenStatesTestServer, make_prepared_dataset, transformers_compute
 from speculators.vllm.retry import ServerUnavailableError
+
+from tests.support.hs_server import HiddenStatesTestServer, make_prepared_dataset, transformers_compute
 
 LAYERS = [2, 4, 5, 8]
 N = 6

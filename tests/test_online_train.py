@@ -1,6 +1,6 @@
 """Online training against the local vLLM-protocol server gives the offline loss curve.
 
-The stand-in server (tests/hs_server.py) is used because it computes hidden states with the
+The stand-in server (tests/support/hs_server.py) is used because it computes hidden states with the
 transformers backend bit for bit, so the loss curves can be compared exactly and requests
 counted; against the real engine (tests/test_real_vllm.py) they agree to bf16 rounding."""
 
@@ -10,7 +10,8 @@ import pytest
 
 from speculators.cli import main
 from speculators.datagen.runner import DatagenConfig, run_datagen
-from hs_server import HiddenStatesTestServer, make_prepared_dataset
+
+from tests.support.hs_server import HiddenStatesTestServer, make_prepared_dataset
 
 LAYERS = [2, 4, 5, 8]
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from public_pkg import run_public
 from speculators.cli import main as cli
 from speculators.data.dataset import Eagle3Dataset
 from speculators.data.formats import PtSampleStore, open_sample_store
 from speculators.data.public_format import PublicSampleStore
-from speculators.train.synthetic import write_synthetic_hidden_states
+
+from tests.support.public_pkg import run_public
+from tests.support.synthetic import write_synthetic_hidden_states
 
 
 def _public_view(sample):

@@ -72,7 +72,7 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def verifier(work) -> Path:
-    from speculators.testing.tiny import build_tiny_verifier
+    from speculators.tiny.builders import build_tiny_verifier
 
     import torch
     from transformers import AutoModelForCausalLM

@@ -451,29 +451,23 @@ class _noop:
         return False
 
 
-def test_one_edit_changes_cli_form_and_argv(tmp_path):
-    """Change a stage setting's default and bound in its one place (a copy of the package with
-    config/datagen.py and config/regenerate.py edited): the command's flag, the form's initial
-    value, the run's validation and the stage command all follow."""
-    import shutil
+def test_one_edit_changes_cli_form_and_argv():
+    """Change a stage setting's default and bound in its one place (the field of DatagenConfig
+    and RegenConfig, replaced in a fresh interpreter before anything else is imported): the
+    command's flag, the form's initial value, the run's validation and the stage command all
+    follow."""
     import subprocess
     import sys
 
-    copy = tmp_path / "src"
-    shutil.copytree(ROOT / "speculators", copy / "speculators", ignore=shutil.ignore_patterns("__pycache__"))
-    dg = copy / "speculators" / "config" / "datagen.py"
-    text = dg.read_text()
-    old = 'batch_size: int = setting(8, "samples per forward pass", title="Datagen batch size", ge=1, le=4096)'
-    assert old in text
-    dg.write_text(text.replace(old, old.replace("(8,", "(5,").replace("le=4096", "le=64")))
-    rg = copy / "speculators" / "config" / "regenerate.py"
-    text = rg.read_text()
-    old = 'max_tokens: int = setting(256,'
-    assert old in text
-    rg.write_text(text.replace(old, "max_tokens: int = setting(77,"))
     probe = f"""
 import sys
 from pathlib import Path
+from speculators.config.base import from_field
+from speculators.config.datagen import DatagenConfig
+from speculators.config.regenerate import RegenConfig
+assert "speculators.config.run" not in sys.modules and "speculators.cli" not in sys.modules
+DatagenConfig.model_fields["batch_size"] = from_field(DatagenConfig, "batch_size", default=5, le=64)
+RegenConfig.model_fields["max_tokens"] = from_field(RegenConfig, "max_tokens", default=77)
 from speculators.cli import build_parser
 from speculators.config.run import RunSettings, form_defaults
 from speculators.config.stages import StagePaths, stage_args
@@ -485,8 +479,7 @@ run = RunSettings(name="r", model="m", dataset="sharegpt", regenerate=True)
 print(stage_args(run, "datagen", StagePaths(Path("w")))[-2], stage_args(run, "regenerate", StagePaths(Path("w")))[5])
 print(RunSettings.errors_of(dict(name="r", model="m", dataset="d", batch_size=65))[1]["batch_size"])
 """
-    out = subprocess.run([sys.executable, "-c", probe], cwd=copy, env={"PYTHONPATH": str(copy), "PATH": ""},
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["5 77", "5 77", "--batch-size=5 --max-tokens=77",
                                        "must be a whole number between 1 and 64 (got 65)"]

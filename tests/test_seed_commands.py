@@ -250,7 +250,7 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def verifier(work) -> Path:
     """The tiny Llama with head_dim 32 (the smallest vLLM's CPU attention runs)."""
-    from speculators.testing.tiny import build_tiny_verifier
+    from speculators.tiny.builders import build_tiny_verifier
 
     return build_tiny_verifier(work / "verifier", arch="llama", hidden_size=128, num_layers=8)
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import run_train_cli
 
 from speculators.train.metrics_stream import read_metrics
-from speculators.train.synthetic import write_synthetic_hidden_states
+
+from tests.support.synthetic import write_synthetic_hidden_states
+from tests.support.train_helpers import run_train_cli
 
 
 def _records(save, kind):

@@ -20,8 +20,9 @@ from speculators.train.components import build_components
 from speculators.config.train import TrainConfig
 from speculators.train.distributed import DistInfo
 from speculators.train.metrics_stream import read_metrics
-from speculators.train.synthetic import write_synthetic_hidden_states
 from speculators.train.trainer import Trainer, run_training
+
+from tests.support.synthetic import write_synthetic_hidden_states
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ import torch
 from speculators.train.components import build_components
 from speculators.config.train import TrainConfig
 from speculators.train.distributed import DistInfo
-from speculators.train.synthetic import write_synthetic_hidden_states
 from speculators.train.trainer import Trainer
+
+from tests.support.synthetic import write_synthetic_hidden_states
 
 
 @pytest.fixture(scope="module")

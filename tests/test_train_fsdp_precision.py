@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from train_helpers import run_train_cli
 
 from speculators.train.distributed import DistInfo, shard
 from speculators.train.metrics_stream import read_metrics
-from speculators.train.synthetic import write_synthetic_hidden_states
+
+from tests.support.synthetic import write_synthetic_hidden_states
+from tests.support.train_helpers import run_train_cli
 
 
 class _Objective(nn.Module):

@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
-from train_helpers import train_losses_of
 from torch import nn
 
 from speculators.errors import UserError
 from speculators.config.train import TrainConfig
 from speculators.train.lm_head_kl import LOSS_IMPLS, lm_head_kl
+
+from tests.support.train_helpers import train_losses_of
 
 N, H, V, M = 37, 16, 50, 61  # M != N: the target table is not mistaken for an [N, V] tensor
 

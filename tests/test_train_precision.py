@@ -9,12 +9,13 @@ import math
 
 import pytest
 import torch
-from train_helpers import make_cfg, train_losses
 
 from speculators.errors import UserError
 from speculators.train.components import adamw_kernel, autocast_enabled, build_components
 from speculators.train.distributed import DistInfo
 from speculators.train.trainer import Trainer
+
+from tests.support.train_helpers import make_cfg, train_losses
 
 
 def test_precision_rule():

@@ -84,7 +84,7 @@ def test_eval_verifier_uses_the_capture(llama, reference):
 
 def test_synthetic_training_data_uses_the_capture(tiny_llama, llama, tmp_path):
     from speculators.data.formats import open_sample_store
-    from speculators.train.synthetic import write_synthetic_hidden_states
+    from tests.support.synthetic import write_synthetic_hidden_states
 
     n = llama.config.num_hidden_layers
     layer_ids = [0, 3, 6, n]

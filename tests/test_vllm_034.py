@@ -126,7 +126,7 @@ METRIC_STEPS = [[0, 3, 3], [0, 3, 1], [1, 3, 0], [1, 3, 2], [0, 3, 2]]  # [engin
 
 @pytest.fixture(scope="module")
 def report(vllm034, drafts, tiny_llama, tmp_path_factory):
-    """One probe run (tests/vllm_wheel_probe.py) over every command line and config below."""
+    """One probe run (tests/support/vllm_wheel_probe.py) over every command line and config below."""
     from speculators.datagen.base import GeneratorSpec
     from speculators.datagen.vllm_backend import server_args
 
@@ -172,7 +172,7 @@ def report(vllm034, drafts, tiny_llama, tmp_path_factory):
         "metrics": {"steps": METRIC_STEPS, "num_spec_tokens": 3, "model_name": str(tiny_llama)},
         "connector_file": str(Path(__file__).resolve().parents[1] / "speculators" / "vllm" / "cpu_connector.py"),
     }))
-    proc = subprocess.run([sys.executable, str(HERE / "vllm_wheel_probe.py"), str(spec_file)],
+    proc = subprocess.run([sys.executable, str(HERE / "support" / "vllm_wheel_probe.py"), str(spec_file)],
                           env=_env(vllm034, tmp), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -304,9 +304,9 @@ def test_cpu_connector_hooks_exist_in_vllm_034(report):
 def test_vllm_034_loads_our_weights(vllm034, drafts, tiny_llama):
     """0.34's Eagle3LlamaForCausalLM takes the weights of a plain checkpoint, a 2-layer
     reduced-vocabulary one with fc_norm (d2t -> draft_id_to_target_id, t2d skipped) and one with
-    norm_before_fc: every parameter loaded with the file's tensor (tests/vllm_loadable.py, run on
+    norm_before_fc: every parameter loaded with the file's tensor (tests/support/vllm_loadable.py, run on
     the wheel's code)."""
-    from vllm_loadable import check_report, vllm_load_reports
+    from tests.support.vllm_loadable import check_report, vllm_load_reports
 
     dirs = [drafts["plain"], drafts["custom"], drafts["prenorm"]]
     reports = vllm_load_reports(dirs, tiny_llama, vllm_tree=vllm034)

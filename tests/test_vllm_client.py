@@ -1,14 +1,14 @@
 """The hidden-state HTTP protocol: request building, response parsing, files, retries."""
 
 import fcntl
+import functools
 import os
-import threading
-import time
 
 import pytest
 import torch
 
-from hs_server import HiddenStatesTestServer, free_port, transformers_compute
+from speculators.vllm import client as client_mod
+from speculators.vllm import hs_files
 from speculators.vllm.client import (
     ClientConfig,
     HiddenStatesClient,
@@ -24,6 +24,8 @@ from speculators.vllm.retry import (
     TransientServerError,
     call_with_retries,
 )
+
+from tests.support.hs_server import HiddenStatesTestServer, free_port, transformers_compute
 
 LAYERS = [2, 4, 5, 8]
 TOKENS = [5, 17, 42, 99, 100, 7, 3, 250]
@@ -75,15 +77,22 @@ def test_retry_policy_backs_off_and_gives_up_after_bounded_wait():
         call_with_retries(lambda: (_ for _ in ()).throw(InvalidResponseError("bad")), policy, "x", sleep=sleep)
 
 
-def test_reader_waits_for_the_writer_lock(tmp_path):
+def test_reader_waits_for_the_writer_lock(tmp_path, monkeypatch):
+    """The writer holds the lock; the reader's first wait releases it (the writer finishing)."""
     path = tmp_path / "r.safetensors"
     write_hidden_states_file(path, torch.tensor(TOKENS), torch.zeros(len(TOKENS), 2, 4))
     fd = os.open(lock_path(path), os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)
-    threading.Timer(0.3, os.close, args=(fd,)).start()
-    t0 = time.monotonic()
+    waits = []
+
+    def writer_finishes(seconds):
+        if not waits:
+            os.close(fd)
+        waits.append(seconds)
+
+    monkeypatch.setattr(hs_files.time, "sleep", writer_finishes)
     data = read_hidden_states_file(path, lock_timeout_s=5)
-    assert time.monotonic() - t0 >= 0.25
+    assert len(waits) == 1  # it waited while the lock was held, and read once it was free
     assert data["token_ids"].tolist() == TOKENS and data["hidden_states"].shape == (len(TOKENS), 2, 4)
 
 
@@ -128,30 +137,48 @@ def test_client_errors_fail_at_once(server):
         layers_mismatch.fetch(TOKENS)
 
 
-def test_survives_a_server_restart(tiny_llama, tmp_path):
+def _fake_retry_clock(monkeypatch, on_sleep=lambda: None) -> list[float]:
+    """The client's retries on a fake clock: each backoff is recorded, advances the clock, then
+    runs ``on_sleep``; returns the recorded backoffs."""
+    now, sleeps = [0.0], []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        now[0] += seconds
+        on_sleep()
+
+    monkeypatch.setattr(client_mod, "call_with_retries",
+                        functools.partial(call_with_retries, sleep=sleep, clock=lambda: now[0]))
+    return sleeps
+
+
+def test_survives_a_server_restart(tiny_llama, tmp_path, monkeypatch):
     port = free_port()
     first = HiddenStatesTestServer(tiny_llama, tmp_path / "hs", LAYERS, port=port).start()
     client = _client(first.url)
     client.fetch(TOKENS)
     first.stop()
     second = HiddenStatesTestServer(tiny_llama, tmp_path / "hs", LAYERS, port=port)
-    timer = threading.Timer(0.8, second.start)
-    timer.start()
+
+    def restart_on_the_first_backoff():
+        if len(sleeps) == 1:
+            second.start()
+
+    sleeps = _fake_retry_clock(monkeypatch, on_sleep=restart_on_the_first_backoff)
     try:
-        t0 = time.monotonic()
         assert client.fetch(TOKENS).shape[1] == len(LAYERS)
-        assert time.monotonic() - t0 >= 0.7
+        assert sleeps == [0.05]  # refused while down, one backoff (the restart), then served
     finally:
-        timer.join()
         second.stop()
 
 
-def test_down_server_gives_a_clear_error_after_the_bounded_wait():
+def test_down_server_gives_a_clear_error_after_the_bounded_wait(monkeypatch):
     url = f"http://127.0.0.1:{free_port()}"
     client = _client(url, retry=RetryPolicy(max_wait_s=1.0, initial_backoff_s=0.1))
-    t0 = time.monotonic()
+    sleeps = _fake_retry_clock(monkeypatch)
     with pytest.raises(ServerUnavailableError) as info:
         client.fetch(TOKENS)
-    assert time.monotonic() - t0 < 5
+    assert sleeps == pytest.approx([0.1, 0.2, 0.4])  # the next backoff (0.8) would pass the 1 s bound
     msg = str(info.value)
+    assert "failed 4 time(s) over 0.7s (bounded wait 1s)" in msg
     assert url in msg and "--vllm-endpoint" in msg and "launch-vllm" in msg

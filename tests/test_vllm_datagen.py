@@ -1,6 +1,6 @@
 """The vllm datagen backend's managed-server lifecycle (start, files, cleanup).
 
-The stand-in `vllm` (tests/hs_server.py) is used here because this path starts its own
+The stand-in `vllm` (tests/support/hs_server.py) is used here because this path starts its own
 server: with the real engine that is another 2-3 minutes of CI per test. The real engine's
 hidden states against the transformers backend's: tests/test_real_vllm.py.
 """
@@ -13,7 +13,8 @@ import torch
 from speculators.datagen.base import GeneratorSpec
 from speculators.datagen.runner import DatagenConfig, run_datagen
 from speculators.datagen.vllm_backend import server_args
-from hs_server import make_prepared_dataset, write_fake_vllm
+
+from tests.support.hs_server import make_prepared_dataset, write_fake_vllm
 
 
 def test_server_args_carry_engine_options_and_passthrough():

@@ -28,10 +28,3 @@ def test_evaluate_does_not_import_vllm():
            for f, names in _imports("evaluate").items()}
     assert not {f: n for f, n in bad.items() if n}
 
-
-def test_the_product_does_not_import_test_helpers():
-    users = {f: n for pkg in ("vllm", "evaluate", "commands", "online", "datagen", "train")
-             for f, names in _imports(pkg).items()
-             if (n := sorted(x for x in names if x.startswith("speculators.testing.hs_server") or x == "hs_server"))}
-    assert not users
-    assert not (ROOT / "testing" / "hs_server.py").exists()

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -61,12 +60,11 @@ def test_a_broken_vllm_install_fails_fast_with_what_to_do(speculator_dir, tmp_pa
     broken.write_text(f"#!{sys.executable}\nimport sys\n"
                       "print('ImportError: vllm._C: undefined symbol', file=sys.stderr)\nsys.exit(1)\n")
     broken.chmod(0o755)
-    t0 = time.monotonic()
     rc = main(["serve", str(speculator_dir), "--vllm-bin", str(broken), "--ready-timeout", "600",
                "--", "--port", str(free_port())])
     err = capsys.readouterr().err
-    assert rc == 2 and time.monotonic() - t0 < 60
-    assert "exited with code 1" in err and "make vllm" in err
+    assert rc == 2
+    assert "exited with code 1" in err and "make vllm" in err and "not ready after" not in err  # the exit, not the timeout
     assert "ImportError: vllm._C: undefined symbol" in err  # the cause, found in its output
 
 

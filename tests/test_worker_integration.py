@@ -10,13 +10,14 @@ import signal
 
 import pytest
 import redis
-from support.store import local_model, submit_run
 
 from runstore import metrics, runs, stages
 from runstore.settings import Settings
 from speculators.config.stages import StagePaths
 from worker.spec import validate_spec
-from worker.testing import run_with_stages, start_worker, wait_for, worker_env
+
+from tests.support.store import local_model, submit_run
+from tests.support.workers import run_with_stages, start_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.slow
 TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")

@@ -19,7 +19,8 @@ from worker.pipeline import serve_argv, stage_argv, verifier_argv
 from worker.procs import error_summary
 from worker.spec import validate_spec
 from worker.tail import JsonlTail
-from worker.testing import wait_for
+
+from tests.support.workers import wait_for
 
 TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent / "public_scripts"
+SCRIPTS = Path(__file__).resolve().parents[1] / "public_scripts"
 
 
 def run_public(python: str, script: str, *args: str, timeout: int = 600) -> str:

@@ -1,6 +1,6 @@
 """Hidden-state training data made directly with a (tiny) transformers verifier.
 
-For tests and the CPU demo of the trainer, independent of the datagen pipeline: token
+For the tests and bench/memory_estimate.py, independent of the datagen pipeline: token
 sequences are sampled from the verifier itself, run through it once, and the chosen
 layers written in data format version 1 (`data_<i>.pt` + `data_config.json`).
 Layer ids follow `speculators.verifier` (id `j`: input of decoder layer `j`; id `n`: the

@@ -1,4 +1,4 @@
-"""Chat templates of three verifier families, written for the tests from each format's facts.
+"""Chat templates of three verifier families for the tiny stand-ins, written from each format's facts.
 
 Not copies of any model's template file: each renders the family's documented layout
 (special tokens, role headers, where reasoning and tool calls go, what the generation
@@ -17,13 +17,12 @@ prompt is) in a few lines, with the behaviours that make loss masking hard:
   final answer ends ``<|return|>``; reasoning before the last user message is dropped;
   the generation prompt is ``<|start|>assistant``.
 
-`family_tokenizer(name)` puts one on a tiny tokenizer from speculators.testing.tiny,
-with the family's extra tokens and end-of-turn ids.
+`family_tokenizer(name)` puts one on a tiny tokenizer from `speculators.tiny.builders`, with the
+family's extra tokens and end-of-turn ids; the tests and the examples' `--tiny` verifiers use them.
 """
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 
 LLAMA3 = (
@@ -126,7 +125,7 @@ FAMILIES = {
 
 @lru_cache(maxsize=None)
 def _base(template: str):
-    from speculators.testing.tiny import build_tiny_tokenizer
+    from speculators.tiny.builders import build_tiny_tokenizer
 
     return build_tiny_tokenizer(template)
 
@@ -146,25 +145,3 @@ def family_tokenizer(name: str):
 def end_of_turn(tok, name: str) -> set[int]:
     _, _, eos, others = FAMILIES[name]
     return {tok.convert_tokens_to_ids(t) for t in [eos, *others]}
-
-
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather",
-                                           "parameters": {"type": "object",
-                                                          "properties": {"city": {"type": "string"}}}}}]
-
-# A conversation with a system prompt, reasoning on every assistant turn, a tool call and
-# its result, a history final answer, and a last turn after a second user message.
-AGENT_CONV = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": "", "reasoning_content": "Need the tool.", "thinking": "Need the tool.",
-     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-    {"role": "tool", "name": "get_weather", "content": '{"temp": 21}'},
-    {"role": "assistant", "content": "It is 21 C in Paris.", "reasoning_content": "It is 21.", "thinking": "It is 21."},
-    {"role": "user", "content": "Thanks"},
-    {"role": "assistant", "content": "You are welcome.", "reasoning_content": "Say welcome.", "thinking": "Say welcome."},
-]
-
-
-def tools_json() -> str:
-    return json.dumps(TOOLS, ensure_ascii=False)

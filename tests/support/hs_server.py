@@ -22,7 +22,7 @@ It speaks the subset of vLLM's HTTP protocol that speculators uses:
 Faults for retry tests: `fail_next(n, status)` answers the next ``n`` requests
 with an HTTP error. `stop()` then `start()` on the same port simulates a restart.
 
-Run ``python tests/hs_server.py serve MODEL [vLLM-style flags]`` to use it as a fake
+Run ``python tests/support/hs_server.py serve MODEL [vLLM-style flags]`` to use it as a fake
 ``vllm`` executable (unknown flags are ignored).
 """
 
@@ -374,8 +374,8 @@ def write_fake_vllm(directory: str | os.PathLike) -> Path:
         f"#!{sys.executable}\n"
         "import signal, sys\n"
         "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
-        "from hs_server import main\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+        "from tests.support.hs_server import main\n"
         "sys.exit(main())\n"
     )
     path.chmod(0o755)

@@ -1,4 +1,4 @@
-"""Helpers for tests and demos that drive real worker processes."""
+"""Helpers for tests that drive real worker processes (Celery workers started as subprocesses)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 

@@ -1,5 +1,6 @@
 """Tiny random MoE verifiers built locally: gpt-oss (transformers' GptOss classes, harmony
-template) and Qwen3-MoE (Qwen3 ChatML template with <think>), for the pipeline tests.
+template) and Qwen3-MoE (Qwen3 ChatML template with <think>), for the pipeline tests and the
+examples' `--tiny` stand-ins.
 
 Same architecture classes as the real gpt-oss-20b / Qwen3-30B-A3B (router + experts,
 gpt-oss' attention sinks and alternating sliding/full attention), a few hundred
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chat_families import end_of_turn, family_tokenizer
+from speculators.tiny.families import end_of_turn, family_tokenizer
 
 FAMILY = {"gpt_oss": "harmony", "qwen3_moe": "qwen3"}
 
