@@ -1,11 +1,13 @@
 """Managed child processes: start one, wait until it is ready, stop it, and never leave it behind.
 
-The one way this project runs a server or a stage as a child (the demo's vLLM server, a
-served checkpoint, the worker's stages and its vLLM controller, local mode's children):
+The one way this project runs a server or a stage as a child (the demo's vLLM server and its
+stages, gen-and-train's stages, a served checkpoint, the worker's stages and its vLLM
+controller, local mode's children):
 
 - `start(argv, ...)`: an argument list (never a shell string), its own process group (so a
   stop reaches its children too), its output appended to a log file or copied to our stdout
-  with the last lines kept, and optionally a lifeline (below);
+  with the last lines kept, and optionally a lifeline (below); or, for a pipeline stage run
+  from a terminal (`foreground`), in our group with its output on the console and in the log;
 - `Process.wait_ready(ready, ...)`: poll a callable (or a URL that must answer HTTP 200)
   until it says ready; a child that exits first raises `ExitedEarly` naming the line of its
   log that says why (the `cause` picker is passed in: `speculators.vllm.logcause` sits
@@ -83,12 +85,13 @@ class Process:
     """A started child: the leader of its own process group (pid == pgid)."""
 
     def __init__(self, popen: subprocess.Popen, argv: Sequence[str], log_path: str | None,
-                 log_file: IO | None = None):
+                 log_file: IO | None = None, own_group: bool = True):
         self.popen, self.argv, self.log_path = popen, list(argv), log_path
+        self.own_group = own_group
         self._log_file = log_file
         self._tail: collections.deque[str] = collections.deque(maxlen=2000)
         self._pump: threading.Thread | None = None
-        if popen.stdout is not None:  # no log: copied to our stdout, the last lines kept
+        if popen.stdout is not None:  # copied to our stdout (and the log file, if any), the last lines kept
             self._pump = threading.Thread(target=self._copy, args=(popen.stdout,), daemon=True)
             self._pump.start()
 
@@ -107,17 +110,38 @@ class Process:
         return self.popen.wait(timeout)
 
     def _copy(self, stream) -> None:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", errors="replace")
-            self._tail.append(line.rstrip("\n"))
+        """Copy the child's output as it comes (chunks, so a progress bar's `\\r` updates show)
+        to our stdout and the log file, keeping its last lines."""
+        out = getattr(sys.stdout, "buffer", None)
+        partial = b""
+        fd = stream.fileno()
+        while chunk := os.read(fd, 65536):
+            if self._log_file is not None:
+                self._log_file.write(chunk)
+                self._log_file.flush()
             try:
-                sys.stdout.write(line)
-                sys.stdout.flush()
+                if out is not None:
+                    out.write(chunk)
+                    out.flush()
+                else:
+                    sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+                    sys.stdout.flush()
             except (OSError, ValueError):
                 pass
+            *lines, partial = (partial + chunk).split(b"\n")
+            self._tail.extend(line.decode("utf-8", errors="replace") for line in lines)
+        if partial:
+            self._tail.append(partial.decode("utf-8", errors="replace"))
+        if not self.own_group and self._log_file is not None:
+            self._log_file.close()  # a foreground child's log was opened for the copier alone
+
+    def join_output(self, timeout: float | None = None) -> None:
+        """Wait until the output of a child that exited has been copied (console and log)."""
+        if self._pump is not None:
+            self._pump.join(timeout)
 
     def log_lines(self) -> list[str]:
-        """The child's output so far: its log file's end, or the lines copied to our stdout."""
+        """The child's output so far: the lines copied to our stdout, or its log file's end."""
         if self._pump is not None:
             if self.popen.poll() is not None:
                 self._pump.join(timeout=2)  # the last output of a child that just exited
@@ -137,7 +161,10 @@ class Process:
                           sleep=sleep)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        stop_all([self], grace_s)
+        if self.own_group:
+            stop_all([self], grace_s)
+        else:  # it shares our group: signal the one process, never our own group
+            _stop_one(self.popen, grace_s)
 
     def __enter__(self) -> "Process":
         return self
@@ -154,12 +181,19 @@ def wrap(argv: Sequence[str], lifeline: Lifeline, parent_pid: int | None = None)
 
 
 def start(argv: Sequence[str], *, log: Path | str | IO | None = None, env: dict[str, str] | None = None,
-          cwd: Path | str | None = None, lifeline: Lifeline = Lifeline.NONE) -> Process:
+          cwd: Path | str | None = None, lifeline: Lifeline = Lifeline.NONE,
+          foreground: bool = False) -> Process:
     """Start `argv` in a new process group (and session), stdin closed. `log`: a path the
     output is appended to (its folder is created), an open file it is written to, or None
-    to copy it to our stdout keeping the last lines (`Process.log_lines`)."""
+    to copy it to our stdout keeping the last lines (`Process.log_lines`).
+
+    `foreground=True` is a pipeline stage run from a terminal: the child stays in our process
+    group, so the terminal's Ctrl-C reaches it directly (the trainer checkpoints on it), keeps
+    our stdin, and its output goes to our stdout *and* to `log` (a path)."""
     if isinstance(argv, str):
         raise TypeError("start() takes an argument list, never a shell string")
+    if foreground and not isinstance(log, (str, Path)):
+        raise TypeError("a foreground child's log is a path")
     log_file: IO | None = None
     log_path: str | None = None
     opened = None
@@ -171,14 +205,20 @@ def start(argv: Sequence[str], *, log: Path | str | IO | None = None, env: dict[
         out, log_file, log_path = log, log, getattr(log, "name", None)
     else:
         out = subprocess.PIPE
+    if foreground:
+        out, log_file, opened = subprocess.PIPE, opened, None  # the copier writes the log
     try:
         popen = subprocess.Popen(wrap(argv, lifeline), stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env=env, cwd=None if cwd is None else str(cwd),
-                                 start_new_session=True)
+                                 stdin=None if foreground else subprocess.DEVNULL, env=env,
+                                 cwd=None if cwd is None else str(cwd), start_new_session=not foreground)
+    except BaseException:
+        if log_file is not None and foreground:
+            log_file.close()
+        raise
     finally:
         if opened is not None:
             opened.close()  # the child holds its own descriptor
-    return Process(popen, argv, log_path, log_file)
+    return Process(popen, argv, log_path, log_file, own_group=not foreground)
 
 
 def read_lines(path: str | Path | None, max_bytes: int = 512 * 1024) -> list[str]:
@@ -303,6 +343,19 @@ def _stop(groups: list[tuple[int, subprocess.Popen | None]], grace_s: float, kil
                 popen.wait(timeout=kill_wait_s)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def _stop_one(popen: subprocess.Popen, grace_s: float, kill_wait_s: float = 5.0) -> None:
+    """SIGTERM one child (not a group leader), SIGKILL it after `grace_s`, and reap it."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, kill_wait_s)):
+        if popen.poll() is not None:
+            return
+        popen.send_signal(sig)
+        try:
+            popen.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def stop_all(processes: Iterable[Process], grace_s: float = 10.0) -> None:

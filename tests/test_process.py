@@ -213,3 +213,39 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_foreground_child_shares_our_group_and_writes_console_and_log(tmp_path, capfd):
+    """A pipeline stage from a terminal: in our process group (the terminal's Ctrl-C reaches
+    it), its output on the console and in the log, a `\\r` progress update passed on before
+    its line ends, and a stop that reaches the child alone (never our own group)."""
+    log = tmp_path / "logs" / "stage.log"
+    log.parent.mkdir()
+    log.write_bytes(b"=== header\n")
+    go = tmp_path / "go"
+    script = textwrap.dedent(f"""
+        import os, pathlib, sys, time
+        print("pgid", os.getpgid(0), flush=True)
+        sys.stdout.write("progress 1/2\\r"); sys.stdout.flush()
+        while not pathlib.Path({str(go)!r}).exists():
+            time.sleep(0.02)
+        print("progress 2/2 done", flush=True)
+        time.sleep(600)
+    """)
+    proc = process.start([sys.executable, "-c", script], log=log, foreground=True)
+    try:
+        assert not proc.own_group
+        wait_until(lambda: b"progress 1/2\r" in log.read_bytes())  # before the line ended
+        go.touch()
+        wait_until(lambda: b"progress 2/2 done" in log.read_bytes())
+        pgid_line = next(x for x in proc.log_lines() if x.startswith("pgid "))
+        assert int(pgid_line.split()[1]) == os.getpgid(0)
+    finally:
+        proc.stop(grace_s=5)
+    assert proc.returncode == -signal.SIGTERM
+    proc.join_output(10)
+    text = log.read_bytes()
+    assert text.startswith(b"=== header\n")  # appended, never truncated
+    assert b"progress 1/2\rprogress 2/2 done\n" in text
+    out = capfd.readouterr().out
+    assert "progress 1/2\rprogress 2/2 done\n" in out and f"pgid {os.getpgid(0)}" in out

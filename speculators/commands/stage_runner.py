@@ -27,14 +27,13 @@ import json
 import os
 import shlex
 import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from speculators import process
 from speculators.atomic import atomic_write_json
 from speculators.errors import UserError
 
@@ -178,7 +177,8 @@ def move_aside(paths: list[Path], work: Path, stage: str) -> Path | None:
 
 
 def _stream(argv: list[str], log_path: Path, env: dict[str, str]) -> int:
-    """Run `argv`, its output copied to the console and appended to `log_path`; its exit code.
+    """Run `argv` in the foreground (`speculators.process`), its output copied to the console
+    and appended to `log_path`; its exit code.
 
     The stage stays in this process group, so Ctrl-C at a terminal reaches it directly (the
     trainer checkpoints on it) while this process waits for it rather than killing it; a
@@ -187,42 +187,26 @@ def _stream(argv: list[str], log_path: Path, env: dict[str, str]) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"\n=== {_now()} {shlex.join(argv)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc = process.start(argv, log=log_path, env=env, foreground=True)
 
-        def forward(signum, frame):  # noqa: ARG001
-            if proc.poll() is None:
-                proc.send_signal(signum)
+    def forward(signum, frame):  # noqa: ARG001
+        if proc.poll() is None:
+            proc.popen.send_signal(signum)
 
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
-                        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
-        try:
-            out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
-            assert proc.stdout is not None
-            fd = proc.stdout.fileno()
-            while True:
-                try:
-                    chunk = os.read(fd, 65536)
-                except InterruptedError:  # pragma: no cover - Python retries reads itself (PEP 475)
-                    continue
-                if not chunk:
-                    break
-                log.write(chunk)
-                log.flush()
-                if out is not None:
-                    out.write(chunk)
-                    out.flush()
-                else:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-            return proc.wait()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+                    signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    try:
+        code = proc.wait()
+        proc.join_output()
+        return code
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if proc.poll() is None:
+            proc.stop(grace_s=0)
+
 
 
 def display(st: Stage) -> str:
