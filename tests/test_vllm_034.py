@@ -136,7 +136,7 @@ def report(vllm034, drafts, tiny_llama, tmp_path_factory):
     spec = GeneratorSpec(model_path=str(tiny_llama), layer_ids=[2, 4, 5, 8], tensor_parallel_size=1,
                          gpu_memory_utilization=0.85, max_model_len=512, dtype="float32")
     with pytest.MonkeyPatch.context() as mp:  # the GPU host's form: vLLM's own connector, its default dtype
-        mp.setattr("speculators.vllm.launch._has_cuda", lambda: True)
+        mp.setattr("speculators.vllm.launch.has_cuda", lambda: True)
         datagen = HiddenStatesLaunch(spec.model_path, spec.layer_ids, str(tmp / "dg"),
                                      server_args(spec, 8124)).build(entry=VllmEntry(["vllm"]))
     broken = {}

@@ -210,7 +210,7 @@ def test_cpu_servers_compute_in_float32_like_our_eval(monkeypatch):
     from speculators.vllm import launch
 
     monkeypatch.delenv("SPECULATORS_VLLM_ARGS", raising=False)
-    monkeypatch.setattr(launch, "_has_cuda", lambda: False)
+    monkeypatch.setattr(launch, "has_cuda", lambda: False)
     cmd = build_vllm_command("M", ["--port", "9"], entry=VllmEntry(["vllm"]))
     assert cmd.argv[cmd.argv.index("--dtype") + 1] == "float32" and cmd.argv.count("--dtype") == 1
     launch_cmd = HiddenStatesLaunch("M", [1, 2, 8], "/hs").build(entry=VllmEntry(["vllm"]))
@@ -221,5 +221,5 @@ def test_cpu_servers_compute_in_float32_like_our_eval(monkeypatch):
     env_cmd = build_vllm_command("M", [], entry=VllmEntry(["vllm"]))
     assert env_cmd.argv[env_cmd.argv.index("--dtype") + 1] == "half" and env_cmd.argv.count("--dtype") == 1
     monkeypatch.delenv("SPECULATORS_VLLM_ARGS")
-    monkeypatch.setattr(launch, "_has_cuda", lambda: True)
+    monkeypatch.setattr(launch, "has_cuda", lambda: True)
     assert "--dtype" not in build_vllm_command("M", [], entry=VllmEntry(["vllm"])).argv

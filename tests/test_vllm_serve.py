@@ -133,7 +133,7 @@ def test_every_cpu_server_gets_the_same_kv_cache_decision(monkeypatch, tmp_path)
     from speculators.vllm import cpu_memory, launch
     from speculators.vllm.regen_server import chat_server_command
 
-    monkeypatch.setattr(launch, "_has_cuda", lambda: False)
+    monkeypatch.setattr(launch, "has_cuda", lambda: False)
     monkeypatch.setattr(cpu_memory, "available_bytes", lambda: int(19.6 * cpu_memory.GIB))
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     monkeypatch.delenv("SPECULATORS_VLLM_ARGS", raising=False)
@@ -149,7 +149,7 @@ def test_every_cpu_server_gets_the_same_kv_cache_decision(monkeypatch, tmp_path)
 def test_serve_dry_run_prints_the_kv_cache(speculator_dir, capsys, monkeypatch):
     from speculators.vllm import launch
 
-    monkeypatch.setattr(launch, "_has_cuda", lambda: False)
+    monkeypatch.setattr(launch, "has_cuda", lambda: False)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     assert main(["serve", str(speculator_dir), "--dry-run", "--vllm-version", "0.32.0", "--kv-cache-gib", "1"]) == 0
     assert "KV cache: 1 GiB (requested)" in capsys.readouterr().out

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from speculators.config.device import resolve_device
 from speculators.errors import UserError
 
 VLLM_BIN_ENV = "SPECULATORS_VLLM_BIN"
@@ -49,7 +50,7 @@ def kv_transfer_config(hidden_states_path: str, cpu: bool | None = None) -> dict
     by module path (vLLM's own needs CUDA streams and pinned memory).
     """
     if cpu is None:
-        cpu = not _has_cuda()
+        cpu = not has_cuda()
     config = {
         "kv_connector": "ExampleHiddenStatesConnector",
         "kv_role": "kv_producer",
@@ -79,13 +80,9 @@ def installed_vllm_version() -> str | None:
     return None
 
 
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        return False
+def has_cuda() -> bool:
+    """Whether vLLM gets the GPU build's settings: the device "auto" resolves to."""
+    return resolve_device("auto") == "cuda"
 
 
 @dataclass(frozen=True)
@@ -133,7 +130,7 @@ def vllm_env(base: dict[str, str] | None = None, api_key: str | None = None) -> 
     platform detection can pick a build with AVX-512 kernels and die with SIGILL), and the
     API key as ``VLLM_API_KEY`` (not on the command line, where ``ps`` shows it)."""
     env = dict(os.environ if base is None else base)
-    if not _has_cuda():
+    if not has_cuda():
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
     if api_key:
         env[API_KEY_ENV] = api_key
@@ -153,7 +150,7 @@ class VllmCommand:
 def with_default_host(vllm_args: Sequence[str]) -> list[str]:
     """Bind 127.0.0.1 unless the user passed ``--host`` (vLLM's own default is every interface)."""
     args = list(vllm_args)
-    if _flag_value(args, ["--host"]) is None:
+    if flag_value(args, ["--host"]) is None:
         args += ["--host", DEFAULT_HOST]
     return args
 
@@ -169,8 +166,8 @@ def with_host_dtype(vllm_args: Sequence[str], cuda: bool | None = None) -> list[
     """Put ``--dtype float32`` first on a host without CUDA unless ``--dtype`` is given."""
     args = list(vllm_args)
     if cuda is None:
-        cuda = _has_cuda()
-    if not cuda and _flag_value(args, ["--dtype"]) is None:
+        cuda = has_cuda()
+    if not cuda and flag_value(args, ["--dtype"]) is None:
         args = ["--dtype", CPU_DTYPE, *args]
     return args
 
@@ -198,7 +195,7 @@ def build_vllm_command(
     args = with_host_dtype(with_default_host([*shlex.split(os.environ.get(EXTRA_ARGS_ENV, "")), *vllm_args]))
     entry = entry or vllm_entry(vllm_bin)
     env = vllm_env(api_key=api_key)
-    choice = choose_kv_cache(kv_cache_gib, env, _has_cuda(), [model, *model_paths])
+    choice = choose_kv_cache(kv_cache_gib, env, has_cuda(), [model, *model_paths])
     if choice.gib is not None:
         env[KV_ENV] = str(choice.gib)
     return VllmCommand([*entry.prefix, *entry.model_args(model), *args], env, endpoint_from_args(args),
@@ -250,7 +247,7 @@ class HiddenStatesLaunch:
         return build_vllm_command(self.model, self.server_args(), vllm_bin, api_key, entry)
 
 
-def _flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
+def flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
     value = None
     for i, arg in enumerate(args):
         for name in names:
@@ -263,8 +260,8 @@ def _flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
 
 def endpoint_from_args(vllm_args: Sequence[str]) -> str:
     """The URL a client should use, from the ``--host``/``--port`` passed to vLLM (default :8000)."""
-    port = _flag_value(vllm_args, ["--port"]) or "8000"
-    host = _flag_value(vllm_args, ["--host"]) or DEFAULT_HOST
+    port = flag_value(vllm_args, ["--port"]) or "8000"
+    host = flag_value(vllm_args, ["--host"]) or DEFAULT_HOST
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     try:
@@ -276,4 +273,4 @@ def endpoint_from_args(vllm_args: Sequence[str]) -> str:
 
 def served_model_name(model: str, vllm_args: Sequence[str]) -> str:
     """The model id clients must send (``--served-model-name`` or the model argument)."""
-    return _flag_value(vllm_args, ["--served-model-name", "--served_model_name"]) or model
+    return flag_value(vllm_args, ["--served-model-name", "--served_model_name"]) or model

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from typing import Iterator, Sequence
 
-from speculators.vllm.launch import VllmCommand, _flag_value, _has_cuda, build_vllm_command
+from speculators.vllm.launch import VllmCommand, flag_value, has_cuda, build_vllm_command
 
 logger = logging.getLogger(__name__)
 
@@ -21,9 +21,9 @@ logger = logging.getLogger(__name__)
 def chat_server_command(model: str, vllm_args: Sequence[str], port: int, seed: int, cpu: bool) -> VllmCommand:
     """vLLM's OpenAI server for MODEL on a local port with a fixed seed; eager mode on the CPU."""
     args = list(vllm_args)
-    if _flag_value(args, ["--port"]) is None:
+    if flag_value(args, ["--port"]) is None:
         args += ["--port", str(port)]
-    if _flag_value(args, ["--seed"]) is None:
+    if flag_value(args, ["--seed"]) is None:
         args += ["--seed", str(seed)]
     if cpu and "--enforce-eager" not in args:
         args.append("--enforce-eager")
@@ -36,7 +36,7 @@ def started_chat_server(model: str, vllm_args: Sequence[str], ready_timeout_s: f
     """Start the server, yield its base URL once it is ready, stop it (and its children) after."""
     from speculators.vllm.readiness import ManagedServer, free_port
 
-    cmd = chat_server_command(model, vllm_args, free_port(), seed, cpu=not _has_cuda())
+    cmd = chat_server_command(model, vllm_args, free_port(), seed, cpu=not has_cuda())
     kv = f"; KV cache {cmd.kv_cache}" if cmd.kv_cache and not cmd.kv_cache.startswith("GPU") else ""
     logger.info("regenerate: starting %s (ready in 1-3 minutes on a CPU%s)", " ".join(cmd.argv), kv)
     with ManagedServer(cmd.argv, cmd.url, ready_timeout_s, env=cmd.env):
