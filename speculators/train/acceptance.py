@@ -51,13 +51,16 @@ def heldout_prompts(store, val_positions: Sequence[int], limit: int) -> list[lis
 
 
 def choose_prompts(cfg, store, val_positions: Sequence[int]) -> list[list[int]]:
-    """The run's fixed prompt set (empty: acceptance is not measured)."""
+    """The run's fixed prompt set (empty: acceptance is not measured). An online run measures only
+    with --eval-data: its validation samples' tokens come with hidden states from the server."""
     if cfg.eval_prompts == 0:
         return []
     if cfg.eval_data:
         from speculators.evaluate.runner import load_prompts
 
         return load_prompts(cfg.eval_data, cfg.verifier_name_or_path, cfg.eval_prompts)
+    if cfg.online:
+        return []
     return heldout_prompts(store, val_positions, cfg.eval_prompts)
 
 
@@ -81,7 +84,8 @@ class AcceptanceProbe:
         if not prompts:
             if cfg.best_by == "acceptance":
                 raise UserError("--best-by acceptance needs held-out prompts: --eval-prompts > 0 and a validation "
-                                "split (--train-data-ratio below 1) with assistant turns, or --eval-data")
+                                "split (--train-data-ratio below 1) with assistant turns, or --eval-data (online runs: "
+                                "--eval-data only)")
             return None
         probe = cls(prompts, cfg.eval_max_tokens, cfg.verifier_name_or_path, draft_config, info)
         if info.is_main:  # loaded once, before training: a verifier that cannot load fails the start
