@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from runstore.models import ACTIVE_RUN, Run, RunStatus, Stage, StageStatus, utcnow
-from speculators.metric_records import TrainRecord, ValRecord
+from speculators.metric_records import AcceptanceRecord, TrainRecord, ValRecord
 
 StepRecord = TrainRecord | ValRecord
 
@@ -290,3 +290,16 @@ def prepare_summary(work_dir: str) -> tuple[str, bool] | None:
 def acceptance_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"position": i + 1, "acceptance rate": r}
             for i, r in enumerate(report.get("acceptance_rate_per_position") or [])]
+
+
+def acceptance_curve(records: list[AcceptanceRecord]) -> pd.DataFrame:
+    """Mean acceptance length over training steps (one row per acceptance record)."""
+    return pd.DataFrame([{"step": r.step, "epoch": r.epoch, "mean acceptance length": r.mean_acceptance_length,
+                          "seconds": r.seconds} for r in records],
+                        columns=["step", "epoch", "mean acceptance length", "seconds"])
+
+
+def acceptance_positions(record: AcceptanceRecord) -> pd.DataFrame:
+    """The per-position acceptance rates of one record (position 1 = the first drafted token)."""
+    return pd.DataFrame(acceptance_rows({"acceptance_rate_per_position": record.acceptance_rate_per_position}),
+                        columns=["position", "acceptance rate"])

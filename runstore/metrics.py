@@ -1,6 +1,6 @@
 """A training run's metrics stream in the store: `ingest_records` keeps the typed records of
-`metrics.jsonl` (speculators.metric_records), `step_records` gives the dashboard the same
-typed records back, and the checkpoints the trainer announced."""
+`metrics.jsonl` (speculators.metric_records), `step_records` and `acceptance_records` give the
+dashboard the same typed records back, and the checkpoints the trainer announced."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from runstore.models import Checkpoint, Metric, Stage
 from speculators.metric_records import (
     STEP_METRIC_TYPES,
+    AcceptanceRecord,
     CheckpointRecord,
     StartRecord,
     TrainRecord,
@@ -24,16 +25,18 @@ from speculators.metric_records import (
 
 def ingest_records(session: Session, run_id: str, records: Iterable[Any], stage_id: int | None = None) -> int:
     """Store the decoded JSON objects of a trainer's metrics.jsonl; what `parse_record` does
-    not recognise is skipped. Train and val records upsert on (run, type, step), so a re-read
+    not recognise is skipped. Train, val and acceptance records upsert on (run, type, step)
+    (an acceptance record's fields past epoch and step are the row's `values`), so a re-read
     or a resumed trainer that re-emits a step never duplicates it and the row holds the newest
     values; train and start records also set the stage's step counters. Returns how many
     metric rows were written."""
     written = 0
     for rec in map(parse_record, records):
-        if isinstance(rec, (TrainRecord, ValRecord)):
+        if isinstance(rec, (TrainRecord, ValRecord, AcceptanceRecord)):
             total = rec.total_steps if isinstance(rec, TrainRecord) else None
+            values = _acceptance_values(rec) if isinstance(rec, AcceptanceRecord) else dict(rec.metrics)
             stmt = sqlite_insert(Metric).values(run_id=run_id, type=rec.TYPE, step=rec.step, epoch=rec.epoch,
-                                                ts=rec.ts, total_steps=total, values=dict(rec.metrics))
+                                                ts=rec.ts, total_steps=total, values=values)
             stmt = stmt.on_conflict_do_update(
                 index_elements=["run_id", "type", "step"],
                 set_={k: stmt.excluded[k] for k in ("epoch", "ts", "total_steps", "values")},
@@ -73,6 +76,26 @@ def step_records(session: Session, run_id: str, after: dict[str, int] | None = N
             rec = parse_record({**row, "metrics": row["values"]})
             if isinstance(rec, (TrainRecord, ValRecord)):
                 out.append(rec)
+    return out
+
+
+def _acceptance_values(rec: AcceptanceRecord) -> dict[str, Any]:
+    out = rec.to_dict()
+    for key in ("type", "ts", "epoch", "step"):
+        del out[key]
+    return out
+
+
+def acceptance_records(session: Session, run_id: str) -> list[AcceptanceRecord]:
+    """The run's acceptance records by step (a few per epoch: read whole on each refresh)."""
+    q = select(Metric.ts, Metric.epoch, Metric.step, Metric.values).where(
+        Metric.run_id == run_id, Metric.type == AcceptanceRecord.TYPE).order_by(Metric.step)
+    out = []
+    for row in session.execute(q).mappings():
+        rec = parse_record({**row["values"], "type": AcceptanceRecord.TYPE, "ts": row["ts"], "epoch": row["epoch"],
+                            "step": row["step"]})
+        if isinstance(rec, AcceptanceRecord):
+            out.append(rec)
     return out
 
 

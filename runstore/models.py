@@ -102,8 +102,9 @@ class Stage(Base):
 
 
 class Metric(Base):
-    """One `train` or `val` record of the trainer's metrics.jsonl (speculators.metric_records);
-    unique per (run, type, step). `values` holds the record's `metrics`."""
+    """One `train`, `val` or `acceptance` record of the trainer's metrics.jsonl
+    (speculators.metric_records); unique per (run, type, step). `values` holds the record's
+    `metrics` (an acceptance record: its fields past epoch and step)."""
 
     __tablename__ = "metrics"
     __table_args__ = (UniqueConstraint("run_id", "type", "step", name="uq_metric_run_type_step"),)

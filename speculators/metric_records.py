@@ -81,7 +81,9 @@ class ValRecord(Record):
 
 @dataclass(frozen=True)
 class CheckpointRecord(Record):
-    """An epoch-end checkpoint; `val_loss` is the score `checkpoint_best` is chosen by."""
+    """An epoch-end checkpoint. `val_loss`: the epoch's validation loss (its training loss without a
+    validation split); `best_by` names the score `checkpoint_best` is chosen by (`val-loss`, lower
+    is better, or `acceptance`, higher is better) and `score` is this epoch's value of it."""
 
     TYPE: ClassVar[str] = "checkpoint"
     epoch: int
@@ -89,6 +91,25 @@ class CheckpointRecord(Record):
     path: str
     val_loss: float | None
     is_best: bool
+    best_by: str = "val-loss"
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class AcceptanceRecord(Record):
+    """Speculative decoding of the draft at `step` with the verifier on the run's fixed held-out
+    prompts (speculators.train.acceptance): `mean_acceptance_length` counts the bonus token
+    (vLLM's figure), `acceptance_rate_per_position[i]` is the share of drafts whose token i was
+    accepted; `prompts`, `tokens` (generated) and `seconds` say what it cost."""
+
+    TYPE: ClassVar[str] = "acceptance"
+    epoch: int
+    step: int
+    mean_acceptance_length: float
+    acceptance_rate_per_position: list[float]
+    prompts: int
+    tokens: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -128,8 +149,8 @@ class ProgressRecord(Record):
 
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.TYPE: cls
-    for cls in (StartRecord, TrainRecord, ValRecord, CheckpointRecord, StepCheckpointRecord, EndRecord,
-                ProgressRecord)
+    for cls in (StartRecord, TrainRecord, ValRecord, AcceptanceRecord, CheckpointRecord, StepCheckpointRecord,
+                EndRecord, ProgressRecord)
 }
 
 #: Record types that carry a step's metrics (the ones the run store keeps per step).
@@ -142,11 +163,16 @@ def _type_ok(value: Any, annotation: str) -> bool:
         return "None" in options
     for option in options:
         base = option.split("[", 1)[0]
-        kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}.get(base)
+        kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,),
+                 "list": (list,)}.get(base)
         if kinds is None:
             continue
         if isinstance(value, bool) and base in ("int", "float"):
             continue  # JSON true is not a step number
+        if base == "list" and option == "list[float]" and isinstance(value, list):
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                return True
+            continue
         if isinstance(value, kinds):
             return True
     return False

@@ -202,6 +202,36 @@ def test_run_detail_charts_progress_checkpoints(home):
         assert [m.kind for m in outbox.pending(s)] == ["serve"]
 
 
+def _chart_rows(chart) -> list[dict]:
+    """The rows a chart plots (Streamlit sends its data beside the spec, as Arrow)."""
+    from streamlit import dataframe_util
+
+    frames = [dataframe_util.convert_arrow_bytes_to_pandas_df(d.data.data) for d in chart.proto.datasets]
+    if chart.proto.data.data:
+        frames.append(dataframe_util.convert_arrow_bytes_to_pandas_df(chart.proto.data.data))
+    return [row for frame in frames for row in frame.to_dict("records")]
+
+
+def test_run_detail_shows_the_acceptance_curve_and_latest_positions(home):
+    factory = _seed_run(home, "r1")
+    points = [(2, 1.25, [0.2, 0.05]), (4, 1.5, [0.375, 0.125]), (6, 1.625, [0.5, 0.125])]
+    with factory() as s:
+        metrics.ingest_records(s, "r1", [
+            {"type": "acceptance", "ts": 100.0 + step, "epoch": 0, "step": step, "mean_acceptance_length": length,
+             "acceptance_rate_per_position": rates, "prompts": 8, "tokens": 256, "seconds": 0.5}
+            for step, length, rates in points])
+    at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+    at.query_params["run"] = "r1"
+    at.run()
+    assert not at.exception
+    charts = {json.loads(c.proto.spec)["title"]: c for c in at.get("vega_lite_chart")}
+    curve = _chart_rows(charts["Mean acceptance length"])
+    assert [(r["step"], r["mean acceptance length"]) for r in curve] == [(p[0], p[1]) for p in points]
+    bars = _chart_rows(charts["Acceptance rate per position (step 6)"])
+    assert [(r["position"], r["acceptance rate"]) for r in bars] == [(1, 0.5), (2, 0.125)]
+    assert any("8 prompts, 256 tokens generated" in t for t in _alerts(at, "caption"))
+
+
 class _FakeVllm(BaseHTTPRequestHandler):
     METRICS = (
         "# TYPE vllm:spec_decode_num_drafts counter\n"

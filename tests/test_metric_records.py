@@ -9,6 +9,7 @@ import math
 import pytest
 
 from speculators.metric_records import (
+    AcceptanceRecord,
     CheckpointRecord,
     EndRecord,
     ProgressRecord,
@@ -32,6 +33,10 @@ RECORDS = [
     EndRecord(status="completed", ts=7.0),
     EndRecord(status="interrupted", signal="SIGINT", ts=8.0),
     ProgressRecord(done=3, total=7, ts=9.0),
+    CheckpointRecord(epoch=0, step=5, path="/s/0", val_loss=0.5, is_best=True, best_by="acceptance", score=1.75,
+                     ts=5.6),
+    AcceptanceRecord(epoch=0, step=4, mean_acceptance_length=1.75, acceptance_rate_per_position=[0.5, 0.25],
+                     prompts=8, tokens=256, seconds=0.5, ts=5.7),
 ]
 
 
@@ -77,6 +82,10 @@ def test_non_finite_floats_are_written_as_null():
     '{"type": "train", "ts": 1, "epoch": 0, "step": 3, "total_steps": 2, "metrics": null}',   # metrics not a dict
     '{"type": "checkpoint", "ts": 1, "epoch": 0, "step": 3, "path": "p", "val_loss": 1.0, "is_best": "yes"}',
     '{"type": "end", "ts": 1}',                                                     # no status
+    '{"type": "acceptance", "ts": 1, "epoch": 0, "step": 2, "mean_acceptance_length": 1.5, '
+    '"acceptance_rate_per_position": [0.5, "x"], "prompts": 1, "tokens": 8, "seconds": 0.1}',  # a rate not a number
+    '{"type": "acceptance", "ts": 1, "epoch": 0, "step": 2, "mean_acceptance_length": 1.5, '
+    '"acceptance_rate_per_position": 0.5, "prompts": 1, "tokens": 8, "seconds": 0.1}',         # rates not a list
 ])
 def test_malformed_lines_give_none(line):
     assert parse_line(line) is None
@@ -88,3 +97,6 @@ def test_missing_optional_fields_take_their_defaults():
     start = parse_record({"type": "start", "ts": 1, "run_name": "r", "run_id": None, "total_steps": 4, "epochs": 1,
                           "steps_per_epoch": 4})
     assert start.resumed_from is None and start.resumed_step is None
+    ckpt = parse_record({"type": "checkpoint", "ts": 1, "epoch": 0, "step": 3, "path": "p", "val_loss": 1.0,
+                         "is_best": True})  # a line written before --best-by
+    assert ckpt.best_by == "val-loss" and ckpt.score is None

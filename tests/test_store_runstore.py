@@ -13,7 +13,7 @@ from sqlalchemy import text
 from runstore import deployments, errors, metrics, outbox, runs, stages
 from runstore.db import current_revision, make_engine, open_store, upgrade_database
 from runstore.models import Base, Stage, utcnow
-from speculators.metric_records import TrainRecord, ValRecord
+from speculators.metric_records import AcceptanceRecord, TrainRecord, ValRecord
 
 HEAD = "0003"
 
@@ -208,6 +208,24 @@ def test_ingest_keeps_every_trainer_metric_key(factory):
     assert set(groups["Step accuracy: step k alone"]["metric"]) == {"step_acc_0", "step_acc_1"}
     assert set(groups["Full accuracy: steps 0..k all right"]["metric"]) == {"full_acc_0", "full_acc_1"}
     assert set(groups["Conditional accuracy: step k given 0..k-1 right"]["metric"]) == {"cond_acc_0", "cond_acc_1"}
+
+
+def test_acceptance_records_round_trip_through_the_store(factory):
+    """Acceptance records keep their fields, upsert on (run, acceptance, step), stay out of the
+    train/val charts' rows, and skip a malformed line."""
+    _run(factory)
+    first = AcceptanceRecord(epoch=0, step=3, mean_acceptance_length=1.5, acceptance_rate_per_position=[0.4, 0.1],
+                             prompts=8, tokens=256, seconds=0.75, ts=3.0)
+    second = AcceptanceRecord(epoch=0, step=5, mean_acceptance_length=1.75, acceptance_rate_per_position=[0.5, 0.25],
+                              prompts=8, tokens=250, seconds=0.5, ts=5.0)
+    redone = AcceptanceRecord(epoch=1, step=5, mean_acceptance_length=2.0, acceptance_rate_per_position=[0.6, 0.4],
+                              prompts=8, tokens=240, seconds=0.25, ts=9.0)  # a resumed run re-emits step 5
+    bad = {**first.to_dict(), "step": 4, "acceptance_rate_per_position": "high"}
+    with factory() as s:
+        written = metrics.ingest_records(s, "r1", [first.to_dict(), second.to_dict(), bad, redone.to_dict()])
+        assert written == 3
+        assert metrics.acceptance_records(s, "r1") == [first, redone]
+        assert metrics.step_records(s, "r1") == []
 
 
 def _columns(con, table):

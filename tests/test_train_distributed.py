@@ -1,5 +1,5 @@
 """`torchrun --nproc_per_node 2` (FSDP2 over gloo, CPU), interrupted and resumed from a mid-epoch
-checkpoint, matches one uninterrupted process on the same batches."""
+checkpoint, matches one uninterrupted process on the same batches, acceptance measurements included."""
 
 from __future__ import annotations
 
@@ -17,12 +17,18 @@ def _records(save, kind):
     return {r["step"]: r["metrics"] for r in read_metrics(save / "metrics.jsonl") if r["type"] == kind}
 
 
+def _acceptance(save):
+    return {r["step"]: [r["mean_acceptance_length"], *r["acceptance_rate_per_position"]]
+            for r in read_metrics(save / "metrics.jsonl") if r["type"] == "acceptance"}
+
+
 @pytest.mark.slow
 def test_two_process_fsdp_matches_single_process(tiny_llama, tmp_path):
     data = write_synthetic_hidden_states(tiny_llama, tmp_path / "hs", num_samples=16, seq_len=40)
     common = ["--verifier-name-or-path", str(tiny_llama), "--data-path", str(data), "--epochs", "2",
               "--lr", "3e-3", "--total-seq-len", "96", "--ttt-steps", "2", "--num-layers", "2",
-              "--log-freq", "1000", "--train-data-ratio", "0.75"]
+              "--log-freq", "1000", "--train-data-ratio", "0.75",
+              "--eval-every-steps", "3", "--eval-prompts", "3", "--eval-max-tokens", "12"]
     dist_dir = tmp_path / "dist"
 
     # Interrupted after step 2 of epoch 0 (checkpoints every step, FSDP collectives), then resumed.
@@ -47,6 +53,12 @@ def test_two_process_fsdp_matches_single_process(tiny_llama, tmp_path):
         assert d_val[step]["loss"] == pytest.approx(s_val[step]["loss"], rel=1e-4)
         for key in ("full_acc_1", "cond_acc_1", "step_acc_1"):  # counts summed over ranks, not ratios
             assert d_val[step][key] == pytest.approx(s_val[step][key], abs=1e-9), (step, key)
+    # Acceptance under FSDP: every rank gathers the full weights, rank 0 decodes (no deadlock), at
+    # the same steps as one process and with the same figures (greedy decoding of nearly equal weights).
+    d_acc, s_acc = _acceptance(dist_dir), _acceptance(tmp_path / "single")
+    assert d_acc.keys() == s_acc.keys() and {3, 6} <= d_acc.keys()
+    for step in d_acc:
+        assert d_acc[step] == pytest.approx(s_acc[step], abs=1e-9), step
     a = load_file(str(dist_dir / "1" / "model.safetensors"))
     b = load_file(str(tmp_path / "single" / "1" / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -1,5 +1,5 @@
-"""One run: stages and timings, live metric charts, progress and ETA, logs, checkpoints,
-and serving the best checkpoint in vLLM with its acceptance metrics."""
+"""One run: stages and timings, live metric charts (the acceptance measured while training
+included), progress and ETA, logs, checkpoints, and serving the best checkpoint in vLLM with its acceptance metrics."""
 
 from __future__ import annotations
 
@@ -159,6 +159,33 @@ def charts() -> None:
     cols = st.columns(2)
     for i, c in enumerate(built["charts"]):
         cols[i % 2].altair_chart(c, width="stretch", key=f"chart_{i}")
+    acceptance_charts()
+
+
+def acceptance_charts() -> None:
+    """The draft's acceptance measured while training (held-out prompts, exact speculative
+    decoding): the mean acceptance length over steps and the latest per-position rates."""
+    with factory() as session:
+        records = metrics.acceptance_records(session, run_id)
+    if not records:
+        return
+    st.subheader("Acceptance (held-out prompts)")
+    latest = records[-1]
+    curve = views.acceptance_curve(records)
+    left, right = st.columns(2)
+    left.altair_chart(
+        alt.Chart(curve, title="Mean acceptance length").mark_line(point=len(curve) < 60)
+        .encode(x=alt.X("step:Q", title="step"), y=alt.Y("mean acceptance length:Q", title=None,
+                                                          scale=alt.Scale(zero=False)),
+                tooltip=["step", "epoch", "mean acceptance length", "seconds"])
+        .properties(height=220), width="stretch", key="acceptance_curve")
+    right.altair_chart(
+        alt.Chart(views.acceptance_positions(latest), title=f"Acceptance rate per position (step {latest.step})")
+        .mark_bar().encode(x=alt.X("position:O"), y=alt.Y("acceptance rate:Q", scale=alt.Scale(domain=[0, 1])),
+                           tooltip=["position", "acceptance rate"])
+        .properties(height=220), width="stretch", key="acceptance_positions")
+    common.alert("caption", f"{latest.prompts} prompts, {latest.tokens} tokens generated in "
+                 f"{latest.seconds:.1f}s at step {latest.step}")
 
 
 live()

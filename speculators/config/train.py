@@ -13,6 +13,7 @@ from speculators.config.base import TypedSettings, setting
 
 MODEL, DATA, ONLINE, TRAINING, OUTPUT = "model", "data", "online training (hidden states from a vLLM server)", \
     "training", "output"
+ACCEPTANCE = "acceptance during training"
 
 TTT_STEPS_MAX = 16
 SEQ_LEN_MIN, SEQ_LEN_MAX = 16, 1 << 20
@@ -118,6 +119,24 @@ class TrainConfig(TypedSettings):
     num_workers: int | None = setting(None, "DataLoader worker processes that load the next steps' hidden states "
                                       "while the accelerator computes (default: 4 on CUDA with on-disk data, "
                                       "else 0)", group=TRAINING, ge=0)
+
+    # ---------------------------------------------------------------- acceptance
+    eval_every_steps: int = setting(
+        0, "also measure acceptance every N optimizer steps (0: only at epoch ends); each measurement is exact "
+        "speculative decoding of the current draft with the verifier on the run's fixed held-out prompts",
+        group=ACCEPTANCE, ge=0)
+    eval_prompts: int = setting(
+        8, "held-out prompts the acceptance is measured on (0: no acceptance measurement)", group=ACCEPTANCE,
+        ge=0, le=4096)
+    eval_max_tokens: int = setting(32, "tokens generated per prompt when measuring acceptance", group=ACCEPTANCE,
+                                   ge=1, le=65536)
+    eval_data: str | None = setting(
+        None, "held-out prompts: a prepared dataset, a hidden-state directory or a conversation source as "
+        "prepare-data takes it (default: the validation rows of the training data)", group=ACCEPTANCE)
+    best_by: Literal["val-loss", "acceptance"] = setting(
+        "val-loss", "the score checkpoint_best is chosen by: validation loss (lower is better; the training loss "
+        "without a validation split) or acceptance (mean acceptance length at the epoch end, higher is better)",
+        group=ACCEPTANCE)
 
     # ---------------------------------------------------------------- output
     save_path: str = setting("./output/checkpoints", "checkpoint directory", group=OUTPUT)

@@ -3,8 +3,9 @@
 `build_components(cfg, info)` reads the verifier and the data, decides between a fresh run
 and a resume (rank 0 decides, every rank follows), builds the draft (from the verifier, from
 `--from-pretrained` or from the checkpoint being resumed), wraps it in the TTT objective
-(FSDP2 under torchrun), and builds the optimizer, the LR schedule, the step data and the
-metrics sink. Every input is checked here, so a run that fails to start claims no save path.
+(FSDP2 under torchrun), and builds the optimizer, the LR schedule, the step data, the
+acceptance probe (the fixed held-out prompts, the verifier) and the metrics sink. Every input
+is checked here, so a run that fails to start claims no save path.
 The `Trainer` receives the result and only runs the loop.
 """
 
@@ -24,6 +25,7 @@ from speculators.errors import UserError
 from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
 from speculators.train import checkpoint as ckpt
 from speculators.config.train import TrainConfig
+from speculators.train.acceptance import AcceptanceProbe
 from speculators.train.data_source import build_sample_store
 from speculators.train.distributed import DistInfo, broadcast_object, shard
 from speculators.train.loggers import ExperimentLogger
@@ -56,6 +58,7 @@ class Components:
     data: StepData
     sink: MetricsSink
     autocast: bool
+    acceptance: AcceptanceProbe | None
 
     def close(self) -> None:
         self.sink.close()
@@ -207,6 +210,8 @@ def _build_around(cfg: TrainConfig, info: DistInfo, vconf: Any, store: SampleSto
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   **adamw_kernel(cfg.optimizer_impl, info.world_size))
     data = StepData.build(store, cfg, info, bps, torch.bfloat16 if autocast else torch.float32)
+    val_positions = data.val_ds.indices if data.val_ds is not None else []
+    acceptance = AcceptanceProbe.build(cfg, info, store, val_positions, draft.config)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * data.total_steps)
     scheduler = build_scheduler(optimizer, data.total_steps, warmup, cfg.scheduler)
     run_name = cfg.run_name or Path(cfg.save_path).resolve().name
@@ -216,4 +221,4 @@ def _build_around(cfg: TrainConfig, info: DistInfo, vconf: Any, store: SampleSto
         ckpt.write_run(cfg.save_path, run_id, args)
     return Components(cfg=cfg, info=info, run_id=run_id, run_name=run_name, resume_dir=resume_dir, store=store,
                       draft=draft, objective=objective, params=params, optimizer=optimizer, scheduler=scheduler,
-                      data=data, sink=sink, autocast=autocast)
+                      data=data, sink=sink, autocast=autocast, acceptance=acceptance)

@@ -1,8 +1,8 @@
 """The one place a training run's metrics go out: `metrics.jsonl`, the experiment trackers, the console.
 
 The trainer hands every record (the typed records of `speculators.metric_records`) to
-`MetricsSink.emit`; the sink writes it to the stream, gives train and validation metrics to
-the tracker (trackio, wandb or tensorboard) and prints their console line (a train line every
+`MetricsSink.emit`; the sink writes it to the stream, gives train, validation and acceptance
+metrics to the tracker (trackio, wandb or tensorboard) and prints their console line (a train line every
 `--log-freq` steps). Only rank 0 writes anything: this is the one rank guard of the output.
 Console lines name the trainer's line that emitted the record (`stacklevel`), as they did when
 the trainer logged them itself.
@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from speculators.metric_records import Record, StartRecord, TrainRecord, ValRecord
+from speculators.metric_records import AcceptanceRecord, Record, StartRecord, TrainRecord, ValRecord
 from speculators.train.loggers import ExperimentLogger, metrics_line
 from speculators.train.metrics_stream import MetricsStream
 
@@ -51,6 +51,10 @@ class MetricsSink:
         elif isinstance(record, ValRecord):
             self.trackers.log("val", record.metrics, record.step)
             logger.info("%s", metrics_line("val", record.metrics, record.epoch), stacklevel=2)
+        elif isinstance(record, AcceptanceRecord):
+            metrics = acceptance_metrics(record)
+            self.trackers.log("acceptance", metrics, record.step)
+            logger.info("%s", metrics_line("acceptance", metrics, record.epoch), stacklevel=2)
 
     def note(self, msg: str, *args) -> None:
         """A console line about the run (resumed, stopped), once for all ranks."""
@@ -60,3 +64,11 @@ class MetricsSink:
     def close(self) -> None:
         self._stream.close()
         self.trackers.close()
+
+
+def acceptance_metrics(record: AcceptanceRecord) -> dict[str, float]:
+    """An acceptance record as the flat metrics of a tracker and the console line."""
+    metrics = {"mean_length": record.mean_acceptance_length}
+    metrics.update({f"rate_{i}": r for i, r in enumerate(record.acceptance_rate_per_position)})
+    metrics.update(prompts=record.prompts, tokens=record.tokens, seconds=record.seconds)
+    return metrics

@@ -39,9 +39,9 @@ class Progress:
         self.step += 1
         self.epoch_stats += stats
 
-    def offer(self, score: float, epoch: int) -> bool:
-        """Record an epoch end's score; True if it is the best so far (lower is better)."""
-        if self.best_score is not None and score >= self.best_score:
+    def offer(self, score: float, epoch: int, higher_is_better: bool = False) -> bool:
+        """Record an epoch end's score; True if it is the best so far (a tie keeps the earlier epoch)."""
+        if self.best_score is not None and (score <= self.best_score if higher_is_better else score >= self.best_score):
             return False
         self.best_score, self.best_epoch = score, epoch
         return True

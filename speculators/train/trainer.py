@@ -5,7 +5,8 @@ receives them and runs one loop driven by the global optimizer step alone (the e
 position in it follow from the step, speculators.train.step_data):
 
     while step < last step and no stop signal:
-        train_step; at an epoch's last step end_epoch (validate, checkpoint); maybe_save
+        train_step (every --eval-every-steps: acceptance); at an epoch's last step end_epoch
+        (validate, acceptance, checkpoint); maybe_save
 
 A resume is no case of the loop: the `Trainer` starts by loading the checkpoint's state map
 (speculators.train.state: step, best score, epoch stats, RNG, model, optimizer, scheduler)
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from speculators.metric_records import (
+    AcceptanceRecord,
     CheckpointRecord,
     EndRecord,
     StartRecord,
@@ -30,6 +32,7 @@ from speculators.metric_records import (
     ValRecord,
 )
 from speculators.train import checkpoint as ckpt
+from speculators.train.acceptance import Acceptance
 from speculators.train.components import Components, build_components
 from speculators.config.train import TrainConfig
 from speculators.train.distributed import all_reduce_max, all_reduce_sum, barrier, cleanup, setup_distributed
@@ -57,12 +60,13 @@ class Trainer:
         self.cfg, self.info, self.device = c.cfg, c.info, c.info.device
         self.draft, self.objective, self.params = c.draft, c.objective, c.params
         self.optimizer, self.scheduler, self.data, self.sink = c.optimizer, c.scheduler, c.data, c.sink
-        self.autocast = c.autocast
+        self.autocast, self.acceptance = c.autocast, c.acceptance
         self.data_dtype = torch.bfloat16 if c.autocast else torch.float32
         self.progress = Progress(self.data, (self.cfg.ttt_steps, len(STAT_FIELDS)), self.device)
+        self.model_state = ModelState(self.objective, self.info)
         self.checkpointer = ckpt.Checkpointer(
             self.cfg.save_path,
-            {"model": ModelState(self.objective, self.info),
+            {"model": self.model_state,
              "optimizer": OptimizerState(self.objective, self.optimizer, self.info),
              "scheduler": self.scheduler, "progress": self.progress, "rng": RngState()},
             self.draft, c.run_id, self.cfg.keep_last_checkpoints, self.info,
@@ -113,19 +117,37 @@ class Trainer:
         step = self.progress.step
         self.sink.emit(TrainRecord(epoch=self.data.epoch_of(step), step=step, total_steps=self.data.total_steps,
                                    metrics=metrics))
+        every = self.cfg.eval_every_steps
+        if every and step % every == 0 and not self.data.is_epoch_end(step):  # end_epoch measures its own
+            self.measure_acceptance()
 
     def end_epoch(self) -> None:
-        """Validate, score the epoch (validation loss, else its training loss) and checkpoint it."""
+        """Validate, measure acceptance, score the epoch by --best-by (validation loss, else its
+        training loss; or mean acceptance length) and checkpoint it."""
         step = self.progress.step
         epoch = self.data.epoch_of(step)
         val = self.validate()
-        score = val["loss"] if val is not None else summarize(self.progress.epoch_stats, self.cfg.ttt_step_loss_decay)["loss"]
-        is_best = self.progress.offer(score, epoch)
+        loss = val["loss"] if val is not None else summarize(self.progress.epoch_stats, self.cfg.ttt_step_loss_decay)["loss"]
         if val is not None:
             self.sink.emit(ValRecord(epoch=epoch, step=step, metrics=val))
+        acceptance = self.measure_acceptance()
+        by_acceptance = self.cfg.best_by == "acceptance"
+        score = acceptance.mean_acceptance_length if by_acceptance and acceptance else loss
+        is_best = self.progress.offer(score, epoch, higher_is_better=by_acceptance)
         self.progress.reset_epoch()
         path = self.checkpointer.save(ckpt.epoch_end_name(epoch), is_best)
-        self.sink.emit(CheckpointRecord(epoch=epoch, step=step, path=str(path), val_loss=score, is_best=is_best))
+        self.sink.emit(CheckpointRecord(epoch=epoch, step=step, path=str(path), val_loss=loss, is_best=is_best,
+                                        best_by=self.cfg.best_by, score=score))
+
+    def measure_acceptance(self) -> Acceptance | None:
+        """Speculative decoding of the current draft on the run's held-out prompts (None: no prompts).
+        Every rank takes part (gathering the full weights is a collective under FSDP); rank 0 decodes."""
+        if self.acceptance is None:
+            return None
+        result = self.acceptance.measure(self.model_state.state_dict())
+        step = self.progress.step
+        self.sink.emit(AcceptanceRecord(epoch=self.data.epoch_of(step), step=step, **asdict(result)))
+        return result
 
     def maybe_save(self, signum: int | None) -> None:
         """Checkpoint inside an epoch on a stop (signal, --max-steps) or --checkpoint-every-steps, once."""
