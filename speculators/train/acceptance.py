@@ -98,7 +98,9 @@ class AcceptanceProbe:
         from speculators.models.eagle3 import default_aux_layer_ids
         from speculators.verifier import text_config
 
-        verifier = Verifier.from_pretrained(self.verifier_path, [], dtype=self.dtype, device=self.device)
+        # Kept in host memory between measurements: the training GPU holds it only while it decodes
+        # (the training memory estimate does not count a whole verifier).
+        verifier = Verifier.from_pretrained(self.verifier_path, [], dtype=self.dtype, device="cpu")
         n_layers = int(text_config(verifier.model.config).num_hidden_layers)
         verifier.aux_layer_ids = list(self.draft_config.aux_layer_ids or default_aux_layer_ids(n_layers))
         self._verifier, self._eos = verifier, eos_ids_of(self.verifier_path)
@@ -132,10 +134,17 @@ class AcceptanceProbe:
         k = int(self.draft_config.speculative_tokens)
         settings = EvalSettings(num_speculative_tokens=k, max_new_tokens=self.max_tokens)
         cuda = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):  # decoding must not move the training RNG
-            torch.manual_seed(settings.seed)
-            counts, stats = evaluate_prompts(self._verifier, Eagle3Proposer(draft, draft.config.vocab_size),
-                                             self.prompts, settings, self._eos)
+        self._verifier.model.to(self.device)
+        try:
+            with torch.random.fork_rng(devices=cuda):  # decoding must not move the training RNG
+                torch.manual_seed(settings.seed)
+                counts, stats = evaluate_prompts(self._verifier, Eagle3Proposer(draft, draft.config.vocab_size),
+                                                 self.prompts, settings, self._eos)
+        finally:
+            self._verifier.model.to("cpu")
+            del draft
+            if cuda:
+                torch.cuda.empty_cache()
         report = build_report(counts, "pytorch", k)
         return Acceptance(mean_acceptance_length=float(report["mean_acceptance_length"]),
                           acceptance_rate_per_position=[float(r) for r in report["acceptance_rate_per_position"]],
