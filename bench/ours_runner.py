@@ -120,7 +120,8 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
     sink = MetricsSink("unused", ExperimentLogger(None, "", "", {}), cfg.log_freq, is_main=False)  # writes nothing
     tr = Trainer(Components(cfg=cfg, info=info, run_id="bench", run_name="bench", resume_dir=None, store=store,
                             draft=draft, objective=objective, params=params, optimizer=optimizer,
-                            scheduler=scheduler, data=step_data, sink=sink, autocast=autocast))
+                            scheduler=scheduler, data=step_data, sink=sink, autocast=autocast,
+                            acceptance=None))  # throughput only: no acceptance measurement
     return tr, init_stats
 
 
