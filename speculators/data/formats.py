@@ -38,6 +38,7 @@ from speculators.data.public_format import PublicSampleStore, is_public_layout, 
 from speculators.data.sample_store import (
     CorruptSampleError,
     FileSampleStore,
+    SampleStore,
     OnCorrupt,
     SampleSchema,
     first_line,
@@ -500,17 +501,24 @@ def convert_pt_to_safetensors(
     return new_config
 
 
-def convert_v0_to_pt(src: str | os.PathLike, dst: str | os.PathLike, on_corrupt: OnCorrupt = "skip") -> dict[str, Any]:
-    """Rewrite a data-format-version-0 directory as version 1 (what datagen writes today)."""
-    src, dst = Path(src), Path(dst)
-    check_new_output(src, dst)
-    store = open_sample_store(src, on_corrupt="raise", data_format_version=0)
+def copy_samples_to_pt(store: SampleStore, dst: Path, on_corrupt: OnCorrupt) -> tuple[dict[str, int], list[int]]:
+    """Write every readable sample of `store` as `dst/data_<i>.pt`; their token counts by index
+    (data_config.json's `lengths`) and the indices skipped as corrupt."""
     dst.mkdir(parents=True, exist_ok=True)
     lengths: dict[str, int] = {}
     skipped: list[int] = []
     for index, sample in readable_samples(store, on_corrupt, skipped):
         write_pt_sample(dst, index, sample)
         lengths[str(index)] = int(sample["input_ids"].shape[0])
+    return lengths, skipped
+
+
+def convert_v0_to_pt(src: str | os.PathLike, dst: str | os.PathLike, on_corrupt: OnCorrupt = "skip") -> dict[str, Any]:
+    """Rewrite a data-format-version-0 directory as version 1 (what datagen writes today)."""
+    src, dst = Path(src), Path(dst)
+    check_new_output(src, dst)
+    store = open_sample_store(src, on_corrupt="raise", data_format_version=0)
+    lengths, skipped = copy_samples_to_pt(store, dst, on_corrupt)
     config = {k: v for k, v in store.config.items() if k not in ("inferred_from",)}
     config.update({"version": DATA_FORMAT_VERSION, "format": "pt", "converted_from": str(src),
                    "skipped_corrupt": skipped, "complete": True, "num_samples": len(lengths), "lengths": lengths})

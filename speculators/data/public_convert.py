@@ -15,7 +15,7 @@ import torch
 
 from speculators.data import data_config as dc
 from speculators.data.data_config import DATA_CONFIG_NAME
-from speculators.data.formats import DATA_FORMAT_VERSION, check_new_output, open_sample_store, write_pt_sample
+from speculators.data.formats import DATA_FORMAT_VERSION, check_new_output, copy_samples_to_pt, open_sample_store
 from speculators.data.public_format import HS_DIR, PUBLIC_FORMAT, PublicSampleStore, hs_file_name, open_public_store
 from speculators.data.sample_store import OnCorrupt, readable_samples
 from speculators.errors import UserError
@@ -107,12 +107,7 @@ def convert_from_public(
     if recorded is not None and ids_given is not None and list(recorded) != ids_given:
         raise UserError(f"--layer-ids {ids_given} contradicts {src / DATA_CONFIG_NAME} ({recorded})")
     n_layers = num_hidden_layers if num_hidden_layers is not None else store.config.get("num_hidden_layers")
-    dst.mkdir(parents=True, exist_ok=True)
-    lengths: dict[str, int] = {}
-    skipped: list[int] = []
-    for index, sample in readable_samples(store, on_corrupt, skipped):
-        write_pt_sample(dst, index, sample)
-        lengths[str(index)] = int(sample["input_ids"].shape[0])
+    lengths, skipped = copy_samples_to_pt(store, dst, on_corrupt)
     config: dict[str, Any] = {
         "version": DATA_FORMAT_VERSION,
         "format": "pt",
