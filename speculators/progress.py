@@ -1,6 +1,6 @@
 """Progress a pipeline stage reports for the dashboard's bar.
 
-A stage process appends `{"type": "progress", "done": N, "total": T, "ts": ...}` lines to the
+A stage process appends `ProgressRecord` lines (`{"type": "progress", "ts", "done", "total"}`) to the
 JSONL file named by `$SPECULATORS_PROGRESS_FILE` (the worker sets it for each stage and tails
 the file as it tails the trainer's metrics.jsonl); without the variable nothing is written.
 Lines are throttled to one per `every_s` seconds, the last one (done == total) always.
@@ -8,9 +8,10 @@ Lines are throttled to one per `every_s` seconds, the last one (done == total) a
 
 from __future__ import annotations
 
-import json
 import os
 import time
+
+from speculators.metric_records import ProgressRecord
 
 ENV = "SPECULATORS_PROGRESS_FILE"
 
@@ -28,7 +29,7 @@ class Progress:
         if done < total and now - self._last < self.every_s:
             return
         self._last = now
-        line = json.dumps({"type": "progress", "done": int(min(done, total)), "total": int(total), "ts": now})
+        line = ProgressRecord(done=int(min(done, total)), total=int(total), ts=now).to_json()
         try:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
