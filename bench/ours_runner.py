@@ -195,6 +195,7 @@ def main(argv=None) -> dict:
             start = time.perf_counter()
             batch = next(stream)  # data loading + collate is part of the step, as in fit()
             stats, tokens = tr.train_step(batch)
+            tokens = float(tokens)
             metrics = summarize(stats, tr.cfg.ttt_step_loss_decay)  # .cpu() syncs
             dt = time.perf_counter() - start
             steps.append({"step": i + 1, "loss": metrics["loss"], "metrics": metrics, "tokens": tokens,
