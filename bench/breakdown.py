@@ -156,9 +156,16 @@ def instrument(tr, device: torch.device):
             setattr(obj, attr, old)
 
 
-def profile_steps(tr, stream, n_steps: int, device: torch.device, top: int = 15) -> dict:
+# Ops that make the host wait for the device on CUDA (`.item()`, `nonzero`, explicit syncs);
+# counted on any device, so a CPU profile shows the syncs a CUDA step would have.
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item", "cudaStreamSynchronize",
+            "cudaDeviceSynchronize", "aten::is_nonzero")
+
+
+def profile_steps(tr, stream, n_steps: int, device: torch.device, top: int = 15, trace_path: str | None = None) -> dict:
     """Run `n_steps` batches from `stream` instrumented (first half timed, second half under
-    torch.profiler) and return the breakdown plus the profiler's top ops."""
+    torch.profiler) and return the breakdown plus the profiler's top ops and host-sync op
+    counts per step; `trace_path` keeps the profiler's Chrome trace (gzip)."""
     from torch.profiler import ProfilerActivity, profile
 
     half = max(1, n_steps // 2)
@@ -180,6 +187,9 @@ def profile_steps(tr, stream, n_steps: int, device: torch.device, top: int = 15)
                 for _ in range(rest):
                     tr.train_step(next(stream))
             key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            syncs = {ev.key: ev.count / rest for ev in prof.key_averages() if ev.key in SYNC_OPS}
+            if trace_path:
+                _export_trace(prof, trace_path)
             for ev in sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True):
                 if ev.key.startswith("bench::"):
                     continue
@@ -213,7 +223,27 @@ def profile_steps(tr, stream, n_steps: int, device: torch.device, top: int = 15)
     rows.append({"region": "grad clip + optimizer", "forward_s": clip + opt, "backward_s": 0.0, "total_s": clip + opt})
     for r in rows:
         r["share"] = r["total_s"] / step_s if step_s else 0.0
-    return {"steps_timed": steps, "steps_profiled": n_steps - half, "step_s": step_s, "regions": rows, "top_ops": ops}
+    out = {"steps_timed": steps, "steps_profiled": n_steps - half, "step_s": step_s, "regions": rows, "top_ops": ops}
+    if rest > 0:
+        out["sync_ops_per_step"] = syncs
+        out["trace"] = trace_path
+    return out
+
+
+def _export_trace(prof, path: str) -> None:
+    """The Chrome trace (chrome://tracing, Perfetto) gzip-compressed at `path`."""
+    import gzip
+    import os
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        raw = f.name
+    try:
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+            dst.write(src.read())
+    finally:
+        os.unlink(raw)
 
 
 def render(profile: dict) -> str:
@@ -221,6 +251,10 @@ def render(profile: dict) -> str:
              "| region | forward ms | backward ms | share |", "| --- | --- | --- | --- |"]
     for r in profile["regions"]:
         lines.append(f"| {r['region']} | {r['forward_s'] * 1000:.1f} | {r['backward_s'] * 1000:.1f} | {r['share'] * 100:.1f}% |")
+    if profile.get("sync_ops_per_step") is not None:
+        syncs = profile["sync_ops_per_step"]
+        lines.append("host-sync ops per train_step: " + (", ".join(f"{k} {v:g}" for k, v in sorted(syncs.items()))
+                                                         or "none"))
     if profile.get("top_ops"):
         lines.append(f"top ops by self time (torch.profiler, per step over {profile['steps_profiled']} steps):")
         for o in profile["top_ops"][:10]:

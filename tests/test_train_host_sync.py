@@ -84,7 +84,7 @@ def test_records_wait_for_the_window_and_survive_a_crash(tiny_llama, hs_data, tm
 
 
 def test_loader_positions_give_the_objective_the_same_loss(tiny_llama, hs_data, tmp_path):
-    """The gather indices a CUDA run's loader precomputes (no `nonzero` on the device) change nothing."""
+    """The gather indices the loader precomputes (no `nonzero` on the device) change nothing."""
     from speculators.train.components import build_components
     from speculators.train.distributed import setup_distributed
 
@@ -94,8 +94,8 @@ def test_loader_positions_give_the_objective_the_same_loss(tiny_llama, hs_data, 
         trainer = Trainer(components)
         plan = trainer.data.plan(0)
         batch = next(iter(trainer.data.epoch_loader(plan, 0)))
-        assert "target_positions" not in batch  # the CPU default: the objective computes them
-        with_positions = {**batch, **counted_positions(batch["loss_mask"], batch["document_ids"], cfg.ttt_steps)}
+        with_positions = dict(batch)  # what the loader yields: the indices precomputed on the host
+        batch = {k: v for k, v in batch.items() if k != "target_positions" and not k.startswith("step_positions_")}
         # independent reference for the indices: a loop over positions
         mask, docs = batch["loss_mask"].flatten(), batch["document_ids"].flatten()
         assert with_positions["target_positions"].tolist() == [
@@ -106,10 +106,12 @@ def test_loader_positions_give_the_objective_the_same_loss(tiny_llama, hs_data, 
         torch.manual_seed(0)
         loss_b, stats_b = trainer._forward(with_positions, den)
         assert torch.equal(loss_a, loss_b) and torch.equal(stats_a, stats_b)
-        trainer.data.positions_for = cfg.ttt_steps  # what StepData.build sets on CUDA
-        loaded = next(iter(trainer.data.epoch_loader(plan, 0)))
-        for k in range(cfg.ttt_steps):
-            assert torch.equal(loaded[f"step_positions_{k}"], with_positions[f"step_positions_{k}"])
+        for k in range(cfg.ttt_steps):  # the objective's own on-device computation gives the same indices
+            assert torch.equal(with_positions[f"step_positions_{k}"],
+                               counted_positions(batch["loss_mask"], batch["document_ids"], cfg.ttt_steps)[
+                                   f"step_positions_{k}"])
+        assert set(with_positions) - set(batch) == {"target_positions"} | {
+            f"step_positions_{k}" for k in range(cfg.ttt_steps)}
     finally:
         components.close()
 

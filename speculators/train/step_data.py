@@ -107,7 +107,7 @@ class StepData:
     seed: int
     num_workers: int | None
     store: SampleStore
-    positions_for: int = 0  # TTT steps whose gather indices the loader precomputes (0: the device does)
+    positions_for: int = 0  # TTT steps whose gather indices the loader precomputes (0: the objective does)
 
     @classmethod
     def build(cls, store, cfg, info: DistInfo, batches_per_step: int, dtype: torch.dtype) -> StepData:
@@ -135,7 +135,7 @@ class StepData:
         return cls(train_ds=train_ds, val_ds=val_ds, collate=Eagle3Collator(cfg.total_seq_len, pack=True),
                    train_sampler=train_sampler, val_batches=val_batches, batches_per_step=batches_per_step,
                    steps_per_epoch=steps_per_epoch, info=info, seed=cfg.seed, num_workers=cfg.num_workers,
-                   store=store, positions_for=cfg.ttt_steps if info.device.type != "cpu" else 0)
+                   store=store, positions_for=cfg.ttt_steps)
 
     # ---------------------------------------------------------------- where a step falls
     @property
