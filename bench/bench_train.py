@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from common import fmt, log, write_result  # noqa: E402
+from common import RESULTS_DIR, fmt, log, write_result  # noqa: E402
 from configs import get_shape  # noqa: E402
 from synthetic import write_v1_dataset  # noqa: E402
 
@@ -75,7 +75,7 @@ def run_shape(name: str, seq_len: int | None, steps: int, warmup: int, profile: 
     shape = shape.with_seq(seq_len or (shape.seq_len if on_gpu else shape.cpu_seq_len))
     root = Path(tempfile.mkdtemp(prefix=f"bench-train-{name}-", dir=tmp))
     try:
-        n = int((steps + warmup + profile) * rows / 0.95) + 3
+        n = int((steps + warmup + profile + 1) * rows / 0.95) + 3
         log(f"{name}: writing {n} samples of {shape.seq_len + 1} tokens (H={shape.hidden_size})")
         write_v1_dataset(root / "data", n, shape.seq_len + 1, shape.hidden_size, shape.target_vocab, seed=0)
         out = root / "result.json"
@@ -163,8 +163,8 @@ def main(argv=None) -> dict:
     for name in [s.strip() for s in a.shapes.split(",") if s.strip()]:
         trace = None
         if a.trace and a.profile:
-            (HERE / "results" / "traces").mkdir(parents=True, exist_ok=True)
-            trace = str(HERE / "results" / "traces" / f"{a.name}_{name}.json.gz")
+            (RESULTS_DIR / "traces").mkdir(parents=True, exist_ok=True)
+            trace = str(RESULTS_DIR / "traces" / f"{a.name}_{name}.json.gz")
         entry = run_shape(name, a.seq_len, a.steps, a.warmup, a.profile, extra, a.tmp, a.timeout, a.rows, trace)
         ref = hw["gpu_datasheet_bf16_tflops"] or (hw["matmul_bf16_tflops"] if entry["precision"] == "bf16" else hw["matmul_fp32_tflops"])
         entry["fraction_of_peak"] = entry["achieved_tflops"] / ref if ref else None

@@ -156,16 +156,39 @@ def instrument(tr, device: torch.device):
             setattr(obj, attr, old)
 
 
-# Ops that make the host wait for the device on CUDA (`.item()`, `nonzero`, explicit syncs);
-# counted on any device, so a CPU profile shows the syncs a CUDA step would have.
-SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item", "cudaStreamSynchronize",
-            "cudaDeviceSynchronize", "aten::is_nonzero")
+# Ops that make the host wait for the device on CUDA (a tensor read as a Python number, a
+# data-dependent shape); counted on any device, so a CPU run shows the syncs a CUDA step has.
+SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique")
+
+
+def host_sync_ops(tr, batch) -> dict[str, list[str]]:
+    """Each host-syncing op one `train_step(batch)` dispatches, with the code line that asked
+    for it (the batch is already loaded: the loader's host work is not the step's)."""
+    import traceback
+    from collections import defaultdict
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: dict[str, list[str]] = defaultdict(list)
+
+    class _Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if name in SYNC_OPS:
+                ours = [f for f in traceback.extract_stack() if "/speculators/" in f.filename]
+                seen[name].append(f"{ours[-1].filename.rsplit('/', 1)[-1]}:{ours[-1].lineno}" if ours else "torch")
+            return func(*args, **(kwargs or {}))
+
+    with _Watch():
+        tr.train_step(batch)
+    return dict(seen)
 
 
 def profile_steps(tr, stream, n_steps: int, device: torch.device, top: int = 15, trace_path: str | None = None) -> dict:
     """Run `n_steps` batches from `stream` instrumented (first half timed, second half under
-    torch.profiler) and return the breakdown plus the profiler's top ops and host-sync op
-    counts per step; `trace_path` keeps the profiler's Chrome trace (gzip)."""
+    torch.profiler), then one more watched for host syncs, and return the breakdown, the
+    profiler's top ops and the syncing ops (`host_sync_ops`); `trace_path` keeps the
+    profiler's Chrome trace (gzip)."""
     from torch.profiler import ProfilerActivity, profile
 
     half = max(1, n_steps // 2)
@@ -187,7 +210,6 @@ def profile_steps(tr, stream, n_steps: int, device: torch.device, top: int = 15,
                 for _ in range(rest):
                     tr.train_step(next(stream))
             key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            syncs = {ev.key: ev.count / rest for ev in prof.key_averages() if ev.key in SYNC_OPS}
             if trace_path:
                 _export_trace(prof, trace_path)
             for ev in sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True):
@@ -225,8 +247,8 @@ def profile_steps(tr, stream, n_steps: int, device: torch.device, top: int = 15,
         r["share"] = r["total_s"] / step_s if step_s else 0.0
     out = {"steps_timed": steps, "steps_profiled": n_steps - half, "step_s": step_s, "regions": rows, "top_ops": ops}
     if rest > 0:
-        out["sync_ops_per_step"] = syncs
         out["trace"] = trace_path
+    out["host_sync_ops"] = host_sync_ops(tr, next(stream))
     return out
 
 
@@ -251,10 +273,10 @@ def render(profile: dict) -> str:
              "| region | forward ms | backward ms | share |", "| --- | --- | --- | --- |"]
     for r in profile["regions"]:
         lines.append(f"| {r['region']} | {r['forward_s'] * 1000:.1f} | {r['backward_s'] * 1000:.1f} | {r['share'] * 100:.1f}% |")
-    if profile.get("sync_ops_per_step") is not None:
-        syncs = profile["sync_ops_per_step"]
-        lines.append("host-sync ops per train_step: " + (", ".join(f"{k} {v:g}" for k, v in sorted(syncs.items()))
-                                                         or "none"))
+    if profile.get("host_sync_ops") is not None:
+        syncs = profile["host_sync_ops"]
+        lines.append("host-sync ops in one train_step: " + ("; ".join(
+            f"{k} x{len(v)} ({', '.join(sorted(set(v)))})" for k, v in sorted(syncs.items())) or "none"))
     if profile.get("top_ops"):
         lines.append(f"top ops by self time (torch.profiler, per step over {profile['steps_profiled']} steps):")
         for o in profile["top_ops"][:10]:

@@ -235,7 +235,7 @@ def main(argv=None) -> dict:
     if a.profile:
         from breakdown import profile_steps
 
-        out["profile"] = profile_steps(tr, iter_steps(tr, a.profile), a.profile, dev, trace_path=a.trace)
+        out["profile"] = profile_steps(tr, iter_steps(tr, a.profile + 1), a.profile, dev, trace_path=a.trace)
     Path(a.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
     log(f"ours: {len(steps)} steps written to {a.out}")
     return out

@@ -27,7 +27,10 @@ if [[ "${PUBLIC_OFFLINE:-}" == 1 ]]; then
   # Offline (a GPU machine with no package index): a venv over the machine's own torch
   # (CUDA build) and transformers, plus the wheels carried in $WHEELS
   # (bench/pack_public_wheels.sh); what the machine already has is not reinstalled.
-  [[ -d "$WHEELS" ]] || { echo "no package index and no $WHEELS (bench/pack_public_wheels.sh)" >&2; exit 1; }
+  if [[ ! -d "$WHEELS" && -f "$WHEELS.tar.xz" ]]; then
+    "$PY" "$HERE/wheel_pack.py" unpack "$WHEELS.tar.xz" "$WHEELS"
+  fi
+  [[ -d "$WHEELS" ]] || { echo "no package index and no $WHEELS(.tar.xz) (bench/pack_public_wheels.sh)" >&2; exit 1; }
   "$PY" -m venv --system-site-packages "$VENV"
   PIP=("$VENV/bin/python" -m pip install --quiet --no-index --find-links "$WHEELS")
   "${PIP[@]}" --no-deps "speculators==$PUBLIC_VERSION" "hs-connectors==$PUBLIC_VERSION"

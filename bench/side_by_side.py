@@ -66,6 +66,7 @@ VARIANTS = {
 
 def ensure_public_venv() -> None:
     env = dict(os.environ, PUBLIC_VENV=str(PUBLIC_VENV), PUBLIC_SPECULATORS_VERSION=PUBLIC_VERSION)
+    env.setdefault("PYTHON", sys.executable)  # offline, the venv is made over this interpreter's torch
     subprocess.run(["bash", str(HERE / "setup_public_venv.sh")], check=True, env=env)
 
 
@@ -81,7 +82,8 @@ def run_variant(variant: str, data_ours: Path, data_public: Path, shape, steps: 
         cmd = [sys.executable, str(HERE / "ours_runner.py"), "--data", str(data_ours)] + common
         cwd = str(HERE.parent)
     else:
-        # -P and a neutral cwd: the public package must not be shadowed by ours.
+        # -P, a neutral cwd and no PYTHONPATH: the public package must not be shadowed by ours.
+        env.pop("PYTHONPATH", None)
         cmd = [str(PUBLIC_VENV / "bin" / "python"), "-P", str(HERE / "public_runner.py"), "--data", str(data_public)] + common
         cwd = "/"
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
