@@ -117,7 +117,8 @@ def _seed_run(home, run_id="r1", status="running", with_metrics=True):
                              "metrics": {"loss": 2.0 / step, "loss_0": 1.0 / step, "full_acc_0": 0.1 * step,
                                          "cond_acc_0": 0.2 * step, "step_acc_0": 0.1 * step, "lr": 1e-3,
                                          "tokens_per_s": 1000.0}})
-            recs.append({"type": "val", "ts": 105.0, "epoch": 0, "step": 4, "metrics": {"loss": 0.7}})
+            recs.append({"type": "val", "ts": 105.0, "epoch": 0, "step": 4,
+                         "metrics": {"loss": 0.7, "tokens_per_s": 2000.0}})
             recs.append({"type": "checkpoint", "ts": 105.5, "epoch": 0, "step": 4,
                          "path": str(home.runs_root / run_id / "checkpoints" / "0"), "val_loss": 0.7, "is_best": True})
             metrics.ingest_records(s, run_id, recs, stage_id=st.id)
@@ -182,9 +183,11 @@ def test_run_detail_charts_progress_checkpoints(home):
     assert not at.exception
     charts = at.get("vega_lite_chart")
     titles = [json.loads(c.proto.spec)["title"] for c in charts]
-    assert sorted(titles) == sorted(["Loss (log)", "Full accuracy: steps 0..k all right",
-                      "Conditional accuracy: step k given 0..k-1 right", "Step accuracy: step k alone",
-                      "Learning rate", "Throughput (tokens/s)"])  # (in two columns)
+    train = ["Full accuracy: steps 0..k all right", "Conditional accuracy: step k given 0..k-1 right",
+             "Step accuracy: step k alone", "Learning rate", "Throughput (tokens/s)"]
+    # training and validation in charts of their own (two columns each)
+    assert sorted(titles) == sorted(["Loss · train (log)", *(f"{t} · train" for t in train),
+                                     "Loss · validation (log)", "Throughput (tokens/s) · validation"])
     progress = at.get("progress")[0]
     assert "training 40%" in progress.proto.text and "ETA" in progress.proto.text
     frames = [d.value for d in at.dataframe]

@@ -74,7 +74,7 @@ def test_metrics_stream_and_console(tiny_llama, hs_small, tmp_path, caplog):
     train = [r for r in records if r["type"] == "train"]
     assert [r["step"] for r in train] == list(range(1, len(train) + 1))
     assert train[-1]["step"] == start["total_steps"] == train[-1]["total_steps"]
-    keys = {"loss", "lr", "tokens_per_s"} | {f"{m}_{k}" for m in ("loss", "full_acc", "cond_acc", "step_acc")
+    keys = {"loss", "lr", "tokens_per_s", "tokens"} | {f"{m}_{k}" for m in ("loss", "full_acc", "cond_acc", "step_acc")
                                              for k in range(3)}
     assert keys == set(train[0]["metrics"])
     val = [r for r in records if r["type"] == "val"]
