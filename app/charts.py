@@ -69,3 +69,13 @@ def positions_chart(df: pd.DataFrame, title: str) -> alt.Chart:
             .encode(x=alt.X("position:O"), y=alt.Y("acceptance rate:Q", scale=alt.Scale(domain=[0, 1])),
                     tooltip=["position", "acceptance rate"])
             .properties(height=240))
+
+
+def positions_compare_chart(df: pd.DataFrame) -> alt.Chart:
+    """Per-position acceptance rates of several sources (`source`: live, at training time)
+    as grouped bars."""
+    return (alt.Chart(df, title="Acceptance rate per position").mark_bar()
+            .encode(x=alt.X("position:O"), xOffset=alt.XOffset("source:N"),
+                    y=alt.Y("acceptance rate:Q", scale=alt.Scale(domain=[0, 1])),
+                    color=alt.Color("source:N", legend=_legend(2)), tooltip=["source", "position", "acceptance rate"])
+            .properties(height=240))

@@ -124,10 +124,13 @@ def acceptance_summary(report: dict[str, Any]) -> tuple[str, str | None]:
     return f"{report['mean_acceptance_length']:.2f}", None
 
 
-def runs_rows(runs: list[Run], now: datetime | None = None) -> list[dict[str, Any]]:
+def runs_rows(runs: list[Run], now: datetime | None = None,
+              scores: dict[str, RunScores] | None = None) -> list[dict[str, Any]]:
+    """The runs table: one row per run; `scores` (by run id) adds best val loss and best acceptance."""
     rows = []
     for r in runs:
         spec = r.spec or {}
+        sc = (scores or {}).get(r.id) or RunScores()
         rows.append({
             "run": r.id,
             "name": r.name,
@@ -137,6 +140,9 @@ def runs_rows(runs: list[Run], now: datetime | None = None) -> list[dict[str, An
             "age": age(r.created_at, now),
             "mode": spec.get("mode", ""),
             "model": spec.get("model", ""),
+            "best val loss": sc.best_val_loss,
+            "best acceptance": sc.best_acceptance,
+            "duration": fmt_duration(run_duration(r, now)),
             "error": r.error or "",
             "detail": f"/Run_detail?run={r.id}",
         })
@@ -564,3 +570,36 @@ def compare_metrics(runs_long: dict[str, pd.DataFrame], has_acceptance: bool) ->
     keys.discard("tokens")
     out = sorted(keys, key=lambda k: (k != "loss", k))
     return out + ([ACCEPTANCE_METRIC] if has_acceptance else [])
+
+
+def served_training_acceptance(model_path: str, epoch_ckpts: list[Any], step_ckpts: list[Any],
+                               records: list[AcceptanceRecord]) -> AcceptanceRecord | None:
+    """The acceptance measured while training at the served checkpoint's step (found by its
+    path among the run's checkpoints), else the latest before it; None when the checkpoint is
+    not the run's or nothing was measured by then."""
+    norm = model_path.rstrip("/")
+    step = next((c.step for c in [*epoch_ckpts, *step_ckpts] if str(c.path).rstrip("/") == norm), None)
+    return None if step is None else acceptance_at(records, step)
+
+
+def run_labels(runs: list[Run]) -> dict[str, str]:
+    """A short label per run id for legends and columns: its name, with the id added where
+    two runs share a name."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.name] = counts.get(r.name, 0) + 1
+    return {r.id: r.name if counts[r.name] == 1 else f"{r.name} ({r.id})" for r in runs}
+
+
+def compare_rows(runs: list[Run], labels: dict[str, str], scores: dict[str, RunScores],
+                 now: datetime | None = None) -> list[dict[str, Any]]:
+    """The compare page's table: each chosen run's status, best figures with their steps, duration."""
+    rows = []
+    for r in runs:
+        sc = scores.get(r.id) or RunScores()
+        rows.append({"run": labels[r.id], "status": display_status(r), "best val loss": sc.best_val_loss,
+                     "at step": sc.best_val_step, "best acceptance": sc.best_acceptance,
+                     "acceptance step": sc.best_acceptance_step, "duration": fmt_duration(run_duration(r, now)),
+                     "epochs": (r.spec or {}).get("epochs"), "lr": (r.spec or {}).get("lr"),
+                     "detail": f"/Run_detail?run={r.id}"})
+    return rows
