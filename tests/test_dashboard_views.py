@@ -154,8 +154,7 @@ def test_settings_side_by_side():
     a = {"name": "a", "model": "m", "dataset": "sharegpt", "lr": 1e-3, "epochs": 3}
     b = {**a, "name": "b", "lr": 3e-4}
     df = views.hparam_compare({"a": a, "b": b})
-    lr = df[df["setting"] == "Learning rate"].iloc[0] if "Learning rate" in set(df["setting"]) else \
-        df[df["setting"] == "lr"].iloc[0]
+    lr = df[df["setting"] == "Learning rate"].iloc[0]
     assert (lr["a"], lr["b"], lr["differs"]) == ("0.001", "0.0003", True)
     only = views.hparam_compare({"a": a, "b": b}, only_differing=True)
     assert set(only["a"]) == {"a", "0.001"}  # name and lr alone differ
