@@ -13,35 +13,41 @@ import pandas as pd
 from app.views import X_AXES
 
 
-def _legend(columns: int = 3) -> alt.Legend:
-    return alt.Legend(orient="bottom", columns=columns, labelLimit=260, symbolLimit=0, title=None)
+def _legend(columns: int = 4, label_limit: int = 140) -> alt.Legend:
+    return alt.Legend(orient="bottom", columns=columns, labelLimit=label_limit, symbolLimit=0, title=None)
+
+
+NUMBER = "~g"  # axis ticks without trailing zeros (a single point's axis would read 461.000000)
 
 
 def line_chart(df: pd.DataFrame, title: str, axis: str = "step", smoothed: bool = True, log: bool = False,
-               color: str = "series", dash: str | None = None, height: int = 240) -> alt.LayerChart:
-    """`df`: rows with `x`, `value`, `smoothed`, `step`, `epoch` and the `color` field."""
+               color: str = "series", dash: str | None = None, height: int = 240,
+               legend_columns: int = 4) -> alt.LayerChart:
+    """`df`: rows with `x`, `value`, `smoothed`, `step`, `epoch` and the `color` field.
+    `legend_columns`: 4 for short metric names, 1 for run names (each on its own line, up to 360 px)."""
     shown = alt.selection_point(fields=[color], bind="legend", name="shown")
     zoom = alt.selection_interval(bind="scales", name="zoom")
     scale = alt.Scale(type="log") if log else alt.Scale(zero=False)
-    x = alt.X("x:Q", title=X_AXES.get(axis, axis))
-    col = alt.Color(f"{color}:N", legend=_legend())
+    x = alt.X("x:Q", title=X_AXES.get(axis, axis), axis=alt.Axis(format=NUMBER))
+    legend = _legend(legend_columns, 140 if legend_columns > 1 else 360)
+    col = alt.Color(f"{color}:N", legend=legend)
     tooltip = [alt.Tooltip(f"{color}:N"), alt.Tooltip("step:Q"), alt.Tooltip("epoch:Q"),
                alt.Tooltip("value:Q", format=".4g")]
-    extra = {"strokeDash": alt.StrokeDash(f"{dash}:N", legend=_legend())} if dash else {}
+    extra = {"strokeDash": alt.StrokeDash(f"{dash}:N", legend=legend)} if dash else {}
     base = alt.Chart(df)
     points = len(df) < 60
     if smoothed:
         raw = base.mark_line(strokeWidth=1).encode(
-            x=x, y=alt.Y("value:Q", title=None, scale=scale), color=col, detail=f"{color}:N",
+            x=x, y=alt.Y("value:Q", title=None, scale=scale, axis=alt.Axis(format=NUMBER)), color=col, detail=f"{color}:N",
             opacity=alt.condition(shown, alt.value(0.25), alt.value(0.0)), **extra)
         line = base.mark_line(point=points).encode(
-            x=x, y=alt.Y("smoothed:Q", title=None, scale=scale), color=col,
+            x=x, y=alt.Y("smoothed:Q", title=None, scale=scale, axis=alt.Axis(format=NUMBER)), color=col,
             opacity=alt.condition(shown, alt.value(1.0), alt.value(0.05)),
             tooltip=[*tooltip, alt.Tooltip("smoothed:Q", format=".4g")], **extra)
         chart = alt.layer(line.add_params(shown, zoom), raw)
     else:
         line = base.mark_line(point=points).encode(
-            x=x, y=alt.Y("value:Q", title=None, scale=scale), color=col,
+            x=x, y=alt.Y("value:Q", title=None, scale=scale, axis=alt.Axis(format=NUMBER)), color=col,
             opacity=alt.condition(shown, alt.value(1.0), alt.value(0.05)), tooltip=tooltip, **extra)
         chart = alt.layer(line.add_params(shown, zoom))
     return chart.properties(title=title + (" (log)" if log else ""), height=height)
@@ -57,8 +63,9 @@ def acceptance_curve_chart(curve: pd.DataFrame, axis: str) -> alt.Chart:
     """Mean acceptance length over training (`views.acceptance_curve` with an `x` column)."""
     zoom = alt.selection_interval(bind="scales", name="zoom")
     return (alt.Chart(curve, title="Mean acceptance length").mark_line(point=True)
-            .encode(x=alt.X("x:Q", title=X_AXES.get(axis, axis)),
-                    y=alt.Y("mean acceptance length:Q", title=None, scale=alt.Scale(zero=False)),
+            .encode(x=alt.X("x:Q", title=X_AXES.get(axis, axis), axis=alt.Axis(format=NUMBER)),
+                    y=alt.Y("mean acceptance length:Q", title=None, scale=alt.Scale(zero=False),
+                            axis=alt.Axis(format=NUMBER)),
                     tooltip=["step", "epoch", "mean acceptance length", "seconds"])
             .add_params(zoom).properties(height=240))
 

@@ -99,7 +99,13 @@ def test_submit_from_form_and_see_live_chart(local_mode):
         page.get_by_text("Per-position rates at").wait_for(timeout=30_000)
         # the chart controls: x axis by epoch, no smoothing; the charts redraw without a Vega error
         controls = page.locator('[data-testid="stRadio"]').filter(has_text="x axis")
-        controls.get_by_text("epoch", exact=True).click()
+        epoch = controls.get_by_role("radio", name="epoch")
+        for _ in range(3):  # a click landing while the fragment redraws is lost: try again
+            controls.get_by_text("epoch", exact=True).click()
+            page.wait_for_timeout(1500)
+            if epoch.is_checked():
+                break
+        assert epoch.is_checked()
         page.wait_for_timeout(2500)
         charts = page.locator('[data-testid="stVegaLiteChart"]')
         assert charts.count() >= 8, charts.count()  # 6 train, >= 1 validation, acceptance curve and bars

@@ -59,7 +59,7 @@ def compared() -> None:
         return
     default = [m for m in ("loss", "full_acc_0", views.ACCEPTANCE_METRIC) if m in offered]
     state["compare_metrics"] = [m for m in state.get("compare_metrics", default) if m in offered]
-    c1, c2, c3 = st.columns([3, 2, 1])
+    c1, c2, c3 = st.columns([2, 2, 1])
     wanted = c1.multiselect("Metrics", offered, key="compare_metrics")
     axis = c2.radio("x axis", list(views.X_AXES), horizontal=True, key="compare_axis")
     weight = float(c3.slider("Smoothing", 0.0, 0.99, 0.6, 0.01, key="compare_smoothing"))
@@ -69,7 +69,8 @@ def compared() -> None:
         if df.empty:
             continue
         log = metric.startswith("loss") and bool((df["value"] > 0).all())
-        cols[i % 2].altair_chart(charts.line_chart(df, metric, axis=axis, smoothed=weight > 0, log=log),
+        cols[i % 2].altair_chart(charts.line_chart(df, metric, axis=axis, smoothed=weight > 0, log=log,
+                                                   legend_columns=1),
                                  width="stretch", key=f"compare_chart_{metric}")
 
 
