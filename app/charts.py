@@ -17,7 +17,10 @@ def _legend(columns: int = 4, label_limit: int = 140) -> alt.Legend:
     return alt.Legend(orient="bottom", columns=columns, labelLimit=label_limit, symbolLimit=0, title=None)
 
 
-NUMBER = "~g"  # axis ticks without trailing zeros (a single point's axis would read 461.000000)
+# axis ticks without trailing zeros (by default a single point's axis reads 461.000000): x (steps,
+# epochs, tokens, minutes) in plain digits with thousands separators, y in the shortest form
+X_NUMBER = ",~f"
+NUMBER = "~g"
 
 
 def line_chart(df: pd.DataFrame, title: str, axis: str = "step", smoothed: bool = True, log: bool = False,
@@ -28,7 +31,7 @@ def line_chart(df: pd.DataFrame, title: str, axis: str = "step", smoothed: bool 
     shown = alt.selection_point(fields=[color], bind="legend", name="shown")
     zoom = alt.selection_interval(bind="scales", name="zoom")
     scale = alt.Scale(type="log") if log else alt.Scale(zero=False)
-    x = alt.X("x:Q", title=X_AXES.get(axis, axis), axis=alt.Axis(format=NUMBER))
+    x = alt.X("x:Q", title=X_AXES.get(axis, axis), axis=alt.Axis(format=X_NUMBER))
     legend = _legend(legend_columns, 140 if legend_columns > 1 else 360)
     col = alt.Color(f"{color}:N", legend=legend)
     tooltip = [alt.Tooltip(f"{color}:N"), alt.Tooltip("step:Q"), alt.Tooltip("epoch:Q"),
@@ -63,7 +66,7 @@ def acceptance_curve_chart(curve: pd.DataFrame, axis: str) -> alt.Chart:
     """Mean acceptance length over training (`views.acceptance_curve` with an `x` column)."""
     zoom = alt.selection_interval(bind="scales", name="zoom")
     return (alt.Chart(curve, title="Mean acceptance length").mark_line(point=True)
-            .encode(x=alt.X("x:Q", title=X_AXES.get(axis, axis), axis=alt.Axis(format=NUMBER)),
+            .encode(x=alt.X("x:Q", title=X_AXES.get(axis, axis), axis=alt.Axis(format=X_NUMBER)),
                     y=alt.Y("mean acceptance length:Q", title=None, scale=alt.Scale(zero=False),
                             axis=alt.Axis(format=NUMBER)),
                     tooltip=["step", "epoch", "mean acceptance length", "seconds"])

@@ -537,7 +537,7 @@ def checkpoint_rows(epoch_ckpts: list[Any], step_ckpts: list[Any], acceptance: l
 def compare_frame(runs_long: dict[str, pd.DataFrame], runs_acceptance: dict[str, list[AcceptanceRecord]],
                   metric: str, axis: str, weight: float, max_points: int = MAX_POINTS) -> pd.DataFrame:
     """One metric of several runs on one axis: rows (run, series, x, value, smoothed), the
-    series `<run> train` / `<run> val`; `metric` "mean acceptance length" takes the runs'
+    series `train · <run>` / `val · <run>` (the kind first: a long run name is cut in the legend); `metric` "mean acceptance length" takes the runs'
     acceptance records."""
     parts = []
     for label, long in runs_long.items():
@@ -545,11 +545,11 @@ def compare_frame(runs_long: dict[str, pd.DataFrame], runs_acceptance: dict[str,
         if metric == ACCEPTANCE_METRIC:
             recs = runs_acceptance.get(label) or []
             part = pd.DataFrame([{"type": "acceptance", "step": r.step, "epoch": r.epoch, "ts": r.ts, "metric": metric,
-                                  "value": r.mean_acceptance_length, "series": f"{label} acceptance"} for r in recs],
+                                  "value": r.mean_acceptance_length, "series": f"acceptance · {label}"} for r in recs],
                                 columns=LONG_COLUMNS)
         else:
             part = long[long["metric"] == metric] if not long.empty else long
-            part = part.assign(series=label + " " + part["type"]) if not part.empty else part
+            part = part.assign(series=part["type"] + " · " + label) if not part.empty else part
         if part.empty:
             continue
         data = chart_data(part, axis, weight, train=train, max_points=max_points)

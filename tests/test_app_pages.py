@@ -731,14 +731,14 @@ def test_compare_page_overlays_runs_and_shows_what_differs(home):
     assert set(charts) == {"loss (log)", "full_acc_0", "mean acceptance length"}
     rows = _chart_rows(charts["loss (log)"])
     series = {r["series"] for r in rows}
-    assert series == {"seeded r1 train", "seeded r1 val", "seeded r2 train", "seeded r2 val"}
-    r2_train = sorted((r for r in rows if r["series"] == "seeded r2 train"), key=lambda r: r["step"])
+    assert series == {"train · seeded r1", "val · seeded r1", "train · seeded r2", "val · seeded r2"}
+    r2_train = sorted((r for r in rows if r["series"] == "train · seeded r2"), key=lambda r: r["step"])
     values = [2.0 / step for step in range(1, 5)]
     assert [r["value"] for r in r2_train] == pytest.approx(values)
     assert [r["smoothed"] for r in r2_train] == pytest.approx(_ema(values, 0.6))
     acc = _chart_rows(charts["mean acceptance length"])
     assert sorted((r["series"], r["step"], r["value"]) for r in acc) == [
-        ("seeded r1 acceptance", 2, 1.25), ("seeded r1 acceptance", 4, 1.5)]
+        ("acceptance · seeded r1", 2, 1.25), ("acceptance · seeded r1", 4, 1.5)]
     settings = next(d.value for d in at.dataframe if "differs" in d.value.columns)
     assert list(settings["setting"]) == ["Learning rate"]  # only what differs (the spec has no name)
     assert list(settings.iloc[0][["seeded r2", "seeded r1"]]) == ["0.003", "0.001"]

@@ -166,8 +166,8 @@ def test_settings_side_by_side():
 def test_compare_frame_overlays_runs():
     one, two = views.metrics_long([*TRAIN, *VAL]), views.metrics_long(TRAIN[:5])
     df = views.compare_frame({"one": one, "two": two}, {"one": ACC}, "loss", "step", 0.0)
-    assert set(df["series"]) == {"one train", "one val", "two train"}
-    assert list(df[df["series"] == "two train"]["value"]) == [r.metrics["loss"] for r in TRAIN[:5]]
+    assert set(df["series"]) == {"train · one", "val · one", "train · two"}
+    assert list(df[df["series"] == "train · two"]["value"]) == [r.metrics["loss"] for r in TRAIN[:5]]
     acc = views.compare_frame({"one": one, "two": two}, {"one": ACC}, views.ACCEPTANCE_METRIC, "epoch", 0.0)
     assert list(acc["value"]) == [1.3, 1.5, 1.45] and list(acc["x"]) == [0.5, 1.0, 2.0]
     assert views.compare_metrics({"one": one}, True)[0] == "loss"

@@ -30,6 +30,19 @@ NAME = "e2e $(whoami) **b** [a](http://evil.example/a) ![i](http://evil.example/
 EVIL_LR = "[fast](http://evil.example/lr) <img src=http://evil.example/lr.png> www.evil.example"
 
 
+def _settled(page, timeout_ms: int = 30_000) -> None:
+    """Wait until no element is shown stale (Streamlit fades what a running rerun has not redrawn
+    yet), for the screenshots; on a machine so loaded that the refreshes overlap, go on after `timeout_ms`."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.wait_for_timeout(500)
+    try:
+        page.wait_for_function("() => !document.querySelector('[data-stale=\"true\"]')", timeout=timeout_ms)
+    except PlaywrightTimeout:
+        pass
+    page.wait_for_timeout(800)  # let the charts draw
+
+
 def _assert_no_evil_markup(page) -> None:
     for sel in ('a[href*="evil.example"]', 'img[src*="evil.example"]', 'img[src="x"]'):
         assert page.locator(sel).count() == 0, sel
@@ -106,14 +119,14 @@ def test_submit_from_form_and_see_live_chart(local_mode):
             if epoch.is_checked():
                 break
         assert epoch.is_checked()
-        page.wait_for_timeout(2500)
+        _settled(page)
         charts = page.locator('[data-testid="stVegaLiteChart"]')
         assert charts.count() >= 8, charts.count()  # 6 train, >= 1 validation, acceptance curve and bars
         page.get_by_text("Validation (at each epoch end)").wait_for(timeout=10_000)
         page.get_by_text("Hyperparameters").scroll_into_view_if_needed()
         assert page.get_by_role("button", name="Metrics as CSV").is_visible()
         page.get_by_text("Acceptance (held-out prompts)").scroll_into_view_if_needed()
-        page.wait_for_timeout(1000)
+        _settled(page)
         page.screenshot(path=str(ARTIFACTS / "e2e-run-acceptance.png"))
         run_id = parse_qs(urlparse(page.url).query)["run"][0]
         # compare: the run's loss, accuracy and acceptance overlaid (one run here), its best figures in the table
@@ -121,7 +134,7 @@ def test_submit_from_form_and_see_live_chart(local_mode):
         page.get_by_role("heading", name="Compare runs").wait_for(timeout=30_000)
         page.locator('[data-testid="stVegaLiteChart"]').nth(2).wait_for(timeout=60_000)  # loss, full_acc_0, acceptance
         page.get_by_text("Only the settings that differ").wait_for(timeout=10_000)
-        page.wait_for_timeout(1500)
+        _settled(page)
         _assert_no_evil_markup(page)
         page.screenshot(path=str(ARTIFACTS / "e2e-compare.png"), full_page=True)
         vega_errors = [m for m in console if "vega" in m.lower() or "signal" in m.lower() or "param" in m.lower()]
