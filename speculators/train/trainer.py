@@ -170,10 +170,11 @@ class Trainer:
         host = flat.cpu()  # the one device sync of the window
         stats, tokens = host[: -n].view(n, *pending.stats[0].shape), host[-n:]
         rate = float(tokens.sum()) / max(time.perf_counter() - self._clock, 1e-9)
-        for (step, lr), s in zip(pending.steps, stats):
+        for (step, lr), s, tok in zip(pending.steps, stats, tokens.tolist()):
             metrics = summarize(s, self.cfg.ttt_step_loss_decay)
             metrics["lr"] = lr
             metrics["tokens_per_s"] = rate
+            metrics["tokens"] = tok  # this step's trained tokens (all ranks): the dashboard's tokens axis
             self.sink.emit(TrainRecord(epoch=self.data.epoch_of(step), step=step, total_steps=self.data.total_steps,
                                        metrics=metrics))
         self._clock = time.perf_counter()
