@@ -22,7 +22,7 @@ from pathlib import Path
 
 def pack(wheels: Path, archive: Path) -> int:
     """Every `*.whl` in `wheels`, extracted under a folder named after it, into `archive` (xz)."""
-    with tarfile.open(archive, "w:xz", preset=9 | lzma.PRESET_EXTREME) as tar:
+    with tarfile.open(archive, "w:xz", preset=6) as tar:
         for whl in sorted(Path(wheels).glob("*.whl")):
             with zipfile.ZipFile(whl) as z:
                 for info in z.infolist():

@@ -290,7 +290,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         stats = all_reduce_sum(stats.detach().float(), self.info)
         if self.info.distributed:
-            tokens = all_reduce_sum(tokens.to(self.device), self.info)
+            tokens = all_reduce_sum(tokens.to(self.device, non_blocking=True), self.info)
         return stats, tokens
 
     @torch.no_grad()
