@@ -220,3 +220,61 @@ def test_mask_token_out_of_range_is_a_user_error(tiny_qwen3, data, tmp_path):
                       algorithm="dflash", mask_token_id=100000, epochs=1, total_seq_len=64)
     with pytest.raises(UserError, match="mask_token_id 100000 is outside the verifier vocabulary"):
         run_training(cfg)
+
+
+def test_objective_equals_drafting_each_prefix_by_hand(tiny_qwen3, data):
+    """The training objective on a packed batch (two documents) equals, slot by slot, the KL of
+    what `propose` drafts after each verified prefix of the raw samples against the verifier's
+    distribution of that token (computed from the raw final-layer states): the batch's shift,
+    positions, context mask and targets line up with drafting."""
+    from speculators.data.dataset import Eagle3Collator, shift_sample
+    from speculators.data.formats import open_sample_store
+    from speculators.models.dflash import DFlashConfig
+    from speculators.train.dflash_objective import DFlashObjective
+    from speculators.train.losses import kl_per_token
+    from speculators.train.objective import step_token_counts
+    from speculators.train.verifier import VerifierHead
+    from speculators.verifier import load_verifier_weights, read_verifier_config
+
+    vc = read_verifier_config(str(tiny_qwen3))
+    weights = load_verifier_weights(str(tiny_qwen3), vc)
+    torch.manual_seed(0)
+    draft = DFlashDraftModel(DFlashConfig.from_verifier_config(vc, aux_layer_ids=[1, 2, 3], block_size=4)).eval()
+    with torch.no_grad():  # weights large enough that every context key moves the KL visibly
+        for name, p in draft.named_parameters():
+            if p.ndim == 2 and not name.startswith("embed"):
+                p.normal_(std=0.3)
+    head = VerifierHead.from_weights(weights, draft.t2d, float(vc.rms_norm_eps))
+    store = open_sample_store(data, on_corrupt="raise")
+    raw = [store.load(0), store.load(1)]
+    for r in raw:  # a loss mask with holes, so masked targets matter
+        r["loss_mask"] = r["loss_mask"].clone()
+        r["loss_mask"][10:13] = 0
+    batch = Eagle3Collator(80, pack=True)([shift_sample(r) for r in raw])
+    batch = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
+    k_slots = 3
+    objective = DFlashObjective(draft, head, "eager", 0, num_anchors=0)
+    with torch.no_grad():
+        _, stats = objective(batch, k_slots, 1.0, step_token_counts(batch["loss_mask"], batch["document_ids"], k_slots))
+
+    want = torch.zeros(k_slots, 2, dtype=torch.float64)  # per slot: KL sum, count
+    with torch.no_grad():
+        for r in raw:
+            ids, mask = r["input_ids"], r["loss_mask"]
+            aux = torch.cat([h.float() for h in r["hidden_states"][:-1]], dim=-1)
+            last = r["hidden_states"][-1].float()
+            n = ids.shape[0]
+            for i in range(n - 1):  # verified prefix 0..i, anchor = token i+1
+                if not mask[i + 1]:
+                    continue  # slot 1 does not count: no block here
+                logits = draft.propose(aux[: i + 1], int(ids[i + 1]))
+                for k in range(1, k_slots + 1):
+                    # slot k drafts token i+1+k, which the verifier predicts from position i+k
+                    # (past the sample's end too: the verifier's distribution there is known)
+                    if i + k >= n or not mask[i + k]:
+                        continue
+                    tgt = F.log_softmax(head(last[i + k][None]), -1)
+                    want[k - 1, 0] += float(kl_per_token(logits[k - 1][None], tgt))
+                    want[k - 1, 1] += 1
+    torch.testing.assert_close(stats[:, 1].double(), want[:, 1])
+    torch.testing.assert_close(stats[:, 0].double(), want[:, 0], rtol=1e-5, atol=1e-4)

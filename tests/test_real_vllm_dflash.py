@@ -55,6 +55,7 @@ def verifier(work) -> Path:
         for weight in model.parameters():
             if weight.ndim == 2:
                 weight.copy_(torch.randn(weight.shape, generator=gen) * 0.05)
+        model.lm_head.weight.mul_(8.0)  # peakier next-token distributions: a KL-trained draft finds the argmax
     model.save_pretrained(path)
     return path
 
@@ -65,7 +66,7 @@ def checkpoint(work, verifier) -> Path:
     from tests.support.train_helpers import run_train_cli
 
     data = write_synthetic_hidden_states(verifier, work / "data", num_samples=24, seq_len=48,
-                                         layer_ids=[1, 2, 3, 4], temperature=0.3)
+                                         layer_ids=[1, 2, 3, 4], temperature=0.05)  # near-greedy text, as eval generates
     save = work / "run"
     run = run_train_cli(["--verifier-name-or-path", str(verifier), "--data-path", str(data), "--save-path",
                          str(save), "--algorithm", "dflash", "--ttt-steps", str(K), "--epochs", "6", "--lr", "3e-3",
@@ -128,7 +129,9 @@ def test_vllm_dflash_acceptance_equals_pytorch_eval(served, work):
           f"PyTorch {t['mean_acceptance_length']:.3f} ({t['num_drafts']} drafts); per position "
           f"vLLM {v['acceptance_rate_per_position']} PyTorch {t['acceptance_rate_per_position']}", flush=True)
     assert v["num_drafts"] > 0 and v["num_speculative_tokens"] == t["num_speculative_tokens"] == K
-    assert t["mean_acceptance_length"] > 1.2  # the draft drafts something right: the comparison means something
+    # The draft drafts something right at every slot, so each slot's comparison means something
+    # (measured 1.23 with [0.16, 0.05, 0.03] per position; random text from a random verifier).
+    assert t["mean_acceptance_length"] > 1.1 and min(t["acceptance_rate_per_position"]) > 0
     assert abs(v["mean_acceptance_length"] - t["mean_acceptance_length"]) <= ACCEPTANCE_TOLERANCE
     for pv, pt in zip(v["acceptance_rate_per_position"], t["acceptance_rate_per_position"], strict=True):
         assert abs(pv - pt) <= ACCEPTANCE_TOLERANCE
