@@ -133,5 +133,8 @@ def test_vllm_dflash_acceptance_equals_pytorch_eval(served, work):
     # (measured 1.23 with [0.16, 0.05, 0.03] per position; random text from a random verifier).
     assert t["mean_acceptance_length"] > 1.1 and min(t["acceptance_rate_per_position"]) > 0
     assert abs(v["mean_acceptance_length"] - t["mean_acceptance_length"]) <= ACCEPTANCE_TOLERANCE
-    for pv, pt in zip(v["acceptance_rate_per_position"], t["acceptance_rate_per_position"], strict=True):
-        assert abs(pv - pt) <= ACCEPTANCE_TOLERANCE
+    # Exact, draft by draft: measured identical in every intact run, while our eval with its context
+    # positions one off (a break tried once) still gave 1.235 vs 1.234 but 153 drafts vs 154.
+    assert v["num_drafts"] == t["num_drafts"] and v["num_accepted_tokens"] == t["num_accepted_tokens"]
+    assert [round(r * v["num_drafts"]) for r in v["acceptance_rate_per_position"]] == \
+        [round(r * t["num_drafts"]) for r in t["acceptance_rate_per_position"]]
