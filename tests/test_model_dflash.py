@@ -278,3 +278,13 @@ def test_objective_equals_drafting_each_prefix_by_hand(tiny_qwen3, data):
                     want[k - 1, 1] += 1
     torch.testing.assert_close(stats[:, 1].double(), want[:, 1])
     torch.testing.assert_close(stats[:, 0].double(), want[:, 0], rtol=1e-5, atol=1e-4)
+
+
+def test_mask_token_id_without_dflash_is_refused(tiny_qwen3, data, tmp_path):
+    from speculators.config.train import TrainConfig
+    from speculators.train.trainer import run_training
+
+    cfg = TrainConfig(verifier_name_or_path=str(tiny_qwen3), data_path=str(data), save_path=str(tmp_path / "r"),
+                      mask_token_id=5, epochs=1, total_seq_len=64)
+    with pytest.raises(UserError, match="--mask-token-id applies to --algorithm dflash only"):
+        run_training(cfg)
