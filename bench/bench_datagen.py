@@ -7,8 +7,10 @@ ids of fixed length, and times
 * `end2end`  - `speculators.datagen.runner.run_datagen` (read dataset, generate, check,
                write `data_<i>.pt` atomically, data_config.json): what `speculators datagen` does.
 
-Verifiers: `tiny` (speculators.tiny.builders: hidden 64, 8 layers, vocab ~512) and `small`
-(random Llama, hidden 1024, 8 layers, 16 heads, vocab 32000; about 0.2B parameters).
+Verifiers: `tiny` (speculators.tiny.builders: hidden 64, 8 layers, vocab ~512), `small`
+(random Llama, hidden 1024, 8 layers, 16 heads, vocab 32000; about 0.2B parameters), or
+`NAME=DIR` for one on disk (the vLLM CPU build needs head_dim >= 32: `demo=WORKDIR/verifier`,
+the embedded default verifier `speculators demo` builds).
 `--backends transformers,vllm` times both side by side (vLLM: a GPU machine, or the CPU build of
 vLLM here); the vLLM server is started once per compute dtype, its start-up reported apart.
 `--hidden-states-dtypes bf16,fp8` times the end-to-end run once per storage dtype
@@ -39,6 +41,8 @@ from synthetic import dir_bytes  # noqa: E402
 
 
 def build_verifier(kind: str, path: Path) -> Path:
+    if "=" in kind:  # NAME=DIR: a verifier on disk (e.g. the demo's; vLLM's CPU attention needs head_dim >= 32)
+        return Path(kind.split("=", 1)[1])
     if kind == "tiny":
         from speculators.tiny.builders import build_tiny_verifier
 
@@ -74,6 +78,7 @@ def bench_model(kind: str, a, root: Path) -> dict:
     from speculators.layers import resolve_layer_ids
 
     vpath = build_verifier(kind, root / f"verifier-{kind}")
+    kind = kind.split("=")[0]
     vconf = AutoConfig.from_pretrained(vpath)
     prepared = write_prepared(root / f"prepared-{kind}", vconf.vocab_size, a.samples, a.seq_len)
     layer_ids = resolve_layer_ids(None, vconf.num_hidden_layers, True)
@@ -175,7 +180,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="bench-datagen-", dir=a.tmp))
     try:
-        results = {m: bench_model(m, a, root) for m in [x.strip() for x in a.models.split(",") if x.strip()]}
+        results = {m.split("=")[0]: bench_model(m, a, root) for m in [x.strip() for x in a.models.split(",") if x.strip()]}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     payload = {"models": results}
