@@ -67,15 +67,17 @@ def get_stage(session: Session, run_id: str, name: str) -> Stage | None:
 
 
 def start_stage(session: Session, run_id: str, name: str, *, worker: str, log_path: str,
-                stale_after_s: float = STALE_AFTER_S) -> Stage | None:
-    """Claim the stage and mark it running. The claim is one conditional UPDATE, so of two
-    workers handed the same stage (a re-queued duplicate) only one wins; the loser gets None.
+                stale_after_s: float = STALE_AFTER_S, host: str | None = None) -> Stage | None:
+    """Claim the stage and mark it running on `worker` (at `host`: the machine, shown by the
+    dashboard). The claim is one conditional UPDATE, so of two workers handed the same stage
+    (a re-queued duplicate) only one wins, on SQLite and on PostgreSQL alike (there the
+    loser's UPDATE waits for the winner's commit and re-reads the row); the loser gets None.
     A stage alive on another worker cannot be claimed."""
     now = utcnow()
     free = or_(not_(live(stale_after_s, now)), Stage.worker == worker)
     res = session.execute(update(Stage).where(Stage.run_id == run_id, Stage.name == name,
                                               Stage.status != StageStatus.SUCCEEDED, free)
-                          .values(status=StageStatus.RUNNING, worker=worker, heartbeat_at=now))
+                          .values(status=StageStatus.RUNNING, worker=worker, host=host, heartbeat_at=now))
     if res.rowcount != 1:
         session.rollback()
         return None
@@ -89,6 +91,7 @@ def start_stage(session: Session, run_id: str, name: str, *, worker: str, log_pa
     stage.finished_at = None
     stage.heartbeat_at = now
     stage.worker = worker
+    stage.host = host
     stage.pid = None
     stage.error = None
     stage.log_path = log_path

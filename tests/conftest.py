@@ -96,3 +96,21 @@ def spec_home(monkeypatch):
 
     return use
 # ============================================================ end of the run store block
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """This session's PostgreSQL database (tests.support.pg), dropped at the end."""
+    from tests.support.pg import SessionDatabase
+
+    database = SessionDatabase()
+    yield database
+    database.drop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A run-store URL on each backend: a SQLite file, and a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'runs.sqlite'}"
+    return request.getfixturevalue("pg_database").fresh_url()

@@ -1,4 +1,8 @@
-"""Run store: migrations keep old runs, WAL mode, metric de-duplication, outbox, recovery."""
+"""Run store: migrations keep old runs, WAL mode, metric de-duplication, outbox, recovery.
+
+The `factory` tests run on both backends (`store_url` in conftest: a SQLite file and a fresh
+PostgreSQL schema); the ones that read SQLite's own files, pragmas or query plans use
+`sqlite_factory`."""
 
 from __future__ import annotations
 
@@ -15,11 +19,16 @@ from runstore.db import current_revision, make_engine, open_store, upgrade_datab
 from runstore.models import Base, Stage, utcnow
 from speculators.metric_records import AcceptanceRecord, TrainRecord, ValRecord
 
-HEAD = "0003"
+HEAD = "0004"
 
 
 @pytest.fixture()
-def factory(tmp_path):
+def factory(store_url):
+    return open_store(store_url)
+
+
+@pytest.fixture()
+def sqlite_factory(tmp_path):
     return open_store(f"sqlite:///{tmp_path / 'runs.sqlite'}")
 
 
@@ -54,20 +63,20 @@ def test_upgrade_from_first_revision_keeps_runs(tmp_path):
         assert deployments.latest_deployment(s, "old1") is None  # new table usable
 
 
-def test_models_match_migrations(tmp_path):
+def test_models_match_migrations(store_url):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    url = f"sqlite:///{tmp_path / 'x.sqlite'}"
-    upgrade_database(url)
-    with make_engine(url).connect() as conn:
+    upgrade_database(store_url)
+    with make_engine(store_url).connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        if store_url.startswith("sqlite"):
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
 
 
-def test_concurrent_startup_migrations(tmp_path):
+def test_concurrent_startup_migrations(store_url):
     """The dashboard and a worker starting together must not both create the tables."""
-    url = f"sqlite:///{tmp_path / 'race.sqlite'}"
+    url = store_url
     code = f"from runstore.db import upgrade_database; upgrade_database({url!r})"
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
     assert [p.wait(60) for p in procs] == [0, 0]
@@ -158,8 +167,9 @@ def test_recover_interrupted_marks_run_resumable(factory):
         assert stages.recover_interrupted(s, worker="gpu0@host", stale_after_s=60) == [("b", "prepare")]
 
 
-def test_wal_reader_not_blocked_by_writer(factory, tmp_path):
+def test_wal_reader_not_blocked_by_writer(sqlite_factory):
     """The dashboard reads while a worker holds a write transaction."""
+    factory = sqlite_factory
     _run(factory)
     with factory() as writer, factory() as reader:
         assert reader.execute(text("PRAGMA journal_mode")).scalar() == "wal"
@@ -342,11 +352,12 @@ def test_due_runs_rules(factory):
         assert runs.due_runs(s, grace_s=30) == []
 
 
-def test_due_runs_reads_the_outbox_through_its_index(factory):
+def test_due_runs_reads_the_outbox_through_its_index(sqlite_factory):
     """The due-run query is one statement that finds a run's messages by the (run_id, kind,
     sent_at) index instead of reading every message (SQLite's own query plan says which)."""
     from sqlalchemy import event
 
+    factory = sqlite_factory
     _run(factory)
     seen: list[tuple[str, object]] = []
     with factory() as s:
