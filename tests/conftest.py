@@ -74,7 +74,8 @@ def hs_data(tiny_llama, tmp_path_factory):
 # (helper "runstore"): one SPEC_* home per test for the dashboard, worker and fault tests.
 
 _SPEC_VARS = ("SPEC_DB_URL", "SPEC_DATA_ROOT", "SPEC_RUNS_ROOT", "SPEC_MODELS_ROOT", "SPEC_DEFAULT_MODEL",
-              "SPEC_RESULT_BACKEND", "SPEC_BROKER_NAMESPACE", "SPEC_BROKER_URL", "SPEC_MAX_GPUS")
+              "SPEC_RESULT_BACKEND", "SPEC_BROKER_NAMESPACE", "SPEC_BROKER_URL", "SPEC_MAX_GPUS",
+              "SPEC_REQUIRE_SHARED_ROOT")
 
 
 @pytest.fixture()
