@@ -133,3 +133,20 @@ def test_joining_worker_without_the_shared_root_fails_the_stage_and_writes_nothi
     assert shared_root_problem(joining, empty_mount / "r1") is None
     assert "outside" in shared_root_problem(joining, tmp_path / "elsewhere" / "r1")
     assert shared_root_problem(Settings(home=tmp_path / "h", require_shared_root=False), "/nowhere") is None  # the main host checks nothing
+
+
+def test_run_page_shows_the_host_each_stage_ran_on(store_url):
+    """The run page's stage table (app.views.stage_rows) says which host runs what, as the
+    claim recorded it in the store, on both backends."""
+    from app.views import stage_rows
+
+    factory = open_store(store_url)
+    with factory() as s:
+        runs.create_run(s, run_id="r1", name="n", spec={}, stages=["prepare", "train"], work_dir="/w")
+        stages.start_stage(s, "r1", "prepare", worker="gpu0@a", log_path="/l", host="gpu-host-a")
+        stages.finish_stage(s, "r1", "prepare", "succeeded")
+        stages.start_stage(s, "r1", "train", worker="gpu0@b", log_path="/l", host="gpu-host-b")
+    with factory() as s:
+        rows = stage_rows(runs.get_run(s, "r1").stages)
+    assert [(r["stage"], r["state"], r["host"]) for r in rows] == [("prepare", "succeeded", "gpu-host-a"),
+                                                                   ("train", "running", "gpu-host-b")]
