@@ -40,6 +40,15 @@ def unfinished(run: Run) -> list[str]:
     return [s.name for s in sorted(run.stages, key=lambda x: x.position) if s.status != StageStatus.SUCCEEDED]
 
 
+def requested_gpus(run: Run) -> int:
+    """How many GPUs the run asks for (its settings' `gpus`; 0: the CPU): the broker queue
+    of its stages follows it (worker.celery_app.gpu_queue)."""
+    try:
+        return max(int((run.spec or {}).get("gpus") or 0), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def queue_stages(session: Session, run: Run, todo: list[str] | None = None) -> list[str]:
     """Mark the run queued and add the outbox message that runs `todo` (default: its
     unfinished stages), in the caller's transaction: a broker that is down leaves the message
@@ -47,7 +56,7 @@ def queue_stages(session: Session, run: Run, todo: list[str] | None = None) -> l
     todo = unfinished(run) if todo is None else todo
     run.status = RunStatus.QUEUED
     run.current_stage = todo[0] if todo else None
-    outbox.add(session, RUN_STAGES, {"run_id": run.id, "stages": todo})
+    outbox.add(session, RUN_STAGES, {"run_id": run.id, "stages": todo, "gpus": requested_gpus(run)})
     return todo
 
 
