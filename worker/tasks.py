@@ -58,8 +58,9 @@ def _recover(sender=None, **_kwargs) -> None:
         queues = {q.name for q in sender.task_consumer.queues}
     except AttributeError:
         queues = {GPU_QUEUE}
+    # beat first: a worker waiting for an unreachable database is alive, not hung
+    start_beating(Settings.from_env().home, getattr(sender, "hostname", None) or "worker")
     settings, factory = _store()
-    start_beating(settings.home, getattr(sender, "hostname", None) or "worker")
     if VLLM_QUEUE in queues:
         from worker.controller import recover_deployments, start_monitor
 
