@@ -138,8 +138,8 @@ def test_compose_v1_accepts_each_combination_and_merges_as_we_do(kind):
 
 def test_no_top_level_name_for_compose_v1():
     """Debian's docker-compose 1.x rejects a top-level `name:`; version-less files it accepts."""
-    for name in (BASE, GPU, CPU):
-        cfg = load_file(name)
+    for name in (BASE, GPU, CPU, PG, SHARED, JOIN):
+        cfg = load_file(name, JOIN_ENV)
         assert "name" not in cfg and "version" not in cfg
         assert set(cfg) <= {"services", "volumes", "networks", "configs", "secrets"} | {k for k in cfg if k.startswith("x-")}
 
