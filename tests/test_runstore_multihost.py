@@ -150,3 +150,32 @@ def test_run_page_shows_the_host_each_stage_ran_on(store_url):
         rows = stage_rows(runs.get_run(s, "r1").stages)
     assert [(r["stage"], r["state"], r["host"]) for r in rows] == [("prepare", "succeeded", "gpu-host-a"),
                                                                    ("train", "running", "gpu-host-b")]
+
+
+def test_a_stage_task_waits_for_the_store_instead_of_failing(pg_database, tmp_path, spec_home, caplog):
+    """The stage task's own entry (worker.tasks._store, also run when the worker starts) with
+    SPEC_DB_URL on a database that is down: it logs the unreachable URL and waits; when the
+    database comes up it returns a usable store."""
+    from worker import tasks
+
+    direct = pg_database.fresh_url()
+    real = urlsplit(direct)
+    port = free_port()
+    spec_home(tmp_path / "home", DB_URL=_via_port(direct, port))
+    caplog.set_level(logging.WARNING, logger="runstore.db")
+    got: dict = {}
+    waiter = threading.Thread(target=lambda: got.update(store=tasks._store()))
+    waiter.start()
+    _wait_until(lambda: "retrying in" in caplog.text)
+    assert f":{port}/" in caplog.text and waiter.is_alive()
+    forward = Forwarder(port, (real.hostname, real.port))
+    forward.start()
+    try:
+        waiter.join(60)
+        assert not waiter.is_alive()
+        _, factory = got["store"]
+        with factory() as s:
+            runs.create_run(s, run_id="r1", name="n", spec={}, stages=["train"], work_dir="/w")
+            assert runs.get_run(s, "r1") is not None
+    finally:
+        forward.stop()
