@@ -129,12 +129,22 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+_SQLITE_UNAVAILABLE = ("locked", "busy", "unable to open", "disk i/o")
+
+
 def unreachable(exc: BaseException) -> bool:
-    """Whether `exc` says the database cannot be reached (server down, refused, dropped),
-    as opposed to a query the database refused."""
-    if isinstance(exc, OperationalError):
+    """Whether `exc` says the database cannot be reached (server down, refused, dropped; a
+    SQLite file locked or not openable), as opposed to a statement the database refused.
+    sqlite3 reports a missing table with the same class as a locked file, so its message decides."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    if not isinstance(exc, OperationalError):
+        return False
+    import sqlite3
+
+    if isinstance(exc.orig, sqlite3.OperationalError):
+        return any(word in str(exc.orig).lower() for word in _SQLITE_UNAVAILABLE)
+    return True
 
 
 def unreachable_message(url: str, exc: BaseException) -> str:

@@ -179,3 +179,28 @@ def test_a_stage_task_waits_for_the_store_instead_of_failing(pg_database, tmp_pa
             assert runs.get_run(s, "r1") is not None
     finally:
         forward.stop()
+
+
+def test_only_an_unreachable_database_is_waited_for(tmp_path):
+    """A statement the database refuses (a missing table: sqlite3 raises it with the class of
+    a locked file) propagates at once instead of being retried forever."""
+    from sqlalchemy import text
+
+    from runstore.db import retry_unreachable
+
+    url = f"sqlite:///{tmp_path / 'x.sqlite'}"
+    factory = open_store(url)
+    pauses: list[float] = []
+
+    def sleep(s: float) -> None:
+        pauses.append(s)
+        if len(pauses) > 3:
+            raise RuntimeError("retried a refused statement")
+
+    def bad_query():
+        with factory() as s:
+            return s.execute(text("SELECT * FROM no_such_table")).all()
+
+    with pytest.raises(Exception, match="no such table"):
+        retry_unreachable(bad_query, url, sleep=sleep)
+    assert pauses == []
