@@ -72,6 +72,15 @@ def test_quantise_matches_a_brute_force_nearest_value_and_the_scale_is_exact():
     assert dequantise_rows(q, scale).dtype == torch.bfloat16
 
 
+def test_fp8_to_float_is_exact_for_every_bit_pattern():
+    from speculators.data.hs_quant import fp8_to_float
+
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    finite = ~every.float().isnan()
+    assert torch.equal(fp8_to_float(every)[finite], every.float()[finite])
+    assert sorted(set(fp8_to_float(every)[finite].double().tolist())) == e4m3_values().tolist()
+
+
 def test_recorded_dtype_names_and_bytes_per_token():
     assert storage_of(None, "f") == "bf16" == storage_of("bfloat16", "f") == storage_of("float32", "f")
     assert storage_of("float8_e4m3fn", "f") == "fp8"
