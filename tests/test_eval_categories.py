@@ -13,10 +13,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from speculators.cli import main
-from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
+
+from tests.support.constant_draft import constant_draft, varied_verifier
 
 CATEGORIES = ["math", "code", "math", "chat", "code"]
 PROMPTS = ["What is 12 times 7?", "Write a loop in Python.", "Is 91 prime?", "Hello, how was your day?",
@@ -39,53 +40,14 @@ def prompt_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def verifier(tmp_path_factory):
-    """The tiny Llama with matrices drawn at std 0.05 (as tests/test_real_vllm.py's): greedy
-    replies that differ by prompt (a token repeated, cycles), so acceptance differs too."""
-    from transformers import AutoModelForCausalLM
-
-    from speculators.tiny.builders import build_tiny_verifier
-
-    path = build_tiny_verifier(tmp_path_factory.mktemp("verifier"), arch="llama")
-    model = AutoModelForCausalLM.from_pretrained(path)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.ndim == 2:
-                weight.copy_(torch.randn(weight.shape, generator=gen) * 0.05)
-    model.save_pretrained(path)
-    return path
+    return varied_verifier(tmp_path_factory.mktemp("verifier"))
 
 
 @pytest.fixture()
 def draft(verifier, prompt_file, tmp_path):
-    """A real EAGLE-3 checkpoint that always proposes the token the verifier emits most often
-    on these prompts (lm_head zeroed: draft index 0 wins, mapped to that token by d2t): an
-    acceptance that varies by prompt, between none and all, without training a draft."""
-    from collections import Counter
-
-    from transformers import AutoModelForCausalLM
-
     from speculators.evaluate.runner import load_prompt_set_of
 
-    model = AutoModelForCausalLM.from_pretrained(verifier, dtype=torch.float32).eval()
-    emitted: Counter = Counter()
-    for ids in load_prompt_set_of(str(prompt_file), str(verifier)).prompts:
-        out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
-        emitted.update(out[0, len(ids):].tolist())
-    top = emitted.most_common(1)[0][0]
-    vocab = AutoConfig.from_pretrained(verifier).vocab_size
-    cfg = Eagle3Config.from_verifier_config(AutoConfig.from_pretrained(verifier), speculative_tokens=3,
-                                            draft_vocab_size=8, verifier_name_or_path=str(verifier))
-    torch.manual_seed(0)
-    draft_model = Eagle3DraftModel(cfg)
-    targets = torch.tensor([top] + [t for t in range(8) if t != top][:7])
-    t2d = torch.zeros(vocab, dtype=torch.bool)
-    t2d[targets] = True
-    draft_model.set_vocab_mapping(targets - torch.arange(8), t2d)
-    with torch.no_grad():
-        draft_model.lm_head.weight.zero_()
-    draft_model.save_pretrained(tmp_path / "draft")
-    return tmp_path / "draft"
+    return constant_draft(verifier, load_prompt_set_of(str(prompt_file), str(verifier)).prompts, tmp_path / "draft")
 
 
 def test_prompt_tokens_are_the_chat_templates_generation_prompt(prompt_file, tiny_llama):

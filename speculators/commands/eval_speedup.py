@@ -45,7 +45,8 @@ def run_speedup(args) -> dict[str, Any]:
                                         args.data_format_version)
         baseline = measure_server(args.baseline_endpoint.rstrip("/"), prompt_set.prompts, load, api_key)
         speculative = measure_server(args.vllm_endpoint.rstrip("/"), prompt_set.prompts, load, api_key,
-                                     speculative=True, model_name=args.model_name)
+                                     speculative=True, model_name=args.model_name,
+                                     categories=prompt_set.categories)
         return build_speedup_report(baseline, speculative, load, len(prompt_set.prompts), data=str(args.data))
     if not args.checkpoint:
         raise UserError("--measure-speedup needs --checkpoint DIR (or --baseline-endpoint and --vllm-endpoint)")
@@ -61,6 +62,7 @@ def run_speedup(args) -> dict[str, Any]:
                                     args.skip_samples, args.data_seed, args.seq_length, args.data_format_version)
     exit_on_sigterm()
     baseline, speculative = run_pair(pair, prompt_set.prompts, load, api_key, args.ready_timeout,
-                                     Path(args.server_log_dir) if args.server_log_dir else None)
+                                     Path(args.server_log_dir) if args.server_log_dir else None,
+                                     prompt_set.categories)
     return build_speedup_report(baseline, speculative, load, len(prompt_set.prompts), checkpoint=str(ckpt),
                                 verifier=pair.verifier, data=str(args.data), vllm_version=version)

@@ -108,7 +108,9 @@ def acceptance_figures(counts: SpecDecodeCounts, k: int) -> dict[str, Any]:
         "num_accepted_tokens": counts.num_accepted_tokens,
         "mean_acceptance_length": mean_acceptance_length(counts),
         "acceptance_rate_per_position": [n / counts.num_drafts if counts.num_drafts else 0.0 for n in per_pos[:k]],
-        "draft_acceptance_rate": counts.num_accepted_tokens / counts.num_draft_tokens if counts.num_draft_tokens else 0.0,
+        "draft_acceptance_rate": (
+            counts.num_accepted_tokens / counts.num_draft_tokens if counts.num_draft_tokens else 0.0
+        ),
     }
 
 

@@ -12,7 +12,13 @@ import torch
 
 from speculators.errors import UserError
 from speculators.evaluate.prompt_sets import PromptSet, is_prompt_set, load_prompt_set
-from speculators.evaluate.report import SpecDecodeCounts, build_report, category_figures, counts_by_category, group_by_category
+from speculators.evaluate.report import (
+    SpecDecodeCounts,
+    build_report,
+    category_figures,
+    counts_by_category,
+    group_by_category,
+)
 from speculators.verifier import text_config
 
 logger = logging.getLogger(__name__)

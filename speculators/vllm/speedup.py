@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from speculators.errors import UserError
 from speculators.vllm.launch import VllmCommand, auth_headers, build_vllm_command, flag_value
 from speculators.vllm.loadgen import run_load, served_model, summarize
-from speculators.vllm.metrics import report_from_metrics, scrape, spec_decode_counts
+from speculators.vllm.metrics import drive_and_measure, report_from_metrics, scrape, spec_decode_counts
 
 SPEEDUP_VERSION = 1
 
@@ -52,9 +52,12 @@ def parse_concurrencies(text: str) -> tuple[int, ...]:
 
 
 def measure_server(base: str, prompts: Sequence[list[int]], load: LoadSettings, api_key: str | None = None,
-                   speculative: bool = False, model_name: str | None = None) -> dict[str, Any]:
+                   speculative: bool = False, model_name: str | None = None,
+                   categories: list[str] | None = None) -> dict[str, Any]:
     """Warm the server up, then run every prompt at each concurrency; with ``speculative`` each
-    level gets the acceptance its requests added to the counters, and the whole run's report."""
+    level gets the acceptance its requests added to the counters, and the whole run's report;
+    with ``categories`` too, one more pass, category by category, as `eval --vllm-endpoint
+    --data` sends them (stopping at end of sequence), gives the acceptance per category."""
     headers = auth_headers(api_key)
     model = served_model(base, headers)
     if load.warmup_requests:
@@ -77,6 +80,10 @@ def measure_server(base: str, prompts: Sequence[list[int]], load: LoadSettings, 
     out: dict[str, Any] = {"endpoint": base, "model": model, "levels": levels}
     if speculative:
         out["acceptance_report"] = report_from_metrics(scrape(base, api_key=api_key), model_name, since=start)
+        if categories is not None:
+            out["categories"] = drive_and_measure(base, list(prompts), load.max_tokens, 0.0, model_name,
+                                                  concurrency=max(load.concurrencies), timeout_s=load.timeout_s,
+                                                  api_key=api_key, categories=categories)["categories"]
     return out
 
 
@@ -122,6 +129,8 @@ def build_speedup_report(baseline: dict[str, Any], speculative: dict[str, Any], 
     k = int(report["num_speculative_tokens"])
     comparison = [compare_level(b, s, k) for b, s in zip(baseline["levels"], speculative["levels"])]
     report.update(extra)
+    if "categories" in speculative:
+        report["categories"] = speculative["categories"]
     report["measured_speedup"] = comparison[0]["measured_speedup"]
     report["speedup"] = {
         "version": SPEEDUP_VERSION,
@@ -131,7 +140,7 @@ def build_speedup_report(baseline: dict[str, Any], speculative: dict[str, Any], 
         "temperature": 0.0,
         "concurrencies": list(load.concurrencies),
         "baseline": {k2: v for k2, v in baseline.items()},
-        "speculative": {k2: v for k2, v in speculative.items() if k2 != "acceptance_report"},
+        "speculative": {k2: v for k2, v in speculative.items() if k2 not in ("acceptance_report", "categories")},
         "comparison": comparison,
     }
     return report
@@ -203,7 +212,7 @@ def plan_pair(checkpoint: Path, info: dict[str, Any], vllm_version: str, vllm_ar
 
 def run_pair(pair: ServerPair, prompts: Sequence[list[int]], load: LoadSettings, api_key: str | None = None,
              ready_timeout_s: float = 1800.0, log_dir: Path | None = None,
-             say=print) -> tuple[dict[str, Any], dict[str, Any]]:
+             categories: list[str] | None = None, say=print) -> tuple[dict[str, Any], dict[str, Any]]:
     """Start the baseline, measure, stop it; then the same for the speculative server."""
     import shlex
 
@@ -220,7 +229,8 @@ def run_pair(pair: ServerPair, prompts: Sequence[list[int]], load: LoadSettings,
             try:
                 server.start()
                 say(f"{name} server ready at {cmd.url}; measuring", flush=True)
-                results.append(measure_server(cmd.url, prompts, load, api_key, speculative))
+                results.append(measure_server(cmd.url, prompts, load, api_key, speculative,
+                                              categories=categories if speculative else None))
             finally:
                 server.stop()
     return results[0], results[1]
