@@ -151,3 +151,17 @@ def test_the_step_breakdown_reproduces_the_measured_ratio():
     assert 2.0 / (1 + 3 * cmp["implied_draft_cost"]) == pytest.approx(0.8)
     assert cmp["breakdown"]["speculative_step_ms"] == pytest.approx(25.0)  # 2 tokens at 12.5 ms each
     assert cmp["breakdown"]["draft_and_verify_overhead_ms"] == pytest.approx(15.0)
+
+
+def test_the_training_probe_reads_a_prompt_set(prompt_file, tiny_llama):
+    """`train --eval-data PROMPTS.jsonl`: the probe's fixed prompts are the set's, in file order."""
+    from types import SimpleNamespace
+
+    from speculators.train.acceptance import choose_prompts
+
+    cfg = SimpleNamespace(eval_prompts=3, eval_data=str(prompt_file), verifier_name_or_path=str(tiny_llama),
+                          online=False)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    want = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=False)) for p in PROMPTS[:3]]
+    assert choose_prompts(cfg, None, []) == want
