@@ -165,3 +165,19 @@ def test_the_training_probe_reads_a_prompt_set(prompt_file, tiny_llama):
     want = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                          tokenize=True, return_dict=False)) for p in PROMPTS[:3]]
     assert choose_prompts(cfg, None, []) == want
+
+
+def test_measure_speedup_refuses_bad_input_before_starting_anything(capsys):
+    """Each refusal names the flag (no server is started for these)."""
+    cases = [
+        (["--data", "sharegpt"], "--measure-speedup needs --checkpoint DIR"),
+        (["--vllm-endpoint", "http://127.0.0.1:9", "--data", "sharegpt"], "needs both --baseline-endpoint"),
+        (["--checkpoint", "x", "--data", "sharegpt", "--concurrency", "1,0"], "--concurrency '1,0': each must be >= 1"),
+        (["--checkpoint", "x", "--data", "sharegpt", "--temperature", "0.5"], "decodes greedily"),
+        (["--checkpoint", "x"], "--measure-speedup needs --data"),
+    ]
+    for extra, message in cases:
+        assert main(["eval", "--measure-speedup", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["eval", "--baseline-endpoint", "http://127.0.0.1:9", "--vllm-endpoint", "http://127.0.0.1:9"]) == 2
+    assert "--baseline-endpoint applies with --measure-speedup" in capsys.readouterr().err

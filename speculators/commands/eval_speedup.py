@@ -6,7 +6,11 @@ from pathlib import Path
 from typing import Any
 
 
-def run_speedup(args) -> dict[str, Any]:
+DEFAULT_PROMPTS = 16  # without --num-prompts: a conversation source would otherwise send thousands
+
+
+def run_speedup(args, indices=None) -> dict[str, Any]:
+    """``indices``: the rows `--val-fraction` keeps (None: all)."""
     from speculators.errors import UserError
     from speculators.evaluate.runner import load_prompt_set_of
     from speculators.vllm.launch import api_key_from_env, installed_vllm_version
@@ -28,6 +32,7 @@ def run_speedup(args) -> dict[str, Any]:
     if args.output_streams:
         raise UserError("--output-streams does not apply with --measure-speedup (use --vllm-endpoint --data)")
     load = LoadSettings(parse_concurrencies(args.concurrency), args.max_new_tokens)
+    num_prompts = args.num_prompts if args.num_prompts is not None else DEFAULT_PROMPTS
     api_key = api_key_from_env(args.api_key)
     given = [bool(args.vllm_endpoint), bool(args.baseline_endpoint)]
     if any(given) and not all(given):
@@ -40,7 +45,7 @@ def run_speedup(args) -> dict[str, Any]:
         if not tokenizer and not Path(args.data).is_dir():
             raise UserError("--measure-speedup with endpoints and a conversation --data needs --verifier "
                             "(its tokenizer)")
-        prompt_set = load_prompt_set_of(args.data, tokenizer or "", args.num_prompts, None, args.max_prompt_len,
+        prompt_set = load_prompt_set_of(args.data, tokenizer or "", num_prompts, indices, args.max_prompt_len,
                                         args.skip_samples, args.data_seed, args.seq_length,
                                         args.data_format_version)
         baseline = measure_server(args.baseline_endpoint.rstrip("/"), prompt_set.prompts, load, api_key)
@@ -58,7 +63,7 @@ def run_speedup(args) -> dict[str, Any]:
     if version is None:
         raise UserError("vLLM is not installed here: run `make vllm` (python scripts/install_vllm.py)")
     pair = plan_pair(ckpt, info, version, args.passthrough, api_key, kv_cache_gib=args.kv_cache_gib)
-    prompt_set = load_prompt_set_of(args.data, pair.verifier, args.num_prompts, None, args.max_prompt_len,
+    prompt_set = load_prompt_set_of(args.data, pair.verifier, num_prompts, indices, args.max_prompt_len,
                                     args.skip_samples, args.data_seed, args.seq_length, args.data_format_version)
     exit_on_sigterm()
     baseline, speculative = run_pair(pair, prompt_set.prompts, load, api_key, args.ready_timeout,

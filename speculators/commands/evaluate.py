@@ -47,7 +47,8 @@ def register(subparsers) -> None:
                    help="tokens drafted per step (default: the checkpoint's speculative_tokens)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (rejection rule)")
-    p.add_argument("--num-prompts", type=int, default=None, help="use at most this many prompts")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="use at most this many prompts (default: all; with --measure-speedup: 16)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="use only the validation rows of split_indices(n, FRACTION, --split-seed), "
                         "i.e. the rows `speculators train` held out")
@@ -99,7 +100,7 @@ def run(args) -> int:
     if args.measure_speedup:
         from speculators.commands.eval_speedup import run_speedup
 
-        report = run_speedup(args)
+        report = run_speedup(args, _heldout(args))
         from speculators.vllm.speedup import format_speedup
 
         print(format_report(report), flush=True)
