@@ -135,8 +135,9 @@ class TrainConfig(TypedSettings):
     eval_max_tokens: int = setting(32, "tokens generated per prompt when measuring acceptance", group=ACCEPTANCE,
                                    ge=1, le=65536)
     eval_data: str | None = setting(
-        None, "held-out prompts: a prepared dataset, a hidden-state directory or a conversation source as "
-        "prepare-data takes it (default: the validation rows of the training data)", group=ACCEPTANCE)
+        None, "held-out prompts: a prepared dataset, a hidden-state directory, a prompt set (a .jsonl of "
+        "{\"prompt\": ..., \"category\": ...} lines) or a conversation source as prepare-data takes it "
+        "(default: the validation rows of the training data)", group=ACCEPTANCE)
     best_by: Literal["val-loss", "acceptance"] = setting(
         "val-loss", "the score checkpoint_best is chosen by: validation loss (lower is better; the training loss "
         "without a validation split) or acceptance (mean acceptance length at the epoch end, higher is better)",
