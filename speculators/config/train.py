@@ -84,6 +84,10 @@ class TrainConfig(TypedSettings):
     vllm_layer_ids: list[int] | None = setting(None, "vLLM layer ids the server exports (launch-vllm prints "
                                                "them); checked against every response and recorded with cached "
                                                "samples", group=ONLINE)
+    hidden_states_dtype: Literal["bf16", "fp8"] | None = setting(
+        None, "how --on-generate cache stores samples: bf16, or fp8 (e4m3, one scale per token and layer; half "
+        "the bytes, read back as bf16); default: what the cache's data_config.json records, else bf16",
+        group=ONLINE)
 
     # ---------------------------------------------------------------- training
     epochs: int = setting(20, "passes over the training split", group=TRAINING, title="Epochs", ge=1, le=1000)
