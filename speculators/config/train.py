@@ -45,6 +45,17 @@ class TrainConfig(TypedSettings):
         None, "with --sliding-window: draft layers that keep full attention (such a draft cannot be served "
         "by vLLM, which needs one attention kind for all draft layers)", group=MODEL)
 
+    algorithm: Literal["eagle3", "dflash"] = setting(
+        "eagle3", "draft algorithm: eagle3 (chained drafting, TTT) or dflash (block-parallel drafting: one draft "
+        "forward proposes --ttt-steps tokens from a block of the verifier's newest token plus --ttt-steps mask "
+        "tokens; served by vLLM's method dflash)", group=MODEL, title="Draft algorithm")
+    mask_token_id: int | None = setting(
+        None, "dflash: the token id fed at the block's masked slots (its embedding is the verifier's, frozen; "
+        "default: the verifier's last vocabulary id)", group=MODEL, ge=0)
+    dflash_num_anchors: int = setting(
+        512, "dflash: blocks trained per packed row, anchored at random counted positions (0: every counted "
+        "position)", group=MODEL, ge=0)
+
     # ---------------------------------------------------------------- data
     data_path: str | None = setting(None, "hidden states written by `speculators datagen`", group=DATA)
     total_seq_len: int = setting(8192, "tokens per packed row", group=DATA, title="Sequence length",
