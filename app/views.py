@@ -160,6 +160,7 @@ def stage_rows(stages: list[Stage], now: datetime | None = None) -> list[dict[st
             "started": s.started_at.strftime("%Y-%m-%d %H:%M:%S") if s.started_at else "",
             "duration": fmt_duration((end - s.started_at).total_seconds()) if s.started_at and end else "",
             "attempts": s.attempts,
+            "host": s.host or "",  # the machine that ran (runs) it: installations with several hosts
             "step": f"{s.current_step}/{s.total_steps}" if s.total_steps else "",
             "error": s.error or "",
         })

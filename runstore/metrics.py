@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -37,11 +38,12 @@ def ingest_records(session: Session, run_id: str, records: Iterable[Any], stage_
     values; train and start records also set the stage's step counters. Returns how many
     metric rows were written."""
     written = 0
+    insert = _upsert_insert(session)
     for rec in map(parse_record, records):
         if isinstance(rec, (TrainRecord, ValRecord, AcceptanceRecord)):
             total = rec.total_steps if isinstance(rec, TrainRecord) else None
             values = _acceptance_values(rec) if isinstance(rec, AcceptanceRecord) else dict(rec.metrics)
-            stmt = sqlite_insert(Metric).values(run_id=run_id, type=rec.TYPE, step=rec.step, epoch=rec.epoch,
+            stmt = insert(Metric).values(run_id=run_id, type=rec.TYPE, step=rec.step, epoch=rec.epoch,
                                                 ts=rec.ts, total_steps=total, values=values)
             stmt = stmt.on_conflict_do_update(
                 index_elements=["run_id", "type", "step"],
@@ -55,7 +57,7 @@ def ingest_records(session: Session, run_id: str, records: Iterable[Any], stage_
         elif isinstance(rec, CheckpointRecord):
             if rec.is_best:
                 session.execute(update(Checkpoint).where(Checkpoint.run_id == run_id).values(is_best=False))
-            stmt = sqlite_insert(Checkpoint).values(run_id=run_id, epoch=rec.epoch, step=rec.step, path=rec.path,
+            stmt = insert(Checkpoint).values(run_id=run_id, epoch=rec.epoch, step=rec.step, path=rec.path,
                                                     val_loss=rec.val_loss, is_best=rec.is_best, ts=rec.ts)
             stmt = stmt.on_conflict_do_update(
                 index_elements=["run_id", "epoch"],
@@ -72,6 +74,12 @@ def ingest_records(session: Session, run_id: str, records: Iterable[Any], stage_
             session.execute(update(Stage).where(Stage.id == stage_id).values(total_steps=rec.total_steps))
     session.commit()
     return written
+
+
+def _upsert_insert(session: Session):
+    """The INSERT with ON CONFLICT of the session's database (SQLite and PostgreSQL spell the
+    upsert alike); the unique (run, type, step) key makes a concurrent duplicate an update."""
+    return postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
 
 
 def step_records(session: Session, run_id: str, after: dict[str, int] | None = None,

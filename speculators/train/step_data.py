@@ -135,7 +135,7 @@ class StepData:
         return cls(train_ds=train_ds, val_ds=val_ds, collate=Eagle3Collator(cfg.total_seq_len, pack=True),
                    train_sampler=train_sampler, val_batches=val_batches, batches_per_step=batches_per_step,
                    steps_per_epoch=steps_per_epoch, info=info, seed=cfg.seed, num_workers=cfg.num_workers,
-                   store=store, positions_for=cfg.ttt_steps)
+                   store=store, positions_for=cfg.ttt_steps if cfg.algorithm == "eagle3" else 0)  # TTTObjective's
 
     # ---------------------------------------------------------------- where a step falls
     @property
