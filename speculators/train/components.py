@@ -30,6 +30,7 @@ from speculators.train.data_source import build_sample_store
 from speculators.train.distributed import DistInfo, broadcast_object, shard
 from speculators.train.loggers import ExperimentLogger
 from speculators.train.objective import TTTObjective
+from speculators.train.optimizers import build_optimizer
 from speculators.train.schedule import build_scheduler
 from speculators.train.sink import MetricsSink
 from speculators.train.step_data import StepData
@@ -168,6 +169,7 @@ def build_draft(cfg: TrainConfig, vconf: Any, weights: dict[str, torch.Tensor], 
             draft.lm_head.weight.copy_(weights["lm_head"][t2d])
             draft.set_vocab_mapping(d2t, t2d)
     draft.attn_impl = cfg.attn_impl
+    draft.gradient_checkpointing = cfg.gradient_checkpointing
     if draft.config.layer_types and len(set(draft.config.layer_types)) > 1:
         logger.warning("draft layers mix sliding-window and full attention (%s): trained and evaluated here, "
                        "but vLLM cannot serve such a draft (one KV-cache group for all draft layers)",
@@ -205,10 +207,11 @@ def _build_around(cfg: TrainConfig, info: DistInfo, vconf: Any, store: SampleSto
     source = resume_dir or (Path(cfg.from_pretrained) if cfg.from_pretrained else None)
     draft = build_draft(cfg, vconf, weights, layer_ids, source)
     head = VerifierHead.from_weights(weights, draft.t2d, float(getattr(vconf, "rms_norm_eps", 1e-6)))
-    objective = shard(TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows).to(info.device), info, bf16=autocast)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  **adamw_kernel(cfg.optimizer_impl, info.world_size))
+    objective = shard(TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows, cfg.loss, cfg.lk_eta)
+                      .to(info.device), info, bf16=autocast)
+    named = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = build_optimizer(named, cfg, adamw_kernel(cfg.optimizer_impl, info.world_size))
     data = StepData.build(store, cfg, info, bps, torch.bfloat16 if autocast else torch.float32)
     val_positions = data.val_ds.indices if data.val_ds is not None else []
     acceptance = AcceptanceProbe.build(cfg, info, store, val_positions, draft.config)
