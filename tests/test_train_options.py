@@ -169,6 +169,24 @@ def test_gradient_checkpointing_recomputes_the_layers():
     assert calls["n"] == 4  # each step's layer ran again in backward
 
 
+def test_gradient_checkpointing_keeps_less_for_backward():
+    hs, ids = torch.randn(1, 32, 96), torch.randint(0, 50, (1, 32))
+    kept = {}
+    for ckpt in (False, True):
+        model = _draft()
+        model.gradient_checkpointing = ckpt
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(hs, ids, torch.zeros(1, 32, dtype=torch.long), torch.arange(1, 33)[None], ttt_steps=3)
+        kept[ckpt] = total[0]
+    assert kept[True] < 0.5 * kept[False], kept
+
+
 # ------------------------------------------------------------------ Muon
 def test_muon_split_keeps_vocab_matrices_and_vectors_on_adamw():
     model = _draft()
