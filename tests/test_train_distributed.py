@@ -69,3 +69,18 @@ def test_two_process_fsdp_matches_single_process(tiny_llama, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
     print(f"2-process vs 1-process, {len(d_train)} steps: final loss {d_train[max(d_train)]['loss']:.6f} "
           f"vs {s_train[max(s_train)]['loss']:.6f}")
+
+
+@pytest.mark.slow
+def test_a_refusal_on_rank_0_ends_every_rank(tiny_llama, tmp_path):
+    """Rank 0 alone decides on the save path (and alone loads the acceptance verifier); when it
+    refuses, the other rank must end with the reason instead of waiting on the broadcast forever."""
+    data = write_synthetic_hidden_states(tiny_llama, tmp_path / "hs", num_samples=4, seq_len=24)
+    save = tmp_path / "taken"
+    (save / "0").mkdir(parents=True)  # holds an epoch checkpoint: refused with --no-resume-from-checkpoint
+    run = run_train_cli(["--verifier-name-or-path", str(tiny_llama), "--data-path", str(data), "--epochs", "1",
+                         "--total-seq-len", "48", "--save-path", str(save), "--no-resume-from-checkpoint"],
+                        nproc=2, timeout=240)
+    assert run.returncode != 0
+    assert "already holds checkpoints" in run.stderr  # rank 0's own message
+    assert "rank 0 failed: UserError" in run.stderr  # rank 1 told, not left waiting

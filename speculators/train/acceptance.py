@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from speculators.errors import UserError
-from speculators.train.distributed import DistInfo, broadcast_object
+from speculators.train.distributed import DistInfo, on_main_rank
 
 
 @dataclass(frozen=True)
@@ -79,18 +79,25 @@ class AcceptanceProbe:
     @classmethod
     def build(cls, cfg, info: DistInfo, store, val_positions: Sequence[int], draft_config: Any) -> AcceptanceProbe | None:
         """The probe, or None when no prompt is available (and --best-by does not need one)."""
-        prompts = choose_prompts(cfg, store, val_positions) if info.is_main else None
-        prompts = broadcast_object(prompts, info)
+        built: list[AcceptanceProbe] = []
+
+        def on_main() -> list[list[int]]:
+            # Rank 0 chooses the prompts and loads the verifier once, before training: a verifier
+            # that cannot load fails the start, on every rank.
+            prompts = choose_prompts(cfg, store, val_positions)
+            if prompts:
+                built.append(cls(prompts, cfg.eval_max_tokens, cfg.verifier_name_or_path, draft_config, info))
+                built[0]._load_verifier()
+            return prompts
+
+        prompts = on_main_rank(on_main, info)
         if not prompts:
             if cfg.best_by == "acceptance":
                 raise UserError("--best-by acceptance needs held-out prompts: --eval-prompts > 0 and a validation "
                                 "split (--train-data-ratio below 1) with assistant turns, or --eval-data (online runs: "
                                 "--eval-data only)")
             return None
-        probe = cls(prompts, cfg.eval_max_tokens, cfg.verifier_name_or_path, draft_config, info)
-        if info.is_main:  # loaded once, before training: a verifier that cannot load fails the start
-            probe._load_verifier()
-        return probe
+        return built[0] if built else cls(prompts, cfg.eval_max_tokens, cfg.verifier_name_or_path, draft_config, info)
 
     def _load_verifier(self):
         from speculators.evaluate.runner import eos_ids_of
@@ -118,10 +125,7 @@ class AcceptanceProbe:
     def measure(self, full_state: dict[str, torch.Tensor]) -> Acceptance:
         """Decode the prompts with the draft of `full_state` (read on rank 0: under FSDP the other
         ranks' full state dict is empty); every rank gets the result."""
-        result = None
-        if self.info.is_main:
-            result = self._decode(full_state)
-        return broadcast_object(result, self.info)
+        return on_main_rank(lambda: self._decode(full_state), self.info)
 
     @torch.no_grad()
     def _decode(self, state: dict[str, torch.Tensor]) -> Acceptance:

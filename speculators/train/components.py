@@ -27,7 +27,7 @@ from speculators.train import checkpoint as ckpt
 from speculators.config.train import TrainConfig
 from speculators.train.acceptance import AcceptanceProbe
 from speculators.train.data_source import build_sample_store
-from speculators.train.distributed import DistInfo, broadcast_object, shard
+from speculators.train.distributed import DistInfo, on_main_rank, shard
 from speculators.train.loggers import ExperimentLogger
 from speculators.train.objective import TTTObjective
 from speculators.train.optimizers import build_optimizer
@@ -199,8 +199,7 @@ def _build_around(cfg: TrainConfig, info: DistInfo, vconf: Any, store: SampleSto
 
     # Run identity / resume decision (rank 0 decides, everyone follows).
     args = cfg.to_dict()
-    decision = ckpt.claim_save_path(cfg.save_path, args, cfg.resume) if info.is_main else None
-    run_id, resume_dir = broadcast_object(decision, info)
+    run_id, resume_dir = on_main_rank(lambda: ckpt.claim_save_path(cfg.save_path, args, cfg.resume), info)
     resume_dir = Path(resume_dir) if resume_dir else None
 
     weights = load_verifier_weights(cfg.verifier_name_or_path, vconf)

@@ -90,12 +90,33 @@ def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, info: DistInfo):
+def on_main_rank(fn, info: DistInfo):
+    """Run `fn` on rank 0 alone and give its result to every rank.
+
+    If `fn` raises on rank 0, every rank raises too (rank 0 its own exception, the others a
+    message naming it) instead of the others waiting forever on the broadcast or the next
+    collective. A `UserError` stays a `UserError` on every rank, so the launcher prints it as one.
+    """
+    from speculators.errors import UserError
+
     if not info.distributed:
-        return obj
-    box = [obj]
+        return fn()
+    box: list = [None]
+    failure: BaseException | None = None
+    if info.is_main:
+        try:
+            box = [("ok", fn())]
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others are told
+            failure = exc
+            box = [("error", (isinstance(exc, UserError), f"{type(exc).__name__}: {exc}"))]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    status, payload = box[0]
+    if status == "ok":
+        return payload
+    if failure is not None:
+        raise failure
+    user_error, message = payload
+    raise (UserError if user_error else RuntimeError)(f"rank 0 failed: {message}")
 
 
 def barrier(info: DistInfo) -> None:

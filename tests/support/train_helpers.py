@@ -14,10 +14,15 @@ from speculators.train.trainer import run_training
 
 
 def make_cfg(verifier, data, save, **kw) -> TrainConfig:
-    """A small CPU run: 2 epochs of 64-token rows, 2 TTT steps, a quarter held out."""
+    """A small CPU run: 2 epochs of 64-token rows, 2 TTT steps, a quarter held out.
+
+    Acceptance is not measured (``eval_prompts=0``) unless a test asks for it: the probe decodes
+    with the verifier at every epoch end, which is CI time spent on what tests/test_train_acceptance.py
+    already covers.
+    """
     base = dict(
         verifier_name_or_path=str(verifier), data_path=str(data), save_path=str(save), epochs=2, lr=2e-3,
-        total_seq_len=64, ttt_steps=2, log_freq=1000, train_data_ratio=0.75, warmup_steps=1,
+        total_seq_len=64, ttt_steps=2, log_freq=1000, train_data_ratio=0.75, warmup_steps=1, eval_prompts=0,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -36,10 +41,15 @@ def run_train_cli(args: list[str], nproc: int = 1, timeout: float = 400) -> subp
     """`python -m speculators.train ARGS` with OMP_NUM_THREADS=1: one process, or `nproc` under
     `torchrun --standalone` (FSDP2 over gloo on the CPU).
 
+    Acceptance is not measured (``--eval-prompts 0`` is added) unless ARGS name ``--eval-prompts``,
+    for the reason given in ``make_cfg``.
+
     A torchrun launch is retried once (a shared CI box can lose the rendezvous port race); a
     --save-path the failed attempt created is removed first, so the retry starts as the first did.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not any(a == "--eval-prompts" or a.startswith("--eval-prompts=") for a in args):
+        args = [*args, "--eval-prompts", "0"]
     if nproc == 1:
         return subprocess.run([sys.executable, "-m", "speculators.train", *args], env=env, capture_output=True,
                               text=True, timeout=timeout)
