@@ -281,5 +281,7 @@ def test_options_through_the_cli_train_and_resume(tiny_llama, hs_tiny, tmp_path)
     run = run_train_cli([*args, "--epochs", "2"])  # resumes epoch 0's checkpoint
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(train_losses(save)) > len(first)
+    other = run_train_cli([*args, "--epochs", "3", "--optimizer", "adamw"])  # resuming Muon's state with AdamW
+    assert other.returncode != 0 and "optimizer: 'muon' there vs 'adamw' now" in other.stderr, other.stderr[-2000:]
     bad = run_train_cli([*args[:-2], "--save-path", str(tmp_path / "bad"), "--loss", "hinge"])
     assert bad.returncode != 0 and "--loss" in bad.stderr and "hinge" in bad.stderr
