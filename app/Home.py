@@ -39,6 +39,7 @@ for col, key in zip(cols, ("running", "queued", "succeeded", "failed")):
 
 st.page_link("pages/1_New_run.py", label="Launch a new run", icon="🚀")
 st.page_link("pages/2_Runs.py", label="All runs", icon="📋")
+st.page_link("pages/4_Compare.py", label="Compare runs", icon="📊")
 
 with st.expander("Installation"):
     st.write({"database": s.db_url, "broker": s.broker_url, "data root": str(s.data_root),

@@ -1,14 +1,15 @@
 """The run page's "Serve in vLLM" panel: serve the best checkpoint, say truthfully whether
 it is up (the deployment's own server answering, not whatever holds the port), how to call
 it (model name, curl, API key), why it failed (the log's cause line, then its tail), and
-the acceptance metrics read from its Prometheus /metrics."""
+the acceptance metrics read from its Prometheus /metrics beside the acceptance measured while
+training at the served checkpoint's step."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
-from app import common, views
+from app import charts, common, views
 from runstore import deployments, metrics, runs
 from runstore.models import DeploymentStatus
 from runstore.settings import Settings
@@ -89,16 +90,30 @@ def render(factory, s: Settings, run_id: str) -> None:
     if up:
         report = acceptance(dep.endpoint)
         if report and "error" not in report:
-            m1, m2, m3 = st.columns(3)
+            with factory() as session:
+                trained = views.served_training_acceptance(
+                    dep.model_path, metrics.checkpoints(session, run_id), metrics.step_checkpoints(session, run_id),
+                    metrics.acceptance_records(session, run_id))
+            m1, m2, m3, m4 = st.columns(4)
             m1.metric("Drafted tokens", report["num_draft_tokens"])
             m2.metric("Accepted tokens", report["num_accepted_tokens"])
             mean, note = views.acceptance_summary(report)
-            m3.metric("Mean acceptance length", mean)
+            m3.metric("Mean acceptance length", mean, help="live: from the server's /metrics counters, over "
+                      "every request it has served")
+            m4.metric("At training time", f"{trained.mean_acceptance_length:.2f}" if trained else "n/a",
+                      help="measured while training on the run's held-out prompts, at this checkpoint's step "
+                           "(or the latest measurement before it)")
+            if trained:
+                st.caption(f"Training-time figure: step {trained.step}, {trained.prompts} held-out prompts, "
+                           f"{trained.tokens} tokens; the live figure counts the requests sent to this server.")
             if note:
                 st.caption(note)
             rows = views.acceptance_rows(report)
             if rows:
-                st.bar_chart(pd.DataFrame(rows), x="position", y="acceptance rate")
+                live = pd.DataFrame(rows).assign(source="live (served)")
+                if trained:
+                    live = pd.concat([live, views.acceptance_positions(trained).assign(source="at training time")])
+                st.altair_chart(charts.positions_compare_chart(live), width="stretch", key="served_positions")
             with factory() as session:
                 deployments.update_deployment(session, dep.id, acceptance=report)
         elif report:

@@ -9,3 +9,7 @@ class StoreError(Exception):
 
 class NameTaken(StoreError):
     """A new run's name is already another run's."""
+
+
+class StoreUnreachable(StoreError):
+    """The database behind SPEC_DB_URL does not answer (the message names the URL)."""

@@ -15,6 +15,11 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+#: The file the main host keeps in its runs root; a joining worker finds it there when the
+#: shared root is mounted (docs/scaling.md).
+ROOT_MARKER = ".speculators-root"
+
+
 def default_namespace(home: Path) -> str:
     """`spec-<hash of the home>`: two installations on one Redis get different keys."""
     digest = hashlib.sha256(str(home.expanduser().resolve()).encode()).hexdigest()[:10]
@@ -48,13 +53,16 @@ class Settings(BaseSettings):
     # GiB of KV cache for a draft served on the CPU (VLLM_CPU_KVCACHE_SPACE); 0 = chosen from
     # free memory (speculators.vllm.cpu_memory), the dashboard's serve field overrides it
     vllm_kv_cache_gib: int = Field(0, ge=0, le=1024)
+    # A worker joining an installation from another host: its runs root is the shared one
+    # (NFS), which it must find mounted (the marker file the main host writes) and never creates
+    require_shared_root: bool = False
 
     @field_validator("home", "data_root", "runs_root", "models_root", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
 
-    @field_validator("auto_resume", mode="before")
+    @field_validator("auto_resume", "require_shared_root", mode="before")
     @classmethod
     def _flag(cls, value: object) -> object:
         if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
@@ -86,5 +94,14 @@ class Settings(BaseSettings):
         return cls()
 
     def ensure_dirs(self) -> None:
-        for path in (self.home, self.data_root, self.runs_root, self.models_root):
+        """Create the folders this process uses. The main host (require_shared_root off) also
+        marks its runs root (ROOT_MARKER), so a joining worker can tell the shared root from
+        an empty mount point; a joining worker creates only its own home."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.require_shared_root:
+            return
+        for path in (self.data_root, self.runs_root, self.models_root):
             path.mkdir(parents=True, exist_ok=True)
+        marker = self.runs_root / ROOT_MARKER
+        if not marker.exists():
+            marker.write_text(f"{self.broker_namespace}\n", encoding="utf-8")

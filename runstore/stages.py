@@ -40,6 +40,15 @@ def unfinished(run: Run) -> list[str]:
     return [s.name for s in sorted(run.stages, key=lambda x: x.position) if s.status != StageStatus.SUCCEEDED]
 
 
+def requested_gpus(run: Run) -> int:
+    """How many GPUs the run asks for (its settings' `gpus`; 0: the CPU): the broker queue
+    of its stages follows it (worker.celery_app.gpu_queue)."""
+    try:
+        return max(int((run.spec or {}).get("gpus") or 0), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def queue_stages(session: Session, run: Run, todo: list[str] | None = None) -> list[str]:
     """Mark the run queued and add the outbox message that runs `todo` (default: its
     unfinished stages), in the caller's transaction: a broker that is down leaves the message
@@ -47,7 +56,7 @@ def queue_stages(session: Session, run: Run, todo: list[str] | None = None) -> l
     todo = unfinished(run) if todo is None else todo
     run.status = RunStatus.QUEUED
     run.current_stage = todo[0] if todo else None
-    outbox.add(session, RUN_STAGES, {"run_id": run.id, "stages": todo})
+    outbox.add(session, RUN_STAGES, {"run_id": run.id, "stages": todo, "gpus": requested_gpus(run)})
     return todo
 
 
@@ -67,15 +76,17 @@ def get_stage(session: Session, run_id: str, name: str) -> Stage | None:
 
 
 def start_stage(session: Session, run_id: str, name: str, *, worker: str, log_path: str,
-                stale_after_s: float = STALE_AFTER_S) -> Stage | None:
-    """Claim the stage and mark it running. The claim is one conditional UPDATE, so of two
-    workers handed the same stage (a re-queued duplicate) only one wins; the loser gets None.
+                stale_after_s: float = STALE_AFTER_S, host: str | None = None) -> Stage | None:
+    """Claim the stage and mark it running on `worker` (at `host`: the machine, shown by the
+    dashboard). The claim is one conditional UPDATE, so of two workers handed the same stage
+    (a re-queued duplicate) only one wins, on SQLite and on PostgreSQL alike (there the
+    loser's UPDATE waits for the winner's commit and re-reads the row); the loser gets None.
     A stage alive on another worker cannot be claimed."""
     now = utcnow()
     free = or_(not_(live(stale_after_s, now)), Stage.worker == worker)
     res = session.execute(update(Stage).where(Stage.run_id == run_id, Stage.name == name,
                                               Stage.status != StageStatus.SUCCEEDED, free)
-                          .values(status=StageStatus.RUNNING, worker=worker, heartbeat_at=now))
+                          .values(status=StageStatus.RUNNING, worker=worker, host=host, heartbeat_at=now))
     if res.rowcount != 1:
         session.rollback()
         return None
@@ -89,6 +100,7 @@ def start_stage(session: Session, run_id: str, name: str, *, worker: str, log_pa
     stage.finished_at = None
     stage.heartbeat_at = now
     stage.worker = worker
+    stage.host = host
     stage.pid = None
     stage.error = None
     stage.log_path = log_path

@@ -74,7 +74,8 @@ def hs_data(tiny_llama, tmp_path_factory):
 # (helper "runstore"): one SPEC_* home per test for the dashboard, worker and fault tests.
 
 _SPEC_VARS = ("SPEC_DB_URL", "SPEC_DATA_ROOT", "SPEC_RUNS_ROOT", "SPEC_MODELS_ROOT", "SPEC_DEFAULT_MODEL",
-              "SPEC_RESULT_BACKEND", "SPEC_BROKER_NAMESPACE", "SPEC_BROKER_URL", "SPEC_MAX_GPUS")
+              "SPEC_RESULT_BACKEND", "SPEC_BROKER_NAMESPACE", "SPEC_BROKER_URL", "SPEC_MAX_GPUS",
+              "SPEC_REQUIRE_SHARED_ROOT")
 
 
 @pytest.fixture()
@@ -96,3 +97,21 @@ def spec_home(monkeypatch):
 
     return use
 # ============================================================ end of the run store block
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """This session's PostgreSQL database (tests.support.pg), dropped at the end."""
+    from tests.support.pg import SessionDatabase
+
+    database = SessionDatabase()
+    yield database
+    database.drop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A run-store URL on each backend: a SQLite file, and a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'runs.sqlite'}"
+    return request.getfixturevalue("pg_database").fresh_url()

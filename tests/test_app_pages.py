@@ -93,10 +93,10 @@ def test_submit_with_broker_down_keeps_the_run(home):
         assert msg.payload["run_id"] == run.id and msg.last_error
 
 
-def _seed_run(home, run_id="r1", status="running", with_metrics=True):
+def _seed_run(home, run_id="r1", status="running", with_metrics=True, spec=None):
     factory = open_store(home.db_url)
     with factory() as s:
-        runs.create_run(s, run_id=run_id, name=f"seeded {run_id}", spec={"mode": "offline", "model": "m"},
+        runs.create_run(s, run_id=run_id, name=f"seeded {run_id}", spec=spec or {"mode": "offline", "model": "m"},
                         stages=["prepare", "vocab", "datagen", "train"], work_dir=str(home.runs_root / run_id))
         for msg in outbox.pending(s):
             outbox.mark_sent(s, msg.id)
@@ -117,7 +117,8 @@ def _seed_run(home, run_id="r1", status="running", with_metrics=True):
                              "metrics": {"loss": 2.0 / step, "loss_0": 1.0 / step, "full_acc_0": 0.1 * step,
                                          "cond_acc_0": 0.2 * step, "step_acc_0": 0.1 * step, "lr": 1e-3,
                                          "tokens_per_s": 1000.0}})
-            recs.append({"type": "val", "ts": 105.0, "epoch": 0, "step": 4, "metrics": {"loss": 0.7}})
+            recs.append({"type": "val", "ts": 105.0, "epoch": 0, "step": 4,
+                         "metrics": {"loss": 0.7, "tokens_per_s": 2000.0}})
             recs.append({"type": "checkpoint", "ts": 105.5, "epoch": 0, "step": 4,
                          "path": str(home.runs_root / run_id / "checkpoints" / "0"), "val_loss": 0.7, "is_best": True})
             metrics.ingest_records(s, run_id, recs, stage_id=st.id)
@@ -182,9 +183,11 @@ def test_run_detail_charts_progress_checkpoints(home):
     assert not at.exception
     charts = at.get("vega_lite_chart")
     titles = [json.loads(c.proto.spec)["title"] for c in charts]
-    assert sorted(titles) == sorted(["Loss (log)", "Full accuracy: steps 0..k all right",
-                      "Conditional accuracy: step k given 0..k-1 right", "Step accuracy: step k alone",
-                      "Learning rate", "Throughput (tokens/s)"])  # (in two columns)
+    train = ["Full accuracy: steps 0..k all right", "Conditional accuracy: step k given 0..k-1 right",
+             "Step accuracy: step k alone", "Learning rate", "Throughput (tokens/s)"]
+    # training and validation in charts of their own (two columns each)
+    assert sorted(titles) == sorted(["Loss · train (log)", *(f"{t} · train" for t in train),
+                                     "Loss · validation (log)", "Throughput (tokens/s) · validation"])
     progress = at.get("progress")[0]
     assert "training 40%" in progress.proto.text and "ETA" in progress.proto.text
     frames = [d.value for d in at.dataframe]
@@ -209,7 +212,13 @@ def _chart_rows(chart) -> list[dict]:
     frames = [dataframe_util.convert_arrow_bytes_to_pandas_df(d.data.data) for d in chart.proto.datasets]
     if chart.proto.data.data:
         frames.append(dataframe_util.convert_arrow_bytes_to_pandas_df(chart.proto.data.data))
-    return [row for frame in frames for row in frame.to_dict("records")]
+    seen, out = set(), []
+    for row in (row for frame in frames for row in frame.to_dict("records")):
+        key = tuple(sorted((k, str(v)) for k, v in row.items()))
+        if key not in seen:  # a layered chart (smoothed over raw) may carry its data once per layer
+            seen.add(key)
+            out.append(row)
+    return out
 
 
 def test_run_detail_shows_the_acceptance_curve_and_latest_positions(home):
@@ -268,8 +277,13 @@ def test_served_checkpoint_shows_endpoint_and_acceptance(home):
     try:
         factory = _seed_run(home, "r1", status="succeeded")
         port = server.server_address[1]
+        ckpt = str(home.runs_root / "r1" / "checkpoints" / "0")  # the seeded epoch-0 checkpoint, step 4
         with factory() as s:
-            dep = deployments.request_deployment(s, kind="draft", model_path="/ck/0", run_id="r1", port=port,
+            metrics.ingest_records(s, "r1", [  # measured while training: at step 4 (the checkpoint's) and later
+                {"type": "acceptance", "ts": 1.0, "epoch": 0, "step": step, "mean_acceptance_length": mean,
+                 "acceptance_rate_per_position": [0.5, 0.25, 0.125], "prompts": 8, "tokens": 256, "seconds": 0.5}
+                for step, mean in ((4, 2.25), (6, 2.5))])
+            dep = deployments.request_deployment(s, kind="draft", model_path=ckpt, run_id="r1", port=port,
                                                  endpoint=f"http://127.0.0.1:{port}")
             deployments.update_deployment(s, dep.id, status="up")
         _FakeVllm.MODEL = served_name("r1", dep.id)
@@ -285,6 +299,12 @@ def test_served_checkpoint_shows_endpoint_and_acceptance(home):
         shown = {m.label: m.value for m in at.metric}
         assert shown["Drafted tokens"] == "30" and shown["Accepted tokens"] == "18"
         assert shown["Mean acceptance length"] == "2.80"  # 1 + 18/10
+        assert shown["At training time"] == "2.25"  # the served checkpoint's step, not the latest measurement
+        bars = _chart_rows(next(c for c in at.get("vega_lite_chart")
+                                if json.loads(c.proto.spec)["title"] == "Acceptance rate per position"))
+        assert sorted((r["source"], r["position"], r["acceptance rate"]) for r in bars) == sorted(
+            [("live (served)", 1, 0.9), ("live (served)", 2, 0.6), ("live (served)", 3, 0.3),
+             ("at training time", 1, 0.5), ("at training time", 2, 0.25), ("at training time", 3, 0.125)])
         assert at.button(key="btn_serve").disabled  # already served
         at.button(key="btn_stop").click().run()
         with factory() as s:
@@ -596,3 +616,133 @@ def test_a_failed_server_shows_its_cause_then_the_log(home, tmp_path):
     _assert_plain(at)
     assert any("noise line 99" in c.value for c in at.code)
     assert not at.button(key="btn_serve").disabled  # serve again
+
+
+# ------------------------------------------------ issue 23: the dashboard a W&B/TensorBoard user expects
+
+
+def _ema(xs: list[float], w: float) -> list[float]:
+    """The debiased EMA, written out as the weighted mean of the points so far."""
+    return [sum(w ** (t - i) * (1 - w) * xs[i] for i in range(t + 1)) / (1 - w ** (t + 1)) for t in range(len(xs))]
+
+
+def _charts(at: AppTest) -> dict:
+    return {json.loads(c.proto.spec)["title"]: c for c in at.get("vega_lite_chart")}
+
+
+def _spec_x_title(chart) -> str:
+    spec = json.loads(chart.proto.spec)
+    return spec["layer"][0]["encoding"]["x"]["title"]
+
+
+def test_run_page_axis_smoothing_checkpoints_settings_export(home):
+    factory = _seed_run(home, "r1", spec={"mode": "offline", "model": "m", "epochs": 1, "lr": 0.003})
+    with factory() as s:
+        metrics.ingest_records(s, "r1", [
+            {"type": "step_checkpoint", "ts": 103.5, "epoch": 0, "step": 2, "path": "/gone/step_2", "reason": "interval"},
+            {"type": "acceptance", "ts": 103.6, "epoch": 0, "step": 2, "mean_acceptance_length": 1.25,
+             "acceptance_rate_per_position": [0.25], "prompts": 4, "tokens": 64, "seconds": 0.5}])
+    at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+    at.query_params["run"] = "r1"
+    at.run()
+    assert not at.exception
+    loss = _charts(at)["Loss · train (log)"]
+    rows = sorted((r for r in _chart_rows(loss) if r["series"] == "loss"), key=lambda r: r["step"])
+    assert {r["series"] for r in _chart_rows(loss)} == {"loss", "loss_0"}  # metric names: the chart says train
+    values = [2.0 / step for step in range(1, 5)]
+    assert [r["value"] for r in rows] == pytest.approx(values)
+    assert [r["smoothed"] for r in rows] == pytest.approx(_ema(values, 0.6))  # the default smoothing
+    assert [r["x"] for r in rows] == [1, 2, 3, 4] and _spec_x_title(loss) == "step"
+    at.slider(key="smoothing").set_value(0.0).run()
+    at.radio(key="x_axis").set_value("epoch").run()
+    assert not at.exception
+    loss = _charts(at)["Loss · train (log)"]
+    rows = sorted((r for r in _chart_rows(loss) if r["series"] == "loss"), key=lambda r: r["step"])
+    assert [r["smoothed"] for r in rows] == pytest.approx(values)
+    assert [r["x"] for r in rows] == pytest.approx([0.1, 0.2, 0.3, 0.4])  # 1 epoch of 10 steps (the stage's total)
+    assert _spec_x_title(loss) == "epoch"
+    at.radio(key="x_axis").set_value("wall time").run()
+    rows = sorted((r for r in _chart_rows(_charts(at)["Loss · train (log)"]) if r["series"] == "loss"),
+                  key=lambda r: r["step"])
+    assert [r["x"] for r in rows] == pytest.approx([0.0, 1 / 60, 2 / 60, 3 / 60])  # ts 101..104
+    val = _chart_rows(_charts(at)["Loss · validation (log)"])
+    assert [(r["step"], r["value"]) for r in val] == [(4, 0.7)]
+    curve = _chart_rows(_charts(at)["Mean acceptance length"])
+    assert [(r["step"], r["x"]) for r in curve] == [(2, pytest.approx(2.6 / 60))]
+    # checkpoints: the mid-epoch one listed (its directory gone), with the acceptance at its step
+    ckpts = next(d.value for d in at.dataframe if "kind" in d.value.columns)
+    assert list(zip(ckpts["step"], ckpts["kind"], ckpts["on disk"])) == [
+        (2, "mid-epoch (interval)", "removed"), (4, "epoch end", "removed")]
+    assert ckpts.iloc[0]["acceptance"] == 1.25
+    # settings: the run's spec, the defaults beside
+    hp = next(d.value for d in at.dataframe if "default" in d.value.columns)
+    lr = hp[hp["key"] == "lr"].iloc[0]
+    assert lr["value"] == "0.003" and bool(lr["changed"])
+    at.toggle(key="hp_changed").set_value(True).run()
+    hp = next(d.value for d in at.dataframe if "default" in d.value.columns)
+    assert set(hp["key"]) == {"model", "epochs", "lr"}  # mode offline is the default
+    labels = [b.label for b in at.get("download_button")]
+    assert labels == ["Metrics as CSV", "Metrics as JSONL"]
+
+
+def test_runs_table_shows_best_figures_and_duration(home):
+    factory = _seed_run(home, "r1", status="succeeded")
+    with factory() as s:
+        metrics.ingest_records(s, "r1", [
+            {"type": "val", "ts": 200.0, "epoch": 1, "step": 8, "metrics": {"loss": 0.5}},
+            {"type": "acceptance", "ts": 1.0, "epoch": 0, "step": 4, "mean_acceptance_length": 1.75,
+             "acceptance_rate_per_position": [0.5], "prompts": 4, "tokens": 64, "seconds": 0.5},
+            {"type": "acceptance", "ts": 2.0, "epoch": 1, "step": 8, "mean_acceptance_length": 1.5,
+             "acceptance_rate_per_position": [0.4], "prompts": 4, "tokens": 64, "seconds": 0.5}])
+    _seed_run(home, "r2", with_metrics=False)
+    at = _page("2_Runs.py")
+    assert not at.exception
+    df = at.dataframe[0].value
+    r1, r2 = df[df["run"] == "r1"].iloc[0], df[df["run"] == "r2"].iloc[0]
+    assert r1["best val loss"] == 0.5 and r1["best acceptance"] == 1.75 and r1["duration"].endswith("s")
+    assert pd_isna(r2["best val loss"]) and pd_isna(r2["best acceptance"])
+
+
+def pd_isna(v) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(v))
+
+
+def test_compare_page_overlays_runs_and_shows_what_differs(home):
+    f = _seed_run(home, "r1", status="succeeded", spec={"mode": "offline", "model": "m", "lr": 0.001})
+    _seed_run(home, "r2", spec={"mode": "offline", "model": "m", "lr": 0.003})
+    _seed_run(home, "r3", status="failed")
+    with f() as s:
+        metrics.ingest_records(s, "r1", [
+            {"type": "acceptance", "ts": 101.0 + step, "epoch": 0, "step": step, "mean_acceptance_length": mean,
+             "acceptance_rate_per_position": [0.5], "prompts": 4, "tokens": 64, "seconds": 0.5}
+            for step, mean in ((2, 1.25), (4, 1.5))])
+    at = AppTest.from_file(str(PAGES / "4_Compare.py"), default_timeout=30)
+    at.query_params["runs"] = "r1,r2"
+    at.run()
+    assert not at.exception
+    assert at.multiselect(key="compare_runs").value == ["r1", "r2"]
+    table = at.dataframe[0].value
+    assert list(table["run"]) == ["seeded r2", "seeded r1"]  # newest first
+    r1 = table[table["run"] == "seeded r1"].iloc[0]
+    assert r1["best val loss"] == 0.7 and r1["best acceptance"] == 1.5 and r1["acceptance step"] == 4
+    charts = _charts(at)
+    assert set(charts) == {"loss (log)", "full_acc_0", "mean acceptance length"}
+    rows = _chart_rows(charts["loss (log)"])
+    series = {r["series"] for r in rows}
+    assert series == {"train · seeded r1", "val · seeded r1", "train · seeded r2", "val · seeded r2"}
+    r2_train = sorted((r for r in rows if r["series"] == "train · seeded r2"), key=lambda r: r["step"])
+    values = [2.0 / step for step in range(1, 5)]
+    assert [r["value"] for r in r2_train] == pytest.approx(values)
+    assert [r["smoothed"] for r in r2_train] == pytest.approx(_ema(values, 0.6))
+    acc = _chart_rows(charts["mean acceptance length"])
+    assert sorted((r["series"], r["step"], r["value"]) for r in acc) == [
+        ("acceptance · seeded r1", 2, 1.25), ("acceptance · seeded r1", 4, 1.5)]
+    settings = next(d.value for d in at.dataframe if "differs" in d.value.columns)
+    assert list(settings["setting"]) == ["Learning rate"]  # only what differs (the spec has no name)
+    assert list(settings.iloc[0][["seeded r2", "seeded r1"]]) == ["0.003", "0.001"]
+    at.multiselect(key="compare_metrics").set_value(["lr"]).run()
+    at.radio(key="compare_axis").set_value("wall time").run()
+    assert not at.exception
+    assert set(_charts(at)) == {"lr"}

@@ -26,14 +26,21 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE, GPU, CPU = "compose.yaml", "compose.gpu.yaml", "compose.cpu.yaml"
 COMBOS = {"base": (BASE,), "gpu": (BASE, GPU), "cpu": (BASE, CPU)}
 DOCKERFILES = ["Dockerfile.train", "Dockerfile.vllm", "Dockerfile.vllm-cpu"]
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*)|:\?([^}]*))?\}")
+
+
+class MissingVariable(KeyError):
+    """A ${VAR:?message} whose variable is unset or empty (Compose refuses the file)."""
 
 
 def interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose's variable substitution: ${VAR}, ${VAR:-default}, $$ for a literal $."""
+    """Compose's variable substitution: ${VAR}, ${VAR:-default}, ${VAR:?message} (required),
+    $$ for a literal $."""
     def sub(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
             return "$"
+        if m.group(3) is not None and not env.get(m.group(1)):
+            raise MissingVariable(f"{m.group(1)}: {m.group(3)}")
         return env.get(m.group(1)) or (m.group(2) or "")
     return _VAR.sub(sub, text)
 
@@ -131,8 +138,8 @@ def test_compose_v1_accepts_each_combination_and_merges_as_we_do(kind):
 
 def test_no_top_level_name_for_compose_v1():
     """Debian's docker-compose 1.x rejects a top-level `name:`; version-less files it accepts."""
-    for name in (BASE, GPU, CPU):
-        cfg = load_file(name)
+    for name in (BASE, GPU, CPU, PG, SHARED, JOIN):
+        cfg = load_file(name, JOIN_ENV)
         assert "name" not in cfg and "version" not in cfg
         assert set(cfg) <= {"services", "volumes", "networks", "configs", "secrets"} | {k for k in cfg if k.startswith("x-")}
 
@@ -400,3 +407,100 @@ def test_vllm_controller_has_an_init_to_reap_its_servers(combo):
     PID 1 reaps none of them, so without an init they stay as zombies in the container."""
     _, cfg = combo
     assert cfg["services"]["vllm"].get("init") is True
+
+
+# --- several hosts: compose.postgres.yaml + compose.shared.yaml on the main host, -----------
+# --- compose.worker.yaml on each joining GPU host (docs/scaling.md) ---------------------------
+
+PG, SHARED, JOIN = "compose.postgres.yaml", "compose.shared.yaml", "compose.worker.yaml"
+MAIN_MULTIHOST = (BASE, GPU, PG, SHARED)
+JOIN_ENV = {"SPEC_WORKER_NAME": "gpu-host-2", "SPEC_BROKER_URL": "redis://main-host:6379/0",
+            "SPEC_DB_URL": "postgresql://speculators:pw@main-host:5432/speculators", "SPEC_SHARED_ROOT": "/mnt/spec",
+            "SPEC_WORKER_GPU_IDS": "2,3"}
+
+
+def _v1_config(files: tuple[str, ...], env: dict[str, str]) -> subprocess.CompletedProcess:
+    argv = [_compose_v1()]
+    for name in files:
+        argv += ["-f", name]
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SPEC_", "HF_TOKEN", "COMPOSE_"))}
+    return subprocess.run([*argv, "config"], cwd=ROOT, env={**base, **env}, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_joining_worker_file_requires_its_settings():
+    """Without the broker, the database, the shared root or its own name a joining worker
+    would start against the wrong installation (or a local empty folder): Compose refuses."""
+    for missing in ("SPEC_WORKER_NAME", "SPEC_BROKER_URL", "SPEC_DB_URL", "SPEC_SHARED_ROOT"):
+        env = {k: v for k, v in JOIN_ENV.items() if k != missing}
+        with pytest.raises(MissingVariable, match=missing):
+            load((JOIN,), env)
+        out = _v1_config((JOIN,), env)
+        assert out.returncode != 0 and missing in out.stderr, (missing, out.stderr)
+
+
+def test_joining_worker_runs_only_the_gpu_worker_of_the_main_installation():
+    cfg = load((JOIN,), JOIN_ENV)
+    assert set(cfg["services"]) == {"worker"}
+    w = cfg["services"]["worker"]
+    env = w["environment"]
+    cmd = w["command"]
+    assert cmd[cmd.index("-Q") + 1] == GPU_QUEUE and cmd[cmd.index("--pool") + 1] == "solo"
+    # a node name of its own: a restarted worker recovers only the stages it ran
+    node = cmd[cmd.index("-n") + 1].replace("%h", w["hostname"])
+    assert node == "gpu0@gpu-host-2"
+    hc = w["healthcheck"]["test"]
+    assert hc[0] == "CMD" and hc[hc.index("-m") + 2] == node
+    assert w["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["2,3"]
+    assert (env["SPEC_BROKER_URL"], env["SPEC_DB_URL"]) == (JOIN_ENV["SPEC_BROKER_URL"], JOIN_ENV["SPEC_DB_URL"])
+    mounts = dict(v.split(":", 1)[::-1] for v in w["volumes"])  # container path -> source
+    for key, sub in (("SPEC_RUNS_ROOT", "runs"), ("SPEC_DATA_ROOT", "data"), ("SPEC_MODELS_ROOT", "models")):
+        assert mounts[env[key]] == f"/mnt/spec/{sub}", key
+    # the settings a worker process builds from this environment: it requires the shared root
+    # and uses the main host's broker namespace (the same home path), so it takes the main
+    # host's tasks and no other installation's
+    main_env = load(MAIN_MULTIHOST, {"SPEC_SHARED_ROOT": "/mnt/spec"})["services"]["worker"]["environment"]
+    joined = Settings(**{k.removeprefix("SPEC_").lower(): v for k, v in _strings(env).items()
+                         if k.startswith("SPEC_") and v})
+    main = Settings(**{k.removeprefix("SPEC_").lower(): v for k, v in _strings(main_env).items()
+                       if k.startswith("SPEC_") and v and k != "SPEC_VLLM_BIND_HOST"})
+    assert joined.require_shared_root and not main.require_shared_root
+    assert joined.broker_namespace == main.broker_namespace
+    assert (joined.runs_root, joined.data_root, joined.models_root) == (main.runs_root, main.data_root,
+                                                                         main.models_root)
+    out = _v1_config((JOIN,), JOIN_ENV)
+    assert out.returncode == 0, out.stderr
+    theirs = yaml.safe_load(out.stdout)["services"]["worker"]
+    assert _strings(theirs["environment"]) == _strings(env) and theirs["deploy"] == w["deploy"]
+
+
+def test_main_host_with_postgres_and_the_shared_root():
+    """compose.postgres.yaml puts every process on one PostgreSQL store (waiting for its
+    healthcheck); compose.shared.yaml mounts the shared root where the named volumes were."""
+    env = {"SPEC_SHARED_ROOT": "/mnt/spec", "SPEC_POSTGRES_PASSWORD": "pw"}
+    with pytest.raises(MissingVariable, match="SPEC_SHARED_ROOT"):
+        load(MAIN_MULTIHOST, {})
+    cfg = load(MAIN_MULTIHOST, env)
+    s = cfg["services"]
+    assert s["postgres"]["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    assert s["postgres"]["ports"] == ["127.0.0.1:5432:5432"]
+    for name in ("dashboard", "worker", "vllm"):
+        svc = s[name]
+        assert svc["environment"]["SPEC_DB_URL"] == "postgresql://speculators:pw@postgres:5432/speculators", name
+        assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+        mounts = dict(v.split(":", 1)[::-1] for v in svc["volumes"])
+        assert mounts[svc["environment"]["SPEC_RUNS_ROOT"]] == "/mnt/spec/runs", name
+        assert mounts[svc["environment"]["SPEC_DATA_ROOT"]] == "/mnt/spec/data", name
+    # the user's pg URL names the database service of the same file
+    assert "@postgres:" in s["worker"]["environment"]["SPEC_DB_URL"] and "postgres" in s
+    out = _v1_config(MAIN_MULTIHOST, env)
+    assert out.returncode == 0, out.stderr
+    theirs = yaml.safe_load(out.stdout)["services"]
+    assert set(theirs) == set(s)
+    for name in ("dashboard", "worker", "vllm"):
+        assert _strings(theirs[name]["environment"]) == _strings(s[name]["environment"]), name
+        assert theirs[name]["depends_on"] == s[name]["depends_on"], name
+        # Compose merges volumes by container path: the shared root replaces the named volumes
+        by_target = {t: src for src, t in (v.split(":")[:2] for v in theirs[name]["volumes"])}
+        assert by_target["/var/lib/speculators/runs"] == "/mnt/spec/runs", name

@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FORM = ROOT / "app" / "pages" / "1_New_run.py"
 # the run settings that are the trainer's own settings (run name -> train name)
 SHARED = {"epochs": "epochs", "lr": "lr", "ttt_steps": "ttt_steps", "num_layers": "num_layers", "seed": "seed",
-          "seq_length": "total_seq_len"}
+          "seq_length": "total_seq_len", "eval_every_steps": "eval_every_steps", "eval_prompts": "eval_prompts",
+          "eval_max_tokens": "eval_max_tokens", "best_by": "best_by", "checkpoint_every_steps": "checkpoint_every_steps"}
 # the run settings that are another stage's own settings: run name -> (subcommand, its config, field)
 STAGE_SHARED = {
     "max_samples": ("prepare-data", PrepareConfig, "max_samples"),
@@ -566,3 +567,49 @@ def test_help_and_version_print_once_and_unchanged(capsys):
     with pytest.raises(SystemExit):
         cli_main(["--version"])
     assert capsys.readouterr().out.count("EAGLE-3 trainer + dashboard project") == 1
+
+
+# --------------------------------------------------------------- acceptance settings (issue 23)
+def test_form_sets_the_acceptance_flags_the_trainer_runs_with(home, tmp_path):
+    """The form's "Acceptance and checkpoints" fields reach `speculators train` as its
+    --eval-* / --best-by / --checkpoint-every-steps flags (the real parser reads the worker's settings file)."""
+    held = home.data_root / "heldout.jsonl"
+    held.write_text('{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}\n')
+    at = form(home)
+    at.text_input(key="f_eval_every_steps").set_value("25")
+    at.text_input(key="f_eval_prompts").set_value("4")
+    at.text_input(key="f_eval_max_tokens").set_value("16")
+    at.text_input(key="f_eval_data").set_value("heldout.jsonl")
+    at.radio(key="f_best_by").set_value("acceptance")
+    at.text_input(key="f_checkpoint_every_steps").set_value("50")
+    at.button[0].click().run()
+    assert not at.exception and not at.session_state["form_errors"]
+    with open_store(home.db_url)() as s:
+        (run,) = runs.list_runs(s)
+    stored = RunSettings.from_dict(run.spec)
+    cfg = config_from_args(worker_stage(stored, "train", StagePaths(tmp_path / "w")))
+    assert (cfg.eval_every_steps, cfg.eval_prompts, cfg.eval_max_tokens, cfg.best_by, cfg.checkpoint_every_steps) \
+        == (25, 4, 16, "acceptance", 50)
+    assert cfg.eval_data == str(held.resolve())
+    # left empty: the training data's validation rows (no --eval-data)
+    default = config_from_args(worker_stage(RunSettings.from_dict({**run.spec, "eval_data": ""}), "train",
+                                            StagePaths(tmp_path / "w2")))
+    assert default.eval_data is None
+
+
+@pytest.mark.parametrize("value,message", [("../../etc/passwd", "inside the data root"),
+                                           ("missing.jsonl", "no such file or directory")])
+def test_eval_data_outside_or_missing_is_refused_at_the_form(home, value, message):
+    at = form(home)
+    at.text_input(key="f_eval_data").set_value(value)
+    at.button[0].click().run()
+    assert message in at.session_state["form_errors"].get("eval_data", "")
+    with open_store(home.db_url)() as s:
+        assert runs.list_runs(s) == []
+
+
+def test_acceptance_bounds_refused_by_form_and_cli_alike(home):
+    with pytest.raises(UserError, match="--eval-prompts") as cli_err:
+        parse_train(["train", "--verifier-name-or-path", "m", "--eval-prompts=5000"])
+    spec, errors = validate_spec(good(home, eval_prompts=5000), home)
+    assert spec is None and errors["eval_prompts"] in str(cli_err.value)

@@ -1,4 +1,8 @@
-"""Run store: migrations keep old runs, WAL mode, metric de-duplication, outbox, recovery."""
+"""Run store: migrations keep old runs, WAL mode, metric de-duplication, outbox, recovery.
+
+The `factory` tests run on both backends (`store_url` in conftest: a SQLite file and a fresh
+PostgreSQL schema); the ones that read SQLite's own files, pragmas or query plans use
+`sqlite_factory`."""
 
 from __future__ import annotations
 
@@ -14,12 +18,18 @@ from runstore import deployments, errors, metrics, outbox, runs, stages
 from runstore.db import current_revision, make_engine, open_store, upgrade_database
 from runstore.models import Base, Stage, utcnow
 from speculators.metric_records import AcceptanceRecord, TrainRecord, ValRecord
+from tests.support import store_writers as writers
 
-HEAD = "0003"
+HEAD = "0004"
 
 
 @pytest.fixture()
-def factory(tmp_path):
+def factory(store_url):
+    return open_store(store_url)
+
+
+@pytest.fixture()
+def sqlite_factory(tmp_path):
     return open_store(f"sqlite:///{tmp_path / 'runs.sqlite'}")
 
 
@@ -54,20 +64,20 @@ def test_upgrade_from_first_revision_keeps_runs(tmp_path):
         assert deployments.latest_deployment(s, "old1") is None  # new table usable
 
 
-def test_models_match_migrations(tmp_path):
+def test_models_match_migrations(store_url):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    url = f"sqlite:///{tmp_path / 'x.sqlite'}"
-    upgrade_database(url)
-    with make_engine(url).connect() as conn:
+    upgrade_database(store_url)
+    with make_engine(store_url).connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        if store_url.startswith("sqlite"):
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
 
 
-def test_concurrent_startup_migrations(tmp_path):
+def test_concurrent_startup_migrations(store_url):
     """The dashboard and a worker starting together must not both create the tables."""
-    url = f"sqlite:///{tmp_path / 'race.sqlite'}"
+    url = store_url
     code = f"from runstore.db import upgrade_database; upgrade_database({url!r})"
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
     assert [p.wait(60) for p in procs] == [0, 0]
@@ -158,8 +168,9 @@ def test_recover_interrupted_marks_run_resumable(factory):
         assert stages.recover_interrupted(s, worker="gpu0@host", stale_after_s=60) == [("b", "prepare")]
 
 
-def test_wal_reader_not_blocked_by_writer(factory, tmp_path):
+def test_wal_reader_not_blocked_by_writer(sqlite_factory):
     """The dashboard reads while a worker holds a write transaction."""
+    factory = sqlite_factory
     _run(factory)
     with factory() as writer, factory() as reader:
         assert reader.execute(text("PRAGMA journal_mode")).scalar() == "wal"
@@ -342,11 +353,12 @@ def test_due_runs_rules(factory):
         assert runs.due_runs(s, grace_s=30) == []
 
 
-def test_due_runs_reads_the_outbox_through_its_index(factory):
+def test_due_runs_reads_the_outbox_through_its_index(sqlite_factory):
     """The due-run query is one statement that finds a run's messages by the (run_id, kind,
     sent_at) index instead of reading every message (SQLite's own query plan says which)."""
     from sqlalchemy import event
 
+    factory = sqlite_factory
     _run(factory)
     seen: list[tuple[str, object]] = []
     with factory() as s:
@@ -400,3 +412,87 @@ def test_a_stage_alive_elsewhere_cannot_be_claimed_until_its_heartbeat_is_stale(
         s.commit()
         assert not stages.any_live(s, "r1")
         assert stages.start_stage(s, "r1", "prepare", worker="b", log_path="/l").worker == "b"
+
+
+# --- several writers at once (several hosts' workers on one PostgreSQL store) -----------------
+
+def _processes(target, args_for, n):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args_for(i), barrier, out)) for i in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)  # a process that failed exits at once (its error is in the output)
+    assert [p.exitcode for p in procs] == [0] * n
+    return [out.get(timeout=10) for _ in procs]
+
+
+def test_concurrent_workers_claim_each_stage_once(pg_database):
+    """Three worker processes (as on three hosts) race for the same 12 stages on PostgreSQL:
+    each stage is claimed by exactly one of them, and the row names that one (the conditional
+    UPDATE of start_stage)."""
+    store_url = pg_database.fresh_url()
+    factory = open_store(store_url)
+    run_ids = [f"c{i}" for i in range(12)]
+    for rid in run_ids:
+        _run(factory, rid, names=("prepare",))
+    results = _processes(writers.claim_all, lambda i: (store_url, f"gpu0@host{i}", run_ids), 3)
+    winners = {rid: [w for w, won in results if rid in won] for rid in run_ids}
+    assert all(len(w) == 1 for w in winners.values()), winners
+    with factory() as s:
+        for rid, (w,) in winners.items():
+            st = stages.get_stage(s, rid, "prepare")
+            assert (st.status, st.worker, st.host, st.attempts) == ("running", w, w, 1)
+
+
+def test_concurrent_writers_keep_one_metric_row_per_key(pg_database):
+    """Three processes write the same (run, type, step) keys at once on PostgreSQL: no write
+    fails, and each key holds one row whose values are one writer's."""
+    store_url = pg_database.fresh_url()
+    factory = open_store(store_url)
+    _run(factory)
+    steps = 30
+    assert sorted(_processes(writers.write_metrics, lambda i: (store_url, i, steps), 3)) == [0, 1, 2]
+    with factory() as s:
+        rows = metrics.step_records(s, "r1")
+        counts = s.execute(text("SELECT type, count(*), count(DISTINCT step) FROM metrics GROUP BY type "
+                                "ORDER BY type")).all()
+    assert [tuple(c) for c in counts] == [("train", steps, steps), ("val", steps, steps)]
+    assert {r.metrics["loss"] for r in rows} <= {0.0, 1.0, 2.0}
+
+
+def test_postgres_upgrade_from_previous_release_fills_run_id_and_adds_host(pg_database):
+    """0003's data step in PostgreSQL's JSON syntax, and 0004, on a database with old rows."""
+    url = pg_database.fresh_url()
+    upgrade_database(url, "0002")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO runs (id, name, spec, status, work_dir, cancel_requested, created_at, "
+                          "updated_at) VALUES ('old1', 'before', '{}', 'running', '/w', false, now(), now())"))
+        conn.execute(text("INSERT INTO stages (run_id, name, position, status, attempts, total_steps, worker) "
+                          "VALUES ('old1', 'train', 0, 'succeeded', 1, 40, 'gpu0@a')"))
+        conn.execute(text("INSERT INTO metrics (run_id, type, step, epoch, ts, \"values\") "
+                          "VALUES ('old1', 'train', 3, 0, 1.0, '{\"loss\": 2.5}')"))
+        conn.execute(text("INSERT INTO outbox (kind, payload, created_at, attempts) VALUES "
+                          "('run_stages', '{\"run_id\": \"old1\", \"stages\": [\"train\"]}', now(), 0), "
+                          "('serve', '{\"deployment_id\": 4}', now(), 0)"))
+    upgrade_database(url)
+    assert current_revision(engine) == HEAD
+    with engine.connect() as conn:
+        assert sorted(conn.execute(text("SELECT kind, run_id FROM outbox")).all(), key=str) == [
+            ("run_stages", "old1"), ("serve", None)]
+        assert conn.execute(text("SELECT total_steps FROM metrics")).scalar() == 40
+        assert conn.execute(text("SELECT worker, host FROM stages")).one() == ("gpu0@a", None)
+    engine.dispose()
+
+
+def test_claim_records_the_host(factory):
+    _run(factory)
+    with factory() as s:
+        st = stages.start_stage(s, "r1", "prepare", worker="gpu0@box", log_path="/l", host="box.example")
+        assert (st.worker, st.host) == ("gpu0@box", "box.example")
+    with factory() as s:
+        assert runs.get_run(s, "r1").stages[0].host == "box.example"

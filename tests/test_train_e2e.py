@@ -74,9 +74,11 @@ def test_metrics_stream_and_console(tiny_llama, hs_small, tmp_path, caplog):
     train = [r for r in records if r["type"] == "train"]
     assert [r["step"] for r in train] == list(range(1, len(train) + 1))
     assert train[-1]["step"] == start["total_steps"] == train[-1]["total_steps"]
-    keys = {"loss", "lr", "tokens_per_s"} | {f"{m}_{k}" for m in ("loss", "full_acc", "cond_acc", "step_acc")
+    keys = {"loss", "lr", "tokens_per_s", "tokens"} | {f"{m}_{k}" for m in ("loss", "full_acc", "cond_acc", "step_acc")
                                              for k in range(3)}
     assert keys == set(train[0]["metrics"])
+    # each step's trained tokens (the dashboard's tokens axis sums them): a whole, positive count
+    assert all(r["metrics"]["tokens"] > 0 and r["metrics"]["tokens"] == int(r["metrics"]["tokens"]) for r in train)
     val = [r for r in records if r["type"] == "val"]
     assert len(val) == 2 and "lr" not in val[0]["metrics"] and "full_acc_0" in val[0]["metrics"]
     ck = [r for r in records if r["type"] == "checkpoint"]

@@ -4,8 +4,10 @@ the local mode falls back to a filesystem broker when no Redis answers).
 Every Redis key carries the installation's namespace (`Settings.broker_namespace`, from the
 home directory unless SPEC_BROKER_NAMESPACE says otherwise).
 
-Queues: `gpu` for stage tasks (one job per worker: `--pool solo --concurrency 1`,
-one worker per GPU) and `vllm` for the controller in the vLLM container.
+Queues: `gpu` for stage tasks (one job per worker: `--pool solo --concurrency 1`),
+`gpu-x<n>` for the stages of a run asking for n > 1 GPUs (a worker started with `-Q gpu`
+also takes `gpu-x2` .. `gpu-x<SPEC_MAX_GPUS>`: runs go to workers with the GPUs they ask
+for), and `vllm` for the controller in the vLLM container.
 """
 
 from __future__ import annotations
@@ -17,6 +19,18 @@ from speculators.console import setup_logging
 
 GPU_QUEUE = "gpu"
 VLLM_QUEUE = "vllm"
+
+
+def gpu_queue(gpus: int) -> str:
+    """The queue of a run asking for `gpus` GPUs: `gpu` for the CPU and one GPU, `gpu-x<n>`
+    for n > 1, which only a worker with at least n GPUs consumes."""
+    return GPU_QUEUE if gpus <= 1 else f"{GPU_QUEUE}-x{gpus}"
+
+
+def worker_gpu_queues(gpus: int) -> list[str]:
+    """Every queue a worker with `gpus` GPUs (SPEC_MAX_GPUS) takes runs from: `gpu` and the
+    `gpu-x<n>` of each n up to its count, so a run lands on a worker that has its GPUs."""
+    return [GPU_QUEUE] + [gpu_queue(n) for n in range(2, gpus + 1)]
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -60,6 +74,16 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+@signals.celeryd_after_setup.connect
+def _consume_gpu_count_queues(sender=None, instance=None, **_):
+    """A stage worker (`-Q gpu`) also takes the queues of runs asking for up to its GPU count."""
+    queues = instance.app.amqp.queues
+    if GPU_QUEUE not in queues.consume_from:
+        return
+    for name in worker_gpu_queues(Settings.from_env().max_gpus)[1:]:
+        queues.select_add(name)
 
 
 @signals.setup_logging.connect

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from runstore import deployments, open_store
+from runstore import deployments
+from runstore.db import wait_for_store
 from runstore.models import utcnow
 from runstore.settings import Settings
 from speculators import process
@@ -299,7 +300,7 @@ def start_monitor(factory: sessionmaker[Session], settings: Settings) -> threadi
 def _store():
     settings = Settings.from_env()
     settings.ensure_dirs()
-    return settings, open_store(settings.db_url)
+    return settings, wait_for_store(settings.db_url)  # waits while the database is unreachable
 
 
 @app.task(name="worker.controller.start_server")

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from runstore import outbox
 from runstore.models import RUN_STAGES
-from worker.celery_app import GPU_QUEUE, VLLM_QUEUE
+from worker.celery_app import VLLM_QUEUE, gpu_queue
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ def _send(app: Celery, kind: str, payload: dict) -> None:
     if kind == RUN_STAGES:
         # One task for the first stage: when it succeeds, the worker writes the message for the
         # next one into the outbox in the same transaction (runstore.stages.finish_stage).
-        app.send_task("worker.tasks.run_stage", args=(payload["run_id"], payload["stages"][0]), queue=GPU_QUEUE,
+        app.send_task("worker.tasks.run_stage", args=(payload["run_id"], payload["stages"][0]),
+                      queue=gpu_queue(int(payload.get("gpus") or 0)),
                       retry=False, ignore_result=True)
     elif kind == "serve":
         app.send_task("worker.controller.start_server", args=(payload["deployment_id"],),

@@ -16,8 +16,8 @@ import os
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from runstore import runs
-from worker.celery_app import GPU_QUEUE
+from runstore import runs, stages
+from worker.celery_app import GPU_QUEUE, gpu_queue
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,16 @@ def reconcile(factory: sessionmaker[Session], app: Celery, *, grace_s: float = G
         due = runs.due_runs(s, grace_s=grace_s)
     if not due:
         return []
-    waiting = queue_size(app)
-    if waiting is None or waiting > 0:
-        return []  # the broker is down, or a message for them may still be queued
+    sizes: dict[str, int | None] = {}
     done = []
     for run_id, stage in due:
+        with factory() as s:
+            run = runs.get_run(s, run_id)
+            queue = gpu_queue(stages.requested_gpus(run)) if run is not None else GPU_QUEUE
+        if queue not in sizes:
+            sizes[queue] = queue_size(app, queue)
+        if sizes[queue] is None or sizes[queue] > 0:
+            continue  # the broker is down, or a message for the run may still be queued there
         with factory() as s:
             if runs.requeue(s, run_id):
                 log.warning("run %s: next stage %s was due but not queued; queued again", run_id, stage)

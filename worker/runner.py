@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import requests
 from sqlalchemy.orm import Session, sessionmaker
 
 from runstore import deployments, metrics, runs, stages
+from runstore.db import retry_unreachable
 from runstore.settings import Settings
 from speculators import process
 from speculators.config.run import RunSettings
@@ -23,6 +26,7 @@ from speculators.metric_records import ProgressRecord, parse_record
 from speculators.progress import ENV as PROGRESS_ENV
 from worker import procs
 from worker.pipeline import stage_argv
+from worker.shared_root import shared_root_problem
 from worker.tail import JsonlTail
 
 HEARTBEAT_S = 1.0
@@ -48,12 +52,19 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
         spec = RunSettings.from_dict(run.spec)
         paths = StagePaths(Path(run.work_dir))
         log_path = paths.log(stage_name)
-        stage = stages.start_stage(s, run_id, stage_name, worker=worker, log_path=str(log_path))
+        host = socket.gethostname()
+        stage = stages.start_stage(s, run_id, stage_name, worker=worker, log_path=str(log_path), host=host)
         if stage is None:
             return "blocked"  # another worker claimed it first
         stage_id = stage.id
         attempt = stage.attempts
         first = stage.position == min(x.position for x in run.stages)
+        # a joining host without the shared root: fail now, before anything is written (the
+        # log included: it would land on the empty mount point)
+        missing = shared_root_problem(settings, run.work_dir, host)
+        if missing:
+            stages.finish_stage(s, run_id, stage_name, "failed", missing)
+            return "failed"
 
     if stage_name == "verifier":
         return _ensure_verifier(factory, settings, run_id, spec, paths, stage_id, dispatch)
@@ -98,21 +109,40 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
         stages.set_stage_pid(s, stage_id, proc.pid)
 
     tail = JsonlTail(paths.metrics) if stage_name == "train" else None
-    status = _watch(factory, run_id, stage_id, proc, tail, JsonlTail(progress_path))
+    store = storing(factory, settings.db_url)
+    status = _watch(store, run_id, stage_id, proc, tail, JsonlTail(progress_path))
     if status == "cancelled":
-        with factory() as s:
-            stages.finish_stage(s, run_id, stage_name, "cancelled", "cancelled by the user")
+        store(lambda s: stages.finish_stage(s, run_id, stage_name, "cancelled", "cancelled by the user"))
         return "cancelled"
     rc = proc.returncode
-    with factory() as s:
-        if rc == 0:
-            stages.finish_stage(s, run_id, stage_name, "succeeded")
-            return "succeeded"
-        stages.finish_stage(s, run_id, stage_name, "failed", procs.error_summary(log_path, rc))
-        return "failed"
+    if rc == 0:
+        store(lambda s: stages.finish_stage(s, run_id, stage_name, "succeeded"))
+        return "succeeded"
+    error = procs.error_summary(log_path, rc)
+    store(lambda s: stages.finish_stage(s, run_id, stage_name, "failed", error))
+    return "failed"
 
 
-def _watch(factory, run_id: str, stage_id: int, proc: process.Process, tail: JsonlTail | None,
+Store = Callable[[Callable[[Session], object]], object]
+
+
+def storing(factory: sessionmaker[Session], url: str) -> Store:
+    """`store(fn)`: fn(session) in a new session, repeated with backoff while the database does
+    not answer (runstore.db.retry_unreachable). While a stage runs its process goes on through a
+    database outage; the worker waits to record what it read (the metrics records it holds,
+    the stage's end), so nothing is lost."""
+
+    def store(fn: Callable[[Session], object]) -> object:
+        def once() -> object:
+            with factory() as s:
+                return fn(s)
+
+        return retry_unreachable(once, url)
+
+    return store
+
+
+def _watch(store: Store, run_id: str, stage_id: int, proc: process.Process, tail: JsonlTail | None,
            progress: JsonlTail | None = None) -> str:
     last_beat = 0.0
     while True:
@@ -120,26 +150,23 @@ def _watch(factory, run_id: str, stage_id: int, proc: process.Process, tail: Jso
         if tail is not None:
             records = tail.read_new()
             if records:
-                with factory() as s:
-                    metrics.ingest_records(s, run_id, records, stage_id=stage_id)
+                store(lambda s: metrics.ingest_records(s, run_id, records, stage_id=stage_id))
         if progress is not None:
             last = next((r for r in map(parse_record, reversed(progress.read_new()))
                          if isinstance(r, ProgressRecord)), None)
             if last is not None:
-                with factory() as s:
-                    stages.stage_progress(s, stage_id, last.done, last.total)
+                store(lambda s: stages.stage_progress(s, stage_id, last.done, last.total))
         if rc is not None:
             return "exited"
         now = time.monotonic()
         if now - last_beat >= HEARTBEAT_S:
             last_beat = now
-            with factory() as s:
-                if stages.heartbeat(s, stage_id):
-                    proc.stop(grace_s=10.0)
-                    if tail is not None:
-                        with factory() as s2:
-                            metrics.ingest_records(s2, run_id, tail.read_new(), stage_id=stage_id)
-                    return "cancelled"
+            if store(lambda s: stages.heartbeat(s, stage_id)):
+                proc.stop(grace_s=10.0)
+                if tail is not None:
+                    rest = tail.read_new()
+                    store(lambda s: metrics.ingest_records(s, run_id, rest, stage_id=stage_id))
+                return "cancelled"
         time.sleep(0.25)
 
 

@@ -59,6 +59,25 @@ def resolve_dataset(raw: str, settings: Settings) -> tuple[str, str | None]:
     return str(p), None
 
 
+def resolve_eval_data(raw: str | None, settings: Settings) -> tuple[str | None, str | None]:
+    """Return (held-out prompts argument, error): empty is the training data's validation rows;
+    otherwise a built-in dataset or a file or directory (a prepared dataset, hidden states,
+    conversations) inside the data root, relative paths taken under it."""
+    value = (raw or "").strip()
+    if not value:
+        return None, None
+    if value in BUILTIN_DATASETS:
+        return value, None
+    p = Path(value).expanduser()
+    if not p.is_absolute():
+        p = settings.data_root / p
+    if not inside(p, settings.data_root):
+        return value, f"must be inside the data root {settings.data_root} (no '..' or links out of it)"
+    if not p.exists():
+        return value, f"no such file or directory under the data root: {p.resolve()}"
+    return str(p.resolve()), None
+
+
 def model_config(model: str, settings: Settings) -> dict[str, Any] | None:
     """The config.json of a local model, or None for a hub id."""
     p = Path(model).expanduser()
@@ -164,6 +183,11 @@ def validate_spec(raw: dict[str, Any], settings: Settings, *, free_memory: int |
     if err:
         errors["dataset"] = err
     data.update(model=model, dataset=dataset)
+    if "eval_data" not in errors:
+        eval_data, err = resolve_eval_data(data.get("eval_data"), settings)
+        if err:
+            errors["eval_data"] = err
+        data["eval_data"] = eval_data
     name = str(data.get("name") or "").strip()
     if "name" not in errors and name in set(names_taken):
         errors["name"] = "another run already has this name: choose a different one"

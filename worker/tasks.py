@@ -8,7 +8,8 @@ import os
 from celery.exceptions import Ignore
 from celery.signals import worker_ready
 
-from runstore import open_store, runs, stages
+from runstore import runs, stages
+from runstore.db import wait_for_store
 from runstore.settings import Settings
 from worker.celery_app import GPU_QUEUE, VLLM_QUEUE, app
 from worker.dispatch import Dispatcher, flush_outbox
@@ -24,9 +25,11 @@ class StageFailed(Exception):
 
 
 def _store():
+    """Settings and the run store; waits (logging, with backoff) while the database is
+    unreachable, so a task received then runs when it answers instead of being lost."""
     settings = Settings.from_env()
     settings.ensure_dirs()
-    return settings, open_store(settings.db_url)
+    return settings, wait_for_store(settings.db_url)
 
 
 @app.task(bind=True, name="worker.tasks.run_stage")
@@ -55,8 +58,9 @@ def _recover(sender=None, **_kwargs) -> None:
         queues = {q.name for q in sender.task_consumer.queues}
     except AttributeError:
         queues = {GPU_QUEUE}
+    # beat first: a worker waiting for an unreachable database is alive, not hung
+    start_beating(Settings.from_env().home, getattr(sender, "hostname", None) or "worker")
     settings, factory = _store()
-    start_beating(settings.home, getattr(sender, "hostname", None) or "worker")
     if VLLM_QUEUE in queues:
         from worker.controller import recover_deployments, start_monitor
 

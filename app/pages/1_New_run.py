@@ -29,7 +29,10 @@ LEFT = ["name", "model", "seq_length", "max_samples", "layer_ids", "regenerate"]
 REGEN = ["regenerate_backend", "regenerate_max_tokens", "regenerate_temperature"]
 RIGHT = ["draft_vocab_size", "epochs", "lr", "ttt_steps", "num_layers", "mode"]
 ADVANCED = ["batch_size", "seed"]
-PLACEHOLDERS = {"layer_ids": "default: 2, n/2, n-3", "name": ""}
+# acceptance measured while training (speculators train's --eval-* flags) and the checkpoint choice
+ACCEPTANCE = ["eval_prompts", "eval_every_steps", "eval_max_tokens", "eval_data", "best_by", "checkpoint_every_steps"]
+PLACEHOLDERS = {"layer_ids": "default: 2, n/2, n-3", "name": "",
+                "eval_data": "default: the validation rows of the training data"}
 
 
 def key(name: str) -> str:
@@ -73,7 +76,8 @@ def widget(name: str) -> None:
         st.text_input(label, value=",".join(map(str, value)), key=key(name), help=help_text,
                       placeholder=PLACEHOLDERS.get(name, ""))
     else:
-        st.text_input(label, value=str(value or ""), key=key(name), help=help_text)
+        st.text_input(label, value=str(value or ""), key=key(name), help=help_text,
+                      placeholder=PLACEHOLDERS.get(name, ""))
     field_error(name)
 
 
@@ -140,6 +144,10 @@ with right:
     if state[key("mode")] != "offline":
         widget("vllm_endpoint")
     widget("gpus")
+    with st.expander("Acceptance and checkpoints",
+                     expanded=any(n in state["form_errors"] for n in ACCEPTANCE)):
+        for name in ACCEPTANCE:
+            widget(name)
     with st.expander("Advanced"):
         for name in ADVANCED:
             widget(name)

@@ -1,4 +1,5 @@
-"""Runs: the table, and cancel / retry / resume / delete for the selected run."""
+"""Runs: the table (with each run's best validation loss, best acceptance and duration), a link
+to compare runs, and cancel / retry / resume / delete for the selected run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from app import common, views
-from runstore import errors, runs
+from runstore import errors, metrics, runs
 from runstore.models import ACTIVE_RUN, RESUMABLE_RUN, StageStatus
 
 st.set_page_config(page_title="Runs", page_icon="📋", layout="wide")
@@ -36,7 +37,9 @@ def _act(fn, *args, ok: str) -> None:
 @st.fragment(run_every=3)
 def runs_table() -> None:
     with factory() as session:
-        rows = views.runs_rows(runs.list_runs(session))
+        listed = runs.list_runs(session)
+        found = metrics.score_records(session, [r.id for r in listed])
+    rows = views.runs_rows(listed, scores={rid: views.run_scores(*recs) for rid, recs in found.items()})
     down = common.broker_down() if any(r["status"] in ("queued", "running", "waiting") for r in rows) else None
     if down:
         common.alert("error", f"broker unreachable: {common.settings().broker_url} ({down}). Waiting runs are "
@@ -47,8 +50,13 @@ def runs_table() -> None:
         return
     st.dataframe(
         pd.DataFrame(rows), hide_index=True, width="stretch",
-        column_order=["name", "status", "stage", "progress", "age", "mode", "error", "detail"],
+        column_order=["name", "status", "stage", "progress", "best val loss", "best acceptance", "duration", "age",
+                      "mode", "error", "detail"],
         column_config={
+            "best val loss": st.column_config.NumberColumn("best val loss", format="%.4f",
+                                                           help="lowest validation loss of the run"),
+            "best acceptance": st.column_config.NumberColumn(
+                "best acceptance", format="%.3f", help="highest mean acceptance length measured while training"),
             "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
             "detail": st.column_config.LinkColumn("detail", display_text="open"),
         },
@@ -56,6 +64,7 @@ def runs_table() -> None:
 
 
 runs_table()
+common.page_link("pages/4_Compare.py", "Compare runs: overlay loss, accuracy and acceptance", "📊")
 
 with factory() as session:
     all_runs = runs.list_runs(session)

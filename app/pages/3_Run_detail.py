@@ -1,5 +1,8 @@
-"""One run: stages and timings, live metric charts (the acceptance measured while training
-included), progress and ETA, logs, checkpoints, and serving the best checkpoint in vLLM with its acceptance metrics."""
+"""One run: stages and timings, live metric charts (training and validation apart, smoothing,
+x axis by step, epoch, tokens or wall time; the acceptance measured while training included),
+progress and ETA, logs, checkpoints (mid-epoch ones too), serving the best checkpoint in vLLM
+with its live acceptance beside the training-time figure, the run's settings and a whole-run
+metrics export."""
 
 from __future__ import annotations
 
@@ -8,10 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import altair as alt
 import pandas as pd
 import streamlit as st
 
+from app import charts as charts_lib
 from app import common, serve_panel, views
 from runstore import metrics, runs
 from runstore.models import ACTIVE_RUN, RunStatus, StageStatus
@@ -33,16 +36,6 @@ wanted = st.query_params.get("run")
 labels = {r.id: f"{r.name} ({r.id})" for r in all_runs}
 run_id = st.selectbox("Run", ids, index=ids.index(wanted) if wanted in ids else 0, format_func=labels.get)
 st.query_params["run"] = run_id
-
-
-def chart(title: str, df: pd.DataFrame) -> alt.Chart:
-    # losses fall by orders of magnitude: a log axis keeps the late curve readable
-    log = title == "Loss" and bool((df["value"] > 0).all())
-    scale = alt.Scale(type="log") if log else alt.Scale(zero=False)
-    return (alt.Chart(df, title=title + (" (log)" if log else "")).mark_line(point=len(df) < 60)
-            .encode(x=alt.X("step:Q", title="step"), y=alt.Y("value:Q", title=None, scale=scale),
-                    color=alt.Color("series:N", title=None), tooltip=["series", "step", "epoch", "value"])
-            .properties(height=220))
 
 
 def _metric_cache(run_id: str, train_stage) -> views.MetricCache:
@@ -122,11 +115,15 @@ def files() -> None:
             return
         stages = list(run.stages)
         ckpts = metrics.checkpoints(session, run_id)
+        step_ckpts = metrics.step_checkpoints(session, run_id)
+        accepted = metrics.acceptance_records(session, run_id)
     st.subheader("Checkpoints")
-    if ckpts:
-        st.dataframe(pd.DataFrame([{"epoch": c.epoch, "step": c.step, "val loss": c.val_loss,
-                                    "best": "★" if c.is_best else "", "path": c.path} for c in ckpts]),
-                     hide_index=True, width="stretch")
+    rows = views.checkpoint_rows(ckpts, step_ckpts, accepted, exists=lambda p: Path(p).exists())
+    if rows:
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+                     column_order=["epoch", "step", "kind", "val loss", "acceptance", "best", "on disk", "path"],
+                     column_config={"acceptance": st.column_config.NumberColumn(
+                         "acceptance", help="mean acceptance length measured at this step", format="%.3f")})
     else:
         st.caption("No checkpoint yet.")
 
@@ -137,55 +134,95 @@ def files() -> None:
                 st.code(log_tail(x.log_path, lines=30) or "(empty)", language=None)
 
 
+def chart_controls() -> tuple[str, float]:
+    """The x axis and the smoothing every chart of the page uses (kept per session)."""
+    c1, c2 = st.columns([2, 1])
+    axis = c1.radio("x axis", list(views.X_AXES), horizontal=True, key="x_axis",
+                    help="tokens: the tokens trained so far; wall time: minutes since the first record")
+    weight = c2.slider("Smoothing", 0.0, 0.99, 0.6, 0.01, key="smoothing",
+                       help="exponential moving average of each curve (the raw curve stays, faint); 0: none")
+    return axis, float(weight)
+
+
+def _steps_per_epoch(run, train_stage) -> float | None:
+    epochs = (run.spec or {}).get("epochs")
+    total = train_stage.total_steps if train_stage is not None else None
+    return total / epochs if total and isinstance(epochs, int) and epochs > 0 else None
+
+
 @st.fragment(run_every=3)
 def charts() -> None:
-    """The metric charts. Each chart object is rebuilt only when new rows arrived (kept per
-    session with the data version), and each series is thinned to `views.MAX_POINTS`, so a
-    refresh sends little and the browser redraws only what changed."""
+    """The metric charts, training and validation apart. Each chart object is rebuilt only
+    when new rows arrived or the axis or smoothing changed (kept per session with the data
+    version), and each series is thinned to `views.MAX_POINTS`, so a refresh sends little and
+    the browser redraws only what changed."""
     with factory() as session:
         run = runs.get_run(session, run_id)
     if run is None:
         return
-    cache = _metric_cache(run_id, next((x for x in run.stages if x.name == "train"), None))
+    train_stage = next((x for x in run.stages if x.name == "train"), None)
+    cache = _metric_cache(run_id, train_stage)
     st.subheader("Training metrics")
+    axis, weight = chart_controls()
     built = st.session_state.setdefault("built_charts", {})
-    key = (run_id, cache.key, cache.version)
+    key = (run_id, cache.key, cache.version, axis, weight)
     if built.get("key") != key:
+        frame = cache.frame()
+        train = frame[frame["type"] == "train"] if not frame.empty else frame
+        per_epoch = _steps_per_epoch(run, train_stage)
         built["key"] = key
-        built["charts"] = [chart(title, part) for title, part in views.chart_frames(cache.frame())]
-    if not built["charts"]:
+        built["charts"] = {
+            kind: [charts_lib.metric_chart(f"{title} · {label}",
+                                           views.chart_data(part, axis, weight, train=train, steps_per_epoch=per_epoch),
+                                           axis, smoothed=weight > 0)
+                   for title, part in views.split_frames(frame, kind)]
+            for kind, label in (("train", "train"), ("val", "validation"))}
+    if not built["charts"]["train"]:
         st.info("Metrics appear here as soon as training logs its first step.")
         return
-    cols = st.columns(2)
-    for i, c in enumerate(built["charts"]):
-        cols[i % 2].altair_chart(c, width="stretch", key=f"chart_{i}")
-    acceptance_charts()
+    if axis == "tokens" and not any(r["metric"] == "tokens" for r in cache.rows[:50]):
+        common.alert("caption", "This run's records carry no token counts (an older trainer): the tokens axis is empty.")
+    for kind, heading in (("train", None), ("val", "Validation (at each epoch end)")):
+        if not built["charts"][kind]:
+            continue
+        if heading:
+            st.markdown(f"##### {heading}")
+        cols = st.columns(2)
+        for i, c in enumerate(built["charts"][kind]):
+            cols[i % 2].altair_chart(c, width="stretch", key=f"chart_{kind}_{i}")
+    acceptance_charts(axis, cache, _steps_per_epoch(run, train_stage))
 
 
-def acceptance_charts() -> None:
+def acceptance_charts(axis: str, cache: views.MetricCache, per_epoch: float | None) -> None:
     """The draft's acceptance measured while training (held-out prompts, exact speculative
-    decoding): the mean acceptance length over steps and the latest per-position rates."""
+    decoding): the mean acceptance length over training, and the per-position rates of one
+    measurement (the latest, or the one the user picks: each checkpoint's step has one)."""
     with factory() as session:
         records = metrics.acceptance_records(session, run_id)
+        ckpt_steps = {c.step for c in metrics.checkpoints(session, run_id)} | \
+            {c.step for c in metrics.step_checkpoints(session, run_id)}
     if not records:
         return
     st.subheader("Acceptance (held-out prompts)")
-    latest = records[-1]
+    frame = cache.frame()
+    train = frame[frame["type"] == "train"] if not frame.empty else frame
     curve = views.acceptance_curve(records)
+    curve = curve.assign(x=views.x_values(curve.assign(ts=[r.ts for r in records]), axis, train, per_epoch))
+    steps = [r.step for r in records]
+    options = ["latest", *steps]
+    if st.session_state.get("acceptance_step") not in options:
+        st.session_state.pop("acceptance_step", None)
     left, right = st.columns(2)
-    left.altair_chart(
-        alt.Chart(curve, title="Mean acceptance length").mark_line(point=len(curve) < 60)
-        .encode(x=alt.X("step:Q", title="step"), y=alt.Y("mean acceptance length:Q", title=None,
-                                                          scale=alt.Scale(zero=False)),
-                tooltip=["step", "epoch", "mean acceptance length", "seconds"])
-        .properties(height=220), width="stretch", key="acceptance_curve")
-    right.altair_chart(
-        alt.Chart(views.acceptance_positions(latest), title=f"Acceptance rate per position (step {latest.step})")
-        .mark_bar().encode(x=alt.X("position:O"), y=alt.Y("acceptance rate:Q", scale=alt.Scale(domain=[0, 1])),
-                           tooltip=["position", "acceptance rate"])
-        .properties(height=220), width="stretch", key="acceptance_positions")
-    common.alert("caption", f"{latest.prompts} prompts, {latest.tokens} tokens generated in "
-                 f"{latest.seconds:.1f}s at step {latest.step}")
+    left.altair_chart(charts_lib.acceptance_curve_chart(curve, axis), width="stretch", key="acceptance_curve")
+    picked = right.selectbox("Per-position rates at", options, key="acceptance_step",
+                             format_func=lambda v: v if v == "latest" else
+                             f"step {v}" + (" (checkpoint)" if v in ckpt_steps else ""))
+    shown = records[-1] if picked == "latest" else next(r for r in records if r.step == picked)
+    right.altair_chart(charts_lib.positions_chart(views.acceptance_positions(shown),
+                                                  f"Acceptance rate per position (step {shown.step})"),
+                       width="stretch", key="acceptance_positions")
+    common.alert("caption", f"{shown.prompts} prompts, {shown.tokens} tokens generated in "
+                 f"{shown.seconds:.1f}s at step {shown.step}")
 
 
 live()
@@ -199,3 +236,35 @@ def serving() -> None:
 
 
 serving()
+
+
+def _all_records() -> list:
+    with factory() as session:
+        return [*metrics.step_records(session, run_id, None), *metrics.acceptance_records(session, run_id)]
+
+
+def details() -> None:
+    """What does not change while the run trains: its settings, the whole-run export, compare."""
+    with factory() as session:
+        run = runs.get_run(session, run_id)
+        if run is None:
+            return
+    st.subheader("Hyperparameters")
+    only = st.toggle("Only those changed from the defaults", key="hp_changed")
+    rows = [r for r in views.hparam_rows(run.spec or {}) if r["changed"] or not only]
+    st.dataframe(pd.DataFrame(rows, columns=["setting", "key", "value", "default", "changed"]), hide_index=True,
+                 width="stretch", key="hparams")
+    st.subheader("Export")
+    c1, c2, c3 = st.columns(3)
+    stem = f"run-{run_id}-metrics"
+    # the files are built when clicked (a callable), from every record stored so far
+    c1.download_button("Metrics as CSV", lambda: views.export_csv(_all_records()), file_name=f"{stem}.csv",
+                       mime="text/csv", key="export_csv",
+                       help="one row per train, val and acceptance record: step, epoch, time, every metric")
+    c2.download_button("Metrics as JSONL", lambda: views.export_jsonl(_all_records()), file_name=f"{stem}.jsonl",
+                       mime="application/jsonl", key="export_jsonl",
+                       help="the trainer's metrics.jsonl records (train, val, acceptance), by step")
+    common.page_link("pages/4_Compare.py", "Compare with other runs", "📊", {"runs": run_id}, where=c3)
+
+
+details()

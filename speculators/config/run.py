@@ -4,7 +4,8 @@ Settings that belong to a stage reuse that command's field (`from_field`): defau
 help and label come from there, so a change there changes the form, the stored record and
 the argv. Training (epochs, lr, TTT steps, draft layers, seed, sequence length) from
 `TrainConfig`; `regenerate_*` from `RegenConfig`; `max_samples` from `PrepareConfig`;
-`draft_vocab_size` from `VocabConfig`; `batch_size` from `DatagenConfig`. Where a run
+`draft_vocab_size` from `VocabConfig`; `batch_size` from `DatagenConfig`; the acceptance
+measurement (`eval_*`), `best_by` and `checkpoint_every_steps` from `TrainConfig`. Where a run
 needs another starting value than the command (`max_samples`, `draft_vocab_size`), the
 field says so. `CPU_PRESET` holds the smaller values a CPU-only installation's form starts from.
 """
@@ -86,6 +87,13 @@ class RunSettings(TypedSettings):
     regenerate_concurrency: int = from_field(RegenConfig, "concurrency")
     total_seq_len: int | None = setting(None, "tokens per packed training row (default: the sequence length)",
                                         ge=SEQ_LEN_MIN, le=SEQ_LEN_MAX)
+    # acceptance measured while training and the checkpoint choice: `speculators train`'s own fields
+    eval_every_steps: int = _from_train("eval_every_steps", title="Measure acceptance every N steps")
+    eval_prompts: int = _from_train("eval_prompts", title="Acceptance prompts")
+    eval_max_tokens: int = _from_train("eval_max_tokens", title="Acceptance tokens per prompt")
+    eval_data: str | None = _from_train("eval_data", title="Acceptance prompts from")
+    best_by: Literal["val-loss", "acceptance"] = _from_train("best_by", title="Best checkpoint by")
+    checkpoint_every_steps: int = _from_train("checkpoint_every_steps", title="Checkpoint every N steps")
 
     @field_validator("name", mode="before")
     @classmethod
@@ -103,6 +111,12 @@ class RunSettings(TypedSettings):
     @classmethod
     def _strip(cls, value: Any) -> Any:
         return str(value if value is not None else "").strip()
+
+    @field_validator("eval_data", mode="before")
+    @classmethod
+    def _optional_text(cls, value: Any) -> Any:
+        text = str(value if value is not None else "").strip()
+        return text or None  # the form's empty box: the training data's validation rows
 
     @field_validator("vllm_endpoint")
     @classmethod

@@ -116,6 +116,8 @@ def train_config_for(run: RunSettings, paths: StagePaths, verifier_url: str | No
         epochs=run.epochs, lr=run.lr, ttt_steps=run.ttt_steps, num_layers=run.num_layers,
         d2t_path=str(paths.vocab / "d2t.npy"), t2d_path=str(paths.vocab / "t2d.npy"),
         draft_vocab_size=run.draft_vocab_size, total_seq_len=run.packed_len, seed=run.seed, run_name=run.name,
+        eval_every_steps=run.eval_every_steps, eval_prompts=run.eval_prompts, eval_max_tokens=run.eval_max_tokens,
+        eval_data=run.eval_data or None, best_by=run.best_by, checkpoint_every_steps=run.checkpoint_every_steps,
     )
     if run.online:
         url = run.vllm_endpoint or verifier_url

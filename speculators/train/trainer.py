@@ -114,6 +114,7 @@ class Trainer:
         metrics = summarize(stats, self.cfg.ttt_step_loss_decay)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["tokens_per_s"] = tokens / max(time.perf_counter() - self._clock, 1e-9)
+        metrics["tokens"] = tokens  # this step's trained tokens (all ranks): the dashboard's tokens axis
         step = self.progress.step
         self.sink.emit(TrainRecord(epoch=self.data.epoch_of(step), step=step, total_steps=self.data.total_steps,
                                    metrics=metrics))

@@ -22,7 +22,10 @@ def upgrade() -> None:
     with op.batch_alter_table("outbox") as batch:
         batch.add_column(sa.Column("run_id", sa.String(32), nullable=True))
         batch.create_index("ix_outbox_run_kind_sent", ["run_id", "kind", "sent_at"])
-    op.execute("UPDATE outbox SET run_id = json_extract(payload, '$.run_id') WHERE kind = 'run_stages'")
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("UPDATE outbox SET run_id = payload->>'run_id' WHERE kind = 'run_stages'")
+    else:
+        op.execute("UPDATE outbox SET run_id = json_extract(payload, '$.run_id') WHERE kind = 'run_stages'")
     with op.batch_alter_table("metrics") as batch:
         batch.add_column(sa.Column("total_steps", sa.Integer(), nullable=True))
     # the train stage's count is the one its train records carried (ingest wrote both)
