@@ -285,3 +285,17 @@ def test_options_through_the_cli_train_and_resume(tiny_llama, hs_tiny, tmp_path)
     assert other.returncode != 0 and "optimizer: 'muon' there vs 'adamw' now" in other.stderr, other.stderr[-2000:]
     bad = run_train_cli([*args[:-2], "--save-path", str(tmp_path / "bad"), "--loss", "hinge"])
     assert bad.returncode != 0 and "--loss" in bad.stderr and "hinge" in bad.stderr
+
+
+@pytest.mark.parametrize("extra", [{"loss": "lk"}, {"gradient_checkpointing": True}])
+def test_dflash_refuses_the_eagle3_only_options(extra, tmp_path):
+    from speculators.config.train import TrainConfig
+    from speculators.errors import UserError
+    from speculators.train.components import build_components
+    from speculators.train.distributed import DistInfo
+
+    cfg = TrainConfig(verifier_name_or_path=str(tmp_path / "none"), algorithm="dflash", save_path=str(tmp_path / "s"),
+                      **extra)
+    with pytest.raises(UserError, match="--algorithm dflash"):
+        build_components(cfg, DistInfo())
+    assert not (tmp_path / "s").exists()
