@@ -192,5 +192,20 @@ class TrainConfig(TypedSettings):
         """Hidden states come from a vLLM server (online/hybrid) rather than datagen's files."""
         return bool(self.vllm_endpoint)
 
+    def option_conflicts(self) -> dict[str, str]:
+        """{field: message} for settings that are valid alone but not together (the trainer refuses
+        them before it starts; the dashboard's form shows them beside the field)."""
+        conflicts: dict[str, str] = {}
+        if self.algorithm == "dflash":
+            if self.loss != "kl":
+                conflicts["loss"] = "--algorithm dflash trains with --loss kl (the other losses are EAGLE-3's so far)"
+            if self.gradient_checkpointing:
+                conflicts["gradient_checkpointing"] = ("--algorithm dflash trains without --gradient-checkpointing "
+                                                       "(an EAGLE-3 option so far)")
+        elif self.mask_token_id is not None:
+            conflicts["mask_token_id"] = ("--mask-token-id applies to --algorithm dflash only; drop it or pass "
+                                          "--algorithm dflash")
+        return conflicts
+
 
 ONLINE_FIELDS = [n for n, f in TrainConfig.model_fields.items() if (f.json_schema_extra or {}).get("group") == ONLINE]
