@@ -275,7 +275,7 @@ def evaluate_checkpoint(checkpoint: str | Path, verifier_path: str | None, data:
     """The PyTorch acceptance report of a speculator checkpoint on held-out prompts
     (``streams``: see `evaluate_prompts`)."""
     from speculators.config.device import resolve_device
-    from speculators.evaluate.proposers import Eagle3Proposer
+    from speculators.evaluate.proposers import proposer_from_checkpoint
     from speculators.evaluate.verifier import Verifier
     from speculators.models.eagle3 import default_aux_layer_ids
     from speculators.models.locate import resolve_checkpoint
@@ -283,7 +283,7 @@ def evaluate_checkpoint(checkpoint: str | Path, verifier_path: str | None, data:
     ckpt = resolve_checkpoint(checkpoint)
     device = torch.device(resolve_device(settings.device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    proposer = Eagle3Proposer.from_checkpoint(ckpt, device=device, dtype=dtype)
+    proposer = proposer_from_checkpoint(ckpt, device=device, dtype=dtype)
     cfg = proposer.model.config
     verifier_path = verifier_path or cfg.verifier_name_or_path
     if not verifier_path:
