@@ -37,6 +37,7 @@ def render_all(directory: Path) -> str:
     import bench_datagen
     import gpu_checks
     import bench_lmhead_kl
+    import bench_online
     import bench_optimizer
     import bench_regenerate
     import bench_train
@@ -79,7 +80,16 @@ def render_all(directory: Path) -> str:
             machines.append((r["benchmark"], r["machine"]))
     dg = _load(directory, "datagen")
     for r in dg:
-        parts += ["", "## Datagen (transformers backend)", "", bench_datagen.render(r)]
+        parts += ["", "## Datagen (tokens/s by backend; bytes on disk by --hidden-states-dtype)", "",
+                  bench_datagen.render(r)]
+        machines.append((r["benchmark"], r["machine"]))
+    for r in _load(directory, "online"):
+        parts += ["", "## Online store: samples/s it feeds the trainer vs the trainer's consumption", "",
+                  bench_online.render(r)]
+        machines.append((r["benchmark"], r["machine"]))
+    for r in _load(directory, "fp8_acceptance"):
+        parts += ["", "## fp8 vs bf16 stored hidden states: acceptance at equal data and steps", "",
+                  render_fp8(r)]
         machines.append((r["benchmark"], r["machine"]))
     lk = _load(directory, "lmhead_kl")
     for r in lk:
@@ -95,6 +105,17 @@ def render_all(directory: Path) -> str:
     if machines:
         parts += ["", "## Machines", ""] + [f"- {name}: {machine_line(m)}" for name, m in machines]
     return "\n".join(parts) + "\n"
+
+
+def render_fp8(r: dict) -> str:
+    """The table of bench/results/fp8_acceptance.json (written by bench/fp8_acceptance.py)."""
+    lines = ["| stored as | bytes/token (hidden-state payload) | bytes/token (files on disk) | "
+             "mean acceptance length per seed | mean | spread (max-min) |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, e in r["storage"].items():
+        per_seed = " / ".join(f"{v:.3f}" for v in e["acceptance_length"])
+        lines.append(f"| {name} | {fmt(e['payload_bytes_per_token'])} | {fmt(e['disk_bytes_per_token'])} | "
+                     f"{per_seed} | {e['mean']:.3f} | {e['spread']:.3f} |")
+    return "\n".join(lines) + f"\n\n{r['verdict']}"
 
 
 def main() -> None:

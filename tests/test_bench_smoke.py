@@ -117,3 +117,22 @@ def test_regenerate_bench_lands_in_the_summary(tiny_llama, tmp_path):
     text = table.render_all(tmp_path)
     assert "## Regeneration throughput" in text
     assert f"**{table.fmt(row['tokens_per_s'])}**" in text and "- regenerate:" in text
+
+
+def test_table_renders_the_datagen_online_and_fp8_results(tmp_path):
+    """bench/table.py reads the committed results: datagen from before and after the backend and
+    storage columns, the online store against the trainer, and the fp8 acceptance verdict."""
+    import shutil
+
+    import table
+
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    for name in ("datagen.json", "datagen_backends.json", "online.json", "fp8_acceptance.json"):
+        shutil.copy(results / name, tmp_path / name)
+    text = table.render_all(tmp_path)
+    fp8 = json.loads((results / "fp8_acceptance.json").read_text())
+    assert "| tiny (H=64, 8 layers) |" in text and "| vllm | float32 |" in text
+    assert "## Online store" in text and "trainer consumption" in text
+    assert fp8["verdict"] in text
+    for name, entry in fp8["storage"].items():
+        assert f"| {name} |" in text and f"{entry['mean']:.3f}" in text

@@ -205,3 +205,37 @@ def test_a_new_plan_drops_requests_nobody_will_read(prepared, server):
     assert set(store._futures) <= {3, 4}
     assert store.load(3)["input_ids"].shape[0] > 0 and store.stats["prefetched"] == 1
     store.close()
+
+
+def test_an_fp8_cache_serves_the_same_values_every_epoch_and_keeps_its_dtype(prepared, server, tiny_llama, tmp_path):
+    from speculators.data.hs_quant import dequantise_rows, quantise_rows
+
+    cache = tmp_path / "cache"
+    p = argparse.ArgumentParser()
+    add_online_args(p)
+    args = p.parse_args(["--vllm-endpoint", server.url, "--on-generate", "cache", "--hidden-states-path",
+                         str(cache), "--prepared-data", str(prepared), "--hidden-states-dtype", "fp8",
+                         "--vllm-layer-ids", *map(str, LAYERS)])
+    args.verifier = str(tiny_llama)
+    store = build_online_store(args)
+    compute = transformers_compute(tiny_llama, LAYERS)
+    rows = PreparedRows.from_path(prepared)
+    first = [store.load(i) for i in range(N)]  # from the server, cached as fp8
+    second = [store.load(i) for i in range(N)]  # from disk
+    assert store.stats["cached"] == N and store.stats["disk"] == N
+    for i, (a, b) in enumerate(zip(first, second)):
+        expected = compute(rows.get(i)[0])
+        for k, (x, y) in enumerate(zip(a["hidden_states"], b["hidden_states"])):
+            q, s = quantise_rows(expected[:, k])  # the server's bf16 states, quantised directly
+            assert x.dtype == y.dtype == torch.bfloat16
+            assert torch.equal(x, y) and torch.equal(x, dequantise_rows(q, s))
+    raw = torch.load(cache / "data_0.pt", weights_only=True)
+    assert raw["hidden_states"][0].dtype == torch.float8_e4m3fn
+    disk = open_sample_store(cache)
+    assert disk.config["hidden_states_dtype"] == "float8_e4m3fn" and disk.storage == "fp8"
+    # a later run without the flag keeps the cache's dtype; asking for the other one is refused
+    args.hidden_states_dtype = None
+    assert build_online_store(args).online.store_dtype == "fp8"
+    args.hidden_states_dtype = "bf16"
+    with pytest.raises(UserError, match="stored as fp8, --hidden-states-dtype is bf16"):
+        build_online_store(args)

@@ -5,7 +5,16 @@ draft and the verifier (greedy, or sampling at --temperature > 0 with the standa
 rejection rule, so the text is exactly the verifier's). vLLM mode
 (`--vllm-endpoint`): the spec-decode counters of a live server's /metrics.
 Both report mean acceptance length, per-position acceptance rate and ideal speedup,
-printed and written as JSON (--output-json) for the dashboard.
+printed and written as JSON (--output-json) for the dashboard; with a prompt set (--data
+PROMPTS.jsonl, lines {"prompt": ..., "category": ...}) also per category.
+
+--measure-speedup: the measured speedup of the real engine beside the ideal one. The
+verifier alone and then the speculator (--checkpoint) are served by vLLM one after the other
+(or two running servers are given: --baseline-endpoint and --vllm-endpoint), the same prompts
+are streamed to each at every --concurrency (greedy, --max-new-tokens each, end of sequence
+ignored), and output tokens/s, time per output token and time to first token of both, their
+ratio and the speculative server's acceptance are reported as a table and JSON. vLLM flags go
+after `--`, for both servers.
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ def register(subparsers) -> None:
                    help="tokens drafted per step (default: the checkpoint's speculative_tokens)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (rejection rule)")
-    p.add_argument("--num-prompts", type=int, default=None, help="use at most this many prompts")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="use at most this many prompts (default: all; with --measure-speedup: 16)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="use only the validation rows of split_indices(n, FRACTION, --split-seed), "
                         "i.e. the rows `speculators train` held out")
@@ -56,6 +66,20 @@ def register(subparsers) -> None:
                         "with the verifier's path or id); default: all")
     p.add_argument("--api-key", default=None,
                    help="with --vllm-endpoint: the server's --api-key (default $VLLM_API_KEY)")
+    p.add_argument("--measure-speedup", action="store_true",
+                   help="serve the verifier alone and with the speculator (--checkpoint; vLLM flags after `--`), "
+                        "or use --baseline-endpoint and --vllm-endpoint, and measure both on --data's prompts")
+    p.add_argument("--concurrency", default="1,4",
+                   help="with --measure-speedup: requests in flight, comma-separated levels (e.g. 1,4)")
+    p.add_argument("--baseline-endpoint", default=None,
+                   help="with --measure-speedup and --vllm-endpoint: a running server of the verifier alone")
+    p.add_argument("--ready-timeout", type=float, default=1800.0,
+                   help="with --measure-speedup: seconds to wait for each server it starts")
+    p.add_argument("--kv-cache-gib", type=int, default=None, metavar="GIB",
+                   help="with --measure-speedup, CPU only: GiB of KV cache for each server it starts "
+                        "(as `speculators serve --kv-cache-gib`)")
+    p.add_argument("--server-log-dir", default=None,
+                   help="with --measure-speedup: where the servers' logs go (default: a new temporary folder)")
     p.add_argument("--output-json", default=None, help="write the report here (JSON)")
     p.add_argument("--output-streams", default=None,
                    help="write each prompt's ids and generated ids here (JSON lines; the PyTorch eval adds the "
@@ -73,17 +97,32 @@ def run(args) -> int:
     streams: list | None = [] if args.output_streams else None
     if args.output_streams and not args.data:
         raise UserError("--output-streams needs --data (the prompts to generate from)")
+    if args.measure_speedup:
+        from speculators.commands.eval_speedup import run_speedup
+
+        report = run_speedup(args, _heldout(args))
+        from speculators.vllm.speedup import format_speedup
+
+        print(format_report(report), flush=True)
+        print(format_speedup(report), flush=True)
+        if args.output_json:
+            write_report(args.output_json, report)
+            print(f"report written to {args.output_json}")
+        return 0
+    if args.baseline_endpoint:
+        raise UserError("--baseline-endpoint applies with --measure-speedup")
     if args.vllm_endpoint and args.data:
-        from speculators.evaluate.runner import load_prompts
+        from speculators.evaluate.runner import load_prompt_set_of
         from speculators.vllm.metrics import drive_and_measure
 
         if not args.verifier and not Path(args.data).is_dir():
             raise UserError("--vllm-endpoint with a conversation --data needs --verifier (its tokenizer)")
-        prompts = load_prompts(args.data, args.verifier or "", args.num_prompts, _heldout(args),
-                               args.max_prompt_len, args.skip_samples, args.data_seed, args.seq_length,
-                               args.data_format_version)
-        report = drive_and_measure(args.vllm_endpoint, prompts, args.max_new_tokens, args.temperature,
-                                   args.model_name, api_key=api_key_from_env(args.api_key), streams=streams)
+        prompt_set = load_prompt_set_of(args.data, args.verifier or "", args.num_prompts, _heldout(args),
+                                        args.max_prompt_len, args.skip_samples, args.data_seed, args.seq_length,
+                                        args.data_format_version)
+        report = drive_and_measure(args.vllm_endpoint, prompt_set.prompts, args.max_new_tokens, args.temperature,
+                                   args.model_name, api_key=api_key_from_env(args.api_key), streams=streams,
+                                   categories=prompt_set.categories)
     elif args.vllm_endpoint:
         from speculators.vllm.metrics import report_from_metrics, scrape
 

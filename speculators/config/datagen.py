@@ -45,9 +45,13 @@ class DatagenConfig(TypedSettings):
     backend: Literal["transformers", "vllm"] = setting("transformers", "engine that computes the hidden states")
     format: Literal["pt", "safetensors"] = setting(
         "pt", "pt: one file per sample (format v1); safetensors: sharded, faster to load")
+    hidden_states_dtype: Literal["bf16", "fp8"] = setting(
+        "bf16", "how hidden states are stored: bf16 (as computed), or fp8 = float8 e4m3 with one float32 scale per "
+        "token and layer (about half the bytes; read back as bf16; see docs/data-pipeline.md)")
     device: str = setting("auto", "transformers backend: cpu, cuda, cuda:N or auto")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
-        "auto", "compute dtype (auto: bf16 on GPU, fp32 on CPU); stored states are bf16")
+        "auto", "compute dtype (auto: bf16 on GPU, fp32 on CPU); stored states are bf16 or fp8, see "
+        "--hidden-states-dtype")
     tensor_parallel_size: int = setting(1, "vllm backend only", group=VLLM, ge=1)
     gpu_memory_utilization: float = setting(0.9, "vllm backend only", group=VLLM, gt=0.0, le=1.0)
     max_model_len: int | None = setting(None, "vllm backend only", group=VLLM, ge=1)

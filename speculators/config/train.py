@@ -47,6 +47,17 @@ class TrainConfig(TypedSettings):
         None, "with --sliding-window: draft layers that keep full attention (such a draft cannot be served "
         "by vLLM, which needs one attention kind for all draft layers)", group=MODEL)
 
+    algorithm: Literal["eagle3", "dflash"] = setting(
+        "eagle3", "draft algorithm: eagle3 (chained drafting, TTT) or dflash (block-parallel drafting: one draft "
+        "forward proposes --ttt-steps tokens from a block of the verifier's newest token plus --ttt-steps mask "
+        "tokens; served by vLLM's method dflash)", group=MODEL, title="Draft algorithm")
+    mask_token_id: int | None = setting(
+        None, "dflash: the token id fed at the block's masked slots (its embedding is the verifier's, frozen; "
+        "default: the verifier's last vocabulary id)", group=MODEL, ge=0)
+    dflash_num_anchors: int = setting(
+        512, "dflash: blocks trained per packed row, anchored at random counted positions (0: every counted "
+        "position)", group=MODEL, ge=0)
+
     # ---------------------------------------------------------------- data
     data_path: str | None = setting(None, "hidden states written by `speculators datagen`", group=DATA)
     total_seq_len: int = setting(8192, "tokens per packed row", group=DATA, title="Sequence length",
@@ -88,6 +99,10 @@ class TrainConfig(TypedSettings):
     vllm_layer_ids: list[int] | None = setting(None, "vLLM layer ids the server exports (launch-vllm prints "
                                                "them); checked against every response and recorded with cached "
                                                "samples", group=ONLINE)
+    hidden_states_dtype: Literal["bf16", "fp8"] | None = setting(
+        None, "how --on-generate cache stores samples: bf16, or fp8 (e4m3, one scale per token and layer; half "
+        "the bytes, read back as bf16); default: what the cache's data_config.json records, else bf16",
+        group=ONLINE)
 
     # ---------------------------------------------------------------- training
     epochs: int = setting(20, "passes over the training split", group=TRAINING, title="Epochs", ge=1, le=1000)
@@ -135,8 +150,9 @@ class TrainConfig(TypedSettings):
     eval_max_tokens: int = setting(32, "tokens generated per prompt when measuring acceptance", group=ACCEPTANCE,
                                    ge=1, le=65536)
     eval_data: str | None = setting(
-        None, "held-out prompts: a prepared dataset, a hidden-state directory or a conversation source as "
-        "prepare-data takes it (default: the validation rows of the training data)", group=ACCEPTANCE)
+        None, "held-out prompts: a prepared dataset, a hidden-state directory, a prompt set (a .jsonl of "
+        "{\"prompt\": ..., \"category\": ...} lines) or a conversation source as prepare-data takes it "
+        "(default: the validation rows of the training data)", group=ACCEPTANCE)
     best_by: Literal["val-loss", "acceptance"] = setting(
         "val-loss", "the score checkpoint_best is chosen by: validation loss (lower is better; the training loss "
         "without a validation split) or acceptance (mean acceptance length at the epoch end, higher is better)",

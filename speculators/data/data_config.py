@@ -149,8 +149,8 @@ def write(path: str | os.PathLike, flat: dict[str, Any]) -> None:
 
 
 def tensor_schema(num_layers: int, hidden_size: int, dtype: str = "bfloat16") -> dict[str, Any]:
-    """The seeds' per-tensor schema of a version-1 sample file."""
-    return {
+    """The seeds' per-tensor schema of a version-1 sample file (fp8: with its per-row scales)."""
+    out = {
         "input_ids": {"dtype": "torch.long", "shape": "[seq_len]", "description": "Tokenized input sequence"},
         "hidden_states": {
             "dtype": f"list[torch.{dtype}]",
@@ -162,3 +162,10 @@ def tensor_schema(num_layers: int, hidden_size: int, dtype: str = "bfloat16") ->
         "loss_mask": {"dtype": "torch.long", "shape": "[seq_len]",
                       "description": "1 for assistant tokens to train on, 0 elsewhere"},
     }
+    if dtype == "float8_e4m3fn":
+        out["hidden_states_scale"] = {
+            "dtype": "list[torch.float32]", "shape": "list of [seq_len]", "num_tensors": num_layers,
+            "description": "per-row scale of hidden_states: value = fp8 * scale (scale = max|row| / 448, "
+                           "1 for an all-zero row); readers return bf16",
+        }
+    return out

@@ -34,6 +34,7 @@ import torch
 from speculators.atomic import atomic_write_bytes
 from speculators.data import data_config as dc
 from speculators.data.data_config import DATA_CONFIG_NAME
+from speculators.data.hs_quant import FP8, SCALE_KEY, HiddenStatesDtype, decode_hidden_states, encode_hidden_states, storage_of
 from speculators.data.public_format import PublicSampleStore, is_public_layout, open_public_store
 from speculators.data.sample_store import (
     CorruptSampleError,
@@ -140,10 +141,20 @@ def infer_v0_config(directory: Path) -> dict[str, Any]:
     }
 
 
-def read_pt_sample(path: Path, schema: SampleSchema | None, data_format_version: int = DATA_FORMAT_VERSION) -> dict[str, Any]:
+def read_pt_sample(
+    path: Path,
+    schema: SampleSchema | None,
+    data_format_version: int = DATA_FORMAT_VERSION,
+    storage: HiddenStatesDtype | None = None,
+    decode: bool = True,
+) -> dict[str, Any]:
     """The one reader of a ``data_<i>.pt`` file: its layout and (given a schema) its dimensions
     checked, a version-0 file served as version 1; `CorruptSampleError` naming the file otherwise.
-    ``schema`` None checks the layout only (an online cache whose dimensions are not known yet)."""
+    ``schema`` None checks the layout only (an online cache whose dimensions are not known yet).
+
+    fp8 files (`speculators.data.hs_quant`) are served dequantised to bf16 (``decode=False``: as
+    stored, with their ``hidden_states_scale``, for a converter). ``storage``, when given, is what
+    the store's data_config.json records; a file that disagrees is corrupt."""
     try:
         # mmap: tensors are views of the page cache; the Dataset's shift copies them once.
         sample = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -154,11 +165,21 @@ def read_pt_sample(path: Path, schema: SampleSchema | None, data_format_version:
         sample = v0_to_v1(sample, str(path))
     if schema is not None:
         schema.check(sample, str(path))
-    return {
-        "input_ids": sample["input_ids"].long(),
-        "hidden_states": list(sample["hidden_states"]),
-        "loss_mask": sample["loss_mask"].long(),
-    }
+    scaled = SCALE_KEY in sample
+    if storage is not None and scaled != (storage == "fp8"):
+        raise CorruptSampleError(
+            f"{path}: holds {'fp8' if scaled else 'unscaled'} hidden states, data_config.json records {storage}")
+    out = {"input_ids": sample["input_ids"].long(), "loss_mask": sample["loss_mask"].long()}
+    if not decode:
+        out["hidden_states"] = list(sample["hidden_states"])
+        if scaled:
+            out[SCALE_KEY] = list(sample[SCALE_KEY])
+        return out
+    try:
+        out["hidden_states"] = decode_hidden_states(sample, str(path))
+    except ValueError as exc:
+        raise CorruptSampleError(str(exc)) from exc
+    return out
 
 
 class _OwnLayoutStore(FileSampleStore):
@@ -183,6 +204,9 @@ class _OwnLayoutStore(FileSampleStore):
             raise UserError(f"{self.where} names neither layer_ids nor num_layers; regenerate the data with "
                             "`speculators datagen`")
         self.schema = SampleSchema(num_layers, int(self.config["hidden_size"]))
+        # bf16 or fp8 on disk (absent in stores written before fp8: bf16); served as bf16 either way
+        self.storage: HiddenStatesDtype = storage_of(self.config.get("hidden_states_dtype"), self.where)
+        self.decode = True  # False: samples as stored (a converter copying fp8 as it is)
         self._index()
 
     @abstractmethod
@@ -206,7 +230,8 @@ class PtSampleStore(_OwnLayoutStore):
         return self.directory / pt_file_name(self.sample_indices[i])
 
     def read_sample(self, i: int) -> dict[str, Any]:
-        return read_pt_sample(self.path(i), self.schema, self.data_format_version)
+        storage = self.storage if self.data_format_version == DATA_FORMAT_VERSION else None
+        return read_pt_sample(self.path(i), self.schema, self.data_format_version, storage, self.decode)
 
     def lengths(self) -> list[int]:
         """Token count per sample (from data_config.json when recorded, else read lazily)."""
@@ -276,6 +301,7 @@ class SafetensorsSampleStore(_OwnLayoutStore):
             hidden = shard.tensor("hidden_states")[:, a:b]
             ids = shard.tensor("input_ids")[a:b]
             mask = shard.tensor("loss_mask")[a:b]
+            scale = shard.tensor(SCALE_KEY)[:, a:b] if shard.has(SCALE_KEY) else None
         except Exception as exc:
             raise CorruptSampleError(f"{where}: unreadable ({type(exc).__name__}: {first_line(exc)})") from exc
         if hidden.ndim != 3 or (hidden.shape[0], hidden.shape[2]) != (self.schema.num_layers, self.schema.hidden_size):
@@ -285,7 +311,20 @@ class SafetensorsSampleStore(_OwnLayoutStore):
             )
         if ids.shape[0] != b - a or mask.shape[0] != b - a or b - a < 2:
             raise CorruptSampleError(f"{where}: token range {a}:{b} does not fit the shard")
-        return {"input_ids": ids.long(), "hidden_states": list(hidden.unbind(0)), "loss_mask": mask.long()}
+        if (scale is not None) != (self.storage == "fp8"):
+            raise CorruptSampleError(f"{where}: {'has' if scale is not None else 'lacks'} {SCALE_KEY}, "
+                                     f"data_config.json records {self.storage}")
+        sample: dict[str, Any] = {"input_ids": ids.long(), "hidden_states": list(hidden.unbind(0)),
+                                  "loss_mask": mask.long()}
+        if scale is not None:
+            sample[SCALE_KEY] = list(scale.unbind(0))
+            if self.decode:
+                try:
+                    sample["hidden_states"] = decode_hidden_states(sample, where)
+                except ValueError as exc:
+                    raise CorruptSampleError(str(exc)) from exc
+                del sample[SCALE_KEY]
+        return sample
 
 
 _ST_DTYPES = {
@@ -296,6 +335,7 @@ _ST_DTYPES = {
     "I32": torch.int32,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": FP8,
 }
 
 
@@ -319,6 +359,9 @@ class _MappedSafetensors:
         self._base = 8 + n
         self._meta = {k: v for k, v in header.items() if k != "__metadata__"}
         self._cache: dict[str, torch.Tensor] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self._meta
 
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self._cache:
@@ -395,12 +438,23 @@ def open_sample_store(
 # ---------------------------------------------------------------- writing
 
 
-def write_pt_sample(directory: str | os.PathLike, index: int, sample: dict[str, Any]) -> Path:
-    """Write one version-1 sample atomically (temp name, then rename)."""
+def write_pt_sample(
+    directory: str | os.PathLike, index: int, sample: dict[str, Any], storage: HiddenStatesDtype | None = None
+) -> Path:
+    """Write one version-1 sample atomically (temp name, then rename).
+
+    ``storage`` ``"bf16"``/``"fp8"`` encodes the hidden states so (`speculators.data.hs_quant`);
+    None writes them as given (with their ``hidden_states_scale`` when the sample has one)."""
     path = Path(directory) / pt_file_name(index)
+    if storage is not None:
+        hidden = encode_hidden_states(list(sample["hidden_states"]), storage)
+    else:
+        hidden = {"hidden_states": [h.contiguous() for h in sample["hidden_states"]]}
+        if SCALE_KEY in sample:
+            hidden[SCALE_KEY] = [s.contiguous() for s in sample[SCALE_KEY]]
     payload = {
         "input_ids": sample["input_ids"].long().contiguous(),
-        "hidden_states": [h.contiguous() for h in sample["hidden_states"]],
+        **hidden,
         "loss_mask": sample["loss_mask"].long().contiguous(),
     }
     atomic_write_bytes(path, lambda tmp: torch.save(payload, tmp))
@@ -469,16 +523,17 @@ def convert_pt_to_safetensors(
         tensors = {
             "input_ids": torch.cat([s["input_ids"] for _, s in buf]).long(),
             "loss_mask": torch.cat([s["loss_mask"] for _, s in buf]).to(torch.uint8),
-            "hidden_states": torch.stack(
-                [torch.cat([s["hidden_states"][k] for _, s in buf]) for k in range(store.schema.num_layers)]
-            ),
+            "hidden_states": _stack_layers([s["hidden_states"] for _, s in buf], store.schema.num_layers),
             "offsets": offsets,
             "sample_index": torch.tensor([idx for idx, _ in buf], dtype=torch.long),
         }
+        if store.storage == "fp8":  # copied as stored: fp8 values and their per-row scales
+            tensors[SCALE_KEY] = _stack_layers([s[SCALE_KEY] for _, s in buf], store.schema.num_layers)
         atomic_write_bytes(dst / name, lambda tmp: save_file(tensors, tmp))
         shards.append({"file": name, "sample_index": [idx for idx, _ in buf], "lengths": lengths})
         buf, buf_tokens = [], 0
 
+    store.decode = False  # fp8 stays fp8 in the shards (no second rounding)
     skipped: list[int] = []
     for index, sample in readable_samples(store, on_corrupt, skipped):
         buf.append((index, sample))
@@ -499,6 +554,16 @@ def convert_pt_to_safetensors(
         new_config["num_layers"] = store.schema.num_layers
     dc.write(dst / DATA_CONFIG_NAME, new_config)
     return new_config
+
+
+def _stack_layers(per_sample: list[list[torch.Tensor]], num_layers: int) -> torch.Tensor:
+    """``[K, N, ...]``: layer k of every sample, concatenated along tokens (fp8 concatenated as bytes,
+    which torch.cat does not take on every build)."""
+    first = per_sample[0][0]
+    if first.dtype == FP8:
+        raw = [[t.view(torch.uint8) for t in layers] for layers in per_sample]
+        return _stack_layers(raw, num_layers).view(FP8)
+    return torch.stack([torch.cat([layers[k] for layers in per_sample]) for k in range(num_layers)])
 
 
 def copy_samples_to_pt(store: SampleStore, dst: Path, on_corrupt: OnCorrupt) -> tuple[dict[str, int], list[int]]:

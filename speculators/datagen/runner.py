@@ -29,6 +29,7 @@ import torch
 
 from speculators.config.datagen import DatagenConfig
 from speculators.data import data_config as dc
+from speculators.data.hs_quant import RECORDED_NAME
 from speculators.data.formats import (
     DATA_CONFIG_NAME,
     DATA_FORMAT_VERSION,
@@ -136,6 +137,12 @@ def _check_compatible(existing: dict[str, Any], new: dict[str, Any], where: Path
                 f"{where} was generated with {key}={existing.get(key)!r}, this run has "
                 f"{new.get(key)!r}; use a new --output-dir (or delete the old one)"
             )
+    old_dtype = existing.get("hidden_states_dtype") or "bfloat16"  # absent: written before fp8 existed
+    if old_dtype != new.get("hidden_states_dtype"):
+        raise UserError(
+            f"{where} holds hidden states stored as {old_dtype}, this run stores "
+            f"{new.get('hidden_states_dtype')} (--hidden-states-dtype); use a new --output-dir (or delete the old one)"
+        )
     old_data, new_data = existing.get("data"), new.get("data")
     old_fp = old_data.get("fingerprint") if isinstance(old_data, dict) else None
     new_fp = new_data.get("fingerprint") if isinstance(new_data, dict) else None
@@ -230,11 +237,11 @@ def run_datagen(
         "layer_ids": layer_ids,
         "hidden_size": hidden_size,
         "num_hidden_layers": num_layers,
-        "hidden_states_dtype": "bfloat16",
+        "hidden_states_dtype": RECORDED_NAME[cfg.hidden_states_dtype],
         "layer_convention": LAYER_CONVENTION,
         "cache_dir": str(prepared.cache_dir) if prepared.cache_dir else None,
         "batch_size": cfg.batch_size,
-        "schema": dc.tensor_schema(len(layer_ids), hidden_size, "bfloat16"),
+        "schema": dc.tensor_schema(len(layer_ids), hidden_size, RECORDED_NAME[cfg.hidden_states_dtype]),
         "complete": False,
     }
     config_path = work / DATA_CONFIG_NAME
@@ -316,6 +323,7 @@ def run_datagen(
                             "loss_mask": torch.tensor(mask, dtype=torch.long),
                             "hidden_states": [h.to(STORE_DTYPE) for h in layers],
                         },
+                        storage=cfg.hidden_states_dtype,
                     )
                     generated += 1
                     tokens += len(ids)

@@ -87,6 +87,59 @@ class Eagle3Proposer:
         return torch.tensor(tokens, dtype=torch.long), q_all
 
 
+class DFlashProposer:
+    """Adapts a DFlash draft (`speculators.models.dflash`): one draft forward per step over the
+    verifier's aux states at ``0..n-1`` (the context) and the block ``[newest token, mask, ...]``
+    at positions ``n..n+k``; slot ``j`` proposes the token at ``n + j`` (as vLLM's DFlashProposer)."""
+
+    def __init__(self, model, vocab_size: int):
+        self.model = model.eval()
+        self.vocab_size = int(vocab_size)
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, vocab_size: int | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "DFlashProposer":
+        from speculators.models.dflash import DFlashDraftModel
+
+        model = DFlashDraftModel.from_pretrained(directory).to(device=device, dtype=dtype)
+        return cls(model, vocab_size or model.config.vocab_size)
+
+    @torch.no_grad()
+    def propose(self, input_ids, aux_hidden, k, temperature=0.0, generator=None):
+        n = int(aux_hidden.shape[0])
+        logits = self.model.propose(aux_hidden[:n].to(self.device, self.dtype), int(input_ids[n]), k)
+        d2t = self.model.d2t
+        if temperature == 0:
+            d = logits.argmax(-1)
+            return (d + d2t[d]).cpu().to(torch.long), None
+        probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+        d = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        q = torch.zeros(k, self.vocab_size)
+        q[:, torch.arange(probs.shape[1]) + d2t.cpu()] = probs
+        return (d + d2t.cpu()[d]).to(torch.long), q
+
+
+def proposer_from_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
+                             dtype: torch.dtype = torch.float32):
+    """The proposer of the draft saved in ``directory`` (EAGLE-3 or DFlash, by its config.json)."""
+    from speculators.models.drafts import algorithm_of
+
+    if algorithm_of(directory) == "dflash":
+        return DFlashProposer.from_checkpoint(directory, device=device, dtype=dtype)
+    return Eagle3Proposer.from_checkpoint(directory, device=device, dtype=dtype)
+
+
+def proposer_for(draft):
+    """The proposer adapting an in-memory draft model."""
+    from speculators.models.dflash import DFlashDraftModel
+
+    if isinstance(draft, DFlashDraftModel):
+        return DFlashProposer(draft, draft.config.vocab_size)
+    return Eagle3Proposer(draft, draft.config.vocab_size)
+
+
 class VerifierProposer:
     """Drafts with the verifier itself (greedy or sampled): every greedy draft is accepted.
 

@@ -51,6 +51,18 @@ class SpecDecodeCounts:
         )
 
 
+def sum_counts(parts: "list[SpecDecodeCounts]") -> SpecDecodeCounts:
+    """The counts of several runs (or prompts) together."""
+    total = SpecDecodeCounts()
+    for c in parts:
+        k = max(len(total.accepted_per_pos), len(c.accepted_per_pos))
+        a = total.accepted_per_pos + [0] * (k - len(total.accepted_per_pos))
+        b = c.accepted_per_pos + [0] * (k - len(c.accepted_per_pos))
+        total = SpecDecodeCounts(total.num_drafts + c.num_drafts, total.num_draft_tokens + c.num_draft_tokens,
+                                 total.num_accepted_tokens + c.num_accepted_tokens, [x + y for x, y in zip(a, b)])
+    return total
+
+
 def mean_acceptance_length(c: SpecDecodeCounts) -> float:
     return 1.0 + c.num_accepted_tokens / c.num_drafts if c.num_drafts else 1.0
 
@@ -87,6 +99,53 @@ def build_report(
     return report
 
 
+def acceptance_figures(counts: SpecDecodeCounts, k: int) -> dict[str, Any]:
+    """The acceptance keys of a report for one group of prompts (a category)."""
+    per_pos = list(counts.accepted_per_pos) + [0] * max(0, k - len(counts.accepted_per_pos))
+    return {
+        "num_drafts": counts.num_drafts,
+        "num_draft_tokens": counts.num_draft_tokens,
+        "num_accepted_tokens": counts.num_accepted_tokens,
+        "mean_acceptance_length": mean_acceptance_length(counts),
+        "acceptance_rate_per_position": [n / counts.num_drafts if counts.num_drafts else 0.0 for n in per_pos[:k]],
+        "draft_acceptance_rate": (
+            counts.num_accepted_tokens / counts.num_draft_tokens if counts.num_draft_tokens else 0.0
+        ),
+    }
+
+
+def group_by_category(categories: list[str]) -> dict[str, list[int]]:
+    """Prompt positions per category, categories in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, category in enumerate(categories):
+        groups.setdefault(category, []).append(i)
+    return groups
+
+
+def counts_by_category(groups: dict[str, list[int]],
+                       per_prompt: "list[SpecDecodeCounts]") -> dict[str, tuple[int, SpecDecodeCounts]]:
+    """Per category (``groups``: prompt positions per category): its prompt count and its
+    prompts' counts summed."""
+    return {name: (len(idx), sum_counts([per_prompt[i] for i in idx])) for name, idx in groups.items()}
+
+
+def category_figures(by_category: dict[str, tuple[int, SpecDecodeCounts]], k: int) -> dict[str, dict[str, Any]]:
+    """Acceptance figures per category (a category's acceptance length pools its drafts, as the
+    total does: not the mean of its prompts' lengths)."""
+    return {name: {"num_prompts": n, **acceptance_figures(counts, k)} for name, (n, counts) in by_category.items()}
+
+
+def format_categories(categories: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per category."""
+    width = max(len(name) for name in categories)
+    lines = [f"per category ({len(categories)}):"]
+    for name, fig in categories.items():
+        rates = ", ".join(f"{r:.3f}" for r in fig["acceptance_rate_per_position"])
+        lines.append(f"  {name:<{width}}  prompts {fig['num_prompts']:>3}  acceptance length "
+                     f"{fig['mean_acceptance_length']:.3f}  (drafts {fig['num_drafts']}; per position [{rates}])")
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A few human-readable lines for the terminal."""
     rates = ", ".join(f"{r:.3f}" for r in report["acceptance_rate_per_position"])
@@ -99,6 +158,8 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if "speedup_at_draft_cost" in report:
         lines.append(f"speedup at draft cost {report['draft_cost']:g}: {report['speedup_at_draft_cost']:.3f}x")
+    if report.get("categories"):
+        lines += format_categories(report["categories"])
     return "\n".join(lines)
 
 

@@ -11,7 +11,14 @@ from typing import Any, Sequence
 import torch
 
 from speculators.errors import UserError
-from speculators.evaluate.report import SpecDecodeCounts, build_report
+from speculators.evaluate.prompt_sets import PromptSet, is_prompt_set, load_prompt_set
+from speculators.evaluate.report import (
+    SpecDecodeCounts,
+    build_report,
+    category_figures,
+    counts_by_category,
+    group_by_category,
+)
 from speculators.verifier import text_config
 
 logger = logging.getLogger(__name__)
@@ -142,11 +149,13 @@ def eos_ids_of(verifier_path: str) -> list[int]:
 
 def evaluate_prompts(verifier, proposer, prompts: Sequence[Sequence[int]], settings: EvalSettings,
                      eos_token_ids: Sequence[int] = (),
-                     streams: list[dict[str, Any]] | None = None) -> tuple[SpecDecodeCounts, dict[str, Any]]:
+                     streams: list[dict[str, Any]] | None = None,
+                     per_prompt: list[SpecDecodeCounts] | None = None) -> tuple[SpecDecodeCounts, dict[str, Any]]:
     """Run speculative decoding over every prompt; total counts plus run statistics.
 
     ``streams``: a list that gets, per prompt, its ids, the generated ids and the tokens
-    accepted at each step (`speculators.evaluate.streams`)."""
+    accepted at each step (`speculators.evaluate.streams`); ``per_prompt``: a list that gets
+    each prompt's own counts (per-category figures)."""
     from speculators.evaluate.spec_decode import speculative_generate
 
     total = SpecDecodeCounts()
@@ -157,6 +166,8 @@ def evaluate_prompts(verifier, proposer, prompts: Sequence[Sequence[int]], setti
         res = speculative_generate(verifier, proposer, prompt, settings.max_new_tokens,
                                    settings.num_speculative_tokens, settings.temperature, eos_token_ids, gen)
         c = res.counts
+        if per_prompt is not None:
+            per_prompt.append(c)
         total.num_drafts += c.num_drafts
         total.num_draft_tokens += c.num_draft_tokens
         total.num_accepted_tokens += c.num_accepted_tokens
@@ -217,7 +228,28 @@ def load_prompts(data: str | Path, tokenizer_path: str, num_prompts: int | None 
                  skip_samples: int = 0, data_seed: int = 0, seq_length: int | None = None,
                  data_format_version: int = 1) -> list[list[int]]:
     """A prepared dataset directory, a hidden-state directory (datagen output, data format
-    version 0 or 1), or a conversation source tokenized like prepare-data."""
+    version 0 or 1), a prompt set (`speculators.evaluate.prompt_sets`: a .jsonl of prompts with
+    categories) or a conversation source tokenized like prepare-data."""
+    return load_prompt_set_of(data, tokenizer_path, num_prompts, indices, max_prompt_len, skip_samples,
+                              data_seed, seq_length, data_format_version).prompts
+
+
+def load_prompt_set_of(data: str | Path, tokenizer_path: str, num_prompts: int | None = None,
+                       indices: Sequence[int] | None = None, max_prompt_len: int | None = None,
+                       skip_samples: int = 0, data_seed: int = 0, seq_length: int | None = None,
+                       data_format_version: int = 1) -> PromptSet:
+    """`load_prompts` with each prompt's category when ``data`` is a prompt set (else None)."""
+    if is_prompt_set(data):
+        if indices is not None:
+            raise UserError(f"--val-fraction applies to a prepared dataset; {data} is a prompt set")
+        return load_prompt_set(data, tokenizer_path, num_prompts, skip_samples, max_prompt_len)
+    return PromptSet(_load_prompts(data, tokenizer_path, num_prompts, indices, max_prompt_len, skip_samples,
+                                   data_seed, seq_length, data_format_version))
+
+
+def _load_prompts(data: str | Path, tokenizer_path: str, num_prompts: int | None,
+                  indices: Sequence[int] | None, max_prompt_len: int | None, skip_samples: int,
+                  data_seed: int, seq_length: int | None, data_format_version: int) -> list[list[int]]:
     if is_hidden_state_dir(data):
         return prompts_from_samples(data, data_format_version, indices, num_prompts, max_prompt_len, skip_samples)
     if data_format_version != 1:
@@ -243,7 +275,7 @@ def evaluate_checkpoint(checkpoint: str | Path, verifier_path: str | None, data:
     """The PyTorch acceptance report of a speculator checkpoint on held-out prompts
     (``streams``: see `evaluate_prompts`)."""
     from speculators.config.device import resolve_device
-    from speculators.evaluate.proposers import Eagle3Proposer
+    from speculators.evaluate.proposers import proposer_from_checkpoint
     from speculators.evaluate.verifier import Verifier
     from speculators.models.eagle3 import default_aux_layer_ids
     from speculators.models.locate import resolve_checkpoint
@@ -251,7 +283,7 @@ def evaluate_checkpoint(checkpoint: str | Path, verifier_path: str | None, data:
     ckpt = resolve_checkpoint(checkpoint)
     device = torch.device(resolve_device(settings.device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    proposer = Eagle3Proposer.from_checkpoint(ckpt, device=device, dtype=dtype)
+    proposer = proposer_from_checkpoint(ckpt, device=device, dtype=dtype)
     cfg = proposer.model.config
     verifier_path = verifier_path or cfg.verifier_name_or_path
     if not verifier_path:
@@ -261,10 +293,15 @@ def evaluate_checkpoint(checkpoint: str | Path, verifier_path: str | None, data:
     verifier.aux_layer_ids = list(cfg.aux_layer_ids or default_aux_layer_ids(n_layers))
     if verifier.vocab_size != cfg.vocab_size:
         raise UserError(f"--verifier {verifier_path}: vocabulary {verifier.vocab_size} != draft's {cfg.vocab_size}")
-    prompts = load_prompts(data, verifier_path, num_prompts, indices, max_prompt_len, skip_samples, data_seed,
-                           seq_length, data_format_version)
+    prompt_set = load_prompt_set_of(data, verifier_path, num_prompts, indices, max_prompt_len, skip_samples,
+                                    data_seed, seq_length, data_format_version)
     torch.manual_seed(settings.seed)
-    counts, stats = evaluate_prompts(verifier, proposer, prompts, settings, eos_ids_of(verifier_path), streams)
+    per_prompt: list[SpecDecodeCounts] = []
+    counts, stats = evaluate_prompts(verifier, proposer, prompt_set.prompts, settings, eos_ids_of(verifier_path),
+                                     streams, per_prompt)
+    if prompt_set.categories is not None:
+        by_category = counts_by_category(group_by_category(prompt_set.categories), per_prompt)
+        stats["categories"] = category_figures(by_category, settings.num_speculative_tokens)
     return build_report(
         counts, "pytorch", settings.num_speculative_tokens, settings.draft_cost,
         checkpoint=str(ckpt), verifier=str(verifier_path), data=str(data),

@@ -75,6 +75,7 @@ def build_online_store(args: argparse.Namespace, **overrides: Any):
         verifier=verifier,
         data=prepared,
         api_key=api_key_from_env(getattr(args, "vllm_api_key", None)),
+        store_dtype=getattr(args, "hidden_states_dtype", None),
     )
     for key, value in overrides.items():
         setattr(config, key, value)

@@ -41,6 +41,8 @@ from speculators.data.formats import (
     read_pt_sample,
     write_pt_sample,
 )
+from speculators.data.hs_quant import RECORDED_NAME, HiddenStatesDtype, check_choice, decode_hidden_states, \
+    encode_hidden_states, storage_of
 from speculators.data.sample_store import CorruptSampleError, SampleSchema, SampleStore
 from speculators.errors import UserError
 from speculators.vllm.client import ClientConfig, HiddenStatesClient
@@ -71,6 +73,8 @@ class OnlineConfig:
     verifier: str | None = None
     data: str | None = None
     hidden_dtype: torch.dtype = torch.bfloat16
+    # how --on-generate cache stores samples (None: what the cache records, else bf16); see data.hs_quant
+    store_dtype: HiddenStatesDtype | None = None
     extra_config: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -208,14 +212,22 @@ class OnlineSampleStore(SampleStore):
         """Cached samples from an earlier run or offline datagen must hold the same layers; the
         dimensions they record are what `config` reports, so `check_verifier` compares the files'."""
         self._cached_dims: dict[str, int] = {}
-        if self.cache_dir is None:
-            return
-        path = self.cache_dir / DATA_CONFIG_NAME
-        existing = dc.load(path)  # either version of the file
-        if existing is None:
-            return
-        theirs = existing.get("layer_ids")
         c = self.online
+        if c.store_dtype is not None:
+            check_choice(c.store_dtype)
+        path = self.cache_dir / DATA_CONFIG_NAME if self.cache_dir is not None else None
+        existing = dc.load(path) if path is not None else None  # either version of the file
+        if existing is None:
+            c.store_dtype = c.store_dtype or "bf16"
+            return
+        recorded = storage_of(existing.get("hidden_states_dtype"), str(path))
+        if c.store_dtype is not None and c.store_dtype != recorded:
+            raise UserError(
+                f"{path}: cached samples are stored as {recorded}, --hidden-states-dtype is {c.store_dtype}; "
+                "use another --hidden-states-path (one cache holds one storage dtype)"
+            )
+        c.store_dtype = recorded
+        theirs = existing.get("layer_ids")
         if theirs and c.layer_ids and list(theirs) != list(c.layer_ids):
             raise UserError(
                 f"{path}: cached samples hold layers {theirs}, the server exports {c.layer_ids} "
@@ -344,7 +356,10 @@ class OnlineSampleStore(SampleStore):
             "loss_mask": torch.tensor(loss_mask, dtype=torch.long),
         }
         if self.online.on_generate == "cache" and self.cache_dir is not None:
-            self._write_cache(row, sample)
+            stored = {**sample, **encode_hidden_states(sample["hidden_states"], self.online.store_dtype or "bf16")}
+            self._write_cache(row, stored)
+            if self.online.store_dtype == "fp8":  # train on what later epochs will read back
+                sample["hidden_states"] = decode_hidden_states(stored, f"row {row}")
         return sample
 
     def _write_cache(self, row: int, sample: dict[str, Any]) -> None:
@@ -377,6 +392,8 @@ class OnlineSampleStore(SampleStore):
                 return None
 
         k = len(sample["hidden_states"])
+        unscaled = str(self.online.hidden_dtype).replace("torch.", "")
+        stored = RECORDED_NAME["fp8"] if self.online.store_dtype == "fp8" else unscaled
         return {
             "version": DATA_FORMAT_VERSION,
             "format": "pt",
@@ -387,10 +404,9 @@ class OnlineSampleStore(SampleStore):
             "layer_ids": self._recorded_layer_ids(),
             "hidden_size": int(sample["hidden_states"][0].shape[-1]),
             "num_hidden_layers": self.online.num_hidden_layers,
-            "hidden_states_dtype": str(self.online.hidden_dtype).replace("torch.", ""),
+            "hidden_states_dtype": stored,
             "generator": {"backend": "vllm-online", "endpoint": self.online.endpoint},
-            "schema": dc.tensor_schema(k, int(sample["hidden_states"][0].shape[-1]),
-                                       str(self.online.hidden_dtype).replace("torch.", "")),
+            "schema": dc.tensor_schema(k, int(sample["hidden_states"][0].shape[-1]), stored),
             **self.online.extra_config,
         }
 

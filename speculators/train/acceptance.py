@@ -113,9 +113,11 @@ class AcceptanceProbe:
         self._verifier, self._eos = verifier, eos_ids_of(self.verifier_path)
 
     def _draft(self, state: dict[str, torch.Tensor]):
+        from speculators.models.dflash import DFlashConfig, DFlashDraftModel
         from speculators.models.eagle3 import Eagle3DraftModel
 
-        draft = Eagle3DraftModel(self.draft_config)
+        cls = DFlashDraftModel if isinstance(self.draft_config, DFlashConfig) else Eagle3DraftModel
+        draft = cls(self.draft_config)
         missing, unexpected = draft.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("rotary.")]
         if missing or unexpected:
@@ -129,7 +131,7 @@ class AcceptanceProbe:
 
     @torch.no_grad()
     def _decode(self, state: dict[str, torch.Tensor]) -> Acceptance:
-        from speculators.evaluate.proposers import Eagle3Proposer
+        from speculators.evaluate.proposers import proposer_for
         from speculators.evaluate.report import build_report
         from speculators.evaluate.runner import EvalSettings, evaluate_prompts
 
@@ -142,7 +144,7 @@ class AcceptanceProbe:
         try:
             with torch.random.fork_rng(devices=cuda):  # decoding must not move the training RNG
                 torch.manual_seed(settings.seed)
-                counts, stats = evaluate_prompts(self._verifier, Eagle3Proposer(draft, draft.config.vocab_size),
+                counts, stats = evaluate_prompts(self._verifier, proposer_for(draft),
                                                  self.prompts, settings, self._eos)
         finally:
             self._verifier.model.to("cpu")

@@ -46,7 +46,7 @@ LATEST_LINK = "checkpoint_latest"
 CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_FILE)
 
 # Args that define the run: a save path holding a run that differs in any refuses to mix.
-IDENTITY_ARGS = ("verifier_name_or_path", "num_layers", "draft_vocab_size", "ttt_steps", "total_seq_len")
+IDENTITY_ARGS = ("verifier_name_or_path", "num_layers", "draft_vocab_size", "ttt_steps", "total_seq_len", "algorithm")
 
 
 _NAME = re.compile(r"^(\d+)(?:-step(\d+))?$")
@@ -181,13 +181,13 @@ def write_checkpoint(save_path: str | os.PathLike, name: str, draft, state: dict
 
 def read_checkpoint(directory: Path) -> dict[str, Any]:
     """The state map `write_checkpoint` wrote into `directory` (each entry's state dict)."""
-    from speculators.models.eagle3 import Eagle3DraftModel
+    from speculators.models.drafts import load_draft
 
     def load(file: str) -> Any:
         return torch.load(directory / file, map_location="cpu", weights_only=True)
 
     # The draft's own reader fills in what the vLLM layout leaves out (an identity vocab mapping).
-    state: dict[str, Any] = {"model": Eagle3DraftModel.from_pretrained(directory).state_dict()}
+    state: dict[str, Any] = {"model": load_draft(directory).state_dict()}
     state.update({key: load(file) for key, file in ENTRY_FILES.items()})
     trainer_state = load(TRAINER_FILE)
     state.update({key: trainer_state for key in TRAINER_ENTRIES})

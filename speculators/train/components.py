@@ -175,10 +175,58 @@ def build_draft(cfg: TrainConfig, vconf: Any, weights: dict[str, torch.Tensor], 
     return draft
 
 
+def build_dflash_draft(cfg: TrainConfig, vconf: Any, weights: dict[str, torch.Tensor], layer_ids: list[int],
+                       source: Path | None):
+    """A DFlash draft: loaded from `source`, else new on the data's aux layers with the verifier's
+    embedding (frozen) and lm_head; block = anchor + --ttt-steps slots."""
+    from speculators.models.dflash import DFlashConfig, DFlashDraftModel
+    from speculators.models.drafts import check_algorithm
+
+    if source is not None:
+        check_algorithm(source, "dflash")
+        draft = DFlashDraftModel.from_pretrained(source)
+        c = draft.config
+        if c.hidden_size != vconf.hidden_size or c.vocab_size != vconf.vocab_size:
+            raise UserError(f"{source}: draft hidden/vocab size {c.hidden_size}/{c.vocab_size} do not match the "
+                            f"verifier's {vconf.hidden_size}/{vconf.vocab_size}")
+        if c.block_size != cfg.ttt_steps + 1:
+            raise UserError(f"{source}: the checkpoint drafts {c.block_size - 1} tokens per block, --ttt-steps asks "
+                            f"for {cfg.ttt_steps}; pass --ttt-steps {c.block_size - 1}")
+        if list(c.aux_layer_ids) != list(layer_ids[:-1]):
+            raise UserError(f"{source}: the checkpoint reads verifier layers {c.aux_layer_ids}, the data holds "
+                            f"{layer_ids[:-1]}")
+        check_mapping(draft.d2t, draft.t2d, vconf.vocab_size, c.draft_vocab_size)
+        return draft
+    d2t, t2d = load_vocab_mapping(cfg.d2t_path, cfg.t2d_path, cfg.data_path, vconf.vocab_size, cfg.draft_vocab_size)
+    verifier_ref = cfg.verifier_name_or_path
+    if Path(verifier_ref).is_dir():
+        verifier_ref = str(Path(verifier_ref).resolve())
+    config = DFlashConfig.from_verifier_config(
+        vconf, aux_layer_ids=list(layer_ids[:-1]), block_size=cfg.ttt_steps + 1, mask_token_id=cfg.mask_token_id,
+        draft_vocab_size=int(d2t.shape[0]), num_layers=cfg.num_layers, verifier_name_or_path=verifier_ref)
+    draft = DFlashDraftModel(config)
+    with torch.no_grad():
+        draft.embed_tokens.weight.copy_(weights["embed"])
+        draft.lm_head.weight.copy_(weights["lm_head"][t2d])
+        draft.set_vocab_mapping(d2t, t2d)
+    return draft
+
+
+def build_objective(cfg: TrainConfig, draft, head: VerifierHead) -> torch.nn.Module:
+    """The training objective of the algorithm: EAGLE-3's TTT unroll or DFlash's blocks."""
+    if cfg.algorithm == "dflash":
+        from speculators.train.dflash_objective import DFlashObjective
+
+        return DFlashObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows, cfg.dflash_num_anchors)
+    return TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows)
+
+
 def build_components(cfg: TrainConfig, info: DistInfo) -> Components:
     """Build every part of a run from its settings (see the module docstring)."""
     if cfg.attn_impl == "flex" and info.device.type != "cuda":
         raise UserError("--attn-impl flex needs a CUDA device (flex attention has no CPU backward); use sdpa")
+    if cfg.algorithm != "dflash" and cfg.mask_token_id is not None:
+        raise UserError("--mask-token-id applies to --algorithm dflash only; drop it or pass --algorithm dflash")
     autocast = autocast_enabled(cfg.precision, info.device)
     bps = batches_per_step(cfg, info)
     seed_everything(cfg.seed)
@@ -202,9 +250,16 @@ def _build_around(cfg: TrainConfig, info: DistInfo, vconf: Any, store: SampleSto
 
     weights = load_verifier_weights(cfg.verifier_name_or_path, vconf)
     source = resume_dir or (Path(cfg.from_pretrained) if cfg.from_pretrained else None)
-    draft = build_draft(cfg, vconf, weights, layer_ids, source)
+    if cfg.algorithm == "dflash":
+        draft = build_dflash_draft(cfg, vconf, weights, layer_ids, source)
+    else:
+        if source is not None and (source / "config.json").is_file():
+            from speculators.models.drafts import check_algorithm
+
+            check_algorithm(source, "eagle3")
+        draft = build_draft(cfg, vconf, weights, layer_ids, source)
     head = VerifierHead.from_weights(weights, draft.t2d, float(getattr(vconf, "rms_norm_eps", 1e-6)))
-    objective = shard(TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows).to(info.device), info, bf16=autocast)
+    objective = shard(build_objective(cfg, draft, head).to(info.device), info, bf16=autocast)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   **adamw_kernel(cfg.optimizer_impl, info.world_size))

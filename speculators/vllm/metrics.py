@@ -117,6 +117,7 @@ def drive_and_measure(
     timeout_s: float = 600.0,
     api_key: str | None = None,
     streams: list[dict[str, Any]] | None = None,
+    categories: list[str] | None = None,
 ) -> dict[str, Any]:
     """Send ``prompts`` (token ids) to a serving vLLM and report the spec-decode counters
     accumulated meanwhile (the difference of two ``/metrics`` scrapes).
@@ -124,12 +125,15 @@ def drive_and_measure(
     Other traffic on the server during the run is counted too; use a quiet server.
     ``streams``: a list that gets, per prompt in order, the prompt ids the server decoded
     from and the ids it generated (``return_token_ids``; the ids sent when the server does
-    not return them).
+    not return them). ``categories`` (one per prompt): the prompts are sent one category
+    after another, with a scrape between, and the report gets per-category figures
+    (the counters are server-wide, so a category's counts are the difference around it).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     import requests
 
+    from speculators.evaluate.report import category_figures, group_by_category, sum_counts
     from speculators.vllm.client import normalize_endpoint
 
     base = normalize_endpoint(endpoint)
@@ -138,7 +142,6 @@ def drive_and_measure(
         model = requests.get(base + "/v1/models", timeout=30, headers=headers).json()["data"][0]["id"]
     except (requests.RequestException, ValueError, KeyError, IndexError, TypeError) as exc:
         raise UserError(f"cannot list models at {base}/v1/models ({exc}); check --vllm-endpoint / --api-key") from exc
-    before = spec_decode_counts(scrape(base, api_key=api_key), model_name)
 
     def send(prompt: list[int]) -> tuple[int, dict[str, Any]]:
         body = {"model": model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": temperature,
@@ -152,13 +155,25 @@ def drive_and_measure(
                   "tokens": choice.get("token_ids")}
         return int(data.get("usage", {}).get("completion_tokens", 0)), stream
 
+    groups = group_by_category(categories) if categories is not None else {"": list(range(len(prompts)))}
+    results: list[tuple[int, dict[str, Any]] | None] = [None] * len(prompts)
+    by_group: dict[str, tuple[int, SpecDecodeCounts]] = {}
     with ThreadPoolExecutor(max(1, min(concurrency, len(prompts)))) as pool:
-        results = list(pool.map(send, prompts))
-    generated = sum(n for n, _ in results)
+        for name, idx in groups.items():
+            before = spec_decode_counts(scrape(base, api_key=api_key), model_name)
+            for i, result in zip(idx, pool.map(send, [prompts[i] for i in idx])):
+                results[i] = result
+            after = spec_decode_counts(scrape(base, api_key=api_key), model_name)
+            by_group[name] = (len(idx), after.minus(before))
+    generated = sum(r[0] for r in results if r is not None)
     if streams is not None:
-        streams.extend(stream for _, stream in results)
-    after = spec_decode_counts(scrape(base, api_key=api_key), model_name)
+        streams.extend(r[1] for r in results if r is not None)
+    extra: dict[str, Any] = {}
+    total = sum_counts([c for _, c in by_group.values()])
+    if categories is not None:
+        k = max(len(c.accepted_per_pos) for _, c in by_group.values())
+        extra["categories"] = category_figures(by_group, k)
     return build_report(
-        after.minus(before), source="vllm", endpoint=base, model=model, num_prompts=len(prompts),
-        generated_tokens=generated, temperature=temperature, max_new_tokens=max_new_tokens,
+        total, source="vllm", endpoint=base, model=model, num_prompts=len(prompts),
+        generated_tokens=generated, temperature=temperature, max_new_tokens=max_new_tokens, **extra,
     )

@@ -25,7 +25,7 @@ from speculators.models.locate import resolve_checkpoint
 
 __all__ = ["resolve_checkpoint", "read_speculator_config", "serve_plan", "chat_instructions"]
 
-SUPPORTED_TYPES = ("eagle3",)
+SUPPORTED_TYPES = ("eagle3", "dflash")  # vLLM methods of the same names
 # Supported vLLM range (pyproject's `datagen` extra, scripts/install_vllm.py and docs/vllm.md say the same).
 MIN_VLLM = (0, 22)
 MAX_VLLM_EXCLUSIVE = (0, 35)
@@ -74,7 +74,7 @@ def serve_plan(checkpoint: Path, info: dict[str, Any], vllm_version: str) -> Ser
     verifier = info["verifier"]
     local = Path(verifier).expanduser().exists()
     if local and v >= LOCAL_VERIFIER_REFUSED_FROM:
-        spec = {"model": str(checkpoint), "method": "eagle3",
+        spec = {"model": str(checkpoint), "method": info.get("config", {}).get("speculators_model_type", "eagle3"),
                 "num_speculative_tokens": int(info["num_speculative_tokens"])}
         return ServePlan(str(Path(verifier).expanduser().resolve()), ["--speculative-config", json.dumps(spec)], True)
     return ServePlan(str(checkpoint), [], False)
