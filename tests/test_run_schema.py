@@ -179,6 +179,8 @@ def test_every_train_flag_round_trips_through_the_worker_argv(tmp_path):
         weight_decay=0.1, max_grad_norm=0.5, rows_per_batch=2, num_workers=1, metrics_file=str(tmp_path / "m.jsonl"),
         ttt_step_loss_decay=0.8, checkpoint_every_steps=7, keep_last_checkpoints=2, run_name="-starts-with-dash",
         prefetch=3, vllm_timeout=9.5,
+        optimizer="muon", muon_lr=2e-3, muon_momentum=0.9, muon_adjust_lr="original", loss="lk", lk_eta=2.5,
+        gradient_checkpointing=True,
     )
     from speculators.config.base import to_argv
 

@@ -135,6 +135,24 @@ class TrainConfig(TypedSettings):
     loss_chunk_rows: int = setting(0, "rows per chunk of the fused/chunked loss (bounds its float32 temporaries); "
                                    "0 = automatic: about 1M elements per chunk on the CPU, 32M on GPUs",
                                    group=TRAINING, ge=0)
+    optimizer: Literal["adamw", "muon"] = setting(
+        "adamw", "adamw, or muon: torch.optim.Muon for the draft's hidden weight matrices (fc, attention, MLP) and "
+        "AdamW for the rest (lm_head, norms); see docs/training.md", group=TRAINING, title="Optimizer")
+    muon_lr: float | None = setting(None, "peak learning rate of the Muon matrices (default: --lr; Muon's update "
+                                    "is RMS-matched to AdamW's, see --muon-adjust-lr)", group=TRAINING, gt=0.0, le=1.0)
+    muon_momentum: float = setting(0.95, "Muon's Nesterov momentum", group=TRAINING, ge=0.0, lt=1.0)
+    muon_adjust_lr: Literal["match_rms_adamw", "original"] = setting(
+        "match_rms_adamw", "Muon's per-matrix lr scale: match_rms_adamw (0.2 sqrt(max(A, B)), so AdamW's lr and weight "
+        "decay carry over) or original (sqrt(max(1, A/B)))", group=TRAINING)
+    loss: Literal["kl", "reverse_kl", "jsd", "tv", "lk"] = setting(
+        "kl", "training loss between the verifier's and the draft's next-token distributions: kl = KL(verifier || "
+        "draft), reverse_kl, jsd (Jensen-Shannon), tv (total variation), lk (KL/TV blend weighted by the acceptance "
+        "probability); formulas in docs/training.md", group=TRAINING, title="Loss")
+    lk_eta: float = setting(3.0, "--loss lk: the KL weight is exp(-lk_eta * acceptance probability) per position",
+                            group=TRAINING, ge=0.0)
+    gradient_checkpointing: bool = setting(
+        False, "recompute each draft layer's activations in backward instead of keeping them (less memory for "
+        "long rows and many TTT steps, about one more forward of the layers per step)", group=TRAINING)
     num_workers: int | None = setting(None, "DataLoader worker processes that load the next steps' hidden states "
                                       "while the accelerator computes (default: 4 on CUDA with on-disk data, "
                                       "else 0)", group=TRAINING, ge=0)

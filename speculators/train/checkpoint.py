@@ -46,7 +46,8 @@ LATEST_LINK = "checkpoint_latest"
 CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_FILE)
 
 # Args that define the run: a save path holding a run that differs in any refuses to mix.
-IDENTITY_ARGS = ("verifier_name_or_path", "num_layers", "draft_vocab_size", "ttt_steps", "total_seq_len", "algorithm")
+IDENTITY_ARGS = ("verifier_name_or_path", "num_layers", "draft_vocab_size", "ttt_steps", "total_seq_len", "algorithm",
+                 "optimizer")  # (optimizer: AdamW's state and Muon+AdamW's do not load into each other)
 
 
 _NAME = re.compile(r"^(\d+)(?:-step(\d+))?$")

@@ -30,6 +30,7 @@ from speculators.train.data_source import build_sample_store
 from speculators.train.distributed import DistInfo, on_main_rank, shard
 from speculators.train.loggers import ExperimentLogger
 from speculators.train.objective import TTTObjective
+from speculators.train.optimizers import build_optimizer
 from speculators.train.schedule import build_scheduler
 from speculators.train.sink import MetricsSink
 from speculators.train.step_data import StepData
@@ -168,6 +169,7 @@ def build_draft(cfg: TrainConfig, vconf: Any, weights: dict[str, torch.Tensor], 
             draft.lm_head.weight.copy_(weights["lm_head"][t2d])
             draft.set_vocab_mapping(d2t, t2d)
     draft.attn_impl = cfg.attn_impl
+    draft.gradient_checkpointing = cfg.gradient_checkpointing
     if draft.config.layer_types and len(set(draft.config.layer_types)) > 1:
         logger.warning("draft layers mix sliding-window and full attention (%s): trained and evaluated here, "
                        "but vLLM cannot serve such a draft (one KV-cache group for all draft layers)",
@@ -218,13 +220,16 @@ def build_objective(cfg: TrainConfig, draft, head: VerifierHead) -> torch.nn.Mod
         from speculators.train.dflash_objective import DFlashObjective
 
         return DFlashObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows, cfg.dflash_num_anchors)
-    return TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows)
+    return TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows, cfg.loss, cfg.lk_eta)
 
 
 def build_components(cfg: TrainConfig, info: DistInfo) -> Components:
     """Build every part of a run from its settings (see the module docstring)."""
     if cfg.attn_impl == "flex" and info.device.type != "cuda":
         raise UserError("--attn-impl flex needs a CUDA device (flex attention has no CPU backward); use sdpa")
+    if cfg.algorithm == "dflash" and (cfg.loss != "kl" or cfg.gradient_checkpointing):
+        raise UserError("--algorithm dflash trains with --loss kl and without --gradient-checkpointing (both are "
+                        "EAGLE-3 options so far); drop them")
     if cfg.algorithm != "dflash" and cfg.mask_token_id is not None:
         raise UserError("--mask-token-id applies to --algorithm dflash only; drop it or pass --algorithm dflash")
     autocast = autocast_enabled(cfg.precision, info.device)
@@ -260,9 +265,9 @@ def _build_around(cfg: TrainConfig, info: DistInfo, vconf: Any, store: SampleSto
         draft = build_draft(cfg, vconf, weights, layer_ids, source)
     head = VerifierHead.from_weights(weights, draft.t2d, float(getattr(vconf, "rms_norm_eps", 1e-6)))
     objective = shard(build_objective(cfg, draft, head).to(info.device), info, bf16=autocast)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  **adamw_kernel(cfg.optimizer_impl, info.world_size))
+    named = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = build_optimizer(named, cfg, adamw_kernel(cfg.optimizer_impl, info.world_size))
     data = StepData.build(store, cfg, info, bps, torch.bfloat16 if autocast else torch.float32)
     val_positions = data.val_ds.indices if data.val_ds is not None else []
     acceptance = AcceptanceProbe.build(cfg, info, store, val_positions, draft.config)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speculators.models.eagle3.model import Eagle3DraftModel
+from speculators.train.divergences import LK_ETA_DEFAULT, check_loss
 from speculators.train.lm_head_kl import check_loss_options, lm_head_kl
 from speculators.train.losses import step_stats
 from speculators.models.eagle3.ttt_mask import step_valid_positions
@@ -26,9 +27,11 @@ def step_token_counts(loss_mask: torch.Tensor, document_ids: torch.Tensor, ttt_s
 
 class TTTObjective(nn.Module):
     def __init__(self, draft: Eagle3DraftModel, verifier_head: VerifierHead, loss_impl: str = "fused",
-                 loss_chunk_rows: int = 0):
+                 loss_chunk_rows: int = 0, loss: str = "kl", lk_eta: float = LK_ETA_DEFAULT):
         super().__init__()
         check_loss_options(loss_impl, loss_chunk_rows)
+        check_loss(loss)
+        self.loss, self.lk_eta = loss, lk_eta
         self.draft = draft
         self.verifier_head = verifier_head
         self.loss_impl = loss_impl
@@ -73,7 +76,7 @@ class TTTObjective(nn.Module):
             weights.append(((decay**k) / denominators[k].clamp(min=1e-9)).float().expand(idx.numel()))
         all_rows = torch.cat(rows)
         loss, kl, pred = lm_head_kl(torch.cat(hidden), self.draft.lm_head, tgt_logp, all_rows,
-                                    torch.cat(weights), self.loss_impl, self.loss_chunk_rows)
+                                    torch.cat(weights), self.loss_impl, self.loss_chunk_rows, self.loss, self.lk_eta)
 
         stats = step_stats(positions, pred == tgt_arg[all_rows], kl, b * t)
         return loss, stats

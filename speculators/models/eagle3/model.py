@@ -195,6 +195,8 @@ class Eagle3DraftModel(nn.Module):
         t2d[: config.draft_vocab_size] = True
         self.register_buffer("t2d", t2d)
         self.attn_impl = "auto"  # "auto" | "sdpa" | "flex" | "flex_eager"
+        # Training: recompute each decoder layer in backward (torch.utils.checkpoint, non-reentrant).
+        self.gradient_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -225,8 +227,16 @@ class Eagle3DraftModel(nn.Module):
 
     def _layers(self, hidden, embeds, position_ids, attend_for_layer) -> torch.Tensor:
         cos, sin = self.rotary(hidden, position_ids)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, embeds, cos, sin, attend_for_layer(i))
+            if recompute:
+                # The layer runs again in backward with the same `attend` (which must therefore
+                # not depend on state changed after its first call, see iter_ttt).
+                from torch.utils.checkpoint import checkpoint
+
+                hidden = checkpoint(layer, hidden, embeds, cos, sin, attend_for_layer(i), use_reentrant=False)
+            else:
+                hidden = layer(hidden, embeds, cos, sin, attend_for_layer(i))
         return hidden
 
     def _use_flex(self, device: torch.device) -> bool:
@@ -258,12 +268,17 @@ class Eagle3DraftModel(nn.Module):
             return ctx_masks[window]
 
         def attend_for_layer(i):
-            keys, values = kv[i]
+            all_keys, all_values = kv[i]
+            # The earlier steps' keys/values as of this call: under gradient checkpointing the
+            # layer (and so `attend`) runs again in backward, when later steps have added theirs.
+            past_k, past_v = list(all_keys), list(all_values)
             window = self.config.layer_window(i)
 
             def attend(q, k, v, scale):
-                keys.append(k)
-                values.append(v)
+                if len(all_keys) == len(past_k):  # the first run (not a recompute) publishes k, v
+                    all_keys.append(k)
+                    all_values.append(v)
+                keys, values = past_k + [k], past_v + [v]
                 # A step-s query sits s positions past its context keys (as when drafting):
                 # its window over them is s shorter, so training matches vLLM's inference.
                 step_window = None if window is None else ttt_window(window, len(keys) - 1)
