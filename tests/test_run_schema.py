@@ -36,12 +36,15 @@ FORM = ROOT / "app" / "pages" / "1_New_run.py"
 # the run settings that are the trainer's own settings (run name -> train name)
 SHARED = {"epochs": "epochs", "lr": "lr", "ttt_steps": "ttt_steps", "num_layers": "num_layers", "seed": "seed",
           "seq_length": "total_seq_len", "eval_every_steps": "eval_every_steps", "eval_prompts": "eval_prompts",
-          "eval_max_tokens": "eval_max_tokens", "best_by": "best_by", "checkpoint_every_steps": "checkpoint_every_steps"}
+          "eval_max_tokens": "eval_max_tokens", "best_by": "best_by", "checkpoint_every_steps": "checkpoint_every_steps",
+          "algorithm": "algorithm", "optimizer": "optimizer", "loss": "loss",
+          "gradient_checkpointing": "gradient_checkpointing"}
 # the run settings that are another stage's own settings: run name -> (subcommand, its config, field)
 STAGE_SHARED = {
     "max_samples": ("prepare-data", PrepareConfig, "max_samples"),
     "draft_vocab_size": ("build-vocab-mapping", VocabConfig, "draft_vocab_size"),
     "batch_size": ("datagen", DatagenConfig, "batch_size"),
+    "hidden_states_dtype": ("datagen", DatagenConfig, "hidden_states_dtype"),
     "regenerate_backend": ("regenerate", RegenConfig, "backend"),
     "regenerate_max_tokens": ("regenerate", RegenConfig, "max_tokens"),
     "regenerate_temperature": ("regenerate", RegenConfig, "temperature"),
@@ -479,7 +482,8 @@ print(p.parse_args({["datagen", *REQUIRED["datagen"]]!r}).batch_size,
       p.parse_args({["regenerate", *REQUIRED["regenerate"]]!r}).max_tokens)
 print(form_defaults(False)["batch_size"], form_defaults(False)["regenerate_max_tokens"])
 run = RunSettings(name="r", model="m", dataset="sharegpt", regenerate=True)
-print(stage_args(run, "datagen", StagePaths(Path("w")))[-2], stage_args(run, "regenerate", StagePaths(Path("w")))[5])
+print(next(a for a in stage_args(run, "datagen", StagePaths(Path("w"))) if a.startswith("--batch-size=")),
+      stage_args(run, "regenerate", StagePaths(Path("w")))[5])
 print(RunSettings.errors_of(dict(name="r", model="m", dataset="d", batch_size=65))[1]["batch_size"])
 """
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -595,6 +599,28 @@ def test_form_sets_the_acceptance_flags_the_trainer_runs_with(home, tmp_path):
     default = config_from_args(worker_stage(RunSettings.from_dict({**run.spec, "eval_data": ""}), "train",
                                             StagePaths(tmp_path / "w2")))
     assert default.eval_data is None
+
+
+def test_form_sets_the_training_options_the_stages_run_with(home, tmp_path):
+    """The form's Advanced choices (draft algorithm, optimizer, loss, gradient checkpointing, hidden-state
+    storage) reach `speculators train` and `speculators datagen` through their real parsers."""
+    at = form(home)
+    at.radio(key="f_optimizer").set_value("muon")
+    at.radio(key="f_loss").set_value("lk")
+    at.checkbox(key="f_gradient_checkpointing").check()
+    at.radio(key="f_hidden_states_dtype").set_value("fp8")
+    at.button[0].click().run()
+    assert not at.exception and not at.session_state["form_errors"]
+    with open_store(home.db_url)() as s:
+        (run,) = runs.list_runs(s)
+    stored = RunSettings.from_dict(run.spec)
+    paths = StagePaths(tmp_path / "w")
+    cfg = config_from_args(worker_stage(stored, "train", paths))
+    assert (cfg.algorithm, cfg.optimizer, cfg.loss, cfg.gradient_checkpointing) == ("eagle3", "muon", "lk", True)
+    assert DatagenConfig.from_args(worker_stage(stored, "datagen", paths)).hidden_states_dtype == "fp8"
+    # a DFlash run refuses the EAGLE-3-only options on the form, with the trainer's own message
+    spec, errors = validate_spec(good(home, algorithm="dflash", loss="lk"), home)
+    assert spec is None and "loss" in " ".join(errors.values())
 
 
 @pytest.mark.parametrize("value,message", [("../../etc/passwd", "inside the data root"),

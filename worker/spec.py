@@ -226,6 +226,10 @@ def validate_spec(raw: dict[str, Any], settings: Settings, *, free_memory: int |
     if errors:
         return None, errors
     spec = RunSettings.model_validate(data)
+    # settings valid alone but not together: the trainer's own refusal, beside the run's field
+    conflicts = train_config_for(spec.model_copy(update={"mode": "offline"}), StagePaths(Path("."))).option_conflicts()
+    if conflicts:
+        return None, conflicts
     if dims is not None:
         message = memory_refusal(spec, dims, free_memory)
         if message:

@@ -13,13 +13,13 @@ def run_speedup(args, indices=None) -> dict[str, Any]:
     """``indices``: the rows `--val-fraction` keeps (None: all)."""
     from speculators.errors import UserError
     from speculators.evaluate.runner import load_prompt_set_of
-    from speculators.vllm.launch import api_key_from_env, installed_vllm_version
+    from speculators.vllm.launch import api_key_from_env, has_cuda, installed_vllm_version
     from speculators.vllm.readiness import exit_on_sigterm
     from speculators.vllm.serve import read_speculator_config, resolve_checkpoint
     from speculators.vllm.speedup import (
         LoadSettings,
         build_speedup_report,
-        measure_server,
+        measure_interleaved,
         parse_concurrencies,
         plan_pair,
         run_pair,
@@ -31,7 +31,10 @@ def run_speedup(args, indices=None) -> dict[str, Any]:
         raise UserError("--measure-speedup decodes greedily; leave --temperature at 0")
     if args.output_streams:
         raise UserError("--output-streams does not apply with --measure-speedup (use --vllm-endpoint --data)")
-    load = LoadSettings(parse_concurrencies(args.concurrency), args.max_new_tokens)
+    repeats = getattr(args, "repeats", 3)
+    if repeats is None or repeats < 1:
+        raise UserError(f"--repeats {repeats}: must be >= 1")
+    load = LoadSettings(parse_concurrencies(args.concurrency), args.max_new_tokens, repeats=repeats)
     num_prompts = args.num_prompts if args.num_prompts is not None else DEFAULT_PROMPTS
     api_key = api_key_from_env(args.api_key)
     given = [bool(args.vllm_endpoint), bool(args.baseline_endpoint)]
@@ -48,11 +51,15 @@ def run_speedup(args, indices=None) -> dict[str, Any]:
         prompt_set = load_prompt_set_of(args.data, tokenizer or "", num_prompts, indices, args.max_prompt_len,
                                         args.skip_samples, args.data_seed, args.seq_length,
                                         args.data_format_version)
-        baseline = measure_server(args.baseline_endpoint.rstrip("/"), prompt_set.prompts, load, api_key)
-        speculative = measure_server(args.vllm_endpoint.rstrip("/"), prompt_set.prompts, load, api_key,
-                                     speculative=True, model_name=args.model_name,
-                                     categories=prompt_set.categories)
-        return build_speedup_report(baseline, speculative, load, len(prompt_set.prompts), data=str(args.data))
+        if getattr(args, "concurrent_servers", None) is False:
+            raise UserError("--no-concurrent-servers applies to servers --measure-speedup starts; two running "
+                            "--*-endpoint servers are always measured interleaved")
+        baseline, speculative = measure_interleaved(args.baseline_endpoint.rstrip("/"),
+                                                    args.vllm_endpoint.rstrip("/"), prompt_set.prompts, load,
+                                                    api_key, model_name=args.model_name,
+                                                    categories=prompt_set.categories)
+        return build_speedup_report(baseline, speculative, load, len(prompt_set.prompts), interleaved=True,
+                                    data=str(args.data))
     if not args.checkpoint:
         raise UserError("--measure-speedup needs --checkpoint DIR (or --baseline-endpoint and --vllm-endpoint)")
     ckpt = resolve_checkpoint(args.checkpoint)
@@ -62,12 +69,17 @@ def run_speedup(args, indices=None) -> dict[str, Any]:
     version = installed_vllm_version()
     if version is None:
         raise UserError("vLLM is not installed here: run `make vllm` (python scripts/install_vllm.py)")
-    pair = plan_pair(ckpt, info, version, args.passthrough, api_key, kv_cache_gib=args.kv_cache_gib)
+    concurrent = getattr(args, "concurrent_servers", None)
+    if concurrent is None:
+        concurrent = not has_cuda()  # two servers on one GPU would compete for its memory
+    pair = plan_pair(ckpt, info, version, args.passthrough, api_key, kv_cache_gib=args.kv_cache_gib,
+                     concurrent=concurrent)
     prompt_set = load_prompt_set_of(args.data, pair.verifier, num_prompts, indices, args.max_prompt_len,
                                     args.skip_samples, args.data_seed, args.seq_length, args.data_format_version)
     exit_on_sigterm()
     baseline, speculative = run_pair(pair, prompt_set.prompts, load, api_key, args.ready_timeout,
                                      Path(args.server_log_dir) if args.server_log_dir else None,
-                                     prompt_set.categories)
-    return build_speedup_report(baseline, speculative, load, len(prompt_set.prompts), checkpoint=str(ckpt),
+                                     prompt_set.categories, concurrent=concurrent)
+    return build_speedup_report(baseline, speculative, load, len(prompt_set.prompts), interleaved=concurrent,
+                                checkpoint=str(ckpt),
                                 verifier=pair.verifier, data=str(args.data), vllm_version=version)

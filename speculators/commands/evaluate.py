@@ -71,6 +71,17 @@ def register(subparsers) -> None:
                         "or use --baseline-endpoint and --vllm-endpoint, and measure both on --data's prompts")
     p.add_argument("--concurrency", default="1,4",
                    help="with --measure-speedup: requests in flight, comma-separated levels (e.g. 1,4)")
+    p.add_argument("--repeats", type=int, default=3, metavar="R",
+                   help="with --measure-speedup: measure each concurrency level R times per server; the report "
+                        "gives the medians, every repeat's value and the spread, and the speedup as the median "
+                        "of the per-repeat ratios with their min-max")
+    p.add_argument("--concurrent-servers", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --measure-speedup --checkpoint: run the baseline and speculative servers at once "
+                        "(each on its own port) and interleave their passes (B S S B ...), so load drift on the "
+                        "machine hits both alike. Default: on when there is no CUDA GPU (CPU serving); off on a "
+                        "GPU, where two servers would compete for one GPU's memory (then the servers run one "
+                        "after the other, each repeating its passes). Two --*-endpoint servers are always "
+                        "interleaved")
     p.add_argument("--baseline-endpoint", default=None,
                    help="with --measure-speedup and --vllm-endpoint: a running server of the verifier alone")
     p.add_argument("--ready-timeout", type=float, default=1800.0,

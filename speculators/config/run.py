@@ -94,6 +94,14 @@ class RunSettings(TypedSettings):
     eval_data: str | None = _from_train("eval_data", title="Acceptance prompts from")
     best_by: Literal["val-loss", "acceptance"] = _from_train("best_by", title="Best checkpoint by")
     checkpoint_every_steps: int = _from_train("checkpoint_every_steps", title="Checkpoint every N steps")
+    # the draft and how it is trained: `speculators train`'s own fields
+    algorithm: Literal["eagle3", "dflash"] = _from_train("algorithm")
+    optimizer: Literal["adamw", "muon"] = _from_train("optimizer", title="Optimizer")
+    loss: Literal["kl", "reverse_kl", "jsd", "tv", "lk"] = _from_train("loss", title="Loss")
+    gradient_checkpointing: bool = _from_train("gradient_checkpointing", title="Gradient checkpointing")
+    # how hidden states are stored (datagen's files, or the hybrid cache): datagen's own field
+    hidden_states_dtype: Literal["bf16", "fp8"] = from_field(DatagenConfig, "hidden_states_dtype",
+                                                             title="Hidden states stored as")
 
     @field_validator("name", mode="before")
     @classmethod

@@ -118,6 +118,8 @@ def train_config_for(run: RunSettings, paths: StagePaths, verifier_url: str | No
         draft_vocab_size=run.draft_vocab_size, total_seq_len=run.packed_len, seed=run.seed, run_name=run.name,
         eval_every_steps=run.eval_every_steps, eval_prompts=run.eval_prompts, eval_max_tokens=run.eval_max_tokens,
         eval_data=run.eval_data or None, best_by=run.best_by, checkpoint_every_steps=run.checkpoint_every_steps,
+        algorithm=run.algorithm, optimizer=run.optimizer, loss=run.loss,
+        gradient_checkpointing=run.gradient_checkpointing,
     )
     if run.online:
         url = run.vllm_endpoint or verifier_url
@@ -125,7 +127,8 @@ def train_config_for(run: RunSettings, paths: StagePaths, verifier_url: str | No
             raise ValueError("online/hybrid training needs the verifier's URL")
         values.update(vllm_endpoint=url, on_missing="generate",
                       on_generate="delete" if run.mode == "online" else "cache",
-                      hidden_states_path=str(paths.hidden), prepared_data=str(paths.prepared))
+                      hidden_states_path=str(paths.hidden), prepared_data=str(paths.prepared),
+                      hidden_states_dtype=run.hidden_states_dtype)
         if run.layer_ids:
             values["vllm_layer_ids"] = list(run.layer_ids)
     return TrainConfig(**values)
@@ -167,7 +170,7 @@ def _stage_config(run: RunSettings, stage: str, paths: StagePaths, verifier_url:
         layers = {"layer_ids": list(run.layer_ids)} if run.layer_ids else {}
         return DatagenConfig(target_model_path=run.model, train_data_path=str(paths.prepared),
                              output_dir=str(paths.hidden), batch_size=run.batch_size, max_samples=run.max_samples,
-                             **layers)
+                             hidden_states_dtype=run.hidden_states_dtype, **layers)
     if stage == "train":
         return train_config_for(run, paths, verifier_url)
     raise ValueError(f"stage {stage!r} has no command")

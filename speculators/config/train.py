@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import field_validator
 
 from speculators.config.base import TypedSettings, setting
 
@@ -75,7 +77,9 @@ class TrainConfig(TypedSettings):
 
     # ---------------------------------------------------------------- online
     vllm_endpoint: str | None = setting(None, "URL of a `speculators launch-vllm` server (e.g. "
-                                        "http://localhost:8000); enables online/hybrid training", group=ONLINE)
+                                        "http://localhost:8000); enables online/hybrid training. Several servers "
+                                        "of the same verifier: repeat the flag or separate URLs with commas "
+                                        "(requests go to the least-loaded live one)", group=ONLINE, repeat=True)
     on_missing: Literal["generate", "skip", "raise"] = setting(
         "generate", "sample without hidden states on disk: request it (generate), leave it out (skip) or stop "
         "before training (raise)", group=ONLINE)
@@ -191,10 +195,40 @@ class TrainConfig(TypedSettings):
     metrics_file: str | None = setting(None, "JSONL metrics stream (default <save-path>/metrics.jsonl)",
                                        group=OUTPUT)
 
+    @field_validator("vllm_endpoint", mode="before")
+    @classmethod
+    def _endpoints(cls, value: Any) -> Any:
+        """The repeated flag (a list) or a --config list: one comma-separated string, so every
+        reader of this field keeps seeing a str (`vllm_endpoints` gives the URLs)."""
+        if isinstance(value, (list, tuple)):
+            parts = [p.strip() for item in value for p in str(item).split(",") if p.strip()]
+            return ",".join(parts) or None
+        return value
+
+    @property
+    def vllm_endpoints(self) -> list[str]:
+        """The URLs of `vllm_endpoint`, in order."""
+        return [p.strip() for p in (self.vllm_endpoint or "").split(",") if p.strip()]
+
     @property
     def online(self) -> bool:
         """Hidden states come from a vLLM server (online/hybrid) rather than datagen's files."""
         return bool(self.vllm_endpoint)
+
+    def option_conflicts(self) -> dict[str, str]:
+        """{field: message} for settings that are valid alone but not together (the trainer refuses
+        them before it starts; the dashboard's form shows them beside the field)."""
+        conflicts: dict[str, str] = {}
+        if self.algorithm == "dflash":
+            if self.loss != "kl":
+                conflicts["loss"] = "--algorithm dflash trains with --loss kl (the other losses are EAGLE-3's so far)"
+            if self.gradient_checkpointing:
+                conflicts["gradient_checkpointing"] = ("--algorithm dflash trains without --gradient-checkpointing "
+                                                       "(an EAGLE-3 option so far)")
+        elif self.mask_token_id is not None:
+            conflicts["mask_token_id"] = ("--mask-token-id applies to --algorithm dflash only; drop it or pass "
+                                          "--algorithm dflash")
+        return conflicts
 
 
 ONLINE_FIELDS = [n for n, f in TrainConfig.model_fields.items() if (f.json_schema_extra or {}).get("group") == ONLINE]

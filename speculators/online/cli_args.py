@@ -56,8 +56,11 @@ def build_online_store(args: argparse.Namespace, **overrides: Any):
         num_layers = num_hidden_layers_of(verifier, text_config=text)
         hidden_size = getattr(text, "hidden_size", None)
         layer_ids = resolve_layer_ids(layer_ids, num_layers, flag="--vllm-layer-ids") if layer_ids else None
+    from speculators.online.endpoints import split_endpoints
+
+    endpoints = split_endpoints(args.vllm_endpoint)
     config = OnlineConfig(
-        endpoint=args.vllm_endpoint,
+        endpoint=",".join(endpoints) or None,
         hidden_states_path=args.hidden_states_path,
         on_missing=args.on_missing,
         on_generate=args.on_generate,
@@ -76,7 +79,23 @@ def build_online_store(args: argparse.Namespace, **overrides: Any):
     )
     for key, value in overrides.items():
         setattr(config, key, value)
-    store = OnlineSampleStore(PreparedRows.from_path(prepared), config)
+    client = None
+    if len(endpoints) > 1:
+        from speculators.online.endpoints import MultiEndpointClient
+        from speculators.vllm.client import ClientConfig
+        from speculators.vllm.retry import RetryPolicy
+
+        client = MultiEndpointClient(ClientConfig(
+            endpoint=endpoints[0], model=config.model, request_timeout_s=config.request_timeout_s,
+            retry=RetryPolicy(max_wait_s=config.max_wait_s),
+            num_layers=len(config.layer_ids) if config.layer_ids else None,
+            layer_ids=list(config.layer_ids) if config.layer_ids else None, api_key=config.api_key), endpoints)
+    store = OnlineSampleStore(PreparedRows.from_path(prepared), config, client=client)
+    if client is not None and store.online.layer_ids:
+        store.set_layer_ids(store.online.layer_ids)  # ids adopted from the cache reach every endpoint
+    if client is not None and store.online.on_missing == "generate" and len(store.rows):
+        # every server answers once before training: same model, layers and shape, or refused
+        client.check_agreement(store.rows.get(0)[0][:8])
     if store.online.layer_ids is None and store.online.on_missing == "generate" and len(store.rows):
         # Neither --vllm-layer-ids nor a cache says which layers: ask the server (launch-vllm
         # records them next to the files it writes), so a custom-layer server is trained on

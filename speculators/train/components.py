@@ -227,11 +227,9 @@ def build_components(cfg: TrainConfig, info: DistInfo) -> Components:
     """Build every part of a run from its settings (see the module docstring)."""
     if cfg.attn_impl == "flex" and info.device.type != "cuda":
         raise UserError("--attn-impl flex needs a CUDA device (flex attention has no CPU backward); use sdpa")
-    if cfg.algorithm == "dflash" and (cfg.loss != "kl" or cfg.gradient_checkpointing):
-        raise UserError("--algorithm dflash trains with --loss kl and without --gradient-checkpointing (both are "
-                        "EAGLE-3 options so far); drop them")
-    if cfg.algorithm != "dflash" and cfg.mask_token_id is not None:
-        raise UserError("--mask-token-id applies to --algorithm dflash only; drop it or pass --algorithm dflash")
+    conflicts = cfg.option_conflicts()
+    if conflicts:
+        raise UserError("; ".join(conflicts.values()))
     autocast = autocast_enabled(cfg.precision, info.device)
     bps = batches_per_step(cfg, info)
     seed_everything(cfg.seed)

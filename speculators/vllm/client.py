@@ -209,15 +209,17 @@ class HiddenStatesClient:
         The server's file is removed after reading unless ``keep_file``.
         """
         token_ids = [int(t) for t in token_ids]
-
-        def attempt() -> torch.Tensor:
-            path = self.request_path(token_ids)
-            payload = read_hidden_states_file(path, self.config.lock_timeout_s)
-            hs = check_payload(payload, token_ids, self.config.num_layers, path)
-            self.check_server_layers(path)
-            if not keep_file:
-                remove_hidden_states_file(path)
-            return hs
-
         self.model()
-        return self._retrying("POST", "/v1/completions", attempt)
+        return self._retrying("POST", "/v1/completions", lambda: self.fetch_once(token_ids, keep_file))
+
+    def fetch_once(self, token_ids: Sequence[int], keep_file: bool = False) -> torch.Tensor:
+        """One attempt of `fetch` (a server failure raises `TransientServerError`; the caller
+        decides whether to retry, here or on another server)."""
+        token_ids = [int(t) for t in token_ids]
+        path = self.request_path(token_ids)
+        payload = read_hidden_states_file(path, self.config.lock_timeout_s)
+        hs = check_payload(payload, token_ids, self.config.num_layers, path)
+        self.check_server_layers(path)
+        if not keep_file:
+            remove_hidden_states_file(path)
+        return hs
