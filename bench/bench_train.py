@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from common import fmt, log, write_result  # noqa: E402
+from common import RESULTS_DIR, fmt, log, write_result  # noqa: E402
 from configs import get_shape  # noqa: E402
 from synthetic import write_v1_dataset  # noqa: E402
 
@@ -69,20 +69,23 @@ def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int 
 
 
 def run_shape(name: str, seq_len: int | None, steps: int, warmup: int, profile: int, extra: list[str], tmp: str | None,
-              timeout: int) -> dict:
+              timeout: int, rows: int = 1, trace: str | None = None) -> dict:
     on_gpu = torch.cuda.is_available()
     shape = get_shape(name)
     shape = shape.with_seq(seq_len or (shape.seq_len if on_gpu else shape.cpu_seq_len))
     root = Path(tempfile.mkdtemp(prefix=f"bench-train-{name}-", dir=tmp))
     try:
-        n = int((steps + warmup + profile) / 0.95) + 3
+        n = int((steps + warmup + profile + 1) * rows / 0.95) + 3
         log(f"{name}: writing {n} samples of {shape.seq_len + 1} tokens (H={shape.hidden_size})")
         write_v1_dataset(root / "data", n, shape.seq_len + 1, shape.hidden_size, shape.target_vocab, seed=0)
         out = root / "result.json"
         cmd = [sys.executable, str(HERE / "ours_runner.py"), "--data", str(root / "data"), "--shape", name,
-               "--seq-len", str(shape.seq_len), "--steps", str(steps + warmup), "--out", str(out)]
+               "--seq-len", str(shape.seq_len), "--steps", str(steps + warmup), "--out", str(out),
+               "--rows", str(rows), "--sync-warmup", str(warmup)]
         if profile:
             cmd += ["--profile", str(profile)]
+            if trace:
+                cmd += ["--trace", trace]
         cmd += extra
         proc = subprocess.run(cmd, cwd=str(HERE.parent), capture_output=True, text=True, timeout=timeout,
                               env=dict(os.environ, PYTHONWARNINGS="ignore"))
@@ -94,7 +97,8 @@ def run_shape(name: str, seq_len: int | None, steps: int, warmup: int, profile: 
     secs = [s["step_s"] for s in res["steps"][warmup:]]
     tokens = res["steps"][-1]["tokens"]
     tps = tokens / statistics.median(secs)
-    flops = shape.flops_per_step(int(tokens), train_lm_head=res["options"]["lm_head_trainable"])
+    flops = shape.flops_per_step(int(tokens), train_lm_head=res["options"]["lm_head_trainable"],
+                                 attn_tokens=shape.seq_len)  # each packed row attends within itself
     entry = {
         "shape": shape.to_dict(),
         "seq_len": shape.seq_len,
@@ -105,6 +109,8 @@ def run_shape(name: str, seq_len: int | None, steps: int, warmup: int, profile: 
         "attn": res["options"]["attn"],
         "steps_timed": len(secs),
         "tokens_per_step": tokens,
+        "rows": rows,
+        "sync_every": res["options"].get("sync_every"),
         "step_s_median": statistics.median(secs),
         "step_s_all": secs,
         "tokens_per_s": tps,
@@ -131,6 +137,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--attn", default=None, help="passed to ours_runner (--attn)")
     ap.add_argument("--opt", action="store_true", help="ours_runner --opt: all proposals applied")
     ap.add_argument("--loss-impl", choices=["fused", "chunked", "eager"], default=None, help="passed to ours_runner")
+    ap.add_argument("--rows", type=int, default=1, help="packed rows per step (--rows-per-batch)")
+    ap.add_argument("--trace", action="store_true",
+                    help="keep each shape's profiler trace as bench/results/traces/<name>_<shape>.json.gz")
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--name", default="train")
@@ -152,11 +161,15 @@ def main(argv=None) -> dict:
     log(f"measured matmul peak: fp32 {fmt(hw['matmul_fp32_tflops'])} TFLOP/s, bf16 {fmt(hw['matmul_bf16_tflops'])} TFLOP/s")
     results = {}
     for name in [s.strip() for s in a.shapes.split(",") if s.strip()]:
-        entry = run_shape(name, a.seq_len, a.steps, a.warmup, a.profile, extra, a.tmp, a.timeout)
+        trace = None
+        if a.trace and a.profile:
+            (RESULTS_DIR / "traces").mkdir(parents=True, exist_ok=True)
+            trace = str(RESULTS_DIR / "traces" / f"{a.name}_{name}.json.gz")
+        entry = run_shape(name, a.seq_len, a.steps, a.warmup, a.profile, extra, a.tmp, a.timeout, a.rows, trace)
         ref = hw["gpu_datasheet_bf16_tflops"] or (hw["matmul_bf16_tflops"] if entry["precision"] == "bf16" else hw["matmul_fp32_tflops"])
         entry["fraction_of_peak"] = entry["achieved_tflops"] / ref if ref else None
         entry["peak_reference"] = "GPU datasheet bf16 dense (MFU)" if hw["gpu_datasheet_bf16_tflops"] else f"measured {entry['precision']} matmul"
-        results[f"{name}@{entry['seq_len']}"] = entry
+        results[f"{name}@{entry['seq_len']}" + (f"x{a.rows}" if a.rows > 1 else "")] = entry
         log(f"{name}@{entry['seq_len']}: {fmt(entry['tokens_per_s'])} tokens/s, step {fmt(entry['step_s_median'])} s, "
             f"{fmt(entry['achieved_tflops'])} TFLOP/s ({fmt(100 * (entry['fraction_of_peak'] or 0))}% of {entry['peak_reference']}), "
             f"peak RSS {fmt(entry['train_peak_rss_mib'])} MiB")

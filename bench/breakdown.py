@@ -156,9 +156,39 @@ def instrument(tr, device: torch.device):
             setattr(obj, attr, old)
 
 
-def profile_steps(tr, stream, n_steps: int, device: torch.device, top: int = 15) -> dict:
+# Ops that make the host wait for the device on CUDA (a tensor read as a Python number, a
+# data-dependent shape); counted on any device, so a CPU run shows the syncs a CUDA step has.
+SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique")
+
+
+def host_sync_ops(tr, batch) -> dict[str, list[str]]:
+    """Each host-syncing op one `train_step(batch)` dispatches, with the code line that asked
+    for it (the batch is already loaded: the loader's host work is not the step's)."""
+    import traceback
+    from collections import defaultdict
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: dict[str, list[str]] = defaultdict(list)
+
+    class _Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if name in SYNC_OPS:
+                ours = [f for f in traceback.extract_stack() if "/speculators/" in f.filename]
+                seen[name].append(f"{ours[-1].filename.rsplit('/', 1)[-1]}:{ours[-1].lineno}" if ours else "torch")
+            return func(*args, **(kwargs or {}))
+
+    with _Watch():
+        tr.train_step(batch)
+    return dict(seen)
+
+
+def profile_steps(tr, stream, n_steps: int, device: torch.device, top: int = 15, trace_path: str | None = None) -> dict:
     """Run `n_steps` batches from `stream` instrumented (first half timed, second half under
-    torch.profiler) and return the breakdown plus the profiler's top ops."""
+    torch.profiler), then one more watched for host syncs, and return the breakdown, the
+    profiler's top ops and the syncing ops (`host_sync_ops`); `trace_path` keeps the
+    profiler's Chrome trace (gzip)."""
     from torch.profiler import ProfilerActivity, profile
 
     half = max(1, n_steps // 2)
@@ -180,6 +210,8 @@ def profile_steps(tr, stream, n_steps: int, device: torch.device, top: int = 15)
                 for _ in range(rest):
                     tr.train_step(next(stream))
             key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            if trace_path:
+                _export_trace(prof, trace_path)
             for ev in sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True):
                 if ev.key.startswith("bench::"):
                     continue
@@ -213,7 +245,27 @@ def profile_steps(tr, stream, n_steps: int, device: torch.device, top: int = 15)
     rows.append({"region": "grad clip + optimizer", "forward_s": clip + opt, "backward_s": 0.0, "total_s": clip + opt})
     for r in rows:
         r["share"] = r["total_s"] / step_s if step_s else 0.0
-    return {"steps_timed": steps, "steps_profiled": n_steps - half, "step_s": step_s, "regions": rows, "top_ops": ops}
+    out = {"steps_timed": steps, "steps_profiled": n_steps - half, "step_s": step_s, "regions": rows, "top_ops": ops}
+    if rest > 0:
+        out["trace"] = trace_path
+    out["host_sync_ops"] = host_sync_ops(tr, next(stream))
+    return out
+
+
+def _export_trace(prof, path: str) -> None:
+    """The Chrome trace (chrome://tracing, Perfetto) gzip-compressed at `path`."""
+    import gzip
+    import os
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        raw = f.name
+    try:
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+            dst.write(src.read())
+    finally:
+        os.unlink(raw)
 
 
 def render(profile: dict) -> str:
@@ -221,6 +273,10 @@ def render(profile: dict) -> str:
              "| region | forward ms | backward ms | share |", "| --- | --- | --- | --- |"]
     for r in profile["regions"]:
         lines.append(f"| {r['region']} | {r['forward_s'] * 1000:.1f} | {r['backward_s'] * 1000:.1f} | {r['share'] * 100:.1f}% |")
+    if profile.get("host_sync_ops") is not None:
+        syncs = profile["host_sync_ops"]
+        lines.append("host-sync ops in one train_step: " + ("; ".join(
+            f"{k} x{len(v)} ({', '.join(sorted(set(v)))})" for k, v in sorted(syncs.items())) or "none"))
     if profile.get("top_ops"):
         lines.append(f"top ops by self time (torch.profiler, per step over {profile['steps_profiled']} steps):")
         for o in profile["top_ops"][:10]:

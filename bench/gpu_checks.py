@@ -153,6 +153,7 @@ def check_fsdp(seq: int = 2048, steps: int = 6, shape_name: str = "llama8b", dev
             _sync(tr.device)
             t0 = time.perf_counter()
             stats, tokens = tr.train_step(next(stream))
+            tokens = float(tokens)
             losses.append(summarize(stats, tr.cfg.ttt_step_loss_decay)["loss"])
             times.append((time.perf_counter() - t0, tokens))
         out = {"losses": losses, "tokens_per_s_after_2": sum(t for _, t in times[2:]) / sum(s for s, _ in times[2:]),

@@ -14,7 +14,11 @@ Options: `--precision bf16` is the trainer's `--precision bf16` (CPU bf16 autoca
 `--opt` both;
 `--loss-impl` is the trainer's (eager = the code before the fused lm_head + KL).
 `--profile N` profiles N extra steps with torch.profiler and adds a breakdown
-(bench/breakdown.py).
+(bench/breakdown.py); `--trace PATH` keeps the profiler's Chrome trace there (gzip).
+`--rows R` packs R rows per step (the trainer's --rows-per-batch). `--sync-every N` brings
+the step stats to the host every N steps like the trainer's --sync-every-steps (default: 1
+on the CPU, 8 on CUDA; the first `--sync-warmup` steps are synced one by one so warm-up
+steps can be dropped): a window's wall time is shared equally by its steps.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def draft_config(shape):
 
 
 def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: str, precision: str, device: str, epochs: int,
-                  freeze_lm_head: bool = False, fused_adamw: bool = False, loss_impl: str = "fused"):
+                  freeze_lm_head: bool = False, fused_adamw: bool = False, loss_impl: str = "fused", rows: int = 1):
     from speculators.data.formats import open_sample_store
     from speculators.models.eagle3 import Eagle3DraftModel
     from speculators.train.components import (Components, adamw_kernel, autocast_enabled, batches_per_step,
@@ -92,6 +96,7 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
         precision="bf16" if precision == "bf16" else "auto",
         optimizer_impl="fused" if fused_adamw else "auto",
         loss_impl=loss_impl,
+        rows_per_batch=rows,
     )
     info = setup_distributed(cfg.device)
     autocast = autocast_enabled(cfg.precision, info.device)  # --precision: autocast and the data dtype
@@ -165,6 +170,10 @@ def main(argv=None) -> dict:
                     help="the trainer's --loss-impl (fused is its default; eager is the pre-fusion code)")
     ap.add_argument("--freeze-lm-head", action="store_true", help="freeze lm_head like the public package does")
     ap.add_argument("--profile", type=int, default=0, help="profile this many extra steps")
+    ap.add_argument("--trace", default=None, help="write the profiled steps' Chrome trace here (.json.gz)")
+    ap.add_argument("--rows", type=int, default=1, help="packed rows per step (--rows-per-batch)")
+    ap.add_argument("--sync-every", type=int, default=0, help="host sync every N steps (0: 1 on CPU, 8 on CUDA)")
+    ap.add_argument("--sync-warmup", type=int, default=3, help="first steps synced one by one")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
@@ -180,7 +189,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     tr, init_stats = build_trainer(shape, a.data, a.seq_len, a.lr, a.seed, a.attn, a.precision, a.device, epochs=1,
                                    freeze_lm_head=a.freeze_lm_head, fused_adamw=a.fused_adamw,
-                                   loss_impl=a.loss_impl)
+                                   loss_impl=a.loss_impl, rows=a.rows)
     build_s = time.perf_counter() - t0
     from speculators.train.losses import summarize
 
@@ -188,17 +197,25 @@ def main(argv=None) -> dict:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     steps = []
+    every = a.sync_every or (8 if dev.type == "cuda" else 1)
     with RssSampler() as rss:
         stream = iter_steps(tr, a.steps)
+        window = []
+        sync(dev)
+        start = time.perf_counter()
         for i in range(a.steps):
-            sync(dev)
-            start = time.perf_counter()
             batch = next(stream)  # data loading + collate is part of the step, as in fit()
-            stats, tokens = tr.train_step(batch)
-            metrics = summarize(stats, tr.cfg.ttt_step_loss_decay)  # .cpu() syncs
-            dt = time.perf_counter() - start
-            steps.append({"step": i + 1, "loss": metrics["loss"], "metrics": metrics, "tokens": tokens,
-                          "step_s": dt, "tokens_per_s": tokens / dt})
+            stats, tokens = tr.train_step(batch)  # both stay where they are: no sync
+            window.append((stats, float(tokens)))  # one process: tokens counted on the host batch
+            if i < a.sync_warmup or len(window) == every or i == a.steps - 1:
+                host = torch.stack([s for s, _ in window]).cpu()  # the window's one sync
+                dt = (time.perf_counter() - start) / len(window)
+                for s, tok in zip(host, (t for _, t in window)):
+                    metrics = summarize(s, tr.cfg.ttt_step_loss_decay)
+                    steps.append({"step": len(steps) + 1, "loss": metrics["loss"], "metrics": metrics,
+                                  "tokens": tok, "step_s": dt, "tokens_per_s": tok / dt, "window": len(window)})
+                window = []
+                start = time.perf_counter()
     out = {
         "impl": "ours",
         "shape": shape.to_dict(),
@@ -209,7 +226,7 @@ def main(argv=None) -> dict:
         "peak_rss_mib": peak_rss_mib(),
         "train_peak_rss_mib": rss.peak,
         "init": init_stats,
-        "options": {"attn": tr.draft.attn_impl, "fused_adamw": a.fused_adamw, "loss_impl": a.loss_impl, "precision": a.precision, "device": str(dev), "optimizer": "adamw",
+        "options": {"attn": tr.draft.attn_impl, "fused_adamw": a.fused_adamw, "loss_impl": a.loss_impl, "rows": a.rows, "sync_every": every, "precision": a.precision, "device": str(dev), "optimizer": "adamw",
                     "weight_decay": 0.0, "scheduler": "none", "lm_head_trainable": tr.draft.lm_head.weight.requires_grad},
         "machine": machine_info(),
     }
@@ -218,7 +235,7 @@ def main(argv=None) -> dict:
     if a.profile:
         from breakdown import profile_steps
 
-        out["profile"] = profile_steps(tr, iter_steps(tr, a.profile), a.profile, dev)
+        out["profile"] = profile_steps(tr, iter_steps(tr, a.profile + 1), a.profile, dev, trace_path=a.trace)
     Path(a.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
     log(f"ours: {len(steps)} steps written to {a.out}")
     return out

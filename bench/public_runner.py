@@ -117,7 +117,8 @@ def main() -> None:
                     help="default: sdpa on the CPU, flex (their default) on CUDA")
     ap.add_argument("--loss-implementation", choices=["eager", "fused"], default=None,
                     help="default: eager on the CPU, fused (their default, Triton) on CUDA")
-    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--num-workers", type=int, default=None,
+                    help="their DataLoader workers; default: 12 (their default) on CUDA, 0 on the CPU")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                     help="bf16: autocast on the CPU in bf16 (their GPU path's precision); fp32: their "
                     "--hidden-states-dtype float32 with their device_type left alone ('cuda' without an "
@@ -134,6 +135,8 @@ def main() -> None:
     on_gpu = torch.cuda.is_available()
     a.attn = a.attn or ("flex" if on_gpu else "sdpa")
     a.loss_implementation = a.loss_implementation or ("fused" if on_gpu else "eager")
+    if a.num_workers is None:
+        a.num_workers = 12 if on_gpu else 0
     if not torch.accelerator.is_available():
         torch.accelerator.synchronize = lambda *args, **kwargs: None  # (3) above
 

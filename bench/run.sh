@@ -3,8 +3,14 @@
 #
 #   bench/run.sh            # CPU set, sized for a 2-core machine (~15-25 min)
 #   bench/run.sh --full     # adds the Llama-3.1-8B-shaped draft on the CPU (~10 GB RAM, slow)
-#   bench/run.sh --gpu      # GPU set: CUDA checks (flex attention fwd+bwd, FSDP2 bf16 over NCCL),
-#                           # Llama-3.1-8B shape in bf16 at seq 2048 and 8192, MFU, CUDA memory
+#   bench/run.sh --gpu      # GPU set (one run, sized for <= 8 min on one H100/H200): CUDA checks
+#                           # (flex attention fwd+bwd, FSDP2 bf16 over NCCL), the Llama-3.1-8B shape
+#                           # in bf16 at seq 2048 (1 and 4 rows per step) and 8192 with MFU, CUDA
+#                           # memory and profiler traces, and the public trainer unmodified beside
+#                           # ours (their defaults: flex attention, fused loss, 12 loader workers);
+#                           # ends with bench/gpu_targets.py. Needs the public package: online, or
+#                           # carried as bench/public-wheels.tar.xz (bench/pack_public_wheels.sh).
+#                           # lmhead, optim, dataload, datagen, eager: on the GPU only with --only
 #   bench/run.sh --only train,dataload   # any of: checks dataload datagen train sbs lmhead optim regen
 #   (regen, regeneration tokens/s with vLLM CPU and transformers, runs only when asked: it starts a
 #   vLLM server, about 2 minutes on 2 cores)
@@ -19,22 +25,34 @@ PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
 MODE=cpu
 ONLY="checks,dataload,datagen,train,sbs,lmhead,optim"
+ONLY_SET=
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --full) MODE=full ;;
     --gpu) MODE=gpu ;;
-    --only) ONLY="$2"; shift ;;
+    --only) ONLY="$2"; ONLY_SET=1; shift ;;
     -h|--help) sed -n 2,14p "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
 done
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
+if [[ $MODE == gpu ]]; then
+  [[ -n $ONLY_SET ]] || ONLY="checks,train,sbs"
+  # The lent GPU machine has no package index: install the public package from carried wheels.
+  if [[ -f "$HERE/public-wheels.tar.xz" || -d "$HERE/public-wheels" ]]; then export PUBLIC_OFFLINE=1; fi
+  # BENCH_GPU_SHAPE/BENCH_GPU_SEQS let tests/test_bench_smoke.py run this path on a CPU, tiny.
+  GSHAPE="${BENCH_GPU_SHAPE:-llama8b}"
+  read -r GSEQ1 GSEQ2 GSTEPS <<< "${BENCH_GPU_SEQS:-2048 8192 20}"
+fi
+SECONDS=0
+section() { echo "[run.sh] $1 at ${SECONDS}s"; }
 export PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 cd "$ROOT"
 echo "machine: nproc=$(nproc) load=$(cut -d' ' -f1-3 /proc/loadavg) mode=$MODE python=$PY"
 
 if want checks && [[ $MODE == gpu ]]; then
+  section checks
   # correctness on CUDA first: a failed check is reported, the timings still run
   "$PY" bench/gpu_checks.py --name gpu_checks || echo "gpu_checks: FAILED (see bench/results/gpu_checks.json)"
 fi
@@ -60,12 +78,18 @@ if want train; then
           "$PY" bench/bench_train.py --shapes small --steps 3 --warmup 1 --profile 2 --opt --name train_cpu_opt ;;
     full) "$PY" bench/bench_train.py --shapes tiny,small,llama8b --steps 2 --warmup 1 --profile 2 --name train_cpu
           "$PY" bench/bench_train.py --shapes small,llama8b --steps 2 --warmup 1 --profile 2 --opt --name train_cpu_opt ;;
-    # bf16 autocast with fp32 master weights: what the trainer does on CUDA (--precision auto)
-    gpu)  "$PY" bench/bench_train.py --shapes llama8b --seq-len 2048 --steps 20 --warmup 3 --profile 4 --precision bf16 --name train_gpu_2048
-          "$PY" bench/bench_train.py --shapes llama8b --seq-len 8192 --steps 10 --warmup 3 --profile 4 --precision bf16 --name train_gpu_8192
-          # before/after of the fused lm_head + KL where memory matters most
-          "$PY" bench/bench_train.py --shapes llama8b --seq-len 8192 --steps 10 --warmup 3 --profile 0 --precision bf16 --loss-impl eager --name train_gpu_8192_eager ;;
+    # bf16 autocast with fp32 master weights: what the trainer does on CUDA (--precision auto);
+    # host syncs every 8 steps (the trainer's --sync-every-steps), profiler traces kept
+    gpu)  section train
+          "$PY" bench/bench_train.py --shapes "$GSHAPE" --seq-len "$GSEQ1" --steps "$GSTEPS" --warmup 3 --profile 4 --trace --precision bf16 --name train_gpu_2048
+          # several rows per step: the same 2048-token rows, four to a step
+          "$PY" bench/bench_train.py --shapes "$GSHAPE" --seq-len "$GSEQ1" --rows 4 --steps $(( GSTEPS / 2 )) --warmup 3 --profile 0 --precision bf16 --name train_gpu_2048x4
+          "$PY" bench/bench_train.py --shapes "$GSHAPE" --seq-len "$GSEQ2" --steps $(( GSTEPS / 2 )) --warmup 3 --profile 4 --trace --precision bf16 --name train_gpu_8192 ;;
   esac
+fi
+if want eager && [[ $MODE == gpu ]]; then
+  # before/after of the fused lm_head + KL where memory matters most
+  "$PY" bench/bench_train.py --shapes llama8b --seq-len 8192 --steps 10 --warmup 3 --profile 0 --precision bf16 --loss-impl eager --name train_gpu_8192_eager
 fi
 if want sbs; then
   case $MODE in
@@ -77,8 +101,9 @@ if want sbs; then
       "$PY" bench/side_by_side.py --shape llama8b --steps 3 --warmup 1 --repeats 1 \
         --variants ours,ours-bf16,public,public-fp32 ;;
     gpu)
-      # needs a CUDA build of torch in bench/.venv-public (see bench/setup_public_venv.sh)
-      "$PY" bench/side_by_side.py --shape llama8b --seq-len 2048 --steps 20 --warmup 3 --repeats 2 --variants ours,ours-eager,public --name side_by_side_llama8b_gpu ;;
+      section sbs
+      # their trainer unmodified (CUDA torch of the machine + the carried wheels), same data and steps
+      "$PY" bench/side_by_side.py --shape "$GSHAPE" --seq-len "$GSEQ1" --steps "$GSTEPS" --warmup 3 --repeats 2 --variants ours,public --name side_by_side_llama8b_gpu ;;
   esac
 fi
 if want lmhead; then
@@ -96,3 +121,7 @@ if want regen; then
   "$PY" bench/bench_regenerate.py --samples 32 --max-tokens 64 --concurrency 32
 fi
 "$PY" bench/table.py
+if [[ $MODE == gpu ]]; then
+  section targets
+  "$PY" bench/gpu_targets.py
+fi

@@ -8,6 +8,12 @@
 4. prints median tokens/s (first `--warmup` steps dropped), the ratio ours/public, peak
    RSS and both loss curves; writes bench/results/side_by_side_<shape>.json.
 
+The ratio is taken per repeat (ours in repeat i over public in repeat i: the two ran next to
+each other, under the same load) and reported as the median of those with their range, so
+a reader sees how far one run can be trusted; two runs of this script agree within the
+printed spread. Use enough steps (the median of a run ignores a slow step) and at least
+three repeats.
+
 Variants (`--variants`, comma list):
   ours          our trainer's defaults on this device (CPU: fp32, fused AdamW, lm_head trained)
   ours-frozen   ours with lm_head frozen like the public package (equal work per step)
@@ -60,6 +66,7 @@ VARIANTS = {
 
 def ensure_public_venv() -> None:
     env = dict(os.environ, PUBLIC_VENV=str(PUBLIC_VENV), PUBLIC_SPECULATORS_VERSION=PUBLIC_VERSION)
+    env.setdefault("PYTHON", sys.executable)  # offline, the venv is made over this interpreter's torch
     subprocess.run(["bash", str(HERE / "setup_public_venv.sh")], check=True, env=env)
 
 
@@ -75,7 +82,8 @@ def run_variant(variant: str, data_ours: Path, data_public: Path, shape, steps: 
         cmd = [sys.executable, str(HERE / "ours_runner.py"), "--data", str(data_ours)] + common
         cwd = str(HERE.parent)
     else:
-        # -P and a neutral cwd: the public package must not be shadowed by ours.
+        # -P, a neutral cwd and no PYTHONPATH: the public package must not be shadowed by ours.
+        env.pop("PYTHONPATH", None)
         cmd = [str(PUBLIC_VENV / "bin" / "python"), "-P", str(HERE / "public_runner.py"), "--data", str(data_public)] + common
         cwd = "/"
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -94,15 +102,30 @@ def step_seconds(result: dict) -> list[float]:
     return out
 
 
+def spread(values: list[float]) -> float:
+    """(max - min) / median: 0.05 means the runs lie within 5% of each other."""
+    return (max(values) - min(values)) / statistics.median(values) if values else 0.0
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> dict:
+    """ours/theirs per repeat (runs i ran back to back), their median, range and spread."""
+    per = [a / b for a, b in zip(ours, theirs)]
+    return {"median": statistics.median(per), "per_repeat": per, "min": min(per), "max": max(per),
+            "spread": spread(per)}
+
+
 def summarize_runs(runs: list[dict], tokens_per_step: int, warmup: int) -> dict:
     per_run = []
     for r in runs:
         secs = step_seconds(r)[warmup:]
         per_run.append(tokens_per_step / statistics.median(secs))
     first = runs[0]
+    cuda_peaks = [r["cuda_max_memory_allocated_mib"] for r in runs if r.get("cuda_max_memory_allocated_mib")]
     return {
         "tokens_per_s_median": statistics.median(per_run),
         "tokens_per_s_runs": per_run,
+        "tokens_per_s_spread": spread(per_run),
+        "cuda_peak_mib": max(cuda_peaks) if cuda_peaks else None,
         "train_peak_rss_mib": max(r.get("train_peak_rss_mib", 0) for r in runs),
         "peak_rss_mib": max(r.get("peak_rss_mib", 0) for r in runs),
         "trainable_params": first.get("trainable_params"),
@@ -119,7 +142,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq-len", type=int, default=None, help="default: the shape's CPU sequence length")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=2, help="steps dropped from the throughput median")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the ratio is taken per repeat")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--variants", default="ours,public,public-fp32")
     ap.add_argument("--threads", type=int, default=0)
@@ -149,6 +172,7 @@ def main(argv=None) -> dict:
 
         convert(root / "ours", root / "public")
         runs: dict[str, list[dict]] = {v: [] for v in variants}
+        load_before = os.getloadavg()
         for rep in range(a.repeats):
             for v in variants:
                 log(f"repeat {rep + 1}/{a.repeats}: {v}")
@@ -160,12 +184,14 @@ def main(argv=None) -> dict:
         flops = shape.flops_per_step(tokens_per_step)
         for v, s in summary.items():
             s["model_tflops_per_s"] = flops["total"] * s["tokens_per_s_median"] / tokens_per_step / 1e12
-        ratios = {}
+        ratios, paired = {}, {}
         base = "public" if "public" in summary else next((v for v in summary if v.startswith("public")), None)
         if base:
             for v in summary:
                 if v.startswith("ours"):
                     ratios[f"{v}/{base}"] = summary[v]["tokens_per_s_median"] / summary[base]["tokens_per_s_median"]
+                    paired[f"{v}/{base}"] = paired_ratio(summary[v]["tokens_per_s_runs"],
+                                                         summary[base]["tokens_per_s_runs"])
                     if "public-fp32" in summary and base != "public-fp32":
                         ratios[f"{v}/public-fp32"] = summary[v]["tokens_per_s_median"] / summary["public-fp32"]["tokens_per_s_median"]
         result = {
@@ -178,6 +204,9 @@ def main(argv=None) -> dict:
             "public_package": f"speculators=={PUBLIC_VERSION}",
             "variants": summary,
             "ratios": ratios,
+            "paired_ratios": paired,
+            "load_before": load_before,
+            "load_after": os.getloadavg(),
             "flops_per_step": flops,
         }
         path = write_result(a.name or f"side_by_side_{shape.name}", result)
@@ -192,17 +221,30 @@ def render(result: dict) -> str:
     lines = [
         f"side by side: shape={result['shape']['name']} seq={result['seq_len']} steps={result['steps']} "
         f"repeats={result['repeats']} vs {result['public_package']}",
-        "| variant | tokens/s (median) | runs | train peak RSS MiB | trainable params | loss first -> last |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| variant | tokens/s (median) | runs | spread | train peak RSS MiB | peak CUDA MiB | trainable params "
+        "| loss first -> last |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for v, s in result["variants"].items():
         curve = s["loss_curve"]
+        cuda = s.get("cuda_peak_mib")
         lines.append(
             f"| {v} | {fmt(s['tokens_per_s_median'])} | {', '.join(fmt(x) for x in s['tokens_per_s_runs'])} | "
-            f"{fmt(s['train_peak_rss_mib'])} | {s['trainable_params']:,} | {fmt(curve[0])} -> {fmt(curve[-1])} |"
+            f"{100 * s.get('tokens_per_s_spread', 0):.1f}% | {fmt(s['train_peak_rss_mib'])} | "
+            f"{fmt(cuda) if cuda else '-'} | {s['trainable_params']:,} | {fmt(curve[0])} -> {fmt(curve[-1])} |"
         )
+    paired = result.get("paired_ratios", {})
     for k, r in result["ratios"].items():
-        lines.append(f"ratio {k}: {r:.2f}x")
+        p = paired.get(k)
+        if p:
+            lines.append(f"ratio {k}: {p['median']:.2f}x (per repeat {', '.join(f'{x:.2f}' for x in p['per_repeat'])}; "
+                         f"range {p['min']:.2f}-{p['max']:.2f}, spread {100 * p['spread']:.1f}%; "
+                         f"ratio of medians {r:.2f}x)")
+        else:
+            lines.append(f"ratio {k}: {r:.2f}x")
+    if "load_before" in result:
+        lines.append(f"load average before/after: {', '.join(f'{x:.2f}' for x in result['load_before'])} / "
+                     f"{', '.join(f'{x:.2f}' for x in result['load_after'])}")
     # loss curves, every few steps
     names = list(result["variants"])
     n = len(result["variants"][names[0]]["loss_curve"])

@@ -119,6 +119,80 @@ def test_regenerate_bench_lands_in_the_summary(tiny_llama, tmp_path):
     assert f"**{table.fmt(row['tokens_per_s'])}**" in text and "- regenerate:" in text
 
 
+def test_side_by_side_ratio_is_per_repeat_with_its_spread():
+    from side_by_side import paired_ratio, spread
+
+    ours, theirs = [150.0, 120.0, 160.0], [100.0, 100.0, 100.0]
+    p = paired_ratio(ours, theirs)
+    assert p["per_repeat"] == [1.5, 1.2, 1.6] and p["median"] == 1.5
+    assert (p["min"], p["max"]) == (1.2, 1.6)
+    assert p["spread"] == pytest.approx((1.6 - 1.2) / 1.5)
+    assert spread([10.0, 10.5, 9.5]) == pytest.approx(0.1)
+
+
+def test_gpu_targets_read_the_results(tmp_path):
+    import gpu_targets
+
+    def train(name, mfu, device="cuda:0"):
+        run = {"fraction_of_peak": mfu, "device": device, "rows": 1, "tokens_per_s": 1.0,
+               "cuda_max_memory_allocated_mib": 2.0}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"runs": {"llama8b@2048": run}}))
+
+    train("train_gpu_2048", 0.31)
+    train("train_gpu_8192", 0.39)
+    train("train_gpu_2048x4", 0.5, device="cpu")  # a CPU run is never counted as meeting a GPU target
+    sbs = {"paired_ratios": {"ours/public": {"median": 1.6, "min": 1.55, "max": 1.7, "per_repeat": [1.55, 1.7],
+                                            "spread": 0.09}},
+           "variants": {"ours": {"tokens_per_s_median": 16.0, "cuda_peak_mib": 10.0},
+                        "public": {"tokens_per_s_median": 10.0, "cuda_peak_mib": 20.0}}}
+    (tmp_path / "side_by_side_llama8b_gpu.json").write_text(json.dumps(sbs))
+    rows = gpu_targets.evaluate(tmp_path)["rows"]
+    assert [r["met"] for r in rows] == [True, None, False, True]
+    assert "1.60x" in gpu_targets.render(gpu_targets.evaluate(tmp_path))
+    empty = tmp_path / "none"
+    empty.mkdir()
+    assert all(r["met"] is None for r in gpu_targets.evaluate(empty)["rows"])
+
+
+def test_wheel_pack_round_trip(tmp_path):
+    import zipfile
+
+    from wheel_pack import pack, unpack
+
+    src = tmp_path / "wheels"
+    src.mkdir()
+    files = {"pkg/__init__.py": b"x = 1\n", "pkg/lib.so": bytes(range(256)) * 64,
+             "pkg-1.0.dist-info/RECORD": b"pkg/__init__.py,,\n"}
+    with zipfile.ZipFile(src / "pkg-1.0-py3-none-any.whl", "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    pack(src, tmp_path / "w.tar.xz")
+    (out,) = unpack(tmp_path / "w.tar.xz", tmp_path / "back")
+    assert out.name == "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(out) as z:
+        assert {n: z.read(n) for n in z.namelist()} == files
+
+
+def test_run_sh_gpu_path_on_the_cpu(tmp_path):
+    """`bench/run.sh --gpu`'s training part, run tiny on the CPU: the three step benchmarks
+    (2048, 2048 x 4 rows, 8192 at the GPU shape), their profiler traces and the targets table."""
+    import os
+    import subprocess
+
+    results = tmp_path / "results"
+    env = dict(os.environ, PYTHON=sys.executable, BENCH_RESULTS_DIR=str(results), BENCH_GPU_SHAPE="tiny",
+               BENCH_GPU_SEQS="32 64 4", OMP_NUM_THREADS="1")
+    run = subprocess.run(["bash", str(BENCH / "run.sh"), "--gpu", "--only", "train"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, rows, seq in (("train_gpu_2048", 1, 32), ("train_gpu_2048x4", 4, 32), ("train_gpu_8192", 1, 64)):
+        (entry,) = json.loads((results / f"{name}.json").read_text())["runs"].values()
+        assert (entry["rows"], entry["seq_len"], entry["tokens_per_step"]) == (rows, seq, rows * seq)
+    traces = sorted(p.name for p in (results / "traces").iterdir())
+    assert traces == ["train_gpu_2048_tiny.json.gz", "train_gpu_8192_tiny.json.gz"]
+    assert "| MFU tiny@32 (1 row(s)/step) |" in run.stdout and "not run" in run.stdout  # no side by side asked
+
+
 def test_table_renders_the_datagen_online_and_fp8_results(tmp_path):
     """bench/table.py reads the committed results: datagen from before and after the backend and
     storage columns, the online store against the trainer, and the fp8 acceptance verdict."""

@@ -135,6 +135,10 @@ class TrainConfig(TypedSettings):
     loss_chunk_rows: int = setting(0, "rows per chunk of the fused/chunked loss (bounds its float32 temporaries); "
                                    "0 = automatic: about 1M elements per chunk on the CPU, 32M on GPUs",
                                    group=TRAINING, ge=0)
+    sync_every_steps: int | None = setting(
+        None, "bring the step metrics to the host (train records, console lines) and agree on a stop signal across "
+        "ranks every N optimizer steps instead of every step, so the accelerator is never waited on in between "
+        "(default: 1 on the CPU, 16 on CUDA); losses and checkpoints do not depend on it", group=TRAINING, ge=1)
     optimizer: Literal["adamw", "muon"] = setting(
         "adamw", "adamw, or muon: torch.optim.Muon for the draft's hidden weight matrices (fc, attention, MLP) and "
         "AdamW for the rest (lm_head, norms); see docs/training.md", group=TRAINING, title="Optimizer")

@@ -25,6 +25,19 @@ def step_token_counts(loss_mask: torch.Tensor, document_ids: torch.Tensor, ttt_s
     ).float()
 
 
+def counted_positions(loss_mask: torch.Tensor, document_ids: torch.Tensor, ttt_steps: int) -> dict[str, torch.Tensor]:
+    """The flat indices the objective gathers, as extra batch keys: `target_positions` (where a
+    verifier target is needed) and `step_positions_<k>` (the starts counted at TTT step k).
+
+    `nonzero` makes the host wait for the device; the trainer computes these on the host batch
+    before copying it, so the step runs without waiting (the objective computes any missing).
+    """
+    out = {"target_positions": ((loss_mask != 0) & (document_ids != -1)).flatten().nonzero().squeeze(1)}
+    for k in range(ttt_steps):
+        out[f"step_positions_{k}"] = step_valid_positions(loss_mask, document_ids, k).flatten().nonzero().squeeze(1)
+    return out
+
+
 class TTTObjective(nn.Module):
     def __init__(self, draft: Eagle3DraftModel, verifier_head: VerifierHead, loss_impl: str = "fused",
                  loss_chunk_rows: int = 0, loss: str = "kl", lk_eta: float = LK_ETA_DEFAULT):
@@ -54,7 +67,9 @@ class TTTObjective(nn.Module):
         b, t = loss_mask.shape
         dev = loss_mask.device
         # Verifier targets only where some step can count them.
-        tgt_pos = ((loss_mask != 0) & (docs != -1)).flatten().nonzero().squeeze(1)
+        tgt_pos = batch.get("target_positions")
+        if tgt_pos is None:
+            tgt_pos = ((loss_mask != 0) & (docs != -1)).flatten().nonzero().squeeze(1)
         with torch.no_grad():
             last = batch["verifier_last_hidden_states"].flatten(0, 1)[tgt_pos]
             tgt_logp = F.log_softmax(self.verifier_head(last).float(), dim=-1)
@@ -69,7 +84,9 @@ class TTTObjective(nn.Module):
         # one taller matmul and one lm_head weight gradient instead of one per step.
         hidden, positions, rows, weights = [], [], [], []
         for k, normed in steps:
-            idx = step_valid_positions(loss_mask, docs, k).flatten().nonzero().squeeze(1)
+            idx = batch.get(f"step_positions_{k}")
+            if idx is None:
+                idx = step_valid_positions(loss_mask, docs, k).flatten().nonzero().squeeze(1)
             hidden.append(normed.flatten(0, 1)[idx])
             positions.append(idx)
             rows.append(rowmap[idx + k])

@@ -51,6 +51,11 @@ def loader_workers(requested: int | None, device: torch.device, online: bool) ->
     return 4 if device.type == "cuda" and not online else 0
 
 
+def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's real (non-padding) tokens as a 0-d float tensor, counted where the batch is."""
+    return (batch["document_ids"] != -1).sum().float()
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Move a collated batch to the device, its floating tensors in the training dtype."""
     out = {}
@@ -63,17 +68,28 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch
 
 
 class _StepBatches(torch.utils.data.Dataset):
-    """Item `s` = this rank's collated batch of global step `s` (lets DataLoader workers prefetch)."""
+    """Item `s` = this rank's collated batch of global step `s` (lets DataLoader workers prefetch).
 
-    def __init__(self, ds, steps: Plan, collate, rank: int, world: int):
+    With `positions_for` TTT steps the batch also carries the objective's gather indices
+    (`speculators.train.objective.counted_positions`), computed here on the host so the
+    device step never waits on a `nonzero`.
+    """
+
+    def __init__(self, ds, steps: Plan, collate, rank: int, world: int, positions_for: int = 0):
         self.ds, self.steps, self.collate, self.rank, self.world = ds, steps, collate, rank, world
+        self.positions_for = positions_for
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def __getitem__(self, s: int) -> dict[str, torch.Tensor]:
         mine = self.steps[s][self.rank :: self.world]
-        return self.collate([self.ds[i] for idx in mine for i in idx])
+        batch = self.collate([self.ds[i] for idx in mine for i in idx])
+        if self.positions_for:
+            from speculators.train.objective import counted_positions
+
+            batch.update(counted_positions(batch["loss_mask"], batch["document_ids"], self.positions_for))
+        return batch
 
 
 @dataclass
@@ -91,6 +107,7 @@ class StepData:
     seed: int
     num_workers: int | None
     store: SampleStore
+    positions_for: int = 0  # TTT steps whose gather indices the loader precomputes (0: the objective does)
 
     @classmethod
     def build(cls, store, cfg, info: DistInfo, batches_per_step: int, dtype: torch.dtype) -> StepData:
@@ -118,7 +135,7 @@ class StepData:
         return cls(train_ds=train_ds, val_ds=val_ds, collate=Eagle3Collator(cfg.total_seq_len, pack=True),
                    train_sampler=train_sampler, val_batches=val_batches, batches_per_step=batches_per_step,
                    steps_per_epoch=steps_per_epoch, info=info, seed=cfg.seed, num_workers=cfg.num_workers,
-                   store=store)
+                   store=store, positions_for=cfg.ttt_steps if cfg.algorithm == "eagle3" else 0)  # TTTObjective's
 
     # ---------------------------------------------------------------- where a step falls
     @property
@@ -157,7 +174,7 @@ class StepData:
         # A store that fetches ahead (online) gets this rank's samples in training order.
         self.store.prefetch([self.train_ds.indices[i] for step in plan for idx in step[r::w] for i in idx])
         return torch.utils.data.DataLoader(
-            _StepBatches(self.train_ds, plan, self.collate, r, w), batch_size=None, shuffle=False,
+            _StepBatches(self.train_ds, plan, self.collate, r, w, self.positions_for), batch_size=None, shuffle=False,
             num_workers=loader_workers(self.num_workers, self.info.device, online=self.store.fetches_ahead),
             pin_memory=self.info.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.seed + epoch),

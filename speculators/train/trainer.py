@@ -8,6 +8,12 @@ position in it follow from the step, speculators.train.step_data):
         train_step (every --eval-every-steps: acceptance); at an epoch's last step end_epoch
         (validate, acceptance, checkpoint); maybe_save
 
+The steady state never waits on the accelerator: a step's stats stay on the device until
+every `--sync-every-steps` steps (and before anything that reads them: an epoch end, an
+acceptance measurement, a checkpoint, the end), when they come to the host in one copy and
+their train records go out; the stop signal is agreed across ranks at those steps only
+(`SyncPolicy`). The records and losses are the same for any N.
+
 A resume is no case of the loop: the `Trainer` starts by loading the checkpoint's state map
 (speculators.train.state: step, best score, epoch stats, RNG, model, optimizer, scheduler)
 through the one `Checkpointer`, then `fit` runs the same loop from that step. Every record
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -40,7 +46,27 @@ from speculators.train.interrupt import StopRequest, signal_name
 from speculators.train.losses import STAT_FIELDS, summarize
 from speculators.train.objective import step_token_counts
 from speculators.train.state import ModelState, OptimizerState, Progress, RngState
-from speculators.train.step_data import to_device
+from speculators.train.step_data import count_tokens, to_device
+
+
+def sync_every(requested: int | None, device: torch.device) -> int:
+    """Steps between host syncs: unset = 1 on the CPU (a sync costs nothing there), 16 on CUDA
+    (an `.item()` per step stalled the H200 between steps: bench/results/train_gpu_2048.json)."""
+    if requested is not None:
+        return requested
+    return 16 if device.type == "cuda" else 1
+
+
+@dataclass
+class _Pending:
+    """Train records whose stats are still on the device (one window between host syncs)."""
+
+    steps: list[tuple[int, float]] = field(default_factory=list)  # (global step, lr)
+    stats: list[torch.Tensor] = field(default_factory=list)
+    tokens: list[torch.Tensor] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.steps)
 
 
 @dataclass(frozen=True)
@@ -73,6 +99,8 @@ class Trainer:
         )
         if c.resume_dir is not None:
             self.checkpointer.load(c.resume_dir)
+        self.sync_every = sync_every(self.cfg.sync_every_steps, self.device)
+        self._pending = _Pending()
         max_steps = self.cfg.max_steps if self.cfg.max_steps is not None else self.data.total_steps
         self.last_step = min(self.data.total_steps, max_steps)
 
@@ -84,13 +112,19 @@ class Trainer:
         self.objective.train()
         self._clock = time.perf_counter()
         with StopRequest() as stop:
-            while self.progress.step < self.last_step and not signum:
-                self.run_step(next(batches))
-                if self.data.is_epoch_end(self.progress.step):
-                    self.end_epoch()
-                signum = self._agreed_stop(stop)
-                self.maybe_save(signum)
-                self._clock = time.perf_counter()
+            try:
+                while self.progress.step < self.last_step and not signum:
+                    self.run_step(next(batches))
+                    if self.data.is_epoch_end(self.progress.step):
+                        self.end_epoch()
+                    signum = self._agreed_stop(stop)
+                    self.maybe_save(signum)
+                    if not self._pending:  # the next window starts here
+                        self._clock = time.perf_counter()
+            except BaseException:
+                self._flush_quietly()  # the steps done before a crash keep their records
+                raise
+        self.flush_records()
         return self.finish(signum)
 
     def announce(self) -> None:
@@ -108,23 +142,53 @@ class Trainer:
             self.sink.note("the checkpoint holds step %d, --max-steps is %d: nothing to train", step, self.cfg.max_steps)
 
     def run_step(self, batch: dict[str, torch.Tensor]) -> None:
-        """One optimizer step and its train record."""
+        """One optimizer step; its train record goes out at the next host sync."""
         stats, tokens = self.train_step(batch)
         self.progress.advance(stats)
-        metrics = summarize(stats, self.cfg.ttt_step_loss_decay)
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
-        metrics["tokens_per_s"] = tokens / max(time.perf_counter() - self._clock, 1e-9)
-        metrics["tokens"] = tokens  # this step's trained tokens (all ranks): the dashboard's tokens axis
         step = self.progress.step
-        self.sink.emit(TrainRecord(epoch=self.data.epoch_of(step), step=step, total_steps=self.data.total_steps,
-                                   metrics=metrics))
+        self._pending.steps.append((step, self.scheduler.get_last_lr()[0]))
+        self._pending.stats.append(stats)
+        self._pending.tokens.append(tokens)
+        if step % self.sync_every == 0:
+            self.flush_records()
         every = self.cfg.eval_every_steps
         if every and step % every == 0 and not self.data.is_epoch_end(step):  # end_epoch measures its own
             self.measure_acceptance()
 
+    def flush_records(self) -> None:
+        """Bring the pending steps' stats to the host in one copy and emit their train records.
+
+        `tokens_per_s` is the window's tokens over its wall time (data loading included): with
+        one step per window, that step's own rate.
+        """
+        pending, self._pending = self._pending, _Pending()
+        if not pending:
+            return
+        n = len(pending)
+        flat = torch.cat([torch.stack(pending.stats).flatten(),
+                          torch.stack([t.to(self.device) for t in pending.tokens]).float()])
+        host = flat.cpu()  # the one device sync of the window
+        stats, tokens = host[: -n].view(n, *pending.stats[0].shape), host[-n:]
+        rate = float(tokens.sum()) / max(time.perf_counter() - self._clock, 1e-9)
+        for (step, lr), s, tok in zip(pending.steps, stats, tokens.tolist()):
+            metrics = summarize(s, self.cfg.ttt_step_loss_decay)
+            metrics["lr"] = lr
+            metrics["tokens_per_s"] = rate
+            metrics["tokens"] = tok  # this step's trained tokens (all ranks): the dashboard's tokens axis
+            self.sink.emit(TrainRecord(epoch=self.data.epoch_of(step), step=step, total_steps=self.data.total_steps,
+                                       metrics=metrics))
+        self._clock = time.perf_counter()
+
+    def _flush_quietly(self) -> None:
+        try:
+            self.flush_records()
+        except Exception:  # noqa: BLE001 - the original error is the one to raise
+            pass
+
     def end_epoch(self) -> None:
         """Validate, measure acceptance, score the epoch by --best-by (validation loss, else its
         training loss; or mean acceptance length) and checkpoint it."""
+        self.flush_records()
         step = self.progress.step
         epoch = self.data.epoch_of(step)
         val = self.validate()
@@ -145,6 +209,7 @@ class Trainer:
         Every rank takes part (gathering the full weights is a collective under FSDP); rank 0 decodes."""
         if self.acceptance is None:
             return None
+        self.flush_records()
         result = self.acceptance.measure(self.model_state.state_dict())
         step = self.progress.step
         self.sink.emit(AcceptanceRecord(epoch=self.data.epoch_of(step), step=step, **asdict(result)))
@@ -160,6 +225,7 @@ class Trainer:
                   else "interval" if every and step % every == 0 else None)
         if reason is None:
             return
+        self.flush_records()
         epoch = self.data.epoch_of(step)
         path = self.checkpointer.save(ckpt.mid_epoch_name(epoch, step), is_best=False)
         self.sink.emit(StepCheckpointRecord(epoch=epoch, step=step, path=str(path), reason=reason))
@@ -183,7 +249,17 @@ class Trainer:
         return self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps
 
     def _agreed_stop(self, stop: StopRequest) -> int | None:
-        """The stop signal if any rank got one (all ranks must stop at the same step)."""
+        """The stop signal if any rank got one (all ranks must stop at the same step).
+
+        One process: the signal itself, no device op. Several: a collective, so only at the
+        steps every rank syncs at (`--sync-every-steps`) and at epoch ends; a signal between
+        them stops the run at the next such step.
+        """
+        if not self.info.distributed:
+            return stop.signum or None
+        step = self.progress.step
+        if step % self.sync_every and not self.data.is_epoch_end(step) and step < self.last_step:
+            return None
         flag = torch.tensor(float(stop.signum or 0), device=self.device)
         flag = all_reduce_max(flag, self.info)
         return int(flag.item()) or None
@@ -200,9 +276,10 @@ class Trainer:
         return counts / self.info.world_size
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        """Forward, backward, clip, AdamW and LR step; returns the step's stats summed over ranks and its tokens."""
+        """Forward, backward, clip, AdamW and LR step; returns the step's stats summed over ranks and
+        its tokens (a 0-d tensor), both left where they are (no host sync)."""
+        tokens = count_tokens(batch)  # on the host batch, before the copy: no device sync
         batch = to_device(batch, self.device, self.data_dtype)
-        tokens = torch.tensor(float((batch["document_ids"] != -1).sum()), device=self.device)
         denominators = self._denominators(batch)
         loss, stats = self._forward(batch, denominators)
         loss.backward()
@@ -212,8 +289,9 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         stats = all_reduce_sum(stats.detach().float(), self.info)
-        tokens = all_reduce_sum(tokens, self.info)
-        return stats, float(tokens)
+        if self.info.distributed:
+            tokens = all_reduce_sum(tokens.to(self.device, non_blocking=True), self.info)
+        return stats, tokens
 
     @torch.no_grad()
     def validate(self) -> dict[str, float] | None:
