@@ -92,3 +92,12 @@ def test_cli_prints_the_report(cap, capsys):
     cap.main()
     out = capsys.readouterr().out
     assert "## A run of 500,000 samples" in out and "When offline beats online" in out
+
+
+def test_doc_shows_the_calculator_output(cap):
+    """docs/scaling.md pastes `python bench/capacity.py` (headings one level down): rerun it and
+    paste again when a result file or a formula changes."""
+    doc = (BENCH.parent / "docs" / "scaling.md").read_text()
+    for line in cap.report().splitlines():
+        line = "#### " + line[3:] if line.startswith("## ") else line
+        assert line in doc, line
