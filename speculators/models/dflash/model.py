@@ -28,9 +28,9 @@ from torch import nn
 
 from speculators.errors import UserError
 from speculators.models.dflash.config import DFlashConfig
-from speculators.models.eagle3.model import MLP, RMSNorm, RotaryEmbedding, apply_rope, is_identity_mapping
+from speculators.models.eagle3.model import MLP, RMSNorm, RotaryEmbedding, apply_rope
+from speculators.models.weights_io import export_tensors, read_weights, write_weights
 
-WEIGHTS_NAME = "model.safetensors"
 
 
 class DFlashAttention(nn.Module):
@@ -156,35 +156,19 @@ class DFlashDraftModel(nn.Module):
 
     # ------------------------------------------------------------ save / load
     def export_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
-        """Tensors under vLLM's names; an identity vocab mapping is left out (vLLM refuses a
-        ``d2t`` for a full-vocabulary draft), ``t2d`` always (vLLM skips it)."""
-        state = self.state_dict() if state is None else state
-        out = {k: v.detach().contiguous() for k, v in state.items() if not k.startswith("rotary.")}
-        if is_identity_mapping(out.get("d2t"), out.get("t2d"), self.config.vocab_size):
-            out.pop("d2t", None)
-            out.pop("t2d", None)
-        return out
+        """Tensors under vLLM's names (`weights_io.export_tensors`; vLLM skips ``t2d``)."""
+        return export_tensors(self.state_dict() if state is None else state, self.config.vocab_size)
 
     def save_pretrained(self, directory: str | Path, state: dict | None = None) -> Path:
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory)
-        tensors = {k: v.cpu() for k, v in self.export_state_dict(state).items()}
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        return directory
+        return write_weights(directory, self.export_state_dict(state))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> DFlashDraftModel:
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        model = cls(DFlashConfig.load(directory))
-        path = directory / WEIGHTS_NAME
-        if not path.is_file():
-            raise UserError(f"{path}: not found; the checkpoint directory must hold {WEIGHTS_NAME}")
-        state = load_file(str(path), device=str(map_location))
+        model = cls(DFlashConfig.load(Path(directory)))
+        path, state = read_weights(directory, map_location)
         if "d2t" not in state and model.config.draft_vocab_size == model.config.vocab_size:
             state["d2t"], state["t2d"] = model.d2t.clone(), model.t2d.clone()
         missing, unexpected = model.load_state_dict(state, strict=False)

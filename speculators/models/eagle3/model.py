@@ -31,8 +31,8 @@ from speculators.models.eagle3.attention import (
 )
 from speculators.models.eagle3.config import Eagle3Config
 from speculators.models.eagle3.ttt_mask import context_mask, shift_tokens
+from speculators.models.weights_io import export_tensors, read_weights, write_weights
 
-WEIGHTS_NAME = "model.safetensors"
 
 
 class RMSNorm(nn.Module):
@@ -371,39 +371,21 @@ class Eagle3DraftModel(nn.Module):
 
     # ------------------------------------------------------------ save / load
     def export_state_dict(self, state: dict | None = None) -> dict[str, torch.Tensor]:
-        """Tensors under the names vLLM's eagle3 loader expects (rotary buffers excluded).
-
-        An identity vocab mapping (draft vocab == verifier vocab) is left out: vLLM
-        creates no ``draft_id_to_target_id`` then and refuses a ``d2t`` tensor.
-        """
-        state = self.state_dict() if state is None else state
-        out = {k: v.detach().contiguous() for k, v in state.items() if not k.startswith("rotary.")}
-        if is_identity_mapping(out.get("d2t"), out.get("t2d"), self.config.vocab_size):
-            out.pop("d2t", None)
-            out.pop("t2d", None)
-        return out
+        """Tensors under the names vLLM's eagle3 loader expects (`weights_io.export_tensors`)."""
+        return export_tensors(self.state_dict() if state is None else state, self.config.vocab_size)
 
     def save_pretrained(self, directory: str | Path, state: dict | None = None) -> Path:
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory)
-        tensors = {k: v.cpu() for k, v in self.export_state_dict(state).items()}
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        return directory
+        return write_weights(directory, self.export_state_dict(state))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Eagle3DraftModel:
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         config = Eagle3Config.load(directory)
         model = cls(config)
-        path = directory / WEIGHTS_NAME
-        if not path.is_file():
-            raise UserError(f"{path}: not found; the checkpoint directory must hold {WEIGHTS_NAME}")
-        state = load_file(str(path), device=str(map_location))
+        path, state = read_weights(directory, map_location)
         if "embed_tokens.weight" not in state and config.verifier_name_or_path:
             # Checkpoints may leave out the (frozen, verifier-copied) embedding.
             from speculators.verifier import load_verifier_weights, read_verifier_config
@@ -435,18 +417,6 @@ def ttt_window(window: int, step: int) -> int:
     if window - step < 1:
         raise UserError(f"sliding_window {window} must exceed the TTT steps ({step + 1} or more)")
     return window - step
-
-
-def is_identity_mapping(d2t: torch.Tensor | None, t2d: torch.Tensor | None, vocab_size: int) -> bool:
-    """True when draft id ``i`` is verifier id ``i`` for the whole verifier vocabulary."""
-    if d2t is None or t2d is None:
-        return False
-    return (
-        d2t.numel() == vocab_size
-        and t2d.numel() == vocab_size
-        and not bool(d2t.ne(0).any())
-        and bool(t2d.bool().all())
-    )
 
 
 def logits_to_target_vocab(logits: torch.Tensor, d2t: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -154,7 +154,8 @@ def convert_specforge(source: str | Path, output: str | Path, verifier: str, spe
     from safetensors.torch import save_file
 
     from speculators.models.eagle3.config import Eagle3Config
-    from speculators.models.eagle3.model import WEIGHTS_NAME, Eagle3DraftModel
+    from speculators.models.eagle3.model import Eagle3DraftModel
+    from speculators.models.weights_io import WEIGHTS_NAME
     from speculators.verifier import load_verifier_weights, read_verifier_config
 
     output = Path(output)
