@@ -10,7 +10,8 @@
 #
 # Left out on purpose, because the GPU machine's image has them (it runs our trainer, which
 # needs them too): torch, transformers and what transformers pulls (numpy, tokenizers,
-# huggingface-hub, safetensors, regex, pyyaml, tqdm, filelock, fsspec, packaging).
+# huggingface-hub, safetensors, regex, pyyaml, tqdm, filelock, packaging). fsspec is carried: `datasets`
+# pins an upper bound that a newer fsspec on the machine may not meet.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 OUT="${PUBLIC_WHEELS:-$HERE/public-wheels}"
@@ -35,7 +36,7 @@ DL=("$PY" -m pip download --quiet --dest "$OUT" --only-binary=:all: --python-ver
 "${DL[@]}" "${REQS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
 # Drop what the GPU image already has (pip download resolved their dependencies too).
 for skip in torch transformers numpy tokenizers huggingface_hub safetensors regex PyYAML pyyaml tqdm filelock \
-            fsspec packaging nvidia_ triton sympy networkx jinja2 MarkupSafe mpmath hf_xet setuptools; do
+            packaging nvidia_ triton sympy networkx jinja2 MarkupSafe mpmath hf_xet setuptools; do
   rm -f "$OUT"/"$skip"-*.whl "$OUT"/"$skip"*.whl
 done
 du -sh "$OUT"

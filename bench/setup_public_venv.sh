@@ -32,6 +32,12 @@ if [[ "${PUBLIC_OFFLINE:-}" == 1 ]]; then
   fi
   [[ -d "$WHEELS" ]] || { echo "no package index and no $WHEELS(.tar.xz) (bench/pack_public_wheels.sh)" >&2; exit 1; }
   "$PY" -m venv --system-site-packages "$VENV"
+  # --system-site-packages sees the base interpreter's packages only: when "$PY" is itself a
+  # venv (or conda env) holding torch, its site directories are added by a .pth file, after
+  # the new venv's own (so the public package installed here wins over any other speculators).
+  SITE_DIRS="$("$PY" -c 'import sys; print("\n".join(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))))')"
+  VENV_SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  printf '%s\n' "$SITE_DIRS" > "$VENV_SITE/_machine_site_packages.pth"
   PIP=("$VENV/bin/python" -m pip install --quiet --no-index --find-links "$WHEELS")
   "${PIP[@]}" --no-deps "speculators==$PUBLIC_VERSION" "hs-connectors==$PUBLIC_VERSION"
   mapfile -t REQS < "$HERE/public_requirements.txt"
