@@ -106,3 +106,23 @@ def test_measure_speedup_serves_both_and_reports_the_engines_figures(tmp_path, m
         assert vllm_cats[cat]["num_prompts"] == torch_cats[cat]["num_prompts"]
         assert abs(vllm_cats[cat]["mean_acceptance_length"] - torch_cats[cat]["mean_acceptance_length"]) \
             <= ACCEPTANCE_TOLERANCE
+
+
+def test_sigterm_handling_is_scoped_to_the_measurement():
+    """`eval --measure-speedup` turns SIGTERM into an exit only while its servers run (so they are
+    stopped); a caller in the same process gets its own handler back."""
+    import signal
+
+    from speculators.vllm.readiness import sigterm_as_exit
+
+    mine = lambda signum, frame: None  # noqa: E731
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        with sigterm_as_exit():
+            assert signal.getsignal(signal.SIGTERM) is not mine
+            with pytest.raises(SystemExit) as stop:
+                signal.raise_signal(signal.SIGTERM)
+            assert stop.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)

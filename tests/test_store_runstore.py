@@ -419,11 +419,22 @@ def test_a_stage_alive_elsewhere_cannot_be_claimed_until_its_heartbeat_is_stale(
 def _processes(target, args_for, n):
     import multiprocessing
 
+    import sys
+    import types
+
     ctx = multiprocessing.get_context("spawn")
     barrier, out = ctx.Barrier(n), ctx.Queue()
     procs = [ctx.Process(target=target, args=(*args_for(i), barrier, out)) for i in range(n)]
-    for p in procs:
-        p.start()
+    # A spawned child first re-runs the parent's __main__; in a whole-suite run Streamlit's AppTest
+    # leaves a dashboard page script there, which fails outside Streamlit. The targets live in an
+    # importable module (tests.support.store_writers), so the children need no __main__ at all.
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        sys.modules["__main__"] = main
     for p in procs:
         p.join(120)  # a process that failed exits at once (its error is in the output)
     assert [p.exitcode for p in procs] == [0] * n

@@ -14,7 +14,7 @@ def run_speedup(args, indices=None) -> dict[str, Any]:
     from speculators.errors import UserError
     from speculators.evaluate.runner import load_prompt_set_of
     from speculators.vllm.launch import api_key_from_env, has_cuda, installed_vllm_version
-    from speculators.vllm.readiness import exit_on_sigterm
+    from speculators.vllm.readiness import sigterm_as_exit
     from speculators.vllm.serve import read_speculator_config, resolve_checkpoint
     from speculators.vllm.speedup import (
         LoadSettings,
@@ -76,10 +76,10 @@ def run_speedup(args, indices=None) -> dict[str, Any]:
                      concurrent=concurrent)
     prompt_set = load_prompt_set_of(args.data, pair.verifier, num_prompts, indices, args.max_prompt_len,
                                     args.skip_samples, args.data_seed, args.seq_length, args.data_format_version)
-    exit_on_sigterm()
-    baseline, speculative = run_pair(pair, prompt_set.prompts, load, api_key, args.ready_timeout,
-                                     Path(args.server_log_dir) if args.server_log_dir else None,
-                                     prompt_set.categories, concurrent=concurrent)
+    with sigterm_as_exit():
+        baseline, speculative = run_pair(pair, prompt_set.prompts, load, api_key, args.ready_timeout,
+                                         Path(args.server_log_dir) if args.server_log_dir else None,
+                                         prompt_set.categories, concurrent=concurrent)
     return build_speedup_report(baseline, speculative, load, len(prompt_set.prompts), interleaved=concurrent,
                                 checkpoint=str(ckpt),
                                 verifier=pair.verifier, data=str(args.data), vllm_version=version)

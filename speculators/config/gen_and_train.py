@@ -82,8 +82,9 @@ class GenTrainConfig(TypedSettings):
 
     def run_settings(self) -> RunSettings:
         """The pipeline as the run schema the stage builder reads (offline: hidden states on disk)."""
+        # eval_prompts is the eval stage's prompt count here, not the trainer's acceptance probe
         shared = {n: getattr(self, n) for n in RunSettings.model_fields if n in type(self).model_fields
-                  and n not in ("name", "model")}
+                  and n not in ("name", "model", "eval_prompts")}
         return RunSettings(name=self.name or self.work_path.name, model=self.model, dataset=self.data,
                            mode="offline", **shared)
 
@@ -93,7 +94,7 @@ class GenTrainConfig(TypedSettings):
         wanted = {"datagen": (DatagenConfig, {"backend": self.datagen_backend,
                                               "tensor_parallel_size": self.tensor_parallel_size,
                                               "gpu_memory_utilization": self.gpu_memory_utilization}),
-                  "train": (TrainConfig, {"logger": self.logger, "checkpoint_every_steps": self.checkpoint_every_steps})}
+                  "train": (TrainConfig, {"logger": self.logger})}  # checkpoint_every_steps: a run setting
         if stage not in wanted:
             return {}
         model, values = wanted[stage]

@@ -116,11 +116,17 @@ def train_config_for(run: RunSettings, paths: StagePaths, verifier_url: str | No
         epochs=run.epochs, lr=run.lr, ttt_steps=run.ttt_steps, num_layers=run.num_layers,
         d2t_path=str(paths.vocab / "d2t.npy"), t2d_path=str(paths.vocab / "t2d.npy"),
         draft_vocab_size=run.draft_vocab_size, total_seq_len=run.packed_len, seed=run.seed, run_name=run.name,
+    )
+    # The run's own training options (acceptance, checkpoints, algorithm, optimizer, loss) are
+    # set only where they differ from the trainer's default: left at it, they stay free for the
+    # `extra` train flags gen-and-train passes through (`stage_config` refuses a clash).
+    options = dict(
         eval_every_steps=run.eval_every_steps, eval_prompts=run.eval_prompts, eval_max_tokens=run.eval_max_tokens,
         eval_data=run.eval_data or None, best_by=run.best_by, checkpoint_every_steps=run.checkpoint_every_steps,
         algorithm=run.algorithm, optimizer=run.optimizer, loss=run.loss,
         gradient_checkpointing=run.gradient_checkpointing,
     )
+    values.update({k: v for k, v in options.items() if v != TrainConfig.model_fields[k].default})
     if run.online:
         url = run.vllm_endpoint or verifier_url
         if not url:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import subprocess
 import time
 from typing import Callable
@@ -98,7 +100,8 @@ def wait_until_ready(
 
 
 def exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so `finally` blocks stop the server we started."""
+    """Turn SIGTERM into SystemExit so `finally` blocks stop the server we started (for the rest
+    of the process: a command's own entry; library code uses `sigterm_as_exit`)."""
     import signal
     import threading
 
@@ -107,6 +110,24 @@ def exit_on_sigterm() -> None:
             raise SystemExit(128 + signum)
 
         signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """`exit_on_sigterm` for the block only: the previous SIGTERM handler is back afterwards, so
+    a caller in the same process (a test, a notebook) keeps its own."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    exit_on_sigterm()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class ManagedServer:
