@@ -17,14 +17,13 @@ Anchors: every start that counts for slot 1, or a random ``num_anchors`` of them
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from speculators.models.dflash.model import DFlashDraftModel
 from speculators.models.eagle3.ttt_mask import step_valid_positions
 from speculators.train.lm_head_kl import check_loss_options, lm_head_kl
 from speculators.train.losses import step_stats
-from speculators.train.verifier import VerifierHead
+from speculators.train.verifier import VerifierHead, verifier_targets
 
 
 def pick_anchors(valid: torch.Tensor, num_anchors: int, generator: torch.Generator | None = None
@@ -87,12 +86,7 @@ class DFlashObjective(nn.Module):
         normed = self.draft.blocks(batch["hidden_states"], ctx_pos, ids, pos, ctx_visible)  # [B, N, bs, H]
 
         tgt_pos = ((loss_mask != 0) & (docs != -1)).flatten().nonzero().squeeze(1)
-        with torch.no_grad():
-            last = batch["verifier_last_hidden_states"].flatten(0, 1)[tgt_pos]
-            tgt_logp = F.log_softmax(self.verifier_head(last).float(), dim=-1)
-            tgt_arg = tgt_logp.argmax(-1)
-        rowmap = torch.full((b * t,), -1, dtype=torch.long, device=dev)
-        rowmap[tgt_pos] = torch.arange(tgt_pos.numel(), device=dev)
+        tgt_logp, tgt_arg, rowmap = verifier_targets(self.verifier_head, batch["verifier_last_hidden_states"], tgt_pos)
 
         flat_anchor = (anchors + torch.arange(b, device=dev)[:, None] * t)  # [B, N] flat start index
         hidden, positions, rows, weights = [], [], [], []

@@ -7,7 +7,6 @@ parameters inside one `forward`, which is what FSDP2 needs to gather/free them.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from speculators.models.eagle3.model import Eagle3DraftModel
@@ -15,7 +14,7 @@ from speculators.train.divergences import LK_ETA_DEFAULT, check_loss
 from speculators.train.lm_head_kl import check_loss_options, lm_head_kl
 from speculators.train.losses import step_stats
 from speculators.models.eagle3.ttt_mask import step_valid_positions
-from speculators.train.verifier import VerifierHead
+from speculators.train.verifier import VerifierHead, verifier_targets
 
 
 def step_token_counts(loss_mask: torch.Tensor, document_ids: torch.Tensor, ttt_steps: int) -> torch.Tensor:
@@ -65,17 +64,11 @@ class TTTObjective(nn.Module):
         """
         loss_mask, docs = batch["loss_mask"], batch["document_ids"]
         b, t = loss_mask.shape
-        dev = loss_mask.device
         # Verifier targets only where some step can count them.
         tgt_pos = batch.get("target_positions")
         if tgt_pos is None:
             tgt_pos = ((loss_mask != 0) & (docs != -1)).flatten().nonzero().squeeze(1)
-        with torch.no_grad():
-            last = batch["verifier_last_hidden_states"].flatten(0, 1)[tgt_pos]
-            tgt_logp = F.log_softmax(self.verifier_head(last).float(), dim=-1)
-            tgt_arg = tgt_logp.argmax(-1)
-        rowmap = torch.full((b * t,), -1, dtype=torch.long, device=dev)
-        rowmap[tgt_pos] = torch.arange(tgt_pos.numel(), device=dev)
+        tgt_logp, tgt_arg, rowmap = verifier_targets(self.verifier_head, batch["verifier_last_hidden_states"], tgt_pos)
 
         steps = self.draft.iter_ttt(
             batch["hidden_states"], batch["input_ids"], docs, batch["position_ids"], ttt_steps

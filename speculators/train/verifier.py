@@ -32,3 +32,19 @@ class VerifierHead(nn.Module):
         x = last_hidden.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.norm_weight * x) @ self.weight.t()
+
+
+def verifier_targets(head: "VerifierHead", last_hidden: torch.Tensor, positions: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The verifier's targets at the flat `positions` of `last_hidden [B, T, H]` (no gradient):
+    `(log_probs [P, V_draft] float32, argmax [P], rowmap [B*T])`, where `rowmap` gives each flat
+    position its row in the targets (-1 where none was computed). Every objective reads them so."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logp = F.log_softmax(head(last_hidden.flatten(0, 1)[positions]).float(), dim=-1)
+        arg = logp.argmax(-1)
+    rowmap = torch.full((last_hidden.shape[0] * last_hidden.shape[1],), -1, dtype=torch.long,
+                        device=positions.device)
+    rowmap[positions] = torch.arange(positions.numel(), device=positions.device)
+    return logp, arg, rowmap
