@@ -34,6 +34,8 @@ from speculators.data import data_config as _data_config
 
 from speculators.cli import main
 
+from tests.support.constant_draft import varied_verifier
+
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 LAYERS = [1, 3, 6]  # custom aux layers, deliberately not the defaults [2, 4, 5]
@@ -72,25 +74,12 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def verifier(work) -> Path:
-    from speculators.tiny.builders import build_tiny_verifier
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
     # hidden 128 / 4 heads: head_dim 32, the smallest vLLM's CPU attention runs.
-    path = build_tiny_verifier(work / "verifier", arch="llama", hidden_size=128, num_layers=8)
     # Tiny verifiers (random or briefly pretrained) repeat one token forever under greedy
     # decoding, which any draft predicts: acceptance 4.0 on both sides proves little. Matrices
     # drawn with std 0.05 give greedy text with short cycles and breaks: a draft learns part
     # of it, so acceptance lands between 1 and K + 1 and a disagreement would show.
-    model = AutoModelForCausalLM.from_pretrained(path)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.ndim == 2:
-                weight.copy_(torch.randn(weight.shape, generator=gen) * 0.05)
-    model.save_pretrained(path)
-    return path
+    return varied_verifier(work / "verifier", hidden_size=128, num_layers=8)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import torch
 
 
 def varied_verifier(path: Path, hidden_size: int = 64, num_layers: int = 8) -> Path:
-    """The tiny Llama with matrices drawn at std 0.05 (as tests/test_real_vllm.py's): greedy
+    """The tiny Llama with matrices drawn at std 0.05 (tests/test_real_vllm.py's verifier too): greedy
     text with a repeated token or a short cycle that differs by prompt."""
     from transformers import AutoModelForCausalLM
 
