@@ -24,7 +24,7 @@ def stage_argv(spec: RunSettings, stage: str, paths: StagePaths, *, python: str 
     after writing its settings file (`speculators.config.stages.stage_launch`); GPU training
     runs under torchrun, one trainer per GPU; one node of a multi-node train stage
     (`rendezvous`) runs torchrun with one trainer per GPU, or one on the CPU."""
-    procs = spec.gpus if spec.gpus >= 1 else (1 if rendezvous is not None else None)
+    procs = spec.gpus if spec.gpus >= 1 else None
     return stage_launch(spec, stage, paths, python=python, torchrun_procs=procs, verifier_url=verifier_url,
                         rendezvous=rendezvous)
 
