@@ -89,7 +89,8 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
         outcome, value = multinode.gather(factory, settings, run_id=run_id, stage_id=stage_id, attempt=attempt,
                                           nnodes=spec.nodes, worker=worker, host=host, queue=gpu_queue(spec.gpus))
         if outcome != "ready":
-            status, why = ("cancelled", "cancelled by the user") if outcome == "cancelled" else ("failed", str(value))
+            cancelled = outcome == "cancelled"
+            status, why = ("cancelled", "cancelled by the user") if cancelled else ("failed", str(value))
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a", encoding="utf-8") as fh:
                 fh.write(f"{'error: ' if status == 'failed' else ''}{why}\n")
