@@ -122,7 +122,7 @@ def test_node_0_names_the_node_that_failed_or_went_missing(store_url):
     with factory() as s:
         nodes.end_node(s, nodes.node(s, stage_id, attempt, 1).id, nodes.FAILED, "RuntimeError: gloo connection reset")
     assert multinode.failure_message(factory, stage_id, attempt, "exit code 1", settle_s=0) == (
-        "node 1 (worker gpu0@b on host host-b) failed: RuntimeError: gloo connection reset")
+        "node 1 (worker gpu0@b on host host-b) failed: RuntimeError: gloo connection reset; node 0: exit code 1")
 
 
 # ------------------------------------------------------------------ node 0 alone

@@ -133,14 +133,14 @@ def peer_problem(factory: sessionmaker[Session], stage_id: int, attempt: int, ra
 
 def failure_message(factory: sessionmaker[Session], stage_id: int, attempt: int, own_error: str,
                     settle_s: float = 10.0) -> str:
-    """Node 0's trainer failed: name the node behind it when another node failed or went
-    missing (its worker reports within `settle_s`; a dead one has stopped beating), else
-    node 0's own error."""
+    """Node 0's trainer failed: the trainers of all nodes end together, so name another node
+    that failed or went missing (its worker reports within `settle_s`; a dead one has stopped
+    beating) beside node 0's own error; which came first is not known here."""
     deadline = time.monotonic() + settle_s
     while True:
         why = peer_problem(factory, stage_id, attempt, 0, stale_after_s=min(node_stale_s(), 3 * HEARTBEAT_S + 2))
         if why:
-            return why
+            return f"{why}; node 0: {own_error}"
         if time.monotonic() >= deadline:
             return own_error
         time.sleep(POLL_S)

@@ -135,8 +135,9 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
             return multinode.peer_problem(factory, stage_id, attempt, 0)
     status, lost = _watch(store, run_id, stage_id, proc, tail, JsonlTail(progress_path), check=check)
     if node_id is not None:
-        store(lambda s: nodes.end_node(s, node_id, nodes.ENDED if status == "exited" and proc.returncode == 0
-                                       else nodes.FAILED))
+        ended = status == "cancelled" or (status == "exited" and proc.returncode == 0)
+        store(lambda s: nodes.end_node(s, node_id, nodes.ENDED if ended else nodes.FAILED,
+                                       "cancelled by the user" if status == "cancelled" else lost))
     if status == "cancelled":
         store(lambda s: stages.finish_stage(s, run_id, stage_name, "cancelled", "cancelled by the user"))
         return "cancelled"
