@@ -179,7 +179,7 @@ def run(a) -> dict:
                 entry["dataset_collate_tokens_per_s"] = tokens / min(t)
                 entry["step_input_samples_per_s"] = a.samples / min(t_ready)
                 entry["step_input_tokens_per_s"] = tokens / min(t_ready)
-                entry["batch_hidden_bytes_per_token"] = batch_bytes(batch) / (a.seq_len - 1)
+                entry["batch_hidden_bytes_per_token"] = batch_bytes(batch) / batch["input_ids"].numel()
                 del batch, ready
             results["layouts"][name] = entry
             log(
