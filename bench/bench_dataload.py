@@ -172,8 +172,7 @@ def run(a) -> dict:
                     t.append(time.perf_counter() - start)
                     start = time.perf_counter()
                     for i in order:
-                        ready = to_device(collate([ds[i]]), cpu, torch.bfloat16)
-                        ready["hidden_states"].sum()
+                        ready = to_device(collate([ds[i]]), cpu, torch.bfloat16)  # eager: done on return
                     t_ready.append(time.perf_counter() - start)
                 entry["dataset_collate_samples_per_s"] = a.samples / min(t)
                 entry["dataset_collate_tokens_per_s"] = tokens / min(t)

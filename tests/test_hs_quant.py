@@ -72,13 +72,17 @@ def test_quantise_matches_a_brute_force_nearest_value_and_the_scale_is_exact():
     assert dequantise_rows(q, scale).dtype == torch.bfloat16
 
 
-def test_fp8_to_float_is_exact_for_every_bit_pattern():
-    from speculators.data.hs_quant import fp8_to_float
+@pytest.mark.parametrize("name", ["fp8_to_float", "fp8_bits_to_float"])
+def test_fp8_to_float_is_exact_for_every_bit_pattern(name):
+    from speculators.data import hs_quant
 
+    convert = getattr(hs_quant, name)
     every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
     finite = ~every.float().isnan()
-    assert torch.equal(fp8_to_float(every)[finite], every.float()[finite])
-    assert sorted(set(fp8_to_float(every)[finite].double().tolist())) == e4m3_values().tolist()
+    got = convert(every)[finite]
+    assert torch.equal(got.view(torch.int32), every.float()[finite].view(torch.int32))  # -0 stays -0
+    assert torch.equal(got.view(torch.int32), hs_quant.fp8_to_float(every)[finite].view(torch.int32))
+    assert sorted(set(got.double().tolist())) == e4m3_values().tolist()
 
 
 def test_recorded_dtype_names_and_bytes_per_token():

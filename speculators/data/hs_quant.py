@@ -53,6 +53,17 @@ def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.bfloat16).float().mul_(2.0 ** 120)
 
 
+def fp8_bits_to_float(q: torch.Tensor) -> torch.Tensor:
+    """`fp8_to_float` in three in-place passes instead of six (2-3x faster on this CPU build; the
+    batch path's converter): sign-extending the byte to int16 and shifting it left by 4 puts the
+    sign at bit 15 and the 7 exponent/mantissa bits at bits 4-10; masking the rest leaves the same
+    bf16 bits as `fp8_to_float`. Exact for every finite e4m3 pattern (tests/test_hs_quant.py)."""
+    b = q.view(torch.int8).to(torch.int16)
+    b <<= 4
+    b &= 0x87F0 - 0x10000  # 0x87F0 as an int16
+    return b.view(torch.bfloat16).float().mul_(2.0 ** 120)
+
+
 def dequantise_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = READ_DTYPE) -> torch.Tensor:
     """``q * scale`` (per row, in float32) in ``dtype``."""
     return fp8_to_float(q).mul_(scale.float().unsqueeze(-1)).to(dtype)
@@ -144,15 +155,15 @@ def dequantise_groups(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
     then one rounding to ``dtype``), in one pass of tensor ops over the whole batch.
 
     ``native`` (default: on CUDA) converts with torch's own e4m3 kernel, exact and fast there;
-    otherwise `fp8_to_float`'s bit moves (faster on the CPU). They differ only on the NaN pattern,
-    which `quantise_rows` never writes for finite input."""
+    otherwise `fp8_bits_to_float`'s bit moves (faster on the CPU). They differ only on the NaN
+    pattern, which `quantise_rows` never writes for finite input."""
     groups = scale.shape[-1]
     if q.shape[:-1] != scale.shape[:-1] or groups == 0 or q.shape[-1] % groups:
         raise ValueError(f"fp8 payload {tuple(q.shape)} does not fit its scales {tuple(scale.shape)}")
     if native is None:
         native = q.device.type == "cuda"
     q8 = q.view(FP8) if q.dtype == torch.uint8 else q
-    x = q8.float() if native else fp8_to_float(q8)
+    x = q8.float() if native else fp8_bits_to_float(q8)
     x = x.view(*q.shape[:-1], groups, q.shape[-1] // groups).mul_(scale.float().unsqueeze(-1))
     return x.to(dtype).view(q.shape)
 
