@@ -284,3 +284,14 @@ def test_a_batch_mixing_fp8_and_unscaled_samples_is_dequantised_on_the_host(tmp_
     for k in want:
         assert torch.equal(mixed[k], want[k]) and torch.equal(payload[k], want[k]), k
     assert set(payload) == set(want)
+
+
+def test_eval_and_acceptance_prompts_of_an_fp8_store_are_those_of_its_bf16_source(hs_data, tmp_path):
+    """Prompts need only the tokens: read as stored (no dequantisation), the same as from bf16."""
+    from speculators.evaluate.runner import prompts_from_samples
+    from speculators.train.acceptance import heldout_prompts
+
+    fp8 = _reencode(hs_data, tmp_path / "fp8", "fp8")
+    want = prompts_from_samples(hs_data)
+    assert want and prompts_from_samples(fp8) == want
+    assert heldout_prompts(open_sample_store(fp8), range(12), 5) == heldout_prompts(open_sample_store(hs_data), range(12), 5)
