@@ -15,7 +15,9 @@ dequantises fp8 on the host), with the page cache warm (data read once before) a
 `Eagle3Dataset` + collator throughput (shift + concat: what a DataLoader worker does), the
 same followed by the trainer's `to_device` on the CPU in bf16 (what a training step really
 waits for: fp8 is dequantised there), the bytes per token of the collated batch (what
-crosses to the accelerator) and disk bytes per token.
+crosses to the accelerator) and disk bytes per token. For fp8 the same two figures are also
+taken with the samples dequantised per sample in the loader (``host_dequant_*``, how fp8 was
+read before it went to the device as stored), alternating with the new path in one process.
 
 ``--hidden-states-dtypes bf16,fp8`` measures each storage (`--hidden-states-dtype` of datagen;
 fp8 is the bf16 data re-encoded with `speculators.data.hs_quant`, the public layout only for bf16).
@@ -100,6 +102,20 @@ def reencode(src: Path, dst: Path, storage: str) -> Path:
     return dst
 
 
+class HostDequantised:
+    """A store whose training reads are dequantised per sample on the host (`load`), the way the
+    loader did before fp8 went to the device as stored: the baseline, in the same process."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def load_stored(self, i: int) -> dict:
+        return self.store.load(i)
+
+
 def batch_bytes(batch: dict) -> int:
     """Bytes of a collated batch's hidden-state tensors (values and scales) before `to_device`."""
     return sum(v.numel() * v.element_size() for k, v in batch.items() if "hidden_states" in k)
@@ -161,24 +177,29 @@ def run(a) -> dict:
             entry["cold_all_samples_per_s"] = [r["samples_per_s"] for r in colds]
             entry["warm_all_samples_per_s"] = [r["samples_per_s"] for r in warms]
             if name != "public":
-                ds = Eagle3Dataset(store, max_len=a.seq_len)
                 collate = Eagle3Collator(a.seq_len)
-                t, t_ready = [], []
+                sides = {"": Eagle3Dataset(store, max_len=a.seq_len)}
+                if "fp8" in name:  # the same data dequantised per sample in the loader, as before
+                    sides["host_dequant_"] = Eagle3Dataset(HostDequantised(store), max_len=a.seq_len)
+                t: dict = {k: [] for k in sides}
+                t_ready: dict = {k: [] for k in sides}
                 cpu = torch.device("cpu")
-                for _ in range(a.repeats):
-                    start = time.perf_counter()
-                    for i in order:
-                        batch = collate([ds[i]])
-                    t.append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    for i in order:
-                        ready = to_device(collate([ds[i]]), cpu, torch.bfloat16)  # eager: done on return
-                    t_ready.append(time.perf_counter() - start)
-                entry["dataset_collate_samples_per_s"] = a.samples / min(t)
-                entry["dataset_collate_tokens_per_s"] = tokens / min(t)
-                entry["step_input_samples_per_s"] = a.samples / min(t_ready)
-                entry["step_input_tokens_per_s"] = tokens / min(t_ready)
-                entry["batch_hidden_bytes_per_token"] = batch_bytes(batch) / batch["input_ids"].numel()
+                for _ in range(a.repeats):  # the two sides alternate, so load changes hit both
+                    for side, ds in sides.items():
+                        start = time.perf_counter()
+                        for i in order:
+                            batch = collate([ds[i]])
+                        t[side].append(time.perf_counter() - start)
+                        start = time.perf_counter()
+                        for i in order:
+                            ready = to_device(collate([ds[i]]), cpu, torch.bfloat16)  # eager: done on return
+                        t_ready[side].append(time.perf_counter() - start)
+                        entry[f"{side}batch_hidden_bytes_per_token"] = batch_bytes(batch) / batch["input_ids"].numel()
+                for side in sides:
+                    entry[f"{side}dataset_collate_samples_per_s"] = a.samples / min(t[side])
+                    entry[f"{side}dataset_collate_tokens_per_s"] = tokens / min(t[side])
+                    entry[f"{side}step_input_samples_per_s"] = a.samples / min(t_ready[side])
+                    entry[f"{side}step_input_tokens_per_s"] = tokens / min(t_ready[side])
                 del batch, ready
             results["layouts"][name] = entry
             log(
@@ -188,6 +209,8 @@ def run(a) -> dict:
                 + (f" | loader {fmt(entry['dataset_collate_samples_per_s'])} samples/s, + to_device "
                    f"{fmt(entry['step_input_samples_per_s'])} samples/s, batch "
                    f"{fmt(entry['batch_hidden_bytes_per_token'])} B/token" if name != "public" else "")
+                + (f" | host-dequantised loader {fmt(entry['host_dequant_dataset_collate_samples_per_s'])}, + to_device "
+                   f"{fmt(entry['host_dequant_step_input_samples_per_s'])} samples/s" if "fp8" in name else "")
             )
         results["convert_seconds"] = convert_s
         results["params"] = {
