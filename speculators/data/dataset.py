@@ -16,11 +16,11 @@ what the verifier predicts from position ``t+1``::
 
 `Eagle3Collator` packs shifted samples into ``[B, total_seq_len]`` rows and adds
 ``document_ids`` (-1 on padding) for a block-diagonal attention mask.
+`PackedBatchSampler` chooses index groups that fill a fixed number of rows.
 
 fp8 stores (`speculators.data.hs_quant`) are read as stored (`SampleStore.load_stored`): the
 shift and the collator move the e4m3 bits (uint8) and their per-row scales, and the trainer's
 ``to_device`` dequantises after the copy, so DataLoader workers never do.
-`PackedBatchSampler` chooses index groups that fill a fixed number of rows.
 """
 
 from __future__ import annotations

@@ -154,8 +154,9 @@ def read_pt_sample(
     ``schema`` None checks the layout only (an online cache whose dimensions are not known yet).
 
     fp8 files (`speculators.data.hs_quant`) are served dequantised to bf16 (``decode=False``: as
-    stored, with their ``hidden_states_scale``, for a converter and the training loader). ``storage``, when given, is what
-    the store's data_config.json records; a file that disagrees is corrupt."""
+    stored, with their ``hidden_states_scale``, for a converter and the training loader).
+    ``storage``, when given, is what the store's data_config.json records; a file that disagrees
+    is corrupt."""
     try:
         # mmap: tensors are views of the page cache; the Dataset's shift copies them once.
         sample = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
