@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from runstore import deployments, metrics, runs, stages
 from runstore.db import retry_unreachable
+from runstore.models import ACTIVE_RUN
 from runstore.settings import Settings
 from speculators import process
 from speculators.config.run import RunSettings
@@ -34,7 +35,7 @@ HEARTBEAT_S = 1.0
 
 def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: str, stage_name: str,
                   *, worker: str, dispatch=None) -> str:
-    """Returns succeeded | failed | cancelled | skipped | blocked."""
+    """Returns succeeded | failed | cancelled | skipped | blocked | stale."""
     with factory() as s:
         run = runs.get_run(s, run_id)
         if run is None:
@@ -45,6 +46,11 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
         stage = stages.get_stage(s, run_id, stage_name)
         if stage is None or stage.status == "succeeded":
             return "skipped"
+        if run.status not in ACTIVE_RUN:
+            # a message delivered again for a run that has ended (failed, interrupted): the
+            # broker hands a running stage's message out again when its connection drops
+            # (worker.celery_app); only Resume, which queues the run anew, runs it again
+            return "stale"
         if stage.worker != worker and stages.any_live(s, run_id, stage_id=stage.id):
             return "blocked"  # a duplicate message; the stage runs elsewhere
         if any(x.status != "succeeded" for x in run.stages if x.position < stage.position):

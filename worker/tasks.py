@@ -44,7 +44,9 @@ def run_stage(self, run_id: str, stage: str) -> str:
         return result
     if result == "failed":
         raise StageFailed(f"run {run_id}: stage {stage} failed")
-    raise Ignore()  # cancelled, or a duplicate of a stage running elsewhere: end the chain quietly
+    # cancelled, a duplicate of a stage running elsewhere, or a message for a run that has
+    # ended (delivered again after a broker restart): end the chain quietly
+    raise Ignore()
 
 
 @worker_ready.connect
