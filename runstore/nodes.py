@@ -4,7 +4,8 @@ and whether each node is still there.
 The worker that claims the stage (`stages.start_stage`) is node 0: it writes one row per node
 rank for the attempt (`open_nodes`), its own filled in. Every other worker handed the stage
 claims a free rank with one conditional UPDATE (`claim_node`: of two workers after the same
-rank one wins, on SQLite and PostgreSQL alike, as with stage claims). Node 0 publishes the
+rank one wins, on SQLite and PostgreSQL alike, as with stage claims; a worker repeating its
+claim gets the rank it holds). Node 0 publishes the
 rendezvous address (`publish`), each node beats (`beat`), ends (`end_node`), and node 0 reads
 the others (`nodes_of`) to see who is missing.
 """
@@ -52,7 +53,15 @@ def nodes_of(session: Session, stage_id: int, attempt: int) -> list[StageNode]:
 
 def claim_node(session: Session, stage_id: int, attempt: int, *, worker: str, host: str | None) -> int | None:
     """Take the lowest free node rank of the attempt for `worker`; its rank, or None when every
-    rank is taken (or node 0 has not opened the attempt). One conditional UPDATE per rank."""
+    rank is taken (or node 0 has not opened the attempt). One conditional UPDATE per rank.
+    Idempotent per worker and attempt: a rank this worker already claimed and has not started
+    (a claim repeated after its reply was lost to a database restart) is returned again, never
+    a second one; a worker whose node of the attempt already ran or ended gets None."""
+    held = session.execute(select(StageNode.node_rank, StageNode.status).where(
+        StageNode.stage_id == stage_id, StageNode.attempt == attempt, StageNode.worker == worker)
+        .order_by(StageNode.node_rank)).first()
+    if held is not None:
+        return held.node_rank if held.status == JOINED else None
     ranks = session.scalars(select(StageNode.node_rank).where(
         StageNode.stage_id == stage_id, StageNode.attempt == attempt, StageNode.status == FREE)
         .order_by(StageNode.node_rank)).all()

@@ -105,6 +105,21 @@ def test_node_ranks_are_claimed_once_each(store_url):
         assert nodes.claim_node(s, stage_id, attempt + 1, worker="late", host="h") is None  # no such attempt
 
 
+def test_a_repeated_claim_keeps_the_rank_the_worker_holds(store_url):
+    """A claim repeated by the same worker (its first reply lost) gets the same rank, never a
+    second one; once that node has run, the worker gets none for the attempt."""
+    factory = open_store(store_url)
+    stage_id, attempt = _stage(factory)
+    with factory() as s:
+        nodes.open_nodes(s, stage_id, attempt, 3, worker="w0", host="h0")
+        assert [nodes.claim_node(s, stage_id, attempt, worker="w1", host="h") for _ in range(3)] == [1, 1, 1]
+        assert nodes.claim_node(s, stage_id, attempt, worker="w2", host="h") == 2
+        nodes.end_node(s, nodes.node(s, stage_id, attempt, 1).id, nodes.ENDED)
+        assert nodes.claim_node(s, stage_id, attempt, worker="w1", host="h") is None
+        assert [(r.node_rank, r.worker, r.status) for r in nodes.nodes_of(s, stage_id, attempt)] == [
+            (0, "w0", "joined"), (1, "w1", "ended"), (2, "w2", "joined")]
+
+
 def test_node_0_names_the_node_that_failed_or_went_missing(store_url):
     factory = open_store(store_url)
     stage_id, attempt = _stage(factory, nnodes=2)

@@ -150,30 +150,74 @@ def join(factory: sessionmaker[Session], settings: Settings, run_id: str, *, wor
          python: str | None = None) -> str:
     """A joining message: claim a free node rank of the stage's running attempt, wait for node
     0's rendezvous, run this node's torchrun until it ends, the stage ends or a cancel comes.
-    Returns `node` (this node ran) or `skipped` (no attempt to join: a message left over)."""
+    Returns `node` (this node ran) or `skipped` (no attempt to join: a message left over).
+    Every store access goes through the retrying wrapper (worker.runner.storing): a database
+    restart while this node waits or trains delays it, never ends its task; the claim is
+    idempotent (nodes.claim_node), so a claim repeated after a lost reply keeps one rank."""
+    store = JoinerStore(factory, settings.db_url)
     host = socket.gethostname()
     deadline = time.monotonic() + join_wait_s()
     while True:
-        with factory() as s:
-            run = runs.get_run(s, run_id)
-            if run is None:
-                return "skipped"
-            s.refresh(run)
-            if run.cancel_requested:
-                return "skipped"
-            stage = stages.get_stage(s, run_id, "train")
-            if stage is not None and stage.status == StageStatus.RUNNING and stage.worker != worker:
-                stage_id, attempt = stage.id, stage.attempts
-                rank = nodes.claim_node(s, stage_id, attempt, worker=worker, host=host)
-                if rank is not None:
-                    spec, work_dir = RunSettings.from_dict(run.spec), run.work_dir
-                    own_id = nodes.node(s, stage_id, attempt, rank).id
-                    break
+        found = store(lambda s: _try_claim(s, run_id, worker, host))
+        if found == "skipped":
+            return "skipped"
+        if found is not None:
+            break
         if time.monotonic() >= deadline:
             return "skipped"
         time.sleep(POLL_S)
-    return _run_node(factory, settings, run_id, spec, StagePaths(Path(work_dir)), stage_id=stage_id,
+    stage_id, attempt, rank, own_id, spec, work_dir = found
+    return _run_node(store, settings, run_id, spec, StagePaths(Path(work_dir)), stage_id=stage_id,
                      attempt=attempt, rank=rank, node_id=own_id, worker=worker, python=python)
+
+
+def _try_claim(s: Session, run_id: str, worker: str, host: str):
+    """One look at the run: "skipped" (nothing to join), None (not yet, or no free rank), or
+    (stage id, attempt, rank, node row id, spec, work dir) once this worker holds a rank."""
+    run = runs.get_run(s, run_id)
+    if run is None:
+        return "skipped"
+    s.refresh(run)
+    if run.cancel_requested:
+        return "skipped"
+    stage = stages.get_stage(s, run_id, "train")
+    if stage is None or stage.status != StageStatus.RUNNING or stage.worker == worker:
+        return None
+    rank = nodes.claim_node(s, stage.id, stage.attempts, worker=worker, host=host)
+    if rank is None:
+        return None
+    own_id = nodes.node(s, stage.id, stage.attempts, rank).id
+    return stage.id, stage.attempts, rank, own_id, RunSettings.from_dict(run.spec), run.work_dir
+
+
+class JoinerStore:
+    """`store(fn)` of worker.runner.storing for a joining node, remembering when the database
+    last came back from an outage: node 0 could not beat meanwhile either, so its heartbeat is
+    judged stale only once `node_stale_s` has passed since then (`lead_gone`)."""
+
+    def __init__(self, factory: sessionmaker[Session], url: str) -> None:
+        from worker.runner import storing  # worker.runner imports this module
+
+        self._store = storing(factory, url)
+        self.back_at = float("-inf")
+
+    def __call__(self, fn: Callable[[Session], object]) -> object:
+        tries = 0
+
+        def counted(s: Session) -> object:
+            nonlocal tries
+            tries += 1
+            if tries > 1:  # a retry: the database was away until now (or still is)
+                self.back_at = time.monotonic()
+            return fn(s)
+
+        return self._store(counted)
+
+    def lead_gone(self, lead) -> bool:
+        """Node 0's row is missing, or stale with the store answering for `node_stale_s`."""
+        if lead is None:
+            return True
+        return nodes.is_stale(lead, node_stale_s()) and time.monotonic() - self.back_at >= node_stale_s()
 
 
 def _attempt_over(s: Session, stage_id: int, attempt: int) -> bool:
@@ -186,22 +230,25 @@ def _attempt_over(s: Session, stage_id: int, attempt: int) -> bool:
     return stage.status != StageStatus.RUNNING or stage.attempts != attempt
 
 
-def _run_node(factory: sessionmaker[Session], settings: Settings, run_id: str, spec: RunSettings,
+def _run_node(store: JoinerStore, settings: Settings, run_id: str, spec: RunSettings,
               paths: StagePaths, *, stage_id: int, attempt: int, rank: int, node_id: int, worker: str,
               python: str | None) -> str:
     # wait for node 0's rendezvous address, beating meanwhile
+    def wait_step(s: Session):
+        nodes.beat(s, node_id)
+        if _attempt_over(s, stage_id, attempt) or stages.cancel_requested(s, run_id):
+            nodes.end_node(s, node_id, nodes.ENDED, "the stage ended before training started")
+            return "over", None
+        return "lead", nodes.node(s, stage_id, attempt, 0)
+
     while True:
-        with factory() as s:
-            nodes.beat(s, node_id)
-            if _attempt_over(s, stage_id, attempt) or stages.cancel_requested(s, run_id):
-                nodes.end_node(s, node_id, nodes.ENDED, "the stage ended before training started")
-                return "node"
-            lead = nodes.node(s, stage_id, attempt, 0)
+        what, lead = store(wait_step)
+        if what == "over":
+            return "node"
         if lead is not None and lead.address:
             break
-        if lead is None or nodes.is_stale(lead, node_stale_s()):
-            with factory() as s:
-                nodes.end_node(s, node_id, nodes.ENDED, "node 0 went away before training started")
+        if store.lead_gone(lead):
+            store(lambda s: nodes.end_node(s, node_id, nodes.ENDED, "node 0 went away before training started"))
             return "node"
         time.sleep(POLL_S)
     rdzv = Rendezvous(nnodes=spec.nodes, endpoint=lead.address, rdzv_id=rdzv_id(run_id, attempt), is_host=False,
@@ -210,14 +257,13 @@ def _run_node(factory: sessionmaker[Session], settings: Settings, run_id: str, s
     try:
         verifier_url = None
         if spec.mode in ("online", "hybrid") and not spec.vllm_endpoint:
-            from worker.runner import _verifier_url
+            from worker.runner import verifier_url_in
 
-            verifier_url = _verifier_url(factory, run_id)
+            verifier_url = store(lambda s: verifier_url_in(s, run_id))
         kwargs = {"python": python} if python else {}
         argv = stage_argv(spec, "train", paths, verifier_url=verifier_url, rendezvous=rdzv, **kwargs)
     except ValueError as exc:
-        with factory() as s:
-            nodes.end_node(s, node_id, nodes.FAILED, str(exc))
+        store(lambda s: nodes.end_node(s, node_id, nodes.FAILED, str(exc)))
         return "node"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as fh:
@@ -227,24 +273,22 @@ def _run_node(factory: sessionmaker[Session], settings: Settings, run_id: str, s
         proc = process.start(argv, log=log_path, cwd=paths.work_dir, env=procs.child_env(settings.train_threads),
                              lifeline=process.Lifeline.COMMAND)
     except OSError as exc:
-        with factory() as s:
-            nodes.end_node(s, node_id, nodes.FAILED, f"could not start {argv[0]}: {exc}")
+        store(lambda s: nodes.end_node(s, node_id, nodes.FAILED, f"could not start {argv[0]}: {exc}"))
         return "node"
-    with factory() as s:
-        nodes.beat(s, node_id, nodes.RUNNING)
-    stop_reason = watch_node(factory, proc, node_id=node_id, beat_check=lambda s: _joiner_check(
-        s, run_id, stage_id, attempt))
-    with factory() as s:
-        if stop_reason:
-            nodes.end_node(s, node_id, nodes.ENDED, stop_reason)
-        elif proc.returncode == 0:
-            nodes.end_node(s, node_id, nodes.ENDED)
-        else:
-            nodes.end_node(s, node_id, nodes.FAILED, procs.error_summary(log_path, proc.returncode))
+    store(lambda s: nodes.beat(s, node_id, nodes.RUNNING))
+    stop_reason = watch_node(store, proc, node_id=node_id, beat_check=lambda s: _joiner_check(
+        s, store, run_id, stage_id, attempt))
+    if stop_reason:
+        status, error = nodes.ENDED, stop_reason
+    elif proc.returncode == 0:
+        status, error = nodes.ENDED, None
+    else:
+        status, error = nodes.FAILED, procs.error_summary(log_path, proc.returncode)
+    store(lambda s: nodes.end_node(s, node_id, status, error))
     return "node"
 
 
-def _joiner_check(s: Session, run_id: str, stage_id: int, attempt: int) -> str | None:
+def _joiner_check(s: Session, store: JoinerStore, run_id: str, stage_id: int, attempt: int) -> str | None:
     """Why a joining node must stop its trainer now, or None."""
     if stages.cancel_requested(s, run_id):
         return "cancelled by the user"
@@ -254,23 +298,26 @@ def _joiner_check(s: Session, run_id: str, stage_id: int, attempt: int) -> str |
         if s.get(Stage, stage_id).status == StageStatus.SUCCEEDED:
             return None  # node 0's trainer ended well: this one is finishing too
         return "the stage ended on node 0"
-    lead = nodes.node(s, stage_id, attempt, 0)
-    if lead is None or nodes.is_stale(lead, node_stale_s()):
+    if store.lead_gone(nodes.node(s, stage_id, attempt, 0)):
         return "node 0 stopped answering"
     return None
 
 
-def watch_node(factory: sessionmaker[Session], proc: process.Process, *, node_id: int,
+def watch_node(store: Callable[[Callable[[Session], object]], object], proc: process.Process, *, node_id: int,
                beat_check: Callable[[Session], str | None]) -> str | None:
     """Beat this node's row every second while its trainer runs; stop the trainer when
-    `beat_check` gives a reason (returned), else return None once it exits."""
+    `beat_check` gives a reason (returned), else return None once it exits. `store` runs each
+    beat (worker.runner.storing: retried while the database is away, the trainer going on)."""
     last = 0.0
     while proc.poll() is None:
         if time.monotonic() - last >= HEARTBEAT_S:
             last = time.monotonic()
-            with factory() as s:
+
+            def beat_and_check(s: Session) -> str | None:
                 nodes.beat(s, node_id)
-                why = beat_check(s)
+                return beat_check(s)
+
+            why = store(beat_and_check)
             if why:
                 proc.stop(grace_s=10.0)
                 return why

@@ -215,8 +215,13 @@ def _watch(store: Store, run_id: str, stage_id: int, proc: process.Process, tail
 
 def _verifier_url(factory, run_id: str) -> str | None:
     with factory() as s:
-        dep = deployments.latest_deployment(s, run_id, kind="verifier")
-        return dep.endpoint if dep is not None and dep.status == "up" else None
+        return verifier_url_in(s, run_id)
+
+
+def verifier_url_in(s: Session, run_id: str) -> str | None:
+    """The URL of the run's own verifier deployment while it is up, else None."""
+    dep = deployments.latest_deployment(s, run_id, kind="verifier")
+    return dep.endpoint if dep is not None and dep.status == "up" else None
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
