@@ -24,7 +24,12 @@ FREE, JOINED, RUNNING, ENDED, FAILED = "free", "joined", "running", "ended", "fa
 
 def open_nodes(session: Session, stage_id: int, attempt: int, nnodes: int, *, worker: str,
                host: str | None) -> StageNode:
-    """Node 0's row (this worker) and free rows for ranks 1..nnodes-1 of the attempt."""
+    """Node 0's row (this worker) and free rows for ranks 1..nnodes-1 of the attempt.
+    Idempotent for the same worker: a call repeated after its reply was lost to a database
+    restart returns the row the first one wrote."""
+    held = node(session, stage_id, attempt, 0)
+    if held is not None and held.worker == worker:
+        return held
     now = utcnow()
     session.add(StageNode(stage_id=stage_id, attempt=attempt, node_rank=0, status=JOINED, worker=worker,
                           host=host, heartbeat_at=now))

@@ -111,7 +111,10 @@ def test_a_repeated_claim_keeps_the_rank_the_worker_holds(store_url):
     factory = open_store(store_url)
     stage_id, attempt = _stage(factory)
     with factory() as s:
-        nodes.open_nodes(s, stage_id, attempt, 3, worker="w0", host="h0")
+        first = nodes.open_nodes(s, stage_id, attempt, 3, worker="w0", host="h0")
+        # node 0 opening again (its reply lost to a database restart) keeps the rows it wrote
+        assert nodes.open_nodes(s, stage_id, attempt, 3, worker="w0", host="h0").id == first.id
+        assert len(nodes.nodes_of(s, stage_id, attempt)) == 3
         assert [nodes.claim_node(s, stage_id, attempt, worker="w1", host="h") for _ in range(3)] == [1, 1, 1]
         assert nodes.claim_node(s, stage_id, attempt, worker="w2", host="h") == 2
         nodes.end_node(s, nodes.node(s, stage_id, attempt, 1).id, nodes.ENDED)
@@ -126,17 +129,18 @@ def test_node_0_names_the_node_that_failed_or_went_missing(store_url):
     with factory() as s:
         nodes.open_nodes(s, stage_id, attempt, 2, worker="gpu0@a", host="host-a")
         assert nodes.claim_node(s, stage_id, attempt, worker="gpu0@b", host="host-b") == 1
-    assert multinode.peer_problem(factory, stage_id, attempt, 0) is None
-    assert multinode.failure_message(factory, stage_id, attempt, "exit code 1", settle_s=0) == "exit code 1"
+    store = multinode.JoinerStore(factory, store_url)
+    assert multinode.peer_problem(store, stage_id, attempt, 0) is None
+    assert multinode.failure_message(store, stage_id, attempt, "exit code 1", settle_s=0) == "exit code 1"
     with factory() as s:  # node 1's worker stopped beating 40 s ago
         row = nodes.node(s, stage_id, attempt, 1)
         row.heartbeat_at = utcnow() - timedelta(seconds=40)
         s.commit()
-    assert multinode.peer_problem(factory, stage_id, attempt, 0, stale_after_s=30) == (
+    assert multinode.peer_problem(store, stage_id, attempt, 0, stale_after_s=30) == (
         "node 1 (worker gpu0@b on host host-b) is missing: no heartbeat for 30 s (its worker or host stopped)")
     with factory() as s:
         nodes.end_node(s, nodes.node(s, stage_id, attempt, 1).id, nodes.FAILED, "RuntimeError: gloo connection reset")
-    assert multinode.failure_message(factory, stage_id, attempt, "exit code 1", settle_s=0) == (
+    assert multinode.failure_message(store, stage_id, attempt, "exit code 1", settle_s=0) == (
         "node 1 (worker gpu0@b on host host-b) failed: RuntimeError: gloo connection reset; node 0: exit code 1")
 
 

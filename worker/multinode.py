@@ -75,23 +75,26 @@ def waiting_message(nnodes: int, queue: str, rows: list) -> str:
             f"start {nnodes - len(joined)} more worker(s) taking queue {queue}, or cancel the run")
 
 
-def gather(factory: sessionmaker[Session], settings: Settings, *, run_id: str, stage_id: int, attempt: int,
+def gather(store: JoinerStore, settings: Settings, *, run_id: str, stage_id: int, attempt: int,
            nnodes: int, worker: str, host: str, queue: str) -> tuple[str, object]:
     """Node 0: open the attempt's node rows, wait for the other nodes' workers, publish the
-    rendezvous. ("ready", (Rendezvous, node id)), ("failed", message) or ("cancelled", None)."""
-    with factory() as s:
-        own = nodes.open_nodes(s, stage_id, attempt, nnodes, worker=worker, host=host)
-        node_id = own.id
+    rendezvous. ("ready", (Rendezvous, node id)), ("failed", message) or ("cancelled", None).
+    Every store access goes through `store` (retried while the database is away); right after
+    an outage a joined node gets `SPEC_NODE_STALE_S` to beat again before it counts as gone."""
+    node_id = store(lambda s: nodes.open_nodes(s, stage_id, attempt, nnodes, worker=worker, host=host).id)
     deadline = time.monotonic() + settings.nodes_wait_s
     last_note = ""
+
+    def look(s: Session):
+        rows = nodes.nodes_of(s, stage_id, attempt)
+        nodes.beat(s, node_id)
+        return rows, stages.heartbeat(s, stage_id)
+
     while True:
-        with factory() as s:
-            rows = nodes.nodes_of(s, stage_id, attempt)
-            nodes.beat(s, node_id)
-            cancelled = stages.heartbeat(s, stage_id)
+        rows, cancelled = store(look)
         if cancelled:
             return "cancelled", None
-        gone = [r for r in rows if r.node_rank and r.status != nodes.FREE and nodes.is_stale(r, node_stale_s())]
+        gone = [r for r in rows if r.node_rank and r.status != nodes.FREE and store.gone(r, node_stale_s())]
         if all(r.status != nodes.FREE for r in rows) and not gone:
             break
         note = waiting_message(nnodes, queue, [r for r in rows if r not in gone])
@@ -102,43 +105,45 @@ def gather(factory: sessionmaker[Session], settings: Settings, *, run_id: str, s
                               f"queue {queue} (or ask for fewer nodes), then press Resume")
         if note != last_note:
             last_note = note
-            with factory() as s:
-                stages.note_stage(s, stage_id, note)
+            store(lambda s: stages.note_stage(s, stage_id, note))
         time.sleep(POLL_S)
     address = address_of(settings)
     endpoint = f"{address}:{free_port(address)}"
-    with factory() as s:
+
+    def announce(s: Session) -> None:
         nodes.publish(s, node_id, endpoint)
         stages.note_stage(s, stage_id, f"training on {nnodes} nodes, rendezvous at {endpoint}")
+
+    store(announce)
     rdzv = Rendezvous(nnodes=nnodes, endpoint=endpoint, rdzv_id=rdzv_id(run_id, attempt), is_host=True,
                       local_addr=settings.worker_address or None)
     return "ready", (rdzv, node_id)
 
 
-def peer_problem(factory: sessionmaker[Session], stage_id: int, attempt: int, rank: int,
+def peer_problem(store: JoinerStore, stage_id: int, attempt: int, rank: int,
                  stale_after_s: float | None = None) -> str | None:
-    """What is wrong with another node of the attempt (failed, or no heartbeat), or None."""
+    """What is wrong with another node of the attempt (failed, or no heartbeat), or None. Read
+    through `store`: after a database outage the others get `stale_after_s` to beat again."""
     stale = node_stale_s() if stale_after_s is None else stale_after_s
-    with factory() as s:
-        rows = nodes.nodes_of(s, stage_id, attempt)
+    rows = store(lambda s: nodes.nodes_of(s, stage_id, attempt))
     for row in rows:
         if row.node_rank == rank:
             continue
         if row.status == nodes.FAILED:
             return f"{nodes.describe(row)} failed: {row.error or 'no message'}"
-        if row.status != nodes.ENDED and nodes.is_stale(row, stale):
+        if row.status != nodes.ENDED and store.gone(row, stale):
             return f"{nodes.describe(row)} is missing: no heartbeat for {stale:.0f} s (its worker or host stopped)"
     return None
 
 
-def failure_message(factory: sessionmaker[Session], stage_id: int, attempt: int, own_error: str,
+def failure_message(store: JoinerStore, stage_id: int, attempt: int, own_error: str,
                     settle_s: float = 10.0) -> str:
     """Node 0's trainer failed: the trainers of all nodes end together, so name another node
     that failed or went missing (its worker reports within `settle_s`; a dead one has stopped
     beating) beside node 0's own error; which came first is not known here."""
     deadline = time.monotonic() + settle_s
     while True:
-        why = peer_problem(factory, stage_id, attempt, 0, stale_after_s=min(node_stale_s(), 3 * HEARTBEAT_S + 2))
+        why = peer_problem(store, stage_id, attempt, 0, stale_after_s=min(node_stale_s(), 3 * HEARTBEAT_S + 2))
         if why:
             return f"{why}; node 0: {own_error}"
         if time.monotonic() >= deadline:
@@ -191,9 +196,10 @@ def _try_claim(s: Session, run_id: str, worker: str, host: str):
 
 
 class JoinerStore:
-    """`store(fn)` of worker.runner.storing for a joining node, remembering when the database
-    last came back from an outage: node 0 could not beat meanwhile either, so its heartbeat is
-    judged stale only once `node_stale_s` has passed since then (`lead_gone`)."""
+    """`store(fn)` of worker.runner.storing for a node of a multi-node stage (node 0 and the
+    joining ones), remembering when the database last came back from an outage: the other
+    nodes could not beat meanwhile either, so a node's heartbeat is judged stale only once the
+    staleness limit has passed since then as well (`gone`, `lead_gone`)."""
 
     def __init__(self, factory: sessionmaker[Session], url: str) -> None:
         from worker.runner import storing  # worker.runner imports this module
@@ -213,11 +219,13 @@ class JoinerStore:
 
         return self._store(counted)
 
+    def gone(self, row, stale_after_s: float) -> bool:
+        """`row`'s node has not beaten for `stale_after_s`, the store answering all that time."""
+        return nodes.is_stale(row, stale_after_s) and time.monotonic() - self.back_at >= stale_after_s
+
     def lead_gone(self, lead) -> bool:
         """Node 0's row is missing, or stale with the store answering for `node_stale_s`."""
-        if lead is None:
-            return True
-        return nodes.is_stale(lead, node_stale_s()) and time.monotonic() - self.back_at >= node_stale_s()
+        return lead is None or self.gone(lead, node_stale_s())
 
 
 def _attempt_over(s: Session, stage_id: int, attempt: int) -> bool:

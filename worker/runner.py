@@ -89,10 +89,13 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
             return "failed"
 
     rendezvous = node_id = None
+    # node 0 of a multi-node stage: every store access retried through an outage, the other
+    # nodes given time to beat again after one (worker.multinode.JoinerStore)
+    store = multinode.JoinerStore(factory, settings.db_url) if multi else storing(factory, settings.db_url)
     if multi:
         from worker.celery_app import gpu_queue
 
-        outcome, value = multinode.gather(factory, settings, run_id=run_id, stage_id=stage_id, attempt=attempt,
+        outcome, value = multinode.gather(store, settings, run_id=run_id, stage_id=stage_id, attempt=attempt,
                                           nnodes=spec.nodes, worker=worker, host=host, queue=gpu_queue(spec.gpus))
         if outcome != "ready":
             cancelled = outcome == "cancelled"
@@ -100,8 +103,7 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a", encoding="utf-8") as fh:
                 fh.write(f"{'error: ' if status == 'failed' else ''}{why}\n")
-            with factory() as s:
-                stages.finish_stage(s, run_id, stage_name, status, why)
+            store(lambda s: stages.finish_stage(s, run_id, stage_name, status, why))
             return status
         rendezvous, node_id = value
 
@@ -129,16 +131,14 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
         with factory() as s:
             stages.finish_stage(s, run_id, stage_name, "failed", f"could not start {argv[0]}: {exc}")
         return "failed"
-    with factory() as s:
-        stages.set_stage_pid(s, stage_id, proc.pid)
+    store(lambda s: stages.set_stage_pid(s, stage_id, proc.pid))
 
     tail = JsonlTail(paths.metrics) if stage_name == "train" else None
-    store = storing(factory, settings.db_url)
     check = None
     if node_id is not None:  # node 0 also beats its node row and watches the other nodes
         def check() -> str | None:
             store(lambda s: nodes.beat(s, node_id))
-            return multinode.peer_problem(factory, stage_id, attempt, 0)
+            return multinode.peer_problem(store, stage_id, attempt, 0)
     status, lost = _watch(store, run_id, stage_id, proc, tail, JsonlTail(progress_path), check=check)
     if node_id is not None:
         ended = status == "cancelled" or (status == "exited" and proc.returncode == 0)
@@ -156,7 +156,7 @@ def execute_stage(factory: sessionmaker[Session], settings: Settings, run_id: st
     else:
         error = procs.error_summary(log_path, rc)
         if node_id is not None:  # the trainers fail together: name the node that failed first
-            error = multinode.failure_message(factory, stage_id, attempt, error)
+            error = multinode.failure_message(store, stage_id, attempt, error)
     store(lambda s: stages.finish_stage(s, run_id, stage_name, "failed", error))
     return "failed"
 
