@@ -9,10 +9,18 @@ Compares, on the same synthetic samples:
 * `public`      - the public package's layout (`hs_<i>.safetensors`, one per sample) read
                   the way its `FileTransfer` does (`safetensors.torch.load_file`), for scale.
 
-For each: samples/s and MB/s (hidden-state bytes delivered), with the page cache warm
-(data read once before) and cold (our files evicted with posix_fadvise DONTNEED, which
-touches only these files), plus `Eagle3Dataset` + collator throughput (shift + concat,
-what a training step really waits for), and disk bytes per token.
+For each: samples/s and MB/s (hidden-state bytes delivered by `store.load`, which
+dequantises fp8 on the host), with the page cache warm (data read once before) and cold
+(our files evicted with posix_fadvise DONTNEED, which touches only these files), plus
+`Eagle3Dataset` + collator throughput (shift + concat: what a DataLoader worker does), the
+same followed by the trainer's `to_device` on the CPU in bf16 (what a training step really
+waits for: fp8 is dequantised there), the bytes per token of the collated batch (what
+crosses to the accelerator) and disk bytes per token. For fp8 the same two figures are also
+taken with the samples dequantised per sample in the loader (``host_dequant_*``, how fp8 was
+read before it went to the device as stored), alternating with the new path in one process.
+
+``--hidden-states-dtypes bf16,fp8`` measures each storage (`--hidden-states-dtype` of datagen;
+fp8 is the bf16 data re-encoded with `speculators.data.hs_quant`, the public layout only for bf16).
 
     python bench/bench_dataload.py --hidden 1024 --seq-len 2048 --samples 32
 """
@@ -28,6 +36,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -76,24 +86,66 @@ def public_loader(directory: Path):
     return load
 
 
+def reencode(src: Path, dst: Path, storage: str) -> Path:
+    """`src` (a bf16 pt store) written again with `storage` hidden states, as datagen would."""
+    from speculators.data import data_config as dc
+    from speculators.data.formats import open_sample_store, write_pt_sample
+    from speculators.data.hs_quant import RECORDED_NAME
+
+    store = open_sample_store(src)
+    dst.mkdir(parents=True)
+    for i in range(len(store)):
+        write_pt_sample(dst, store.sample_indices[i], store.load(i), storage=storage)
+    config = dict(store.config)
+    config["hidden_states_dtype"] = RECORDED_NAME[storage]
+    dc.write(dst / "data_config.json", config)
+    return dst
+
+
+class HostDequantised:
+    """A store whose training reads are dequantised per sample on the host (`load`), the way the
+    loader did before fp8 went to the device as stored: the baseline, in the same process."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def load_stored(self, i: int) -> dict:
+        return self.store.load(i)
+
+
+def batch_bytes(batch: dict) -> int:
+    """Bytes of a collated batch's hidden-state tensors (values and scales) before `to_device`."""
+    return sum(v.numel() * v.element_size() for k, v in batch.items() if "hidden_states" in k)
+
+
 def run(a) -> dict:
     from speculators.data.dataset import Eagle3Collator, Eagle3Dataset
     from speculators.data.formats import convert_pt_to_safetensors, open_sample_store
+    from speculators.train.step_data import to_device
 
     root = Path(tempfile.mkdtemp(prefix="bench-dataload-", dir=a.tmp))
     try:
         src = root / "pt"
         log(f"writing {a.samples} synthetic samples H={a.hidden} K={a.layers} L={a.seq_len} bf16 to {src}")
         write_v1_dataset(src, a.samples, a.seq_len, a.hidden, vocab_size=32000, num_layers=a.layers, seed=0)
-        t0 = time.perf_counter()
-        convert_pt_to_safetensors(src, root / "st", shard_tokens=a.shard_tokens)
-        convert_s = time.perf_counter() - t0
-        layouts = {"pt": src, "safetensors": root / "st"}
-        if a.public:
-            from to_public_format import convert
+        layouts: dict = {}
+        convert_s = {}
+        for storage in a.hidden_states_dtypes.split(","):
+            pt = src if storage == "bf16" else reencode(src, root / f"pt-{storage}", storage)
+            suffix = "" if storage == "bf16" else f"-{storage}"
+            t0 = time.perf_counter()
+            convert_pt_to_safetensors(pt, root / f"st{suffix}", shard_tokens=a.shard_tokens)
+            convert_s[storage] = time.perf_counter() - t0
+            layouts[f"pt{suffix}"] = pt
+            layouts[f"safetensors{suffix}"] = root / f"st{suffix}"
+            if a.public and storage == "bf16":
+                from to_public_format import convert
 
-            convert(src, root / "public")
-            layouts["public"] = root / "public"
+                convert(src, root / "public")
+                layouts["public"] = root / "public"
         tokens = a.samples * a.seq_len
         results: dict = {"layouts": {}}
         rng = random.Random(0)
@@ -125,27 +177,45 @@ def run(a) -> dict:
             entry["cold_all_samples_per_s"] = [r["samples_per_s"] for r in colds]
             entry["warm_all_samples_per_s"] = [r["samples_per_s"] for r in warms]
             if name != "public":
-                ds = Eagle3Dataset(store, max_len=a.seq_len)
                 collate = Eagle3Collator(a.seq_len)
-                t = []
-                for _ in range(a.repeats):
-                    start = time.perf_counter()
-                    for i in order:
-                        batch = collate([ds[i]])
-                    t.append(time.perf_counter() - start)
-                entry["dataset_collate_samples_per_s"] = a.samples / min(t)
-                entry["dataset_collate_tokens_per_s"] = tokens / min(t)
-                del batch
+                sides = {"": Eagle3Dataset(store, max_len=a.seq_len)}
+                if "fp8" in name:  # the same data dequantised per sample in the loader, as before
+                    sides["host_dequant_"] = Eagle3Dataset(HostDequantised(store), max_len=a.seq_len)
+                t: dict = {k: [] for k in sides}
+                t_ready: dict = {k: [] for k in sides}
+                cpu = torch.device("cpu")
+                for _ in range(a.repeats):  # the two sides alternate, so load changes hit both
+                    for side, ds in sides.items():
+                        start = time.perf_counter()
+                        for i in order:
+                            batch = collate([ds[i]])
+                        t[side].append(time.perf_counter() - start)
+                        start = time.perf_counter()
+                        for i in order:
+                            ready = to_device(collate([ds[i]]), cpu, torch.bfloat16)  # eager: done on return
+                        t_ready[side].append(time.perf_counter() - start)
+                        entry[f"{side}batch_hidden_bytes_per_token"] = batch_bytes(batch) / batch["input_ids"].numel()
+                for side in sides:
+                    entry[f"{side}dataset_collate_samples_per_s"] = a.samples / min(t[side])
+                    entry[f"{side}dataset_collate_tokens_per_s"] = tokens / min(t[side])
+                    entry[f"{side}step_input_samples_per_s"] = a.samples / min(t_ready[side])
+                    entry[f"{side}step_input_tokens_per_s"] = tokens / min(t_ready[side])
+                del batch, ready
             results["layouts"][name] = entry
             log(
                 f"{name:12s} warm {fmt(entry['warm']['samples_per_s'])} samples/s {fmt(entry['warm']['mb_per_s'])} MB/s | "
                 f"cold {fmt(entry['cold']['samples_per_s'])} samples/s {fmt(entry['cold']['mb_per_s'])} MB/s | "
                 f"{fmt(entry['bytes_per_token'])} B/token"
+                + (f" | loader {fmt(entry['dataset_collate_samples_per_s'])} samples/s, + to_device "
+                   f"{fmt(entry['step_input_samples_per_s'])} samples/s, batch "
+                   f"{fmt(entry['batch_hidden_bytes_per_token'])} B/token" if name != "public" else "")
+                + (f" | host-dequantised loader {fmt(entry['host_dequant_dataset_collate_samples_per_s'])}, + to_device "
+                   f"{fmt(entry['host_dequant_step_input_samples_per_s'])} samples/s" if "fp8" in name else "")
             )
         results["convert_seconds"] = convert_s
         results["params"] = {
             "samples": a.samples, "seq_len": a.seq_len, "hidden": a.hidden, "layers": a.layers,
-            "dtype": "bfloat16", "repeats": a.repeats, "shard_tokens": a.shard_tokens,
+            "dtype": "bfloat16", "hidden_states_dtypes": a.hidden_states_dtypes, "repeats": a.repeats, "shard_tokens": a.shard_tokens,
             "ideal_bytes_per_token": a.layers * a.hidden * 2,
             "bytes_per_sample": a.layers * a.hidden * 2 * a.seq_len,
         }
@@ -163,10 +233,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shard-tokens", type=int, default=1 << 16)
     ap.add_argument("--no-public", dest="public", action="store_false")
+    ap.add_argument("--hidden-states-dtypes", default="bf16",
+                    help="comma-separated storages to measure: bf16 and/or fp8 (default bf16)")
     ap.add_argument("--tmp", default=None, help="where to write the temporary data (default: $TMPDIR)")
     ap.add_argument("--name", default=None, help="results file name (default: dataload_h<H>_l<L>)")
     a = ap.parse_args(argv)
+    for storage in a.hidden_states_dtypes.split(","):
+        if storage not in ("bf16", "fp8"):
+            ap.error(f"--hidden-states-dtypes: {storage!r} is not bf16 or fp8")
     res = run(a)
+    res["params"]["uptime"] = os.popen("uptime").read().strip()
     name = a.name or f"dataload_h{a.hidden}_l{a.seq_len}"
     path = write_result(name, res)
     log(f"wrote {path}")

@@ -102,6 +102,26 @@ class Stage(Base):
     run: Mapped[Run] = relationship(back_populates="stages")
 
 
+class StageNode(Base):
+    """One node (machine) of a multi-node stage's attempt: rank 0 is the worker that claimed the
+    stage and hosts torchrun's rendezvous at `address`; ranks 1.. are claimed by the other
+    workers handed the stage (a conditional UPDATE of a row whose worker is NULL)."""
+
+    __tablename__ = "stage_nodes"
+    __table_args__ = (UniqueConstraint("stage_id", "attempt", "node_rank", name="uq_stage_node_rank"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    stage_id: Mapped[int] = mapped_column(ForeignKey("stages.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    node_rank: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), default="free")  # free | joined | running | ended | failed
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    address: Mapped[str | None] = mapped_column(String(300), nullable=True)  # rank 0: the rendezvous host:port
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
 class Metric(Base):
     """One `train`, `val` or `acceptance` record of the trainer's metrics.jsonl
     (speculators.metric_records); unique per (run, type, step). `values` holds the record's

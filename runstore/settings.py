@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     # A worker joining an installation from another host: its runs root is the shared one
     # (NFS), which it must find mounted (the marker file the main host writes) and never creates
     require_shared_root: bool = False
+    # Multi-node runs: the address the other nodes reach this worker's trainers and torchrun's
+    # rendezvous at ("" = its host name), and how long node 0 waits for the other nodes'
+    # workers before the stage fails saying how many joined
+    worker_address: str = ""
+    nodes_wait_s: float = Field(1800.0, gt=0)
 
     @field_validator("home", "data_root", "runs_root", "models_root", mode="after")
     @classmethod

@@ -49,6 +49,15 @@ def requested_gpus(run: Run) -> int:
         return 0
 
 
+def requested_nodes(run: Run) -> int:
+    """How many nodes (workers) the run's train stage asks for (its settings' `nodes`; 1 by
+    default): that many messages are sent for the train stage (worker.dispatch)."""
+    try:
+        return max(int((run.spec or {}).get("nodes") or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
 def queue_stages(session: Session, run: Run, todo: list[str] | None = None) -> list[str]:
     """Mark the run queued and add the outbox message that runs `todo` (default: its
     unfinished stages), in the caller's transaction: a broker that is down leaves the message
@@ -56,7 +65,8 @@ def queue_stages(session: Session, run: Run, todo: list[str] | None = None) -> l
     todo = unfinished(run) if todo is None else todo
     run.status = RunStatus.QUEUED
     run.current_stage = todo[0] if todo else None
-    outbox.add(session, RUN_STAGES, {"run_id": run.id, "stages": todo, "gpus": requested_gpus(run)})
+    outbox.add(session, RUN_STAGES, {"run_id": run.id, "stages": todo, "gpus": requested_gpus(run),
+                                     "nodes": requested_nodes(run)})
     return todo
 
 

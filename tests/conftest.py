@@ -115,3 +115,16 @@ def store_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'runs.sqlite'}"
     return request.getfixturevalue("pg_database").fresh_url()
+
+
+@pytest.fixture(scope="session")
+def shared_launch_vllm(tmp_path_factory):
+    """One real `launch-vllm` server (tests.support.vllm_server.SharedLaunchVllm) for every module that
+    reads hidden states from vLLM: a vLLM start costs a minute or more of CI, so it is made once."""
+    from tests.support.vllm_server import SharedLaunchVllm, require_vllm, shared_verifier
+
+    require_vllm()
+    work = tmp_path_factory.mktemp("shared_launch_vllm")
+    shared = SharedLaunchVllm(shared_verifier(work / "verifier"), work)
+    yield shared
+    shared.stop()

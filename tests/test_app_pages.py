@@ -93,6 +93,53 @@ def test_submit_with_broker_down_keeps_the_run(home):
         assert msg.payload["run_id"] == run.id and msg.last_error
 
 
+class _HealthOnly(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's hook
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_form_takes_several_verifier_urls_and_a_node_count(home):
+    """One URL per line: each is checked (the dead one named under the box), all are stored,
+    with the node count from the Advanced section."""
+    import socket
+
+    good = ThreadingHTTPServer(("127.0.0.1", 0), _HealthOnly)
+    threading.Thread(target=good.serve_forever, daemon=True).start()
+    dead = socket.socket()  # bound, never listening: connections to it are refused at once
+    dead.bind(("127.0.0.1", 0))
+    good_url, dead_url = f"http://127.0.0.1:{good.server_port}", f"http://127.0.0.1:{dead.getsockname()[1]}"
+    try:
+        at = _page("1_New_run.py")
+        at.radio(key="f_mode").set_value("online").run()
+        at.text_area(key="f_vllm_endpoint").set_value(f"{good_url}\n{dead_url}")
+        at.text_input(key="f_nodes").set_value("2")
+        at.radio(key="f_source").set_value("File under data root").run()
+        at.text_input(key="f_path").set_value("chats.jsonl")
+        at.button[0].click().run()
+        errs = _errors(at)
+        assert any(f"1 of 2 servers do not answer: cannot reach {dead_url}/health" in e for e in errs), errs
+        assert not any(good_url + "/health" in e for e in errs)
+        flat = [getattr(el, "label", None) or getattr(el, "value", None) for el in at.main]
+        idx = next(i for i, v in enumerate(flat) if isinstance(v, str) and "1 of 2 servers" in v)
+        assert flat[idx - 1].startswith("vLLM verifier URL(s)")  # under its own box
+        second = good_url.replace("127.0.0.1", "localhost")
+        at.text_area(key="f_vllm_endpoint").set_value(f"{good_url}\n{second}\n")
+        at.button[0].click().run()
+        assert _errors(at) == []
+        with open_store(home.db_url)() as s:
+            (run,) = runs.list_runs(s)
+            assert run.spec["vllm_endpoint"] == f"{good_url},{second}" and run.spec["nodes"] == 2
+            assert outbox.pending(s)[0].payload["nodes"] == 2
+    finally:
+        good.shutdown()
+        good.server_close()
+        dead.close()
+
+
 def _seed_run(home, run_id="r1", status="running", with_metrics=True, spec=None):
     factory = open_store(home.db_url)
     with factory() as s:

@@ -79,11 +79,20 @@ def test_dataload_bench_runs(tmp_path):
     import bench_dataload
 
     res = bench_dataload.run(argparse.Namespace(
-        samples=3, seq_len=16, hidden=8, layers=4, repeats=1, shard_tokens=32, public=True, tmp=str(tmp_path)))
+        samples=3, seq_len=16, hidden=8, layers=4, repeats=1, shard_tokens=32, public=True, tmp=str(tmp_path),
+        hidden_states_dtypes="bf16,fp8"))
     for name in ("pt", "safetensors", "public"):
         entry = res["layouts"][name]
         assert entry["warm"]["samples_per_s"] > 0 and entry["cold"]["samples_per_s"] > 0
         assert entry["bytes_per_token"] >= 4 * 8 * 2  # at least the bf16 hidden states
+    for name in ("pt-fp8", "safetensors-fp8"):
+        entry = res["layouts"][name]
+        assert entry["bytes_per_token"] > 4 * (8 + 4)  # e4m3 values + a float32 scale per row (+ headers)
+        # the batch copied to the device: fp8 bits + scales, vs bf16 for the host-dequantised path
+        assert entry["batch_hidden_bytes_per_token"] == 4 * (8 + 4)
+        assert entry["host_dequant_batch_hidden_bytes_per_token"] == 4 * 8 * 2
+        assert entry["step_input_samples_per_s"] > 0 and entry["host_dequant_step_input_samples_per_s"] > 0
+    assert res["layouts"]["pt"]["batch_hidden_bytes_per_token"] == 4 * 8 * 2
     assert not list(tmp_path.iterdir())  # temporary data cleaned up
 
 

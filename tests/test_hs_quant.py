@@ -72,13 +72,17 @@ def test_quantise_matches_a_brute_force_nearest_value_and_the_scale_is_exact():
     assert dequantise_rows(q, scale).dtype == torch.bfloat16
 
 
-def test_fp8_to_float_is_exact_for_every_bit_pattern():
-    from speculators.data.hs_quant import fp8_to_float
+@pytest.mark.parametrize("name", ["fp8_to_float", "fp8_bits_to_float"])
+def test_fp8_to_float_is_exact_for_every_bit_pattern(name):
+    from speculators.data import hs_quant
 
+    convert = getattr(hs_quant, name)
     every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
     finite = ~every.float().isnan()
-    assert torch.equal(fp8_to_float(every)[finite], every.float()[finite])
-    assert sorted(set(fp8_to_float(every)[finite].double().tolist())) == e4m3_values().tolist()
+    got = convert(every)[finite]
+    assert torch.equal(got.view(torch.int32), every.float()[finite].view(torch.int32))  # -0 stays -0
+    assert torch.equal(got.view(torch.int32), hs_quant.fp8_to_float(every)[finite].view(torch.int32))
+    assert sorted(set(got.double().tolist())) == e4m3_values().tolist()
 
 
 def test_recorded_dtype_names_and_bytes_per_token():
@@ -184,3 +188,112 @@ def test_datagen_fp8_flag_records_the_dtype_reads_back_and_refuses_a_mixed_resum
                   "--output-dir", str(tmp_path / "x"), "--hidden-states-dtype", "fp4"])
     assert exited.value.code == 2
     assert "--hidden-states-dtype: invalid choice: 'fp4'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- dequantised where the step runs
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns (bitwise comparison: +0 and -0 differ)."""
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantise_groups_equals_the_host_dequantisation_bit_for_bit(native, dtype):
+    """One pass over a [B, T, G*H] payload equals `dequantise_rows` per group (the host reference),
+    every finite e4m3 pattern, zero rows and scales from 1e-30 to 1e3 included."""
+    from speculators.data.hs_quant import dequantise_groups
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 3, 16, generator=g) * torch.logspace(-30, 3, 30).view(2, 5, 3, 1)
+    x[0, 1, 2] = 0.0
+    q, s = quantise_rows(x)
+    every = torch.arange(256, dtype=torch.uint8)
+    every = every[~every.view(torch.float8_e4m3fn).float().isnan()]
+    q.view(torch.uint8)[1, 4, :, :] = every[torch.randint(0, every.numel(), (3, 16), generator=g)]
+    want = torch.stack([dequantise_rows(q[:, :, k], s[:, :, k], dtype) for k in range(3)], dim=2)
+    got = dequantise_groups(q.view(torch.uint8).reshape(2, 5, 48), s, dtype, native=native)
+    assert got.dtype == dtype and got.shape == (2, 5, 48)
+    assert torch.equal(_bits(got), _bits(want.reshape(2, 5, 48)))
+    with pytest.raises(ValueError, match=r"fp8 payload \(2, 5, 48\) does not fit its scales \(2, 5, 5\)"):
+        dequantise_groups(q.view(torch.uint8).reshape(2, 5, 48), torch.ones(2, 5, 5))
+
+
+def _reencode(src, dst, storage):
+    """`src` written again with `storage` hidden states (what datagen --hidden-states-dtype writes);
+    storage None writes the host-dequantised values of an fp8 `src` as a bf16 store (the reference)."""
+    store = open_sample_store(src, on_corrupt="raise")
+    dst.mkdir(parents=True)
+    for i in range(len(store)):
+        write_pt_sample(dst, store.sample_indices[i], store.load(i), storage=storage or "bf16")
+    config = dict(store.config)
+    config["hidden_states_dtype"] = "float8_e4m3fn" if storage == "fp8" else "bfloat16"
+    dc.write(dst / "data_config.json", config)
+    return dst
+
+
+@pytest.mark.parametrize("algorithm", ["eagle3", "dflash"])
+def test_training_on_fp8_data_equals_training_on_the_host_dequantised_data(algorithm, tiny_llama, hs_data, tmp_path):
+    """The trainer's steps and validation on an fp8 store (payload to the step, dequantised there)
+    equal, bit for bit, those on a bf16 store holding the host's dequantised values; the DataLoader
+    (here with a worker process) hands over the fp8 payload, not dequantised values."""
+    from speculators.train.components import build_components
+    from speculators.train.distributed import DistInfo
+    from speculators.train.trainer import Trainer
+
+    from tests.support.train_helpers import make_cfg, train_losses
+
+    fp8 = _reencode(hs_data, tmp_path / "fp8", "fp8")
+    ref = _reencode(fp8, tmp_path / "ref", None)
+    kw = dict(epochs=1, algorithm=algorithm, ttt_steps=2)
+    runs = {}
+    for name, data, workers in (("fp8", fp8, 1), ("ref", ref, 0)):
+        trainer = Trainer(build_components(make_cfg(tiny_llama, data, tmp_path / f"run_{name}", num_workers=workers,
+                                                    **kw), DistInfo()))
+        first = next(iter(trainer.data.epoch_loader(trainer.data.plan(0), 0)))
+        if name == "fp8":
+            assert first["hidden_states"].dtype == torch.uint8 and first["hidden_states_scale"].dtype == torch.float32
+            assert first["verifier_last_hidden_states"].dtype == torch.uint8
+        else:
+            assert first["hidden_states"].dtype == torch.float32 and "hidden_states_scale" not in first
+        trainer.fit()
+        runs[name] = (trainer, train_losses(tmp_path / f"run_{name}"))
+    (a, la), (b, lb) = runs["fp8"], runs["ref"]
+    assert la and la == lb
+    for (n, p), (_, r) in zip(a.draft.named_parameters(), b.draft.named_parameters()):
+        assert torch.equal(p, r), n
+    def validation(run):  # the val records' metrics, throughput (timing) left out
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r["metrics"].items() if "per_s" not in k} for r in records if r["type"] == "val"]
+
+    assert validation("run_fp8") and validation("run_fp8") == validation("run_ref")
+
+
+def test_a_batch_mixing_fp8_and_unscaled_samples_is_dequantised_on_the_host(tmp_path):
+    from speculators.data.dataset import Eagle3Collator, shift_sample
+    from speculators.train.step_data import to_device
+
+    samples = [_sample(9, 32, 3, i) for i in range(3)]
+    _write_store(tmp_path / "fp8", samples, "fp8")
+    fp8 = open_sample_store(tmp_path / "fp8")
+    stored = [shift_sample(fp8.load_stored(i)) for i in range(3)]
+    host = [shift_sample(fp8.load(i)) for i in range(3)]  # the host reference (bf16)
+    collate = Eagle3Collator(20)
+    mixed = collate([stored[0], host[1], stored[2]])
+    assert mixed["hidden_states"].dtype == torch.bfloat16 and "hidden_states_scale" not in mixed
+    want = collate(host)
+    payload = to_device(collate(stored), torch.device("cpu"), torch.bfloat16)
+    for k in want:
+        assert torch.equal(mixed[k], want[k]) and torch.equal(payload[k], want[k]), k
+    assert set(payload) == set(want)
+
+
+def test_eval_and_acceptance_prompts_of_an_fp8_store_are_those_of_its_bf16_source(hs_data, tmp_path):
+    """Prompts need only the tokens: read as stored (no dequantisation), the same as from bf16."""
+    from speculators.evaluate.runner import prompts_from_samples
+    from speculators.train.acceptance import heldout_prompts
+
+    fp8 = _reencode(hs_data, tmp_path / "fp8", "fp8")
+    want = prompts_from_samples(hs_data)
+    assert want and prompts_from_samples(fp8) == want
+    held = heldout_prompts(open_sample_store(hs_data), range(12), 5)
+    assert held and heldout_prompts(open_sample_store(fp8), range(12), 5) == held

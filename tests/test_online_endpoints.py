@@ -3,9 +3,11 @@
 1. The pool's policy (`speculators.online.endpoints.choose`) against a brute-force reference
    over every small state; the pool's back-off and the all-dead bounded wait.
 2. Two REAL vLLM CPU servers (`launch-vllm`, a tiny verifier with head_dim 32, the smallest
-   vLLM's CPU attention runs): one hybrid training run reads from both (their own /metrics
-   request counters say both answered); one server is SIGKILLed mid-run, its in-flight and
-   later requests go to the other, and the run completes with every sample cached exactly once,
+   vLLM's CPU attention runs): the session's shared one (fixture `shared_launch_vllm`, also
+   used by tests/test_real_vllm.py) and one of this test's own, booted alongside it: one hybrid
+   training run reads from both (their own /metrics request counters, read as differences,
+   say both answered); this test's server is SIGKILLed mid-run, its in-flight and later
+   requests go to the shared one, and the run completes with every sample cached exactly once,
    each equal to what the surviving server computes for that row.
 3. A stand-in server (tests/support/hs_server.py) only for the refusal of an endpoint that
    serves other layers: showing that with the real engine would need a third vLLM start (about
@@ -14,7 +16,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import signal
@@ -131,8 +132,6 @@ def test_an_endpoint_exporting_other_layers_is_refused_by_name(tiny_llama, tmp_p
 
 
 # ---------------------------------------------------------------- two real vLLM CPU servers
-VLLM_ARGS = "--enforce-eager --max-model-len 256 --max-num-seqs 4"
-LAYERS = [1, 2, 3]
 NUM_ROWS = 40
 
 
@@ -151,46 +150,29 @@ def _metric(url: str, name: str) -> float:
 
 @pytest.mark.vllm
 @pytest.mark.timeout(1800)
-def test_training_reads_from_two_real_servers_and_survives_one_killed(tmp_path, monkeypatch):
-    if importlib.util.find_spec("vllm") is None:
-        pytest.fail("vLLM is not installed in this environment: run `make vllm`")
+def test_training_reads_from_two_real_servers_and_survives_one_killed(shared_launch_vllm, tmp_path):
     import torch
 
     from speculators.cli import main
-    from speculators.tiny.builders import build_tiny_verifier
     from speculators.vllm.client import ClientConfig, HiddenStatesClient
-    from speculators.vllm.readiness import ManagedServer, free_port
+    from speculators.vllm.readiness import free_port
+    from tests.support import vllm_server
 
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    monkeypatch.setenv("SPECULATORS_VLLM_ARGS", VLLM_ARGS)
-    verifier = build_tiny_verifier(tmp_path / "verifier", arch="llama", hidden_size=128, num_layers=4)
+    verifier = shared_launch_vllm.verifier
     prepared = tmp_path / "prepared"
     assert main(["prepare-data", "--model", str(verifier), "--data", "sharegpt", "--output", str(prepared),
                  "--max-samples", str(NUM_ROWS), "--seq-length", "64", "--seed", "0"]) == 0
 
-    servers, logs = [], []
+    port = free_port()
     train = None
-    for name in ("a", "b"):
-        port = free_port()
-        log = open(tmp_path / f"launch_{name}.log", "w")
-        argv = [sys.executable, "-m", "speculators", "launch-vllm", str(verifier),
-                "--target-layer-ids", *map(str, LAYERS), "--hidden-states-path", str(tmp_path / f"hs_{name}"),
-                "--ready-timeout", "900", "--", "--port", str(port)]
-        servers.append(ManagedServer(argv, f"http://127.0.0.1:{port}", 900.0, env=dict(os.environ), log_file=log))
-        logs.append(log)
+    # b (this test's own, killed below) boots while the shared a starts, if a is not up yet
+    own, t0 = vllm_server.spawn(
+        vllm_server.launch_vllm_argv(verifier, vllm_server.SHARED_LAYERS, tmp_path / "hs_b", port),
+        f"http://127.0.0.1:{port}", tmp_path / "launch_b.log", env=shared_launch_vllm.env())
     try:
-        from speculators.vllm.readiness import wait_until_ready
+        a = shared_launch_vllm.ensure().base_url
+        b = vllm_server.wait_ready(own, t0, "launch-vllm b (killed mid-run)").base_url
 
-        t0 = time.monotonic()
-        for s in servers:  # both boot at once; spawned from this thread, which outlives them
-            s.spawn()
-        for s, name in zip(servers, "ab"):
-            try:
-                wait_until_ready(s.base_url, 900.0, process=s.process, log_lines=s.process.log_lines)
-            except Exception as exc:  # noqa: BLE001 - reported with the server's own log
-                pytest.fail(f"server {name}: {exc}\n{(tmp_path / f'launch_{name}.log').read_text()[-3000:]}")
-        print(f"two vLLM servers ready in {time.monotonic() - t0:.0f}s", flush=True)
-        a, b = (s.base_url for s in servers)
         before = [_metric(u, "vllm:request_success_total") for u in (a, b)]
 
         cache = tmp_path / "cache"
@@ -213,7 +195,7 @@ def test_training_reads_from_two_real_servers_and_survives_one_killed(tmp_path, 
                 break
             time.sleep(0.05)
         assert train.poll() is None, "training finished before server b could be killed:\n" + "".join(out)
-        pgid = os.getpgid(servers[1].process.pid)
+        pgid = os.getpgid(own.process.pid)
         assert pgid != os.getpgrp()
         os.killpg(pgid, signal.SIGKILL)
         rc = train.wait(timeout=900)
@@ -248,7 +230,4 @@ def test_training_reads_from_two_real_servers_and_survives_one_killed(tmp_path, 
         if train is not None and train.poll() is None:
             train.kill()
             train.wait()
-        for s in servers:
-            s.stop()
-        for log in logs:
-            log.close()
+        own.stop()

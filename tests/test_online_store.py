@@ -208,7 +208,9 @@ def test_a_new_plan_drops_requests_nobody_will_read(prepared, server):
 
 
 def test_an_fp8_cache_serves_the_same_values_every_epoch_and_keeps_its_dtype(prepared, server, tiny_llama, tmp_path):
+    from speculators.data.dataset import Eagle3Collator, shift_sample
     from speculators.data.hs_quant import dequantise_rows, quantise_rows
+    from speculators.train.step_data import to_device
 
     cache = tmp_path / "cache"
     p = argparse.ArgumentParser()
@@ -222,13 +224,28 @@ def test_an_fp8_cache_serves_the_same_values_every_epoch_and_keeps_its_dtype(pre
     rows = PreparedRows.from_path(prepared)
     first = [store.load(i) for i in range(N)]  # from the server, cached as fp8
     second = [store.load(i) for i in range(N)]  # from disk
-    assert store.stats["cached"] == N and store.stats["disk"] == N
+    # what the training loader reads: as stored (fp8 + scales), from disk and freshly generated
+    stored = [store.load_stored(i) for i in range(N)]
+    assert store.stats["cached"] == N and store.stats["disk"] == 2 * N
+    fresh = build_online_store(argparse.Namespace(**{**vars(args), "hidden_states_path": str(tmp_path / "c2")}))
+    generated = [fresh.load_stored(i) for i in range(N)]
+    assert fresh.stats["cached"] == N and fresh.stats["disk"] == 0
+    collate, cpu = Eagle3Collator(64), torch.device("cpu")
     for i, (a, b) in enumerate(zip(first, second)):
         expected = compute(rows.get(i)[0])
         for k, (x, y) in enumerate(zip(a["hidden_states"], b["hidden_states"])):
             q, s = quantise_rows(expected[:, k])  # the server's bf16 states, quantised directly
             assert x.dtype == y.dtype == torch.bfloat16
             assert torch.equal(x, y) and torch.equal(x, dequantise_rows(q, s))
+            for raw in (stored[i], generated[i]):
+                assert torch.equal(raw["hidden_states"][k].view(torch.uint8), q.view(torch.uint8))
+                assert torch.equal(raw["hidden_states_scale"][k], s)
+        # the step's batch, dequantised by to_device, equals the batch of the host-dequantised sample
+        want = collate([shift_sample(b)])
+        for raw in (stored[i], generated[i]):
+            got = to_device(collate([shift_sample(raw)]), cpu, torch.bfloat16)
+            assert set(got) == set(want) and all(torch.equal(got[key], want[key]) for key in want)
+    fresh.close()
     raw = torch.load(cache / "data_0.pt", weights_only=True)
     assert raw["hidden_states"][0].dtype == torch.float8_e4m3fn
     disk = open_sample_store(cache)

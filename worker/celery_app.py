@@ -59,9 +59,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
-        # A stage runs for hours: take one message at a time and acknowledge it on receipt.
+        # A stage runs for hours: take one message at a time and ask for the ack on receipt.
         # A worker killed mid-stage is handled by recovery at its restart (see worker.tasks),
-        # not by broker redelivery, which would run a stage twice.
+        # not by broker redelivery (visibility_timeout: a week). The solo pool blocks the
+        # event loop that sends the ack, so the ack goes out when the stage ends: a broker
+        # connection lost meanwhile puts the message back and another worker gets it again.
+        # worker.runner.execute_stage drops such a copy (the stage is live elsewhere, already
+        # succeeded, or its run has ended); tests/test_two_hosts_netns.py restarts Redis mid-stage.
         worker_prefetch_multiplier=1,
         task_acks_late=False,
         broker_transport_options=transport,

@@ -28,9 +28,13 @@ def _send(app: Celery, kind: str, payload: dict) -> None:
     if kind == RUN_STAGES:
         # One task for the first stage: when it succeeds, the worker writes the message for the
         # next one into the outbox in the same transaction (runstore.stages.finish_stage).
-        app.send_task("worker.tasks.run_stage", args=(payload["run_id"], payload["stages"][0]),
-                      queue=gpu_queue(int(payload.get("gpus") or 0)),
-                      retry=False, ignore_result=True)
+        # The train stage of an N-node run: N tasks on the same queue, the first leads (claims
+        # the stage as node 0), the others join it (worker.multinode).
+        stage, queue = payload["stages"][0], gpu_queue(int(payload.get("gpus") or 0))
+        copies = max(int(payload.get("nodes") or 1), 1) if stage == "train" else 1
+        for i in range(copies):
+            app.send_task("worker.tasks.run_stage", args=(payload["run_id"], stage),
+                          kwargs={"join": True} if i else {}, queue=queue, retry=False, ignore_result=True)
     elif kind == "serve":
         app.send_task("worker.controller.start_server", args=(payload["deployment_id"],),
                       kwargs={"layer_ids": payload.get("layer_ids") or [], "hidden_dir": payload.get("hidden_dir"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from speculators.config.run import RunSettings
-from speculators.config.stages import StagePaths, stage_launch
+from speculators.config.stages import Rendezvous, StagePaths, stage_launch
 
 
 def _cli(python: str) -> list[str]:
@@ -19,12 +19,14 @@ def _cli(python: str) -> list[str]:
 
 
 def stage_argv(spec: RunSettings, stage: str, paths: StagePaths, *, python: str = sys.executable,
-               verifier_url: str | None = None) -> list[str]:
+               verifier_url: str | None = None, rendezvous: Rendezvous | None = None) -> list[str]:
     """The argument list that runs `stage` (not for `verifier`, which the worker does itself),
     after writing its settings file (`speculators.config.stages.stage_launch`); GPU training
-    runs under torchrun, one trainer per GPU."""
-    return stage_launch(spec, stage, paths, python=python, torchrun_procs=spec.gpus if spec.gpus >= 1 else None,
-                        verifier_url=verifier_url)
+    runs under torchrun, one trainer per GPU; one node of a multi-node train stage
+    (`rendezvous`) runs torchrun with one trainer per GPU, or one on the CPU."""
+    procs = spec.gpus if spec.gpus >= 1 else None
+    return stage_launch(spec, stage, paths, python=python, torchrun_procs=procs, verifier_url=verifier_url,
+                        rendezvous=rendezvous)
 
 
 def verifier_argv(model: str, layer_ids: list[int], port: int, hidden_dir: str, *,

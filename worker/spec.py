@@ -21,7 +21,7 @@ from pydantic import TypeAdapter
 from runstore.settings import Settings
 from speculators.config.device import resolve_device
 from speculators.config.memory import VerifierDims, check_train_memory
-from speculators.config.run import BUILTIN_DATASETS, RunSettings, parse_layer_ids
+from speculators.config.run import BUILTIN_DATASETS, RunSettings, parse_layer_ids, split_endpoints
 from speculators.config.stages import StagePaths, train_config_for
 from speculators.errors import UserError
 from speculators.layers import resolve_layer_ids
@@ -203,11 +203,13 @@ def validate_spec(raw: dict[str, Any], settings: Settings, *, free_memory: int |
     if mode in ("online", "hybrid") and "mode" not in errors and "gpus" not in errors \
             and _int(data.get("gpus")) == 0 and not str(data.get("vllm_endpoint") or "").strip():
         errors["mode"] = f"{mode} training reads hidden states from a vLLM server: give its URL or choose GPUs"
-    url = str(data.get("vllm_endpoint") or "").strip()
-    if mode in ("online", "hybrid") and url and "vllm_endpoint" not in errors and check_endpoint is not None:
-        err = check_endpoint(url)
-        if err:
-            errors["vllm_endpoint"] = err
+    urls = split_endpoints(data.get("vllm_endpoint"))
+    if mode in ("online", "hybrid") and urls and "vllm_endpoint" not in errors and check_endpoint is not None:
+        # every server is checked; the message names each one that does not answer
+        down = [err for err in map(check_endpoint, urls) if err]
+        if down:
+            errors["vllm_endpoint"] = (down[0] if len(urls) == 1 else
+                                       f"{len(down)} of {len(urls)} servers do not answer: " + "; ".join(down))
     cfg = model_config(model, settings) if "model" not in errors else None
     dims = _dims(cfg) if cfg else None
     if cfg:

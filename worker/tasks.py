@@ -13,6 +13,7 @@ from runstore.db import wait_for_store
 from runstore.settings import Settings
 from worker.celery_app import GPU_QUEUE, VLLM_QUEUE, app
 from worker.dispatch import Dispatcher, flush_outbox
+from worker import multinode
 from worker.health import start_beating
 from worker.runner import execute_stage
 
@@ -33,8 +34,12 @@ def _store():
 
 
 @app.task(bind=True, name="worker.tasks.run_stage")
-def run_stage(self, run_id: str, stage: str) -> str:
+def run_stage(self, run_id: str, stage: str, join: bool = False) -> str:
+    """Run a stage; `join`: one of the further nodes of a multi-node train stage (worker.multinode)."""
     settings, factory = _store()
+    if join:
+        multinode.join(factory, settings, run_id, worker=self.request.hostname or "worker")
+        raise Ignore()  # node 0 records the stage's end and queues what follows
     result = execute_stage(factory, settings, run_id, stage, worker=self.request.hostname or "worker",
                            dispatch=lambda: flush_outbox(factory, app))
     if result in ("succeeded", "skipped"):
@@ -44,7 +49,9 @@ def run_stage(self, run_id: str, stage: str) -> str:
         return result
     if result == "failed":
         raise StageFailed(f"run {run_id}: stage {stage} failed")
-    raise Ignore()  # cancelled, or a duplicate of a stage running elsewhere: end the chain quietly
+    # cancelled, a duplicate of a stage running elsewhere, or a message for a run that has
+    # ended (delivered again after a broker restart): end the chain quietly
+    raise Ignore()
 
 
 @worker_ready.connect

@@ -28,11 +28,14 @@ DEFAULTS = form_defaults(cpu_only=s.max_gpus == 0)
 LEFT = ["name", "model", "seq_length", "max_samples", "layer_ids", "regenerate"]
 REGEN = ["regenerate_backend", "regenerate_max_tokens", "regenerate_temperature"]
 RIGHT = ["draft_vocab_size", "epochs", "lr", "ttt_steps", "num_layers", "mode"]
-ADVANCED = ["batch_size", "seed", "algorithm", "optimizer", "loss", "gradient_checkpointing", "hidden_states_dtype"]
+ADVANCED = ["nodes", "batch_size", "seed", "algorithm", "optimizer", "loss", "gradient_checkpointing",
+            "hidden_states_dtype"]
 # acceptance measured while training (speculators train's --eval-* flags) and the checkpoint choice
 ACCEPTANCE = ["eval_prompts", "eval_every_steps", "eval_max_tokens", "eval_data", "best_by", "checkpoint_every_steps"]
 PLACEHOLDERS = {"layer_ids": "default: 2, n/2, n-3", "name": "",
-                "eval_data": "default: the validation rows of the training data"}
+                "eval_data": "default: the validation rows of the training data",
+                "vllm_endpoint": "http://host-a:8000\nhttp://host-b:8000 (one per line; empty: the controller starts one)"}
+MULTILINE = {"vllm_endpoint"}  # several hidden-state servers, one URL per line
 
 
 def key(name: str) -> str:
@@ -72,6 +75,9 @@ def widget(name: str) -> None:
         st.text_input(label, value=str(int(value)), key=key(name), help=help_text)
     elif inner is float:
         st.text_input(label, value=repr(float(value)), key=key(name), help=help_text)
+    elif name in MULTILINE:
+        st.text_area(label, value="\n".join(str(value or "").split(",")), key=key(name), help=help_text,
+                     placeholder=PLACEHOLDERS.get(name, ""), height=80)
     elif isinstance(value, list):
         st.text_input(label, value=",".join(map(str, value)), key=key(name), help=help_text,
                       placeholder=PLACEHOLDERS.get(name, ""))

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import pandas as pd
 import streamlit as st
 
-from app import charts, common, views
+from app import charts, common, metric_feed, views
 from runstore import metrics, runs
 
 st.set_page_config(page_title="Compare runs", page_icon="📊", layout="wide")
@@ -45,7 +45,10 @@ def compared() -> None:
     with factory() as session:
         picked = [r for r in runs.list_runs(session) if r.id in chosen]
         found = metrics.score_records(session, [r.id for r in picked])
-        long = {labels[r.id]: views.metrics_long(metrics.step_records(session, r.id, None)) for r in picked}
+        caches = state.setdefault("compare_caches", {})  # per run: only rows newer than the last refresh are read
+        for r in picked:
+            metric_feed.refresh(caches.setdefault(r.id, views.MetricCache()), session, r.id)
+        long = {labels[r.id]: caches[r.id].frame() for r in picked}
         accepted = {labels[r.id]: found[r.id][1] for r in picked}
     scores = {rid: views.run_scores(*recs) for rid, recs in found.items()}
     st.dataframe(pd.DataFrame(views.compare_rows(picked, labels, scores)), hide_index=True, width="stretch",

@@ -192,13 +192,15 @@ def stage_args(run: RunSettings, stage: str, paths: StagePaths, *, verifier_url:
 
 
 def stage_launch(run: RunSettings, stage: str, paths: StagePaths, *, python: str,
-                 torchrun_procs: int | None = None, verifier_url: str | None = None) -> list[str]:
+                 torchrun_procs: int | None = None, verifier_url: str | None = None,
+                 rendezvous: Rendezvous | None = None) -> list[str]:
     """The process that runs `stage` with its settings handed over as a file: the stage's typed
     settings (`stage_config`) are written to `paths.settings(stage)` and the command reads them
     back with `--config` (`speculators.config.files`), one schema on both sides."""
     cfg = stage_config(run, stage, paths, verifier_url=verifier_url)
     path = write_settings_file(paths.settings(stage), cfg)
-    return launch_argv([COMMANDS[stage], "--config", str(path)], python=python, torchrun_procs=torchrun_procs)
+    return launch_argv([COMMANDS[stage], "--config", str(path)], python=python, torchrun_procs=torchrun_procs,
+                       rendezvous=rendezvous)
 
 
 def eval_args(run: RunSettings, paths: StagePaths, *, num_prompts: int) -> list[str]:
@@ -211,9 +213,35 @@ def eval_args(run: RunSettings, paths: StagePaths, *, num_prompts: int) -> list[
             "--output-json", str(paths.eval_report), "--output-streams", str(paths.eval_streams)]
 
 
-def launch_argv(args: list[str], *, python: str, torchrun_procs: int | None = None) -> list[str]:
+@dataclass(frozen=True)
+class Rendezvous:
+    """How one node of a multi-node train stage joins the others: torchrun's c10d rendezvous
+    on node 0 (`endpoint`, host:port), `nnodes` nodes in all, `rdzv_id` unique per attempt.
+    Node 0 hosts the rendezvous store (`is_host`), so the others never race to host it when
+    two nodes share an address (one machine standing in for two); `local_addr` is the address
+    this node's trainers are reached at (None: torchrun looks up the host name)."""
+
+    nnodes: int
+    endpoint: str
+    rdzv_id: str
+    is_host: bool
+    local_addr: str | None = None
+
+    def torchrun_args(self) -> list[str]:
+        args = ["--nnodes", str(self.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", self.endpoint,
+                "--rdzv-id", self.rdzv_id, "--rdzv-conf", f"is_host={'1' if self.is_host else '0'}"]
+        return args + (["--local-addr", self.local_addr] if self.local_addr else [])
+
+
+def launch_argv(args: list[str], *, python: str, torchrun_procs: int | None = None,
+                rendezvous: Rendezvous | None = None) -> list[str]:
     """The process that runs `speculators ARGS`: `python -m speculators ...`, or for `train` with
-    `torchrun_procs` set, torchrun (torch.distributed.run) starting that many trainers."""
+    `torchrun_procs` set, torchrun (torch.distributed.run) starting that many trainers: on this
+    machine alone (`--standalone`), or with `rendezvous` as one node of several (torchrun's c10d
+    rendezvous assigns the node ranks; `--node-rank` is only read by its static rendezvous)."""
+    if args[0] == "train" and rendezvous is not None:
+        return [python, "-m", "torch.distributed.run", *rendezvous.torchrun_args(),
+                "--nproc_per_node", str(torchrun_procs or 1), "-m", "speculators.train", *args[1:]]
     if args[0] == "train" and torchrun_procs:
         return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun_procs),
                 "-m", "speculators.train", *args[1:]]

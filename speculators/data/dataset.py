@@ -17,6 +17,10 @@ what the verifier predicts from position ``t+1``::
 `Eagle3Collator` packs shifted samples into ``[B, total_seq_len]`` rows and adds
 ``document_ids`` (-1 on padding) for a block-diagonal attention mask.
 `PackedBatchSampler` chooses index groups that fill a fixed number of rows.
+
+fp8 stores (`speculators.data.hs_quant`) are read as stored (`SampleStore.load_stored`): the
+shift and the collator move the e4m3 bits (uint8) and their per-row scales, and the trainer's
+``to_device`` dequantises after the copy, so DataLoader workers never do.
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from speculators.data.formats import open_sample_store
+from speculators.data.hs_quant import SCALE_KEY, dequantise_groups, payload_scale_key
 from speculators.data.sample_store import OnCorrupt, SampleStore
 from speculators.errors import UserError
 
 BatchType = dict[str, torch.Tensor]
+PAYLOAD_KEYS = ("hidden_states", "verifier_last_hidden_states")  # what may travel as fp8 payload
+PAYLOAD_SCALES = tuple(payload_scale_key(k) for k in PAYLOAD_KEYS)
 
 
 def shift_sample(sample: dict[str, Any], max_len: int | None = None) -> dict[str, Any]:
@@ -47,7 +54,10 @@ def shift_sample(sample: dict[str, Any], max_len: int | None = None) -> dict[str
     if length < 2:
         raise UserError(f"a sample has {length} token(s); at least 2 are needed for the shift")
     n = length - 1 if max_len is None else min(length - 1, max_len)  # slice before copying
-    return {
+    scales = sample.get(SCALE_KEY)
+    if scales is not None:  # fp8 as stored: the bits as uint8, the scales beside them
+        layers = [h.view(torch.uint8) for h in layers]
+    out = {
         "input_ids": ids[1 : n + 1].long(),
         "hidden_states": torch.cat([h[:n] for h in layers[:-1]], dim=-1),
         "verifier_last_hidden_states": layers[-1][1 : n + 1],
@@ -55,6 +65,23 @@ def shift_sample(sample: dict[str, Any], max_len: int | None = None) -> dict[str
         "position_ids": torch.arange(1, n + 1, dtype=torch.long),
         "length": n,
     }
+    if scales is not None:
+        out[payload_scale_key("hidden_states")] = torch.stack([s[:n].float() for s in scales[:-1]], dim=-1)
+        out[payload_scale_key("verifier_last_hidden_states")] = scales[-1][1 : n + 1].float().unsqueeze(-1)
+    return out
+
+
+def is_payload(sample: dict[str, Any]) -> bool:
+    """Whether a shifted sample carries its hidden states as fp8 payload (bits and scales)."""
+    return payload_scale_key("hidden_states") in sample
+
+
+def dequantised(sample: dict[str, Any]) -> dict[str, Any]:
+    """A shifted sample's fp8 payload dequantised on the host (bf16), as a bf16 store's would be."""
+    out = {k: v for k, v in sample.items() if k not in PAYLOAD_SCALES}
+    for key in PAYLOAD_KEYS:
+        out[key] = dequantise_groups(sample[key], sample[payload_scale_key(key)])
+    return out
 
 
 class Eagle3Dataset(Dataset):
@@ -62,7 +89,8 @@ class Eagle3Dataset(Dataset):
 
     ``max_len`` (normally ``total_seq_len``) truncates long samples so each fits a row.
     ``indices`` restricts the dataset to a subset of the store (train/val split).
-    ``dtype`` casts hidden states (None keeps the stored dtype, normally bf16).
+    ``dtype`` casts hidden states (None keeps the stored dtype, normally bf16); fp8 samples come
+    as their payload (see the module docstring), cast by ``to_device`` after dequantising.
     """
 
     def __init__(
@@ -82,8 +110,8 @@ class Eagle3Dataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         store_i = self.indices[i]
-        out = shift_sample(self.store.load(store_i), self.max_len)
-        if self.dtype is not None:
+        out = shift_sample(self.store.load_stored(store_i), self.max_len)
+        if self.dtype is not None and not is_payload(out):  # fp8 payload: cast after the dequantisation
             out["hidden_states"] = out["hidden_states"].to(self.dtype)
             out["verifier_last_hidden_states"] = out["verifier_last_hidden_states"].to(self.dtype)
         return out
@@ -143,6 +171,10 @@ class Eagle3Collator:
     ``hidden_states [B, T, (K-1)H]``, ``verifier_last_hidden_states [B, T, H]`` and
     ``lengths [n_docs]``. Padding has input_ids 0, loss_mask 0, position_ids 0 and
     document_ids -1. Document ids are unique within the batch (0..n_docs-1).
+
+    fp8 samples (all of the batch) give the two hidden-state tensors as uint8 payload plus their
+    ``*_scale`` tensors (0 on padding); a batch mixing fp8 and unscaled samples (an online run
+    caching fp8 while other rows come unscaled) has its fp8 samples dequantised here instead.
     """
 
     def __init__(self, total_seq_len: int, pack: bool = True):
@@ -155,6 +187,10 @@ class Eagle3Collator:
         samples = [s for s in samples if s is not None]
         if not samples:
             raise UserError("empty batch: no samples to collate")
+        payload = [is_payload(s) for s in samples]
+        if any(payload) and not all(payload):
+            samples = [dequantised(s) if p else s for s, p in zip(samples, payload)]
+            payload = [False]
         T = self.total_seq_len
         lengths = [min(int(s["input_ids"].shape[0]), T) for s in samples]
         rows = pack_rows(lengths, T) if self.pack else [[i] for i in range(len(samples))]
@@ -162,7 +198,7 @@ class Eagle3Collator:
         first = samples[0]
         aux_dim = first["hidden_states"].shape[-1]
         hid = first["verifier_last_hidden_states"].shape[-1]
-        hs_dtype = first["hidden_states"].dtype
+        hs_dtype = next((s["hidden_states"].dtype for s in samples if not is_payload(s)), first["hidden_states"].dtype)
         batch = {
             "input_ids": torch.zeros(B, T, dtype=torch.long),
             "loss_mask": torch.zeros(B, T, dtype=torch.long),
@@ -171,6 +207,12 @@ class Eagle3Collator:
             "hidden_states": torch.zeros(B, T, aux_dim, dtype=hs_dtype),
             "verifier_last_hidden_states": torch.zeros(B, T, hid, dtype=hs_dtype),
         }
+        keys = ["input_ids", "loss_mask", "position_ids", "hidden_states", "verifier_last_hidden_states"]
+        if payload[0]:
+            for key in PAYLOAD_KEYS:
+                scale_key = payload_scale_key(key)
+                batch[scale_key] = torch.zeros(B, T, first[scale_key].shape[-1], dtype=torch.float32)
+                keys.append(scale_key)
         doc_lengths = []
         doc = 0
         for r, members in enumerate(rows):
@@ -178,8 +220,7 @@ class Eagle3Collator:
             for m in members:
                 s, n = samples[m], lengths[m]
                 end = start + n
-                for key in ("input_ids", "loss_mask", "position_ids", "hidden_states",
-                            "verifier_last_hidden_states"):
+                for key in keys:
                     batch[key][r, start:end] = s[key][:n]
                 batch["document_ids"][r, start:end] = doc
                 doc_lengths.append(n)

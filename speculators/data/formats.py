@@ -34,7 +34,8 @@ import torch
 from speculators.atomic import atomic_write_bytes
 from speculators.data import data_config as dc
 from speculators.data.data_config import DATA_CONFIG_NAME
-from speculators.data.hs_quant import FP8, SCALE_KEY, HiddenStatesDtype, decode_hidden_states, encode_hidden_states, storage_of
+from speculators.data.hs_quant import (FP8, SCALE_KEY, HiddenStatesDtype, check_scaled, decode_hidden_states, decoded,
+                                       encode_hidden_states, storage_of)
 from speculators.data.public_format import PublicSampleStore, is_public_layout, open_public_store
 from speculators.data.sample_store import (
     CorruptSampleError,
@@ -153,8 +154,9 @@ def read_pt_sample(
     ``schema`` None checks the layout only (an online cache whose dimensions are not known yet).
 
     fp8 files (`speculators.data.hs_quant`) are served dequantised to bf16 (``decode=False``: as
-    stored, with their ``hidden_states_scale``, for a converter). ``storage``, when given, is what
-    the store's data_config.json records; a file that disagrees is corrupt."""
+    stored, with their ``hidden_states_scale``, for a converter and the training loader).
+    ``storage``, when given, is what the store's data_config.json records; a file that disagrees
+    is corrupt."""
     try:
         # mmap: tensors are views of the page cache; the Dataset's shift copies them once.
         sample = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -170,12 +172,13 @@ def read_pt_sample(
         raise CorruptSampleError(
             f"{path}: holds {'fp8' if scaled else 'unscaled'} hidden states, data_config.json records {storage}")
     out = {"input_ids": sample["input_ids"].long(), "loss_mask": sample["loss_mask"].long()}
-    if not decode:
-        out["hidden_states"] = list(sample["hidden_states"])
-        if scaled:
-            out[SCALE_KEY] = list(sample[SCALE_KEY])
-        return out
     try:
+        if not decode:
+            check_scaled(sample, str(path))
+            out["hidden_states"] = list(sample["hidden_states"])
+            if scaled:
+                out[SCALE_KEY] = list(sample[SCALE_KEY])
+            return out
         out["hidden_states"] = decode_hidden_states(sample, str(path))
     except ValueError as exc:
         raise CorruptSampleError(str(exc)) from exc
@@ -213,6 +216,13 @@ class _OwnLayoutStore(FileSampleStore):
     def _index(self) -> None:
         """Find the samples (``sample_indices``) in the layout's files."""
 
+    @abstractmethod
+    def read_sample(self, i: int, decode: bool | None = None) -> dict[str, Any]:
+        """Sample ``i``; ``decode`` (default: the store's ``decode``) dequantises fp8 hidden states."""
+
+    def load_stored(self, i: int) -> dict[str, Any]:
+        return self._policy.load_with_policy(i, len(self), lambda j: self.read_sample(j, decode=False))
+
 
 class PtSampleStore(_OwnLayoutStore):
     """Reads ``data_<i>.pt`` files (data format version 1, or 0 when opened with
@@ -229,9 +239,10 @@ class PtSampleStore(_OwnLayoutStore):
     def path(self, i: int) -> Path:
         return self.directory / pt_file_name(self.sample_indices[i])
 
-    def read_sample(self, i: int) -> dict[str, Any]:
+    def read_sample(self, i: int, decode: bool | None = None) -> dict[str, Any]:
         storage = self.storage if self.data_format_version == DATA_FORMAT_VERSION else None
-        return read_pt_sample(self.path(i), self.schema, self.data_format_version, storage, self.decode)
+        return read_pt_sample(self.path(i), self.schema, self.data_format_version, storage,
+                              self.decode if decode is None else decode)
 
     def lengths(self) -> list[int]:
         """Token count per sample (from data_config.json when recorded, else read lazily)."""
@@ -291,7 +302,7 @@ class SafetensorsSampleStore(_OwnLayoutStore):
                 raise CorruptSampleError(f"{path}: cannot be opened ({type(exc).__name__}: {first_line(exc)})") from exc
         return self._handles[k]
 
-    def read_sample(self, i: int) -> dict[str, Any]:
+    def read_sample(self, i: int, decode: bool | None = None) -> dict[str, Any]:
         k, row = self._position[i]
         shard = self._shard(k)
         where = f"{shard.path} row {row}"
@@ -318,12 +329,12 @@ class SafetensorsSampleStore(_OwnLayoutStore):
                                   "loss_mask": mask.long()}
         if scale is not None:
             sample[SCALE_KEY] = list(scale.unbind(0))
-            if self.decode:
-                try:
-                    sample["hidden_states"] = decode_hidden_states(sample, where)
-                except ValueError as exc:
-                    raise CorruptSampleError(str(exc)) from exc
-                del sample[SCALE_KEY]
+            try:
+                check_scaled(sample, where)
+            except ValueError as exc:
+                raise CorruptSampleError(str(exc)) from exc
+            if self.decode if decode is None else decode:
+                sample = decoded(sample, where)
         return sample
 
 

@@ -123,6 +123,12 @@ class SampleStore(ABC):
     def load(self, i: int) -> dict[str, Any]:
         """Return ``{"input_ids": [L] long, "hidden_states": [[L,H], ...], "loss_mask": [L] long}``."""
 
+    def load_stored(self, i: int) -> dict[str, Any]:
+        """Sample ``i`` as stored: fp8 hidden states stay fp8, with their ``hidden_states_scale``
+        (`speculators.data.hs_quant`), so the trainer dequantises them on its device. A store
+        without fp8 serves `load` (the default)."""
+        return self.load(i)
+
     def lengths(self) -> list[int]:
         """Token count per sample. This default loads every sample; stores that record lengths override it."""
         return [int(self.load(i)["input_ids"].shape[0]) for i in range(len(self))]

@@ -211,7 +211,7 @@ def prompts_from_samples(path: str | Path, data_format_version: int = 1, indices
     for pos in positions:
         if int(pos) < skip_samples:
             continue
-        sample = store.load(int(pos))
+        sample = store.load_stored(int(pos))  # tokens only: fp8 is not dequantised
         prompt = prompt_before_reply(sample["input_ids"].tolist(), sample["loss_mask"].tolist(), max_prompt_len)
         if prompt is None:
             continue

@@ -41,7 +41,7 @@ from speculators.data.formats import (
     read_pt_sample,
     write_pt_sample,
 )
-from speculators.data.hs_quant import RECORDED_NAME, HiddenStatesDtype, check_choice, decode_hidden_states, \
+from speculators.data.hs_quant import RECORDED_NAME, HiddenStatesDtype, check_choice, decoded, \
     encode_hidden_states, storage_of
 from speculators.data.sample_store import CorruptSampleError, SampleSchema, SampleStore
 from speculators.errors import UserError
@@ -280,6 +280,10 @@ class OnlineSampleStore(SampleStore):
         return [all_lengths[r] for r in self.index]
 
     def load(self, i: int) -> dict[str, Any]:
+        return decoded(self.load_stored(i), f"{self.where} row {self.index[i]}")
+
+    def load_stored(self, i: int) -> dict[str, Any]:
+        """Sample ``i``; an fp8 cache's samples (read back, or just generated and cached) as stored."""
         row = self.index[i]
         self._advance_plan(i)
         with self._mutex:
@@ -340,7 +344,7 @@ class OnlineSampleStore(SampleStore):
         if not path.exists():
             return None
         try:
-            return read_pt_sample(path, self._cache_schema())
+            return read_pt_sample(path, self._cache_schema(), decode=False)
         except CorruptSampleError as exc:  # a corrupt cache file: regenerate rather than stop
             if self.online.on_missing != "generate":
                 raise UserError(f"{exc}; delete it or use --on-missing generate") from exc
@@ -359,7 +363,7 @@ class OnlineSampleStore(SampleStore):
             stored = {**sample, **encode_hidden_states(sample["hidden_states"], self.online.store_dtype or "bf16")}
             self._write_cache(row, stored)
             if self.online.store_dtype == "fp8":  # train on what later epochs will read back
-                sample["hidden_states"] = decode_hidden_states(stored, f"row {row}")
+                return stored  # as stored (fp8 and scales): dequantised where the step runs
         return sample
 
     def _write_cache(self, row: int, sample: dict[str, Any]) -> None:

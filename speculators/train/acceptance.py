@@ -43,7 +43,7 @@ def heldout_prompts(store, val_positions: Sequence[int], limit: int) -> list[lis
     for pos in val_positions:
         if len(prompts) >= limit:
             break
-        sample = store.load(int(pos))
+        sample = store.load_stored(int(pos))  # tokens only: fp8 is not dequantised
         prompt = prompt_before_reply(sample["input_ids"].tolist(), sample["loss_mask"].tolist())
         if prompt is not None:
             prompts.append(prompt)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from speculators.data.hs_quant import PAYLOAD_SCALE_SUFFIX, dequantise_groups, payload_scale_key
 from speculators.data.sample_store import SampleStore
 from speculators.errors import UserError
 from speculators.train.distributed import DistInfo
@@ -57,10 +58,20 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Move a collated batch to the device, its floating tensors in the training dtype."""
+    """Move a collated batch to the device, its floating tensors in the training dtype.
+
+    fp8 hidden states (uint8 bits plus ``*_scale``, `speculators.data.dataset.Eagle3Collator`) are
+    copied as they are (pinned by the DataLoader on CUDA, so the copy is asynchronous) and
+    dequantised here, on the device, in one pass over the batch (`hs_quant.dequantise_groups`):
+    the values equal the host's `hs_quant.dequantise_rows` bit for bit, then cast to ``dtype``."""
+    scales = {k for k in batch if k.endswith(PAYLOAD_SCALE_SUFFIX) and k[: -len(PAYLOAD_SCALE_SUFFIX)] in batch}
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     out = {}
-    for k, v in batch.items():
-        v = v.to(device, non_blocking=True)
+    for k, v in moved.items():
+        if k in scales:
+            continue
+        if payload_scale_key(k) in scales:
+            v = dequantise_groups(v, moved[payload_scale_key(k)])
         if v.is_floating_point():
             v = v.to(dtype)
         out[k] = v

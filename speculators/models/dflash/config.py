@@ -22,7 +22,6 @@ Attention is non-causal inside a block (vLLM's default for speculators checkpoin
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 from speculators import __version__
 from speculators.errors import UserError
 from speculators.layers import check_layer_ids
+from speculators.models.layer_config import transformer_layer_dict, verifier_layer_shape
 from speculators.verifier import text_config
 
 # Top-level keys read into the config (anything else is refused by `from_speculators_dict`).
@@ -93,57 +93,23 @@ class DFlashConfig:
                              mask_token_id: int | None = None, draft_vocab_size: int | None = None,
                              num_layers: int = 1, verifier_name_or_path: str | None = None) -> DFlashConfig:
         """Shape the draft layers like the verifier's (GQA, head_dim, RoPE)."""
-        from speculators.models.eagle3.config import _rope_parameters
-
         vc = text_config(verifier_config)
         n = int(vc.num_hidden_layers)
         check_layer_ids([*aux_layer_ids, n], n, flag="aux_layer_ids (+ final)")
-        heads = vc.num_attention_heads
         return cls(
-            hidden_size=vc.hidden_size,
-            intermediate_size=vc.intermediate_size,
-            num_attention_heads=heads,
-            num_key_value_heads=getattr(vc, "num_key_value_heads", None) or heads,
-            head_dim=getattr(vc, "head_dim", None) or vc.hidden_size // heads,
-            vocab_size=vc.vocab_size,
+            **verifier_layer_shape(verifier_config),
             draft_vocab_size=draft_vocab_size or vc.vocab_size,
             aux_layer_ids=[int(i) for i in aux_layer_ids],
             mask_token_id=int(vc.vocab_size - 1 if mask_token_id is None else mask_token_id),
             block_size=block_size,
             num_layers=num_layers,
-            rms_norm_eps=getattr(vc, "rms_norm_eps", 1e-6),
-            hidden_act=getattr(vc, "hidden_act", "silu"),
-            max_position_embeddings=getattr(vc, "max_position_embeddings", 4096),
-            rope_parameters=_rope_parameters(vc),
-            attention_bias=bool(getattr(vc, "attention_bias", False)),
-            mlp_bias=bool(getattr(vc, "mlp_bias", False)),
             verifier_name_or_path=verifier_name_or_path,
-            verifier_architectures=list(getattr(vc, "architectures", None)
-                                        or getattr(verifier_config, "architectures", None) or []),
         )
 
     # -------------------------------------------------------------- config.json
     def transformer_layer_config(self) -> dict[str, Any]:
-        rope = copy.deepcopy(self.rope_parameters)
-        return {
-            "model_type": "qwen3",
-            "architectures": ["Qwen3ForCausalLM"],
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "vocab_size": self.vocab_size,
-            "rms_norm_eps": self.rms_norm_eps,
-            "hidden_act": self.hidden_act,
-            "max_position_embeddings": self.max_position_embeddings,
-            "attention_bias": self.attention_bias,
-            "mlp_bias": self.mlp_bias,
-            "tie_word_embeddings": False,
-            "rope_parameters": rope,
-            "rope_theta": rope.get("rope_theta", 10000.0),
-        }
+        """A Qwen3Config-shaped dict (no legacy `rope_scaling`: vLLM's DFlash reads transformers >= 5 keys)."""
+        return transformer_layer_dict(self, "qwen3", "Qwen3ForCausalLM", rope_scaling=False)
 
     def to_speculators_dict(self) -> dict[str, Any]:
         return {

@@ -13,7 +13,6 @@ a `UserError` naming it -- a draft is never silently evaluated as a different mo
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from speculators import __version__
 from speculators.errors import UserError
 from speculators.layers import check_layer_ids, vllm_default_aux_layer_ids
 from speculators.models.eagle3.config_keys import check_known_keys, sliding_layer_types
+from speculators.models.layer_config import transformer_layer_dict, verifier_layer_shape
 from speculators.verifier import text_config
 
 # Draft layer styles and the architecture name written for each.
@@ -120,8 +120,6 @@ class Eagle3Config:
     ) -> Eagle3Config:
         """Shape the draft like one verifier decoder layer (GQA, head_dim, RoPE scaling)."""
         vc = text_config(verifier_config)
-        heads = vc.num_attention_heads
-        head_dim = getattr(vc, "head_dim", None) or vc.hidden_size // heads
         default_ids = default_aux_layer_ids(vc.num_hidden_layers)
         ids = list(aux_layer_ids) if aux_layer_ids is not None else None
         if ids is not None:  # the rules datagen, launch-vllm and the trainer apply
@@ -129,26 +127,14 @@ class Eagle3Config:
         if ids is not None and ids == default_ids:
             ids = None
         return cls(
-            hidden_size=vc.hidden_size,
-            intermediate_size=vc.intermediate_size,
-            num_attention_heads=heads,
-            num_key_value_heads=getattr(vc, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
-            vocab_size=vc.vocab_size,
+            **verifier_layer_shape(verifier_config),
             draft_vocab_size=draft_vocab_size or vc.vocab_size,
             num_layers=num_layers,
-            rms_norm_eps=getattr(vc, "rms_norm_eps", 1e-6),
-            hidden_act=getattr(vc, "hidden_act", "silu"),
-            max_position_embeddings=getattr(vc, "max_position_embeddings", 4096),
-            rope_parameters=_rope_parameters(vc),
-            attention_bias=bool(getattr(vc, "attention_bias", False)),
-            mlp_bias=bool(getattr(vc, "mlp_bias", False)),
             norm_before_residual=norm_before_residual,
             aux_layer_ids=ids,
             num_aux_layers=len(ids) if ids else 3,
             speculative_tokens=speculative_tokens,
             verifier_name_or_path=verifier_name_or_path,
-            verifier_architectures=list(getattr(vc, "architectures", None) or getattr(verifier_config, "architectures", None) or []),
             draft_arch=draft_arch,
             norm_before_fc=norm_before_fc,
             fc_norm=fc_norm,
@@ -162,31 +148,7 @@ class Eagle3Config:
     def transformer_layer_config(self) -> dict[str, Any]:
         """A LlamaConfig- or Qwen3Config-shaped dict; RoPE written both as `rope_parameters`
         (transformers >= 5) and as `rope_theta`/`rope_scaling` (older readers)."""
-        rope = copy.deepcopy(self.rope_parameters)
-        theta = rope.get("rope_theta", 10000.0)
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if scaling.get("rope_type", "default") == "default":
-            scaling = None
-        out = {
-            "model_type": self.draft_arch,
-            "architectures": [DRAFT_ARCHS[self.draft_arch]],
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "vocab_size": self.vocab_size,
-            "rms_norm_eps": self.rms_norm_eps,
-            "hidden_act": self.hidden_act,
-            "max_position_embeddings": self.max_position_embeddings,
-            "attention_bias": self.attention_bias,
-            "mlp_bias": self.mlp_bias,
-            "tie_word_embeddings": False,
-            "rope_parameters": rope,
-            "rope_theta": theta,
-            "rope_scaling": scaling,
-        }
+        out = transformer_layer_dict(self, self.draft_arch, DRAFT_ARCHS[self.draft_arch], rope_scaling=True)
         if self.layer_types is not None:
             out["layer_types"] = list(self.layer_types)
         for key in ("sliding_window", "use_sliding_window", "max_window_layers"):
@@ -305,21 +267,3 @@ class Eagle3Config:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _rope_parameters(vc: Any) -> dict[str, Any]:
-    """The verifier's RoPE settings as one dict (rope_type, rope_theta, scaling keys)."""
-    rope = getattr(vc, "rope_parameters", None)
-    if isinstance(rope, dict) and rope:
-        # Per-layer-type dicts (e.g. {"full_attention": {...}}) -> take full attention.
-        if "rope_type" not in rope and "full_attention" in rope:
-            rope = rope["full_attention"]
-        out = dict(rope)
-    else:
-        out = dict(getattr(vc, "rope_scaling", None) or {})
-        if "type" in out and "rope_type" not in out:
-            out["rope_type"] = out.pop("type")
-        out.setdefault("rope_theta", getattr(vc, "rope_theta", 10000.0))
-    out.setdefault("rope_type", "default")
-    out.setdefault("rope_theta", 10000.0)
-    return out
