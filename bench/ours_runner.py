@@ -15,6 +15,7 @@ Options: `--precision bf16` is the trainer's `--precision bf16` (CPU bf16 autoca
 `--loss-impl` is the trainer's (eager = the code before the fused lm_head + KL).
 `--profile N` profiles N extra steps with torch.profiler and adds a breakdown
 (bench/breakdown.py); `--trace PATH` keeps the profiler's Chrome trace there (gzip).
+`--dense-ttt` runs the TTT unroll at every position (before the counted-rows skip).
 `--rows R` packs R rows per step (the trainer's --rows-per-batch). `--sync-every N` brings
 the step stats to the host every N steps like the trainer's --sync-every-steps (default: 1
 on the CPU, 8 on CUDA; the first `--sync-warmup` steps are synced one by one so warm-up
@@ -61,7 +62,8 @@ def draft_config(shape):
 
 
 def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: str, precision: str, device: str, epochs: int,
-                  freeze_lm_head: bool = False, fused_adamw: bool = False, loss_impl: str = "fused", rows: int = 1):
+                  freeze_lm_head: bool = False, fused_adamw: bool = False, loss_impl: str = "fused", rows: int = 1,
+                  dense_ttt: bool = False):
     from speculators.data.formats import open_sample_store
     from speculators.models.eagle3 import Eagle3DraftModel
     from speculators.train.components import (Components, adamw_kernel, autocast_enabled, batches_per_step,
@@ -115,7 +117,8 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
         init_tensor("verifier_lm_head.weight", (shape.draft_vocab, shape.hidden_size), seed),
         shape.rms_norm_eps,
     )
-    objective = TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows).to(info.device)
+    objective = TTTObjective(draft, head, cfg.loss_impl, cfg.loss_chunk_rows,
+                             skip_uncounted=not dense_ttt).to(info.device)
     params = [p for p in objective.parameters() if p.requires_grad]
     # the optimizer kernel build_components picks (--optimizer-impl; fused in one process)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **adamw_kernel(cfg.optimizer_impl, 1))
@@ -168,6 +171,8 @@ def main(argv=None) -> dict:
                     help="the recommended proposals: --precision bf16 (CPU) and --fused-adamw")
     ap.add_argument("--loss-impl", choices=["fused", "chunked", "eager"], default="fused",
                     help="the trainer's --loss-impl (fused is its default; eager is the pre-fusion code)")
+    ap.add_argument("--dense-ttt", action="store_true",
+                    help="run the TTT unroll at every position (the code before the counted-rows skip)")
     ap.add_argument("--freeze-lm-head", action="store_true", help="freeze lm_head like the public package does")
     ap.add_argument("--profile", type=int, default=0, help="profile this many extra steps")
     ap.add_argument("--trace", default=None, help="write the profiled steps' Chrome trace here (.json.gz)")
@@ -189,7 +194,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     tr, init_stats = build_trainer(shape, a.data, a.seq_len, a.lr, a.seed, a.attn, a.precision, a.device, epochs=1,
                                    freeze_lm_head=a.freeze_lm_head, fused_adamw=a.fused_adamw,
-                                   loss_impl=a.loss_impl, rows=a.rows)
+                                   loss_impl=a.loss_impl, rows=a.rows, dense_ttt=a.dense_ttt)
     build_s = time.perf_counter() - t0
     from speculators.train.losses import summarize
 
@@ -227,7 +232,8 @@ def main(argv=None) -> dict:
         "train_peak_rss_mib": rss.peak,
         "init": init_stats,
         "options": {"attn": tr.draft.attn_impl, "fused_adamw": a.fused_adamw, "loss_impl": a.loss_impl, "rows": a.rows, "sync_every": every, "precision": a.precision, "device": str(dev), "optimizer": "adamw",
-                    "weight_decay": 0.0, "scheduler": "none", "lm_head_trainable": tr.draft.lm_head.weight.requires_grad},
+                    "weight_decay": 0.0, "scheduler": "none", "lm_head_trainable": tr.draft.lm_head.weight.requires_grad,
+                    "dense_ttt": a.dense_ttt},
         "machine": machine_info(),
     }
     if dev.type == "cuda":

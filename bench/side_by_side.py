@@ -17,6 +17,8 @@ three repeats.
 Variants (`--variants`, comma list):
   ours          our trainer's defaults on this device (CPU: fp32, fused AdamW, lm_head trained)
   ours-frozen   ours with lm_head frozen like the public package (equal work per step)
+  ours-dense    ours with the TTT unroll at every position (before the counted-rows skip)
+  ours-bf16-dense  the same under `--precision bf16`
   ours-eager    ours with `--loss-impl eager` (the lm_head + KL before fusion: the "before")
   ours-bf16-eager  the same under `--precision bf16`
   ours-bf16     ours with `--precision bf16` (bf16 autocast on the CPU too)
@@ -53,6 +55,8 @@ PUBLIC_VERSION = os.environ.get("PUBLIC_SPECULATORS_VERSION", "0.9.0")
 VARIANTS = {
     "ours": ("ours", []),
     "ours-frozen": ("ours", ["--freeze-lm-head"]),
+    "ours-dense": ("ours", ["--dense-ttt"]),
+    "ours-bf16-dense": ("ours", ["--precision", "bf16", "--dense-ttt"]),
     "ours-eager": ("ours", ["--loss-impl", "eager"]),
     "ours-bf16-eager": ("ours", ["--precision", "bf16", "--loss-impl", "eager"]),
     "ours-bf16": ("ours", ["--precision", "bf16"]),

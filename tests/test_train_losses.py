@@ -49,9 +49,12 @@ class _Oracle(Eagle3DraftModel):
         super().__init__(cfg)
         self.per_step_hidden = per_step_hidden
 
-    def iter_ttt(self, hidden_states, input_ids, document_ids, position_ids, ttt_steps):
-        for k in range(ttt_steps):
-            yield k, self.per_step_hidden[k]
+    def iter_ttt(self, hidden_states, input_ids, document_ids, position_ids, ttt_steps, query_rows=None):
+        from speculators.models.eagle3.model import gather_rows
+
+        for k in range(ttt_steps):  # (the objective asks for the counted rows only: hand those)
+            h = self.per_step_hidden[k]
+            yield k, h if query_rows is None else gather_rows(h, query_rows)
 
 
 def test_objective_counts_full_and_conditional_accuracy():

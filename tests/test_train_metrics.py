@@ -28,9 +28,11 @@ class _FixedLogits(Eagle3DraftModel):
         super().__init__(cfg)
         self.per_step = per_step
 
-    def iter_ttt(self, hidden_states, input_ids, document_ids, position_ids, ttt_steps):
-        for k in range(ttt_steps):
-            yield k, self.per_step[k]
+    def iter_ttt(self, hidden_states, input_ids, document_ids, position_ids, ttt_steps, query_rows=None):
+        from speculators.models.eagle3.model import gather_rows
+
+        for k in range(ttt_steps):  # (the objective asks for the counted rows only: hand those)
+            yield k, self.per_step[k] if query_rows is None else gather_rows(self.per_step[k], query_rows)
 
 
 def _objective(per_step) -> TTTObjective:

@@ -48,6 +48,11 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`x[b, rows[b, j]]`: `[B, T, ...]` -> `[B, N, ...]` (-1 pads read position 0; unused)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], rows.clamp(min=0)]
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat([-b, a], dim=-1)
@@ -74,17 +79,21 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Keys/values at every position of `x`; queries (and the output) only at `rows` `[B, N]` if given."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        xq, cq, sq = (x, cos, sin) if rows is None else (gather_rows(x, rows), gather_rows(cos, rows), gather_rows(sin, rows))
+        tq = xq.shape[1]
+        q = self.q_proj(xq).view(b, tq, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cq, sq), apply_rope(k, cos, sin)
         out = attend(q, k, v, self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(b, tq, -1))
 
 
 class MLP(nn.Module):
@@ -116,7 +125,8 @@ class DecoderLayer(nn.Module):
         if self.first:
             self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
 
-    def forward(self, hidden, embeds, cos, sin, attend) -> torch.Tensor:
+    def forward(self, hidden, embeds, cos, sin, attend, rows=None) -> torch.Tensor:
+        """`rows` `[B, N]`: keys/values from every position, output only at `rows` (`[B, N, H]`)."""
         if self.first:
             normed = self.hidden_norm(hidden)
             residual = normed if self.norm_before_residual else hidden
@@ -124,7 +134,9 @@ class DecoderLayer(nn.Module):
         else:
             residual = hidden
             x = self.input_layernorm(hidden)
-        hidden = residual + self.self_attn(x, cos, sin, attend)
+        if rows is not None:
+            residual = gather_rows(residual, rows)
+        hidden = residual + self.self_attn(x, cos, sin, attend, rows)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -225,18 +237,21 @@ class Eagle3DraftModel(nn.Module):
             x = torch.cat([norm(c) for norm, c in zip(self.fc_norm, chunks, strict=True)], dim=-1)
         return self.fc(x)
 
-    def _layers(self, hidden, embeds, position_ids, attend_for_layer) -> torch.Tensor:
+    def _layers(self, hidden, embeds, position_ids, attend_for_layer, last_rows=None) -> torch.Tensor:
+        """`last_rows` `[B, N]`: the last layer's output only at those positions."""
         cos, sin = self.rotary(hidden, position_ids)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
+            rows = last_rows if i == last else None
             if recompute:
                 # The layer runs again in backward with the same `attend` (which must therefore
                 # not depend on state changed after its first call, see iter_ttt).
                 from torch.utils.checkpoint import checkpoint
 
-                hidden = checkpoint(layer, hidden, embeds, cos, sin, attend_for_layer(i), use_reentrant=False)
+                hidden = checkpoint(layer, hidden, embeds, cos, sin, attend_for_layer(i), rows, use_reentrant=False)
             else:
-                hidden = layer(hidden, embeds, cos, sin, attend_for_layer(i))
+                hidden = layer(hidden, embeds, cos, sin, attend_for_layer(i), rows)
         return hidden
 
     def _use_flex(self, device: torch.device) -> bool:
@@ -249,25 +264,35 @@ class Eagle3DraftModel(nn.Module):
         document_ids: torch.Tensor,
         position_ids: torch.Tensor,
         ttt_steps: int,
+        query_rows: torch.Tensor | None = None,
     ):
         """Unroll the draft `ttt_steps` times; yield `(step, normed_hidden [B, T, H])`.
 
         Step `s` feeds step `s-1`'s pre-norm output with the tokens shifted left by `s`
         (teacher forcing) at positions `position_ids + s`; its queries see the context keys
         and their own position's keys from earlier steps.
+
+        `query_rows` `[B, N]` (`ttt_mask.ttt_query_rows`): yield `[B, N, H]` at those positions
+        only. By the rule above a position's later steps touch no other position, and its
+        step-0 output only its own later steps; so with SDPA attention step 0 runs the last
+        layer's queries (and MLP) only there, and steps 1.. run on those `N` positions alone
+        (every step-0 key/value is still made: it is every query's context). The flex path
+        runs dense and gathers (same values).
         """
         hidden = self.fuse(hidden_states)
         use_flex = self._use_flex(hidden.device)
+        rows = None if use_flex else query_rows
         kv: list[tuple[list, list]] = [([], []) for _ in self.layers]
         block_masks: dict = {}
         ctx_masks: dict = {}
 
-        def ctx_for(window):
-            if window not in ctx_masks:
-                ctx_masks[window] = windowed(context_mask(document_ids), window)
-            return ctx_masks[window]
+        def ctx_for(window, compact):
+            if (window, compact) not in ctx_masks:
+                mask = windowed(context_mask(document_ids), window)
+                ctx_masks[(window, compact)] = gather_rows(mask, rows) if compact else mask
+            return ctx_masks[(window, compact)]
 
-        def attend_for_layer(i):
+        def attend_for_layer(i, compact=False):
             all_keys, all_values = kv[i]
             # The earlier steps' keys/values as of this call: under gradient checkpointing the
             # layer (and so `attend`) runs again in backward, when later steps have added theirs.
@@ -287,19 +312,29 @@ class Eagle3DraftModel(nn.Module):
                         q, keys, values, document_ids, scale, block_masks.setdefault(window, {}),
                         compile=self.attn_impl != "flex_eager", window=step_window,
                     )
-                return ttt_attention_sdpa(q, keys, values, ctx_for(step_window), scale)
+                # compact: queries (and steps >= 1's keys) at `rows`; context keys at every position
+                return ttt_attention_sdpa(q, keys, values, ctx_for(step_window, compact), scale)
 
             return attend
 
+        last = len(self.layers) - 1
         for step in range(ttt_steps):
+            tokens, positions = shift_tokens(input_ids, step), position_ids + step
+            if rows is not None and step > 0:
+                tokens, positions = gather_rows(tokens, rows), gather_rows(positions, rows)
             with torch.no_grad():
-                embeds = self.embed_tokens(shift_tokens(input_ids, step))
+                embeds = self.embed_tokens(tokens)
             embeds = embeds.to(hidden.dtype)
-            hidden = self._layers(hidden, embeds, position_ids + step, attend_for_layer)
+            if rows is None:
+                hidden = self._layers(hidden, embeds, positions, attend_for_layer)
+            elif step == 0:
+                hidden = self._layers(hidden, embeds, positions, lambda i: attend_for_layer(i, i == last), rows)
+            else:
+                hidden = self._layers(hidden, embeds, positions, lambda i: attend_for_layer(i, True))
             normed = self.norm(hidden)
             if self.config.norm_output:
                 hidden = normed
-            yield step, normed
+            yield step, (normed if rows is not None or query_rows is None else gather_rows(normed, query_rows))
 
     def forward(self, hidden_states, input_ids, document_ids, position_ids, ttt_steps: int = 1):
         """Logits per TTT step (list of `[B, T, draft_vocab]`); training uses `iter_ttt`."""

@@ -69,6 +69,40 @@ def step_valid_positions(loss_mask: torch.Tensor, document_ids: torch.Tensor, st
     return valid
 
 
+def ttt_query_rows(loss_mask: torch.Tensor, document_ids: torch.Tensor, ttt_steps: int) -> torch.Tensor | None:
+    """Positions whose draft output some TTT step counts, `[B, N]` long (-1 pads short rows), or
+    None when that is every position of the widest row (nothing to skip).
+
+    A step-`s` query at `i` sees the step-0 keys and only its own position's keys of steps
+    `1..s`, so a position counted at no step `0..K-1` influences the loss only through its
+    step-0 keys/values: every later step, and the last layer's step-0 query, can skip it.
+    """
+    b, t = loss_mask.shape
+    used = torch.zeros(b, t, dtype=torch.bool, device=loss_mask.device)
+    for s in range(ttt_steps):
+        used |= step_valid_positions(loss_mask, document_ids, s)
+    counts = used.sum(1)
+    n = max(1, int(counts.max())) if b else 1
+    if n >= t:
+        return None
+    pos = torch.arange(t, device=used.device).expand(b, t)
+    # stable sort puts the used positions first, in order
+    order = torch.sort((~used).to(torch.uint8), dim=1, stable=True).indices[:, :n]
+    rows = torch.where(torch.arange(n, device=used.device)[None] < counts[:, None], pos.gather(1, order), -1)
+    return rows
+
+
+def compact_index(rows: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Flat map `[B * T]`: position `b * T + i` -> its index `b * N + j` in the `[B, N]` row
+    layout of `ttt_query_rows` (-1 where `i` is not kept)."""
+    b, n = rows.shape
+    inv = torch.full((b * seq_len,), -1, dtype=torch.long, device=rows.device)
+    real = rows >= 0
+    src = (torch.arange(b, device=rows.device)[:, None] * seq_len + rows)[real]
+    inv[src] = (torch.arange(b, device=rows.device)[:, None] * n + torch.arange(n, device=rows.device))[real]
+    return inv
+
+
 def shift_tokens(input_ids: torch.Tensor, step: int, pad_id: int = 0) -> torch.Tensor:
     """Ground-truth tokens fed at TTT step `step`: `input_ids` shifted left by `step`."""
     if step == 0:
@@ -77,4 +111,4 @@ def shift_tokens(input_ids: torch.Tensor, step: int, pad_id: int = 0) -> torch.T
     return torch.cat([input_ids[:, step:], pad], dim=1)
 
 
-__all__ = ["context_mask", "shift_tokens", "step_valid_positions", "ttt_mask_dense", "ttt_mask_mod"]
+__all__ = ["compact_index", "context_mask", "shift_tokens", "step_valid_positions", "ttt_query_rows", "ttt_mask_dense", "ttt_mask_mod"]
