@@ -53,7 +53,7 @@ vllm: setup
 	$(BIN)/python scripts/install_vllm.py
 
 test: setup test-deps vllm
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -ra
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -ra --durations=25
 
 dashboard: setup
 	$(BIN)/python -m worker.local
