@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -17,13 +17,7 @@ from runstore.errors import StoreUnreachable
 from runstore.settings import ROOT_MARKER, Settings
 from worker.shared_root import shared_root_problem
 
-from tests.support.tcp_forward import Forwarder, free_port
-
-
-def _via_port(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit(":", 1)[0] + f":{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+from tests.support.tcp_forward import Forwarder, free_port, via_port
 
 
 def _wait_until(cond, timeout_s: float = 30.0) -> None:
@@ -40,7 +34,7 @@ def test_unreachable_store_is_named_and_waited_for_then_used(pg_database, caplog
     direct = pg_database.fresh_url()
     real = urlsplit(direct)
     port = free_port()
-    url = _via_port(direct, port)
+    url = via_port(direct, port)
     with pytest.raises(StoreUnreachable, match=r"SPEC_DB_URL=postgresql://postgres@127\.0\.0\.1:%d/" % port):
         check_reachable(url)
 
@@ -80,7 +74,7 @@ def test_worker_writes_wait_through_an_outage_and_lose_nothing(pg_database):
     real = urlsplit(direct)
     open_store(direct)  # migrated
     port = free_port()
-    url = _via_port(direct, port)
+    url = via_port(direct, port)
     forward = Forwarder(port, (real.hostname, real.port))
     forward.start()
     try:
@@ -161,7 +155,7 @@ def test_a_stage_task_waits_for_the_store_instead_of_failing(pg_database, tmp_pa
     direct = pg_database.fresh_url()
     real = urlsplit(direct)
     port = free_port()
-    spec_home(tmp_path / "home", DB_URL=_via_port(direct, port))
+    spec_home(tmp_path / "home", DB_URL=via_port(direct, port))
     caplog.set_level(logging.WARNING, logger="runstore.db")
     got: dict = {}
     waiter = threading.Thread(target=lambda: got.update(store=tasks._store()))

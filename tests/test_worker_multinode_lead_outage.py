@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -21,8 +20,8 @@ from runstore import nodes, open_store, runs, stages
 from speculators.config.run import RunSettings
 from worker import runner
 
-from tests.support.tcp_forward import Forwarder, free_port
-from tests.test_worker_multinode_outage import _via_port, _wait_until
+from tests.support.tcp_forward import forward_database
+from tests.test_worker_multinode_outage import _wait_until
 
 LEAD = "gpu0@a"
 
@@ -62,11 +61,8 @@ def lead(pg_database, spec_home, tmp_path, monkeypatch):
     stand-in trainer's go-ahead file and the notes node 0 wrote."""
     direct = pg_database.fresh_url()
     truth = open_store(direct)
-    real = urlsplit(direct)
-    port = free_port()
-    forward = Forwarder(port, (real.hostname, real.port))
-    forward.start()
-    settings = spec_home(tmp_path / "a", DB_URL=_via_port(direct, port), NODES_WAIT_S=60,
+    forwarded, forward = forward_database(direct)
+    settings = spec_home(tmp_path / "a", DB_URL=forwarded, NODES_WAIT_S=60,
                          WORKER_ADDRESS="127.0.0.1")
     monkeypatch.setenv("SPEC_NODE_STALE_S", "2")  # shorter than the outages below
     done = tmp_path / "trainer-may-end"

@@ -13,7 +13,6 @@ import logging
 import sys
 import threading
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import text
 
@@ -22,14 +21,9 @@ from runstore.models import utcnow
 from speculators import process
 from worker import multinode
 
-from tests.support.tcp_forward import Forwarder, free_port
+from tests.support.tcp_forward import forward_database
 
 JOINER = "gpu0@b"
-
-
-def _via_port(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rsplit(":", 1)[0] + f":{port}", parts.path, parts.query, ""))
 
 
 def _wait_until(cond, timeout_s: float = 20.0) -> None:
@@ -44,11 +38,8 @@ def _setup(pg_database, spec_home, tmp_path, monkeypatch):
     the joining worker's settings reach the database only through the forwarder."""
     direct = pg_database.fresh_url()
     truth = open_store(direct)
-    real = urlsplit(direct)
-    port = free_port()
-    forward = Forwarder(port, (real.hostname, real.port))
-    forward.start()
-    settings = spec_home(tmp_path / "b", DB_URL=_via_port(direct, port))
+    forwarded, forward = forward_database(direct)
+    settings = spec_home(tmp_path / "b", DB_URL=forwarded)
     monkeypatch.setenv("SPEC_NODE_STALE_S", "2")  # shorter than the outages below
     with truth() as s:
         runs.create_run(s, run_id="r1", name="r1", spec={"nodes": 3, "mode": "offline", "model": "m"},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from urllib.parse import urlsplit, urlunsplit
 
 
 def free_port() -> int:
@@ -76,3 +77,20 @@ class Forwarder:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+def via_port(url: str, port: int) -> str:
+    """`url` with its port replaced (same user, host, database and query)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit(":", 1)[0] + f":{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def forward_database(url: str) -> tuple[str, Forwarder]:
+    """A started forwarder in front of the database at `url`, and the URL that reaches it only
+    through the forwarder."""
+    parts = urlsplit(url)
+    port = free_port()
+    forward = Forwarder(port, (parts.hostname, parts.port))
+    forward.start()
+    return via_port(url, port), forward
