@@ -234,10 +234,16 @@ def test_two_runs_on_two_hosts_survive_broker_and_database_restarts(hosts, servi
     during = [r for r in read_metrics(StagePaths(shared / "runs" / victim).metrics)
               if r["type"] == "train" and db_down < r["ts"] < db_up]
     assert len(during) >= 2
-    # the broker restart handed the messages of the stages running then out again (the solo
-    # pool acks a message when its stage ends, worker.celery_app); those copies ran nothing
+    # the broker restart may hand the messages of the stages running then out again (the solo
+    # pool acks a message when its stage ends, worker.celery_app; whether kombu restores them
+    # depends on when each worker's connection notices the outage, so it is not asserted here:
+    # tests/test_runstore_multihost.py drives that copy directly). Any copy ran nothing: every
+    # stage above has one attempt, and no copy ran its stage to success a second time.
     received = re.findall(r"Task worker\.tasks\.run_stage\[([0-9a-f-]+)\] received", "".join(worker_logs.values()))
-    assert len(received) > len(set(received)), "no stage message was delivered twice"
+    for task_id in {t for t in received if received.count(t) > 1}:
+        ended = re.findall(rf"Task worker\.tasks\.run_stage\[{task_id}\] succeeded in [0-9.]+s: '(\w+)'",
+                           "".join(worker_logs.values()))
+        assert ended.count("succeeded") <= 1, (task_id, ended)
     # the worker of that stage waited for the database instead of failing
     assert any("is unreachable" in text and "retrying in" in text for text in worker_logs.values())
     for host in (a, b):  # no SQLite anywhere on a host, nothing of the runs in its home
