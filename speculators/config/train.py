@@ -157,10 +157,6 @@ class TrainConfig(TypedSettings):
     gradient_checkpointing: bool = setting(
         False, "recompute each draft layer's activations in backward instead of keeping them (less memory for "
         "long rows and many TTT steps, about one more forward of the layers per step)", group=TRAINING)
-    compile: bool = setting(
-        False, "torch.compile the draft's decoder layers and the fused loss's KL chunks (one process, SDPA "
-        "attention, EAGLE-3): 1.1x faster fp32 steps on the CPU after 1-3 minutes of compiling, no gain under "
-        "bf16 (docs/benchmarks.md)", group=TRAINING)
     num_workers: int | None = setting(None, "DataLoader worker processes that load the next steps' hidden states "
                                       "while the accelerator computes (default: 4 on CUDA with on-disk data, "
                                       "else 0)", group=TRAINING, ge=0)

@@ -23,11 +23,9 @@ import torch
 from speculators.data.sample_store import SampleStore
 from speculators.errors import UserError
 from speculators.models.eagle3 import Eagle3Config, Eagle3DraftModel
-from speculators.models.eagle3.model import uses_flex
 from speculators.train import checkpoint as ckpt
 from speculators.config.train import TrainConfig
 from speculators.train.acceptance import AcceptanceProbe
-from speculators.train.compile_step import compile_refusal, compile_step
 from speculators.train.data_source import build_sample_store
 from speculators.train.distributed import DistInfo, on_main_rank, shard
 from speculators.train.loggers import ExperimentLogger
@@ -232,11 +230,6 @@ def build_components(cfg: TrainConfig, info: DistInfo) -> Components:
     conflicts = cfg.option_conflicts()
     if conflicts:
         raise UserError("; ".join(conflicts.values()))
-    if cfg.compile:
-        reason = compile_refusal(cfg.algorithm, info.world_size, uses_flex(cfg.attn_impl, info.device),
-                                 cfg.gradient_checkpointing)
-        if reason:
-            raise UserError(reason)
     autocast = autocast_enabled(cfg.precision, info.device)
     bps = batches_per_step(cfg, info)
     seed_everything(cfg.seed)
@@ -269,10 +262,7 @@ def _build_around(cfg: TrainConfig, info: DistInfo, vconf: Any, store: SampleSto
             check_algorithm(source, "eagle3")
         draft = build_draft(cfg, vconf, weights, layer_ids, source)
     head = VerifierHead.from_weights(weights, draft.t2d, float(getattr(vconf, "rms_norm_eps", 1e-6)))
-    objective = build_objective(cfg, draft, head).to(info.device)
-    if cfg.compile:
-        compile_step(objective)
-    objective = shard(objective, info, bf16=autocast)
+    objective = shard(build_objective(cfg, draft, head).to(info.device), info, bf16=autocast)
     named = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = build_optimizer(named, cfg, adamw_kernel(cfg.optimizer_impl, info.world_size))

@@ -30,7 +30,6 @@ makes its row nan, as it does with `F.kl_div`.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -95,8 +94,7 @@ class _FusedKL(torch.autograd.Function):
     """Weighted KL sum from given logits; the gradient is made in forward and kept."""
 
     @staticmethod
-    def forward(ctx, logits, target_logp, rows, weight, chunk, loss="kl", eta=LK_ETA_DEFAULT, chunk_fn=None):
-        chunk_fn = chunk_fn or _chunk_kl
+    def forward(ctx, logits, target_logp, rows, weight, chunk, loss="kl", eta=LK_ETA_DEFAULT):
         n = logits.shape[0]
         kl = torch.empty(n, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
                          device=logits.device)
@@ -106,8 +104,8 @@ class _FusedKL(torch.autograd.Function):
         scale = weight if want_grad else None  # float32 [N] (lm_head_kl made it so)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            kl[a:b], pred[a:b], g = chunk_fn(logits[a:b], target_logp[rows[a:b]],
-                                             None if scale is None else scale[a:b], loss, eta)
+            kl[a:b], pred[a:b], g = _chunk_kl(logits[a:b], target_logp[rows[a:b]],
+                                              None if scale is None else scale[a:b], loss, eta)
             if g is not None:
                 grad[a:b] = g
         if want_grad:
@@ -120,14 +118,7 @@ class _FusedKL(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:  # (no host sync on GPUs)
             grad = grad * grad_loss.to(grad.dtype)
-        return grad, None, None, None, None, None, None, None
-
-
-@functools.lru_cache(maxsize=1)
-def compiled_chunk_kl():
-    """`_chunk_kl` under torch.compile (`--compile`): its log_softmax, exp, KL and gradient fuse
-    into a few passes over each `[rows, V]` chunk. Dynamic shapes: the last chunk's rows vary."""
-    return torch.compile(_chunk_kl, dynamic=True)
+        return grad, None, None, None, None, None, None
 
 
 def _matmul_dtype(device_type: str, fallback: torch.dtype) -> torch.dtype:
@@ -180,9 +171,8 @@ class _ChunkedLmHeadKL(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None
 
 
-def kl_fused(logits, target_logp, rows, weight, chunk_rows, loss="kl", eta=LK_ETA_DEFAULT, compiled=False):
-    return _FusedKL.apply(logits, target_logp, rows, weight, chunk_rows, loss, eta,
-                          compiled_chunk_kl() if compiled else _chunk_kl)
+def kl_fused(logits, target_logp, rows, weight, chunk_rows, loss="kl", eta=LK_ETA_DEFAULT):
+    return _FusedKL.apply(logits, target_logp, rows, weight, chunk_rows, loss, eta)
 
 
 def kl_eager(logits, target_logp, rows, weight, loss="kl", eta=LK_ETA_DEFAULT):
@@ -204,11 +194,9 @@ def lm_head_kl(
     chunk_rows: int = 0,
     loss: str = "kl",
     eta: float = LK_ETA_DEFAULT,
-    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(sum_rows weight * KL, per-row KL [N] detached, draft argmax [N])`; with `loss` another
-    divergence (`speculators.train.divergences`) in place of KL, `eta` LK's blend rate;
-    `compiled`: the fused path's chunks run `compiled_chunk_kl` (the other paths ignore it).
+    divergence (`speculators.train.divergences`) in place of KL, `eta` LK's blend rate.
 
     hidden `[N, H]`; target_logp `[M, V]` log-probabilities (no grad); rows `[N]` picks each
     draft row's target row; weight is a scalar or `[N]`; KL is
@@ -226,5 +214,5 @@ def lm_head_kl(
         return lm_head_kl_chunked(hidden, lm_head.weight, target_logp, rows, weight, chunk_rows, loss, eta)
     logits = lm_head(hidden)
     if impl == "fused":
-        return kl_fused(logits, target_logp, rows, weight, chunk_rows, loss, eta, compiled)
+        return kl_fused(logits, target_logp, rows, weight, chunk_rows, loss, eta)
     return kl_eager(logits, target_logp, rows, weight, loss, eta)

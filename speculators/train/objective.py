@@ -57,8 +57,6 @@ class TTTObjective(nn.Module):
         self.loss_chunk_rows = loss_chunk_rows
         # Run the TTT unroll only where some step's loss reads it (exact; False: every position).
         self.skip_uncounted = skip_uncounted
-        # --compile: the fused loss's chunks run compiled (speculators.train.compile_step)
-        self.compile_loss = False
 
     def forward(
         self,
@@ -102,8 +100,7 @@ class TTTObjective(nn.Module):
             weights.append(((decay**k) / denominators[k].clamp(min=1e-9)).float().expand(idx.numel()))
         all_rows = torch.cat(rows)
         loss, kl, pred = lm_head_kl(torch.cat(hidden), self.draft.lm_head, tgt_logp, all_rows,
-                                    torch.cat(weights), self.loss_impl, self.loss_chunk_rows, self.loss, self.lk_eta,
-                                    self.compile_loss)
+                                    torch.cat(weights), self.loss_impl, self.loss_chunk_rows, self.loss, self.lk_eta)
 
         stats = step_stats(positions, pred == tgt_arg[all_rows], kl, b * t)
         return loss, stats

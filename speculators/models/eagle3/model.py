@@ -255,7 +255,7 @@ class Eagle3DraftModel(nn.Module):
         return hidden
 
     def _use_flex(self, device: torch.device) -> bool:
-        return uses_flex(self.attn_impl, device)
+        return self.attn_impl.startswith("flex") or (self.attn_impl == "auto" and device.type == "cuda")
 
     def iter_ttt(
         self,
@@ -439,11 +439,6 @@ class Eagle3DraftModel(nn.Module):
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
-
-
-def uses_flex(attn_impl: str, device: torch.device) -> bool:
-    """Whether the TTT unroll runs flex attention (else masked SDPA): `flex*`, or `auto` on CUDA."""
-    return attn_impl.startswith("flex") or (attn_impl == "auto" and device.type == "cuda")
 
 
 def ttt_window(window: int, step: int) -> int:
