@@ -26,11 +26,45 @@ from tests.support.tcp_forward import forward_database
 JOINER = "gpu0@b"
 
 
-def _wait_until(cond, timeout_s: float = 20.0) -> None:
+def _wait_until(cond, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.05)
+
+
+class Judged:
+    """Each judgement a node makes on another node's heartbeat (JoinerStore.gone), recorded,
+    so a test waits for the judgement it is about instead of sleeping for it: (when, whether
+    the beat was stale, when the store last came back, the verdict)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[tuple[float, bool, float, bool]] = []
+        real = multinode.JoinerStore.gone
+
+        def gone(store, row, stale_after_s):
+            verdict = real(store, row, stale_after_s)
+            self.calls.append((time.monotonic(), nodes.is_stale(row, stale_after_s), store.back_at, verdict))
+            return verdict
+
+        monkeypatch.setattr(multinode.JoinerStore, "gone", gone)
+
+    def any(self) -> bool:
+        return bool(self.calls)
+
+    def _since(self, restarted: float) -> list[tuple[float, bool, float, bool]]:
+        after = [c for c in self.calls if c[2] >= restarted]
+        assert not any(verdict for *_, verdict in after), "a node was counted gone after the restart"
+        return after
+
+    def spared_stale(self, restarted: float) -> bool:
+        """Since the database came back at `restarted`: a stale beat judged, and not counted
+        as gone (the node that could not beat in the outage gets SPEC_NODE_STALE_S)."""
+        return any(stale for _, stale, _, _ in self._since(restarted))
+
+    def fresh_after_grace(self, restarted: float, stale_after_s: float) -> bool:
+        """A judgement made once the grace after the restart was over, on a fresh beat."""
+        return any(at - back >= stale_after_s and not stale for at, stale, back, _ in self._since(restarted))
 
 
 def _setup(pg_database, spec_home, tmp_path, monkeypatch):
@@ -94,6 +128,7 @@ def test_a_joining_node_keeps_one_rank_and_beats_through_database_restarts(pg_da
         return rank
 
     monkeypatch.setattr(nodes, "claim_node", claim_then_lose_the_reply)
+    judged = Judged(monkeypatch)
     got: dict = {}
 
     def run_join():
@@ -111,8 +146,11 @@ def test_a_joining_node_keeps_one_rank_and_beats_through_database_restarts(pg_da
         time.sleep(2.0)  # the database is away: the claim waits, the task lives
         assert joiner.is_alive() and "error" not in got
         assert [r[:2] for r in _own_rows(truth, stage_id, attempt)] == [(1, "joined")]  # the lost reply's claim
+        restarted = time.monotonic()
         forward.start()
-        time.sleep(1.0)  # node 0's own retry has not come round yet: its beat is older than SPEC_NODE_STALE_S
+        # node 0's own retry has not come round yet: the node, back, judges node 0's beat (older
+        # than SPEC_NODE_STALE_S) and does not count it gone; node 0 beats again after that
+        _wait_until(lambda: judged.spared_stale(restarted))
         lead.on.set()
         # the claim is repeated and gets the rank it already holds; beats come while node 0 has no address
         _wait_until(lambda: len(calls) == 2)
@@ -124,8 +162,9 @@ def test_a_joining_node_keeps_one_rank_and_beats_through_database_restarts(pg_da
         lead.on.clear()
         time.sleep(3.0)
         assert joiner.is_alive() and "error" not in got
+        restarted = time.monotonic()
         forward.start()
-        time.sleep(1.0)
+        _wait_until(lambda: judged.spared_stale(restarted))
         lead.on.set()
         back_at = utcnow()
         _wait_until(lambda: _own_rows(truth, stage_id, attempt)[0][2] > back_at)  # beats resumed
@@ -156,6 +195,7 @@ def test_a_joining_node_s_trainer_outlives_a_database_restart(pg_database, spec_
         rank = nodes.claim_node(s, stage_id, attempt, worker=JOINER, host="host-b")
         node_id = nodes.node(s, stage_id, attempt, rank).id
     store = multinode.JoinerStore(factory, settings.db_url)
+    judged = Judged(monkeypatch)
     done = tmp_path / "trainer-may-end"  # the stand-in trainer runs until the test lets it end
     trainer = process.start([sys.executable, "-c", "import pathlib, sys, time\n"
                              "while not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.1)", str(done)],
@@ -173,17 +213,21 @@ def test_a_joining_node_s_trainer_outlives_a_database_restart(pg_database, spec_
     lead = LeadBeats(truth, lead_id)
     try:
         watcher.start()
-        time.sleep(1.5)
+        _wait_until(judged.any)  # the trainer runs, the node beats and checks on node 0
         forward.stop()
         lead.on.clear()
         time.sleep(3.0)
         assert watcher.is_alive() and trainer.poll() is None and "error" not in got
+        restarted = time.monotonic()
         forward.start()
-        time.sleep(1.0)  # node 0's own retry has not come round yet: its beat is older than SPEC_NODE_STALE_S
+        # node 0's own retry has not come round yet: its beat, older than SPEC_NODE_STALE_S, is
+        # judged and spared; then node 0 beats again
+        _wait_until(lambda: judged.spared_stale(restarted))
         lead.on.set()
         back_at = utcnow()
         _wait_until(lambda: _own_rows(truth, stage_id, attempt)[0][2] > back_at)  # beats resumed
-        time.sleep(2.5)  # past SPEC_NODE_STALE_S after the restart: node 0 is judged on fresh beats again
+        # past SPEC_NODE_STALE_S after the restart: node 0 is judged on fresh beats again
+        _wait_until(lambda: judged.fresh_after_grace(restarted, 2.0))
         assert watcher.is_alive() and trainer.poll() is None
         done.write_text("")
         watcher.join(20)
