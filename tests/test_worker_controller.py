@@ -27,7 +27,8 @@ from worker import serving
 from worker.controller import check_servers, recover_deployments, start_deployment, stop_deployment
 from worker.dispatch import flush_outbox
 
-from tests.support.workers import start_worker, wait_for, worker_env
+from tests.support.wait import wait_for
+from tests.support.workers import start_worker, worker_env
 
 TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL_CONTROLLER", "redis://127.0.0.1:6379/13")
 
