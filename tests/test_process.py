@@ -17,6 +17,7 @@ import pytest
 from speculators import process
 from speculators.vllm.logcause import cause_line
 
+from tests.support.pids import alive
 from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,15 +38,6 @@ POLITE = textwrap.dedent("""
     print("pids", grand.pid, flush=True)
     time.sleep(600)
 """)
-
-
-def alive(pid: int) -> bool:
-    """Runs and is no zombie (an exited process not yet reaped holds nothing)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] not in "ZX"
 
 
 def grandchild_of(proc: process.Process) -> int:
