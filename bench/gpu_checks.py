@@ -6,8 +6,8 @@ FSDP2's bf16 MixedPrecisionPolicy over NCCL.
    Llama-3.1-8B head layout (32 query / 8 KV heads, head_dim 128), packed documents plus
    padding, TTT step 2. In bf16 the flex error is judged against the bf16 reference's own
    error (both round the same inputs), in fp32 against a fixed tolerance. Then the compact
-   call of the sparse TTT unroll (only the kept query rows, `query_pos`, compiled with dynamic
-   shapes) against the SDPA compact form in fp32 at two kept-row counts, and its bf16 time.
+   call of the sparse TTT unroll (only the kept query rows, `query_pos`, padded to T for the static
+   compile) against the SDPA compact form in fp32 at two kept-row counts, and its bf16 time.
 2. fsdp: the draft at the 8B shape trained for a few steps in bf16 twice from the same init
    and batches: once plain, once wrapped by `speculators.train.distributed.shard` (FSDP2 per
    decoder layer and root, bf16 policy) in a one-rank NCCL group. Losses must agree within
@@ -129,8 +129,8 @@ def _kept_rows(doc: torch.Tensor, steps: int) -> torch.Tensor:
 
 def _check_sparse_attention(q0, k0, v0, up, doc, scale, dense_ms: float) -> dict:
     """The compact flex call (kept query rows only: `Eagle3DraftModel.iter_ttt(query_rows=...)` on CUDA)
-    against the SDPA compact form, fwd + bwd in fp32, at two kept-row counts (its dynamic-shape
-    compile must take both without error), and its bf16 time against the dense flex call over
+    against the SDPA compact form, fwd + bwd in fp32, at two kept-row counts (padded to T, one
+    static compile serves both), and its bf16 time against the dense flex call over
     every row (`dense_ms`, measured by the caller; TTT step `len(k0) - 1`)."""
     from speculators.models.eagle3.attention import ttt_attention_flex, ttt_attention_sdpa
     from speculators.models.eagle3.model import gather_rows
@@ -262,8 +262,8 @@ def render(r: dict) -> str:
                      f"{'passed' if a['passed'] else 'FAILED'}")
         sp = a.get("sparse")
         if sp:
-            lines.append(f"- attention on kept query rows only (sparse TTT unroll, flex with query_pos, dynamic "
-                         f"shapes), {sp['kept_rows']} of {sp['seq']} rows: fp32 worst relative error "
+            lines.append(f"- attention on kept query rows only (sparse TTT unroll, flex with query_pos, padded "
+                         f"to T), {sp['kept_rows']} of {sp['seq']} rows: fp32 worst relative error "
                          f"{max(sp['fp32_vs_ref']):.1e} vs the SDPA compact form; bf16 fwd+bwd "
                          f"{sp['fwd_bwd_ms_bf16']['sparse']:.1f} ms vs {sp['fwd_bwd_ms_bf16']['dense_all_rows']:.1f} ms "
                          f"over every row")

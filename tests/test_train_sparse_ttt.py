@@ -293,3 +293,28 @@ def test_query_rows_are_the_union_of_counted_starts_padded():
     inv = compact_index(rows, 8)
     assert inv.view(2, 8).tolist() == [[-1, 0, 1, 2, -1, -1, 3, 4], [-1, -1, -1, 5, 6, -1, -1, -1]]
     assert ttt_query_rows(torch.ones(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long), 1) is None
+
+
+def test_flex_block_mask_cache_keeps_a_full_width_compact_call_apart_from_the_dense_one():
+    """A batch whose widest row keeps every position has N == T kept rows, yet the other row's
+    rows are not the identity: the compact call must not reuse the dense call's block mask."""
+    import warnings
+
+    from speculators.models.eagle3.attention import ttt_attention_flex, ttt_attention_sdpa
+    from speculators.models.eagle3.model import gather_rows
+    from speculators.models.eagle3.ttt_mask import context_mask
+
+    torch.manual_seed(8)
+    t = 8
+    docs = torch.tensor([[0] * t, [0, 0, 0, 1, 1, 1, -1, -1]])
+    rows = torch.tensor([list(range(t)), [1, 2, 4, 5, -1, -1, -1, -1]])
+    q = torch.randn(2, 2, t, 8, dtype=torch.float64)
+    keys = [torch.randn(2, 2, t, 8, dtype=torch.float64) for _ in range(2)]
+    values = [torch.randn_like(k) for k in keys]
+    cache: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ttt_attention_flex(q, keys, values, docs, 0.3, cache, compile=False)  # the dense call first
+        got = ttt_attention_flex(q, keys, values, docs, 0.3, cache, compile=False, query_pos=rows)
+    want = ttt_attention_sdpa(q, keys, values, gather_rows(context_mask(docs), rows), 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -68,11 +68,11 @@ def ttt_attention_sdpa(
     return out.reshape(b, h, tq, d)
 
 
-@functools.lru_cache(maxsize=2)
-def _compiled_flex(dynamic: bool = False):
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=dynamic)
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def ttt_attention_flex(
@@ -90,11 +90,11 @@ def ttt_attention_flex(
 
     `query_pos` `[B, N]` (`ttt_query_rows`, -1 pads): `q` holds only those positions' queries
     and `keys[1:]`/`values[1:]` only their keys, `keys[0]` every position's; the mask maps each
-    query row to its position, so flex runs `N` query rows (the compact form of the SDPA path).
-    `N` changes from batch to batch, so on CUDA that call is compiled with dynamic shapes (static
-    ones would recompile per batch and soon hit dynamo's recompile limit). The CPU keeps static
-    shapes: torch 2.13's CPU flex template does not build with dynamic ones (C++ compile error),
-    and the CPU flex has no backward, so training never compiles it there.
+    query row to its position, so flex computes `N` query rows (the compact form of the SDPA path).
+    `N` changes from batch to batch; the compiled kernel gets it padded to `T` rows instead, so
+    its shapes stay static (one compile per TTT step count, no dynamic-shape kernel, no
+    recompile limit): a pad row reads position 0, so it sees key 0 and its own later keys only,
+    and flex's block mask skips almost all of its work. Eager flex runs the `N` rows as they are.
     """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -104,9 +104,16 @@ def ttt_attention_flex(
         raise ValueError(f"ttt_attention_flex: {tq} queries for {t} context keys needs query_pos")
     if query_pos is not None and tuple(query_pos.shape) != (b, tq):
         raise ValueError(f"ttt_attention_flex: query_pos {tuple(query_pos.shape)} does not match q's [B, N] {(b, tq)}")
+    if query_pos is not None and compile and tq < t:
+        pad = t - tq
+        padded = ttt_attention_flex(
+            F.pad(q, (0, 0, 0, pad)), [keys[0], *(F.pad(k, (0, 0, 0, pad)) for k in keys[1:])],
+            [values[0], *(F.pad(v, (0, 0, 0, pad)) for v in values[1:])], document_ids, scale,
+            block_mask_cache, compile, window, F.pad(query_pos, (0, pad), value=-1))
+        return padded[:, :, :tq]
     steps = len(keys)
     kv_len = t + tq * (steps - 1)
-    key = (steps, tq)
+    key = (steps, tq, query_pos is not None)  # a compact call of N == T rows is not the dense one
     block_mask = None if block_mask_cache is None else block_mask_cache.get(key)
     if block_mask is None:
         pos = None if query_pos is None else query_pos.clamp(min=0)  # pads read position 0 (as gather_rows)
@@ -116,7 +123,7 @@ def ttt_attention_flex(
             block_mask_cache[key] = block_mask
     k = torch.cat(keys, dim=2)
     v = torch.cat(values, dim=2)
-    fn = _compiled_flex(query_pos is not None and q.device.type == "cuda") if compile else flex_attention
+    fn = _compiled_flex() if compile else flex_attention
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
