@@ -21,50 +21,11 @@ from runstore.models import utcnow
 from speculators import process
 from worker import multinode
 
+from tests.support.node_judgements import Judged
 from tests.support.tcp_forward import forward_database
+from tests.support.wait import wait_for
 
 JOINER = "gpu0@b"
-
-
-def _wait_until(cond, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
-
-class Judged:
-    """Each judgement a node makes on another node's heartbeat (JoinerStore.gone), recorded,
-    so a test waits for the judgement it is about instead of sleeping for it: (when, whether
-    the beat was stale, when the store last came back, the verdict)."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.calls: list[tuple[float, bool, float, bool]] = []
-        real = multinode.JoinerStore.gone
-
-        def gone(store, row, stale_after_s):
-            verdict = real(store, row, stale_after_s)
-            self.calls.append((time.monotonic(), nodes.is_stale(row, stale_after_s), store.back_at, verdict))
-            return verdict
-
-        monkeypatch.setattr(multinode.JoinerStore, "gone", gone)
-
-    def any(self) -> bool:
-        return bool(self.calls)
-
-    def _since(self, restarted: float) -> list[tuple[float, bool, float, bool]]:
-        after = [c for c in self.calls if c[2] >= restarted]
-        assert not any(verdict for *_, verdict in after), "a node was counted gone after the restart"
-        return after
-
-    def spared_stale(self, restarted: float) -> bool:
-        """Since the database came back at `restarted`: a stale beat judged, and not counted
-        as gone (the node that could not beat in the outage gets SPEC_NODE_STALE_S)."""
-        return any(stale for _, stale, _, _ in self._since(restarted))
-
-    def fresh_after_grace(self, restarted: float, stale_after_s: float) -> bool:
-        """A judgement made once the grace after the restart was over, on a fresh beat."""
-        return any(at - back >= stale_after_s and not stale for at, stale, back, _ in self._since(restarted))
 
 
 def _setup(pg_database, spec_home, tmp_path, monkeypatch):
@@ -141,7 +102,7 @@ def test_a_joining_node_keeps_one_rank_and_beats_through_database_restarts(pg_da
     lead = LeadBeats(truth, lead_id)
     try:
         joiner.start()
-        _wait_until(lambda: calls)
+        wait_for(lambda: calls, 20, interval=0.05)
         lead.on.clear()
         time.sleep(2.0)  # the database is away: the claim waits, the task lives
         assert joiner.is_alive() and "error" not in got
@@ -150,13 +111,13 @@ def test_a_joining_node_keeps_one_rank_and_beats_through_database_restarts(pg_da
         forward.start()
         # node 0's own retry has not come round yet: the node, back, judges node 0's beat (older
         # than SPEC_NODE_STALE_S) and does not count it gone; node 0 beats again after that
-        _wait_until(lambda: judged.spared_stale(restarted))
+        wait_for(lambda: judged.spared_stale(restarted), 60, interval=0.05, what="a stale beat spared")
         lead.on.set()
         # the claim is repeated and gets the rank it already holds; beats come while node 0 has no address
-        _wait_until(lambda: len(calls) == 2)
+        wait_for(lambda: len(calls) == 2, 20, interval=0.05)
         assert calls == [1, 1]
         first_beat = _own_rows(truth, stage_id, attempt)[0][2]
-        _wait_until(lambda: _own_rows(truth, stage_id, attempt)[0][2] > first_beat)
+        wait_for(lambda: _own_rows(truth, stage_id, attempt)[0][2] > first_beat, 20, interval=0.05)
 
         forward.stop()  # a restart while the node waits for node 0's rendezvous
         lead.on.clear()
@@ -164,10 +125,10 @@ def test_a_joining_node_keeps_one_rank_and_beats_through_database_restarts(pg_da
         assert joiner.is_alive() and "error" not in got
         restarted = time.monotonic()
         forward.start()
-        _wait_until(lambda: judged.spared_stale(restarted))
+        wait_for(lambda: judged.spared_stale(restarted), 60, interval=0.05, what="a stale beat spared")
         lead.on.set()
         back_at = utcnow()
-        _wait_until(lambda: _own_rows(truth, stage_id, attempt)[0][2] > back_at)  # beats resumed
+        wait_for(lambda: _own_rows(truth, stage_id, attempt)[0][2] > back_at, 20, interval=0.05)  # beats resumed
         assert joiner.is_alive() and "error" not in got
 
         with truth() as s:  # node 0 ends the stage: the joining node ends its wait and its task
@@ -213,7 +174,7 @@ def test_a_joining_node_s_trainer_outlives_a_database_restart(pg_database, spec_
     lead = LeadBeats(truth, lead_id)
     try:
         watcher.start()
-        _wait_until(judged.any)  # the trainer runs, the node beats and checks on node 0
+        wait_for(lambda: judged.any_since(0.0), 60, interval=0.05, what="a check on node 0")  # the trainer runs
         forward.stop()
         lead.on.clear()
         time.sleep(3.0)
@@ -222,12 +183,12 @@ def test_a_joining_node_s_trainer_outlives_a_database_restart(pg_database, spec_
         forward.start()
         # node 0's own retry has not come round yet: its beat, older than SPEC_NODE_STALE_S, is
         # judged and spared; then node 0 beats again
-        _wait_until(lambda: judged.spared_stale(restarted))
+        wait_for(lambda: judged.spared_stale(restarted), 60, interval=0.05, what="a stale beat spared")
         lead.on.set()
         back_at = utcnow()
-        _wait_until(lambda: _own_rows(truth, stage_id, attempt)[0][2] > back_at)  # beats resumed
+        wait_for(lambda: _own_rows(truth, stage_id, attempt)[0][2] > back_at, 20, interval=0.05)  # beats resumed
         # past SPEC_NODE_STALE_S after the restart: node 0 is judged on fresh beats again
-        _wait_until(lambda: judged.fresh_after_grace(restarted, 2.0))
+        wait_for(lambda: judged.fresh_after_grace(restarted, 2.0), 60, interval=0.05, what="a fresh beat judged")
         assert watcher.is_alive() and trainer.poll() is None
         done.write_text("")
         watcher.join(20)
