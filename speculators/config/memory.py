@@ -169,13 +169,13 @@ def estimate_dflash_train_memory(
         "runtime": 0 if on_gpu else RUNTIME_BYTES,
     }
     # The [B, Q, T + Q] bool mask (block_mask, built from the [B, N, T] context visibility) and
-    # its float form that every layer's SDPA makes and keeps for backward (measured: about
-    # L + 0.5 of them at the peak). The CPU's fused kernel takes the mask with GQA (torch 2.13),
-    # so no scores; on CUDA the kernels that take a mask do not take GQA (flash: no mask;
-    # efficient: no GQA), so a GQA draft falls back to the math path, whose float32 scores
-    # [B, heads, Q, T + Q] are held once per layer plus about two more in flight (measured on
-    # the CPU's math path; bench/results/memory_estimate_dflash.json for the fused path).
-    attn = b * qt * keys * (1 + act * (nl + 0.5)) + 3 * b * n * t
+    # the float copy of it that every layer's SDPA makes and keeps for backward: 1 + act x layers
+    # bytes per element, fitted to the measured CPU peaks (bench/results/memory_estimate_dflash*.json;
+    # the CPU's fused kernel takes the mask with GQA in torch 2.13: no scores). On CUDA the kernels
+    # that take a mask do not take GQA (flash: no mask; efficient: no GQA), so a GQA draft falls
+    # back to the math path, whose float32 scores [B, heads, Q, T + Q] are held once per layer
+    # plus about two more in flight (measured on the CPU's math path with the same shapes).
+    attn = b * qt * keys * (1 + act * nl) + 3 * b * n * t
     if math_sdpa:
         attn += (nl + 2) * b * dims.num_heads * qt * keys * 4
     parts["attention (blocks x row)"] = int(attn)
