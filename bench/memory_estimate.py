@@ -72,7 +72,8 @@ def main() -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
             if args.out:  # after each length: a slow machine still leaves the finished rows
-                meta = {"machine": "2-core x86-64 CPU (shared)", "algorithm": args.algorithm, "ttt_steps": args.ttt_steps}
+                meta = {"machine": "2-core x86-64 CPU (shared)", "algorithm": args.algorithm,
+                        "ttt_steps": args.ttt_steps}
                 if args.algorithm == "dflash":
                     meta |= {"block_size": args.ttt_steps + 1, "num_anchors": args.num_anchors}
                 Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")

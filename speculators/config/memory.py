@@ -156,13 +156,15 @@ def estimate_dflash_train_memory(
     trainable = num_aux_layers * h * h + nl * layer_params + 2 * h + h * vd  # fc, layers, norms, lm_head
     keys = t + qt
     parts = {
-        "weights": 4 * (trainable + v * h + vd * h) + 4 * 2 * v * h,  # draft + frozen embed, verifier head, loaded copies
+        # draft + its frozen embedding, the verifier head, the loaded embedding and lm_head
+        "weights": 4 * (trainable + v * h + vd * h) + 4 * 2 * v * h,
         "gradients+AdamW": 4 * 3 * trainable,
         "hidden states": b * t * (num_aux_layers + 1) * h * act,
         # per layer: the block tokens through a decoder layer, the context keys/values (k_norm, RoPE,
         # the [context, block] concatenation; the math path repeats them per head); fc/hidden_norm
         # of the context, the final norm and the slots' gathered states once
-        "activations": b * act * (nl * (qt * (10 * h + 4 * i + 3 * (q + kv)) + keys * (4 * kv + (2 * q if math_sdpa else 0)))
+        "activations": b * act * (nl * (qt * (10 * h + 4 * i + 3 * (q + kv))
+                                        + keys * (4 * kv + (2 * q if math_sdpa else 0)))
                                   + 4 * h * t + 3 * h * qt + 2 * h * slots),
         "target log-probs": b * t * vd * 4,
         "loss logits": (b * slots * vd * 4) * (3 if loss_impl == "eager" else 1) if loss_impl != "chunked" else 0,
