@@ -19,7 +19,8 @@ from speculators.vllm.readiness import free_port
 
 from tests.support.browser_support import ARTIFACTS, CHROMIUM, ROOT, chromium_page, open_run
 from tests.support.browser_support import dashboard_healthy as _healthy
-from tests.support.workers import wait_for, worker_env
+from tests.support.wait import wait_for
+from tests.support.workers import worker_env
 
 pytestmark = pytest.mark.slow
 

@@ -47,7 +47,8 @@ from worker.dispatch import flush_outbox
 
 from tests.support.browser_support import dashboard_healthy
 from tests.support.store import local_model, submit_run
-from tests.support.workers import run_with_stages, start_worker, wait_for, worker_env
+from tests.support.wait import wait_for
+from tests.support.workers import run_with_stages, start_worker, worker_env
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

@@ -38,7 +38,7 @@ SHARED = {"epochs": "epochs", "lr": "lr", "ttt_steps": "ttt_steps", "num_layers"
           "seq_length": "total_seq_len", "eval_every_steps": "eval_every_steps", "eval_prompts": "eval_prompts",
           "eval_max_tokens": "eval_max_tokens", "best_by": "best_by", "checkpoint_every_steps": "checkpoint_every_steps",
           "algorithm": "algorithm", "optimizer": "optimizer", "loss": "loss",
-          "gradient_checkpointing": "gradient_checkpointing"}
+          "gradient_checkpointing": "gradient_checkpointing", "freeze_lm_head": "freeze_lm_head"}
 # the run settings that are another stage's own settings: run name -> (subcommand, its config, field)
 STAGE_SHARED = {
     "max_samples": ("prepare-data", PrepareConfig, "max_samples"),
@@ -183,7 +183,7 @@ def test_every_train_flag_round_trips_through_the_worker_argv(tmp_path):
         ttt_step_loss_decay=0.8, checkpoint_every_steps=7, keep_last_checkpoints=2, run_name="-starts-with-dash",
         prefetch=3, vllm_timeout=9.5,
         optimizer="muon", muon_lr=2e-3, muon_momentum=0.9, muon_adjust_lr="original", loss="lk", lk_eta=2.5,
-        gradient_checkpointing=True,
+        gradient_checkpointing=True, freeze_lm_head=True,
     )
     from speculators.config.base import to_argv
 
@@ -658,6 +658,7 @@ def test_settings_file_round_trips_every_train_setting(tmp_path):
         verifier_name_or_path="m", data_path=str(tmp_path), epochs=3, lr=2.5e-4, ttt_steps=5, resume=False,
         norm_before_residual=False, vllm_layer_ids=[1, 3, 8], scheduler="linear", warmup_ratio=0.2,
         data_format_version=0, logger="tensorboard", run_name="-starts-with-dash", prefetch=3, vllm_timeout=9.5,
+        freeze_lm_head=True,
     )
     path = write_settings_file(tmp_path / "settings" / "train.json", cfg)
     assert set(json.loads(path.read_text())) == cfg.model_fields_set
@@ -711,6 +712,7 @@ def test_form_sets_the_training_options_the_stages_run_with(home, tmp_path):
     at.radio(key="f_optimizer").set_value("muon")
     at.radio(key="f_loss").set_value("lk")
     at.checkbox(key="f_gradient_checkpointing").check()
+    at.checkbox(key="f_freeze_lm_head").check()
     at.radio(key="f_hidden_states_dtype").set_value("fp8")
     at.button[0].click().run()
     assert not at.exception and not at.session_state["form_errors"]
@@ -719,7 +721,8 @@ def test_form_sets_the_training_options_the_stages_run_with(home, tmp_path):
     stored = RunSettings.from_dict(run.spec)
     paths = StagePaths(tmp_path / "w")
     cfg = config_from_args(worker_stage(stored, "train", paths))
-    assert (cfg.algorithm, cfg.optimizer, cfg.loss, cfg.gradient_checkpointing) == ("eagle3", "muon", "lk", True)
+    assert (cfg.algorithm, cfg.optimizer, cfg.loss, cfg.gradient_checkpointing, cfg.freeze_lm_head) == \
+        ("eagle3", "muon", "lk", True, True)
     assert DatagenConfig.from_args(worker_stage(stored, "datagen", paths)).hidden_states_dtype == "fp8"
     # a DFlash run refuses the EAGLE-3-only options on the form, with the trainer's own message
     spec, errors = validate_spec(good(home, algorithm="dflash", loss="lk"), home)

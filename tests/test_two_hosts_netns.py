@@ -40,7 +40,8 @@ from tests.support.netns import Hosts, OwnPostgres, OwnRedis, netns_problem, sto
 from tests.support.store import local_model, submit_run
 from tests.support.synthetic import write_synthetic_hidden_states
 from tests.support.train_helpers import run_train_cli
-from tests.support.workers import wait_for, worker_env
+from tests.support.wait import wait_for
+from tests.support.workers import worker_env
 
 pytestmark = pytest.mark.slow
 NAMESPACE = "spec-netns-test"  # one broker namespace for the main side and both hosts

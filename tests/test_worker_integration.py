@@ -17,7 +17,8 @@ from speculators.config.stages import StagePaths
 from worker.spec import validate_spec
 
 from tests.support.store import local_model, submit_run
-from tests.support.workers import run_with_stages, start_worker, wait_for, worker_env
+from tests.support.wait import wait_for
+from tests.support.workers import run_with_stages, start_worker, worker_env
 
 pytestmark = pytest.mark.slow
 TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")

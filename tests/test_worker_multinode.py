@@ -23,7 +23,8 @@ from speculators.train.metrics_stream import read_metrics
 from worker.spec import validate_spec
 
 from tests.support.store import local_model, submit_run
-from tests.support.workers import run_with_stages, start_worker, wait_for, worker_env
+from tests.support.wait import wait_for
+from tests.support.workers import run_with_stages, start_worker, worker_env
 
 pytestmark = pytest.mark.slow
 TEST_REDIS = os.environ.get("SPEC_TEST_MULTINODE_REDIS_URL", "redis://127.0.0.1:6379/7")

@@ -21,7 +21,7 @@ from speculators.config.run import RunSettings
 from worker import runner
 
 from tests.support.tcp_forward import forward_database
-from tests.test_worker_multinode_outage import _wait_until
+from tests.support.wait import wait_for
 
 LEAD = "gpu0@a"
 
@@ -104,7 +104,7 @@ def _start(settings, truth, nnodes: int):
             stage = stages.get_stage(s, "r1", "train")
             return stage.status == "running" and nodes.node(s, stage.id, stage.attempts, 0) is not None
 
-    _wait_until(opened)
+    wait_for(opened, 20, interval=0.05)
     with truth() as s:
         stage = stages.get_stage(s, "r1", "train")
         return thread, got, stage.id, stage.attempts
@@ -144,12 +144,13 @@ def test_node_0_waits_for_the_other_nodes_through_a_database_restart(lead):
     peers = PeerBeats(truth)
     try:
         assert peers.claim(stage_id, attempt, "gpu0@b") == 1
-        _wait_until(lambda: any(n.startswith("waiting for 3 workers on queue gpu: 2 joined") for n in notes))
+        wait_for(lambda: any(n.startswith("waiting for 3 workers on queue gpu: 2 joined") for n in notes), 20,
+                 interval=0.05)
         seen = len(notes)
         _outage(forward, peers, got, thread)
         assert not _published(truth, stage_id, attempt)
         assert peers.claim(stage_id, attempt, "gpu0@c") == 2
-        _wait_until(lambda: _published(truth, stage_id, attempt))  # the stage proceeds: rendezvous out
+        wait_for(lambda: _published(truth, stage_id, attempt), 20, interval=0.05)  # the stage proceeds: rendezvous out
         # node 1, silent through the outage, was never dropped from the joined ones
         assert all("1 joined" not in n for n in notes[seen:]), notes[seen:]
         assert notes[-1].startswith("training on 3 nodes, rendezvous at 127.0.0.1:")
@@ -164,7 +165,7 @@ def test_node_0_s_check_on_the_other_nodes_outlives_a_database_restart(lead):
     peers = PeerBeats(truth)
     try:
         assert peers.claim(stage_id, attempt, "gpu0@b") == 1
-        _wait_until(lambda: _published(truth, stage_id, attempt))
+        wait_for(lambda: _published(truth, stage_id, attempt), 20, interval=0.05)
         time.sleep(1.5)  # the trainer runs, node 0 beats and checks on node 1
         _outage(forward, peers, got, thread)
         time.sleep(2.5)  # past SPEC_NODE_STALE_S after the restart: node 1 judged on fresh beats again

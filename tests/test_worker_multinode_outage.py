@@ -22,15 +22,9 @@ from speculators import process
 from worker import multinode
 
 from tests.support.tcp_forward import forward_database
+from tests.support.wait import wait_for
 
 JOINER = "gpu0@b"
-
-
-def _wait_until(cond, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def _setup(pg_database, spec_home, tmp_path, monkeypatch):
@@ -106,7 +100,7 @@ def test_a_joining_node_keeps_one_rank_and_beats_through_database_restarts(pg_da
     lead = LeadBeats(truth, lead_id)
     try:
         joiner.start()
-        _wait_until(lambda: calls)
+        wait_for(lambda: calls, 20, interval=0.05)
         lead.on.clear()
         time.sleep(2.0)  # the database is away: the claim waits, the task lives
         assert joiner.is_alive() and "error" not in got
@@ -115,10 +109,10 @@ def test_a_joining_node_keeps_one_rank_and_beats_through_database_restarts(pg_da
         time.sleep(1.0)  # node 0's own retry has not come round yet: its beat is older than SPEC_NODE_STALE_S
         lead.on.set()
         # the claim is repeated and gets the rank it already holds; beats come while node 0 has no address
-        _wait_until(lambda: len(calls) == 2)
+        wait_for(lambda: len(calls) == 2, 20, interval=0.05)
         assert calls == [1, 1]
         first_beat = _own_rows(truth, stage_id, attempt)[0][2]
-        _wait_until(lambda: _own_rows(truth, stage_id, attempt)[0][2] > first_beat)
+        wait_for(lambda: _own_rows(truth, stage_id, attempt)[0][2] > first_beat, 20, interval=0.05)
 
         forward.stop()  # a restart while the node waits for node 0's rendezvous
         lead.on.clear()
@@ -128,7 +122,7 @@ def test_a_joining_node_keeps_one_rank_and_beats_through_database_restarts(pg_da
         time.sleep(1.0)
         lead.on.set()
         back_at = utcnow()
-        _wait_until(lambda: _own_rows(truth, stage_id, attempt)[0][2] > back_at)  # beats resumed
+        wait_for(lambda: _own_rows(truth, stage_id, attempt)[0][2] > back_at, 20, interval=0.05)  # beats resumed
         assert joiner.is_alive() and "error" not in got
 
         with truth() as s:  # node 0 ends the stage: the joining node ends its wait and its task
@@ -182,7 +176,7 @@ def test_a_joining_node_s_trainer_outlives_a_database_restart(pg_database, spec_
         time.sleep(1.0)  # node 0's own retry has not come round yet: its beat is older than SPEC_NODE_STALE_S
         lead.on.set()
         back_at = utcnow()
-        _wait_until(lambda: _own_rows(truth, stage_id, attempt)[0][2] > back_at)  # beats resumed
+        wait_for(lambda: _own_rows(truth, stage_id, attempt)[0][2] > back_at, 20, interval=0.05)  # beats resumed
         time.sleep(2.5)  # past SPEC_NODE_STALE_S after the restart: node 0 is judged on fresh beats again
         assert watcher.is_alive() and trainer.poll() is None
         done.write_text("")

@@ -20,7 +20,7 @@ from worker.procs import error_summary
 from worker.spec import validate_spec
 from worker.tail import JsonlTail
 
-from tests.support.workers import wait_for
+from tests.support.wait import wait_for
 
 TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 

@@ -88,8 +88,10 @@ def estimate_train_memory(
     bf16: bool = False,
     flex: bool = False,
     loss_impl: str = "fused",
+    freeze_lm_head: bool = False,
 ) -> MemoryEstimate:
-    """Peak bytes of one training process (pure arithmetic on the shapes)."""
+    """Peak bytes of one training process (pure arithmetic on the shapes); a frozen lm_head
+    (`--freeze-lm-head`) has no gradient or AdamW state."""
     h, i, v = dims.hidden_size, dims.intermediate_size, dims.vocab_size
     vd = draft_vocab_size or v
     q, kv = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
@@ -99,9 +101,10 @@ def estimate_train_memory(
     k = ttt_steps
     act = 2 if bf16 else 4
     layer_params = 2 * h * (q + 2 * kv) + q * h + 3 * h * i + 3 * h  # layer 0 attends over [embeds, hidden]
-    trainable = num_aux_layers * h * h + num_layers * layer_params + h * vd + h
+    draft = num_aux_layers * h * h + num_layers * layer_params + h * vd + h
+    trainable = draft - (h * vd if freeze_lm_head else 0)
     parts = {
-        "weights": 4 * (trainable + v * h + vd * h) + 4 * 2 * v * h,  # draft, embed, verifier head; loaded copies
+        "weights": 4 * (draft + v * h + vd * h) + 4 * 2 * v * h,  # draft, embed, verifier head; loaded copies
         "gradients+AdamW": 4 * 3 * trainable,
         "hidden states": tokens * (num_aux_layers + 1) * h * act,
         "activations": k * num_layers * tokens * (10 * h + 4 * i + 3 * (q + kv)) * act + k * tokens * 4 * h * act,
@@ -246,6 +249,7 @@ def train_memory_estimate(cfg: Any, dims: VerifierDims, device: str,
         draft_vocab_size=cfg.draft_vocab_size, rows_per_batch=cfg.rows_per_batch, num_aux_layers=num_aux_layers,
         on_gpu=on_gpu, bf16=bf16,
         flex=cfg.attn_impl == "flex" or (cfg.attn_impl == "auto" and on_gpu), loss_impl=cfg.loss_impl,
+        freeze_lm_head=cfg.freeze_lm_head,
     )
 
 
