@@ -304,6 +304,13 @@ def test_dflash_parameter_bytes_are_those_of_a_built_draft():
     assert est.parts["gradients+AdamW"] == 4 * 3 * trainable  # grads + exp_avg + exp_avg_sq, float32
     assert est.parts["weights"] == 4 * (trainable + frozen + head.weight.numel()
                                         + loaded["embed"].numel() + loaded["lm_head"].numel())
+    from speculators.train.components import set_lm_head_trainable
+
+    set_lm_head_trainable(draft, True)  # --freeze-lm-head
+    frozen_est = estimate_dflash_train_memory(VerifierDims.from_config(TINY_CONFIG), total_seq_len=256, block_size=8,
+                                              num_layers=2, draft_vocab_size=200, freeze_lm_head=True)
+    assert frozen_est.parts["gradients+AdamW"] == 4 * 3 * sum(p.numel() for p in draft.parameters() if p.requires_grad)
+    assert frozen_est.parts["weights"] == est.parts["weights"]
 
 
 def test_dflash_query_count_is_the_objectives():

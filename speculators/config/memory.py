@@ -140,8 +140,10 @@ def estimate_dflash_train_memory(
     on_gpu: bool = False,
     bf16: bool = False,
     loss_impl: str = "fused",
+    freeze_lm_head: bool = False,
 ) -> MemoryEstimate:
-    """Peak bytes of one DFlash training process (pure arithmetic on the shapes).
+    """Peak bytes of one DFlash training process (pure arithmetic on the shapes); a frozen lm_head
+    (`--freeze-lm-head`) has no gradient or AdamW state.
 
     Per row: T context states (fc + hidden_norm of the aux states; every layer projects them to
     keys/values), Q = anchors x block_size query tokens through every layer, one attention of
@@ -156,11 +158,12 @@ def estimate_dflash_train_memory(
     act = 2 if bf16 else 4
     math_sdpa = on_gpu and dims.num_heads != dims.num_kv_heads  # see the attention part below
     layer_params = 2 * h * q + 2 * h * kv + 3 * h * i + 2 * h + 2 * hd  # q/k/v/o, MLP, 2 norms, q/k norms
-    trainable = num_aux_layers * h * h + nl * layer_params + 2 * h + h * vd  # fc, layers, norms, lm_head
+    draft = num_aux_layers * h * h + nl * layer_params + 2 * h + h * vd  # fc, layers, norms, lm_head
+    trainable = draft - (h * vd if freeze_lm_head else 0)
     keys = t + qt
     parts = {
         # draft + its frozen embedding, the verifier head, the loaded embedding and lm_head
-        "weights": 4 * (trainable + v * h + vd * h) + 4 * 2 * v * h,
+        "weights": 4 * (draft + v * h + vd * h) + 4 * 2 * v * h,
         "gradients+AdamW": 4 * 3 * trainable,
         "hidden states": b * t * (num_aux_layers + 1) * h * act,
         # per layer: the block tokens through a decoder layer, the context keys/values (k_norm, RoPE,
@@ -243,7 +246,8 @@ def train_memory_estimate(cfg: Any, dims: VerifierDims, device: str,
         return estimate_dflash_train_memory(
             dims, total_seq_len=cfg.total_seq_len, block_size=cfg.ttt_steps + 1, num_anchors=cfg.dflash_num_anchors,
             num_layers=cfg.num_layers, draft_vocab_size=cfg.draft_vocab_size, rows_per_batch=cfg.rows_per_batch,
-            num_aux_layers=num_aux_layers, on_gpu=on_gpu, bf16=bf16, loss_impl=cfg.loss_impl)
+            num_aux_layers=num_aux_layers, on_gpu=on_gpu, bf16=bf16, loss_impl=cfg.loss_impl,
+            freeze_lm_head=cfg.freeze_lm_head)
     return estimate_train_memory(
         dims, total_seq_len=cfg.total_seq_len, ttt_steps=cfg.ttt_steps, num_layers=cfg.num_layers,
         draft_vocab_size=cfg.draft_vocab_size, rows_per_batch=cfg.rows_per_batch, num_aux_layers=num_aux_layers,
