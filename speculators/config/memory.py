@@ -182,7 +182,7 @@ def estimate_dflash_train_memory(
     # the CPU's fused kernel takes the mask with GQA in torch 2.13: no scores). On CUDA the kernels
     # that take a mask do not take GQA (flash: no mask; efficient: no GQA), so a GQA draft falls
     # back to the math path, whose float32 scores [B, heads, Q, T + Q] are held once per layer
-    # plus about two more in flight (measured on the CPU's math path with the same shapes).
+    # plus about two more in flight (the CPU's math path: bench/results/dflash_sdpa_memory.json).
     attn = b * qt * keys * (1 + act * nl) + 3 * b * n * t
     if math_sdpa:
         attn += (nl + 2) * b * dims.num_heads * qt * keys * 4
