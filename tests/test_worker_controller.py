@@ -165,7 +165,7 @@ def test_serve_button_path_through_celery_without_vllm(settings, tmp_path):
             with factory() as s:
                 d = deployments.get_deployment(s, dep.id)
                 return d if d.status in ("failed", "up") else None
-        d = wait_for(done, 90, what="deployment result")
+        d = wait_for(done, 300, what="deployment result")
         assert d.status == "failed"
         # the real `speculators serve` ran on this checkpoint and refused it with its own
         # error line: a broken serve path (wrong command, wrong checkpoint, a crash) says otherwise

@@ -70,7 +70,7 @@ def two_nodes(spec_home, tmp_path, monkeypatch):
             files = [out / f"trainer.{rank}.pid" for rank in (0, 1)]
             return all(f.exists() for f in files) and [int(p) for f in files for p in f.read_text().split()]
 
-        pids = wait_for(in_loop, 60, interval=0.2, what="both trainers in their collective loop")
+        pids = wait_for(in_loop, 300, interval=0.2, what="both trainers in their collective loop")
         assert thread.is_alive() and joiner.poll() is None
         yield factory, got, thread, joiner, pids
     finally:

@@ -230,7 +230,7 @@ def test_verifier_stage_with_user_endpoint_and_with_controller(settings):
             def requested():
                 with factory() as s:
                     return deployments.latest_deployment(s, "v2", kind="verifier")
-            dep = wait_for(requested, 10, interval=0.05, what="verifier request")
+            dep = wait_for(requested, 60, interval=0.05, what="verifier request")
             with factory() as s:
                 deployments.update_deployment(s, dep.id, status="up", endpoint=url)
         t = threading.Thread(target=controller)
