@@ -5,7 +5,9 @@ FSDP2's bf16 MixedPrecisionPolicy over NCCL.
    against the dense reference (`ttt_attention_sdpa` in fp32), forward and backward, at the
    Llama-3.1-8B head layout (32 query / 8 KV heads, head_dim 128), packed documents plus
    padding, TTT step 2. In bf16 the flex error is judged against the bf16 reference's own
-   error (both round the same inputs), in fp32 against a fixed tolerance.
+   error (both round the same inputs), in fp32 against a fixed tolerance. Then the compact
+   call of the sparse TTT unroll (only the kept query rows, `query_pos`, padded to T for the static
+   compile) against the SDPA compact form in fp32 at two kept-row counts, and its bf16 time.
 2. fsdp: the draft at the 8B shape trained for a few steps in bf16 twice from the same init
    and batches: once plain, once wrapped by `speculators.train.distributed.shard` (FSDP2 per
    decoder layer and root, bf16 policy) in a one-rank NCCL group. Losses must agree within
@@ -103,10 +105,77 @@ def check_attention(seq: int = 2048, steps: int = 3, device: str = "cuda") -> di
     worst_ratio = max(res["flex_bf16_vs_ref"][n] / max(res["sdpa_bf16_vs_ref"][n], 1e-6) for n in names)
     res["worst_fp32_rel"] = worst_fp32
     res["worst_bf16_err_ratio_flex_over_sdpa"] = worst_ratio
-    res["passed"] = worst_fp32 < 1e-3 and worst_ratio < 3.0
+    res["sparse"] = _check_sparse_attention(q0, k0, v0, up, doc, scale, res["fwd_bwd_ms_bf16"]["flex"])
+    res["passed"] = worst_fp32 < 1e-3 and worst_ratio < 3.0 and res["sparse"]["passed"]
     log(f"attention: fp32 worst rel {worst_fp32:.2e}; bf16 flex/sdpa error ratio {worst_ratio:.2f}; "
-        f"fwd+bwd ms {res['fwd_bwd_ms_bf16']}")
+        f"fwd+bwd ms {res['fwd_bwd_ms_bf16']}; sparse {res['sparse']}")
     return res
+
+
+def _kept_rows(doc: torch.Tensor, steps: int) -> torch.Tensor:
+    """`ttt_query_rows` for a loss mask that leaves the first third of every document unmasked."""
+    from speculators.models.eagle3.ttt_mask import ttt_query_rows
+
+    b, t = doc.shape
+    mask = torch.zeros_like(doc)
+    for row in range(b):
+        for d in doc[row].unique().tolist():
+            if d < 0:
+                continue
+            at = (doc[row] == d).nonzero().squeeze(1)
+            mask[row, at[len(at) // 3:]] = 1
+    return ttt_query_rows(mask, doc, steps)
+
+
+def _check_sparse_attention(q0, k0, v0, up, doc, scale, dense_ms: float) -> dict:
+    """The compact flex call (kept query rows only: `Eagle3DraftModel.iter_ttt(query_rows=...)` on CUDA)
+    against the SDPA compact form, fwd + bwd in fp32, at two kept-row counts (padded to T, one
+    static compile serves both), and its bf16 time against the dense flex call over
+    every row (`dense_ms`, measured by the caller; TTT step `len(k0) - 1`)."""
+    from speculators.models.eagle3.attention import ttt_attention_flex, ttt_attention_sdpa
+    from speculators.models.eagle3.model import gather_rows
+    from speculators.models.eagle3.ttt_mask import context_mask
+
+    dev = q0.device
+    out: dict = {"kept_rows": [], "fp32_vs_ref": []}
+    full = _kept_rows(doc, len(k0))
+    for rows in (full, full[:, :-7]):
+        n = rows.shape[1]
+        idx = rows.clamp(min=0)[:, None, :, None]
+        qs = q0.gather(2, idx.expand(-1, q0.shape[1], -1, q0.shape[3]))
+        real = (rows >= 0)[:, None, :, None]
+        ups = up.gather(2, idx.expand(-1, up.shape[1], -1, up.shape[3])) * real  # pads (-1) get no gradient
+        ks = [k0[0]] + [k[:, :, :n] for k in k0[1:]]
+        vs = [v0[0]] + [v[:, :, :n] for v in v0[1:]]
+        ctx = gather_rows(context_mask(doc), rows)
+
+        def run(fn, dtype, qs=qs, ks=ks, vs=vs, ups=ups, real=real):
+            q = qs.to(dtype).clone().requires_grad_()
+            kk = [k.to(dtype).clone().requires_grad_() for k in ks]
+            vv = [v.to(dtype).clone().requires_grad_() for v in vs]
+            o = fn(q, kk, vv)
+            (o.float() * ups).sum().backward()
+            return [o.detach().float() * real, q.grad.float()] + [t.grad.float() for t in kk + vv]
+
+        sparse = lambda q, kk, vv, rows=rows: ttt_attention_flex(q, kk, vv, doc, scale, {}, query_pos=rows)  # noqa: E731
+        ref = run(lambda q, kk, vv, ctx=ctx: ttt_attention_sdpa(q, kk, vv, ctx, scale), torch.float32)
+        got = run(sparse, torch.float32)
+        out["kept_rows"].append(n)
+        out["fp32_vs_ref"].append(max(float((a - r).abs().max() / r.abs().max().clamp_min(1e-12))
+                                      for a, r in zip(got, ref)))
+        if rows is full:
+            reps = 10 if dev.type == "cuda" else 1
+            run(sparse, torch.bfloat16)
+            _sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                run(sparse, torch.bfloat16)
+            _sync(dev)
+            out["fwd_bwd_ms_bf16"] = {"sparse": (time.perf_counter() - t0) / reps * 1e3}
+    out["fwd_bwd_ms_bf16"]["dense_all_rows"] = dense_ms
+    out["seq"] = q0.shape[2]
+    out["passed"] = max(out["fp32_vs_ref"]) < 1e-3
+    return out
 
 
 def check_fsdp(seq: int = 2048, steps: int = 6, shape_name: str = "llama8b", device: str = "cuda") -> dict:
@@ -191,6 +260,13 @@ def render(r: dict) -> str:
                      f"the bf16 reference's own; fwd+bwd {a['fwd_bwd_ms_bf16']['flex']:.1f} ms flex vs "
                      f"{a['fwd_bwd_ms_bf16']['sdpa_reference']:.1f} ms reference -> "
                      f"{'passed' if a['passed'] else 'FAILED'}")
+        sp = a.get("sparse")
+        if sp:
+            lines.append(f"- attention on kept query rows only (sparse TTT unroll, flex with query_pos, padded "
+                         f"to T), {sp['kept_rows']} of {sp['seq']} rows: fp32 worst relative error "
+                         f"{max(sp['fp32_vs_ref']):.1e} vs the SDPA compact form; bf16 fwd+bwd "
+                         f"{sp['fwd_bwd_ms_bf16']['sparse']:.1f} ms vs {sp['fwd_bwd_ms_bf16']['dense_all_rows']:.1f} ms "
+                         f"over every row")
     elif a:
         lines.append(f"- attention: FAILED ({a.get('error')})")
     f = r.get("fsdp", {})

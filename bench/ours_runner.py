@@ -67,7 +67,7 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
     from speculators.data.formats import open_sample_store
     from speculators.models.eagle3 import Eagle3DraftModel
     from speculators.train.components import (Components, adamw_kernel, autocast_enabled, batches_per_step,
-                                              seed_everything)
+                                              seed_everything, set_lm_head_trainable)
     from speculators.config.train import TrainConfig
     from speculators.train.distributed import setup_distributed
     from speculators.train.loggers import ExperimentLogger
@@ -99,6 +99,7 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
         optimizer_impl="fused" if fused_adamw else "auto",
         loss_impl=loss_impl,
         rows_per_batch=rows,
+        freeze_lm_head=freeze_lm_head,
     )
     info = setup_distributed(cfg.device)
     autocast = autocast_enabled(cfg.precision, info.device)  # --precision: autocast and the data dtype
@@ -110,8 +111,7 @@ def build_trainer(shape, data: str, seq_len: int, lr: float, seed: int, attn: st
     d2t, t2d = vocab_mapping(shape.target_vocab, shape.draft_vocab)
     draft.set_vocab_mapping(d2t, t2d)
     draft.attn_impl = attn
-    if freeze_lm_head:  # what the public package does; ours trains it by default
-        draft.lm_head.weight.requires_grad_(False)
+    set_lm_head_trainable(draft, cfg.freeze_lm_head)  # the trainer's --freeze-lm-head (what the public package does)
     head = VerifierHead(
         torch.ones(shape.hidden_size),
         init_tensor("verifier_lm_head.weight", (shape.draft_vocab, shape.hidden_size), seed),
@@ -173,7 +173,8 @@ def main(argv=None) -> dict:
                     help="the trainer's --loss-impl (fused is its default; eager is the pre-fusion code)")
     ap.add_argument("--dense-ttt", action="store_true",
                     help="run the TTT unroll at every position (the code before the counted-rows skip)")
-    ap.add_argument("--freeze-lm-head", action="store_true", help="freeze lm_head like the public package does")
+    ap.add_argument("--freeze-lm-head", action="store_true",
+                    help="the trainer's --freeze-lm-head: lm_head frozen like the public package does")
     ap.add_argument("--profile", type=int, default=0, help="profile this many extra steps")
     ap.add_argument("--trace", default=None, help="write the profiled steps' Chrome trace here (.json.gz)")
     ap.add_argument("--rows", type=int, default=1, help="packed rows per step (--rows-per-batch)")

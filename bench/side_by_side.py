@@ -16,7 +16,9 @@ three repeats.
 
 Variants (`--variants`, comma list):
   ours          our trainer's defaults on this device (CPU: fp32, fused AdamW, lm_head trained)
-  ours-frozen   ours with lm_head frozen like the public package (equal work per step)
+  ours-frozen-head  ours (CPU: fp32) with the trainer's `--freeze-lm-head`: lm_head frozen as the
+                public package freezes it (equal work per step; compare with public-fp32)
+  ours-frozen   the same, its older name (results before the flag existed froze the head in the runner)
   ours-dense    ours with the TTT unroll at every position (before the counted-rows skip)
   ours-bf16-dense  the same under `--precision bf16`
   ours-eager    ours with `--loss-impl eager` (the lm_head + KL before fusion: the "before")
@@ -54,6 +56,7 @@ PUBLIC_VERSION = os.environ.get("PUBLIC_SPECULATORS_VERSION", "0.9.0")
 
 VARIANTS = {
     "ours": ("ours", []),
+    "ours-frozen-head": ("ours", ["--freeze-lm-head"]),
     "ours-frozen": ("ours", ["--freeze-lm-head"]),
     "ours-dense": ("ours", ["--dense-ttt"]),
     "ours-bf16-dense": ("ours", ["--precision", "bf16", "--dense-ttt"]),

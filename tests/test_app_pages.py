@@ -564,6 +564,84 @@ def test_run_page_reads_only_new_metric_rows(home, monkeypatch):
     assert loss5 == [9.0]
 
 
+def _stored_points(factory, run_id: str) -> tuple[int, dict[str, set[tuple[str, int, float]]]]:
+    """The run's train and val rows straight from the metrics table: how many, and their
+    (metric, step, value) per type."""
+    from sqlalchemy import select
+
+    from runstore.models import Metric
+
+    out: dict[str, set[tuple[str, int, float]]] = {"train": set(), "val": set()}
+    with factory() as s:
+        q = select(Metric.type, Metric.step, Metric.values).where(Metric.run_id == run_id,
+                                                                  Metric.type.in_(("train", "val")))
+        rows = s.execute(q).all()
+    for typ, step, values in rows:
+        out[typ] |= {(k, step, float(v)) for k, v in values.items()}
+    return len(rows), out
+
+
+def _plotted(at: AppTest) -> dict[str, list[tuple]]:
+    """Every metric chart's points (series, step, x, value, smoothed), by chart title."""
+    return {title: sorted((r["series"], r["step"], r["x"], r["value"], r["smoothed"]) for r in _chart_rows(c))
+            for title, c in _charts(at).items()}
+
+
+def test_run_page_after_incremental_refreshes_draws_what_a_full_read_draws(home, monkeypatch):
+    """A session refreshed while the run trains (three batches of new rows, a validation each,
+    an epoch boundary crossed) reads each stored row once in all, and its charts and progress
+    are those of a fresh session that reads the run whole; the plotted points are the rows of
+    the metrics table, each curve smoothed over its own steps."""
+    factory = _seed_run(home, "r1", spec={"mode": "offline", "model": "m", "epochs": 2})
+    fetched: list[int] = []
+    real = metrics.step_records
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        fetched.append(len(out))
+        return out
+
+    monkeypatch.setattr(metrics, "step_records", spy)
+    at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+    at.query_params["run"] = "r1"
+    at.run()
+    assert not at.exception
+    with factory() as s:
+        stage_id = stages.get_stage(s, "r1", "train").id
+    for start, stop in ((5, 7), (7, 10), (10, 14)):
+        recs = [{"type": "train", "ts": 100.0 + step, "epoch": (step - 1) // 6, "step": step, "total_steps": 14,
+                 "metrics": {"loss": 3.0 / step, "loss_0": 1.5 / step, "full_acc_0": step / 20, "lr": 1e-3 / step}}
+                for step in range(start, stop)]
+        recs.append({"type": "val", "ts": 100.5 + stop, "epoch": (stop - 2) // 6, "step": stop - 1,
+                     "metrics": {"loss": 1.0 / stop}})
+        with factory() as s:
+            metrics.ingest_records(s, "r1", recs, stage_id=stage_id)
+        at.run()
+        assert not at.exception
+    rows_stored, stored = _stored_points(factory, "r1")
+    assert rows_stored == 4 + 1 + 9 + 3 and sum(fetched) == rows_stored  # each row read once, in all
+
+    fresh = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
+    fresh.query_params["run"] = "r1"
+    fresh.run()
+    assert not fresh.exception and fetched[-2:] == [rows_stored, 0]  # the fresh session read the run whole
+    for axis in ("step", "epoch", "wall time"):
+        if axis != "step":
+            at.radio(key="x_axis").set_value(axis).run()
+            fresh.radio(key="x_axis").set_value(axis).run()
+        assert _plotted(at) == _plotted(fresh), axis
+    assert at.get("progress")[0].proto.text == fresh.get("progress")[0].proto.text
+    assert "training 92%" in at.get("progress")[0].proto.text  # step 13 of 14
+
+    plotted = _plotted(at)
+    for kind, suffix in (("train", " · train"), ("val", " · validation")):
+        points = [p for title, ps in plotted.items() if title.replace(" (log)", "").endswith(suffix) for p in ps]
+        assert {(series, step, value) for series, step, _, value, _ in points} == stored[kind]
+        for series in {p[0] for p in points}:
+            curve = sorted((step, value, smoothed) for name, step, _, value, smoothed in points if name == series)
+            assert [c[2] for c in curve] == pytest.approx(_ema([c[1] for c in curve], 0.6))
+
+
 def test_charts_are_thinned_but_keep_the_last_step():
     import pandas as pd
 

@@ -43,6 +43,26 @@ def test_ours_runner_with_profile(tmp_path):
     assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in timed)
 
 
+def test_frozen_head_variant_runs_the_trainers_flag(tmp_path):
+    """side_by_side's `ours-frozen-head` passes the trainer's --freeze-lm-head: the head leaves the
+    trained parameters (its draft_vocab x hidden fewer) and the run still trains."""
+    import ours_runner
+    from configs import get_shape
+    from side_by_side import VARIANTS
+    from synthetic import write_v1_dataset
+
+    impl, extra = VARIANTS["ours-frozen-head"]
+    assert impl == "ours" and "--freeze-lm-head" in extra
+    data = write_v1_dataset(tmp_path / "data", num_samples=6, seq_len=33, hidden_size=64, vocab_size=512)
+    common = ["--data", str(data), "--shape", "tiny", "--seq-len", "32", "--steps", "2", "--lr", "1e-3"]
+    trained = ours_runner.main([*common, "--out", str(tmp_path / "a.json")])
+    frozen = ours_runner.main([*common, *extra, "--out", str(tmp_path / "b.json")])
+    shape = get_shape("tiny", 32)
+    assert trained["trainable_params"] - frozen["trainable_params"] == shape.draft_vocab * shape.hidden_size
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in frozen["steps"])
+    assert trained["steps"][0]["loss"] == frozen["steps"][0]["loss"]  # same start; only the update differs
+
+
 def test_public_format_converter_matches_source(tmp_path):
     from safetensors.torch import load_file
     from synthetic import write_v1_dataset

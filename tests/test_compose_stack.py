@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from speculators.vllm.readiness import free_port
 
 from tests.support.browser_support import ARTIFACTS, ROOT, chromium_page, dashboard_healthy, launch_from_form, open_run, shot
-from tests.support.workers import wait_for
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 FILES = ("compose.yaml", "compose.cpu.yaml")

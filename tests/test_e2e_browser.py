@@ -19,7 +19,8 @@ from speculators.vllm.readiness import free_port
 
 from tests.support.browser_support import ARTIFACTS, CHROMIUM, ROOT, chromium_page, open_run
 from tests.support.browser_support import dashboard_healthy as _healthy
-from tests.support.workers import wait_for, worker_env
+from tests.support.wait import wait_for
+from tests.support.workers import worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -121,8 +122,8 @@ def test_submit_from_form_and_see_live_chart(local_mode):
         assert epoch.is_checked()
         _settled(page)
         charts = page.locator('[data-testid="stVegaLiteChart"]')
-        assert charts.count() >= 8, charts.count()  # 6 train, >= 1 validation, acceptance curve and bars
-        page.get_by_text("Validation (at each epoch end)").wait_for(timeout=10_000)
+        charts.nth(7).wait_for(timeout=90_000)  # 6 train, >= 1 validation, acceptance curve and bars
+        page.get_by_text("Validation (at each epoch end)").wait_for(timeout=60_000)
         page.get_by_text("Hyperparameters").scroll_into_view_if_needed()
         assert page.get_by_role("button", name="Metrics as CSV").is_visible()
         page.get_by_text("Acceptance (held-out prompts)").scroll_into_view_if_needed()
@@ -133,7 +134,7 @@ def test_submit_from_form_and_see_live_chart(local_mode):
         page.goto(url + f"/Compare?runs={run_id}")
         page.get_by_role("heading", name="Compare runs").wait_for(timeout=30_000)
         page.locator('[data-testid="stVegaLiteChart"]').nth(2).wait_for(timeout=60_000)  # loss, full_acc_0, acceptance
-        page.get_by_text("Only the settings that differ").wait_for(timeout=10_000)
+        page.get_by_text("Only the settings that differ").wait_for(timeout=60_000)
         _settled(page)
         _assert_no_evil_markup(page)
         page.screenshot(path=str(ARTIFACTS / "e2e-compare.png"), full_page=True)

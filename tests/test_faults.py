@@ -46,8 +46,10 @@ from worker.celery_app import make_celery
 from worker.dispatch import flush_outbox
 
 from tests.support.browser_support import dashboard_healthy
+from tests.support.stage_gate import StageGate
 from tests.support.store import local_model, submit_run
-from tests.support.workers import run_with_stages, start_worker, wait_for, worker_env
+from tests.support.wait import wait_for
+from tests.support.workers import run_with_stages, start_worker, worker_env
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,14 +127,19 @@ def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 def test_broker_blip_while_a_stage_finishes(redis_server, tiny_llama, tmp_path, spec_home):
     """Redis dies while `prepare` runs and is back (empty: no persistence) after it ended. The
     next stage was written to the outbox with prepare's success, so the worker's dispatcher
-    sends it when Redis answers again: the run finishes, each stage ran once."""
+    sends it when Redis answers again: the run finishes, each stage ran once. (Prepare's
+    process is held at its start until Redis is down: a prepare ending first would send its
+    successor to the Redis about to lose it.)"""
     settings = spec_home(tmp_path / "home", BROKER_URL=redis_server.url)
     factory, run_id = _submit(settings, tiny_llama)
-    env = worker_env(settings.home, redis_server.url)
+    gate = StageGate(tmp_path / "gate", "prepare-data")
+    env = gate.env(worker_env(settings.home, redis_server.url))
     worker = start_worker(env, log_path=tmp_path / "worker.log")
     try:
-        wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].status == "running", 120, what="prepare running")
+        wait_for(gate.held, 120, what="prepare running (held at its start)")
+        assert run_with_stages(factory, run_id)[1]["prepare"].status == "running"
         redis_server.stop()
+        gate.release()
         wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].status != "running", 300, what="prepare end")
         run, by_stage = run_with_stages(factory, run_id)
         assert by_stage["prepare"].status == "succeeded", by_stage["prepare"].error
@@ -140,13 +147,18 @@ def test_broker_blip_while_a_stage_finishes(redis_server, tiny_llama, tmp_path, 
             pending = outbox.pending(s)
         assert [m.payload["stages"][0] for m in pending] == ["vocab"]  # kept, not lost
         assert run.status == "queued" and run.current_stage == "vocab"
-        time.sleep(3)
+
+        def refused():  # the worker tried to send it while Redis was down, and kept it
+            with factory() as s:
+                return [m.last_error for m in outbox.pending(s) if m.last_error]
+        assert "cannot connect to Redis" in wait_for(refused, 60, what="a send refused")[0]
         redis_server.start()
         wait_for(lambda: _finished(factory, run_id), 600, what="run end")
         run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "succeeded", (run.error, (tmp_path / "worker.log").read_text()[-3000:])
         assert {n: x.attempts for n, x in by_stage.items()} == {n: 1 for n in by_stage}
     finally:
+        gate.release()
         _stop(worker)
 
 
@@ -184,8 +196,9 @@ def test_reconciler_requeues_a_lost_run_once(redis_server, tiny_llama, tmp_path,
 
 def test_two_installations_share_a_redis_without_crosstalk(redis_server, tiny_llama, tmp_path, spec_home):
     """Home B's worker runs on the same Redis DB as home A. A's run is not taken by B (before
-    the fix B consumed it, found no such run in its database and dropped it); A's own worker
-    then runs it."""
+    the fix B consumed it, found no such run in its database and dropped it): B's consumer
+    polls Redis (BRPOP, seen through MONITOR) after A's message is queued, and names only its
+    own queues. A's own worker then runs it."""
     settings_b = spec_home(tmp_path / "b", BROKER_URL=redis_server.url)
     worker_b = start_worker(worker_env(settings_b.home, redis_server.url), name="gpu0@b",
                             log_path=tmp_path / "b.log")
@@ -193,8 +206,12 @@ def test_two_installations_share_a_redis_without_crosstalk(redis_server, tiny_ll
         wait_for(lambda: "ready" in (tmp_path / "b.log").read_text(), 120, what="worker B ready")
         settings_a = spec_home(tmp_path / "a", BROKER_URL=redis_server.url)
         assert settings_a.broker_namespace != settings_b.broker_namespace
-        factory, run_id = _submit(settings_a, tiny_llama)
-        time.sleep(8)
+        a_queue = settings_a.broker_namespace + ":gpu"
+        with redis.Redis.from_url(redis_server.url, socket_timeout=60).monitor() as monitor:
+            factory, run_id = _submit(settings_a, tiny_llama)
+            polls = _polls_after(monitor, lambda c: c.startswith("LPUSH ") and f" {a_queue} " in c, 2, 60)
+        assert all(f" {settings_b.broker_namespace}:gpu " in p and settings_a.broker_namespace not in p
+                   for p in polls), polls
         assert "Received task" not in (tmp_path / "b.log").read_text()
         client = redis.Redis.from_url(redis_server.url)
         assert client.llen(settings_a.broker_namespace + ":gpu") == 1  # still waiting for A
@@ -211,6 +228,19 @@ def test_two_installations_share_a_redis_without_crosstalk(redis_server, tiny_ll
         wait_for(lambda: _finished(factory, run_id), 60, what="cancelled")
     finally:
         _stop(worker_a)
+
+
+def _polls_after(monitor, pushed, count: int, timeout: float) -> list[str]:
+    """The first `count` BRPOPs (kombu's consumer polls, each naming every queue it takes)
+    that Redis ran after the first command for which `pushed` holds, from a MONITOR."""
+    deadline, seen, polls = time.monotonic() + timeout, False, []
+    while len(polls) < count:
+        assert time.monotonic() < deadline, f"no {count} polls after the push within {timeout:.0f} s"
+        command = monitor.next_command()["command"]
+        if seen and command.startswith("BRPOP "):
+            polls.append(command + " ")
+        seen = seen or pushed(command + " ")
+    return polls
 
 
 # ----------------------------------------------------------------- 6 + 8: endpoint, healthcheck
@@ -264,7 +294,7 @@ def test_busy_worker_is_healthy_and_an_unreachable_endpoint_fails_fast(redis_ser
         assert ping.returncode != 0 and "No nodes replied" in ping.stdout + ping.stderr, ping.stdout + ping.stderr
         server.shutdown()
         server.server_close()
-        wait_for(lambda: _finished(factory, run_id), 60, what="run failed")
+        wait_for(lambda: _finished(factory, run_id), 180, what="run failed")
         run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "failed"
         # failed by the unreachable rule with the limit set above, not by the 30-minute health wait
@@ -284,11 +314,14 @@ def test_sigkilled_stage_says_killed_signal_9(redis_server, tiny_llama, tmp_path
     `killed (signal 9: SIGKILL)` and the OOM hint, not a log header line."""
     settings = spec_home(tmp_path / "home", BROKER_URL=redis_server.url)
     factory, run_id = _submit(settings, tiny_llama)
-    worker = start_worker(worker_env(settings.home, redis_server.url), log_path=tmp_path / "worker.log")
+    gate = StageGate(tmp_path / "gate", "prepare-data")  # prepare cannot end before the kill
+    worker = start_worker(gate.env(worker_env(settings.home, redis_server.url)), log_path=tmp_path / "worker.log")
     try:
-        pid = wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].pid, 120, interval=0.1, what="prepare pid")
+        pid = wait_for(gate.held, 120, what="prepare running (held at its start)")
+        wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].pid == pid, 60, what="the stage's pid")
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: _finished(factory, run_id), 60, what="run failed")
+        gate.release()
+        wait_for(lambda: _finished(factory, run_id), 120, what="run failed")
         run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "failed"
         assert by_stage["prepare"].error.startswith("killed (signal 9: SIGKILL)"), by_stage["prepare"].error
@@ -297,6 +330,7 @@ def test_sigkilled_stage_says_killed_signal_9(redis_server, tiny_llama, tmp_path
             assert runs.resume_run(s, run_id) == ["prepare", "vocab", "datagen", "train"]
             runs.request_cancel(s, run_id)
     finally:
+        gate.release()
         _stop(worker)
 
 
@@ -362,9 +396,12 @@ def test_controller_refuses_hidden_dir_outside_the_runs_root(tmp_path, spec_home
 # ----------------------------------------------------------------- 1, 2, 7: the local mode in a browser
 
 
-def _local_mode(home: Path, redis_url: str, log_path: Path, **extra: str) -> tuple[subprocess.Popen, str]:
+def _local_mode(home: Path, redis_url: str, log_path: Path, gate: StageGate | None = None,
+                **extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = worker_env(home, redis_url, **extra)
+    if gate is not None:
+        env = gate.env(env)
     env.pop("SPEC_BROKER_URL")  # the launcher picks the Redis at --redis-url when it answers
     proc = subprocess.Popen([sys.executable, "-m", "worker.local", "--home", str(home), "--port", str(port),
                              "--redis-url", redis_url], cwd=str(ROOT), env=env,
@@ -391,15 +428,18 @@ def test_dashboard_answers_while_the_tiny_verifier_builds(redis_server, tmp_path
     """First start with an empty home and an empty verifier cache, building the default
     verifier from its recipe (minutes on 2 cores; the packaged bytes would copy at once):
     the dashboard answers at once and shows the build's latest progress line and elapsed
-    time. (Build done -> model and status file: tests/test_worker_units.py; the build
-    itself: tests/test_tiny_default.py.)"""
+    time. The build's process is held at its start until the page was seen (a fast machine
+    could finish the build before the dashboard is up); then it runs and reports progress
+    while the dashboard serves. (Build done -> model and status file:
+    tests/test_worker_units.py; the build itself: tests/test_tiny_default.py.)"""
     home = tmp_path / "home"
-    proc, url = _local_mode(home, redis_server.url, tmp_path / "local.log",
+    gate = StageGate(tmp_path / "gate", "make-tiny-model")
+    proc, url = _local_mode(home, redis_server.url, tmp_path / "local.log", gate=gate,
                             SPECULATORS_CACHE=str(tmp_path / "empty-cache"), SPECULATORS_VERIFIER_FROM_RECIPE="1")
-    model = home / "models" / "tiny-llama"
     try:
         wait_for(lambda: dashboard_healthy(url) or proc.poll() is not None, 180, what="dashboard health")
         assert proc.poll() is None, (tmp_path / "local.log").read_text()[-3000:]
+        wait_for(gate.held, 120, what="the build started (held at its start)")
         status = json.loads((home / "models" / "tiny-llama.build.json").read_text())
         assert status["state"] == "building", status  # the dashboard did not wait for the build
         ARTIFACTS.mkdir(exist_ok=True)
@@ -414,32 +454,39 @@ def test_dashboard_answers_while_the_tiny_verifier_builds(redis_server, tmp_path
                 page.screenshot(path=str(ARTIFACTS / "faults-tiny-build.png"))
             finally:
                 browser.close()
-        # the build keeps reporting progress while the dashboard serves
+        # let go, the build reports progress while the dashboard serves
+        gate.release()
         log = home / "models" / "tiny-llama.build.log"
-        wait_for(lambda: log.is_file() and "step" in log.read_text(), 300, interval=2, what="build progress")
-        assert not (model / "config.json").exists()
+        wait_for(lambda: log.is_file() and "step" in log.read_text(), 600, interval=0.5, what="build progress")
+        assert dashboard_healthy(url) and proc.poll() is None
     finally:
+        gate.release()
         _stop(proc, 60)
 
 
 def test_children_restart_alone_and_the_run_finishes(redis_server, tiny_llama, tmp_path, spec_home):
     """Local mode: the dashboard is killed while a stage runs (restarted alone; the stage
-    goes on, attempts 1), then the worker is killed during training (restarted; the run
-    resumes from its checkpoint). The run finishes with no metric row lost or doubled."""
+    goes on, attempts 1: its process is held at its start until the dashboard is back), then
+    the worker is killed during training (restarted; the run resumes from its checkpoint).
+    The run finishes with no metric row lost or doubled."""
     home = tmp_path / "home"
     shutil.copytree(tiny_llama, home / "models" / "tiny-llama")
-    proc, url = _local_mode(home, redis_server.url, tmp_path / "local.log")
+    gate = StageGate(tmp_path / "gate", "prepare-data")
+    proc, url = _local_mode(home, redis_server.url, tmp_path / "local.log", gate=gate)
     try:
         wait_for(lambda: dashboard_healthy(url) or proc.poll() is not None, 180, what="dashboard health")
         assert proc.poll() is None, (tmp_path / "local.log").read_text()[-3000:]
         settings = spec_home(home, BROKER_URL=redis_server.url)
         factory, run_id = _submit(settings, tiny_llama, epochs=3, max_samples=16)
-        wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].status == "running", 180, what="prepare running")
+        pid = wait_for(gate.held, 180, what="prepare running (held at its start)")
         first = _children(home)
         os.kill(first["dashboard"]["pid"], signal.SIGKILL)
         wait_for(lambda: (_children(home).get("dashboard") or {}).get("starts", 0) == 2 and dashboard_healthy(url), 180,
                  what="dashboard restarted")
         assert _children(home)["worker"]["pid"] == first["worker"]["pid"]  # the worker never noticed
+        prepare = run_with_stages(factory, run_id)[1]["prepare"]
+        assert (prepare.status, prepare.pid) == ("running", pid) and os.path.exists(f"/proc/{pid}")
+        gate.release()
         wait_for(lambda: run_with_stages(factory, run_id)[1]["train"].pid, 600, interval=0.5, what="train running")
         os.kill(_children(home)["worker"]["pid"], signal.SIGKILL)
         wait_for(lambda: _finished(factory, run_id), 900, what="run end")
@@ -452,6 +499,7 @@ def test_children_restart_alone_and_the_run_finishes(redis_server, tiny_llama, t
             steps = [m.step for m in metrics.step_records(s, run_id, kind="train")]
         assert steps == list(range(1, by_stage["train"].total_steps + 1))  # none lost, none twice
     finally:
+        gate.release()
         _stop(proc, 60)
     assert proc.returncode == 0
 

@@ -17,6 +17,9 @@ import pytest
 from speculators import process
 from speculators.vllm.logcause import cause_line
 
+from tests.support.pids import alive
+from tests.support.wait import wait_for
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Ignores SIGTERM, starts a grandchild (same group) that ignores it too, says both pids, waits.
@@ -35,25 +38,6 @@ POLITE = textwrap.dedent("""
     print("pids", grand.pid, flush=True)
     time.sleep(600)
 """)
-
-
-def alive(pid: int) -> bool:
-    """Runs and is no zombie (an exited process not yet reaped holds nothing)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] not in "ZX"
-
-
-def wait_until(cond, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not true within {timeout_s}s")
 
 
 def grandchild_of(proc: process.Process) -> int:
@@ -175,16 +159,16 @@ def test_a_sigkilled_starter_takes_its_child_along(tmp_path, lifeline):
                                 str(out)], env=env)
     pids: list[int] = []
     try:
-        wait_until(lambda: out.exists() and out.read_text() or starter.poll() is not None, 60)
+        wait_for(lambda: out.exists() and out.read_text() or starter.poll() is not None, 60, interval=0.05)
         assert starter.poll() is None
         pids = [int(x) for x in out.read_text().split()]
         child, grand = pids
         assert alive(child) and alive(grand)
         starter.kill()  # SIGKILL: no handler or finally block of the starter runs
         starter.wait()
-        wait_until(lambda: not alive(child), 60)
+        wait_for(lambda: not alive(child), 60, interval=0.05)
         if lifeline is process.Lifeline.GROUP:
-            wait_until(lambda: not alive(grand), 60)
+            wait_for(lambda: not alive(grand), 60, interval=0.05)
     finally:
         if starter.poll() is None:
             starter.kill()
@@ -235,9 +219,9 @@ def test_a_foreground_child_shares_our_group_and_writes_console_and_log(tmp_path
     proc = process.start([sys.executable, "-c", script], log=log, foreground=True)
     try:
         assert not proc.own_group
-        wait_until(lambda: b"progress 1/2\r" in log.read_bytes())  # before the line ended
+        wait_for(lambda: b"progress 1/2\r" in log.read_bytes(), 60, interval=0.05)  # before the line ended
         go.touch()
-        wait_until(lambda: b"progress 2/2 done" in log.read_bytes())
+        wait_for(lambda: b"progress 2/2 done" in log.read_bytes(), 60, interval=0.05)
         pgid_line = next(x for x in proc.log_lines() if x.startswith("pgid "))
         assert int(pgid_line.split()[1]) == os.getpgid(0)
     finally:

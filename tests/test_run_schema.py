@@ -38,7 +38,7 @@ SHARED = {"epochs": "epochs", "lr": "lr", "ttt_steps": "ttt_steps", "num_layers"
           "seq_length": "total_seq_len", "eval_every_steps": "eval_every_steps", "eval_prompts": "eval_prompts",
           "eval_max_tokens": "eval_max_tokens", "best_by": "best_by", "checkpoint_every_steps": "checkpoint_every_steps",
           "algorithm": "algorithm", "optimizer": "optimizer", "loss": "loss",
-          "gradient_checkpointing": "gradient_checkpointing"}
+          "gradient_checkpointing": "gradient_checkpointing", "freeze_lm_head": "freeze_lm_head"}
 # the run settings that are another stage's own settings: run name -> (subcommand, its config, field)
 STAGE_SHARED = {
     "max_samples": ("prepare-data", PrepareConfig, "max_samples"),
@@ -183,7 +183,7 @@ def test_every_train_flag_round_trips_through_the_worker_argv(tmp_path):
         ttt_step_loss_decay=0.8, checkpoint_every_steps=7, keep_last_checkpoints=2, run_name="-starts-with-dash",
         prefetch=3, vllm_timeout=9.5,
         optimizer="muon", muon_lr=2e-3, muon_momentum=0.9, muon_adjust_lr="original", loss="lk", lk_eta=2.5,
-        gradient_checkpointing=True,
+        gradient_checkpointing=True, freeze_lm_head=True,
     )
     from speculators.config.base import to_argv
 
@@ -278,6 +278,116 @@ def test_memory_estimate_grows_with_sequence_length_squared():
     assert b == 4 * a
     flex = estimate_train_memory(dims, total_seq_len=8192, ttt_steps=3, flex=True, on_gpu=True)
     assert "attention (T^2)" not in flex.parts
+
+
+# --------------------------------------------------------------- DFlash memory arithmetic
+def test_dflash_parameter_bytes_are_those_of_a_built_draft():
+    """Weights and optimizer state against the parameters of an actually built DFlash draft
+    (2 layers, a draft vocabulary smaller than the verifier's) and the verifier head it trains on."""
+    import torch
+    from transformers import LlamaConfig
+
+    from speculators.config.memory import VerifierDims, estimate_dflash_train_memory
+    from speculators.models.dflash import DFlashConfig, DFlashDraftModel
+    from speculators.train.verifier import VerifierHead
+
+    vconf = LlamaConfig(**TINY_CONFIG)
+    draft = DFlashDraftModel(DFlashConfig.from_verifier_config(vconf, aux_layer_ids=[1, 4, 6], block_size=8,
+                                                               draft_vocab_size=200, num_layers=2))
+    trainable = sum(p.numel() for p in draft.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in draft.parameters() if not p.requires_grad)
+    v, h = TINY_CONFIG["vocab_size"], TINY_CONFIG["hidden_size"]
+    loaded = {"embed": torch.zeros(v, h), "lm_head": torch.zeros(v, h), "norm": torch.ones(h)}
+    head = VerifierHead.from_weights(loaded, draft.t2d, 1e-6)
+    est = estimate_dflash_train_memory(VerifierDims.from_config(TINY_CONFIG), total_seq_len=256, block_size=8,
+                                       num_layers=2, draft_vocab_size=200, num_aux_layers=3)
+    assert est.parts["gradients+AdamW"] == 4 * 3 * trainable  # grads + exp_avg + exp_avg_sq, float32
+    assert est.parts["weights"] == 4 * (trainable + frozen + head.weight.numel()
+                                        + loaded["embed"].numel() + loaded["lm_head"].numel())
+    from speculators.train.components import set_lm_head_trainable
+
+    set_lm_head_trainable(draft, True)  # --freeze-lm-head
+    frozen_est = estimate_dflash_train_memory(VerifierDims.from_config(TINY_CONFIG), total_seq_len=256, block_size=8,
+                                              num_layers=2, draft_vocab_size=200, freeze_lm_head=True)
+    assert frozen_est.parts["gradients+AdamW"] == 4 * 3 * sum(p.numel() for p in draft.parameters() if p.requires_grad)
+    assert frozen_est.parts["weights"] == est.parts["weights"]
+
+
+def test_dflash_query_count_is_the_objectives():
+    """Anchors and the [Q, T + Q] mask the estimate counts are those `pick_anchors` and
+    `block_mask` make for a row where every position counts (the most a row can hold)."""
+    import torch
+
+    from speculators.config.memory import dflash_queries
+    from speculators.models.dflash import block_mask
+    from speculators.train.dflash_objective import pick_anchors
+
+    for t, bs, cap in ((64, 4, 512), (300, 8, 128), (100, 3, 0)):
+        anchors, _keep = pick_anchors(torch.ones(2, t, dtype=torch.bool), cap, torch.Generator().manual_seed(0))
+        mask = block_mask(torch.ones(2, anchors.shape[1], t, dtype=torch.bool), bs)
+        n, q = dflash_queries(t, bs, cap)
+        assert (anchors.shape[1], mask.shape) == (n, (2, q, t + q))
+
+
+def test_dflash_estimate_differs_from_eagle3_where_it_should():
+    from speculators.config.memory import VerifierDims, estimate_dflash_train_memory, estimate_train_memory
+
+    dims = VerifierDims.from_config(TINY_CONFIG)  # GQA: 4 heads over 2 kv heads
+
+    def dflash(t, **kw):
+        return estimate_dflash_train_memory(dims, total_seq_len=t, **{"block_size": 4, **kw})
+
+    # EAGLE-3's CPU square term is T x T per TTT step; DFlash's is (anchors x block) x (T + anchors x block),
+    # linear in T once the 512 anchors cap the blocks, and growing with the block size instead
+    eagle = [estimate_train_memory(dims, total_seq_len=t, ttt_steps=3).parts["attention (T^2)"] for t in (8192, 16384)]
+    flash = [dflash(t).parts["attention (blocks x row)"] for t in (8192, 16384)]
+    assert eagle[1] == 4 * eagle[0] and 1.5 < flash[1] / flash[0] < 2
+    assert "attention (T^2)" not in dflash(8192).parts and flash[0] < eagle[0] / 3
+    assert dflash(8192, block_size=8).parts["attention (blocks x row)"] > 1.8 * flash[0]
+    assert dflash(8192, num_anchors=256).total < dflash(8192).total
+    # on a GPU EAGLE-3's flex attention drops the square term; DFlash's masked SDPA cannot use
+    # flex, and with GQA no fused kernel that takes a mask: its scores stay in the estimate
+    gpu = {"on_gpu": True, "bf16": True}
+    assert "attention (T^2)" not in estimate_train_memory(dims, total_seq_len=8192, ttt_steps=3, flex=True, **gpu).parts
+    gqa = dflash(8192, **gpu).parts["attention (blocks x row)"]
+    mha = estimate_dflash_train_memory(VerifierDims.from_config({**TINY_CONFIG, "num_key_value_heads": 4}),
+                                       total_seq_len=8192, block_size=4, **gpu).parts["attention (blocks x row)"]
+    assert mha < gqa / TINY_CONFIG["num_attention_heads"]  # the mask alone, no per-head scores
+    # activations and loss logits: one pass over anchors x block tokens, not TTT steps x T
+    a, e = dflash(8192, block_size=8), estimate_train_memory(dims, total_seq_len=8192, ttt_steps=7)
+    assert a.parts["loss logits"] == 512 * 7 * 512 * 4 and e.parts["loss logits"] == 7 * 8192 * 512 * 4
+    assert a.parts["activations"] < e.parts["activations"]
+
+
+def test_dflash_run_refused_by_its_own_estimate_and_one_that_fits_passes(tiny_llama):
+    from speculators.config.memory import read_verifier_dims, train_memory_estimate
+
+    def cfg(**kw):
+        return TrainConfig(verifier_name_or_path=str(tiny_llama), algorithm="dflash", **kw)
+
+    big = cfg(total_seq_len=32768, ttt_steps=7)
+    est = train_memory_estimate(big, read_verifier_dims(str(tiny_llama)), "cpu")
+    assert check_train_memory(big, device="cpu", free=est.total).total == est.total  # just fits
+    with pytest.raises(UserError) as exc:
+        check_train_memory(big, device="cpu", free=est.total - 1)
+    msg = str(exc.value)
+    for part in ("--algorithm dflash, --total-seq-len 32768", "--ttt-steps 7: blocks of 8 tokens",
+                 "--dflash-num-anchors 512", "attention (blocks x row)", "available RAM"):
+        assert part in msg, (part, msg)
+    assert "attention (T^2)" not in msg
+    # the same shape under EAGLE-3's arithmetic would need far more: refused where DFlash fits
+    eagle = TrainConfig(verifier_name_or_path=str(tiny_llama), total_seq_len=32768, ttt_steps=7)
+    with pytest.raises(UserError, match="TTT steps"):
+        check_train_memory(eagle, device="cpu", free=2 * est.total)
+    assert check_train_memory(cfg(total_seq_len=256), device="cpu", free=1 << 30) is not None  # a tiny run fits
+
+
+def test_dflash_run_refused_at_the_form_in_its_terms(home):
+    spec, errors = validate_spec(good(home, algorithm="dflash", seq_length=4096), home, free_memory=1 << 20)
+    assert spec is None and errors["seq_length"].startswith("DFlash, sequence length 4096")
+    assert "blocks of 3 tokens" in errors["seq_length"]  # ttt_steps 2 in `good`
+    spec, errors = validate_spec(good(home, algorithm="dflash", seq_length=4096), home, free_memory=64 << 30)
+    assert errors == {} and spec is not None
 
 
 # --------------------------------------------------------------- one stage builder
@@ -555,6 +665,7 @@ def test_settings_file_round_trips_every_train_setting(tmp_path):
         verifier_name_or_path="m", data_path=str(tmp_path), epochs=3, lr=2.5e-4, ttt_steps=5, resume=False,
         norm_before_residual=False, vllm_layer_ids=[1, 3, 8], scheduler="linear", warmup_ratio=0.2,
         data_format_version=0, logger="tensorboard", run_name="-starts-with-dash", prefetch=3, vllm_timeout=9.5,
+        freeze_lm_head=True,
     )
     path = write_settings_file(tmp_path / "settings" / "train.json", cfg)
     assert set(json.loads(path.read_text())) == cfg.model_fields_set
@@ -608,6 +719,7 @@ def test_form_sets_the_training_options_the_stages_run_with(home, tmp_path):
     at.radio(key="f_optimizer").set_value("muon")
     at.radio(key="f_loss").set_value("lk")
     at.checkbox(key="f_gradient_checkpointing").check()
+    at.checkbox(key="f_freeze_lm_head").check()
     at.radio(key="f_hidden_states_dtype").set_value("fp8")
     at.button[0].click().run()
     assert not at.exception and not at.session_state["form_errors"]
@@ -616,7 +728,8 @@ def test_form_sets_the_training_options_the_stages_run_with(home, tmp_path):
     stored = RunSettings.from_dict(run.spec)
     paths = StagePaths(tmp_path / "w")
     cfg = config_from_args(worker_stage(stored, "train", paths))
-    assert (cfg.algorithm, cfg.optimizer, cfg.loss, cfg.gradient_checkpointing) == ("eagle3", "muon", "lk", True)
+    assert (cfg.algorithm, cfg.optimizer, cfg.loss, cfg.gradient_checkpointing, cfg.freeze_lm_head) == \
+        ("eagle3", "muon", "lk", True, True)
     assert DatagenConfig.from_args(worker_stage(stored, "datagen", paths)).hidden_states_dtype == "fp8"
     # a DFlash run refuses the EAGLE-3-only options on the form, with the trainer's own message
     spec, errors = validate_spec(good(home, algorithm="dflash", loss="lk"), home)

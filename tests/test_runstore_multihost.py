@@ -18,13 +18,7 @@ from runstore.settings import ROOT_MARKER, Settings
 from worker.shared_root import shared_root_problem
 
 from tests.support.tcp_forward import Forwarder, free_port, via_port
-
-
-def _wait_until(cond, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
+from tests.support.wait import wait_for
 
 
 def test_unreachable_store_is_named_and_waited_for_then_used(pg_database, caplog):
@@ -49,7 +43,7 @@ def test_unreachable_store_is_named_and_waited_for_then_used(pg_database, caplog
     waiter = threading.Thread(target=lambda: got.update(factory=wait_for_store(url, first_s=0.1, max_s=0.4,
                                                                             sleep=sleep)))
     waiter.start()
-    _wait_until(lambda: len(pauses) >= 4)
+    wait_for(lambda: len(pauses) >= 4, 30, interval=0.05)
     assert pauses[:4] == [0.1, 0.2, 0.4, 0.4]  # doubling, capped
     assert "is unreachable" in caplog.text and "SPEC_DB_URL=" in caplog.text and "retrying" in caplog.text
     forward = Forwarder(port, (real.hostname, real.port))
@@ -160,7 +154,7 @@ def test_a_stage_task_waits_for_the_store_instead_of_failing(pg_database, tmp_pa
     got: dict = {}
     waiter = threading.Thread(target=lambda: got.update(store=tasks._store()))
     waiter.start()
-    _wait_until(lambda: "retrying in" in caplog.text)
+    wait_for(lambda: "retrying in" in caplog.text, 30, interval=0.05)
     assert f":{port}/" in caplog.text and waiter.is_alive()
     forward = Forwarder(port, (real.hostname, real.port))
     forward.start()

@@ -194,21 +194,94 @@ def test_sparse_unroll_matches_brute_force_dense(case, steps, precomputed):
     assert torch.equal(stats[:, 1:], dense_stats[:, 1:])
 
 
-def test_flex_eager_path_gathers_the_same_rows():
-    """The flex path runs dense and gathers: the same values as the SDPA sparse path."""
-    torch.manual_seed(2)
-    model = Eagle3DraftModel(_config(num_layers=2)).double()
-    batch = _batch(seed=3)
-    rows = ttt_query_rows(batch["loss_mask"], batch["document_ids"], 3)
-    args = (batch["hidden_states"], batch["input_ids"], batch["document_ids"], batch["position_ids"], 3, rows)
-    with torch.no_grad():
-        model.attn_impl = "sdpa"
-        sparse = [h for _, h in model.iter_ttt(*args)]
-        model.attn_impl = "flex_eager"
-        flex = [h for _, h in model.iter_ttt(*args)]
-    real = rows >= 0
-    for a, c in zip(sparse, flex, strict=True):
-        torch.testing.assert_close(a[real], c[real], rtol=1e-6, atol=1e-6)
+@pytest.fixture
+def flex_calls(monkeypatch):
+    """Eager flex attention on the CPU with its backward, recording each call's (queries, keys).
+
+    torch refuses CPU inputs that need grad ("FlexAttention does not support backward on CPU")
+    before dispatch; the eager kernel itself has a (math) backward, which these tests use."""
+    import torch.nn.attention.flex_attention as fa
+
+    monkeypatch.setattr(fa, "_validate_device", lambda *a: None)
+    calls, real = [], fa.flex_attention
+
+    def spy(q, k, v, *args, **kw):
+        calls.append((q.shape[2], k.shape[2]))
+        return real(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(fa, "flex_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("case", CASES[1:3], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_sparse_flex_unroll_matches_brute_force_dense(case, steps, flex_calls):
+    """The flex path (eager kernel) runs only the kept query rows and equals the dense reference."""
+    import warnings
+
+    torch.manual_seed(4)
+    model = Eagle3DraftModel(_config(**case)).double()
+    model.attn_impl = "flex_eager"
+    head = VerifierHead(torch.ones(H), torch.randn(20, H), 1e-6).double()
+    batch = _batch(seed=5)
+    decay = 0.7
+    rows = ttt_query_rows(batch["loss_mask"], batch["document_ids"], steps)
+    n = rows.shape[1]
+    assert n < T and (rows == -1).any()  # something is skipped, and some row is padded
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss, stats, grads = _run_objective(model, head, batch, steps, decay, True, False)
+    # flex ran every step-0 layer but the last on all T queries, every other call on the N kept
+    # rows, against the T step-0 keys plus N keys per later step
+    layers = len(model.layers)
+    want = [(T, T)] * (layers - 1) + [(n, T)] + [(n, T + s * n) for s in range(1, steps) for _ in range(layers)]
+    assert flex_calls == want
+
+    model.zero_grad(set_to_none=True)
+    ref_loss, per_step = reference_loss(model, head, batch, steps, decay)
+    ref_loss.backward()
+    ref_grads = {n_: p.grad.clone() for n_, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=1e-9)
+    for k, (kl_sum, count, correct) in enumerate(per_step):
+        torch.testing.assert_close(stats[k, 0].double(), kl_sum, rtol=1e-5, atol=1e-6)
+        assert int(stats[k, 1]) == count and int(stats[k, 2]) == correct
+    assert set(grads) == set(ref_grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6,
+                                   atol=1e-6 * float(ref_grads[name].abs().max()), msg=lambda m, n_=name: f"{n_}: {m}")
+
+
+def test_flex_attention_on_kept_rows_matches_sdpa_rows():
+    """One call: flex over `N` kept query rows (padded, windowed) equals the SDPA compact form."""
+    import warnings
+
+    from speculators.models.eagle3.attention import ttt_attention_flex, ttt_attention_sdpa, windowed
+    from speculators.models.eagle3.model import gather_rows
+    from speculators.models.eagle3.ttt_mask import context_mask
+
+    torch.manual_seed(6)
+    batch = _batch(seed=7)
+    docs = batch["document_ids"]
+    rows = ttt_query_rows(batch["loss_mask"], docs, 3)
+    b, n = rows.shape
+    q = torch.randn(b, 4, n, 8, dtype=torch.float64)
+    keys = [torch.randn(b, 2, T, 8, dtype=torch.float64)] + [torch.randn(b, 2, n, 8, dtype=torch.float64) for _ in range(2)]
+    values = [torch.randn_like(k) for k in keys]
+    for window in (None, 5):
+        want = ttt_attention_sdpa(q, keys, values, gather_rows(windowed(context_mask(docs), window), rows), 0.3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = ttt_attention_flex(q, keys, values, docs, 0.3, compile=False, window=window, query_pos=rows)
+        # (the eager flex kernel rounds at about 1e-7 even in float64; a wrong mask entry is O(1))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="query_pos"):
+        ttt_attention_flex(q, keys, values, docs, 0.3, compile=False)
+    # the compiled kernel (inductor's CPU flex template, static shapes here) takes the same mask
+    q32, k32, v32 = q.float(), [k.float() for k in keys], [v.float() for v in values]
+    got = ttt_attention_flex(q32, k32, v32, docs, 0.3, compile=True, window=5, query_pos=rows)
+    want = ttt_attention_sdpa(q32, k32, v32, gather_rows(windowed(context_mask(docs), 5), rows), 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_query_rows_are_the_union_of_counted_starts_padded():
@@ -220,3 +293,28 @@ def test_query_rows_are_the_union_of_counted_starts_padded():
     inv = compact_index(rows, 8)
     assert inv.view(2, 8).tolist() == [[-1, 0, 1, 2, -1, -1, 3, 4], [-1, -1, -1, 5, 6, -1, -1, -1]]
     assert ttt_query_rows(torch.ones(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long), 1) is None
+
+
+def test_flex_block_mask_cache_keeps_a_full_width_compact_call_apart_from_the_dense_one():
+    """A batch whose widest row keeps every position has N == T kept rows, yet the other row's
+    rows are not the identity: the compact call must not reuse the dense call's block mask."""
+    import warnings
+
+    from speculators.models.eagle3.attention import ttt_attention_flex, ttt_attention_sdpa
+    from speculators.models.eagle3.model import gather_rows
+    from speculators.models.eagle3.ttt_mask import context_mask
+
+    torch.manual_seed(8)
+    t = 8
+    docs = torch.tensor([[0] * t, [0, 0, 0, 1, 1, 1, -1, -1]])
+    rows = torch.tensor([list(range(t)), [1, 2, 4, 5, -1, -1, -1, -1]])
+    q = torch.randn(2, 2, t, 8, dtype=torch.float64)
+    keys = [torch.randn(2, 2, t, 8, dtype=torch.float64) for _ in range(2)]
+    values = [torch.randn_like(k) for k in keys]
+    cache: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ttt_attention_flex(q, keys, values, docs, 0.3, cache, compile=False)  # the dense call first
+        got = ttt_attention_flex(q, keys, values, docs, 0.3, cache, compile=False, query_pos=rows)
+    want = ttt_attention_sdpa(q, keys, values, gather_rows(context_mask(docs), rows), 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -40,7 +40,8 @@ from tests.support.netns import Hosts, OwnPostgres, OwnRedis, netns_problem, sto
 from tests.support.store import local_model, submit_run
 from tests.support.synthetic import write_synthetic_hidden_states
 from tests.support.train_helpers import run_train_cli
-from tests.support.workers import wait_for, worker_env
+from tests.support.wait import wait_for
+from tests.support.workers import worker_env
 
 pytestmark = pytest.mark.slow
 NAMESPACE = "spec-netns-test"  # one broker namespace for the main side and both hosts
@@ -164,7 +165,12 @@ def test_two_runs_on_two_hosts_survive_broker_and_database_restarts(hosts, servi
         wait_for(lambda: any(st.finished_at and _utc(st.finished_at) > broker_down
                              for r in run_ids for st in _stages(factory, r).values()), 120, interval=0.2,
                  what="a stage ending while the broker is down")
-        time.sleep(1.0)  # the finished stage's worker tries to send its successor and keeps it
+
+        def kept():  # the finished stage's worker tried to send its successor and kept it
+            with factory() as s:
+                return [m for m in s.scalars(select(OutboxMessage))
+                        if m.sent_at is None and m.last_error and "Redis" in m.last_error]
+        wait_for(kept, 120, interval=0.2, what="a successor kept in the outbox while the broker is down")
         redis.start()
         broker_up = time.time()
 

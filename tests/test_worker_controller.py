@@ -27,7 +27,9 @@ from worker import serving
 from worker.controller import check_servers, recover_deployments, start_deployment, stop_deployment
 from worker.dispatch import flush_outbox
 
-from tests.support.workers import start_worker, wait_for, worker_env
+from tests.support.pids import alive
+from tests.support.wait import wait_for
+from tests.support.workers import start_worker, worker_env
 
 TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL_CONTROLLER", "redis://127.0.0.1:6379/13")
 
@@ -92,14 +94,6 @@ def _foreign(port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", FOREIGN, str(port)], start_new_session=True)
     wait_for(lambda: serving.port_open(port), 30, what="foreign server")
     return proc
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
 
 
 def _port() -> int:
@@ -171,7 +165,7 @@ def test_serve_button_path_through_celery_without_vllm(settings, tmp_path):
             with factory() as s:
                 d = deployments.get_deployment(s, dep.id)
                 return d if d.status in ("failed", "up") else None
-        d = wait_for(done, 90, what="deployment result")
+        d = wait_for(done, 300, what="deployment result")
         assert d.status == "failed"
         # the real `speculators serve` ran on this checkpoint and refused it with its own
         # error line: a broken serve path (wrong command, wrong checkpoint, a crash) says otherwise
@@ -264,10 +258,10 @@ def test_a_killed_controller_takes_its_server_and_children_along(settings, tmp_p
         child_pid = int(child_file.read_text())
         holder = serving.port_holders(port)[0]
         assert holder in serving.tree_pids(server_pid) and os.getpgid(holder) != server_pid
-        assert _alive(server_pid) and _alive(child_pid) and serving.port_open(port)
+        assert alive(server_pid) and alive(child_pid) and serving.port_open(port)
         controller.kill()  # SIGKILL: no handler runs
         controller.wait()
-        wait_for(lambda: not serving.port_open(port) and not any(map(_alive, (server_pid, holder, child_pid))), 60,
+        wait_for(lambda: not serving.port_open(port) and not any(map(alive, (server_pid, holder, child_pid))), 60,
                  what="the server, its nested vLLM stand-in and that one's child gone with their controller")
     finally:
         if controller.poll() is None:
@@ -399,10 +393,10 @@ def test_a_sigkilled_serve_takes_its_vllm_group_along(tmp_path):
     try:
         wait_for(lambda: "inner server ready" in out.read_text() or serve.poll() is not None, 60, what="ready")
         holder, child_pid = serving.port_holders(port)[0], int(child_file.read_text())
-        assert _alive(holder) and _alive(child_pid) and os.getpgid(holder) != serve.pid
+        assert alive(holder) and alive(child_pid) and os.getpgid(holder) != serve.pid
         serve.kill()
         serve.wait()
-        wait_for(lambda: not serving.port_open(port) and not _alive(holder) and not _alive(child_pid), 60,
+        wait_for(lambda: not serving.port_open(port) and not alive(holder) and not alive(child_pid), 60,
                  what="the server and its child gone with serve")
     finally:
         if serve.poll() is None:

@@ -16,8 +16,10 @@ from runstore.settings import Settings
 from speculators.config.stages import StagePaths
 from worker.spec import validate_spec
 
+from tests.support.stage_gate import StageGate
 from tests.support.store import local_model, submit_run
-from tests.support.workers import run_with_stages, start_worker, wait_for, worker_env
+from tests.support.wait import wait_for
+from tests.support.workers import run_with_stages, start_worker, worker_env
 
 pytestmark = pytest.mark.slow
 TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")
@@ -68,19 +70,19 @@ def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):
         def mid_train():
             with factory() as s:
                 return len(metrics.checkpoints(s, run_id)) >= 2 and run_with_stages(factory, run_id)[0].status == "running"
-        wait_for(mid_train, 240, what="two checkpoints")
+        wait_for(mid_train, 600, what="two checkpoints")
         with factory() as s:
             trainer_pid = stages.get_stage(s, run_id, "train").pid
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)
         # the trainer dies with its worker (no orphan keeps writing)
         wait_for(lambda: not os.path.exists(f"/proc/{trainer_pid}") or
-                 open(f"/proc/{trainer_pid}/stat").read().split()[2] == "Z", 10, what="trainer exit")
+                 open(f"/proc/{trainer_pid}/stat").read().split()[2] == "Z", 30, what="trainer exit")
         run, by_stage = run_with_stages(factory, run_id)
         assert by_stage["train"].status == "running"  # nobody has noticed yet
 
         worker = start_worker(env, log_path=log)  # same name: recovery resumes the run
-        wait_for(lambda: run_with_stages(factory, run_id)[0].status in ("succeeded", "failed"), 240, what="run end")
+        wait_for(lambda: run_with_stages(factory, run_id)[0].status in ("succeeded", "failed"), 600, what="run end")
         run, by_stage = run_with_stages(factory, run_id)
         assert run.status == "succeeded", (run.error, open(by_stage["train"].log_path).read()[-3000:])
         assert all(x.status == "succeeded" for x in by_stage.values())
@@ -108,16 +110,17 @@ def test_run_survives_worker_kill_and_resumes(env, tiny_llama, tmp_path):
 
 
 def test_cancel_stops_the_running_stage(env, tiny_llama, tmp_path):
+    """Prepare's process is held at its start (tests.support.stage_gate), so the cancel lands
+    while it runs however fast the machine finishes a prepare; the worker stops it."""
     factory, run_id = _submit(env, tiny_llama)
-    worker = start_worker(env, log_path=tmp_path / "worker.log")
+    gate = StageGate(tmp_path / "gate", "prepare-data")
+    worker = start_worker(gate.env(env), log_path=tmp_path / "worker.log")
     try:
-        def running_pid():
-            _, by_stage = run_with_stages(factory, run_id)
-            return by_stage["prepare"].pid
-        pid = wait_for(running_pid, 60, interval=0.1, what="prepare running")
+        pid = wait_for(gate.held, 120, what="prepare running (held at its start)")
+        wait_for(lambda: run_with_stages(factory, run_id)[1]["prepare"].pid == pid, 60, what="the stage's pid")
         with factory() as s:
             runs.request_cancel(s, run_id)
-        wait_for(lambda: run_with_stages(factory, run_id)[0].status == "cancelled", 30, what="cancelled")
+        wait_for(lambda: run_with_stages(factory, run_id)[0].status == "cancelled", 60, what="cancelled")
         _, by_stage = run_with_stages(factory, run_id)
         assert by_stage["prepare"].status == "cancelled"
         assert all(by_stage[n].status == "cancelled" and by_stage[n].started_at is None
@@ -130,5 +133,6 @@ def test_cancel_stops_the_running_stage(env, tiny_llama, tmp_path):
         with factory() as s:
             runs.request_cancel(s, run_id)
     finally:
+        gate.release()
         worker.send_signal(signal.SIGTERM)
         worker.wait(30)

@@ -23,7 +23,8 @@ from speculators.train.metrics_stream import read_metrics
 from worker.spec import validate_spec
 
 from tests.support.store import local_model, submit_run
-from tests.support.workers import run_with_stages, start_worker, wait_for, worker_env
+from tests.support.wait import wait_for
+from tests.support.workers import run_with_stages, start_worker, worker_env
 
 pytestmark = pytest.mark.slow
 TEST_REDIS = os.environ.get("SPEC_TEST_MULTINODE_REDIS_URL", "redis://127.0.0.1:6379/7")
@@ -73,11 +74,11 @@ def test_two_node_run_waits_for_its_second_worker_then_matches_one_process(env, 
             _, by = run_with_stages(factory, run_id)
             train = by["train"]
             return train.status == "running" and train.error and "waiting for 2 workers" in train.error and train
-        train = wait_for(waiting, 240, what="the train stage waiting for a second worker")
+        train = wait_for(waiting, 600, what="the train stage waiting for a second worker")
         assert train.error.startswith("waiting for 2 workers on queue gpu: 1 joined (node 0 (worker gpu0@node-a")
         assert train.pid is None  # nothing started yet
         b = start_worker(env, name="gpu0@node-b", log_path=tmp_path / "b.log")
-        wait_for(lambda: run_with_stages(factory, run_id)[0].status in ("succeeded", "failed"), 240, what="run end")
+        wait_for(lambda: run_with_stages(factory, run_id)[0].status in ("succeeded", "failed"), 600, what="run end")
         run, by = run_with_stages(factory, run_id)
         paths = StagePaths(Path(run.work_dir))
         assert run.status == "succeeded", (run.error, paths.log("train").read_text()[-3000:])

@@ -20,8 +20,9 @@ from runstore import nodes, open_store, runs, stages
 from speculators.config.run import RunSettings
 from worker import runner
 
+from tests.support.node_judgements import Judged
 from tests.support.tcp_forward import forward_database
-from tests.test_worker_multinode_outage import _wait_until
+from tests.support.wait import wait_for
 
 LEAD = "gpu0@a"
 
@@ -77,7 +78,7 @@ def lead(pg_database, spec_home, tmp_path, monkeypatch):
         return real_note(session, stage_id, text)
 
     monkeypatch.setattr(stages, "note_stage", note)
-    yield settings, truth, forward, done, notes
+    yield settings, truth, forward, done, notes, Judged(monkeypatch)
     forward.stop()
 
 
@@ -104,7 +105,7 @@ def _start(settings, truth, nnodes: int):
             stage = stages.get_stage(s, "r1", "train")
             return stage.status == "running" and nodes.node(s, stage.id, stage.attempts, 0) is not None
 
-    _wait_until(opened)
+    wait_for(opened, 20, interval=0.05)
     with truth() as s:
         stage = stages.get_stage(s, "r1", "train")
         return thread, got, stage.id, stage.attempts
@@ -115,16 +116,19 @@ def _published(truth, stage_id, attempt) -> bool:
         return bool(nodes.node(s, stage_id, attempt, 0).address)
 
 
-def _outage(forward, peers, got, thread) -> None:
-    """A restart: 3 s away (peers silent, past SPEC_NODE_STALE_S), back, peers beat 1 s later
-    (their own retry comes round after node 0's)."""
+def _outage(forward, peers, got, thread, judged: Judged) -> float:
+    """A restart: 3 s away (peers silent, past SPEC_NODE_STALE_S), back; the peers beat again
+    once node 0 has judged their stale beats and spared them (their own retry comes round
+    after node 0's). Returns when the database came back (time.monotonic)."""
     forward.stop()
     peers.on.clear()
     time.sleep(3.0)
     assert thread.is_alive() and "error" not in got
+    restarted = time.monotonic()
     forward.start()
-    time.sleep(1.0)
+    wait_for(lambda: judged.spared_stale(restarted), 60, interval=0.05, what="stale beats spared")
     peers.on.set()
+    return restarted
 
 
 def _finish(truth, done, thread, got, stage_id, attempt) -> None:
@@ -139,17 +143,18 @@ def _finish(truth, done, thread, got, stage_id, attempt) -> None:
 
 
 def test_node_0_waits_for_the_other_nodes_through_a_database_restart(lead):
-    settings, truth, forward, done, notes = lead
+    settings, truth, forward, done, notes, judged = lead
     thread, got, stage_id, attempt = _start(settings, truth, nnodes=3)
     peers = PeerBeats(truth)
     try:
         assert peers.claim(stage_id, attempt, "gpu0@b") == 1
-        _wait_until(lambda: any(n.startswith("waiting for 3 workers on queue gpu: 2 joined") for n in notes))
+        wait_for(lambda: any(n.startswith("waiting for 3 workers on queue gpu: 2 joined") for n in notes), 20,
+                 interval=0.05)
         seen = len(notes)
-        _outage(forward, peers, got, thread)
+        _outage(forward, peers, got, thread, judged)
         assert not _published(truth, stage_id, attempt)
         assert peers.claim(stage_id, attempt, "gpu0@c") == 2
-        _wait_until(lambda: _published(truth, stage_id, attempt))  # the stage proceeds: rendezvous out
+        wait_for(lambda: _published(truth, stage_id, attempt), 20, interval=0.05)  # the stage proceeds: rendezvous out
         # node 1, silent through the outage, was never dropped from the joined ones
         assert all("1 joined" not in n for n in notes[seen:]), notes[seen:]
         assert notes[-1].startswith("training on 3 nodes, rendezvous at 127.0.0.1:")
@@ -159,15 +164,18 @@ def test_node_0_waits_for_the_other_nodes_through_a_database_restart(lead):
 
 
 def test_node_0_s_check_on_the_other_nodes_outlives_a_database_restart(lead):
-    settings, truth, forward, done, _ = lead
+    settings, truth, forward, done, _, judged = lead
     thread, got, stage_id, attempt = _start(settings, truth, nnodes=2)
     peers = PeerBeats(truth)
     try:
         assert peers.claim(stage_id, attempt, "gpu0@b") == 1
-        _wait_until(lambda: _published(truth, stage_id, attempt))
-        time.sleep(1.5)  # the trainer runs, node 0 beats and checks on node 1
-        _outage(forward, peers, got, thread)
-        time.sleep(2.5)  # past SPEC_NODE_STALE_S after the restart: node 1 judged on fresh beats again
+        wait_for(lambda: _published(truth, stage_id, attempt), 20, interval=0.05)
+        published = time.monotonic()
+        # the trainer runs, node 0 beats and checks on node 1
+        wait_for(lambda: judged.any_since(published), 60, interval=0.05, what="a check on node 1")
+        restarted = _outage(forward, peers, got, thread, judged)
+        # past SPEC_NODE_STALE_S after the restart: node 1 judged on fresh beats again
+        wait_for(lambda: judged.fresh_after_grace(restarted, 2.0), 60, interval=0.05, what="a fresh beat judged")
         assert thread.is_alive() and "error" not in got
         with truth() as s:
             stage = stages.get_stage(s, "r1", "train")

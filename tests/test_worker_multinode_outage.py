@@ -21,16 +21,11 @@ from runstore.models import utcnow
 from speculators import process
 from worker import multinode
 
+from tests.support.node_judgements import Judged
 from tests.support.tcp_forward import forward_database
+from tests.support.wait import wait_for
 
 JOINER = "gpu0@b"
-
-
-def _wait_until(cond, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def _setup(pg_database, spec_home, tmp_path, monkeypatch):
@@ -94,6 +89,7 @@ def test_a_joining_node_keeps_one_rank_and_beats_through_database_restarts(pg_da
         return rank
 
     monkeypatch.setattr(nodes, "claim_node", claim_then_lose_the_reply)
+    judged = Judged(monkeypatch)
     got: dict = {}
 
     def run_join():
@@ -106,29 +102,33 @@ def test_a_joining_node_keeps_one_rank_and_beats_through_database_restarts(pg_da
     lead = LeadBeats(truth, lead_id)
     try:
         joiner.start()
-        _wait_until(lambda: calls)
+        wait_for(lambda: calls, 20, interval=0.05)
         lead.on.clear()
         time.sleep(2.0)  # the database is away: the claim waits, the task lives
         assert joiner.is_alive() and "error" not in got
         assert [r[:2] for r in _own_rows(truth, stage_id, attempt)] == [(1, "joined")]  # the lost reply's claim
+        restarted = time.monotonic()
         forward.start()
-        time.sleep(1.0)  # node 0's own retry has not come round yet: its beat is older than SPEC_NODE_STALE_S
+        # node 0's own retry has not come round yet: the node, back, judges node 0's beat (older
+        # than SPEC_NODE_STALE_S) and does not count it gone; node 0 beats again after that
+        wait_for(lambda: judged.spared_stale(restarted), 60, interval=0.05, what="a stale beat spared")
         lead.on.set()
         # the claim is repeated and gets the rank it already holds; beats come while node 0 has no address
-        _wait_until(lambda: len(calls) == 2)
+        wait_for(lambda: len(calls) == 2, 20, interval=0.05)
         assert calls == [1, 1]
         first_beat = _own_rows(truth, stage_id, attempt)[0][2]
-        _wait_until(lambda: _own_rows(truth, stage_id, attempt)[0][2] > first_beat)
+        wait_for(lambda: _own_rows(truth, stage_id, attempt)[0][2] > first_beat, 20, interval=0.05)
 
         forward.stop()  # a restart while the node waits for node 0's rendezvous
         lead.on.clear()
         time.sleep(3.0)
         assert joiner.is_alive() and "error" not in got
+        restarted = time.monotonic()
         forward.start()
-        time.sleep(1.0)
+        wait_for(lambda: judged.spared_stale(restarted), 60, interval=0.05, what="a stale beat spared")
         lead.on.set()
         back_at = utcnow()
-        _wait_until(lambda: _own_rows(truth, stage_id, attempt)[0][2] > back_at)  # beats resumed
+        wait_for(lambda: _own_rows(truth, stage_id, attempt)[0][2] > back_at, 20, interval=0.05)  # beats resumed
         assert joiner.is_alive() and "error" not in got
 
         with truth() as s:  # node 0 ends the stage: the joining node ends its wait and its task
@@ -156,6 +156,7 @@ def test_a_joining_node_s_trainer_outlives_a_database_restart(pg_database, spec_
         rank = nodes.claim_node(s, stage_id, attempt, worker=JOINER, host="host-b")
         node_id = nodes.node(s, stage_id, attempt, rank).id
     store = multinode.JoinerStore(factory, settings.db_url)
+    judged = Judged(monkeypatch)
     done = tmp_path / "trainer-may-end"  # the stand-in trainer runs until the test lets it end
     trainer = process.start([sys.executable, "-c", "import pathlib, sys, time\n"
                              "while not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.1)", str(done)],
@@ -173,17 +174,21 @@ def test_a_joining_node_s_trainer_outlives_a_database_restart(pg_database, spec_
     lead = LeadBeats(truth, lead_id)
     try:
         watcher.start()
-        time.sleep(1.5)
+        wait_for(lambda: judged.any_since(0.0), 60, interval=0.05, what="a check on node 0")  # the trainer runs
         forward.stop()
         lead.on.clear()
         time.sleep(3.0)
         assert watcher.is_alive() and trainer.poll() is None and "error" not in got
+        restarted = time.monotonic()
         forward.start()
-        time.sleep(1.0)  # node 0's own retry has not come round yet: its beat is older than SPEC_NODE_STALE_S
+        # node 0's own retry has not come round yet: its beat, older than SPEC_NODE_STALE_S, is
+        # judged and spared; then node 0 beats again
+        wait_for(lambda: judged.spared_stale(restarted), 60, interval=0.05, what="a stale beat spared")
         lead.on.set()
         back_at = utcnow()
-        _wait_until(lambda: _own_rows(truth, stage_id, attempt)[0][2] > back_at)  # beats resumed
-        time.sleep(2.5)  # past SPEC_NODE_STALE_S after the restart: node 0 is judged on fresh beats again
+        wait_for(lambda: _own_rows(truth, stage_id, attempt)[0][2] > back_at, 20, interval=0.05)  # beats resumed
+        # past SPEC_NODE_STALE_S after the restart: node 0 is judged on fresh beats again
+        wait_for(lambda: judged.fresh_after_grace(restarted, 2.0), 60, interval=0.05, what="a fresh beat judged")
         assert watcher.is_alive() and trainer.poll() is None
         done.write_text("")
         watcher.join(20)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import socket
 import threading
-import time
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,6 +28,7 @@ from worker.pipeline import stage_argv
 from worker.spec import endpoint_error, validate_spec
 
 from tests.support.store import local_model
+from tests.support.wait import wait_for
 
 
 # ------------------------------------------------------------------ the launch line
@@ -167,14 +167,12 @@ def _execute_in_thread(factory, settings, run_id):
 
 
 def _wait_note(factory, run_id, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def note():
         with factory() as s:
             stage = stages.get_stage(s, run_id, "train")
-            if stage.status == "running" and stage.error:
-                return stage.error
-        time.sleep(0.1)
-    raise TimeoutError("no waiting note")
+            return stage.error if stage.status == "running" else None
+
+    return wait_for(note, timeout, interval=0.1, what="the stage's waiting note")
 
 
 def test_node_0_says_what_it_waits_for_then_refuses(spec_home, tmp_path, monkeypatch):

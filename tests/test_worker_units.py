@@ -20,7 +20,7 @@ from worker.procs import error_summary
 from worker.spec import validate_spec
 from worker.tail import JsonlTail
 
-from tests.support.workers import wait_for
+from tests.support.wait import wait_for
 
 TEST_REDIS = os.environ.get("SPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 
@@ -230,7 +230,7 @@ def test_verifier_stage_with_user_endpoint_and_with_controller(settings):
             def requested():
                 with factory() as s:
                     return deployments.latest_deployment(s, "v2", kind="verifier")
-            dep = wait_for(requested, 10, interval=0.05, what="verifier request")
+            dep = wait_for(requested, 60, interval=0.05, what="verifier request")
             with factory() as s:
                 deployments.update_deployment(s, dep.id, status="up", endpoint=url)
         t = threading.Thread(target=controller)

@@ -29,7 +29,7 @@ LEFT = ["name", "model", "seq_length", "max_samples", "layer_ids", "regenerate"]
 REGEN = ["regenerate_backend", "regenerate_max_tokens", "regenerate_temperature"]
 RIGHT = ["draft_vocab_size", "epochs", "lr", "ttt_steps", "num_layers", "mode"]
 ADVANCED = ["nodes", "batch_size", "seed", "algorithm", "optimizer", "loss", "gradient_checkpointing",
-            "hidden_states_dtype"]
+            "freeze_lm_head", "hidden_states_dtype"]
 # acceptance measured while training (speculators train's --eval-* flags) and the checkpoint choice
 ACCEPTANCE = ["eval_prompts", "eval_every_steps", "eval_max_tokens", "eval_data", "best_by", "checkpoint_every_steps"]
 PLACEHOLDERS = {"layer_ids": "default: 2, n/2, n-3", "name": "",

@@ -15,7 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from app import charts as charts_lib
-from app import common, serve_panel, views
+from app import common, metric_feed, serve_panel, views
 from runstore import metrics, runs
 from runstore.models import ACTIVE_RUN, RunStatus, StageStatus
 from worker.procs import log_tail
@@ -40,13 +40,11 @@ st.query_params["run"] = run_id
 
 def _metric_cache(run_id: str, train_stage) -> views.MetricCache:
     """This session's chart data for the run, brought up to date with the rows written since
-    the last refresh (only those are read)."""
+    the last refresh (only those are read: app/metric_feed.py, as on the Compare page)."""
     caches = st.session_state.setdefault("metric_caches", {})
     cache = caches.setdefault(run_id, views.MetricCache())
-    attempt = (train_stage.attempts, train_stage.started_at) if train_stage is not None else (0, None)
-    cache.reset_for(attempt)
     with factory() as session:
-        cache.add(metrics.step_records(session, run_id, cache.after()))
+        metric_feed.refresh(cache, session, run_id, train_stage)
     return cache
 
 

@@ -7,6 +7,11 @@ attention masks and scores that grow with the square of the row length on the ma
 path (the CPU default), the verifier's target log-probabilities and the loss logits, plus
 the runtime's own footprint. It is a planning figure (bench/memory_estimate.py compares
 it with measured peaks), used to refuse runs that cannot fit long before they would fail.
+
+DFlash drafts (`--algorithm dflash`) have their own arithmetic (`estimate_dflash_train_memory`):
+one forward over `anchors x block_size` query tokens that attend to the row's context states,
+so their square term is `queries x (context + queries)` on every path (their attention always
+takes an explicit mask: no flex) and their activations scale with the blocks, not TTT steps.
 """
 
 from __future__ import annotations
@@ -83,8 +88,10 @@ def estimate_train_memory(
     bf16: bool = False,
     flex: bool = False,
     loss_impl: str = "fused",
+    freeze_lm_head: bool = False,
 ) -> MemoryEstimate:
-    """Peak bytes of one training process (pure arithmetic on the shapes)."""
+    """Peak bytes of one training process (pure arithmetic on the shapes); a frozen lm_head
+    (`--freeze-lm-head`) has no gradient or AdamW state."""
     h, i, v = dims.hidden_size, dims.intermediate_size, dims.vocab_size
     vd = draft_vocab_size or v
     q, kv = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
@@ -94,9 +101,10 @@ def estimate_train_memory(
     k = ttt_steps
     act = 2 if bf16 else 4
     layer_params = 2 * h * (q + 2 * kv) + q * h + 3 * h * i + 3 * h  # layer 0 attends over [embeds, hidden]
-    trainable = num_aux_layers * h * h + num_layers * layer_params + h * vd + h
+    draft = num_aux_layers * h * h + num_layers * layer_params + h * vd + h
+    trainable = draft - (h * vd if freeze_lm_head else 0)
     parts = {
-        "weights": 4 * (trainable + v * h + vd * h) + 4 * 2 * v * h,  # draft, embed, verifier head; loaded copies
+        "weights": 4 * (draft + v * h + vd * h) + 4 * 2 * v * h,  # draft, embed, verifier head; loaded copies
         "gradients+AdamW": 4 * 3 * trainable,
         "hidden states": tokens * (num_aux_layers + 1) * h * act,
         "activations": k * num_layers * tokens * (10 * h + 4 * i + 3 * (q + kv)) * act + k * tokens * 4 * h * act,
@@ -109,6 +117,76 @@ def estimate_train_memory(
         # probabilities [B, heads, T, T] per layer for backward (factors fitted to measured peaks of
         # T = 256..4096 runs: bench/results/memory_estimate.json).
         parts["attention (T^2)"] = 4 * b * t * t + max(0, k - 1) * num_layers * 5 * b * dims.num_heads * t * t * act // 2
+    return MemoryEstimate(parts)
+
+
+def dflash_queries(total_seq_len: int, block_size: int, num_anchors: int) -> tuple[int, int]:
+    """(anchors per row, query tokens per row) at most: every counted position of a full row
+    anchors a block unless `num_anchors` (0 = all) caps them (`dflash_objective.pick_anchors`)."""
+    n = min(num_anchors, total_seq_len) if num_anchors else total_seq_len
+    return n, n * block_size
+
+
+def estimate_dflash_train_memory(
+    dims: VerifierDims,
+    *,
+    total_seq_len: int,
+    block_size: int,
+    num_anchors: int = 512,
+    num_layers: int = 1,
+    draft_vocab_size: int | None = None,
+    rows_per_batch: int = 1,
+    num_aux_layers: int = 3,
+    on_gpu: bool = False,
+    bf16: bool = False,
+    loss_impl: str = "fused",
+    freeze_lm_head: bool = False,
+) -> MemoryEstimate:
+    """Peak bytes of one DFlash training process (pure arithmetic on the shapes); a frozen lm_head
+    (`--freeze-lm-head`) has no gradient or AdamW state.
+
+    Per row: T context states (fc + hidden_norm of the aux states; every layer projects them to
+    keys/values), Q = anchors x block_size query tokens through every layer, one attention of
+    [Q, T + Q] per head and layer, and the loss over anchors x (block_size - 1) slots.
+    """
+    h, i, v = dims.hidden_size, dims.intermediate_size, dims.vocab_size
+    vd = draft_vocab_size or v
+    q, kv, hd = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim, dims.head_dim
+    t, b, nl = total_seq_len, rows_per_batch, num_layers
+    n, qt = dflash_queries(t, block_size, num_anchors)
+    slots = n * (block_size - 1)
+    act = 2 if bf16 else 4
+    math_sdpa = on_gpu and dims.num_heads != dims.num_kv_heads  # see the attention part below
+    layer_params = 2 * h * q + 2 * h * kv + 3 * h * i + 2 * h + 2 * hd  # q/k/v/o, MLP, 2 norms, q/k norms
+    draft = num_aux_layers * h * h + nl * layer_params + 2 * h + h * vd  # fc, layers, norms, lm_head
+    trainable = draft - (h * vd if freeze_lm_head else 0)
+    keys = t + qt
+    parts = {
+        # draft + its frozen embedding, the verifier head, the loaded embedding and lm_head
+        "weights": 4 * (draft + v * h + vd * h) + 4 * 2 * v * h,
+        "gradients+AdamW": 4 * 3 * trainable,
+        "hidden states": b * t * (num_aux_layers + 1) * h * act,
+        # per layer: the block tokens through a decoder layer, the context keys/values (k_norm, RoPE,
+        # the [context, block] concatenation; the math path repeats them per head); fc/hidden_norm
+        # of the context, the final norm and the slots' gathered states once
+        "activations": b * act * (nl * (qt * (10 * h + 4 * i + 3 * (q + kv))
+                                        + keys * (4 * kv + (2 * q if math_sdpa else 0)))
+                                  + 4 * h * t + 3 * h * qt + 2 * h * slots),
+        "target log-probs": b * t * vd * 4,
+        "loss logits": (b * slots * vd * 4) * (3 if loss_impl == "eager" else 1) if loss_impl != "chunked" else 0,
+        "runtime": 0 if on_gpu else RUNTIME_BYTES,
+    }
+    # The [B, Q, T + Q] bool mask (block_mask, built from the [B, N, T] context visibility) and
+    # the float copy of it that every layer's SDPA makes and keeps for backward: 1 + act x layers
+    # bytes per element, fitted to the measured CPU peaks (bench/results/memory_estimate_dflash*.json;
+    # the CPU's fused kernel takes the mask with GQA in torch 2.13: no scores). On CUDA the kernels
+    # that take a mask do not take GQA (flash: no mask; efficient: no GQA), so a GQA draft falls
+    # back to the math path, whose float32 scores [B, heads, Q, T + Q] are held once per layer
+    # plus about two more in flight (the CPU's math path: bench/results/dflash_sdpa_memory.json).
+    attn = b * qt * keys * (1 + act * nl) + 3 * b * n * t
+    if math_sdpa:
+        attn += (nl + 2) * b * dims.num_heads * qt * keys * 4
+    parts["attention (blocks x row)"] = int(attn)
     return MemoryEstimate(parts)
 
 
@@ -135,28 +213,47 @@ def read_verifier_dims(name_or_path: str) -> VerifierDims | None:
         return None
 
 
-def refusal(estimate: MemoryEstimate, free: int, where: str, flag: str, value: int) -> str | None:
+EAGLE3_ADVICE = ("lower the sequence length (memory grows with its square on the CPU), TTT steps or rows per "
+                 "batch, or train on a larger machine")
+
+
+def dflash_advice(cfg: Any) -> str:
+    """What to lower for a DFlash run, in its terms (block = --ttt-steps + 1, --dflash-num-anchors)."""
+    return (f"lower the block size (--ttt-steps {cfg.ttt_steps}: blocks of {cfg.ttt_steps + 1} tokens), the blocks "
+            f"per row (--dflash-num-anchors {cfg.dflash_num_anchors or 'all'}), the sequence length or rows per "
+            "batch (attention grows with blocks x block size x (sequence length + blocks x block size)), "
+            "or train on a larger machine")
+
+
+def refusal(estimate: MemoryEstimate, free: int, where: str, flag: str, value: int,
+            advice: str = EAGLE3_ADVICE) -> str | None:
     """The message when the run cannot fit, else None."""
     if estimate.total <= free:
         return None
-    return (f"{flag} {value}: the trainer would need {estimate.describe()}, but the {where} is {gib(free)}; "
-            "lower the sequence length (memory grows with its square on the CPU), TTT steps or rows per batch, "
-            "or train on a larger machine")
+    return f"{flag} {value}: the trainer would need {estimate.describe()}, but the {where} is {gib(free)}; {advice}"
 
 
 def train_memory_estimate(cfg: Any, dims: VerifierDims, device: str,
                           num_aux_layers: int | None = None) -> MemoryEstimate:
     """The estimate for a TrainConfig on `device` (resolved, not "auto"), with the precision and
-    attention the trainer picks there for "auto"; `num_aux_layers` defaults to the config's
-    --vllm-layer-ids, else the default three."""
+    attention the trainer picks there for "auto", by the config's algorithm (EAGLE-3 or DFlash);
+    `num_aux_layers` defaults to the config's --vllm-layer-ids, else the default three."""
     on_gpu = device.startswith("cuda")
     if num_aux_layers is None:
         num_aux_layers = len(cfg.vllm_layer_ids) - 1 if cfg.vllm_layer_ids else 3
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+    if cfg.algorithm == "dflash":
+        return estimate_dflash_train_memory(
+            dims, total_seq_len=cfg.total_seq_len, block_size=cfg.ttt_steps + 1, num_anchors=cfg.dflash_num_anchors,
+            num_layers=cfg.num_layers, draft_vocab_size=cfg.draft_vocab_size, rows_per_batch=cfg.rows_per_batch,
+            num_aux_layers=num_aux_layers, on_gpu=on_gpu, bf16=bf16, loss_impl=cfg.loss_impl,
+            freeze_lm_head=cfg.freeze_lm_head)
     return estimate_train_memory(
         dims, total_seq_len=cfg.total_seq_len, ttt_steps=cfg.ttt_steps, num_layers=cfg.num_layers,
         draft_vocab_size=cfg.draft_vocab_size, rows_per_batch=cfg.rows_per_batch, num_aux_layers=num_aux_layers,
-        on_gpu=on_gpu, bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu),
+        on_gpu=on_gpu, bf16=bf16,
         flex=cfg.attn_impl == "flex" or (cfg.attn_impl == "auto" and on_gpu), loss_impl=cfg.loss_impl,
+        freeze_lm_head=cfg.freeze_lm_head,
     )
 
 
@@ -179,7 +276,11 @@ def check_train_memory(cfg: Any, *, device: str | None = None, dims: VerifierDim
         free, where = available_bytes(device)
     else:
         where = "free GPU memory" if device.startswith("cuda") else "available RAM"
-    message = refusal(est, free, where, label, cfg.total_seq_len)
+    if cfg.algorithm == "dflash":
+        flag = f"--algorithm dflash, {label}" if label.startswith("--") else f"DFlash, {label}"
+        message = refusal(est, free, where, flag, cfg.total_seq_len, dflash_advice(cfg))
+    else:
+        message = refusal(est, free, where, label, cfg.total_seq_len)
     if message:
         raise UserError(message)
     return est

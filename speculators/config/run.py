@@ -109,6 +109,7 @@ class RunSettings(TypedSettings):
     optimizer: Literal["adamw", "muon"] = _from_train("optimizer", title="Optimizer")
     loss: Literal["kl", "reverse_kl", "jsd", "tv", "lk"] = _from_train("loss", title="Loss")
     gradient_checkpointing: bool = _from_train("gradient_checkpointing", title="Gradient checkpointing")
+    freeze_lm_head: bool = _from_train("freeze_lm_head", title="Freeze lm_head")
     # how hidden states are stored (datagen's files, or the hybrid cache): datagen's own field
     hidden_states_dtype: Literal["bf16", "fp8"] = from_field(DatagenConfig, "hidden_states_dtype",
                                                              title="Hidden states stored as")

@@ -124,7 +124,7 @@ def train_config_for(run: RunSettings, paths: StagePaths, verifier_url: str | No
         eval_every_steps=run.eval_every_steps, eval_prompts=run.eval_prompts, eval_max_tokens=run.eval_max_tokens,
         eval_data=run.eval_data or None, best_by=run.best_by, checkpoint_every_steps=run.checkpoint_every_steps,
         algorithm=run.algorithm, optimizer=run.optimizer, loss=run.loss,
-        gradient_checkpointing=run.gradient_checkpointing,
+        gradient_checkpointing=run.gradient_checkpointing, freeze_lm_head=run.freeze_lm_head,
     )
     values.update({k: v for k, v in options.items() if v != TrainConfig.model_fields[k].default})
     if run.online:

@@ -157,6 +157,12 @@ class TrainConfig(TypedSettings):
     gradient_checkpointing: bool = setting(
         False, "recompute each draft layer's activations in backward instead of keeping them (less memory for "
         "long rows and many TTT steps, about one more forward of the layers per step)", group=TRAINING)
+    freeze_lm_head: bool = setting(
+        False, "keep the draft's lm_head at its starting weights, as the public speculators trainer does: the "
+        "verifier's lm_head rows of the draft vocabulary (a --from-pretrained or resumed draft: the checkpoint's); "
+        "saves the lm_head's gradient and AdamW state (12 x hidden x draft-vocab bytes) and its weight-gradient "
+        "matmul per step; checkpoints still hold lm_head (vLLM loads it). Default: trained (the EAGLE-3 recipe)",
+        group=TRAINING, title="Freeze lm_head")
     num_workers: int | None = setting(None, "DataLoader worker processes that load the next steps' hidden states "
                                       "while the accelerator computes (default: 4 on CUDA with on-disk data, "
                                       "else 0)", group=TRAINING, ge=0)

@@ -47,7 +47,10 @@ CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, TRA
 
 # Args that define the run: a save path holding a run that differs in any refuses to mix.
 IDENTITY_ARGS = ("verifier_name_or_path", "num_layers", "draft_vocab_size", "ttt_steps", "total_seq_len", "algorithm",
-                 "optimizer")  # (optimizer: AdamW's state and Muon+AdamW's do not load into each other)
+                 "optimizer", "freeze_lm_head")  # (optimizer, freeze_lm_head: the saved optimizer state holds
+# other parameters, so it does not load)
+# What a run recorded before the arg existed did (its run.json lacks the key).
+IDENTITY_DEFAULTS = {"freeze_lm_head": False}
 
 
 _NAME = re.compile(r"^(\d+)(?:-step(\d+))?$")
@@ -250,6 +253,7 @@ def claim_save_path(save_path: str | os.PathLike, args: dict[str, Any], resume: 
         )
     if previous is not None:
         old = previous.get("args", {})
+        old = {**IDENTITY_DEFAULTS, **old}
         diff = [k for k in IDENTITY_ARGS if k in old and k in args and old[k] != args[k]]
         if diff:
             detail = ", ".join(f"{k}: {old[k]!r} there vs {args[k]!r} now" for k in diff)

@@ -131,6 +131,14 @@ def check_pretrained(draft: Eagle3DraftModel, vconf: Any, source: Path, cfg: Tra
         )
 
 
+def set_lm_head_trainable(draft: torch.nn.Module, freeze: bool) -> None:
+    """`--freeze-lm-head`: the draft's lm_head keeps the weights it starts with (the verifier's rows
+    of the draft vocabulary for a new draft). A frozen weight gets no gradient (autograd skips the
+    `[V, tokens] x [tokens, H]` weight-gradient matmul), is left out of the optimizer and its state,
+    and is still saved with the draft."""
+    draft.lm_head.weight.requires_grad_(not freeze)
+
+
 # ------------------------------------------------------------------ builders
 def build_draft(cfg: TrainConfig, vconf: Any, weights: dict[str, torch.Tensor], layer_ids: list[int],
                 source: Path | None) -> Eagle3DraftModel:
@@ -261,6 +269,7 @@ def _build_around(cfg: TrainConfig, info: DistInfo, vconf: Any, store: SampleSto
 
             check_algorithm(source, "eagle3")
         draft = build_draft(cfg, vconf, weights, layer_ids, source)
+    set_lm_head_trainable(draft, cfg.freeze_lm_head)  # before sharding and the optimizer: both see it
     head = VerifierHead.from_weights(weights, draft.t2d, float(getattr(vconf, "rms_norm_eps", 1e-6)))
     objective = shard(build_objective(cfg, draft, head).to(info.device), info, bf16=autocast)
     named = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]

@@ -3,7 +3,7 @@
 Muon (torch.optim.Muon) orthogonalises 2-D updates, so it takes only the draft's hidden
 matrices: `fc`, the attention projections, the MLP. AdamW keeps what Muon is not meant for:
 vectors (the RMSNorm weights, biases) and the vocabulary-indexed `lm_head` (the embedding
-is frozen). The two run as one `OptimizerChain`, a `torch.optim.Optimizer` whose
+is frozen, and so is `lm_head` under --freeze-lm-head: a frozen tensor is in neither). The two run as one `OptimizerChain`, a `torch.optim.Optimizer` whose
 `param_groups` and `state` are those of the two optimizers, so the LR schedule, gradient
 clipping, `zero_grad` and checkpointing (`torch.distributed.checkpoint.state_dict`) see a
 single optimizer.

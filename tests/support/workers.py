@@ -5,13 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[2]
-T = TypeVar("T")
 
 
 def worker_env(home: Path, broker_url: str, **extra: str) -> dict[str, str]:
@@ -32,16 +28,6 @@ def start_worker(env: dict[str, str], *, queue: str = "gpu", name: str = "gpu0@t
             "--concurrency", "1", "-n", name, "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     return subprocess.Popen(argv, env=env, cwd=str(ROOT), stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait_for(check: Callable[[], T], timeout: float, interval: float = 0.3, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def run_with_stages(factory, run_id: str):

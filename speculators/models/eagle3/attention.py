@@ -4,7 +4,9 @@ TTT attention (see `speculators.models.eagle3.ttt_mask` for the rule): a step-`s
 step-0 keys through a `[B, T, T]` context mask and the keys of steps `1..s` only at its
 own position.  On CPU (and as the reference) the extra keys contribute one score each,
 computed as a dot product, so no `[T, T * (s + 1)]` mask is ever built.  On CUDA the
-same rule runs through flex attention over the concatenated keys.
+same rule runs through flex attention over the concatenated keys.  Both take the compact
+form of the sparse unroll (`ttt_mask.ttt_query_rows`): queries, and the keys of steps 1..,
+only at the kept positions, the step-0 keys at every position.
 
 Sliding-window layers further restrict the context keys to `q - kv < window` (the query's
 own position included); the earlier-step keys at the query's own position stay visible.
@@ -82,24 +84,43 @@ def ttt_attention_flex(
     block_mask_cache: dict | None = None,
     compile: bool = True,
     window: int | None = None,
+    query_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Flex-attention form of `ttt_attention_sdpa` (same mask rule, keys concatenated)."""
+    """Flex-attention form of `ttt_attention_sdpa` (same mask rule, keys concatenated).
+
+    `query_pos` `[B, N]` (`ttt_query_rows`, -1 pads): `q` holds only those positions' queries
+    and `keys[1:]`/`values[1:]` only their keys, `keys[0]` every position's; the mask maps each
+    query row to its position, so flex computes `N` query rows (the compact form of the SDPA path).
+    `N` changes from batch to batch; the compiled kernel gets it padded to `T` rows instead, so
+    its shapes stay static (one compile per TTT step count, no dynamic-shape kernel, no
+    recompile limit): a pad row reads position 0, so it sees key 0 and its own later keys only,
+    and flex's block mask skips almost all of its work. Eager flex runs the `N` rows as they are.
+    """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    b, _, t, _ = q.shape
+    b, _, tq, _ = q.shape
+    t = keys[0].shape[2]
+    if query_pos is None and tq != t:
+        raise ValueError(f"ttt_attention_flex: {tq} queries for {t} context keys needs query_pos")
+    if query_pos is not None and tuple(query_pos.shape) != (b, tq):
+        raise ValueError(f"ttt_attention_flex: query_pos {tuple(query_pos.shape)} does not match q's [B, N] {(b, tq)}")
+    if query_pos is not None and compile and tq < t:
+        pad = t - tq
+        padded = ttt_attention_flex(
+            F.pad(q, (0, 0, 0, pad)), [keys[0], *(F.pad(k, (0, 0, 0, pad)) for k in keys[1:])],
+            [values[0], *(F.pad(v, (0, 0, 0, pad)) for v in values[1:])], document_ids, scale,
+            block_mask_cache, compile, window, F.pad(query_pos, (0, pad), value=-1))
+        return padded[:, :, :tq]
     steps = len(keys)
-    block_mask = None if block_mask_cache is None else block_mask_cache.get(steps)
+    kv_len = t + tq * (steps - 1)
+    key = (steps, tq, query_pos is not None)  # a compact call of N == T rows is not the dense one
+    block_mask = None if block_mask_cache is None else block_mask_cache.get(key)
     if block_mask is None:
-        mask_mod = ttt_mask_mod(document_ids, t)
-        if window is not None:
-            base_mod = mask_mod
-
-            def mask_mod(b_, h_, q_idx, kv_idx):
-                return base_mod(b_, h_, q_idx, kv_idx) & ((kv_idx >= t) | (q_idx - kv_idx < window))
-
-        block_mask = create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=t * steps, device=q.device)
+        pos = None if query_pos is None else query_pos.clamp(min=0)  # pads read position 0 (as gather_rows)
+        mask_mod = ttt_mask_mod(document_ids, t, window, pos)
+        block_mask = create_block_mask(mask_mod, B=b, H=None, Q_LEN=tq, KV_LEN=kv_len, device=q.device)
         if block_mask_cache is not None:
-            block_mask_cache[steps] = block_mask
+            block_mask_cache[key] = block_mask
     k = torch.cat(keys, dim=2)
     v = torch.cat(values, dim=2)
     fn = _compiled_flex() if compile else flex_attention

@@ -274,14 +274,15 @@ class Eagle3DraftModel(nn.Module):
 
         `query_rows` `[B, N]` (`ttt_mask.ttt_query_rows`): yield `[B, N, H]` at those positions
         only. By the rule above a position's later steps touch no other position, and its
-        step-0 output only its own later steps; so with SDPA attention step 0 runs the last
-        layer's queries (and MLP) only there, and steps 1.. run on those `N` positions alone
-        (every step-0 key/value is still made: it is every query's context). The flex path
-        runs dense and gathers (same values).
+        step-0 output only its own later steps; so step 0 runs the last layer's queries (and
+        MLP) only there, and steps 1.. run on those `N` positions alone (every step-0 key/value
+        is still made: it is every query's context). SDPA and flex attention alike take those
+        compact queries (SDPA through the gathered context mask, flex through its mask's
+        row-to-position map).
         """
         hidden = self.fuse(hidden_states)
         use_flex = self._use_flex(hidden.device)
-        rows = None if use_flex else query_rows
+        rows = query_rows
         kv: list[tuple[list, list]] = [([], []) for _ in self.layers]
         block_masks: dict = {}
         ctx_masks: dict = {}
@@ -311,6 +312,7 @@ class Eagle3DraftModel(nn.Module):
                     return ttt_attention_flex(
                         q, keys, values, document_ids, scale, block_masks.setdefault(window, {}),
                         compile=self.attn_impl != "flex_eager", window=step_window,
+                        query_pos=rows if compact else None,
                     )
                 # compact: queries (and steps >= 1's keys) at `rows`; context keys at every position
                 return ttt_attention_sdpa(q, keys, values, ctx_for(step_window, compact), scale)
@@ -334,7 +336,7 @@ class Eagle3DraftModel(nn.Module):
             normed = self.norm(hidden)
             if self.config.norm_output:
                 hidden = normed
-            yield step, (normed if rows is not None or query_rows is None else gather_rows(normed, query_rows))
+            yield step, normed
 
     def forward(self, hidden_states, input_ids, document_ids, position_ids, ttt_steps: int = 1):
         """Logits per TTT step (list of `[B, T, draft_vocab]`); training uses `iter_ttt`."""

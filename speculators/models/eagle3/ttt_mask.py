@@ -40,15 +40,28 @@ def ttt_mask_dense(document_ids: torch.Tensor, step: int) -> torch.Tensor:
     return torch.cat(blocks, dim=-1)
 
 
-def ttt_mask_mod(document_ids: torch.Tensor, seq_len: int):
-    """The same rule as `ttt_mask_dense` as a flex-attention `mask_mod(b, h, q, kv)`."""
+def ttt_mask_mod(document_ids: torch.Tensor, seq_len: int, window: int | None = None,
+                 query_pos: torch.Tensor | None = None):
+    """The same rule as `ttt_mask_dense` as a flex-attention `mask_mod(b, h, q, kv)`.
+
+    Keys are laid out as the `seq_len` step-0 keys, then one block per later step holding the
+    keys at the query positions. `query_pos` `[B, N]` (`ttt_query_rows`, pads clamped to 0):
+    query `q` is the token at `query_pos[b, q]` and the later-step blocks are `N` long, so
+    flex computes only the kept rows against every context key; None: every position (N = T).
+    `window`: context keys only with `pos - kv < window` (the earlier-step keys stay visible).
+    """
+    n = seq_len if query_pos is None else query_pos.shape[1]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        kv_pos = kv_idx % seq_len
+        pos = q_idx if query_pos is None else query_pos[b, q_idx]
         in_context = kv_idx < seq_len
-        doc_q = document_ids[b, q_idx]
-        ctx = in_context & (q_idx >= kv_pos) & (doc_q == document_ids[b, kv_pos]) & (doc_q != -1)
-        return ctx | (kv_pos == q_idx)
+        kv_pos = kv_idx % seq_len  # only read where in_context
+        doc_q = document_ids[b, pos]
+        ctx = (pos >= kv_pos) & (doc_q == document_ids[b, kv_pos]) & (doc_q != -1)
+        if window is not None:
+            ctx = ctx & (pos - kv_pos < window)
+        own_later = ~in_context & ((kv_idx - seq_len) % n == q_idx)
+        return (in_context & (ctx | (kv_pos == pos))) | own_later
 
     return mask_mod
 
