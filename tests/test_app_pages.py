@@ -16,6 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from runstore import deployments, errors, metrics, open_store, outbox, runs, stages
 from speculators.config.run import form_defaults
+from tests.support.metric_reads import count_step_reads
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ROOT / "app" / "pages"
@@ -593,15 +594,7 @@ def test_run_page_after_incremental_refreshes_draws_what_a_full_read_draws(home,
     are those of a fresh session that reads the run whole; the plotted points are the rows of
     the metrics table, each curve smoothed over its own steps."""
     factory = _seed_run(home, "r1", spec={"mode": "offline", "model": "m", "epochs": 2})
-    fetched: list[int] = []
-    real = metrics.step_records
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        fetched.append(len(out))
-        return out
-
-    monkeypatch.setattr(metrics, "step_records", spy)
+    fetched = count_step_reads(monkeypatch)
     at = AppTest.from_file(str(PAGES / "3_Run_detail.py"), default_timeout=30)
     at.query_params["run"] = "r1"
     at.run()

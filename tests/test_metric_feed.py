@@ -8,6 +8,7 @@ import pandas as pd
 from app import metric_feed, views
 from runstore import metrics, open_store, runs, stages
 from speculators.metric_records import TrainRecord, ValRecord
+from tests.support.metric_reads import count_step_reads
 
 
 def _train(step: int, loss: float) -> dict:
@@ -19,20 +20,6 @@ def _val(step: int, loss: float) -> dict:
     return ValRecord(epoch=(step - 1) // 10, step=step, metrics={"loss": loss}, ts=100.5 + step).to_dict()
 
 
-def _count_reads(monkeypatch) -> list[int]:
-    """Rows the store returned to the page, per refresh (the query filters by step in SQL)."""
-    fetched: list[int] = []
-    real = metrics.step_records
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        fetched.append(len(out))
-        return out
-
-    monkeypatch.setattr(metric_feed.metrics, "step_records", spy)
-    return fetched
-
-
 def _sorted(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(["series", "step"], kind="stable").reset_index(drop=True)
 
@@ -42,7 +29,7 @@ def test_a_refresh_reads_only_new_rows_and_draws_what_a_full_reread_draws(tmp_pa
     with factory() as s:
         runs.create_run(s, run_id="a", name="a", spec={}, stages=["train"], work_dir=str(tmp_path / "a"))
         metrics.ingest_records(s, "a", [*(_train(i, 3.0 / i) for i in range(1, 21)), _val(10, 2.0), _val(20, 1.5)])
-    fetched = _count_reads(monkeypatch)
+    fetched = count_step_reads(monkeypatch)
     cache = views.MetricCache()
     with factory() as s:
         assert metric_feed.refresh(cache, s, "a") == 22
@@ -65,7 +52,7 @@ def test_a_new_train_attempt_reads_the_run_again(tmp_path, monkeypatch):
     with factory() as s:
         runs.create_run(s, run_id="a", name="a", spec={}, stages=["train"], work_dir=str(tmp_path / "a"))
         metrics.ingest_records(s, "a", [_train(i, 1.0) for i in range(1, 6)])
-    fetched = _count_reads(monkeypatch)
+    fetched = count_step_reads(monkeypatch)
     cache = views.MetricCache()
     with factory() as s:
         metric_feed.refresh(cache, s, "a")

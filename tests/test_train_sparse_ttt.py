@@ -157,6 +157,24 @@ CASES = [
 ]
 
 
+def _assert_matches_reference(model, head, batch, steps, decay, loss, stats, grads):
+    """The objective's loss, per-step (KL sum, count, correct) and every gradient equal the
+    brute-force dense loop's (`reference_loss`, run here on the same model)."""
+    model.zero_grad(set_to_none=True)
+    ref_loss, per_step = reference_loss(model, head, batch, steps, decay)
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # (the objective rounds the step weights 1/count to float32: 1e-8 relative)
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=1e-9)
+    for k, (kl_sum, count, correct) in enumerate(per_step):
+        torch.testing.assert_close(stats[k, 0].double(), kl_sum, rtol=1e-5, atol=1e-6)
+        assert int(stats[k, 1]) == count and int(stats[k, 2]) == correct
+    assert set(grads) == set(ref_grads)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-6, atol=1e-6 * float(ref_grads[n].abs().max()),
+                                   msg=lambda m, n=n: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("steps", [1, 2, 3])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 @pytest.mark.parametrize("precomputed", [False, True], ids=["objective-rows", "loader-rows"])
@@ -170,19 +188,7 @@ def test_sparse_unroll_matches_brute_force_dense(case, steps, precomputed):
     assert ttt_query_rows(batch["loss_mask"], batch["document_ids"], steps) is not None  # something is skipped
 
     loss, stats, grads = _run_objective(model, head, batch, steps, decay, True, precomputed)
-    model.zero_grad(set_to_none=True)
-    ref_loss, per_step = reference_loss(model, head, batch, steps, decay)
-    ref_loss.backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    # (the objective rounds the step weights 1/count to float32: 1e-8 relative)
-    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=1e-9)
-    for k, (kl_sum, count, correct) in enumerate(per_step):
-        torch.testing.assert_close(stats[k, 0].double(), kl_sum, rtol=1e-5, atol=1e-6)
-        assert int(stats[k, 1]) == count and int(stats[k, 2]) == correct
-    assert set(grads) == set(ref_grads)
-    for n in grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-6, atol=1e-6 * float(ref_grads[n].abs().max()), msg=lambda m, n=n: f"{n}: {m}")
+    _assert_matches_reference(model, head, batch, steps, decay, loss, stats, grads)
 
     # against the dense objective (same float32 weights): equal to float64 rounding, and the
     # chain metrics (full / conditional accuracy) exactly
@@ -238,18 +244,7 @@ def test_sparse_flex_unroll_matches_brute_force_dense(case, steps, flex_calls):
     want = [(T, T)] * (layers - 1) + [(n, T)] + [(n, T + s * n) for s in range(1, steps) for _ in range(layers)]
     assert flex_calls == want
 
-    model.zero_grad(set_to_none=True)
-    ref_loss, per_step = reference_loss(model, head, batch, steps, decay)
-    ref_loss.backward()
-    ref_grads = {n_: p.grad.clone() for n_, p in model.named_parameters() if p.grad is not None}
-    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=1e-9)
-    for k, (kl_sum, count, correct) in enumerate(per_step):
-        torch.testing.assert_close(stats[k, 0].double(), kl_sum, rtol=1e-5, atol=1e-6)
-        assert int(stats[k, 1]) == count and int(stats[k, 2]) == correct
-    assert set(grads) == set(ref_grads)
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6,
-                                   atol=1e-6 * float(ref_grads[name].abs().max()), msg=lambda m, n_=name: f"{n_}: {m}")
+    _assert_matches_reference(model, head, batch, steps, decay, loss, stats, grads)
 
 
 def test_flex_attention_on_kept_rows_matches_sdpa_rows():

@@ -75,6 +75,21 @@ def gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB // 10 else f"{n / (1 << 20):.0f} MiB"
 
 
+def _shared_parts(draft: int, trainable: int, *, h: int, v: int, vd: int, tokens: int, num_aux_layers: int,
+                  act: int, loss_rows: int, loss_impl: str, on_gpu: bool) -> dict[str, int]:
+    """The parts both objectives have: weights (the draft with its frozen embedding, the verifier
+    head, the loaded embedding and lm_head), gradients and AdamW state of what trains, the hidden
+    states read, the verifier's target log-probs, the loss logits over `loss_rows` rows, the runtime."""
+    return {
+        "weights": 4 * (draft + v * h + vd * h) + 4 * 2 * v * h,
+        "gradients+AdamW": 4 * 3 * trainable,
+        "hidden states": tokens * (num_aux_layers + 1) * h * act,
+        "target log-probs": tokens * vd * 4,
+        "loss logits": (loss_rows * vd * 4) * (3 if loss_impl == "eager" else 1) if loss_impl != "chunked" else 0,
+        "runtime": 0 if on_gpu else RUNTIME_BYTES,
+    }
+
+
 def estimate_train_memory(
     dims: VerifierDims,
     *,
@@ -103,15 +118,9 @@ def estimate_train_memory(
     layer_params = 2 * h * (q + 2 * kv) + q * h + 3 * h * i + 3 * h  # layer 0 attends over [embeds, hidden]
     draft = num_aux_layers * h * h + num_layers * layer_params + h * vd + h
     trainable = draft - (h * vd if freeze_lm_head else 0)
-    parts = {
-        "weights": 4 * (draft + v * h + vd * h) + 4 * 2 * v * h,  # draft, embed, verifier head; loaded copies
-        "gradients+AdamW": 4 * 3 * trainable,
-        "hidden states": tokens * (num_aux_layers + 1) * h * act,
-        "activations": k * num_layers * tokens * (10 * h + 4 * i + 3 * (q + kv)) * act + k * tokens * 4 * h * act,
-        "target log-probs": tokens * vd * 4,
-        "loss logits": (k * tokens * vd * 4) * (3 if loss_impl == "eager" else 1) if loss_impl != "chunked" else 0,
-        "runtime": 0 if on_gpu else RUNTIME_BYTES,
-    }
+    parts = _shared_parts(draft, trainable, h=h, v=v, vd=vd, tokens=tokens, num_aux_layers=num_aux_layers,
+                          act=act, loss_rows=k * tokens, loss_impl=loss_impl, on_gpu=on_gpu)
+    parts["activations"] = k * num_layers * tokens * (10 * h + 4 * i + 3 * (q + kv)) * act + k * tokens * 4 * h * act
     if not flex:
         # context mask [B, T, T] bool and its temporaries; steps >= 1 keep scores, softmax and
         # probabilities [B, heads, T, T] per layer for backward (factors fitted to measured peaks of
@@ -161,21 +170,14 @@ def estimate_dflash_train_memory(
     draft = num_aux_layers * h * h + nl * layer_params + 2 * h + h * vd  # fc, layers, norms, lm_head
     trainable = draft - (h * vd if freeze_lm_head else 0)
     keys = t + qt
-    parts = {
-        # draft + its frozen embedding, the verifier head, the loaded embedding and lm_head
-        "weights": 4 * (draft + v * h + vd * h) + 4 * 2 * v * h,
-        "gradients+AdamW": 4 * 3 * trainable,
-        "hidden states": b * t * (num_aux_layers + 1) * h * act,
-        # per layer: the block tokens through a decoder layer, the context keys/values (k_norm, RoPE,
-        # the [context, block] concatenation; the math path repeats them per head); fc/hidden_norm
-        # of the context, the final norm and the slots' gathered states once
-        "activations": b * act * (nl * (qt * (10 * h + 4 * i + 3 * (q + kv))
-                                        + keys * (4 * kv + (2 * q if math_sdpa else 0)))
-                                  + 4 * h * t + 3 * h * qt + 2 * h * slots),
-        "target log-probs": b * t * vd * 4,
-        "loss logits": (b * slots * vd * 4) * (3 if loss_impl == "eager" else 1) if loss_impl != "chunked" else 0,
-        "runtime": 0 if on_gpu else RUNTIME_BYTES,
-    }
+    parts = _shared_parts(draft, trainable, h=h, v=v, vd=vd, tokens=b * t, num_aux_layers=num_aux_layers,
+                          act=act, loss_rows=b * slots, loss_impl=loss_impl, on_gpu=on_gpu)
+    # per layer: the block tokens through a decoder layer, the context keys/values (k_norm, RoPE,
+    # the [context, block] concatenation; the math path repeats them per head); fc/hidden_norm
+    # of the context, the final norm and the slots' gathered states once
+    parts["activations"] = b * act * (nl * (qt * (10 * h + 4 * i + 3 * (q + kv))
+                                            + keys * (4 * kv + (2 * q if math_sdpa else 0)))
+                                      + 4 * h * t + 3 * h * qt + 2 * h * slots)
     # The [B, Q, T + Q] bool mask (block_mask, built from the [B, N, T] context visibility) and
     # the float copy of it that every layer's SDPA makes and keeps for backward: 1 + act x layers
     # bytes per element, fitted to the measured CPU peaks (bench/results/memory_estimate_dflash*.json;
